@@ -1,0 +1,89 @@
+"""rjet: reflex-style ordered, at-least-once, resumable consumption of NATS JetStream streams.
+
+::
+
+    import rjet
+
+    nc = await rjet.connect("nats://127.0.0.1:4222")
+    stream = await rjet.Stream.create(nc.jetstream(), "orders")
+    await stream.insert("order-17", 1, b"{}")
+
+    async with await rjet.JetStreamCursorStore.create(nc.jetstream(), "shop") as cursors:
+        consumer = rjet.Consumer("mailer", lambda fate, event: print(event))
+        await rjet.run_forever(rjet.Spec(stream.stream, cursors, consumer))
+"""
+
+from rjet._connect import connect
+from rjet._reader import ReadConfig, StreamClient
+from rjet.consumer import Consumer, Handler
+from rjet.cursors import CursorStore, JetStreamCursorStore, MemCursorStore
+from rjet.errors import (
+    ConfigError,
+    ConnectError,
+    ConsumerLost,
+    CursorAhead,
+    CursorConflict,
+    CursorError,
+    CursorExpired,
+    CursorStoreError,
+    DecodeError,
+    HeadReached,
+    InsertError,
+    InvalidCursor,
+    InvalidEvent,
+    RjetError,
+    Stopped,
+    StreamConfigMismatch,
+    StreamError,
+    StreamNotFound,
+    Tempted,
+    is_expected,
+)
+from rjet.event import Event
+from rjet.fate import ALWAYS, NEVER, Fate, FixedFate, RandomFate
+from rjet.run import Spec, StreamFunc, run, run_forever
+from rjet.stream import Stream
+
+__all__ = [
+    "ALWAYS",
+    "NEVER",
+    "ConfigError",
+    "ConnectError",
+    "Consumer",
+    "ConsumerLost",
+    "CursorAhead",
+    "CursorConflict",
+    "CursorError",
+    "CursorExpired",
+    "CursorStore",
+    "CursorStoreError",
+    "DecodeError",
+    "Event",
+    "Fate",
+    "FixedFate",
+    "Handler",
+    "HeadReached",
+    "InsertError",
+    "InvalidCursor",
+    "InvalidEvent",
+    "JetStreamCursorStore",
+    "MemCursorStore",
+    "RandomFate",
+    "ReadConfig",
+    "RjetError",
+    "Spec",
+    "Stopped",
+    "Stream",
+    "StreamClient",
+    "StreamConfigMismatch",
+    "StreamError",
+    "StreamFunc",
+    "StreamNotFound",
+    "Tempted",
+    "connect",
+    "is_expected",
+    "run",
+    "run_forever",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,302 @@
+"""Cursor stores: where a consumer's progress (the ID of the last event it handled) is kept.
+
+:class:`CursorStore` is the interface ``run`` needs; :class:`MemCursorStore` keeps cursors in memory
+(tests, throwaway consumers); :class:`JetStreamCursorStore` keeps them in a JetStream KV bucket,
+buffered, and fences out a second runner of the same consumer name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+from types import TracebackType
+from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from rjet.errors import ConfigError, CursorConflict, CursorStoreError, RjetError
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
+
+__all__ = ["CursorStore", "JetStreamCursorStore", "MemCursorStore"]
+
+log = logging.getLogger("rjet.cursors")
+
+_NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+_KEY_RE: Final = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+_ENCODED: Final = "_b64."  # prefix of encoded keys; names that start with it are encoded too
+_BUCKET_PREFIX: Final = "rjet_cursors_"
+_STORE_ERRORS: Final = (nats.errors.Error, TimeoutError, OSError)
+
+
+@runtime_checkable
+class CursorStore(Protocol):
+    """Keeps a cursor (an event ID, "" for none) per consumer name.
+
+    ``set_cursor`` may buffer; ``flush`` writes what is buffered. ``run`` calls ``get_cursor`` once
+    at start, ``set_cursor`` after each handled event, and ``flush`` on the way out.
+    """
+
+    async def get_cursor(self, name: str) -> str:
+        """The cursor for ``name``, or "" when there is none."""
+        ...
+
+    async def set_cursor(self, name: str, cursor: str) -> None:
+        """Record ``cursor`` for ``name`` (may be buffered until :meth:`flush`)."""
+        ...
+
+    async def flush(self) -> None:
+        """Write every buffered cursor."""
+        ...
+
+
+class MemCursorStore:
+    """An in-memory :class:`CursorStore` (lost when the process ends).
+
+    >>> store = MemCursorStore({"audit": "41"})
+    """
+
+    def __init__(self, cursors: dict[str, str] | None = None) -> None:
+        self.cursors: dict[str, str] = dict(cursors or {})
+
+    async def get_cursor(self, name: str) -> str:
+        """The cursor for ``name``, or ""."""
+        return self.cursors.get(name, "")
+
+    async def set_cursor(self, name: str, cursor: str) -> None:
+        """Record ``cursor`` for ``name``."""
+        self.cursors[name] = cursor
+
+    async def flush(self) -> None:
+        """Nothing to write."""
+
+
+def encode_key(name: str) -> str:
+    """The KV key for cursor ``name``: itself when it is a valid key, else a reversible encoding."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"cursor name must be a non-empty str, not {name!r}")
+    if _KEY_RE.match(name) and not name.startswith(_ENCODED):
+        return name
+    return _ENCODED + base64.urlsafe_b64encode(name.encode("utf-8", "surrogatepass")).decode().rstrip("=")
+
+
+def decode_key(key: str) -> str:
+    """Inverse of :func:`encode_key`."""
+    if not key.startswith(_ENCODED):
+        return key
+    raw = key[len(_ENCODED) :]
+    return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("utf-8", "surrogatepass")
+
+
+class JetStreamCursorStore:
+    """A :class:`CursorStore` in a JetStream KV bucket (``rjet_cursors_<namespace>``), buffered.
+
+    ``set_cursor`` only records; a flush writes each changed cursor (all of them pipelined, one round
+    trip) at most every ``flush_interval`` seconds, and on :meth:`flush` / :meth:`close`.
+
+    Two runners of one consumer name are fenced with the KV revision: ``get_cursor`` claims the
+    cursor (a compare-and-swap write of its current value), and every later write is a
+    compare-and-swap against the revision this store last wrote. A runner whose cursor was claimed
+    by another gets :class:`rjet.CursorConflict` at its next write: the newest runner wins, the
+    older one stops. Use :meth:`peek` to read a cursor without claiming it.
+
+    ::
+
+        async with await JetStreamCursorStore.create(js, "billing") as cursors:
+            await rjet.run(rjet.Spec(stream.stream, cursors, consumer))
+    """
+
+    def __init__(self, kv: KeyValue, namespace: str, *, flush_interval: float = 1.0) -> None:
+        self.namespace = namespace
+        self.flush_interval = flush_interval
+        self._kv = kv
+        self._revs: dict[str, int] = {}  # key -> revision this store last read or wrote
+        self._dirty: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+        self._error: RjetError | None = None
+        self._closed = False
+        self.flushes = 0
+
+    @classmethod
+    async def create(
+        cls, js: JetStreamContext, namespace: str, *, flush_interval: float = 1.0, replicas: int = 1
+    ) -> JetStreamCursorStore:
+        """Bind the namespace's bucket, creating it (file storage, history 1) when missing."""
+        if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
+            raise ConfigError(
+                f"cursor namespace {namespace!r} is invalid: use letters, digits, '_' and '-' only"
+            )
+        if flush_interval < 0:
+            raise ConfigError(f"flush_interval must be >= 0, not {flush_interval}")
+        bucket = _BUCKET_PREFIX + namespace
+        try:
+            try:
+                kv = await js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                kv = await js.create_key_value(
+                    bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=replicas
+                )
+        except nats.errors.NoRespondersError:
+            raise CursorStoreError(
+                f"cursor bucket {bucket!r}: JetStream is not enabled on the server (nats-server -js)"
+            ) from None
+        except _STORE_ERRORS as e:
+            raise CursorStoreError(f"cursor bucket {bucket!r}: cannot open: {e!r}") from e
+        return cls(kv, namespace, flush_interval=flush_interval)
+
+    @property
+    def bucket(self) -> str:
+        """The KV bucket's name."""
+        return _BUCKET_PREFIX + self.namespace
+
+    async def get_cursor(self, name: str) -> str:
+        """Read and claim the cursor for ``name`` ("" when none); fences earlier runners of it."""
+        self._check()
+        key = encode_key(name)
+        if name in self._dirty:
+            await self.flush()
+        for _ in range(10):
+            try:
+                try:
+                    entry = await self._kv.get(key)
+                except nats.js.errors.KeyNotFoundError:
+                    self._revs[key] = await self._kv.create(key, b"")
+                    return ""
+                assert entry.revision is not None
+                self._revs[key] = await self._kv.update(key, entry.value or b"", last=entry.revision)
+                return (entry.value or b"").decode()
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another runner claimed it between our read and write: read again
+            except _STORE_ERRORS as e:
+                raise self._store_error(f"cannot read cursor {name!r}", e) from e
+        raise CursorConflict(name, "another runner keeps claiming this cursor; two runners share the name")
+
+    async def peek(self, name: str) -> str:
+        """Read the stored cursor for ``name`` without claiming it ("" when none)."""
+        try:
+            entry = await self._kv.get(encode_key(name))
+        except nats.js.errors.KeyNotFoundError:
+            return ""
+        except _STORE_ERRORS as e:
+            raise self._store_error(f"cannot read cursor {name!r}", e) from e
+        return (entry.value or b"").decode()
+
+    async def cursors(self) -> dict[str, str]:
+        """Every stored cursor, by name, without claiming any."""
+        try:
+            keys = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            return {}
+        except _STORE_ERRORS as e:
+            raise self._store_error("cannot list cursors", e) from e
+        return {decode_key(k): await self.peek(decode_key(k)) for k in keys}
+
+    async def set_cursor(self, name: str, cursor: str) -> None:
+        """Buffer ``cursor`` for ``name``; written by the next flush."""
+        if self._error is not None or self._closed:
+            self._check()
+        self._dirty[name] = cursor
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_later())
+
+    async def flush(self) -> None:
+        """Write every buffered cursor now (pipelined); raises what a background flush hit."""
+        self._check()
+        async with self._lock:
+            if not self._dirty:
+                return
+            batch, self._dirty = self._dirty, {}
+            try:
+                results = await asyncio.gather(
+                    *(self._write(name, cursor) for name, cursor in batch.items()), return_exceptions=True
+                )
+            except BaseException:  # cancelled mid-write: keep every cursor for the next flush
+                for name, cursor in batch.items():
+                    self._dirty.setdefault(name, cursor)
+                raise
+            self.flushes += 1
+            failed = [(name, r) for (name, _), r in zip(batch.items(), results, strict=True) if r is not None]
+            for name, _ in failed:
+                self._dirty.setdefault(name, batch[name])
+            for _, err in failed:
+                if isinstance(err, CursorConflict):
+                    self._error = err
+            if failed:
+                err = failed[0][1]
+                raise err if isinstance(err, RjetError) else self._store_error("cannot write cursors", err)
+
+    async def _write(self, name: str, cursor: str) -> None:
+        key = encode_key(name)
+        rev = self._revs.get(key)
+        try:
+            if rev is None:
+                self._revs[key] = await self._kv.put(key, cursor.encode())
+            else:
+                self._revs[key] = await self._kv.update(key, cursor.encode(), last=rev)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise CursorConflict(
+                name,
+                f"another runner wrote it after revision {rev} in bucket {self.bucket!r}: two runners"
+                " share this consumer name; this one stops",
+            ) from None
+        except _STORE_ERRORS as e:
+            raise self._store_error(f"cannot write cursor {name!r}", e) from e
+
+    async def _flush_later(self) -> None:
+        try:
+            while self._dirty and not self._closed:
+                await asyncio.sleep(self.flush_interval)
+                try:
+                    await self.flush()
+                except RjetError as e:
+                    log.error("cursor bucket %r: background flush failed: %s", self.bucket, e)
+                    self._error = self._error or e
+                    return
+        finally:
+            self._flusher = None
+
+    def _check(self) -> None:
+        if self._closed:
+            raise CursorStoreError(f"cursor bucket {self.bucket!r}: the store is closed")
+        err = self._error
+        if err is not None:
+            if not isinstance(err, CursorConflict):  # a conflict is final; other errors are reported once
+                self._error = None
+            raise err
+
+    def _store_error(self, what: str, err: BaseException) -> CursorStoreError:
+        if isinstance(err, nats.js.errors.NotFoundError | nats.errors.NoRespondersError):
+            return CursorStoreError(
+                f"cursor bucket {self.bucket!r}: {what}: the bucket is gone (deleted while in use?)"
+            )
+        return CursorStoreError(f"cursor bucket {self.bucket!r}: {what}: {err!r}")
+
+    async def close(self) -> None:
+        """Flush and stop the background flusher. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            if self._flusher is not None:
+                self._flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._flusher
+            if self._error is None:
+                await self.flush()
+        finally:
+            self._closed = True
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

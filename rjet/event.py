@@ -1,0 +1,121 @@
+"""Events, and how rjet lays them out in JetStream messages.
+
+An event is stored as one JetStream message:
+
+- the stream sequence is the event ID, the stored time its timestamp (both from the server);
+- header :data:`TYPE_HEADER` holds the event type as a decimal integer (the Go original's name);
+- header :data:`FOREIGN_ID_HEADER` holds the foreign ID, percent-encoded (UTF-8) so that any string
+  survives NATS header rules (no CR/LF, no leading or trailing blanks);
+- the body is the event's metadata, byte for byte.
+
+Messages that others published without these headers still decode: type 0, foreign ID = subject.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from typing import Final
+from urllib.parse import quote, unquote_to_bytes
+
+from rjet.errors import DecodeError, InvalidEvent
+
+__all__ = ["FOREIGN_ID_HEADER", "MSG_ID_HEADER", "TYPE_HEADER", "Event"]
+
+TYPE_HEADER: Final = "reflex_type"
+"""Header carrying the event type (decimal integer); the name the Go rjet used."""
+
+FOREIGN_ID_HEADER: Final = "rjet_foreign_id"
+"""Header carrying the percent-encoded foreign ID."""
+
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+"""JetStream's de-duplication header, set by ``insert(..., msg_id=...)``."""
+
+# Everything printable in ASCII except '%' (the escape) and ' ' (NATS strips blanks at the ends).
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One reflex event read from a stream.
+
+    ``id`` is the JetStream stream sequence as a decimal string, so cursors are event IDs.
+
+    >>> e = Event("7", 1, "user-42", datetime(2026, 1, 1, tzinfo=UTC), b"{}")
+    >>> e.id_int, e.is_type(1)
+    (7, True)
+    """
+
+    id: str
+    type: int
+    foreign_id: str
+    timestamp: datetime
+    metadata: bytes = b""
+
+    @property
+    def id_int(self) -> int:
+        """The stream sequence as an integer."""
+        return int(self.id)
+
+    @property
+    def foreign_id_int(self) -> int:
+        """The foreign ID as an integer (raises ``ValueError`` when it is not one)."""
+        return int(self.foreign_id)
+
+    def is_type(self, *types: int) -> bool:
+        """Whether the event's type is one of ``types``."""
+        return self.type in types
+
+
+def encode_foreign_id(foreign_id: str) -> str:
+    """The header value for ``foreign_id``; raises :class:`InvalidEvent` for an unusable one."""
+    if not isinstance(foreign_id, str):
+        raise InvalidEvent(f"foreign id must be a str, not {type(foreign_id).__name__}: {foreign_id!r}")
+    if not foreign_id:
+        raise InvalidEvent("foreign id is empty: every rjet event names the entity it is about")
+    try:
+        return quote(foreign_id, safe=_SAFE, encoding="utf-8", errors="strict")
+    except UnicodeEncodeError as e:
+        raise InvalidEvent(f"foreign id {foreign_id!r} is not valid Unicode text: {e.reason}") from None
+
+
+def decode_foreign_id(value: str, stream: str, seq: int) -> str:
+    """Inverse of :func:`encode_foreign_id`; raises :class:`DecodeError` naming the message."""
+    if "%" not in value:
+        if not value:
+            raise DecodeError(stream, seq, f"header {FOREIGN_ID_HEADER} is empty")
+        return value
+    try:
+        return unquote_to_bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(
+            stream, seq, f"header {FOREIGN_ID_HEADER} {value!r} is not percent-encoded UTF-8"
+        ) from None
+
+
+def encode_headers(foreign_id: str, type: int, msg_id: str | None = None) -> dict[str, str]:
+    """The NATS headers that store an event of ``type`` about ``foreign_id``."""
+    if isinstance(type, bool) or not isinstance(type, int):
+        raise InvalidEvent(f"event type must be an int, not {type!r}")
+    headers = {TYPE_HEADER: str(type), FOREIGN_ID_HEADER: encode_foreign_id(foreign_id)}
+    if msg_id is not None:
+        if not msg_id or "\r" in msg_id or "\n" in msg_id:
+            raise InvalidEvent(f"msg_id {msg_id!r} must be non-empty text on one line")
+        headers[MSG_ID_HEADER] = msg_id
+    return headers
+
+
+def decode_type(value: str | None, stream: str, seq: int) -> int:
+    """The event type from its header value (0 when absent); :class:`DecodeError` when malformed."""
+    if value is None:
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        raise DecodeError(stream, seq, f"header {TYPE_HEADER} {value!r} is not an integer") from None
+
+
+def timestamp_from_ns(ns: int) -> datetime:
+    """A UTC datetime from nanoseconds since the epoch (microsecond precision, as datetime has)."""
+    return _EPOCH + timedelta(microseconds=ns // 1000)

@@ -1,0 +1,157 @@
+"""Run: reflex's consume loop. Get the cursor, stream after it, handle, advance, flush on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from datetime import timedelta
+from typing import NoReturn, Protocol
+
+from rjet.consumer import Consumer
+from rjet.cursors import CursorStore
+from rjet.errors import (
+    ConfigError,
+    CursorAhead,
+    CursorConflict,
+    CursorExpired,
+    HeadReached,
+    InvalidCursor,
+    is_expected,
+)
+from rjet.event import Event
+from rjet.stream import parse_cursor
+
+__all__ = ["Spec", "StreamClientLike", "StreamFunc", "run", "run_forever"]
+
+log = logging.getLogger("rjet.run")
+
+# Errors that do not go away by retrying; run_forever raises them instead of looping.
+_PERMANENT = (CursorConflict, CursorExpired, CursorAhead, InvalidCursor, ConfigError)
+
+
+class StreamClientLike(Protocol):
+    """What ``run`` needs from a stream client (:class:`rjet.StreamClient` is one)."""
+
+    async def recv(self) -> Event: ...
+
+    async def close(self) -> None: ...
+
+
+class StreamFunc(Protocol):
+    """``await stream_func(after, from_head=..., to_head=...)`` opens a stream client.
+
+    :meth:`rjet.Stream.stream` is one.
+    """
+
+    async def __call__(
+        self, after: str = "", *, from_head: bool = False, to_head: bool = False
+    ) -> StreamClientLike: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Spec:
+    """What ``run`` runs: a stream function, a cursor store and a consumer.
+
+    ``from_head`` ignores the stored cursor and handles only new events; ``to_head`` makes ``run``
+    raise :class:`rjet.HeadReached` once the events present at start are handled; ``lag`` (seconds or
+    a timedelta) delivers only events older than that.
+    """
+
+    stream_func: StreamFunc
+    cursor_store: CursorStore
+    consumer: Consumer
+    from_head: bool = False
+    to_head: bool = False
+    lag: timedelta | float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.consumer, Consumer):
+            raise ConfigError(f"Spec: consumer must be an rjet.Consumer, not {self.consumer!r}")
+        lag = self.lag.total_seconds() if isinstance(self.lag, timedelta) else self.lag
+        if lag is not None and lag < 0:
+            raise ConfigError(f"Spec: lag must be >= 0, not {self.lag!r}")
+
+
+async def run(spec: Spec) -> NoReturn:
+    """Consume ``spec``'s stream after the consumer's cursor until something stops it.
+
+    The cursor advances after each handled (or filtered) event and never past one whose handler
+    failed. ``run`` never returns normally: it raises the handler's error, a stream error,
+    :class:`rjet.HeadReached` (``to_head``), or ``CancelledError``; it flushes the cursor store on the
+    way out in every case.
+    """
+    await _run(spec, _Progress())
+
+
+class _Progress:
+    __slots__ = ("handled",)
+
+    def __init__(self) -> None:
+        self.handled = 0
+
+
+async def _run(spec: Spec, progress: _Progress) -> NoReturn:
+    name = spec.consumer.name
+    store = spec.cursor_store
+    try:
+        cursor = await store.get_cursor(name)
+        parse_cursor(cursor, f"consumer {name!r}")
+        lag = spec.lag.total_seconds() if isinstance(spec.lag, timedelta) else (spec.lag or 0.0)
+        client = await spec.stream_func(cursor, from_head=spec.from_head, to_head=spec.to_head)
+        try:
+            consume = spec.consumer.consume
+            set_cursor = store.set_cursor
+            while True:
+                event = await client.recv()
+                if lag:
+                    wait = event.timestamp.timestamp() + lag - time.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                try:
+                    await consume(event)
+                except Exception as e:
+                    e.add_note(
+                        f"rjet: consumer {name!r} failed on event {event.id} (type {event.type},"
+                        f" foreign id {event.foreign_id!r}); its cursor stays before it"
+                    )
+                    raise
+                await set_cursor(name, event.id)
+                progress.handled += 1
+        finally:
+            await client.close()
+    finally:
+        await store.flush()
+
+
+async def run_forever(spec: Spec, *, retry_delay: float = 0.1, max_backoff: float = 60.0) -> None:
+    """Run ``spec`` again and again, as reflex's RunForever does; stop by cancelling the task.
+
+    Expected errors (fate's, a stopped client) retry after ``retry_delay``; others are logged with
+    their event and retry with exponential backoff up to ``max_backoff`` seconds. Errors that
+    retrying cannot fix (:class:`rjet.CursorConflict`, :class:`rjet.CursorExpired`,
+    :class:`rjet.CursorAhead`, :class:`rjet.InvalidCursor`, :class:`rjet.ConfigError`) are raised.
+    With ``spec.to_head`` it returns once the head is reached.
+    """
+    backoff = 0.0
+    name = spec.consumer.name
+    while True:
+        progress = _Progress()
+        try:
+            await _run(spec, progress)
+        except HeadReached:
+            if spec.to_head:
+                return
+            delay = retry_delay
+        except _PERMANENT:
+            raise
+        except Exception as e:
+            if is_expected(e):
+                log.info("consumer %r: %s; running again", name, e)
+                delay = retry_delay
+            else:
+                backoff = 1.0 if progress.handled or not backoff else min(backoff * 2, max_backoff)
+                delay = backoff
+                log.error("consumer %r failed; running again in %.1fs", name, delay, exc_info=e)
+        await asyncio.sleep(delay)

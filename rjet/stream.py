@@ -1,0 +1,368 @@
+"""A JetStream stream of reflex events: create or bind it, insert events, and open stream clients.
+
+::
+
+    stream = await Stream.create(js, "orders")
+    seq = await stream.insert("order-17", 1, b'{"total": 12}')
+    async with await stream.stream(after="") as client:
+        async for event in client:
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from rjet._reader import ReadConfig, StreamClient
+from rjet.errors import (
+    ConfigError,
+    InsertError,
+    InvalidCursor,
+    InvalidEvent,
+    StreamConfigMismatch,
+    StreamError,
+    StreamNotFound,
+)
+from rjet.event import encode_headers
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+
+__all__ = ["ReadConfig", "Stream", "parse_cursor"]
+
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+_EXPECTED_STREAM: Final = "Nats-Expected-Stream"
+_DEFAULT_DUPLICATE_WINDOW: Final = 120.0
+_INSERT_WINDOW: Final = 4096  # publishes in flight at once in insert_many
+
+
+def parse_cursor(cursor: str, where: str) -> int:
+    """The stream sequence a cursor names (0 for ""); :class:`InvalidCursor` otherwise."""
+    if cursor == "":
+        return 0
+    if not isinstance(cursor, str) or not cursor.isascii() or not cursor.isdigit():
+        raise InvalidCursor(str(cursor), where)
+    return int(cursor)
+
+
+class Stream:
+    """A JetStream stream that holds reflex events.
+
+    ``Stream(js, name)`` binds an existing stream (checked on first use: :class:`StreamNotFound`);
+    :meth:`create` creates it with rjet's defaults or binds a compatible existing one.
+
+    ``subject`` is where :meth:`insert` publishes (default: derived from the stream's first subject,
+    ``<name>.events`` for streams rjet created). ``filter_subjects`` restricts what :meth:`stream`
+    reads to those subjects (a subject-filtered stream). ``read`` tunes the reader.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        name: str,
+        *,
+        subject: str | None = None,
+        filter_subjects: Sequence[str] | None = None,
+        read: ReadConfig | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(f"stream name {name!r} is invalid: use letters, digits, '_' and '-' only")
+        if isinstance(filter_subjects, str):
+            raise ConfigError("filter_subjects is a list of subjects, not one string")
+        self.js = js
+        self.name = name
+        self._subject = subject
+        self.filter_subjects: tuple[str, ...] = tuple(filter_subjects or ())
+        self.read = read or ReadConfig()
+
+    @classmethod
+    async def create(
+        cls,
+        js: JetStreamContext,
+        name: str,
+        subjects: Sequence[str] | None = None,
+        *,
+        subject: str | None = None,
+        filter_subjects: Sequence[str] | None = None,
+        read: ReadConfig | None = None,
+        **overrides: Any,
+    ) -> Stream:
+        """Create the stream with rjet's defaults, or bind it when it exists with a compatible config.
+
+        Defaults: subjects ``[name + ".>"]``, limits retention, file storage, a 2-minute duplicate
+        window. ``overrides`` are :class:`nats.js.api.StreamConfig` fields (``max_age``,
+        ``num_replicas``, ...). An existing stream whose subjects or overridden fields differ raises
+        :class:`StreamConfigMismatch` naming each difference.
+        """
+        stream = cls(js, name, subject=subject, filter_subjects=filter_subjects, read=read)
+        subjects = list(subjects) if subjects is not None else [f"{name}.>"]
+        if isinstance(subjects, str) or not subjects:
+            raise ConfigError("subjects is a non-empty list of subjects")
+        wanted: dict[str, Any] = {
+            "subjects": subjects,
+            "retention": api.RetentionPolicy.LIMITS,
+            "storage": api.StorageType.FILE,
+            "duplicate_window": _DEFAULT_DUPLICATE_WINDOW,
+            **overrides,
+        }
+        try:
+            config = api.StreamConfig(name=name, **wanted)
+        except TypeError as e:
+            raise ConfigError(f"stream {name!r}: unknown stream option: {e}") from None
+        try:
+            info = await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            try:
+                info = await js.add_stream(config)
+            except nats.js.errors.BadRequestError as e:
+                # Lost a race with another creator: fall through to the compatibility check.
+                if e.err_code != 10058:  # stream name already in use
+                    raise StreamError(f"stream {name!r}: cannot create: {e.description}", stream=name) from e
+                info = await js.stream_info(name)
+            else:
+                stream._bind_subject(info.config.subjects or [])
+                return stream
+        except nats.errors.NoRespondersError:
+            raise StreamError(
+                f"stream {name!r}: JetStream is not enabled on the server (start nats-server with -js)",
+                stream=name,
+            ) from None
+        diffs = _config_differences(info.config, config, ["subjects", "retention", "storage", *overrides])
+        if diffs:
+            raise StreamConfigMismatch(
+                f"stream {name!r} exists with a different config: " + "; ".join(diffs), stream=name
+            )
+        stream._bind_subject(info.config.subjects or [])
+        return stream
+
+    @property
+    def subject(self) -> str:
+        """The subject :meth:`insert` publishes to."""
+        if self._subject is None:
+            raise ConfigError(
+                f"stream {self.name!r}: the insert subject is not known yet; pass subject=... or call"
+                " `await stream.info()` first"
+            )
+        return self._subject
+
+    def _bind_subject(self, subjects: Sequence[str]) -> None:
+        if self._subject is not None:
+            return
+        if not subjects:
+            raise ConfigError(f"stream {self.name!r} has no subjects; pass subject=... to insert into it")
+        tokens = ["events" if t in ("*", ">") else t for t in subjects[0].split(".")]
+        self._subject = ".".join(tokens)
+
+    async def info(self) -> api.StreamInfo:
+        """The stream's current info (config and state); :class:`StreamNotFound` when it is gone."""
+        try:
+            info = await self.js.stream_info(self.name)
+        except nats.js.errors.NotFoundError:
+            raise StreamNotFound(self.name) from None
+        except nats.errors.NoRespondersError:
+            raise StreamNotFound(self.name, "JetStream is not enabled on the server") from None
+        self._bind_subject(info.config.subjects or [])
+        return info
+
+    async def _insert_subject(self) -> str:
+        if self._subject is None:
+            await self.info()
+        return self.subject
+
+    async def insert(
+        self, foreign_id: str, type: int, data: bytes = b"", *, msg_id: str | None = None
+    ) -> int:
+        """Publish one event and return its stream sequence (its event ID as an int).
+
+        ``msg_id`` makes the insert idempotent within the stream's duplicate window: inserting the
+        same ``msg_id`` again stores nothing and returns the first insert's sequence.
+        """
+        headers = encode_headers(foreign_id, type, msg_id)
+        headers[_EXPECTED_STREAM] = self.name
+        data = _as_bytes(data)
+        subject = await self._insert_subject()
+        try:
+            msg = await self._nc.request(subject, data, timeout=self.js._timeout, headers=headers)
+        except nats.errors.MaxPayloadError:
+            raise self._too_large(0, foreign_id, data) from None
+        except nats.errors.NoRespondersError:
+            raise self._no_stream(subject) from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise InsertError(
+                self.name,
+                0,
+                foreign_id,
+                "no acknowledgement in time: it may or may not be stored;"
+                " insert again with the same msg_id to be sure",
+            ) from None
+        return self._ack_seq(msg.data, 0, foreign_id, stored=0)
+
+    async def insert_many(
+        self, events: Iterable[tuple[str, int, bytes]], *, timeout: float | None = None
+    ) -> list[int]:
+        """Publish events in order, pipelined, and return their stream sequences.
+
+        Each item is ``(foreign_id, type, data)``. Every event is checked before the first is sent.
+        On the first failure raises :class:`InsertError` with the failing index and how many
+        events before it are stored.
+        """
+        items = [(fid, typ, _as_bytes(data)) for fid, typ, data in events]
+        subject = await self._insert_subject()
+        max_payload = self._nc.max_payload
+        prepared = []
+        for i, (fid, typ, data) in enumerate(items):
+            try:
+                headers = encode_headers(fid, typ)
+            except InvalidEvent as e:
+                raise InvalidEvent(f"stream {self.name!r}: event #{i}: {e}") from None
+            headers[_EXPECTED_STREAM] = self.name
+            if len(data) + 200 > max_payload:
+                raise self._too_large(i, fid, data)
+            prepared.append(headers)
+        if not items:
+            return []
+        return await _Pipeline(self, subject, timeout or self.js._timeout).run(items, prepared)
+
+    async def stream(
+        self, after: str = "", *, from_head: bool = False, to_head: bool = False
+    ) -> StreamClient:
+        """Open a stream client that delivers events with sequence > ``after`` in stream order.
+
+        ``after=""`` reads from the beginning. ``from_head`` ignores ``after`` and delivers only
+        events inserted from now on. ``to_head`` makes ``recv()`` raise :class:`rjet.HeadReached`
+        (and ``async for`` end) once every event present at open has been delivered.
+
+        Raises :class:`rjet.CursorExpired` when events after ``after`` are gone from the stream,
+        :class:`rjet.CursorAhead` when ``after`` is past the stream's end.
+        """
+        start = parse_cursor(after, f"stream {self.name!r}")
+        client = StreamClient(
+            self.js,
+            self.name,
+            after=start,
+            from_head=from_head,
+            to_head=to_head,
+            filter_subjects=self.filter_subjects,
+            config=self.read,
+        )
+        await client._open()
+        return client
+
+    @property
+    def _nc(self) -> Client:
+        return self.js._nc
+
+    def _too_large(self, index: int, foreign_id: str, data: bytes) -> InvalidEvent:
+        return InvalidEvent(
+            f"stream {self.name!r}: event #{index} (foreign id {foreign_id!r}) has {len(data)} bytes of"
+            f" data, more than the server's max payload of {self._nc.max_payload} bytes with headers"
+        )
+
+    def _no_stream(self, subject: str) -> StreamError:
+        return StreamNotFound(
+            self.name,
+            f"no stream answers on subject {subject!r} (does stream {self.name!r} exist and"
+            " take that subject?)",
+        )
+
+    def _ack_seq(self, data: bytes, index: int, foreign_id: str, stored: int) -> int:
+        try:
+            resp = json.loads(data)
+        except ValueError:
+            raise InsertError(
+                self.name, index, foreign_id, f"unreadable ack {data!r}", stored=stored
+            ) from None
+        err = resp.get("error")
+        if err:
+            detail = f"{err.get('description', 'error')} (code {err.get('err_code', err.get('code'))})"
+            if err.get("err_code") == 10060:  # expected stream name does not match
+                raise StreamNotFound(self.name, f"subject is captured by another stream: {detail}")
+            raise InsertError(self.name, index, foreign_id, detail, stored=stored)
+        return int(resp["seq"])
+
+
+class _Pipeline:
+    """Publishes a batch with per-message reply subjects and matches acks back, in a bounded window."""
+
+    def __init__(self, stream: Stream, subject: str, timeout: float) -> None:
+        self.stream = stream
+        self.subject = subject
+        self.timeout = timeout
+        self.acks: dict[int, bytes] = {}
+        self.expected = 0
+        self.changed = asyncio.Event()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        self.acks[int(msg.subject.rpartition(".")[2])] = msg.data
+        if len(self.acks) >= self.expected:
+            self.changed.set()
+
+    async def run(self, items: list[tuple[str, int, bytes]], headers: list[dict[str, str]]) -> list[int]:
+        nc = self.stream._nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox + ".*", cb=self._on_ack)
+        try:
+            for start in range(0, len(items), _INSERT_WINDOW):
+                end = min(start + _INSERT_WINDOW, len(items))
+                self.expected = end
+                self.changed.clear()
+                for i in range(start, end):
+                    try:
+                        await nc.publish(self.subject, items[i][2], reply=f"{inbox}.{i}", headers=headers[i])
+                    except nats.errors.MaxPayloadError:
+                        raise self.stream._too_large(i, items[i][0], items[i][2]) from None
+                try:
+                    await asyncio.wait_for(self.changed.wait(), self.timeout)
+                except TimeoutError:
+                    first_missing = next(i for i in range(end) if i not in self.acks)
+                    self._check(items, first_missing)
+                    raise InsertError(
+                        self.stream.name,
+                        first_missing,
+                        items[first_missing][0],
+                        f"no acknowledgement within {self.timeout}s: it may or may not be stored",
+                        stored=first_missing,
+                    ) from None
+            return self._check(items, len(items))
+        finally:
+            await sub.unsubscribe()
+
+    def _check(self, items: list[tuple[str, int, bytes]], upto: int) -> list[int]:
+        seqs = []
+        for i in range(upto):
+            data = self.acks[i]
+            if not data:  # a 503 "no responders" status has no body
+                raise self.stream._no_stream(self.subject)
+            seqs.append(self.stream._ack_seq(data, i, items[i][0], stored=i))
+        return seqs
+
+
+def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    raise InvalidEvent(f"event data must be bytes, not {type(data).__name__}")
+
+
+def _config_differences(have: api.StreamConfig, want: api.StreamConfig, fields: Iterable[str]) -> list[str]:
+    diffs = []
+    for field in dict.fromkeys(fields):
+        if not hasattr(want, field):
+            continue
+        a, b = getattr(have, field), getattr(want, field)
+        if field == "subjects":
+            a, b = sorted(a or []), sorted(b or [])
+        if a != b:
+            diffs.append(f"{field} is {a!r}, not {b!r}")
+    return diffs

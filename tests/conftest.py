@@ -1,0 +1,54 @@
+"""Fixtures: real nats-server processes on free loopback ports, with temporary storage."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+import rjet
+from rjet.server import EmbeddedServer
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[EmbeddedServer]:
+    """One nats-server for the whole session; tests isolate themselves by stream name."""
+    with EmbeddedServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def own_server() -> Iterator[EmbeddedServer]:
+    """A nats-server of this test's own, free to be stopped, killed and restarted."""
+    with EmbeddedServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+async def nc(server: EmbeddedServer) -> AsyncIterator[Client]:
+    conn = await nats.connect(server.url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def js(nc: Client) -> JetStreamContext:
+    return nc.jetstream()
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    """A stream name unique to this test."""
+    base = "".join(c if c.isalnum() else "_" for c in request.node.name)[:40]
+    return f"t{next(_names)}_{base}"
+
+
+@pytest.fixture
+async def stream(js: JetStreamContext, name: str) -> rjet.Stream:
+    return await rjet.Stream.create(js, name)
