@@ -21,6 +21,8 @@ class Consumer:
 
     - ``types``: only events of these types reach ``fn``; others are skipped, the cursor advances.
     - ``filter``: ``filter(event) -> bool``; events it rejects are skipped, the cursor advances.
+    - ``key_filter``: ``key_filter(foreign_id) -> bool``; like ``filter`` on the foreign ID alone, so
+      a reader may apply it before decoding the rest of the event (sharding uses it).
     - ``fate``: what ``fn`` receives to inject errors on purpose (default :data:`rjet.fate.NEVER`).
 
     ::
@@ -32,7 +34,7 @@ class Consumer:
         consumer = Consumer("billing", fn, types=[1, 2])
     """
 
-    __slots__ = ("_async", "fate", "filter", "fn", "name", "types")
+    __slots__ = ("_async", "_filtered", "fate", "filter", "fn", "key_filter", "name", "types")
 
     def __init__(
         self,
@@ -41,6 +43,7 @@ class Consumer:
         *,
         types: Iterable[int] | None = None,
         filter: Callable[[Event], bool] | None = None,
+        key_filter: Callable[[str], bool] | None = None,
         fate: Fate = NEVER,
     ) -> None:
         if not isinstance(name, str) or not name:
@@ -51,18 +54,22 @@ class Consumer:
         self.fn = fn
         self.types = frozenset(types) if types is not None else None
         self.filter = filter
+        self.key_filter = key_filter
         self.fate = fate
+        self._filtered = types is not None or filter is not None or key_filter is not None
         self._async = inspect.iscoroutinefunction(fn)
 
     def wants(self, event: Event) -> bool:
-        """Whether ``event`` passes the type filter and the event filter."""
+        """Whether ``event`` passes the key filter, the type filter and the event filter."""
+        if self.key_filter is not None and not self.key_filter(event.foreign_id):
+            return False
         if self.types is not None and event.type not in self.types:
             return False
         return self.filter is None or self.filter(event)
 
     async def consume(self, event: Event) -> bool:
         """Handle ``event`` unless it is filtered out; returns whether the handler ran."""
-        if (self.types is not None or self.filter is not None) and not self.wants(event):
+        if self._filtered and not self.wants(event):
             return False
         if self._async:
             await self.fn(self.fate, event)  # type: ignore[misc]
