@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
-import nats
 import nats.errors
 from nats.aio.client import Client
 
@@ -16,24 +17,28 @@ __all__ = ["connect"]
 async def connect(servers: str | list[str] = "nats://127.0.0.1:4222", **options: Any) -> Client:
     """``nats.connect`` with rjet's defaults, raising :class:`rjet.ConnectError` naming the servers.
 
-    ``options`` go to ``nats.connect`` (``user_credentials``, ``token``, ``tls``, ...). Defaults:
-    ``connect_timeout=2``, ``max_reconnect_attempts=-1`` (keep reconnecting once connected), and no
-    initial retry, so a server that is down at start is reported after ``connect_timeout``.
+    ``options`` go to nats-py's ``connect`` (``user_credentials``, ``user``/``password``, ``token``,
+    ``tls``, ...). Defaults: ``connect_timeout=2`` and ``max_reconnect_attempts=-1``: once connected,
+    the client keeps reconnecting through outages; a server that is down at start is reported after
+    ``connect_timeout`` seconds instead of being retried forever.
     """
     urls = [servers] if isinstance(servers, str) else list(servers)
-    options.setdefault("connect_timeout", 2)
+    timeout = float(options.setdefault("connect_timeout", 2))
     options.setdefault("max_reconnect_attempts", -1)
-    options.setdefault("allow_reconnect", True)
     errors: list[BaseException] = []
+    user_error_cb = options.pop("error_cb", None)
 
-    async def _record(e: Exception) -> None:
+    async def error_cb(e: Exception) -> None:
         errors.append(e)
+        if user_error_cb is not None:
+            await user_error_cb(e)
 
-    options.setdefault("error_cb", _record)
+    nc = Client()
     try:
-        return await nats.connect(urls, **options)
-    except (nats.errors.NoServersError, OSError, TimeoutError, nats.errors.Error) as e:
-        detail = f"{errors[-1]!r}" if errors else f"{e!r}"
-        raise ConnectError(
-            f"cannot connect to NATS at {', '.join(urls)} within {options['connect_timeout']}s: {detail}"
-        ) from e
+        await asyncio.wait_for(nc.connect(urls, error_cb=error_cb, **options), timeout)
+    except (TimeoutError, OSError, nats.errors.Error) as e:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        detail = repr(errors[-1]) if errors else repr(e)
+        raise ConnectError(f"cannot connect to NATS at {', '.join(urls)} within {timeout:g}s: {detail}") from e
+    return nc

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from nats.aio.subscription import Subscription
     from nats.js import JetStreamContext
 
-__all__ = ["ReadConfig", "StreamClient"]
+__all__ = ["ReadConfig", "StreamClient", "parse_ack"]
 
 log = logging.getLogger("rjet.stream")
 
@@ -89,15 +89,34 @@ class ReadConfig:
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.max_buffered < self.batch:
-            raise ConfigError(
-                f"ReadConfig: need 1 <= batch <= max_buffered, got {self.batch}, {self.max_buffered}"
-            )
+            raise ConfigError(f"ReadConfig: need 1 <= batch <= max_buffered, got {self.batch}, {self.max_buffered}")
         if not 0 < self.heartbeat * 2 <= self.expires:
-            raise ConfigError(
-                f"ReadConfig: need 0 < 2 * heartbeat <= expires, got {self.heartbeat}, {self.expires}"
-            )
+            raise ConfigError(f"ReadConfig: need 0 < 2 * heartbeat <= expires, got {self.heartbeat}, {self.expires}")
         if self.inactive_threshold <= 0 or self.recover_timeout <= 0:
             raise ConfigError("ReadConfig: inactive_threshold and recover_timeout must be > 0")
+
+
+def parse_ack(reply: str) -> tuple[str, int, int, int, int] | None:
+    """(consumer, stream seq, consumer seq, stored time ns, pending) from a JetStream reply subject.
+
+    v1: ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`` (9 tokens);
+    v2: ``$JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<rand>]``.
+    None for anything else.
+    """
+    t = reply.split(".")
+    n = len(t)
+    if n == 9:
+        b = 2
+    elif n in (11, 12):
+        b = 4
+    else:
+        return None
+    if t[0] != "$JS" or t[1] != "ACK":
+        return None
+    try:
+        return t[b + 1], int(t[b + 3]), int(t[b + 4]), int(t[b + 5]), int(t[b + 6])
+    except ValueError:
+        return None
 
 
 class StreamClient:
@@ -186,23 +205,21 @@ class StreamClient:
         reply = msg.reply
         if not reply:
             return await self._on_status(msg)
-        t = reply.split(".")
-        b = 2 if len(t) == 9 else 4  # v1: $JS.ACK.<stream>...; v2: $JS.ACK.<domain>.<account>.<stream>...
-        if len(t) < 9 or t[b + 1] != self._consumer:
-            return  # left over from an earlier consumer of this client
+        ack = parse_ack(reply)
+        if ack is None or ack[0] != self._consumer:
+            return  # not a JetStream delivery, or left over from an earlier consumer of this client
+        _, sseq, cseq, ts, pending = ack
         self._activity = self._loop.time()
         self._pending -= 1
-        cseq = int(t[b + 4])
         if cseq != self._cseq + 1:
             return self._recover(f"consumer sequence jumped from {self._cseq} to {cseq}")
         self._cseq = cseq
-        sseq = int(t[b + 3])
         if sseq > self._last:
             self._last = sseq
-            self.num_pending = pending = int(t[b + 6])
+            self.num_pending = pending
             if pending == 0:
                 self._caught_up = True
-            self._buf.append((sseq, int(t[b + 5]), msg))
+            self._buf.append((sseq, ts, msg))
             if self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result(None)
         if self._pending <= self._low:
@@ -313,7 +330,7 @@ class StreamClient:
             return await self._js.stream_info(self.stream)
         except nats.js.errors.NotFoundError:
             raise StreamNotFound(self.stream) from None
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             raise StreamNotFound(self.stream, "JetStream is not enabled on the server") from None
 
     def _check_cursor(self, state: api.StreamState, after: int) -> None:
@@ -402,9 +419,7 @@ class StreamClient:
                 await self._sub.unsubscribe()
         if consumer is not None:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
-                await self._nc.request(
-                    f"{self._js._prefix}.CONSUMER.DELETE.{self.stream}.{consumer}", b"", timeout=1.0
-                )
+                await self._nc.request(f"{self._js._prefix}.CONSUMER.DELETE.{self.stream}.{consumer}", b"", timeout=1.0)
 
     def __aiter__(self) -> Self:
         return self

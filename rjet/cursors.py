@@ -131,9 +131,7 @@ class JetStreamCursorStore:
     ) -> JetStreamCursorStore:
         """Bind the namespace's bucket, creating it (file storage, history 1) when missing."""
         if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
-            raise ConfigError(
-                f"cursor namespace {namespace!r} is invalid: use letters, digits, '_' and '-' only"
-            )
+            raise ConfigError(f"cursor namespace {namespace!r} is invalid: use letters, digits, '_' and '-' only")
         if flush_interval < 0:
             raise ConfigError(f"flush_interval must be >= 0, not {flush_interval}")
         bucket = _BUCKET_PREFIX + namespace
@@ -144,7 +142,7 @@ class JetStreamCursorStore:
                 kv = await js.create_key_value(
                     bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=replicas
                 )
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             raise CursorStoreError(
                 f"cursor bucket {bucket!r}: JetStream is not enabled on the server (nats-server -js)"
             ) from None
@@ -191,13 +189,14 @@ class JetStreamCursorStore:
 
     async def cursors(self) -> dict[str, str]:
         """Every stored cursor, by name, without claiming any."""
+        prefix = f"$KV.{self.bucket}."
         try:
-            keys = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
-            return {}
+            info = await self._kv._js.stream_info(f"KV_{self.bucket}", subjects_filter=prefix + ">")
         except _STORE_ERRORS as e:
             raise self._store_error("cannot list cursors", e) from e
-        return {decode_key(k): await self.peek(decode_key(k)) for k in keys}
+        names = [decode_key(subject[len(prefix) :]) for subject in info.state.subjects or {}]
+        values = await asyncio.gather(*(self.peek(n) for n in names))
+        return dict(zip(names, values, strict=True))
 
     async def set_cursor(self, name: str, cursor: str) -> None:
         """Buffer ``cursor`` for ``name``; written by the next flush."""
@@ -273,7 +272,9 @@ class JetStreamCursorStore:
             raise err
 
     def _store_error(self, what: str, err: BaseException) -> CursorStoreError:
-        if isinstance(err, nats.js.errors.NotFoundError | nats.errors.NoRespondersError):
+        if isinstance(
+            err, nats.js.errors.NotFoundError | nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError
+        ):
             return CursorStoreError(
                 f"cursor bucket {self.bucket!r}: {what}: the bucket is gone (deleted while in use?)"
             )

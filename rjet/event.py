@@ -89,9 +89,7 @@ def decode_foreign_id(value: str, stream: str, seq: int) -> str:
     try:
         return unquote_to_bytes(value).decode("utf-8")
     except UnicodeDecodeError:
-        raise DecodeError(
-            stream, seq, f"header {FOREIGN_ID_HEADER} {value!r} is not percent-encoded UTF-8"
-        ) from None
+        raise DecodeError(stream, seq, f"header {FOREIGN_ID_HEADER} {value!r} is not percent-encoded UTF-8") from None
 
 
 def encode_headers(foreign_id: str, type: int, msg_id: str | None = None) -> dict[str, str]:

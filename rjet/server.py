@@ -64,7 +64,8 @@ class EmbeddedServer:
 
     ``port=0`` picks a free port at the first start and keeps it for restarts. ``store_dir=None``
     makes a temporary directory that :meth:`close` removes. ``cluster`` (name, route port, routes)
-    joins a cluster of embedded servers; ``extra_args`` are passed through to nats-server.
+    joins a cluster of embedded servers; ``extra_args`` are passed through to nats-server;
+    ``jetstream=False`` starts a plain NATS server (to test what happens without JetStream).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class EmbeddedServer:
         cluster_port: int = 0,
         routes: list[str] | None = None,
         extra_args: list[str] | None = None,
+        jetstream: bool = True,
         ready_timeout: float = 15.0,
     ) -> None:
         if not host.startswith("127."):
@@ -89,6 +91,7 @@ class EmbeddedServer:
         self.routes = list(routes or [])
         self.name = name
         self.extra_args = list(extra_args or [])
+        self.jetstream = jetstream
         self.ready_timeout = ready_timeout
         self._own_dir = store_dir is None
         self._dir = Path(tempfile.mkdtemp(prefix="rjet-nats-")) if store_dir is None else Path(store_dir)
@@ -130,7 +133,7 @@ class EmbeddedServer:
         log = self._dir / f"server-{self._starts}.log"
         args = [
             find_nats_server(),
-            "-js",
+            *(["-js"] if self.jetstream else []),
             "-a", self.host,
             "-p", str(self.port or -1),
             "-sd", str(self.store_dir),

@@ -132,7 +132,7 @@ class Stream:
             else:
                 stream._bind_subject(info.config.subjects or [])
                 return stream
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             raise StreamError(
                 f"stream {name!r}: JetStream is not enabled on the server (start nats-server with -js)",
                 stream=name,
@@ -169,7 +169,7 @@ class Stream:
             info = await self.js.stream_info(self.name)
         except nats.js.errors.NotFoundError:
             raise StreamNotFound(self.name) from None
-        except nats.errors.NoRespondersError:
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             raise StreamNotFound(self.name, "JetStream is not enabled on the server") from None
         self._bind_subject(info.config.subjects or [])
         return info
@@ -179,9 +179,7 @@ class Stream:
             await self.info()
         return self.subject
 
-    async def insert(
-        self, foreign_id: str, type: int, data: bytes = b"", *, msg_id: str | None = None
-    ) -> int:
+    async def insert(self, foreign_id: str, type: int, data: bytes = b"", *, msg_id: str | None = None) -> int:
         """Publish one event and return its stream sequence (its event ID as an int).
 
         ``msg_id`` makes the insert idempotent within the stream's duplicate window: inserting the
@@ -202,14 +200,11 @@ class Stream:
                 self.name,
                 0,
                 foreign_id,
-                "no acknowledgement in time: it may or may not be stored;"
-                " insert again with the same msg_id to be sure",
+                "no acknowledgement in time: it may or may not be stored; insert again with the same msg_id to be sure",
             ) from None
         return self._ack_seq(msg.data, 0, foreign_id, stored=0)
 
-    async def insert_many(
-        self, events: Iterable[tuple[str, int, bytes]], *, timeout: float | None = None
-    ) -> list[int]:
+    async def insert_many(self, events: Iterable[tuple[str, int, bytes]], *, timeout: float | None = None) -> list[int]:
         """Publish events in order, pipelined, and return their stream sequences.
 
         Each item is ``(foreign_id, type, data)``. Every event is checked before the first is sent.
@@ -233,9 +228,7 @@ class Stream:
             return []
         return await _Pipeline(self, subject, timeout or self.js._timeout).run(items, prepared)
 
-    async def stream(
-        self, after: str = "", *, from_head: bool = False, to_head: bool = False
-    ) -> StreamClient:
+    async def stream(self, after: str = "", *, from_head: bool = False, to_head: bool = False) -> StreamClient:
         """Open a stream client that delivers events with sequence > ``after`` in stream order.
 
         ``after=""`` reads from the beginning. ``from_head`` ignores ``after`` and delivers only
@@ -271,17 +264,14 @@ class Stream:
     def _no_stream(self, subject: str) -> StreamError:
         return StreamNotFound(
             self.name,
-            f"no stream answers on subject {subject!r} (does stream {self.name!r} exist and"
-            " take that subject?)",
+            f"no stream answers on subject {subject!r} (does stream {self.name!r} exist and take that subject?)",
         )
 
     def _ack_seq(self, data: bytes, index: int, foreign_id: str, stored: int) -> int:
         try:
             resp = json.loads(data)
         except ValueError:
-            raise InsertError(
-                self.name, index, foreign_id, f"unreadable ack {data!r}", stored=stored
-            ) from None
+            raise InsertError(self.name, index, foreign_id, f"unreadable ack {data!r}", stored=stored) from None
         err = resp.get("error")
         if err:
             detail = f"{err.get('description', 'error')} (code {err.get('err_code', err.get('code'))})"

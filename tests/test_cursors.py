@@ -1,0 +1,158 @@
+"""Cursor stores: the protocol, buffering, key encoding, and fencing of a second runner."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats.js import JetStreamContext
+
+import rjet
+from rjet.cursors import decode_key, encode_key
+
+StoreFactory = Callable[[], Awaitable[rjet.CursorStore]]
+
+
+@pytest.fixture(params=["mem", "jetstream"])
+async def make_store(request: pytest.FixtureRequest, js: JetStreamContext, name: str) -> AsyncIterator[StoreFactory]:
+    made: list[rjet.JetStreamCursorStore] = []
+    shared: dict[str, str] = {}
+
+    async def factory() -> rjet.CursorStore:
+        if request.param == "mem":
+            store = rjet.MemCursorStore()
+            store.cursors = shared  # one backing map, as one bucket would be
+            return store
+        js_store = await rjet.JetStreamCursorStore.create(js, name, flush_interval=0.05)
+        made.append(js_store)
+        return js_store
+
+    yield factory
+    for s in made:
+        await s.close()
+
+
+# ------------------------------------------------------------------ the protocol, for every store
+
+
+async def test_a_missing_cursor_is_empty(make_store: StoreFactory) -> None:
+    store = await make_store()
+    assert isinstance(store, rjet.CursorStore)
+    assert await store.get_cursor("nobody") == ""
+
+
+async def test_flushed_cursors_are_read_back_by_a_new_store(make_store: StoreFactory) -> None:
+    store = await make_store()
+    await store.get_cursor("c")
+    await store.set_cursor("c", "41")
+    await store.set_cursor("c", "42")
+    await store.flush()
+    assert await (await make_store()).get_cursor("c") == "42"
+
+
+# ------------------------------------------------------------------ the JetStream store
+
+
+async def jet(js: JetStreamContext, ns: str, interval: float = 3600) -> rjet.JetStreamCursorStore:
+    return await rjet.JetStreamCursorStore.create(js, ns, flush_interval=interval)
+
+
+async def test_set_cursor_buffers_until_flush(js: JetStreamContext, name: str) -> None:
+    async with await jet(js, name) as store:
+        await store.get_cursor("c")
+        await store.set_cursor("c", "5")
+        assert await store.peek("c") == ""
+        await store.flush()
+        assert await store.peek("c") == "5"
+
+
+async def test_background_flush_writes_within_the_interval(js: JetStreamContext, name: str) -> None:
+    async with await jet(js, name, interval=0.1) as store:
+        await store.get_cursor("c")
+        for i in range(1, 1001):
+            await store.set_cursor("c", str(i))
+        assert await store.peek("c") == ""
+        await asyncio.sleep(0.5)
+        assert await store.peek("c") == "1000"
+        assert 1 <= store.flushes <= 2
+
+
+async def test_close_flushes(js: JetStreamContext, name: str) -> None:
+    store = await jet(js, name)
+    await store.set_cursor("c", "9")
+    await store.close()
+    await store.close()
+    async with await jet(js, name) as other:
+        assert await other.peek("c") == "9"
+    with pytest.raises(rjet.CursorStoreError, match="closed"):
+        await store.set_cursor("c", "10")
+
+
+async def test_many_dirty_cursors_are_written_in_one_flush(js: JetStreamContext, name: str) -> None:
+    async with await jet(js, name) as store:
+        for i in range(100):
+            await store.set_cursor(f"c{i}", str(i))
+        await store.flush()
+        assert store.flushes == 1
+        assert await store.cursors() == {f"c{i}": str(i) for i in range(100)}
+
+
+@pytest.mark.parametrize("cursor_name", ["a b", "über", "x.", ".x", "a..b", "a*b", "a>b", "_b64.x", "tab\there"])
+async def test_names_that_are_not_kv_keys_are_encoded(js: JetStreamContext, name: str, cursor_name: str) -> None:
+    async with await jet(js, name) as store:
+        assert await store.get_cursor(cursor_name) == ""
+        await store.set_cursor(cursor_name, "7")
+        await store.flush()
+        assert await store.peek(cursor_name) == "7"
+        assert await store.cursors() == {cursor_name: "7"}
+
+
+@settings(max_examples=300)
+@given(st.text(min_size=1))
+def test_key_encoding_round_trips(cursor_name: str) -> None:
+    key = encode_key(cursor_name)
+    assert decode_key(key) == cursor_name
+
+
+@pytest.mark.parametrize("bad", ["", "a.b", "a b", "ü"])
+async def test_invalid_namespaces_are_refused(js: JetStreamContext, bad: str) -> None:
+    with pytest.raises(rjet.ConfigError, match="namespace"):
+        await rjet.JetStreamCursorStore.create(js, bad)
+
+
+async def test_a_second_runner_fences_the_first(js: JetStreamContext, name: str) -> None:
+    async with await jet(js, name) as first, await jet(js, name) as second:
+        assert await first.get_cursor("c") == ""
+        await first.set_cursor("c", "10")
+        await first.flush()
+        assert await second.get_cursor("c") == "10"  # claims it
+        await first.set_cursor("c", "11")
+        with pytest.raises(rjet.CursorConflict, match="another runner wrote it"):
+            await first.flush()
+        with pytest.raises(rjet.CursorConflict):  # a conflict is final for the fenced store
+            await first.set_cursor("c", "12")
+        await second.set_cursor("c", "20")
+        await second.flush()
+        assert await second.peek("c") == "20"
+
+
+async def test_peek_does_not_fence(js: JetStreamContext, name: str) -> None:
+    async with await jet(js, name) as runner, await jet(js, name) as observer:
+        await runner.get_cursor("c")
+        await runner.set_cursor("c", "3")
+        await runner.flush()
+        assert await observer.peek("c") == "3"
+        await runner.set_cursor("c", "4")
+        await runner.flush()
+
+
+async def test_bucket_deleted_while_running_is_a_clear_error(js: JetStreamContext, name: str) -> None:
+    store = await jet(js, name)
+    await store.get_cursor("c")
+    await js.delete_key_value(store.bucket)
+    await store.set_cursor("c", "3")
+    with pytest.raises(rjet.CursorStoreError, match=f"cursor bucket 'rjet_cursors_{name}'.*cursor 'c'"):
+        await store.flush()

@@ -1,0 +1,88 @@
+"""The event codec: foreign IDs and types survive the trip through NATS headers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import rjet
+from rjet._reader import parse_ack
+from rjet.event import (
+    FOREIGN_ID_HEADER,
+    TYPE_HEADER,
+    decode_foreign_id,
+    decode_type,
+    encode_foreign_id,
+    encode_headers,
+    timestamp_from_ns,
+)
+
+# Any text that is valid Unicode (no lone surrogates), at least one character.
+foreign_ids = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=200)
+
+
+@given(foreign_ids)
+def test_foreign_id_round_trips_through_its_header_value(fid: str) -> None:
+    value = encode_foreign_id(fid)
+    assert value.isascii()
+    assert value == value.strip()
+    assert "\r" not in value and "\n" not in value
+    assert decode_foreign_id(value, "s", 1) == fid
+
+
+def test_plain_foreign_ids_are_stored_as_they_are() -> None:
+    assert encode_foreign_id("user-42/eu:7") == "user-42/eu:7"
+    assert encode_foreign_id("a b") == "a%20b"
+    assert encode_foreign_id("100%") == "100%25"
+
+
+@pytest.mark.parametrize("bad", ["", b"bytes", 7, "\udc80"])
+def test_unusable_foreign_ids_are_refused_with_a_clear_error(bad: object) -> None:
+    with pytest.raises(rjet.InvalidEvent, match="foreign id"):
+        encode_foreign_id(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["1", 1.5, True, None])
+def test_event_type_must_be_an_int(bad: object) -> None:
+    with pytest.raises(rjet.InvalidEvent, match="event type"):
+        encode_headers("k", bad)  # type: ignore[arg-type]
+
+
+def test_headers_carry_type_foreign_id_and_msg_id() -> None:
+    assert encode_headers("k", 3, "m1") == {TYPE_HEADER: "3", FOREIGN_ID_HEADER: "k", "Nats-Msg-Id": "m1"}
+
+
+def test_malformed_headers_raise_decode_error_naming_the_sequence() -> None:
+    with pytest.raises(rjet.DecodeError, match=r"stream 'orders' sequence 9: header reflex_type 'x'"):
+        decode_type("x", "orders", 9)
+    with pytest.raises(rjet.DecodeError, match="sequence 4"):
+        decode_foreign_id("%ff", "orders", 4)
+    with pytest.raises(rjet.DecodeError, match="empty"):
+        decode_foreign_id("", "orders", 4)
+    assert decode_type(None, "orders", 1) == 0
+
+
+def test_timestamps_are_utc_with_microsecond_precision() -> None:
+    ts = timestamp_from_ns(1_700_000_000_123_456_789)
+    assert ts == datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC)
+
+
+def test_event_helpers() -> None:
+    e = rjet.Event("12", 2, "34", datetime.now(UTC), b"")
+    assert (e.id_int, e.foreign_id_int) == (12, 34)
+    assert e.is_type(1, 2) and not e.is_type(3)
+    with pytest.raises(AttributeError):
+        e.id = "13"  # type: ignore[misc]
+
+
+def test_both_reply_subject_forms_are_parsed() -> None:
+    v1 = "$JS.ACK.orders.C1.1.42.7.1700000000000000000.3"
+    v2 = "$JS.ACK.hub.ACCHASH.orders.C1.1.42.7.1700000000000000000.3.rand"
+    v2_short = "$JS.ACK._.ACCHASH.orders.C1.1.42.7.1700000000000000000.3"
+    for reply in (v1, v2, v2_short):
+        assert parse_ack(reply) == ("C1", 42, 7, 1_700_000_000_000_000_000, 3)
+    for bad in ("_INBOX.x", "$JS.ACK.a.b.c", "$JS.ACK.orders.C1.1.x.7.1.3", "$JS.NAK.orders.C1.1.42.7.1.3"):
+        assert parse_ack(bad) is None

@@ -1,0 +1,293 @@
+"""Stream: creating and binding, inserting, and reading in order from a cursor."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from nats.js import JetStreamContext, api
+
+import rjet
+from rjet.server import EmbeddedServer
+
+
+async def read_all(stream: rjet.Stream, after: str = "") -> list[rjet.Event]:
+    async with await stream.stream(after, to_head=True) as client:
+        return [e async for e in client]
+
+
+# ------------------------------------------------------------------ create and bind
+
+
+async def test_create_uses_rjet_defaults(js: JetStreamContext, name: str) -> None:
+    stream = await rjet.Stream.create(js, name)
+    info = await js.stream_info(name)
+    assert info.config.subjects == [f"{name}.>"]
+    assert info.config.retention == api.RetentionPolicy.LIMITS
+    assert info.config.storage == api.StorageType.FILE
+    assert info.config.duplicate_window == 120
+    assert stream.subject == f"{name}.events"
+
+
+async def test_create_binds_a_compatible_existing_stream(js: JetStreamContext, name: str) -> None:
+    await rjet.Stream.create(js, name, max_age=3600)
+    again = await rjet.Stream.create(js, name, max_age=3600)
+    assert await again.insert("k", 1) == 1
+
+
+async def test_create_refuses_an_incompatible_existing_stream(js: JetStreamContext, name: str) -> None:
+    await rjet.Stream.create(js, name, subjects=[f"{name}.a.>"])
+    with pytest.raises(rjet.StreamConfigMismatch, match=r"subjects is \['.*\.a\.>'\], not \['.*\.>'\]"):
+        await rjet.Stream.create(js, name)
+    with pytest.raises(rjet.StreamConfigMismatch, match="max_msgs is -1, not 5"):
+        await rjet.Stream.create(js, name, subjects=[f"{name}.a.>"], max_msgs=5)
+
+
+async def test_unknown_stream_options_are_config_errors(js: JetStreamContext, name: str) -> None:
+    with pytest.raises(rjet.ConfigError, match="unknown stream option"):
+        await rjet.Stream.create(js, name, max_agee=1)
+
+
+@pytest.mark.parametrize("bad", ["", "a.b", "a b", "a*", "a>"])
+def test_invalid_stream_names_are_refused(js: JetStreamContext, bad: str) -> None:
+    with pytest.raises(rjet.ConfigError, match="stream name"):
+        rjet.Stream(js, bad)
+
+
+async def test_binding_a_missing_stream_fails_clearly_on_first_use(js: JetStreamContext, name: str) -> None:
+    stream = rjet.Stream(js, name)
+    with pytest.raises(rjet.StreamNotFound, match=f"stream '{name}' not found"):
+        await stream.stream()
+    with pytest.raises(rjet.StreamNotFound, match=f"stream '{name}' not found"):
+        await stream.insert("k", 1)
+    with pytest.raises(rjet.StreamNotFound):
+        await rjet.Stream(js, name, subject=f"{name}.events").insert("k", 1)
+
+
+async def test_bound_stream_derives_its_insert_subject(js: JetStreamContext, name: str) -> None:
+    await js.add_stream(name=name, subjects=[f"{name}.orders.*"])
+    stream = rjet.Stream(js, name)
+    assert await stream.insert("k", 1) == 1
+    assert stream.subject == f"{name}.orders.events"
+
+
+# ------------------------------------------------------------------ insert
+
+
+async def test_insert_returns_sequences_and_reads_back(stream: rjet.Stream) -> None:
+    assert await stream.insert("user-1", 1, b"a") == 1
+    assert await stream.insert("user 2 ü", 2) == 2
+    events = await read_all(stream)
+    assert [(e.id, e.type, e.foreign_id, e.metadata) for e in events] == [
+        ("1", 1, "user-1", b"a"),
+        ("2", 2, "user 2 ü", b""),
+    ]
+    assert events[0].timestamp <= events[1].timestamp
+    assert events[0].timestamp.tzinfo is not None
+
+
+async def test_msg_id_deduplicates_within_the_window(stream: rjet.Stream) -> None:
+    first = await stream.insert("k", 1, b"x", msg_id="order-7-created")
+    again = await stream.insert("k", 1, b"x", msg_id="order-7-created")
+    assert first == again == 1
+    assert await stream.insert("k", 1, b"x", msg_id="order-8-created") == 2
+    assert len(await read_all(stream)) == 2
+
+
+async def test_insert_many_is_in_order_and_returns_every_sequence(stream: rjet.Stream) -> None:
+    items = [(f"k{i % 7}", i % 3, str(i).encode()) for i in range(5000)]
+    seqs = await stream.insert_many(items)
+    assert seqs == list(range(1, 5001))
+    events = await read_all(stream)
+    assert [(e.foreign_id, e.type, e.metadata) for e in events] == items
+    assert await stream.insert_many([]) == []
+
+
+async def test_insert_many_checks_every_event_before_sending_any(stream: rjet.Stream) -> None:
+    with pytest.raises(rjet.InvalidEvent, match="event #2: foreign id is empty"):
+        await stream.insert_many([("a", 1, b""), ("b", 1, b""), ("", 1, b"")])
+    with pytest.raises(rjet.InvalidEvent, match=r"event #1 \(foreign id 'b'\) has \d+ bytes"):
+        await stream.insert_many([("a", 1, b""), ("b", 1, b"x" * 2_000_000)])
+    assert (await stream.info()).state.messages == 0
+
+
+async def test_insert_refuses_bad_events(stream: rjet.Stream) -> None:
+    with pytest.raises(rjet.InvalidEvent, match="more than the server's max payload"):
+        await stream.insert("k", 1, b"x" * 2_000_000)
+    with pytest.raises(rjet.InvalidEvent, match="foreign id is empty"):
+        await stream.insert("", 1)
+    with pytest.raises(rjet.InvalidEvent, match="must be bytes"):
+        await stream.insert("k", 1, "text")  # type: ignore[arg-type]
+
+
+async def test_insert_many_names_the_event_the_server_refused(js: JetStreamContext, name: str) -> None:
+    stream = await rjet.Stream.create(js, name, max_msg_size=300)
+    with pytest.raises(rjet.InsertError, match=r"insert #1 \(foreign id 'big'\) failed: .*\(1 earlier event"):
+        await stream.insert_many([("a", 1, b""), ("big", 1, b"x" * 400), ("c", 1, b"")])
+
+
+# ------------------------------------------------------------------ reading
+
+
+async def test_reads_after_the_cursor(stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 10)
+    assert [e.id for e in await read_all(stream, "7")] == ["8", "9", "10"]
+    assert await read_all(stream, "10") == []
+
+
+async def test_to_head_on_an_empty_stream_is_reached_at_once(stream: rjet.Stream) -> None:
+    async with await stream.stream(to_head=True) as client:
+        with pytest.raises(rjet.HeadReached):
+            await client.recv()
+
+
+async def test_to_head_stops_at_the_events_present_at_open(stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 3)
+    async with await stream.stream(to_head=True) as client:
+        await stream.insert_many([("k", 1, b"")] * 3)
+        got = [e.id async for e in client]
+        with pytest.raises(rjet.HeadReached, match="up to sequence 3"):
+            await client.recv()
+    assert got == ["1", "2", "3"]
+
+
+async def test_from_head_delivers_only_new_events(stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 3)
+    async with await stream.stream("1", from_head=True) as client:
+        await stream.insert("new", 5)
+        event = await asyncio.wait_for(client.recv(), 5)
+    assert (event.id, event.foreign_id) == ("4", "new")
+
+
+async def test_recv_waits_for_new_events(stream: rjet.Stream) -> None:
+    async with await stream.stream() as client:
+        later = asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(stream.insert("k", 1)))
+        event = await asyncio.wait_for(client.recv(), 5)
+        later.cancel()
+    assert event.id == "1"
+
+
+async def test_small_batches_keep_order_across_many_pulls(js: JetStreamContext, name: str) -> None:
+    read = rjet.ReadConfig(batch=7, max_buffered=20)
+    stream = await rjet.Stream.create(js, name, read=read)
+    await stream.insert_many([(str(i), 1, b"") for i in range(3000)])
+    events = await read_all(stream)
+    assert [e.id_int for e in events] == list(range(1, 3001))
+    assert [e.foreign_id for e in events] == [str(i) for i in range(3000)]
+
+
+async def test_subject_filtered_stream_with_to_head(js: JetStreamContext, name: str) -> None:
+    both = await rjet.Stream.create(js, name)
+    a = rjet.Stream(js, name, subject=f"{name}.a")
+    b = rjet.Stream(js, name, subject=f"{name}.b")
+    for i in range(10):
+        await (a if i % 3 else b).insert(f"k{i}", i)
+    await b.insert("last-b", 99)
+    only_a = rjet.Stream(js, name, filter_subjects=[f"{name}.a"])
+    got = await read_all(only_a)
+    assert [e.type for e in got] == [i for i in range(10) if i % 3]
+    assert [e.id_int for e in got] == [2, 3, 5, 6, 8, 9]
+    after = await read_all(only_a, "5")
+    assert [e.id_int for e in after] == [6, 8, 9]
+    assert len(await read_all(both)) == 11
+
+
+async def test_closed_client_raises_stopped(stream: rjet.Stream) -> None:
+    client = await stream.stream()
+    await client.close()
+    await client.close()
+    with pytest.raises(rjet.Stopped):
+        await client.recv()
+
+
+async def test_close_wakes_a_waiting_recv(stream: rjet.Stream) -> None:
+    client = await stream.stream()
+    waiting = asyncio.ensure_future(client.recv())
+    await asyncio.sleep(0.1)
+    await client.close()
+    with pytest.raises(rjet.Stopped):
+        await asyncio.wait_for(waiting, 5)
+
+
+async def test_the_consumer_is_deleted_on_close(js: JetStreamContext, stream: rjet.Stream) -> None:
+    client = await stream.stream()
+    assert (await js.stream_info(stream.name)).state.consumer_count == 1
+    await client.close()
+    assert (await js.stream_info(stream.name)).state.consumer_count == 0
+
+
+# ------------------------------------------------------------------ decoding
+
+
+async def test_messages_without_rjet_headers_decode_with_type_zero_and_subject(
+    js: JetStreamContext, stream: rjet.Stream
+) -> None:
+    await js.publish(f"{stream.name}.legacy.user-9", b"raw")
+    [event] = await read_all(stream)
+    assert (event.type, event.foreign_id, event.metadata) == (0, f"{stream.name}.legacy.user-9", b"raw")
+
+
+async def test_a_malformed_rjet_header_raises_decode_error_naming_the_sequence(
+    js: JetStreamContext, stream: rjet.Stream
+) -> None:
+    await stream.insert("ok", 1)
+    await js.publish(f"{stream.name}.events", b"", headers={"reflex_type": "one"})
+    async with await stream.stream(to_head=True) as client:
+        assert (await client.recv()).foreign_id == "ok"
+        with pytest.raises(rjet.DecodeError, match=rf"stream '{stream.name}' sequence 2: header reflex_type 'one'"):
+            await client.recv()
+
+
+# ------------------------------------------------------------------ cursors the stream cannot honour
+
+
+@pytest.mark.parametrize("bad", ["abc", "-1", "1.5", " 3", "٣"])
+async def test_a_cursor_that_is_not_a_sequence_is_refused(stream: rjet.Stream, bad: str) -> None:
+    with pytest.raises(rjet.InvalidCursor, match="is not a stream sequence"):
+        await stream.stream(bad)
+
+
+async def test_an_expired_cursor_raises_with_both_numbers(js: JetStreamContext, name: str) -> None:
+    stream = await rjet.Stream.create(js, name, max_msgs=5)
+    await stream.insert_many([("k", 1, b"")] * 10)
+    with pytest.raises(
+        rjet.CursorExpired, match=r"cursor 2 has expired: the stream's first retained sequence is 6"
+    ) as e:
+        await stream.stream("2")
+    assert (e.value.cursor, e.value.first_seq) == (2, 6)
+    assert [x.id for x in await read_all(stream, "5")] == ["6", "7", "8", "9", "10"]
+
+
+async def test_a_purged_stream_expires_older_cursors(js: JetStreamContext, stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 4)
+    await js.purge_stream(stream.name)
+    with pytest.raises(rjet.CursorExpired):
+        await stream.stream("2")
+    assert await read_all(stream, "4") == []
+
+
+async def test_a_cursor_past_the_end_raises(stream: rjet.Stream) -> None:
+    await stream.insert("k", 1)
+    with pytest.raises(rjet.CursorAhead, match="cursor 9 is past the stream's last sequence 1"):
+        await stream.stream("9")
+
+
+async def test_stream_deleted_while_reading_ends_the_client(js: JetStreamContext, stream: rjet.Stream) -> None:
+    await stream.insert("k", 1)
+    async with await stream.stream() as client:
+        await client.recv()
+        await js.delete_stream(stream.name)
+        with pytest.raises(rjet.StreamNotFound):
+            await asyncio.wait_for(client.recv(), 10)
+
+
+async def test_a_server_without_jetstream_is_reported() -> None:
+    with EmbeddedServer(jetstream=False) as srv:
+        nc = await rjet.connect(srv.url)
+        try:
+            with pytest.raises(rjet.StreamError, match="JetStream is not enabled"):
+                await rjet.Stream.create(nc.jetstream(), "s")
+            with pytest.raises(rjet.StreamNotFound, match="JetStream is not enabled"):
+                await rjet.Stream(nc.jetstream(), "s").stream()
+        finally:
+            await nc.close()
