@@ -122,6 +122,7 @@ class JetStreamCursorStore:
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._error: RjetError | None = None
+        self._failed = asyncio.Event()
         self._closed = False
         self.flushes = 0
 
@@ -258,9 +259,14 @@ class JetStreamCursorStore:
                 except RjetError as e:
                     log.error("cursor bucket %r: background flush failed: %s", self.bucket, e)
                     self._error = self._error or e
+                    self._failed.set()
                     return
         finally:
             self._flusher = None
+
+    async def wait_failed(self) -> None:
+        """Return once a background flush has failed; ``run`` uses it to stop at once, not at the next event."""
+        await self._failed.wait()
 
     def _check(self) -> None:
         if self._closed:
@@ -269,6 +275,7 @@ class JetStreamCursorStore:
         if err is not None:
             if not isinstance(err, CursorConflict):  # a conflict is final; other errors are reported once
                 self._error = None
+                self._failed.clear()
             raise err
 
     def _store_error(self, what: str, err: BaseException) -> CursorStoreError:

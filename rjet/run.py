@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable
 from datetime import timedelta
 from typing import NoReturn, Protocol
 
@@ -100,6 +101,11 @@ async def _run(spec: Spec, progress: _Progress) -> NoReturn:
         parse_cursor(cursor, f"consumer {name!r}")
         lag = spec.lag.total_seconds() if isinstance(spec.lag, timedelta) else (spec.lag or 0.0)
         client = await spec.stream_func(cursor, from_head=spec.from_head, to_head=spec.to_head)
+        # A store that fails in the background (fenced by another runner, bucket gone) stops the run
+        # now, not when the next event arrives: closing the client ends recv(), and the flush below
+        # raises the store's error.
+        wait_failed = getattr(store, "wait_failed", None)
+        guard = asyncio.create_task(_close_when(wait_failed(), client)) if wait_failed else None
         try:
             consume = spec.consumer.consume
             set_cursor = store.set_cursor
@@ -120,9 +126,16 @@ async def _run(spec: Spec, progress: _Progress) -> NoReturn:
                 await set_cursor(name, event.id)
                 progress.handled += 1
         finally:
+            if guard is not None:
+                guard.cancel()
             await client.close()
     finally:
         await store.flush()
+
+
+async def _close_when(failed: Awaitable[None], client: StreamClientLike) -> None:
+    await failed
+    await client.close()
 
 
 async def run_forever(spec: Spec, *, retry_delay: float = 0.1, max_backoff: float = 60.0) -> None:
@@ -151,7 +164,7 @@ async def run_forever(spec: Spec, *, retry_delay: float = 0.1, max_backoff: floa
                 log.info("consumer %r: %s; running again", name, e)
                 delay = retry_delay
             else:
-                backoff = 1.0 if progress.handled or not backoff else min(backoff * 2, max_backoff)
+                backoff = min(1.0, max_backoff) if progress.handled or not backoff else min(backoff * 2, max_backoff)
                 delay = backoff
                 log.error("consumer %r failed; running again in %.1fs", name, delay, exc_info=e)
         await asyncio.sleep(delay)

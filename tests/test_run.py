@@ -1,0 +1,238 @@
+"""run and run_forever: reflex's loop. Order, cursors, failures, filters, fate, lag, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import pytest
+from nats.js import JetStreamContext
+
+import rjet
+
+
+async def run_to_head(spec: rjet.Spec) -> None:
+    with pytest.raises(rjet.HeadReached):
+        await rjet.run(spec)
+
+
+def recorder() -> tuple[list[rjet.Event], rjet.Handler]:
+    seen: list[rjet.Event] = []
+
+    def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        fate.tempt()
+        seen.append(event)
+
+    return seen, fn
+
+
+async def test_handles_every_event_in_order_and_advances_the_cursor(stream: rjet.Stream) -> None:
+    await stream.insert_many([(f"k{i}", 1, b"") for i in range(100)])
+    store = rjet.MemCursorStore()
+    seen, fn = recorder()
+    await run_to_head(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn), to_head=True))
+    assert [e.id_int for e in seen] == list(range(1, 101))
+    assert store.cursors == {"c": "100"}
+
+
+async def test_resumes_after_the_stored_cursor(stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 10)
+    store = rjet.MemCursorStore({"c": "6"})
+    seen, fn = recorder()
+    await run_to_head(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn), to_head=True))
+    assert [e.id for e in seen] == ["7", "8", "9", "10"]
+
+
+async def test_async_handlers_are_awaited(stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 5)
+    seen: list[str] = []
+
+    async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        await asyncio.sleep(0)
+        seen.append(event.id)
+
+    await run_to_head(rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", fn), to_head=True))
+    assert seen == ["1", "2", "3", "4", "5"]
+
+
+async def test_a_failing_handler_stops_run_and_the_cursor_stays_before_the_event(stream: rjet.Stream) -> None:
+    await stream.insert_many([(f"k{i}", i, b"") for i in range(1, 6)])
+    store = rjet.MemCursorStore()
+    attempts: Counter[str] = Counter()
+
+    def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        attempts[event.id] += 1
+        if event.id == "3" and attempts["3"] == 1:
+            raise KeyError("boom")
+
+    spec = rjet.Spec(stream.stream, store, rjet.Consumer("c", fn), to_head=True)
+    with pytest.raises(KeyError, match="boom") as e:
+        await rjet.run(spec)
+    assert store.cursors == {"c": "2"}
+    assert any("failed on event 3 (type 3, foreign id 'k3')" in note for note in e.value.__notes__)
+    await run_to_head(spec)
+    assert attempts == {"1": 1, "2": 1, "3": 2, "4": 1, "5": 1}
+    assert store.cursors == {"c": "5"}
+
+
+async def test_type_and_event_filters_skip_the_handler_but_advance_the_cursor(stream: rjet.Stream) -> None:
+    await stream.insert_many([(f"k{i}", i % 3, b"") for i in range(30)])
+    store = rjet.MemCursorStore()
+    seen, fn = recorder()
+    consumer = rjet.Consumer("c", fn, types=[1, 2], filter=lambda e: e.foreign_id != "k4")
+    await run_to_head(rjet.Spec(stream.stream, store, consumer, to_head=True))
+    assert [e.foreign_id for e in seen] == [f"k{i}" for i in range(30) if i % 3 and i != 4]
+    assert store.cursors == {"c": "30"}
+
+
+async def test_key_filter_sees_only_foreign_ids(stream: rjet.Stream) -> None:
+    await stream.insert_many([(f"k{i % 4}", 1, b"") for i in range(20)])
+    seen, fn = recorder()
+    keys: list[str] = []
+
+    def key_filter(fid: str) -> bool:
+        keys.append(fid)
+        return fid == "k1"
+
+    store = rjet.MemCursorStore()
+    await run_to_head(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn, key_filter=key_filter), to_head=True))
+    assert [e.id_int for e in seen] == [2, 6, 10, 14, 18]
+    assert len(keys) == 20
+    assert store.cursors == {"c": "20"}
+
+
+async def test_always_tempted_fate_stops_run_without_moving_the_cursor(stream: rjet.Stream) -> None:
+    await stream.insert("k", 1)
+    store = rjet.MemCursorStore()
+    seen, fn = recorder()
+    with pytest.raises(rjet.Tempted) as e:
+        await rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn, fate=rjet.ALWAYS)))
+    assert rjet.is_expected(e.value)
+    assert seen == []
+    assert store.cursors == {}
+
+
+async def test_random_fate_over_a_full_run_forever(stream: rjet.Stream) -> None:
+    n, p = 400, 0.05
+    await stream.insert_many([(f"k{i}", 1, b"") for i in range(n)])
+    fate = rjet.RandomFate(p, seed=7)
+    seen, fn = recorder()
+    store = rjet.MemCursorStore()
+    spec = rjet.Spec(stream.stream, store, rjet.Consumer("c", fn, fate=fate), to_head=True)
+    await asyncio.wait_for(rjet.run_forever(spec, retry_delay=0.001), 60)
+    assert [e.id_int for e in seen] == list(range(1, n + 1))  # each succeeded once, in order
+    assert fate.calls == n + fate.tempted
+    # Each event needs a geometric number of tries: expected repeats n * p / (1 - p) = 21, sd ~4.7.
+    assert 5 <= fate.tempted <= 45
+    assert store.cursors == {"c": str(n)}
+
+
+async def test_lag_delays_events_until_they_are_old_enough(stream: rjet.Stream) -> None:
+    await stream.insert("k", 1)
+    handled_at: list[float] = []
+    spec = rjet.Spec(
+        stream.stream,
+        rjet.MemCursorStore(),
+        rjet.Consumer("c", lambda fate, e: handled_at.append(time.time() - e.timestamp.timestamp())),
+        to_head=True,
+        lag=0.5,
+    )
+    await run_to_head(spec)
+    assert handled_at[0] >= 0.49
+
+
+async def test_from_head_ignores_the_cursor(stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 5)
+    seen, fn = recorder()
+    spec = rjet.Spec(stream.stream, rjet.MemCursorStore({"c": "1"}), rjet.Consumer("c", fn), from_head=True)
+    task = asyncio.create_task(rjet.run(spec))
+    await asyncio.sleep(0.3)
+    await stream.insert("new", 1)
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [e.foreign_id for e in seen] == ["new"]
+
+
+async def test_run_flushes_the_cursor_store_on_the_way_out(js: JetStreamContext, stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 50)
+    async with await rjet.JetStreamCursorStore.create(js, stream.name, flush_interval=3600) as store:
+        await run_to_head(rjet.Spec(stream.stream, store, rjet.Consumer("c", lambda f, e: None), to_head=True))
+        assert await store.peek("c") == "50"
+
+
+async def test_cancelling_run_forever_flushes_and_stops(js: JetStreamContext, stream: rjet.Stream) -> None:
+    async with await rjet.JetStreamCursorStore.create(js, stream.name, flush_interval=3600) as store:
+        seen, fn = recorder()
+        task = asyncio.create_task(rjet.run_forever(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn))))
+        await stream.insert_many([("k", 1, b"")] * 20)
+        for _ in range(100):
+            if len(seen) == 20:
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await store.peek("c") == "20"
+
+
+async def test_run_forever_retries_a_failing_handler_until_it_succeeds(stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 3)
+    tries: Counter[str] = Counter()
+
+    def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        tries[event.id] += 1
+        if event.id == "2" and tries["2"] < 3:
+            raise RuntimeError("flaky downstream")
+
+    spec = rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", fn), to_head=True)
+    await asyncio.wait_for(rjet.run_forever(spec, retry_delay=0.01, max_backoff=0.05), 30)
+    assert tries == {"1": 1, "2": 3, "3": 1}
+
+
+async def test_run_forever_gives_up_when_another_runner_holds_the_cursor(
+    js: JetStreamContext, stream: rjet.Stream
+) -> None:
+    async with (
+        await rjet.JetStreamCursorStore.create(js, stream.name, flush_interval=0.05) as first,
+        await rjet.JetStreamCursorStore.create(js, stream.name, flush_interval=0.05) as second,
+    ):
+        one = asyncio.create_task(
+            rjet.run_forever(rjet.Spec(stream.stream, first, rjet.Consumer("c", lambda f, e: None)))
+        )
+        await stream.insert("k", 1)
+        await asyncio.sleep(0.3)
+        two = asyncio.create_task(
+            rjet.run_forever(rjet.Spec(stream.stream, second, rjet.Consumer("c", lambda f, e: None)))
+        )
+        await asyncio.sleep(0.3)
+        await stream.insert("k", 1)
+        with pytest.raises(rjet.CursorConflict, match="two runners share this consumer name"):
+            await asyncio.wait_for(one, 10)
+        assert not two.done()
+        two.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await two
+        assert await second.peek("c") == "2"
+
+
+async def test_a_stored_cursor_that_is_not_a_sequence_names_the_consumer(stream: rjet.Stream) -> None:
+    spec = rjet.Spec(stream.stream, rjet.MemCursorStore({"c": "oops"}), rjet.Consumer("c", lambda f, e: None))
+    with pytest.raises(rjet.InvalidCursor, match="consumer 'c': cursor 'oops' is not a stream sequence"):
+        await rjet.run(spec)
+    with pytest.raises(rjet.InvalidCursor):
+        await rjet.run_forever(spec)
+
+
+def test_spec_and_consumer_validate_their_arguments(stream: rjet.Stream) -> None:
+    with pytest.raises(rjet.ConfigError, match="consumer name"):
+        rjet.Consumer("", lambda f, e: None)
+    with pytest.raises(rjet.ConfigError, match="not callable"):
+        rjet.Consumer("c", "nope")  # type: ignore[arg-type]
+    with pytest.raises(rjet.ConfigError, match="lag"):
+        rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", lambda f, e: None), lag=-1)
