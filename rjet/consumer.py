@@ -71,6 +71,14 @@ class Consumer:
         """Handle ``event`` unless it is filtered out; returns whether the handler ran."""
         if self._filtered and not self.wants(event):
             return False
+        return await self._consume_wanted_key(event)
+
+    async def _consume_wanted_key(self, event: Event) -> bool:
+        # For readers that applied key_filter already.
+        if (self.types is not None and event.type not in self.types) or (
+            self.filter is not None and not self.filter(event)
+        ):
+            return False
         if self._async:
             await self.fn(self.fate, event)  # type: ignore[misc]
         else:

@@ -6,10 +6,11 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import NoReturn, Protocol
 
+from rjet._reader import StreamClient
 from rjet.consumer import Consumer
 from rjet.cursors import CursorStore
 from rjet.errors import (
@@ -107,10 +108,22 @@ async def _run(spec: Spec, progress: _Progress) -> NoReturn:
         wait_failed = getattr(store, "wait_failed", None)
         guard = asyncio.create_task(_close_when(wait_failed(), client)) if wait_failed else None
         try:
-            consume = spec.consumer.consume
+            consumer = spec.consumer
+            consume = consumer.consume
             set_cursor = store.set_cursor
+            recv: Callable[[], Awaitable[Event | int]] = client.recv
+            if isinstance(client, StreamClient):
+                recv = client._next  # one coroutine less per event; returns ints only with a key filter
+                if consumer.key_filter is not None:
+                    # The reader skips other keys before decoding them and reports how far it skipped.
+                    client._set_key_filter(consumer.key_filter)
+                    consume = consumer._consume_wanted_key
             while True:
-                event = await client.recv()
+                event = await recv()
+                if type(event) is int:
+                    await set_cursor(name, str(event))
+                    continue
+                assert isinstance(event, Event)
                 if lag:
                     wait = event.timestamp.timestamp() + lag - time.time()
                     if wait > 0:

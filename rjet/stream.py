@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["ReadConfig", "Stream", "parse_cursor"]
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
-_EXPECTED_STREAM: Final = "Nats-Expected-Stream"
 _DEFAULT_DUPLICATE_WINDOW: Final = 120.0
 _INSERT_WINDOW: Final = 4096  # publishes in flight at once in insert_many
 
@@ -186,7 +185,6 @@ class Stream:
         same ``msg_id`` again stores nothing and returns the first insert's sequence.
         """
         headers = encode_headers(foreign_id, type, msg_id)
-        headers[_EXPECTED_STREAM] = self.name
         data = _as_bytes(data)
         subject = await self._insert_subject()
         try:
@@ -220,7 +218,6 @@ class Stream:
                 headers = encode_headers(fid, typ)
             except InvalidEvent as e:
                 raise InvalidEvent(f"stream {self.name!r}: event #{i}: {e}") from None
-            headers[_EXPECTED_STREAM] = self.name
             if len(data) + 200 > max_payload:
                 raise self._too_large(i, fid, data)
             prepared.append(headers)
@@ -275,8 +272,6 @@ class Stream:
         err = resp.get("error")
         if err:
             detail = f"{err.get('description', 'error')} (code {err.get('err_code', err.get('code'))})"
-            if err.get("err_code") == 10060:  # expected stream name does not match
-                raise StreamNotFound(self.name, f"subject is captured by another stream: {detail}")
             raise InsertError(self.name, index, foreign_id, detail, stored=stored)
         return int(resp["seq"])
 

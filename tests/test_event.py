@@ -29,7 +29,8 @@ def test_foreign_id_round_trips_through_its_header_value(fid: str) -> None:
     value = encode_foreign_id(fid)
     assert value.isascii()
     assert value == value.strip()
-    assert "\r" not in value and "\n" not in value
+    assert "\r" not in value
+    assert "\n" not in value
     assert decode_foreign_id(value, "s", 1) == fid
 
 
@@ -73,16 +74,17 @@ def test_timestamps_are_utc_with_microsecond_precision() -> None:
 def test_event_helpers() -> None:
     e = rjet.Event("12", 2, "34", datetime.now(UTC), b"")
     assert (e.id_int, e.foreign_id_int) == (12, 34)
-    assert e.is_type(1, 2) and not e.is_type(3)
+    assert e.is_type(1, 2)
+    assert not e.is_type(3)
     with pytest.raises(AttributeError):
         e.id = "13"  # type: ignore[misc]
 
 
 def test_both_reply_subject_forms_are_parsed() -> None:
-    v1 = "$JS.ACK.orders.C1.1.42.7.1700000000000000000.3"
-    v2 = "$JS.ACK.hub.ACCHASH.orders.C1.1.42.7.1700000000000000000.3.rand"
-    v2_short = "$JS.ACK._.ACCHASH.orders.C1.1.42.7.1700000000000000000.3"
+    v1 = b"$JS.ACK.orders.C1.1.42.7.1700000000000000000.3"
+    v2 = b"$JS.ACK.hub.ACCHASH.orders.C1.1.42.7.1700000000000000000.3.rand"
+    v2_short = b"$JS.ACK._.ACCHASH.orders.C1.1.42.7.1700000000000000000.3"
     for reply in (v1, v2, v2_short):
-        assert parse_ack(reply) == ("C1", 42, 7, 1_700_000_000_000_000_000, 3)
-    for bad in ("_INBOX.x", "$JS.ACK.a.b.c", "$JS.ACK.orders.C1.1.x.7.1.3", "$JS.NAK.orders.C1.1.42.7.1.3"):
+        assert parse_ack(reply) == (b"C1", 42, 7, 1_700_000_000_000_000_000, 3)
+    for bad in (b"_INBOX.x", b"$JS.ACK.a.b.c", b"$JS.ACK.orders.C1.1.x.7.1.3", b"$JS.NAK.orders.C1.1.42.7.1.3"):
         assert parse_ack(bad) is None
