@@ -14,6 +14,7 @@ Messages that others published without these headers still decode: type 0, forei
 from __future__ import annotations
 
 import dataclasses
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Final
 from urllib.parse import quote, unquote_to_bytes
@@ -32,7 +33,10 @@ MSG_ID_HEADER: Final = "Nats-Msg-Id"
 """JetStream's de-duplication header, set by ``insert(..., msg_id=...)``."""
 
 # Everything printable in ASCII except '%' (the escape) and ' ' (NATS strips blanks at the ends).
+_TYPE_B: Final = TYPE_HEADER.encode()
+_FOREIGN_ID_B: Final = FOREIGN_ID_HEADER.encode()
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_PLAIN: Final = re.compile(r"[!-$&-~]+")  # printable ASCII but '%' and ' ': stored as it is
 _SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 
 
@@ -70,6 +74,8 @@ class Event:
 
 def encode_foreign_id(foreign_id: str) -> str:
     """The header value for ``foreign_id``; raises :class:`InvalidEvent` for an unusable one."""
+    if type(foreign_id) is str and _PLAIN.fullmatch(foreign_id):
+        return foreign_id
     if not isinstance(foreign_id, str):
         raise InvalidEvent(f"foreign id must be a str, not {type(foreign_id).__name__}: {foreign_id!r}")
     if not foreign_id:
@@ -102,6 +108,18 @@ def encode_headers(foreign_id: str, type: int, msg_id: str | None = None) -> dic
             raise InvalidEvent(f"msg_id {msg_id!r} must be non-empty text on one line")
         headers[MSG_ID_HEADER] = msg_id
     return headers
+
+
+def encode_header_block(foreign_id: str, type: int) -> bytes:
+    """The raw NATS header block for an event, as :func:`encode_headers` lays it out."""
+    if isinstance(type, bool) or not isinstance(type, int):
+        raise InvalidEvent(f"event type must be an int, not {type!r}")
+    return b"NATS/1.0\r\n%s: %d\r\n%s: %s\r\n\r\n" % (
+        _TYPE_B,
+        type,
+        _FOREIGN_ID_B,
+        encode_foreign_id(foreign_id).encode(),
+    )
 
 
 def decode_type(value: str | None, stream: str, seq: int) -> int:

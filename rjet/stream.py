@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -21,6 +19,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from rjet._publish import Outgoing, ack_error, ack_seq, publish_many
 from rjet._reader import ReadConfig, StreamClient
 from rjet.errors import (
     ConfigError,
@@ -31,11 +30,11 @@ from rjet.errors import (
     StreamError,
     StreamNotFound,
 )
-from rjet.event import encode_headers
+from rjet.event import encode_header_block, encode_headers
+from rjet.partitions import DEFAULT_PARTITIONS, METADATA_KEY, Partitions
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
-    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
 __all__ = ["ReadConfig", "Stream", "parse_cursor"]
@@ -83,6 +82,8 @@ class Stream:
         self._subject = subject
         self.filter_subjects: tuple[str, ...] = tuple(filter_subjects or ())
         self.read = read or ReadConfig()
+        self._bound = False
+        self._partitions: Partitions | None = None
 
     @classmethod
     async def create(
@@ -94,19 +95,29 @@ class Stream:
         subject: str | None = None,
         filter_subjects: Sequence[str] | None = None,
         read: ReadConfig | None = None,
+        partitions: int | None = None,
         **overrides: Any,
     ) -> Stream:
         """Create the stream with rjet's defaults, or bind it when it exists with a compatible config.
 
         Defaults: subjects ``[name + ".>"]``, limits retention, file storage, a 2-minute duplicate
         window. ``overrides`` are :class:`nats.js.api.StreamConfig` fields (``max_age``,
-        ``num_replicas``, ...). An existing stream whose subjects or overridden fields differ raises
-        :class:`StreamConfigMismatch` naming each difference.
+        ``num_replicas``, ...). An existing stream whose subjects, partitions or overridden fields
+        differ raises :class:`StreamConfigMismatch` naming each difference.
+
+        ``partitions=P`` makes a partitioned stream (see :mod:`rjet.partitions`): each event is stored
+        on a subject that carries its partition, so :mod:`rjet.parallel` workers read only their own
+        events (server-side filtering). ``partitions=True`` picks :data:`DEFAULT_PARTITIONS` (720).
         """
         stream = cls(js, name, subject=subject, filter_subjects=filter_subjects, read=read)
         subjects = list(subjects) if subjects is not None else [f"{name}.>"]
         if isinstance(subjects, str) or not subjects:
             raise ConfigError("subjects is a non-empty list of subjects")
+        if partitions is True:
+            partitions = DEFAULT_PARTITIONS
+        layout = Partitions(partitions) if partitions else None
+        if layout is not None:
+            overrides["metadata"] = {**overrides.get("metadata", {}), METADATA_KEY: str(layout.count)}
         wanted: dict[str, Any] = {
             "subjects": subjects,
             "retention": api.RetentionPolicy.LIMITS,
@@ -129,19 +140,23 @@ class Stream:
                     raise StreamError(f"stream {name!r}: cannot create: {e.description}", stream=name) from e
                 info = await js.stream_info(name)
             else:
-                stream._bind_subject(info.config.subjects or [])
+                stream._bind(info)
                 return stream
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             raise StreamError(
                 f"stream {name!r}: JetStream is not enabled on the server (start nats-server with -js)",
                 stream=name,
             ) from None
-        diffs = _config_differences(info.config, config, ["subjects", "retention", "storage", *overrides])
+        fields = ["subjects", "retention", "storage", *(k for k in overrides if k != "metadata")]
+        diffs = _config_differences(info.config, config, fields)
+        have = _partitions_of(info)
+        if have != layout:
+            diffs.append(f"partitions are {have.count if have else None}, not {layout.count if layout else None}")
         if diffs:
             raise StreamConfigMismatch(
                 f"stream {name!r} exists with a different config: " + "; ".join(diffs), stream=name
             )
-        stream._bind_subject(info.config.subjects or [])
+        stream._bind(info)
         return stream
 
     @property
@@ -154,13 +169,47 @@ class Stream:
             )
         return self._subject
 
-    def _bind_subject(self, subjects: Sequence[str]) -> None:
+    @property
+    def partitions(self) -> Partitions | None:
+        """The stream's partition layout (None when it is not partitioned); known once bound."""
+        return self._partitions
+
+    def _bind(self, info: api.StreamInfo) -> None:
+        self._partitions = _partitions_of(info)
+        self._bound = True
         if self._subject is not None:
             return
+        subjects = info.config.subjects or []
         if not subjects:
             raise ConfigError(f"stream {self.name!r} has no subjects; pass subject=... to insert into it")
         tokens = ["events" if t in ("*", ">") else t for t in subjects[0].split(".")]
+        if self._partitions is not None and tokens[-1] == "events" and subjects[0].endswith(">"):
+            tokens = [*tokens[:-1], "p"]  # <name>.p.<digits>: partition subjects under the stream's '>'
         self._subject = ".".join(tokens)
+
+    async def shard(self, m: int, n: int) -> Stream | None:
+        """A view of this stream that reads only shard ``m`` of ``n``'s events, filtered by the server.
+
+        None when the stream is not partitioned or ``n`` does not divide its partition count (read
+        everything and filter by key then). Every event of a partitioned stream stored by rjet is in
+        exactly one shard's view.
+        """
+        if not self._bound:
+            await self.info()
+        layout = self._partitions
+        if layout is None or not layout.divides(n):
+            return None
+        if n == 1:
+            return Stream(self.js, self.name, subject=self._subject, read=self.read)
+        view = Stream(
+            self.js,
+            self.name,
+            subject=self._subject,
+            filter_subjects=[layout.filter_subject(self.subject, m, n)],
+            read=self.read,
+        )
+        view._bound, view._partitions = True, layout
+        return view
 
     async def info(self) -> api.StreamInfo:
         """The stream's current info (config and state); :class:`StreamNotFound` when it is gone."""
@@ -170,11 +219,11 @@ class Stream:
             raise StreamNotFound(self.name) from None
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             raise StreamNotFound(self.name, "JetStream is not enabled on the server") from None
-        self._bind_subject(info.config.subjects or [])
+        self._bind(info)
         return info
 
     async def _insert_subject(self) -> str:
-        if self._subject is None:
+        if not self._bound:
             await self.info()
         return self.subject
 
@@ -187,6 +236,8 @@ class Stream:
         headers = encode_headers(foreign_id, type, msg_id)
         data = _as_bytes(data)
         subject = await self._insert_subject()
+        if self._partitions is not None:
+            subject = self._partitions.subject(subject, foreign_id)
         try:
             msg = await self._nc.request(subject, data, timeout=self.js._timeout, headers=headers)
         except nats.errors.MaxPayloadError:
@@ -210,20 +261,26 @@ class Stream:
         events before it are stored.
         """
         items = [(fid, typ, _as_bytes(data)) for fid, typ, data in events]
-        subject = await self._insert_subject()
-        max_payload = self._nc.max_payload
-        prepared = []
+        prefix = await self._insert_subject()
+        layout = self._partitions
+        limit = self._nc.max_payload
+        outgoing: list[Outgoing] = []
         for i, (fid, typ, data) in enumerate(items):
             try:
-                headers = encode_headers(fid, typ)
+                hdr = encode_header_block(fid, typ)
             except InvalidEvent as e:
                 raise InvalidEvent(f"stream {self.name!r}: event #{i}: {e}") from None
-            if len(data) + 200 > max_payload:
+            if len(hdr) + len(data) > limit:
                 raise self._too_large(i, fid, data)
-            prepared.append(headers)
+            outgoing.append((layout.subject(prefix, fid) if layout else prefix, hdr, data))
         if not items:
             return []
-        return await _Pipeline(self, subject, timeout or self.js._timeout).run(items, prepared)
+        try:
+            return await publish_many(
+                self._nc, self.name, outgoing, [fid for fid, _, _ in items], timeout or self.js._timeout
+            )
+        except nats.errors.ConnectionClosedError:
+            raise InsertError(self.name, 0, items[0][0], "the NATS connection is closed") from None
 
     async def stream(self, after: str = "", *, from_head: bool = False, to_head: bool = False) -> StreamClient:
         """Open a stream client that delivers events with sequence > ``after`` in stream order.
@@ -265,71 +322,10 @@ class Stream:
         )
 
     def _ack_seq(self, data: bytes, index: int, foreign_id: str, stored: int) -> int:
-        try:
-            resp = json.loads(data)
-        except ValueError:
-            raise InsertError(self.name, index, foreign_id, f"unreadable ack {data!r}", stored=stored) from None
-        err = resp.get("error")
-        if err:
-            detail = f"{err.get('description', 'error')} (code {err.get('err_code', err.get('code'))})"
-            raise InsertError(self.name, index, foreign_id, detail, stored=stored)
-        return int(resp["seq"])
-
-
-class _Pipeline:
-    """Publishes a batch with per-message reply subjects and matches acks back, in a bounded window."""
-
-    def __init__(self, stream: Stream, subject: str, timeout: float) -> None:
-        self.stream = stream
-        self.subject = subject
-        self.timeout = timeout
-        self.acks: dict[int, bytes] = {}
-        self.expected = 0
-        self.changed = asyncio.Event()
-
-    async def _on_ack(self, msg: Msg) -> None:
-        self.acks[int(msg.subject.rpartition(".")[2])] = msg.data
-        if len(self.acks) >= self.expected:
-            self.changed.set()
-
-    async def run(self, items: list[tuple[str, int, bytes]], headers: list[dict[str, str]]) -> list[int]:
-        nc = self.stream._nc
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox + ".*", cb=self._on_ack)
-        try:
-            for start in range(0, len(items), _INSERT_WINDOW):
-                end = min(start + _INSERT_WINDOW, len(items))
-                self.expected = end
-                self.changed.clear()
-                for i in range(start, end):
-                    try:
-                        await nc.publish(self.subject, items[i][2], reply=f"{inbox}.{i}", headers=headers[i])
-                    except nats.errors.MaxPayloadError:
-                        raise self.stream._too_large(i, items[i][0], items[i][2]) from None
-                try:
-                    await asyncio.wait_for(self.changed.wait(), self.timeout)
-                except TimeoutError:
-                    first_missing = next(i for i in range(end) if i not in self.acks)
-                    self._check(items, first_missing)
-                    raise InsertError(
-                        self.stream.name,
-                        first_missing,
-                        items[first_missing][0],
-                        f"no acknowledgement within {self.timeout}s: it may or may not be stored",
-                        stored=first_missing,
-                    ) from None
-            return self._check(items, len(items))
-        finally:
-            await sub.unsubscribe()
-
-    def _check(self, items: list[tuple[str, int, bytes]], upto: int) -> list[int]:
-        seqs = []
-        for i in range(upto):
-            data = self.acks[i]
-            if not data:  # a 503 "no responders" status has no body
-                raise self.stream._no_stream(self.subject)
-            seqs.append(self.stream._ack_seq(data, i, items[i][0], stored=i))
-        return seqs
+        seq = ack_seq(data)
+        if seq is None:
+            raise ack_error(data, self.name, index, foreign_id, stored=stored)
+        return seq
 
 
 def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
@@ -338,6 +334,19 @@ def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
     if isinstance(data, bytearray | memoryview):
         return bytes(data)
     raise InvalidEvent(f"event data must be bytes, not {type(data).__name__}")
+
+
+def _partitions_of(info: api.StreamInfo) -> Partitions | None:
+    raw = (info.config.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        return Partitions(int(raw))
+    except (ValueError, ConfigError):
+        raise StreamConfigMismatch(
+            f"stream {info.config.name!r}: metadata {METADATA_KEY}={raw!r} is not a partition count",
+            stream=info.config.name or "",
+        ) from None
 
 
 def _config_differences(have: api.StreamConfig, want: api.StreamConfig, fields: Iterable[str]) -> list[str]:
