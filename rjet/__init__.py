@@ -17,6 +17,7 @@ from rjet._connect import connect
 from rjet._reader import ReadConfig, StreamClient
 from rjet.consumer import Consumer, Handler
 from rjet.cursors import CursorStore, JetStreamCursorStore, MemCursorStore
+from rjet.deadletter import DeadLetter, DeadLetterRecord, DeadLetterStream
 from rjet.errors import (
     ConfigError,
     ConnectError,
@@ -41,6 +42,7 @@ from rjet.errors import (
 )
 from rjet.event import Event
 from rjet.fate import ALWAYS, NEVER, Fate, FixedFate, RandomFate
+from rjet.partitions import Partitions
 from rjet.run import Spec, StreamFunc, run, run_forever
 from rjet.stream import Stream
 
@@ -57,6 +59,9 @@ __all__ = [
     "CursorExpired",
     "CursorStore",
     "CursorStoreError",
+    "DeadLetter",
+    "DeadLetterRecord",
+    "DeadLetterStream",
     "DecodeError",
     "Event",
     "Fate",
@@ -68,6 +73,7 @@ __all__ = [
     "InvalidEvent",
     "JetStreamCursorStore",
     "MemCursorStore",
+    "Partitions",
     "RandomFate",
     "ReadConfig",
     "RjetError",

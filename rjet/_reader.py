@@ -39,6 +39,7 @@ from rjet.errors import (
     ConsumerLost,
     CursorAhead,
     CursorExpired,
+    DecodeError,
     HeadReached,
     RjetError,
     Stopped,
@@ -223,47 +224,51 @@ class StreamClient:
         """The next event whose foreign ID passes the key filter; or, before it would wait (and every
         1024 skips), the sequence of the last event the key filter passed over, so the caller's
         cursor can move past other shards' events."""
-        key_filter = self._key_filter
-        buf = self._buf
-        while True:
-            skipped = 0
-            while buf:
-                sseq, ts, subject, hdr, data = buf[0]
-                if self._to_head and sseq > self._head:
-                    break
-                buf.popleft()
-                if key_filter is not None:
-                    fid = self._foreign_id(subject, hdr, sseq)
-                    if not key_filter(fid):
-                        self._skipped = sseq
-                        skipped += 1
-                        if skipped >= 1024:
-                            break
-                        continue
-                else:
-                    fid = None
-                self._skipped = 0
+        try:
+            key_filter = self._key_filter
+            buf = self._buf
+            while True:
+                skipped = 0
+                while buf:
+                    sseq, ts, subject, hdr, data = buf[0]
+                    if self._to_head and sseq > self._head:
+                        break
+                    buf.popleft()
+                    if key_filter is not None:
+                        fid = self._foreign_id(subject, hdr, sseq)
+                        if not key_filter(fid):
+                            self._skipped = sseq
+                            skipped += 1
+                            if skipped >= 1024:
+                                break
+                            continue
+                    else:
+                        fid = None
+                    self._skipped = 0
+                    if self._pending <= self._low:
+                        await self._pull()
+                    return self._decode(sseq, ts, subject, hdr, data, fid)
                 if self._pending <= self._low:
                     await self._pull()
-                return self._decode(sseq, ts, subject, hdr, data, fid)
-            if self._pending <= self._low:
-                await self._pull()
-            if self._skipped:
-                sseq, self._skipped = self._skipped, 0
-                return sseq
-            if buf:
-                raise HeadReached(self.stream, self._head)
-            if self._error is not None:
-                raise self._error
-            if self._closed:
-                raise Stopped(f"stream {self.stream!r}: the stream client is closed")
-            if self._to_head and (self._caught_up or self._last >= self._head):
-                raise HeadReached(self.stream, self._head)
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+                if self._skipped:
+                    sseq, self._skipped = self._skipped, 0
+                    return sseq
+                if buf:
+                    raise HeadReached(self.stream, self._head)
+                if self._error is not None:
+                    raise self._error
+                if self._closed:
+                    raise Stopped(f"stream {self.stream!r}: the stream client is closed")
+                if self._to_head and (self._caught_up or self._last >= self._head):
+                    raise HeadReached(self.stream, self._head)
+                self._waiter = self._loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        except DecodeError:
+            self._skipped = 0  # the caller moves its cursor to the bad event, or stops
+            raise
 
     def _on_frame(self, subject: bytes, reply: bytes, hdr: bytes | None, data: bytes) -> None:
         if not reply:

@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeAlias
 
+from rjet.deadletter import DeadLetter
 from rjet.errors import ConfigError
 from rjet.event import Event
 from rjet.fate import NEVER, Fate
@@ -24,6 +25,8 @@ class Consumer:
     - ``key_filter``: ``key_filter(foreign_id) -> bool``; like ``filter`` on the foreign ID alone, so
       a reader may apply it before decoding the rest of the event (sharding uses it).
     - ``fate``: what ``fn`` receives to inject errors on purpose (default :data:`rjet.fate.NEVER`).
+    - ``dead_letter``: a :class:`rjet.DeadLetter` policy: after that many failed attempts an event
+      is recorded and skipped instead of blocking the consumer (off by default: retry forever).
 
     ::
 
@@ -34,7 +37,7 @@ class Consumer:
         consumer = Consumer("billing", fn, types=[1, 2])
     """
 
-    __slots__ = ("_async", "_filtered", "fate", "filter", "fn", "key_filter", "name", "types")
+    __slots__ = ("_async", "_filtered", "dead_letter", "fate", "filter", "fn", "key_filter", "name", "types")
 
     def __init__(
         self,
@@ -45,6 +48,7 @@ class Consumer:
         filter: Callable[[Event], bool] | None = None,
         key_filter: Callable[[str], bool] | None = None,
         fate: Fate = NEVER,
+        dead_letter: DeadLetter | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"consumer name must be a non-empty str, not {name!r}")
@@ -56,6 +60,9 @@ class Consumer:
         self.filter = filter
         self.key_filter = key_filter
         self.fate = fate
+        if dead_letter is not None and not isinstance(dead_letter, DeadLetter):
+            raise ConfigError(f"consumer {name!r}: dead_letter must be an rjet.DeadLetter, not {dead_letter!r}")
+        self.dead_letter = dead_letter
         self._filtered = types is not None or filter is not None or key_filter is not None
         self._async = inspect.iscoroutinefunction(fn)
 

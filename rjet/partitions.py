@@ -106,7 +106,7 @@ class Partitions:
             )
         if not 0 <= m < n:
             raise ConfigError(f"shard {m} is not one of 0..{n - 1}")
-        tokens = []
+        tokens: list[str] = []
         for q, e in self._radix:
             k = 0
             while n % q ** (k + 1) == 0:

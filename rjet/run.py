@@ -13,13 +13,16 @@ from typing import NoReturn, Protocol
 from rjet._reader import StreamClient
 from rjet.consumer import Consumer
 from rjet.cursors import CursorStore
+from rjet.deadletter import DeadLetter, DeadLetterRecord, record_for
 from rjet.errors import (
     ConfigError,
     CursorAhead,
     CursorConflict,
     CursorExpired,
+    DecodeError,
     HeadReached,
     InvalidCursor,
+    Tempted,
     is_expected,
 )
 from rjet.event import Event
@@ -118,8 +121,17 @@ async def _run(spec: Spec, progress: _Progress) -> NoReturn:
                     # The reader skips other keys before decoding them and reports how far it skipped.
                     client._set_key_filter(consumer.key_filter)
                     consume = consumer._consume_wanted_key
+            dead_letter = consumer.dead_letter
+            stream_name = getattr(client, "stream", "")
             while True:
-                event = await recv()
+                try:
+                    event = await recv()
+                except DecodeError as e:
+                    if dead_letter is None:
+                        raise
+                    await _bury(dead_letter, record_for(name, stream_name, str(e.seq), None, e, 1), e)
+                    await set_cursor(name, str(e.seq))
+                    continue
                 if type(event) is int:
                     await set_cursor(name, str(event))
                     continue
@@ -131,11 +143,13 @@ async def _run(spec: Spec, progress: _Progress) -> NoReturn:
                 try:
                     await consume(event)
                 except Exception as e:
-                    e.add_note(
-                        f"rjet: consumer {name!r} failed on event {event.id} (type {event.type},"
-                        f" foreign id {event.foreign_id!r}); its cursor stays before it"
-                    )
-                    raise
+                    if dead_letter is None or isinstance(e, Tempted):
+                        e.add_note(
+                            f"rjet: consumer {name!r} failed on event {event.id} (type {event.type},"
+                            f" foreign id {event.foreign_id!r}); its cursor stays before it"
+                        )
+                        raise
+                    await _retry_or_bury(consume, event, e, dead_letter, name, stream_name)
                 await set_cursor(name, event.id)
                 progress.handled += 1
         finally:
@@ -144,6 +158,47 @@ async def _run(spec: Spec, progress: _Progress) -> NoReturn:
             await client.close()
     finally:
         await store.flush()
+
+
+async def _retry_or_bury(
+    consume: Callable[[Event], Awaitable[bool]],
+    event: Event,
+    error: Exception,
+    dead_letter: DeadLetter,
+    name: str,
+    stream: str,
+) -> None:
+    attempt = 1
+    while attempt < dead_letter.attempts:
+        log.warning(
+            "consumer %r: event %s (foreign id %r) failed (attempt %d of %d): %r",
+            name, event.id, event.foreign_id, attempt, dead_letter.attempts, error,
+        )  # fmt: skip
+        await asyncio.sleep(dead_letter.delay(attempt))
+        attempt += 1
+        try:
+            await consume(event)
+            return
+        except Tempted:
+            raise
+        except Exception as e:
+            error = e
+    await _bury(dead_letter, record_for(name, stream, event.id, event, error, attempt), error)
+
+
+async def _bury(dead_letter: DeadLetter, record: DeadLetterRecord, error: Exception) -> None:
+    log.error(
+        "consumer %r: giving up on event %s of stream %r after %d attempt(s) (%s); recording a dead letter",
+        record.consumer, record.event_id, record.stream, record.attempts, record.error,
+    )  # fmt: skip
+    try:
+        await dead_letter.sink(record)
+    except Exception as sink_error:
+        error.add_note(
+            f"rjet: consumer {record.consumer!r} could not record event {record.event_id} as a dead letter"
+            f" ({sink_error!r}); its cursor stays before it"
+        )
+        raise error from sink_error
 
 
 async def _close_when(failed: Awaitable[None], client: StreamClientLike) -> None:

@@ -1,0 +1,134 @@
+"""Dead letters: give up on a poison event after k attempts, record it, and move on.
+
+Reflex retries a failing event forever, which is right for transient failures and wrong for an
+event that can never succeed: it blocks its consumer (or its shard, with sharding) for good. With
+``Consumer(..., dead_letter=DeadLetter(attempts=5, sink=...))`` an event whose handler fails
+``attempts`` times in a row (with backoff between tries) is handed to the sink and the cursor
+moves past it. An event whose rjet headers cannot be decoded is recorded the same way. Nothing is
+skipped without a record: if the sink fails, ``run`` raises and the cursor stays before the event.
+Errors injected by fate (:class:`rjet.Tempted`) are never dead-lettered.
+
+::
+
+    dlq = await DeadLetterStream.create(js, "orders_dlq")
+    consumer = Consumer("billing", bill, dead_letter=DeadLetter(attempts=5, sink=dlq))
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from rjet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+    from rjet.event import Event
+    from rjet.stream import Stream
+
+__all__ = ["DeadLetter", "DeadLetterRecord", "DeadLetterSink", "DeadLetterStream"]
+
+log = logging.getLogger("rjet.deadletter")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    """An event a consumer gave up on, and why.
+
+    ``event`` is None when the stored message could not be decoded into an event.
+    """
+
+    consumer: str
+    stream: str
+    event_id: str
+    event: Event | None
+    error: str
+    attempts: int
+    at: datetime
+
+    def to_json(self) -> bytes:
+        """The record as JSON, the event's metadata base64-encoded."""
+        e = self.event
+        return json.dumps(
+            {
+                "consumer": self.consumer,
+                "stream": self.stream,
+                "event_id": self.event_id,
+                "type": e.type if e else None,
+                "foreign_id": e.foreign_id if e else None,
+                "timestamp": e.timestamp.isoformat() if e else None,
+                "metadata": base64.b64encode(e.metadata).decode() if e else None,
+                "error": self.error,
+                "attempts": self.attempts,
+                "at": self.at.isoformat(),
+            }
+        ).encode()
+
+
+DeadLetterSink: TypeAlias = Callable[[DeadLetterRecord], Awaitable[None]]
+"""``await sink(record)`` stores a dead letter; raising means it was not stored."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Try a failing event ``attempts`` times (``backoff`` seconds between tries, doubling up to
+    ``max_backoff``), then hand it to ``sink`` and move on."""
+
+    sink: DeadLetterSink
+    attempts: int = 5
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError(f"DeadLetter: attempts must be >= 1, not {self.attempts}")
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ConfigError("DeadLetter: backoff and max_backoff must be >= 0")
+        if not callable(self.sink):
+            raise ConfigError(f"DeadLetter: sink {self.sink!r} is not callable")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+
+
+class DeadLetterStream:
+    """A sink that stores dead letters as events in a JetStream stream.
+
+    Each record is an rjet event with the original foreign ID and type, and the record's JSON
+    (:meth:`DeadLetterRecord.to_json`) as metadata, so the stream can be read, inspected and
+    replayed with rjet itself. ``recorded`` counts what this sink stored.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.recorded = 0
+
+    @classmethod
+    async def create(cls, js: JetStreamContext, name: str, **overrides: Any) -> DeadLetterStream:
+        """Create (or bind) the dead-letter stream ``name`` with rjet's stream defaults."""
+        from rjet.stream import Stream
+
+        return cls(await Stream.create(js, name, **overrides))
+
+    async def __call__(self, record: DeadLetterRecord) -> None:
+        """Store ``record``; raises when the stream does not acknowledge it."""
+        fid = record.event.foreign_id if record.event else f"{record.stream}:{record.event_id}"
+        typ = record.event.type if record.event else 0
+        await self.stream.insert(fid, typ, record.to_json(), msg_id=f"{record.consumer}:{record.event_id}")
+        self.recorded += 1
+
+
+def record_for(
+    consumer: str, stream: str, event_id: str, event: Event | None, error: BaseException, attempts: int
+) -> DeadLetterRecord:
+    """A :class:`DeadLetterRecord` for ``error`` on ``event``, stamped now."""
+    return DeadLetterRecord(
+        consumer, stream, event_id, event, f"{type(error).__name__}: {error}", attempts, datetime.now(UTC)
+    )
