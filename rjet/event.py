@@ -104,22 +104,24 @@ def encode_headers(foreign_id: str, type: int, msg_id: str | None = None) -> dic
         raise InvalidEvent(f"event type must be an int, not {type!r}")
     headers = {TYPE_HEADER: str(type), FOREIGN_ID_HEADER: encode_foreign_id(foreign_id)}
     if msg_id is not None:
-        if not msg_id or "\r" in msg_id or "\n" in msg_id:
-            raise InvalidEvent(f"msg_id {msg_id!r} must be non-empty text on one line")
-        headers[MSG_ID_HEADER] = msg_id
+        headers[MSG_ID_HEADER] = _check_msg_id(msg_id)
     return headers
 
 
-def encode_header_block(foreign_id: str, type: int) -> bytes:
+def _check_msg_id(msg_id: str) -> str:
+    if not isinstance(msg_id, str) or not msg_id.strip() or "\r" in msg_id or "\n" in msg_id:
+        raise InvalidEvent(f"msg_id {msg_id!r} must be non-empty text on one line")
+    return msg_id.strip()
+
+
+def encode_header_block(foreign_id: str, type: int, msg_id: str | None = None) -> bytes:
     """The raw NATS header block for an event, as :func:`encode_headers` lays it out."""
     if isinstance(type, bool) or not isinstance(type, int):
         raise InvalidEvent(f"event type must be an int, not {type!r}")
-    return b"NATS/1.0\r\n%s: %d\r\n%s: %s\r\n\r\n" % (
-        _TYPE_B,
-        type,
-        _FOREIGN_ID_B,
-        encode_foreign_id(foreign_id).encode(),
-    )
+    block = b"NATS/1.0\r\n%s: %d\r\n%s: %s\r\n" % (_TYPE_B, type, _FOREIGN_ID_B, encode_foreign_id(foreign_id).encode())
+    if msg_id is None:
+        return block + b"\r\n"
+    return block + b"%s: %s\r\n\r\n" % (MSG_ID_HEADER.encode(), _check_msg_id(msg_id).encode())
 
 
 def decode_type(value: str | None, stream: str, seq: int) -> int:

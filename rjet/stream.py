@@ -253,21 +253,28 @@ class Stream:
             ) from None
         return self._ack_seq(msg.data, 0, foreign_id, stored=0)
 
-    async def insert_many(self, events: Iterable[tuple[str, int, bytes]], *, timeout: float | None = None) -> list[int]:
+    async def insert_many(
+        self, events: Iterable[tuple[str, int, bytes] | tuple[str, int, bytes, str]], *, timeout: float | None = None
+    ) -> list[int]:
         """Publish events in order, pipelined, and return their stream sequences.
 
-        Each item is ``(foreign_id, type, data)``. Every event is checked before the first is sent.
-        On the first failure raises :class:`InsertError` with the failing index and how many
-        events before it are stored.
+        Each item is ``(foreign_id, type, data)``, or ``(foreign_id, type, data, msg_id)`` to make a
+        retry of the batch idempotent. Every event is checked before the first is sent. On the
+        first failure raises :class:`InsertError` with the failing index and how many events
+        before it are stored (later ones may be stored too: retry with msg_ids to be exact).
         """
-        items = [(fid, typ, _as_bytes(data)) for fid, typ, data in events]
+        items = []
+        msg_ids: list[str | None] = []
+        for item in events:
+            items.append((item[0], item[1], _as_bytes(item[2])))
+            msg_ids.append(item[3] if len(item) > 3 else None)
         prefix = await self._insert_subject()
         layout = self._partitions
         limit = self._nc.max_payload
         outgoing: list[Outgoing] = []
         for i, (fid, typ, data) in enumerate(items):
             try:
-                hdr = encode_header_block(fid, typ)
+                hdr = encode_header_block(fid, typ, msg_ids[i])
             except InvalidEvent as e:
                 raise InvalidEvent(f"stream {self.name!r}: event #{i}: {e}") from None
             if len(hdr) + len(data) > limit:

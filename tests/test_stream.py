@@ -291,3 +291,14 @@ async def test_a_server_without_jetstream_is_reported() -> None:
                 await rjet.Stream(nc.jetstream(), "s").stream()
         finally:
             await nc.close()
+
+
+async def test_insert_many_with_msg_ids_can_be_retried_whole(stream: rjet.Stream) -> None:
+    batch = [(f"k{i}", 1, b"", f"batch-1-{i}") for i in range(100)]
+    first = await stream.insert_many(batch[:60])
+    again = await stream.insert_many(batch)  # a retry after a failure part-way: no duplicates
+    assert again[:60] == first
+    assert again == list(range(1, 101))
+    assert (await stream.info()).state.messages == 100
+    with pytest.raises(rjet.InvalidEvent, match="msg_id"):
+        await stream.insert_many([("k", 1, b"", "two\nlines")])

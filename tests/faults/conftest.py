@@ -1,0 +1,90 @@
+"""Fault fixtures: a 3-node cluster and a TCP proxy that cuts connections on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from rjet.server import EmbeddedServer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def cluster() -> Iterator[list[EmbeddedServer]]:
+    """Three clustered JetStream servers on loopback."""
+    ports = [free_port() for _ in range(3)]
+    routes = [f"nats://127.0.0.1:{p}" for p in ports]
+    nodes = [EmbeddedServer(name=f"n{i}", cluster_name="rjet", cluster_port=ports[i], routes=routes) for i in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.close()
+
+
+class CuttingProxy:
+    """Forwards 127.0.0.1:<port> to a server; :meth:`cut` drops every open connection at once."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.cuts = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            self._writers -= {writer, up_writer}
+
+    def cut(self) -> None:
+        self.cuts += 1
+        for w in list(self._writers):
+            w.transport.abort()
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def proxy(own_server: EmbeddedServer) -> AsyncIterator[CuttingProxy]:
+    p = CuttingProxy(own_server.port)
+    await p.start()
+    yield p
+    await p.close()
