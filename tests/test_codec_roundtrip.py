@@ -1,0 +1,46 @@
+"""Property: whatever an event is, inserting it and reading it back gives the same event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rjet
+from rjet.server import EmbeddedServer
+
+Ctx = tuple[asyncio.AbstractEventLoop, rjet.Stream]
+
+
+@pytest.fixture(scope="module")
+def ctx(server: EmbeddedServer) -> Iterator[Ctx]:
+    loop = asyncio.new_event_loop()
+    nc = loop.run_until_complete(rjet.connect(server.url))
+    stream = loop.run_until_complete(rjet.Stream.create(nc.jetstream(), "codec_roundtrip"))
+    yield loop, stream
+    loop.run_until_complete(nc.close())
+    loop.close()
+
+
+foreign_ids = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=300)
+types = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fid=foreign_ids, typ=types, data=st.binary(max_size=4000), many=st.booleans())
+def test_insert_then_read_returns_the_same_event(ctx: Ctx, fid: str, typ: int, data: bytes, many: bool) -> None:
+    loop, stream = ctx
+
+    async def round_trip() -> rjet.Event:
+        if many:
+            [seq] = await stream.insert_many([(fid, typ, data)])
+        else:
+            seq = await stream.insert(fid, typ, data)
+        async with await stream.stream(str(seq - 1), to_head=True) as client:
+            return await client.recv()
+
+    event = loop.run_until_complete(round_trip())
+    assert (event.foreign_id, event.type, event.metadata) == (fid, typ, data)
