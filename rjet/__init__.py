@@ -44,6 +44,7 @@ from rjet.event import Event
 from rjet.fate import ALWAYS, NEVER, Fate, FixedFate, RandomFate
 from rjet.partitions import Partitions
 from rjet.run import Spec, StreamFunc, run, run_forever
+from rjet.stats import ConsumerStats, StatsSnapshot
 from rjet.stream import Stream
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "ConnectError",
     "Consumer",
     "ConsumerLost",
+    "ConsumerStats",
     "CursorAhead",
     "CursorConflict",
     "CursorError",
@@ -78,6 +80,7 @@ __all__ = [
     "ReadConfig",
     "RjetError",
     "Spec",
+    "StatsSnapshot",
     "Stopped",
     "Stream",
     "StreamClient",

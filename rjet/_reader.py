@@ -155,7 +155,7 @@ class StreamClient:
     """Delivers a stream's events in stream order; open it with :meth:`rjet.Stream.stream`.
 
     ``await client.recv()`` returns the next :class:`rjet.Event`; ``async for`` iterates (and ends
-    cleanly at the head with ``to_head``); ``async with`` closes it. ``num_pending`` is the
+    cleanly at the head with ``to_head``); ``async with`` closes it. :attr:`num_pending` is the
     server's count of events not yet delivered (a free lag figure).
     """
 
@@ -204,8 +204,9 @@ class StreamClient:
         self._watchdog: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._nuid = NUID()
-        self.num_pending = 0
+        self._server_pending = 0  # events the server has not sent yet, as of the last message
         self.recoveries = 0
+        self.skipped = 0  # events the key filter passed over
 
     # ----------------------------------------------------------------- the hot path
 
@@ -238,6 +239,7 @@ class StreamClient:
                         fid = self._foreign_id(subject, hdr, sseq)
                         if not key_filter(fid):
                             self._skipped = sseq
+                            self.skipped += 1
                             skipped += 1
                             if skipped >= 1024:
                                 break
@@ -290,7 +292,7 @@ class StreamClient:
         self._cseq = cseq
         if sseq > self._last:
             self._last = sseq
-            self.num_pending = pending = int(t[b + 6])
+            self._server_pending = pending = int(t[b + 6])
             if pending == 0:
                 self._caught_up = True
             self._buf.append((sseq, int(t[b + 5]), subject, hdr, data))
@@ -477,7 +479,7 @@ class StreamClient:
         info = await self._js.add_consumer(self.stream, config)
         if info.num_pending == 0:
             self._caught_up = True
-        self.num_pending = info.num_pending or 0
+        self._server_pending = info.num_pending or 0
         self._activity = self._loop.time()
         self._consumer = info.name.encode()
         self._next_subject = f"{self._js._prefix}.CONSUMER.MSG.NEXT.{self.stream}.{info.name}"
@@ -513,6 +515,11 @@ class StreamClient:
         ``_next`` then also returns skipped sequences (ints); ``recv`` discards those.
         """
         self._key_filter = key_filter
+
+    @property
+    def num_pending(self) -> int:
+        """Events not yet returned by ``recv``: buffered here, or still on the server (a lag figure)."""
+        return self._server_pending + len(self._buf)
 
     @property
     def last_sequence(self) -> int:

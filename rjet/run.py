@@ -26,6 +26,7 @@ from rjet.errors import (
     is_expected,
 )
 from rjet.event import Event
+from rjet.stats import ConsumerStats
 from rjet.stream import parse_cursor
 
 __all__ = ["Spec", "StreamClientLike", "StreamFunc", "run", "run_forever"]
@@ -79,32 +80,27 @@ class Spec:
             raise ConfigError(f"Spec: lag must be >= 0, not {self.lag!r}")
 
 
-async def run(spec: Spec) -> NoReturn:
+async def run(spec: Spec, *, stats: ConsumerStats | None = None) -> NoReturn:
     """Consume ``spec``'s stream after the consumer's cursor until something stops it.
 
     The cursor advances after each handled (or filtered) event and never past one whose handler
     failed. ``run`` never returns normally: it raises the handler's error, a stream error,
     :class:`rjet.HeadReached` (``to_head``), or ``CancelledError``; it flushes the cursor store on the
-    way out in every case.
+    way out in every case. ``stats`` (optional) is kept up to date as events go by.
     """
-    await _run(spec, _Progress())
+    await _run(spec, stats or ConsumerStats(spec.consumer.name))
 
 
-class _Progress:
-    __slots__ = ("handled",)
-
-    def __init__(self) -> None:
-        self.handled = 0
-
-
-async def _run(spec: Spec, progress: _Progress) -> NoReturn:
+async def _run(spec: Spec, stats: ConsumerStats) -> NoReturn:
     name = spec.consumer.name
     store = spec.cursor_store
+    stats.runs += 1
     try:
         cursor = await store.get_cursor(name)
         parse_cursor(cursor, f"consumer {name!r}")
         lag = spec.lag.total_seconds() if isinstance(spec.lag, timedelta) else (spec.lag or 0.0)
         client = await spec.stream_func(cursor, from_head=spec.from_head, to_head=spec.to_head)
+        stats._attach(client)
         # A store that fails in the background (fenced by another runner, bucket gone) stops the run
         # now, not when the next event arrives: closing the client ends recv(), and the flush below
         # raises the store's error.
@@ -123,35 +119,48 @@ async def _run(spec: Spec, progress: _Progress) -> NoReturn:
                     consume = consumer._consume_wanted_key
             dead_letter = consumer.dead_letter
             stream_name = getattr(client, "stream", "")
+            timing = stats.timing
             while True:
                 try:
                     event = await recv()
                 except DecodeError as e:
                     if dead_letter is None:
                         raise
-                    await _bury(dead_letter, record_for(name, stream_name, str(e.seq), None, e, 1), e)
-                    await set_cursor(name, str(e.seq))
+                    await _bury(dead_letter, record_for(name, stream_name, str(e.seq), None, e, 1), e, stats)
+                    stats.cursor = str(e.seq)
+                    await set_cursor(name, stats.cursor)
                     continue
-                if type(event) is int:
-                    await set_cursor(name, str(event))
+                if type(event) is int:  # the reader passed over other keys' events up to here
+                    stats.cursor = str(event)
+                    await set_cursor(name, stats.cursor)
                     continue
                 assert isinstance(event, Event)
                 if lag:
                     wait = event.timestamp.timestamp() + lag - time.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
+                t0 = time.perf_counter() if timing else 0.0
                 try:
-                    await consume(event)
+                    handled = await consume(event)
                 except Exception as e:
+                    stats.errors += 1
                     if dead_letter is None or isinstance(e, Tempted):
                         e.add_note(
                             f"rjet: consumer {name!r} failed on event {event.id} (type {event.type},"
                             f" foreign id {event.foreign_id!r}); its cursor stays before it"
                         )
                         raise
-                    await _retry_or_bury(consume, event, e, dead_letter, name, stream_name)
+                    handled = await _retry_or_bury(consume, event, e, dead_letter, name, stream_name, stats)
+                if timing:
+                    stats.observe(time.perf_counter() - t0)
                 await set_cursor(name, event.id)
-                progress.handled += 1
+                stats.cursor = event.id
+                if handled:
+                    stats.handled += 1
+                    stats.last_ts = event.timestamp.timestamp()
+                    stats.last_activity = time.time()
+                else:
+                    stats.filtered += 1
         finally:
             if guard is not None:
                 guard.cancel()
@@ -167,7 +176,9 @@ async def _retry_or_bury(
     dead_letter: DeadLetter,
     name: str,
     stream: str,
-) -> None:
+    stats: ConsumerStats,
+) -> bool:
+    """Retry ``event``; True when a retry succeeded, False when it was recorded as a dead letter."""
     attempt = 1
     while attempt < dead_letter.attempts:
         log.warning(
@@ -177,16 +188,17 @@ async def _retry_or_bury(
         await asyncio.sleep(dead_letter.delay(attempt))
         attempt += 1
         try:
-            await consume(event)
-            return
+            return await consume(event)
         except Tempted:
             raise
         except Exception as e:
+            stats.errors += 1
             error = e
-    await _bury(dead_letter, record_for(name, stream, event.id, event, error, attempt), error)
+    await _bury(dead_letter, record_for(name, stream, event.id, event, error, attempt), error, stats)
+    return False
 
 
-async def _bury(dead_letter: DeadLetter, record: DeadLetterRecord, error: Exception) -> None:
+async def _bury(dead_letter: DeadLetter, record: DeadLetterRecord, error: Exception, stats: ConsumerStats) -> None:
     log.error(
         "consumer %r: giving up on event %s of stream %r after %d attempt(s) (%s); recording a dead letter",
         record.consumer, record.event_id, record.stream, record.attempts, record.error,
@@ -199,6 +211,7 @@ async def _bury(dead_letter: DeadLetter, record: DeadLetterRecord, error: Except
             f" ({sink_error!r}); its cursor stays before it"
         )
         raise error from sink_error
+    stats.dead_lettered += 1
 
 
 async def _close_when(failed: Awaitable[None], client: StreamClientLike) -> None:
@@ -206,21 +219,24 @@ async def _close_when(failed: Awaitable[None], client: StreamClientLike) -> None
     await client.close()
 
 
-async def run_forever(spec: Spec, *, retry_delay: float = 0.1, max_backoff: float = 60.0) -> None:
+async def run_forever(
+    spec: Spec, *, retry_delay: float = 0.1, max_backoff: float = 60.0, stats: ConsumerStats | None = None
+) -> None:
     """Run ``spec`` again and again, as reflex's RunForever does; stop by cancelling the task.
 
     Expected errors (fate's, a stopped client) retry after ``retry_delay``; others are logged with
     their event and retry with exponential backoff up to ``max_backoff`` seconds. Errors that
     retrying cannot fix (:class:`rjet.CursorConflict`, :class:`rjet.CursorExpired`,
     :class:`rjet.CursorAhead`, :class:`rjet.InvalidCursor`, :class:`rjet.ConfigError`) are raised.
-    With ``spec.to_head`` it returns once the head is reached.
+    With ``spec.to_head`` it returns once the head is reached. ``stats`` accumulates over every run.
     """
     backoff = 0.0
     name = spec.consumer.name
+    stats = stats or ConsumerStats(name)
     while True:
-        progress = _Progress()
+        handled_before = stats.handled
         try:
-            await _run(spec, progress)
+            await _run(spec, stats)
         except HeadReached:
             if spec.to_head:
                 return
@@ -232,7 +248,8 @@ async def run_forever(spec: Spec, *, retry_delay: float = 0.1, max_backoff: floa
                 log.info("consumer %r: %s; running again", name, e)
                 delay = retry_delay
             else:
-                backoff = min(1.0, max_backoff) if progress.handled or not backoff else min(backoff * 2, max_backoff)
+                progressed = stats.handled > handled_before
+                backoff = min(1.0, max_backoff) if progressed or not backoff else min(backoff * 2, max_backoff)
                 delay = backoff
                 log.error("consumer %r failed; running again in %.1fs", name, delay, exc_info=e)
         await asyncio.sleep(delay)

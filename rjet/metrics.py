@@ -1,0 +1,127 @@
+"""Prometheus metrics for rjet consumers (optional extra: ``pip install 'rjet[metrics]'``).
+
+The collector reads :class:`rjet.ConsumerStats` at scrape time, so the hot path pays nothing for
+metrics beyond the integer counters ``run`` keeps anyway. :func:`serve_metrics` exposes them over
+HTTP from the running event loop (no thread).
+
+::
+
+    stats = rjet.ConsumerStats("mailer", timing=True)
+    registry = CollectorRegistry()
+    registry.register(RjetCollector([stats], cursor_stores=[store]))
+    async with serve_metrics(registry, port=9464):
+        await rjet.run_forever(spec, stats=stats)
+
+Metrics (label ``consumer``; flushes by ``namespace``):
+``rjet_events_handled_total``, ``rjet_events_filtered_total``, ``rjet_events_skipped_total``,
+``rjet_handler_errors_total``, ``rjet_dead_letters_total``, ``rjet_runs_total``,
+``rjet_consumer_lag_events``, ``rjet_consumer_lag_seconds``, ``rjet_handler_duration_seconds``
+(histogram), ``rjet_cursor_flushes_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from typing import Protocol
+
+try:
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    from prometheus_client.registry import Collector
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("rjet.metrics needs prometheus-client: pip install 'rjet[metrics]'") from e
+
+from rjet.stats import LATENCY_BUCKETS, ConsumerStats
+
+__all__ = ["RjetCollector", "serve_metrics"]
+
+
+class _Flushes(Protocol):
+    namespace: str
+    flushes: int
+
+
+class RjetCollector(Collector):
+    """Collects the statistics of ``stats`` (and flush counts of ``cursor_stores``) at scrape time.
+
+    ``stats`` may be any iterable, read anew at each scrape (a list the caller appends to works).
+    """
+
+    def __init__(self, stats: Iterable[ConsumerStats], cursor_stores: Sequence[_Flushes] = ()) -> None:
+        self._stats = stats
+        self._stores = cursor_stores
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        """Yield every metric family."""
+        snaps = [s.snapshot() for s in self._stats]
+        counters = [
+            ("rjet_events_handled", "Events the handler succeeded on.", "handled"),
+            ("rjet_events_filtered", "Events skipped by the consumer's type or event filter.", "filtered"),
+            ("rjet_events_skipped", "Events of other shards' keys passed over.", "skipped"),
+            ("rjet_handler_errors", "Handler failures (each try counts).", "errors"),
+            ("rjet_dead_letters", "Events given up on and recorded as dead letters.", "dead_lettered"),
+            ("rjet_runs", "Times run started for the consumer.", "runs"),
+        ]
+        for metric, doc, field in counters:
+            family = CounterMetricFamily(metric, doc, labels=["consumer"])
+            for snap in snaps:
+                family.add_metric([snap.name], getattr(snap, field))
+            yield family
+        lag = GaugeMetricFamily(
+            "rjet_consumer_lag_events", "Events in the stream not yet delivered.", labels=["consumer"]
+        )
+        age = GaugeMetricFamily(
+            "rjet_consumer_lag_seconds", "Age of the last handled event while there is lag.", labels=["consumer"]
+        )
+        hist = HistogramMetricFamily(
+            "rjet_handler_duration_seconds", "Handler latency (with ConsumerStats(timing=True)).", labels=["consumer"]
+        )
+        for snap in snaps:
+            lag.add_metric([snap.name], snap.lag_events)
+            age.add_metric([snap.name], snap.lag_seconds)
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], snap.handler_buckets, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            hist.add_metric([snap.name], buckets, snap.handler_seconds_sum)
+        yield lag
+        yield age
+        yield hist
+        flushes = CounterMetricFamily("rjet_cursor_flushes", "Cursor store flushes written.", labels=["namespace"])
+        for store in self._stores:
+            flushes.add_metric([store.namespace], store.flushes)
+        yield flushes
+
+
+@contextlib.asynccontextmanager
+async def serve_metrics(
+    registry: CollectorRegistry, *, host: str = "127.0.0.1", port: int = 9464
+) -> AsyncIterator[asyncio.Server]:
+    """Serve ``registry`` at ``http://host:port/metrics`` on this event loop while the block runs."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+            if path.split(b"?")[0] == b"/metrics":
+                body, status, ctype = generate_latest(registry), b"200 OK", CONTENT_TYPE_LATEST.encode()
+            else:
+                body, status, ctype = b"not found; try /metrics\n", b"404 Not Found", b"text/plain"
+            writer.write(
+                b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (status, ctype, len(body), body)
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()

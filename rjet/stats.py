@@ -1,0 +1,134 @@
+"""Live statistics of a consumer's run: cheap counters on the hot path, snapshots for readers.
+
+``run`` updates a :class:`ConsumerStats` with plain integer increments; nothing is computed per
+event that a reader does not ask for. :meth:`ConsumerStats.snapshot` returns a frozen
+:class:`StatsSnapshot` (lag in events and seconds included), which the Prometheus exporter
+(:mod:`rjet.metrics`), ``Parallel``'s summary and ``rjet status`` read.
+
+::
+
+    stats = ConsumerStats("mailer", timing=True)
+    task = asyncio.create_task(rjet.run_forever(spec, stats=stats))
+    ...
+    print(stats.snapshot())
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import time
+from typing import Final, Protocol
+
+__all__ = ["LATENCY_BUCKETS", "ConsumerStats", "StatsSnapshot"]
+
+LATENCY_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Upper bounds (seconds) of the handler latency histogram; one more bucket holds the rest."""
+
+
+class _Pending(Protocol):
+    num_pending: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """A consumer's statistics at one moment.
+
+    ``handled``: events the handler succeeded on; ``filtered``: events skipped by the consumer's
+    type or event filter; ``skipped``: events of other keys passed over (sharding);
+    ``errors``: handler failures; ``dead_lettered``: events given up on and recorded;
+    ``lag_events``: events in the stream not yet delivered; ``lag_seconds``: age of the last
+    handled event while there is lag, else 0; ``cursor``: the last event ID handled or passed.
+    """
+
+    name: str
+    handled: int
+    filtered: int
+    skipped: int
+    errors: int
+    dead_lettered: int
+    runs: int
+    cursor: str
+    lag_events: int
+    lag_seconds: float
+    last_activity: float | None
+    handler_seconds_sum: float
+    handler_seconds_count: int
+    handler_buckets: tuple[int, ...]
+
+
+class ConsumerStats:
+    """Mutable counters that ``run`` keeps for one consumer; see :class:`StatsSnapshot`.
+
+    ``timing=True`` also measures every handler call (two clock reads per event) for the latency
+    histogram.
+    """
+
+    __slots__ = (
+        "_client",
+        "buckets",
+        "cursor",
+        "dead_lettered",
+        "errors",
+        "filtered",
+        "handled",
+        "handler_count",
+        "handler_sum",
+        "last_activity",
+        "last_ts",
+        "name",
+        "runs",
+        "skipped",
+        "timing",
+    )
+
+    def __init__(self, name: str, *, timing: bool = False) -> None:
+        self.name = name
+        self.timing = timing
+        self.handled = 0
+        self.filtered = 0
+        self.skipped = 0
+        self.errors = 0
+        self.dead_lettered = 0
+        self.runs = 0
+        self.cursor = ""
+        self.last_ts = 0.0  # the last handled event's stored time, epoch seconds
+        self.last_activity: float | None = None
+        self.handler_sum = 0.0
+        self.handler_count = 0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._client: _Pending | None = None
+
+    def observe(self, seconds: float) -> None:
+        """Record one handler call of ``seconds``."""
+        self.handler_sum += seconds
+        self.handler_count += 1
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def snapshot(self) -> StatsSnapshot:
+        """The statistics now."""
+        lag = self._client.num_pending if self._client is not None else 0
+        lag_s = max(0.0, time.time() - self.last_ts) if lag and self.last_ts else 0.0
+        return StatsSnapshot(
+            name=self.name,
+            handled=self.handled,
+            filtered=self.filtered,
+            skipped=self.skipped + getattr(self._client, "skipped", 0),
+            errors=self.errors,
+            dead_lettered=self.dead_lettered,
+            runs=self.runs,
+            cursor=self.cursor,
+            lag_events=lag,
+            lag_seconds=lag_s,
+            last_activity=self.last_activity,
+            handler_seconds_sum=self.handler_sum,
+            handler_seconds_count=self.handler_count,
+            handler_buckets=tuple(self.buckets),
+        )
+
+    def _attach(self, client: object) -> None:
+        # Skips counted by a finished client stay counted.
+        old = self._client
+        if old is not None:
+            self.skipped += getattr(old, "skipped", 0)
+        self._client = client if hasattr(client, "num_pending") else None

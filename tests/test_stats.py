@@ -1,0 +1,92 @@
+"""Consumer statistics and the Prometheus exporter."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from nats.js import JetStreamContext
+
+import rjet
+
+prometheus_client = pytest.importorskip("prometheus_client")
+
+
+async def test_run_keeps_the_statistics(stream: rjet.Stream) -> None:
+    await stream.insert_many([(f"k{i}", i % 2, b"") for i in range(100)])
+    stats = rjet.ConsumerStats("c", timing=True)
+    consumer = rjet.Consumer("c", lambda f, e: None, types=[1], key_filter=lambda fid: fid != "k3")
+    with pytest.raises(rjet.HeadReached):
+        await rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer, to_head=True), stats=stats)
+    snap = stats.snapshot()
+    assert (snap.handled, snap.filtered, snap.skipped) == (49, 50, 1)
+    assert snap.cursor == "100"
+    assert snap.runs == 1
+    assert snap.handler_seconds_count == 99
+    assert sum(snap.handler_buckets) == 99
+    assert snap.lag_events == 0
+    assert snap.last_activity is not None
+
+
+async def test_lag_while_behind(stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 3000)
+    stats = rjet.ConsumerStats("c")
+    release = asyncio.Event()
+
+    async def slow(fate: rjet.Fate, event: rjet.Event) -> None:
+        await release.wait()
+
+    task = asyncio.create_task(
+        rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", slow)), stats=stats)
+    )
+    await asyncio.sleep(0.3)
+    snap = stats.snapshot()
+    assert snap.lag_events == 2999  # the first event is in the handler; the rest wait
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_errors_and_dead_letters_are_counted(stream: rjet.Stream) -> None:
+    await stream.insert_many([("ok", 1, b""), ("bad", 1, b"")])
+
+    async def sink(record: rjet.DeadLetterRecord) -> None:
+        pass
+
+    def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        if event.foreign_id == "bad":
+            raise ValueError("bad")
+
+    stats = rjet.ConsumerStats("c")
+    consumer = rjet.Consumer("c", fn, dead_letter=rjet.DeadLetter(sink, attempts=3, backoff=0))
+    with pytest.raises(rjet.HeadReached):
+        await rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer, to_head=True), stats=stats)
+    snap = stats.snapshot()
+    assert (snap.handled, snap.errors, snap.dead_lettered, snap.cursor) == (1, 3, 1, "2")
+
+
+async def test_prometheus_endpoint(js: JetStreamContext, stream: rjet.Stream) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from rjet.metrics import RjetCollector, serve_metrics
+
+    await stream.insert_many([("k", 1, b"")] * 10)
+    stats = rjet.ConsumerStats("mailer", timing=True)
+    async with await rjet.JetStreamCursorStore.create(js, stream.name) as store:
+        with pytest.raises(rjet.HeadReached):
+            await rjet.run(
+                rjet.Spec(stream.stream, store, rjet.Consumer("mailer", lambda f, e: None), to_head=True), stats=stats
+            )
+        registry = CollectorRegistry()
+        registry.register(RjetCollector([stats], cursor_stores=[store]))
+        async with serve_metrics(registry, port=0) as server:
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            body = (await reader.read()).decode()
+            writer.close()
+    assert body.startswith("HTTP/1.1 200 OK")
+    assert 'rjet_events_handled_total{consumer="mailer"} 10.0' in body
+    assert 'rjet_handler_duration_seconds_count{consumer="mailer"} 10.0' in body
+    assert 'rjet_consumer_lag_events{consumer="mailer"} 0.0' in body
+    assert f'rjet_cursor_flushes_total{{namespace="{stream.name}"}} 1.0' in body
