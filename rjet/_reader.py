@@ -24,7 +24,7 @@ import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self, TypeAlias
 
@@ -57,7 +57,11 @@ __all__ = ["ReadConfig", "StreamClient", "parse_ack"]
 log = logging.getLogger("rjet.stream")
 
 _NS: Final = 1_000_000_000
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_new = object.__new__
+_fromtimestamp = datetime.fromtimestamp
+_set_id, _set_type, _set_fid, _set_ts, _set_data = (
+    Event.__dict__[f].__set__ for f in ("id", "type", "foreign_id", "timestamp", "metadata")
+)
 _STATUS: Final = "Status"
 _DESCRIPTION: Final = "Description"
 _PENDING_KEY: Final = b"\r\nNats-Pending-Messages:"
@@ -339,7 +343,16 @@ class StreamClient:
                     fid = fid_raw.decode("ascii", "replace")
         elif fid is None:
             fid = subject.decode("utf-8", "replace")
-        return Event(str(sseq), typ, fid, _EPOCH + timedelta(microseconds=ts // 1000), data)
+        # Event(...) through the frozen dataclass's __init__ costs twice as much as setting the
+        # slots directly (its __init__ calls object.__setattr__ per field); the result is the same.
+        event = _new(Event)
+        _set_id(event, str(sseq))
+        _set_type(event, typ)
+        _set_fid(event, fid)
+        # Exact: the microsecond count is an integer below 2**53, so the float division rounds back.
+        _set_ts(event, _fromtimestamp(ts // 1000 / 1e6, UTC))
+        _set_data(event, data)
+        return event
 
     def _kick(self) -> None:
         if self._pulling is None and self._consumer is not None and not self._closed:

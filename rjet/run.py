@@ -157,8 +157,7 @@ async def _run(spec: Spec, stats: ConsumerStats) -> NoReturn:
                 stats.cursor = event.id
                 if handled:
                     stats.handled += 1
-                    stats.last_ts = event.timestamp.timestamp()
-                    stats.last_activity = time.time()
+                    stats.last_event = event
                 else:
                     stats.filtered += 1
         finally:

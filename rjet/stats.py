@@ -18,7 +18,11 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import time
-from typing import Final, Protocol
+from datetime import datetime
+from typing import TYPE_CHECKING, Final, Protocol
+
+if TYPE_CHECKING:
+    from rjet.event import Event
 
 __all__ = ["LATENCY_BUCKETS", "ConsumerStats", "StatsSnapshot"]
 
@@ -38,7 +42,8 @@ class StatsSnapshot:
     type or event filter; ``skipped``: events of other keys passed over (sharding);
     ``errors``: handler failures; ``dead_lettered``: events given up on and recorded;
     ``lag_events``: events in the stream not yet delivered; ``lag_seconds``: age of the last
-    handled event while there is lag, else 0; ``cursor``: the last event ID handled or passed.
+    handled event while there is lag, else 0; ``cursor``: the last event ID handled or passed;
+    ``last_event_time``: the stored time of the last handled event.
     """
 
     name: str
@@ -51,7 +56,7 @@ class StatsSnapshot:
     cursor: str
     lag_events: int
     lag_seconds: float
-    last_activity: float | None
+    last_event_time: datetime | None
     handler_seconds_sum: float
     handler_seconds_count: int
     handler_buckets: tuple[int, ...]
@@ -74,8 +79,7 @@ class ConsumerStats:
         "handled",
         "handler_count",
         "handler_sum",
-        "last_activity",
-        "last_ts",
+        "last_event",
         "name",
         "runs",
         "skipped",
@@ -92,8 +96,7 @@ class ConsumerStats:
         self.dead_lettered = 0
         self.runs = 0
         self.cursor = ""
-        self.last_ts = 0.0  # the last handled event's stored time, epoch seconds
-        self.last_activity: float | None = None
+        self.last_event: Event | None = None
         self.handler_sum = 0.0
         self.handler_count = 0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -108,7 +111,8 @@ class ConsumerStats:
     def snapshot(self) -> StatsSnapshot:
         """The statistics now."""
         lag = self._client.num_pending if self._client is not None else 0
-        lag_s = max(0.0, time.time() - self.last_ts) if lag and self.last_ts else 0.0
+        last = self.last_event.timestamp if self.last_event is not None else None
+        lag_s = max(0.0, time.time() - last.timestamp()) if lag and last is not None else 0.0
         return StatsSnapshot(
             name=self.name,
             handled=self.handled,
@@ -120,7 +124,7 @@ class ConsumerStats:
             cursor=self.cursor,
             lag_events=lag,
             lag_seconds=lag_s,
-            last_activity=self.last_activity,
+            last_event_time=last,
             handler_seconds_sum=self.handler_sum,
             handler_seconds_count=self.handler_count,
             handler_buckets=tuple(self.buckets),

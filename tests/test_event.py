@@ -88,3 +88,20 @@ def test_both_reply_subject_forms_are_parsed() -> None:
         assert parse_ack(reply) == (b"C1", 42, 7, 1_700_000_000_000_000_000, 3)
     for bad in (b"_INBOX.x", b"$JS.ACK.a.b.c", b"$JS.ACK.orders.C1.1.x.7.1.3", b"$JS.NAK.orders.C1.1.42.7.1.3"):
         assert parse_ack(bad) is None
+
+
+@given(st.integers(min_value=0, max_value=4_102_444_800 * 10**9))  # up to the year 2100
+def test_the_readers_fast_timestamp_is_exact(ns: int) -> None:
+    assert datetime.fromtimestamp(ns // 1000 / 1e6, UTC) == timestamp_from_ns(ns)
+
+
+async def test_events_read_are_ordinary_frozen_events(stream: rjet.Stream) -> None:
+    import dataclasses
+
+    await stream.insert("k", 3, b"m")
+    async with await stream.stream(to_head=True) as client:
+        [event] = [e async for e in client]
+    assert event == rjet.Event("1", 3, "k", event.timestamp, b"m")
+    assert hash(event) == hash(rjet.Event("1", 3, "k", event.timestamp, b"m"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.type = 4  # type: ignore[misc]

@@ -25,7 +25,7 @@ async def test_run_keeps_the_statistics(stream: rjet.Stream) -> None:
     assert snap.handler_seconds_count == 99
     assert sum(snap.handler_buckets) == 99
     assert snap.lag_events == 0
-    assert snap.last_activity is not None
+    assert snap.last_event_time is not None
 
 
 async def test_lag_while_behind(stream: rjet.Stream) -> None:
