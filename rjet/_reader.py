@@ -549,11 +549,13 @@ class StreamClient:
         if self._closed:
             return
         self._closed = True
-        for task in (self._watchdog, self._recovery, self._pulling):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        self._buf.clear()  # nothing more is delivered; the next reader reads these again
+        tasks = [t for t in (self._watchdog, self._recovery, self._pulling) if t is not None]
+        tasks = [t for t in tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)  # unlike awaiting each, lets a cancellation of close() through
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         consumer, self._consumer = self._consumer, None

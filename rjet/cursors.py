@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import re
 from types import TracebackType
@@ -32,6 +31,8 @@ log = logging.getLogger("rjet.cursors")
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 _KEY_RE: Final = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
 _ENCODED: Final = "_b64."  # prefix of encoded keys; names that start with it are encoded too
+RESERVED_PREFIX: Final = "_rjet."
+"""KV keys rjet keeps beside cursors (sharding's heartbeats and records); never a cursor's key."""
 _BUCKET_PREFIX: Final = "rjet_cursors_"
 _STORE_ERRORS: Final = (nats.errors.Error, TimeoutError, OSError)
 
@@ -82,7 +83,7 @@ def encode_key(name: str) -> str:
     """The KV key for cursor ``name``: itself when it is a valid key, else a reversible encoding."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"cursor name must be a non-empty str, not {name!r}")
-    if _KEY_RE.match(name) and not name.startswith(_ENCODED):
+    if _KEY_RE.match(name) and not name.startswith((_ENCODED, RESERVED_PREFIX)):
         return name
     return _ENCODED + base64.urlsafe_b64encode(name.encode("utf-8", "surrogatepass")).decode().rstrip("=")
 
@@ -119,6 +120,7 @@ class JetStreamCursorStore:
         self._kv = kv
         self._revs: dict[str, int] = {}  # key -> revision this store last read or wrote
         self._dirty: dict[str, str] = {}
+        self._written: dict[str, str] = {}  # name -> the cursor this store last read or wrote
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._error: RjetError | None = None
@@ -129,7 +131,7 @@ class JetStreamCursorStore:
     @classmethod
     async def create(
         cls, js: JetStreamContext, namespace: str, *, flush_interval: float = 1.0, replicas: int = 1
-    ) -> JetStreamCursorStore:
+    ) -> Self:
         """Bind the namespace's bucket, creating it (file storage, history 1) when missing."""
         if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
             raise ConfigError(f"cursor namespace {namespace!r} is invalid: use letters, digits, '_' and '-' only")
@@ -166,11 +168,13 @@ class JetStreamCursorStore:
             try:
                 try:
                     entry = await self._kv.get(key)
-                except nats.js.errors.KeyNotFoundError:
-                    self._revs[key] = await self._kv.create(key, b"")
+                except nats.js.errors.KeyNotFoundError as e:
+                    # Create (or re-create over a delete marker): fails if another runner did first.
+                    deleted = getattr(getattr(e, "entry", None), "revision", None)
+                    await self._cas(name, key, b"", deleted or 0)
                     return ""
                 assert entry.revision is not None
-                self._revs[key] = await self._kv.update(key, entry.value or b"", last=entry.revision)
+                await self._cas(name, key, entry.value or b"", entry.revision)
                 return (entry.value or b"").decode()
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue  # another runner claimed it between our read and write: read again
@@ -195,7 +199,8 @@ class JetStreamCursorStore:
             info = await self._kv._js.stream_info(f"KV_{self.bucket}", subjects_filter=prefix + ">")
         except _STORE_ERRORS as e:
             raise self._store_error("cannot list cursors", e) from e
-        names = [decode_key(subject[len(prefix) :]) for subject in info.state.subjects or {}]
+        keys = [subject[len(prefix) :] for subject in info.state.subjects or {}]
+        names = [decode_key(k) for k in keys if not k.startswith(RESERVED_PREFIX)]
         values = await asyncio.gather(*(self.peek(n) for n in names))
         return dict(zip(names, values, strict=True))
 
@@ -233,14 +238,28 @@ class JetStreamCursorStore:
                 err = failed[0][1]
                 raise err if isinstance(err, RjetError) else self._store_error("cannot write cursors", err)
 
+    async def _cas(self, name: str, key: str, value: bytes, last: int | None) -> int:
+        """Write ``value`` (compare-and-swap against ``last`` unless None) and record the revision.
+
+        Shielded: if the caller is cancelled mid-write, the write still completes and its revision is
+        recorded, so the next write does not mistake this store's own write for another runner's.
+        """
+        write = self._kv.put(key, value) if last is None else self._kv.update(key, value, last=last)
+        task = asyncio.ensure_future(write)
+
+        def record(t: asyncio.Future[int]) -> None:
+            if not t.cancelled() and t.exception() is None and self._revs.get(key, 0) < t.result():
+                self._revs[key] = t.result()
+                self._written[name] = value.decode()
+
+        task.add_done_callback(record)
+        return await asyncio.shield(task)
+
     async def _write(self, name: str, cursor: str) -> None:
         key = encode_key(name)
         rev = self._revs.get(key)
         try:
-            if rev is None:
-                self._revs[key] = await self._kv.put(key, cursor.encode())
-            else:
-                self._revs[key] = await self._kv.update(key, cursor.encode(), last=rev)
+            await self._cas(name, key, cursor.encode(), rev)
         except nats.js.errors.KeyWrongLastSequenceError:
             raise CursorConflict(
                 name,
@@ -263,6 +282,35 @@ class JetStreamCursorStore:
                     return
         finally:
             self._flusher = None
+
+    async def check_claim(self, name: str) -> bool:
+        """Whether this store still holds ``name``'s cursor: nobody wrote it since this store
+        claimed or wrote it. When it was lost, the store fails as a conflicting write would (a
+        running ``run`` stops at once). Lets an idle runner find out that it was fenced."""
+        key = encode_key(name)
+        async with self._lock:
+            rev = self._revs.get(key)
+            if rev is None or self._error is not None:
+                return self._error is None
+            try:
+                entry = await self._kv.get(key)
+                lost = entry.revision != self._revs.get(key, rev)
+            except nats.js.errors.KeyNotFoundError:
+                lost = True
+            except _STORE_ERRORS as e:
+                raise self._store_error(f"cannot read cursor {name!r}", e) from e
+            if lost:
+                self._error = CursorConflict(
+                    name,
+                    f"another runner claimed it in bucket {self.bucket!r} after revision {rev}: two runners"
+                    " share this consumer name; this one stops",
+                )
+                self._failed.set()
+            return not lost
+
+    def last_written(self, name: str) -> str | None:
+        """The cursor this store last read from or wrote to the bucket for ``name`` (None: neither)."""
+        return self._written.get(name)
 
     async def wait_failed(self) -> None:
         """Return once a background flush has failed; ``run`` uses it to stop at once, not at the next event."""
@@ -292,14 +340,14 @@ class JetStreamCursorStore:
         if self._closed:
             return
         try:
-            if self._flusher is not None:
-                self._flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._flusher
             if self._error is None:
-                await self.flush()
+                await self.flush()  # waits for a background flush in flight, then writes the rest
         finally:
             self._closed = True
+            flusher, self._flusher = self._flusher, None
+            if flusher is not None:
+                flusher.cancel()  # it is asleep, or finds nothing dirty
+                await asyncio.wait([flusher])
 
     async def __aenter__(self) -> Self:
         return self

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import NoReturn, Protocol
+from typing import Final, NoReturn, Protocol
 
 from rjet._reader import StreamClient
 from rjet.consumer import Consumer
@@ -22,6 +23,7 @@ from rjet.errors import (
     DecodeError,
     HeadReached,
     InvalidCursor,
+    Stopped,
     Tempted,
     is_expected,
 )
@@ -32,6 +34,8 @@ from rjet.stream import parse_cursor
 __all__ = ["Spec", "StreamClientLike", "StreamFunc", "run", "run_forever"]
 
 log = logging.getLogger("rjet.run")
+
+_YIELD_EVERY: Final = 0.01  # seconds of back-to-back events before run yields to the event loop
 
 # Errors that do not go away by retrying; run_forever raises them instead of looping.
 _PERMANENT = (CursorConflict, CursorExpired, CursorAhead, InvalidCursor, ConfigError)
@@ -80,18 +84,23 @@ class Spec:
             raise ConfigError(f"Spec: lag must be >= 0, not {self.lag!r}")
 
 
-async def run(spec: Spec, *, stats: ConsumerStats | None = None) -> NoReturn:
+async def run(spec: Spec, *, stats: ConsumerStats | None = None, stop: asyncio.Event | None = None) -> NoReturn:
     """Consume ``spec``'s stream after the consumer's cursor until something stops it.
 
     The cursor advances after each handled (or filtered) event and never past one whose handler
     failed. ``run`` never returns normally: it raises the handler's error, a stream error,
-    :class:`rjet.HeadReached` (``to_head``), or ``CancelledError``; it flushes the cursor store on the
-    way out in every case. ``stats`` (optional) is kept up to date as events go by.
+    :class:`rjet.HeadReached` (``to_head``), :class:`rjet.Stopped` once ``stop`` is set, or
+    ``CancelledError``; it flushes the cursor store on the way out in every case. ``stats``
+    (optional) is kept up to date as events go by.
+
+    ``stop`` is the graceful way out: setting it stops reading, lets the handler call in flight
+    finish and its cursor advance, flushes, and raises :class:`rjet.Stopped`. (Cancelling the task
+    interrupts the handler wherever it awaits.)
     """
-    await _run(spec, stats or ConsumerStats(spec.consumer.name))
+    await _run(spec, stats or ConsumerStats(spec.consumer.name), stop)
 
 
-async def _run(spec: Spec, stats: ConsumerStats) -> NoReturn:
+async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = None) -> NoReturn:
     name = spec.consumer.name
     store = spec.cursor_store
     stats.runs += 1
@@ -105,7 +114,8 @@ async def _run(spec: Spec, stats: ConsumerStats) -> NoReturn:
         # now, not when the next event arrives: closing the client ends recv(), and the flush below
         # raises the store's error.
         wait_failed = getattr(store, "wait_failed", None)
-        guard = asyncio.create_task(_close_when(wait_failed(), client)) if wait_failed else None
+        waits: list[Callable[[], Awaitable[object]]] = [w for w in (wait_failed, stop and stop.wait) if w]
+        guard = asyncio.create_task(_close_when(waits, client)) if waits else None
         try:
             consumer = spec.consumer
             consume = consumer.consume
@@ -120,7 +130,16 @@ async def _run(spec: Spec, stats: ConsumerStats) -> NoReturn:
             dead_letter = consumer.dead_letter
             stream_name = getattr(client, "stream", "")
             timing = stats.timing
+            clock = time.monotonic
+            next_yield = clock() + _YIELD_EVERY
             while True:
+                if stop is not None and stop.is_set():
+                    raise Stopped(f"consumer {name!r}: stopped on request")
+                # With buffered events and a sync handler nothing below awaits for real, so give the
+                # loop a turn now and then (cursor flushes, heartbeats, stop requests).
+                if clock() >= next_yield:
+                    await asyncio.sleep(0)
+                    next_yield = clock() + _YIELD_EVERY
                 try:
                     event = await recv()
                 except DecodeError as e:
@@ -213,13 +232,23 @@ async def _bury(dead_letter: DeadLetter, record: DeadLetterRecord, error: Except
     stats.dead_lettered += 1
 
 
-async def _close_when(failed: Awaitable[None], client: StreamClientLike) -> None:
-    await failed
+async def _close_when(waits: list[Callable[[], Awaitable[object]]], client: StreamClientLike) -> None:
+    tasks = [asyncio.ensure_future(w()) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
     await client.close()
 
 
 async def run_forever(
-    spec: Spec, *, retry_delay: float = 0.1, max_backoff: float = 60.0, stats: ConsumerStats | None = None
+    spec: Spec,
+    *,
+    retry_delay: float = 0.1,
+    max_backoff: float = 60.0,
+    stats: ConsumerStats | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
     """Run ``spec`` again and again, as reflex's RunForever does; stop by cancelling the task.
 
@@ -228,6 +257,7 @@ async def run_forever(
     retrying cannot fix (:class:`rjet.CursorConflict`, :class:`rjet.CursorExpired`,
     :class:`rjet.CursorAhead`, :class:`rjet.InvalidCursor`, :class:`rjet.ConfigError`) are raised.
     With ``spec.to_head`` it returns once the head is reached. ``stats`` accumulates over every run.
+    Setting ``stop`` ends it gracefully (see :func:`run`): it returns once the cursor is flushed.
     """
     backoff = 0.0
     name = spec.consumer.name
@@ -235,7 +265,7 @@ async def run_forever(
     while True:
         handled_before = stats.handled
         try:
-            await _run(spec, stats)
+            await _run(spec, stats, stop)
         except HeadReached:
             if spec.to_head:
                 return
@@ -243,6 +273,8 @@ async def run_forever(
         except _PERMANENT:
             raise
         except Exception as e:
+            if stop is not None and stop.is_set():
+                return
             if is_expected(e):
                 log.info("consumer %r: %s; running again", name, e)
                 delay = retry_delay
@@ -251,4 +283,10 @@ async def run_forever(
                 backoff = min(1.0, max_backoff) if progressed or not backoff else min(backoff * 2, max_backoff)
                 delay = backoff
                 log.error("consumer %r failed; running again in %.1fs", name, delay, exc_info=e)
-        await asyncio.sleep(delay)
+        if stop is None:
+            await asyncio.sleep(delay)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return

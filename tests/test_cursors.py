@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -156,3 +157,49 @@ async def test_bucket_deleted_while_running_is_a_clear_error(js: JetStreamContex
     await store.set_cursor("c", "3")
     with pytest.raises(rjet.CursorStoreError, match=f"cursor bucket 'rjet_cursors_{name}'.*cursor 'c'"):
         await store.flush()
+
+
+async def test_check_claim_finds_out_that_an_idle_runner_was_fenced(js: JetStreamContext, name: str) -> None:
+    async with await jet(js, name) as first, await jet(js, name) as second:
+        await first.get_cursor("c")
+        assert await first.check_claim("c")
+        await second.get_cursor("c")
+        assert not await first.check_claim("c")
+        with pytest.raises(rjet.CursorConflict, match="another runner claimed it"):
+            await first.set_cursor("c", "1")
+        assert await second.check_claim("c")
+
+
+async def test_last_written_follows_reads_and_flushes(js: JetStreamContext, name: str) -> None:
+    async with await jet(js, name) as store:
+        assert store.last_written("c") is None
+        assert await store.get_cursor("c") == ""
+        assert store.last_written("c") == ""
+        await store.set_cursor("c", "8")
+        assert store.last_written("c") == ""
+        await store.flush()
+        assert store.last_written("c") == "8"
+
+
+async def test_a_flush_cancelled_mid_write_does_not_fence_the_store_itself(js: JetStreamContext, name: str) -> None:
+    async with await jet(js, name) as store:
+        await store.get_cursor("c")
+        for i in range(20):
+            await store.set_cursor("c", str(i))
+            flush = asyncio.ensure_future(store.flush())
+            await asyncio.sleep(0)  # the write is on the wire
+            flush.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flush
+        await asyncio.sleep(0.1)
+        await store.set_cursor("c", "final")
+        await store.flush()
+        assert await store.peek("c") == "final"
+
+
+async def test_reserved_keys_are_not_cursors(js: JetStreamContext, name: str) -> None:
+    async with await jet(js, name) as store:
+        await store._kv.put("_rjet.heartbeat.x", b"{}")
+        await store.set_cursor("_rjet.looks-reserved", "3")
+        await store.flush()
+        assert await store.cursors() == {"_rjet.looks-reserved": "3"}

@@ -236,3 +236,28 @@ def test_spec_and_consumer_validate_their_arguments(stream: rjet.Stream) -> None
         rjet.Consumer("c", "nope")  # type: ignore[arg-type]
     with pytest.raises(rjet.ConfigError, match="lag"):
         rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", lambda f, e: None), lag=-1)
+
+
+async def test_stop_lets_the_handler_in_flight_finish_and_flushes(js: JetStreamContext, stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 50)
+    stop = asyncio.Event()
+    finished: list[str] = []
+
+    async def slow(fate: rjet.Fate, event: rjet.Event) -> None:
+        if event.id == "3":
+            stop.set()  # asked to stop while this handler is still running
+            await asyncio.sleep(0.2)
+        finished.append(event.id)
+
+    async with await rjet.JetStreamCursorStore.create(js, stream.name, flush_interval=3600) as store:
+        spec = rjet.Spec(stream.stream, store, rjet.Consumer("c", slow))
+        with pytest.raises(rjet.Stopped, match="stopped on request"):
+            await rjet.run(spec, stop=stop)
+        assert finished == ["1", "2", "3"]
+        assert await store.peek("c") == "3"
+        stop.clear()
+        task = asyncio.create_task(rjet.run_forever(spec, stop=stop))
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.wait_for(task, 5)  # returns, does not raise
+        assert await store.peek("c") == "50"
