@@ -1,0 +1,33 @@
+"""Sharded processing across worker processes, with per-key order, own cursors and supervision.
+
+``Parallel(name, n, fn, servers=..., stream=..., namespace=...)`` runs ``n`` worker processes; shard
+``m`` handles the events whose ``shard_of(event.foreign_id, n) == m``, one at a time, in stream order,
+with its own cursor ``shard_name(name, m, n)``. See ``docs/sharding.md``.
+
+::
+
+    from rjet.parallel import Parallel
+
+    def handle(fate, event):
+        ...
+
+    Parallel("indexer", 4, handle, servers="nats://127.0.0.1:4222", stream="orders", namespace="shop").run()
+"""
+
+from rjet.parallel._errors import ParallelError, ReshardRefused, ShardsFailed
+from rjet.parallel._parallel import Parallel, ParallelOptions, ShardStats, Summary
+from rjet.parallel._reshard import ReshardReport
+from rjet.parallel._shard import shard_name, shard_of
+
+__all__ = [
+    "Parallel",
+    "ParallelError",
+    "ParallelOptions",
+    "ReshardRefused",
+    "ReshardReport",
+    "ShardStats",
+    "ShardsFailed",
+    "Summary",
+    "shard_name",
+    "shard_of",
+]

@@ -1,0 +1,52 @@
+"""Errors of :mod:`rjet.parallel`, part of rjet's one error tree.
+
+::
+
+    RjetError
+    └── ParallelError          something about a sharded group of workers
+        ├── ReshardRefused     n changed while shards of another n still run
+        └── ShardsFailed       shards stopped for good (fenced by another runner, or a permanent error)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from rjet.errors import RjetError
+
+if TYPE_CHECKING:
+    from rjet.parallel._parallel import Summary
+
+__all__ = ["ParallelError", "ReshardRefused", "ShardsFailed"]
+
+
+class ParallelError(RjetError):
+    """Something went wrong with a :class:`rjet.parallel.Parallel` group."""
+
+
+class ReshardRefused(ParallelError):
+    """The shard count changed while shards of another count still run (their heartbeats are fresh).
+
+    ``running`` names the live shards (``name_m_of_n``) with who runs them. Stop them and start again.
+    """
+
+    def __init__(self, message: str, running: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.running = dict(running)
+
+
+class ShardsFailed(ParallelError):
+    """One or more shards stopped for good; the others ran on until they were done or stopped.
+
+    ``failures`` maps each such shard index to why; ``fenced`` holds the shards that another runner of
+    the same shard fenced out through the cursor store (that runner, the newest, goes on);
+    ``summary`` is what the group did.
+    """
+
+    def __init__(self, failures: Mapping[int, str], fenced: frozenset[int], summary: Summary) -> None:
+        lines = "; ".join(f"shard {m}: {why}" for m, why in sorted(failures.items()))
+        super().__init__(f"parallel {summary.name!r}: {len(failures)} shard(s) stopped for good: {lines}")
+        self.failures = dict(failures)
+        self.fenced = fenced
+        self.summary = summary

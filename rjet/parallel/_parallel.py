@@ -1,0 +1,651 @@
+"""Parallel: a group of worker processes, one per shard, supervised by the calling process.
+
+The parent (this module) checks the stream, writes its shards' heartbeats, reshards when ``n``
+changed, then spawns one worker per shard (:mod:`rjet.parallel._worker`) and supervises them: it
+restarts crashed workers with exponential backoff, forwards their logs, counts their progress, and
+stops them gracefully on :meth:`Parallel.stop`, SIGINT or SIGTERM (a second one forces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import multiprocess
+from multiprocess.reduction import ForkingPickler
+
+from rjet._connect import connect
+from rjet._reader import ReadConfig
+from rjet.consumer import Handler
+from rjet.cursors import JetStreamCursorStore
+from rjet.errors import ConfigError, RjetError, Stopped
+from rjet.event import Event
+from rjet.fate import NEVER, Fate
+from rjet.parallel._errors import ShardsFailed
+from rjet.parallel._reshard import Heartbeats, ReshardReport, prepare
+from rjet.parallel._shard import check_n, shard_name
+from rjet.parallel._worker import EXIT_FATAL, EXIT_FENCED, ConnectOptions, WorkerConfig, connect_options
+from rjet.parallel._worker import main as worker_main
+from rjet.stream import Stream
+
+if TYPE_CHECKING:
+    from multiprocess.connection import Connection
+    from multiprocess.context import SpawnContext, SpawnProcess
+    from nats.aio.client import Client
+
+__all__ = ["Parallel", "ParallelOptions", "ShardStats", "Summary"]
+
+log = logging.getLogger("rjet.parallel")
+
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+_TICK: Final = 0.05
+_FINAL: Final = frozenset({"done", "stopped", "fenced", "failed"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ParallelOptions:
+    """The options of :class:`Parallel` (its ``**options``); every one has a default.
+
+    What runs:
+
+    - ``shards``: the shard indexes (0-based) this group runs; default all ``n``. Spread a name's
+      shards over hosts by giving each host a part (``shards=[0, 1]`` here, ``[2, 3]`` there).
+    - ``types``, ``filter``, ``fate``, ``lag``: as for :class:`rjet.Consumer` and :class:`rjet.Spec`.
+    - ``read``: the :class:`rjet.ReadConfig` of each worker's stream client.
+    - ``on_start``: ``on_start(m)`` (sync or async) runs in each worker process before it consumes
+      (open per-process resources there); an error in it counts as a crash of the worker.
+
+    How it runs:
+
+    - ``flush_interval``: seconds between cursor writes of each shard.
+    - ``retry_delay``, ``max_backoff``: a handler error stops the shard's run, which retries the same
+      event after a backoff (1 s doubling to ``max_backoff``); expected errors after ``retry_delay``.
+    - ``restart_delay``, ``max_restart_delay``, ``restart_reset``: a worker that dies is restarted
+      after ``restart_delay`` seconds, doubling on each crash up to ``max_restart_delay``; the delay
+      starts over once a worker lived ``restart_reset`` seconds.
+    - ``stop_timeout``: how long a graceful stop waits for handlers in flight before killing workers.
+    - ``heartbeat_interval``, ``heartbeat_ttl``: how often each shard's liveness is written to the
+      cursor bucket, and how old it may be before the shard counts as not running (resharding).
+    """
+
+    shards: Sequence[int] | None = None
+    types: Iterable[int] | None = None
+    filter: Callable[[Event], bool] | None = None
+    fate: Fate = NEVER
+    lag: float | None = None
+    read: ReadConfig | None = None
+    on_start: Callable[[int], Any] | None = None
+    flush_interval: float = 1.0
+    retry_delay: float = 0.1
+    max_backoff: float = 60.0
+    restart_delay: float = 0.5
+    max_restart_delay: float = 30.0
+    restart_reset: float = 30.0
+    stop_timeout: float = 30.0
+    heartbeat_interval: float = 2.0
+    heartbeat_ttl: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.types is not None:
+            object.__setattr__(self, "types", frozenset(self.types))
+        if self.shards is not None:
+            if isinstance(self.shards, int | str):
+                raise ConfigError(f"Parallel: shards is a list of shard indexes, not {self.shards!r}")
+            object.__setattr__(self, "shards", tuple(self.shards))
+        for field in (
+            "flush_interval",
+            "retry_delay",
+            "max_backoff",
+            "restart_delay",
+            "max_restart_delay",
+            "restart_reset",
+            "stop_timeout",
+            "heartbeat_interval",
+            "heartbeat_ttl",
+        ):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"Parallel: {field} must be a number >= 0, not {value!r}")
+        if self.heartbeat_interval <= 0 or self.heartbeat_ttl < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                "Parallel: need 0 < heartbeat_interval and heartbeat_ttl >= 2 * heartbeat_interval, got"
+                f" {self.heartbeat_interval} and {self.heartbeat_ttl}"
+            )
+        if self.lag is not None and (isinstance(self.lag, bool) or self.lag < 0):
+            raise ConfigError(f"Parallel: lag must be a number of seconds >= 0, not {self.lag!r}")
+        if self.filter is not None and not callable(self.filter):
+            raise ConfigError(f"Parallel: filter {self.filter!r} is not callable")
+        if self.on_start is not None and not callable(self.on_start):
+            raise ConfigError(f"Parallel: on_start {self.on_start!r} is not callable")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShardStats:
+    """One shard of a :class:`Summary`.
+
+    ``handled`` counts handler calls that succeeded and ``skipped`` the events left to other shards,
+    over every worker that ran the shard (replays after a crash count again; a worker killed outright
+    loses its last quarter second of counts). ``cursor`` is the shard's stored cursor at the end.
+    ``state`` is ``done`` (head reached), ``stopped``, ``fenced`` (another runner took the shard),
+    ``failed`` (a permanent error), ``idle`` (not started yet), or, while running, ``starting``,
+    ``running`` or ``waiting`` (to be restarted).
+    """
+
+    shard: int
+    name: str
+    handled: int
+    skipped: int
+    cursor: str
+    restarts: int
+    state: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Summary:
+    """What a :class:`Parallel` group did, per shard; ``reshard`` says what a reshard did, if any."""
+
+    name: str
+    n: int
+    shards: tuple[ShardStats, ...]
+    reshard: ReshardReport | None = None
+
+    @property
+    def handled(self) -> int:
+        """Events handled, over all shards."""
+        return sum(s.handled for s in self.shards)
+
+    @property
+    def skipped(self) -> int:
+        """Events skipped as other shards', over all shards."""
+        return sum(s.skipped for s in self.shards)
+
+    def shard(self, m: int) -> ShardStats:
+        """The stats of shard ``m`` (0-based); ``KeyError`` when this group did not run it."""
+        for s in self.shards:
+            if s.shard == m:
+                return s
+        raise KeyError(m)
+
+
+class _Shard:
+    """The parent's view of one shard: its current worker, its counts, its restart backoff."""
+
+    def __init__(self, m: int, name: str) -> None:
+        self.m = m
+        self.name = name
+        self.proc: SpawnProcess | None = None
+        self.conn: Connection | None = None
+        self.state = "idle"
+        self.started_at = 0.0
+        self.next_start = 0.0
+        self.delay = 0.0
+        self.restarts = 0
+        self.handled_before = 0
+        self.skipped_before = 0
+        self.handled = 0
+        self.skipped = 0
+        self.cursor = ""
+        self.outcome: str | None = None
+        self.detail = ""
+
+    def stats(self) -> ShardStats:
+        return ShardStats(
+            self.m,
+            self.name,
+            self.handled_before + self.handled,
+            self.skipped_before + self.skipped,
+            self.cursor,
+            self.restarts,
+            self.state,
+        )
+
+
+class Parallel:
+    """Consume one stream with ``n`` worker processes, each handling one shard of the foreign IDs.
+
+    Shard ``m`` handles exactly the events whose ``shard_of(event.foreign_id, n) == m``, one at a time
+    and in stream order, and keeps its own cursor ``shard_name(name, m, n)`` in the
+    :class:`rjet.JetStreamCursorStore` of ``namespace``. Every shard reads the whole stream and skips
+    (cheaply) the events of other shards; its cursor advances past them too.
+
+    ``fn(fate, event)`` may be sync or async, a closure or a lambda: it is sent to the workers with
+    ``dill``. ``servers`` is a URL or a list of them, ``stream`` the stream's name,
+    ``connect_options`` options for :func:`rjet.connect` (or a function returning them, called in
+    each process; use that for options that cannot be pickled, such as an ``ssl.SSLContext``).
+    ``options`` are the fields of :class:`ParallelOptions`.
+
+    ::
+
+        def handle(fate, event):
+            fate.tempt()
+            db.upsert(event.foreign_id, event.metadata)
+
+        group = Parallel("indexer", 4, handle, servers="nats://127.0.0.1:4222", stream="orders",
+                         namespace="shop")
+        group.run()                          # until SIGINT/SIGTERM or group.stop()
+        summary = group.run(to_head=True)    # until every shard handled what the stream holds now
+
+    Worker processes are spawned (never forked), each with its own event loop and NATS connection.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        n: int,
+        fn: Handler,
+        *,
+        servers: str | Sequence[str],
+        stream: str,
+        namespace: str,
+        connect_options: ConnectOptions = None,
+        **options: Any,
+    ) -> None:
+        check_n(n)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"Parallel: name must be a non-empty str, not {name!r}")
+        if not callable(fn):
+            raise ConfigError(f"Parallel {name!r}: handler {fn!r} is not callable")
+        urls = [servers] if isinstance(servers, str) else list(servers)
+        if not urls or not all(isinstance(u, str) and u for u in urls):
+            raise ConfigError(f"Parallel {name!r}: servers must be a URL or a list of URLs, not {servers!r}")
+        for what, value in (("stream", stream), ("namespace", namespace)):
+            if not isinstance(value, str) or not _NAME_RE.match(value):
+                raise ConfigError(f"Parallel {name!r}: {what} {value!r} is invalid: use letters, digits, '_', '-'")
+        if connect_options is not None and not callable(connect_options) and not hasattr(connect_options, "items"):
+            raise ConfigError(f"Parallel {name!r}: connect_options must be a mapping or a function returning one")
+        try:
+            self.options = ParallelOptions(**options)
+        except TypeError as e:
+            raise ConfigError(f"Parallel {name!r}: {e} (see rjet.parallel.ParallelOptions)") from None
+        shards = tuple(range(n)) if self.options.shards is None else tuple(self.options.shards)
+        if not shards or len(set(shards)) != len(shards):
+            raise ConfigError(f"Parallel {name!r}: shards must be distinct shard indexes, not {shards!r}")
+        for m in shards:
+            shard_name(name, m, n)
+        self.name = name
+        self.n = n
+        self.fn = fn
+        self.servers = tuple(urls)
+        self.stream = stream
+        self.namespace = namespace
+        self.connect_options = connect_options
+        self.shards: tuple[int, ...] = tuple(sorted(shards))
+        self.reshard: ReshardReport | None = None
+        self._states = {m: _Shard(m, shard_name(name, m, n)) for m in self.shards}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._stops = 0
+        self._forced = ""
+        self._running = False
+
+    # ----------------------------------------------------------------- public surface
+
+    def run(self, *, to_head: bool = False) -> Summary:
+        """Run the group until stopped (or, with ``to_head``, until every shard reached the head).
+
+        Blocks. In the main thread it handles SIGINT and SIGTERM: the first stops gracefully (no new
+        handler call starts, those in flight finish, every cursor is flushed, then it returns the
+        summary), a second one kills the workers and raises :class:`rjet.Stopped`.
+
+        Raises :class:`rjet.parallel.ReshardRefused` when ``n`` changed while shards of the old ``n``
+        run, :class:`rjet.parallel.ShardsFailed` when shards stopped for good (fenced out by another
+        runner of the same shard, or a permanent error such as an expired cursor), and
+        :class:`rjet.StreamNotFound` / :class:`rjet.ConnectError` before starting any worker.
+        """
+        in_main = threading.current_thread() is threading.main_thread()
+        return asyncio.run(self.run_async(to_head=to_head, handle_signals=in_main))
+
+    async def run_async(self, *, to_head: bool = False, handle_signals: bool = False) -> Summary:
+        """:meth:`run` for callers inside an event loop; the workers are processes all the same.
+
+        Signal handlers are installed only with ``handle_signals`` (main thread only). Stop it with
+        :meth:`stop`, or cancel it: cancelling stops gracefully, then raises ``CancelledError``.
+        """
+        if self._running:
+            raise ConfigError(f"Parallel {self.name!r} is already running")
+        if handle_signals and threading.current_thread() is not threading.main_thread():
+            raise ConfigError("Parallel: handle_signals needs the main thread")
+        try:
+            ForkingPickler.dumps((self.fn, self._worker_config(0, to_head)))
+        except Exception as e:
+            raise ConfigError(
+                f"Parallel {self.name!r}: the handler or an option cannot be sent to a worker process: {e!r}"
+            ) from e
+        self._running = True
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._stops = 0
+        self._forced = ""
+        self._states = {m: _Shard(m, shard_name(self.name, m, self.n)) for m in self.shards}
+        self.reshard = None
+        try:
+            nc = await connect(list(self.servers), **connect_options(self.connect_options))
+            try:
+                return await self._run(nc, to_head, handle_signals)
+            finally:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+        finally:
+            self._running = False
+            self._loop = None
+
+    def stop(self, *, force: bool = False) -> None:
+        """Stop the running group gracefully (or kill its workers with ``force`` or a second call).
+
+        Safe from any thread and from signal handlers; does nothing when the group is not running.
+        """
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._request_stop, force)
+
+    @property
+    def worker_pids(self) -> dict[int, int]:
+        """The process ID of each shard's live worker, by shard index."""
+        return {m: s.proc.pid for m, s in self._states.items() if s.proc is not None and s.proc.pid is not None}
+
+    def statistics(self) -> Summary:
+        """A snapshot of what the group did so far (counts arrive from workers every 0.25 s)."""
+        return Summary(self.name, self.n, tuple(s.stats() for s in self._states.values()), self.reshard)
+
+    def __repr__(self) -> str:
+        return f"Parallel({self.name!r}, n={self.n}, shards={list(self.shards)}, stream={self.stream!r})"
+
+    # ----------------------------------------------------------------- the run
+
+    def _worker_config(self, m: int, to_head: bool) -> WorkerConfig:
+        o = self.options
+        root = logging.getLogger()
+        level = min(root.getEffectiveLevel(), log.getEffectiveLevel())
+        return WorkerConfig(
+            name=self.name,
+            n=self.n,
+            m=m,
+            servers=self.servers,
+            stream=self.stream,
+            namespace=self.namespace,
+            connect_options=self.connect_options,
+            types=o.types,  # type: ignore[arg-type]  # a frozenset after __post_init__
+            filter=o.filter,
+            fate=o.fate,
+            lag=o.lag,
+            read=o.read,
+            on_start=o.on_start,
+            flush_interval=o.flush_interval,
+            retry_delay=o.retry_delay,
+            max_backoff=o.max_backoff,
+            to_head=to_head,
+            log_level=level,
+            fence_interval=max(0.2, min(o.flush_interval, o.heartbeat_interval)),
+        )
+
+    async def _run(self, nc: Client, to_head: bool, handle_signals: bool) -> Summary:
+        js = nc.jetstream()
+        await Stream(js, self.stream).info()
+        store = await JetStreamCursorStore.create(js, self.namespace)
+        o = self.options
+        beats = Heartbeats(store._kv, self.name, self.n, self.shards, uuid.uuid4().hex, interval=o.heartbeat_interval)
+        await beats.beat()
+        try:
+            self.reshard = await prepare(
+                store._kv, self.name, self.n, group=beats.group, ttl=o.heartbeat_ttl, shards=self.shards
+            )
+        except BaseException:
+            await beats.clear()
+            raise
+        loop = asyncio.get_running_loop()
+        beat_task = loop.create_task(beats.run())
+        installed: list[signal.Signals] = []
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+        log.info(
+            "parallel %r: starting shards %s of n=%d on stream %r", self.name, list(self.shards), self.n, self.stream
+        )
+        try:
+            await self._supervise(to_head, beats)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            beat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat_task
+            self._kill_all(reap=True)  # only workers left behind by an error are still there
+            await beats.clear()
+        await self._final_cursors(store)
+        summary = self.statistics()
+        failures = {s.m: f"{s.state}: {s.detail}" for s in self._states.values() if s.state in ("fenced", "failed")}
+        if failures:
+            fenced = frozenset(s.m for s in self._states.values() if s.state == "fenced")
+            raise ShardsFailed(failures, fenced, summary)
+        if self._forced:
+            raise Stopped(f"parallel {self.name!r}: {self._forced}; shards killed mid-way resume from their last flush")
+        log.info(
+            "parallel %r: %s: handled %d, skipped %d; cursors %s",
+            self.name,
+            "reached the head" if to_head and not self._stops else "stopped",
+            summary.handled,
+            summary.skipped,
+            {s.name: s.cursor for s in summary.shards},
+        )
+        return summary
+
+    async def _final_cursors(self, store: JetStreamCursorStore) -> None:
+        async def peek(s: _Shard) -> None:
+            with contextlib.suppress(RjetError, TimeoutError):
+                s.cursor = await asyncio.wait_for(store.peek(s.name), 5.0)
+
+        await asyncio.gather(*(peek(s) for s in self._states.values()))
+
+    async def _supervise(self, to_head: bool, beats: Heartbeats) -> None:
+        ctx = multiprocess.get_context("spawn")
+        for s in self._states.values():
+            s.state = "waiting"
+        try:
+            await self._drive(ctx, to_head, beats)
+        except asyncio.CancelledError:
+            log.info("parallel %r: cancelled: stopping gracefully", self.name)
+            self._request_stop(False)
+            await self._drive(ctx, to_head, beats)
+            raise
+
+    async def _drive(self, ctx: SpawnContext, to_head: bool, beats: Heartbeats) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while True:
+            now = loop.time()
+            for s in self._states.values():
+                self._poll(ctx, s, now, to_head, beats)
+            if all(s.state in _FINAL for s in self._states.values()):
+                return
+            if self._stops and deadline is None:
+                deadline = now + self.options.stop_timeout
+                for s in self._states.values():
+                    if s.state == "waiting":
+                        s.state = "stopped"
+                    elif s.conn is not None:
+                        self._send(s, ("stop",))
+            if deadline is not None and not self._forced and (self._stops > 1 or now > deadline):
+                self._forced = (
+                    "forced to stop" if self._stops > 1 else f"not stopped within {self.options.stop_timeout}s"
+                )
+                log.error("parallel %r: %s: killing the workers still running", self.name, self._forced)
+                self._kill_all()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _TICK)
+
+    def _start(self, ctx: SpawnContext, s: _Shard, to_head: bool) -> None:
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(
+            target=worker_main,
+            args=(self._worker_config(s.m, to_head), self.fn, child),
+            name=f"rjet:{s.name}",
+            daemon=True,
+        )
+        with _children_ignore_sigint():
+            proc.start()
+        child.close()
+        s.proc, s.conn = proc, parent
+        s.state, s.outcome, s.detail = "starting", None, ""
+        s.started_at = asyncio.get_running_loop().time()
+        log.debug("parallel %r: started worker of %s (pid %s)", self.name, s.name, proc.pid)
+
+    def _poll(self, ctx: SpawnContext, s: _Shard, now: float, to_head: bool, beats: Heartbeats) -> None:
+        self._drain(s)
+        if s.proc is not None and s.proc.exitcode is not None:
+            self._drain(s)
+            self._on_exit(s, s.proc.exitcode, now, beats)
+        if s.state == "waiting" and not self._stops and now >= s.next_start:
+            if not s.restarts:
+                self._start(ctx, s, to_head)  # a first start that fails is a configuration problem
+                return
+            try:
+                self._start(ctx, s, to_head)
+            except OSError as e:  # out of processes or memory, say: try again later
+                s.delay = min(max(s.delay * 2, self.options.restart_delay), self.options.max_restart_delay)
+                s.next_start = now + s.delay
+                log.error(
+                    "parallel %r: cannot start a worker of %s (%r); retrying in %.1fs", self.name, s.name, e, s.delay
+                )
+
+    def _drain(self, s: _Shard) -> None:
+        conn = s.conn
+        if conn is None:
+            return
+        try:
+            while conn.poll():
+                self._on_message(s, conn.recv())
+        except (EOFError, OSError):
+            pass
+
+    def _on_message(self, s: _Shard, msg: tuple[Any, ...]) -> None:
+        kind = msg[0]
+        if kind == "log":
+            record = logging.makeLogRecord(msg[1])
+            logger = logging.getLogger(record.name)
+            if logger.isEnabledFor(record.levelno):
+                logger.handle(record)
+        elif kind == "progress":
+            _, s.handled, s.skipped, cursor = msg
+            s.cursor = cursor or s.cursor
+        elif kind == "started":
+            if s.state == "starting":
+                s.state = "running"
+        else:
+            s.outcome, s.detail, s.handled, s.skipped, cursor = msg
+            s.cursor = cursor or s.cursor
+
+    def _on_exit(self, s: _Shard, code: int, now: float, beats: Heartbeats) -> None:
+        assert s.proc is not None
+        pid = s.proc.pid
+        with contextlib.suppress(Exception):
+            s.proc.join(0)
+            s.proc.close()
+        if s.conn is not None:
+            s.conn.close()
+        s.proc = s.conn = None
+        s.handled_before += s.handled
+        s.skipped_before += s.skipped
+        s.handled = s.skipped = 0
+        if code == EXIT_FENCED or s.outcome == "fenced":
+            s.state = "fenced"
+            beats.drop(s.m)
+            log.error("parallel %r: %s stopped for good, fenced out by a newer runner: %s", self.name, s.name, s.detail)
+        elif code == EXIT_FATAL or s.outcome == "fatal":
+            s.state = "failed"
+            log.error("parallel %r: %s stopped for good: %s", self.name, s.name, s.detail)
+        elif code == 0 and s.outcome == "done":
+            s.state = "done"
+            log.info("parallel %r: %s reached the head", self.name, s.name)
+        elif self._stops:
+            s.state = "stopped"
+            if code != 0:
+                log.warning(
+                    "parallel %r: worker of %s (pid %s) %s while stopping", self.name, s.name, pid, _exit(code, s)
+                )
+        else:
+            lived = now - s.started_at
+            reset = s.delay == 0 or lived >= self.options.restart_reset
+            s.delay = self.options.restart_delay if reset else min(s.delay * 2, self.options.max_restart_delay)
+            s.delay = max(s.delay, self.options.restart_delay)
+            s.restarts += 1
+            s.state = "waiting"
+            s.next_start = now + s.delay
+            log.error(
+                "parallel %r: worker of %s (pid %s) %s after %.1fs; restarting it in %.1fs (restart #%d)",
+                self.name,
+                s.name,
+                pid,
+                _exit(code, s),
+                lived,
+                s.delay,
+                s.restarts,
+            )
+
+    # ----------------------------------------------------------------- stopping
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stops:
+            log.warning("parallel %r: %s again: killing the workers", self.name, sig.name)
+        else:
+            log.warning(
+                "parallel %r: %s: stopping gracefully within %gs (send it again to force)",
+                self.name,
+                sig.name,
+                self.options.stop_timeout,
+            )
+        self._request_stop(False)
+
+    def _request_stop(self, force: bool) -> None:
+        self._stops += 2 if force else 1
+        if self._wake is not None:
+            self._wake.set()
+
+    def _send(self, s: _Shard, msg: tuple[Any, ...]) -> None:
+        if s.conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                s.conn.send(msg)
+
+    def _kill_all(self, *, reap: bool = False) -> None:
+        for s in self._states.values():
+            if s.proc is not None and s.proc.exitcode is None:
+                with contextlib.suppress(Exception):
+                    s.proc.kill()
+                    if reap:
+                        s.proc.join(2.0)
+
+
+def _exit(code: int, s: _Shard) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
+    return f"exited with status {code}" + (f" ({s.detail})" if s.detail else "")
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Spawn with SIGINT ignored (inherited through exec), so that Ctrl-C, which the terminal sends to
+    the whole process group, cannot kill a worker before it has set up its own signal handling."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -1,0 +1,290 @@
+"""The worker process: one shard of a :class:`rjet.parallel.Parallel` group, with its own loop and connection.
+
+The parent starts :func:`main` in a spawned process with a :class:`WorkerConfig`, the handler, and its
+end of a pipe. Over the pipe the worker sends tuples (see ``Parallel``): ``("started", pid)``,
+``("progress", handled, skipped, cursor)``, ``("log", record)``, and one last ``(outcome, detail,
+handled, skipped, cursor)`` where outcome is ``done`` (head reached), ``stopped``, ``fenced`` or
+``fatal``. The parent sends ``("stop",)``; a closed pipe (the parent died) stops the worker too.
+
+Stopping is graceful: no new handler call starts, the one in flight finishes, the cursor is flushed.
+SIGINT is ignored (the parent owns Ctrl-C); SIGTERM stops like the parent's message does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+from xxhash import xxh3_64_intdigest
+
+from rjet._connect import connect
+from rjet._reader import ReadConfig
+from rjet.consumer import Consumer, Handler
+from rjet.cursors import JetStreamCursorStore
+from rjet.errors import (
+    ConfigError,
+    CursorAhead,
+    CursorConflict,
+    CursorExpired,
+    InvalidCursor,
+    RjetError,
+)
+from rjet.event import Event
+from rjet.fate import NEVER, Fate
+from rjet.parallel._shard import shard_name
+from rjet.run import Spec, run_forever
+from rjet.stats import ConsumerStats
+from rjet.stream import Stream
+
+if TYPE_CHECKING:
+    from multiprocess.connection import Connection
+
+__all__ = ["EXIT_CRASH", "EXIT_FATAL", "EXIT_FENCED", "ConnectOptions", "WorkerConfig", "main"]
+
+log = logging.getLogger("rjet.parallel")
+
+EXIT_CRASH: Final = 1
+"""An unexpected error (in set-up, say): the parent restarts the worker after a backoff."""
+EXIT_FENCED: Final = 3
+"""Another runner claimed this shard's cursor: the parent does not restart the worker."""
+EXIT_FATAL: Final = 4
+"""An error that a restart cannot fix (an expired cursor, say): the parent does not restart it."""
+
+_FATAL: Final = (CursorExpired, CursorAhead, InvalidCursor, ConfigError)
+
+ConnectOptions: TypeAlias = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
+"""Options for :func:`rjet.connect`, or a function that returns them (called in each process)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """Everything one worker needs besides the handler; it travels to the child process."""
+
+    name: str
+    n: int
+    m: int
+    servers: tuple[str, ...]
+    stream: str
+    namespace: str
+    connect_options: ConnectOptions = None
+    types: frozenset[int] | None = None
+    filter: Callable[[Event], bool] | None = None
+    fate: Fate = NEVER
+    lag: float | None = None
+    read: ReadConfig | None = None
+    on_start: Callable[[int], Awaitable[None] | None] | None = None
+    flush_interval: float = 1.0
+    retry_delay: float = 0.1
+    max_backoff: float = 60.0
+    to_head: bool = False
+    log_level: int = logging.WARNING
+    report_interval: float = 0.25
+    fence_interval: float = 1.0
+
+    @property
+    def shard(self) -> str:
+        """The shard's consumer and cursor name."""
+        return shard_name(self.name, self.m, self.n)
+
+
+def connect_options(options: ConnectOptions) -> dict[str, Any]:
+    """The connect options, calling the factory when one was given."""
+    if options is None:
+        return {}
+    if callable(options):
+        options = options()
+    return dict(options)
+
+
+class _Link:
+    """The worker's end of the pipe; sends never raise (a vanished parent just stops the worker)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.broken = False
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        if self.broken:
+            return
+        with self.lock:
+            try:
+                self.conn.send(msg)
+            except (OSError, EOFError, ValueError):
+                self.broken = True
+
+
+class _Forward(logging.Handler):
+    """Sends log records to the parent, which hands them to its own logging configuration."""
+
+    def __init__(self, link: _Link, process_name: str) -> None:
+        super().__init__()
+        self.link = link
+        self.process_name = process_name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text = f"{text}\n{logging.Formatter().formatException(record.exc_info)}"
+            elif record.exc_text:
+                text = f"{text}\n{record.exc_text}"
+            if record.stack_info:
+                text = f"{text}\n{record.stack_info}"
+            data = {
+                k: v
+                for k, v in record.__dict__.items()
+                if isinstance(v, str | int | float | bool | type(None)) and k not in ("msg", "exc_text", "stack_info")
+            }
+            data.update(msg=text, args=None, exc_info=None, exc_text=None, stack_info=None)
+            data["processName"] = self.process_name
+            self.link.send(("log", data))
+        except Exception:
+            self.handleError(record)
+
+
+class _Worker:
+    def __init__(self, cfg: WorkerConfig, fn: Handler, link: _Link) -> None:
+        self.cfg = cfg
+        self.fn = fn
+        self.link = link
+        self.stats = ConsumerStats(cfg.shard)
+        self.stop = asyncio.Event()
+        self.store: JetStreamCursorStore | None = None
+
+    @property
+    def handled(self) -> int:
+        return self.stats.handled
+
+    @property
+    def skipped(self) -> int:
+        return self.stats.snapshot().skipped
+
+    def key_filter(self) -> Callable[[str], bool]:
+        n, m = self.cfg.n, self.cfg.m
+
+        def mine(foreign_id: str, _hash: Callable[[bytes], int] = xxh3_64_intdigest) -> bool:
+            return _hash(foreign_id.encode("utf-8")) % n == m
+
+        return mine
+
+    def request_stop(self) -> None:
+        """Stop gracefully: no new handler call starts, the one in flight finishes, the cursor is flushed."""
+        self.stop.set()
+
+    def _on_parent(self) -> None:
+        conn = self.link.conn
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if msg and msg[0] == "stop":
+                    self.request_stop()
+        except (EOFError, OSError):
+            self.link.broken = True
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+            self.request_stop()
+
+    def _cursor(self) -> str:
+        return (self.store.last_written(self.cfg.shard) if self.store is not None else None) or ""
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.report_interval)
+            self.link.send(("progress", self.handled, self.skipped, self._cursor()))
+
+    async def _watch_fence(self, store: JetStreamCursorStore) -> None:
+        # The store notices a second runner at its next write; this notices it while idle too.
+        while True:
+            await asyncio.sleep(self.cfg.fence_interval)
+            try:
+                if not await store.check_claim(self.cfg.shard):
+                    return  # the store has failed: run stops with CursorConflict
+            except RjetError as e:
+                log.debug("shard %r: cannot check the cursor claim: %s", self.cfg.shard, e)
+
+    async def run(self) -> tuple[str, str]:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_reader(self.link.conn.fileno(), self._on_parent)
+        nc = await connect(list(cfg.servers), **connect_options(cfg.connect_options))
+        helpers: list[asyncio.Task[None]] = []
+        try:
+            js = nc.jetstream()
+            store = self.store = await JetStreamCursorStore.create(js, cfg.namespace, flush_interval=cfg.flush_interval)
+            stream = Stream(js, cfg.stream, read=cfg.read)
+            view = await stream.shard(cfg.m, cfg.n)
+            if view is not None:
+                # A partitioned stream: the server sends only this shard's events. The key filter
+                # stays, so an event whose subject disagrees with its foreign ID is still not handled
+                # by the wrong shard.
+                stream = view
+            log.debug("shard %r: reading %s", cfg.shard, "its partitions only" if view else "the whole stream")
+            if cfg.on_start is not None:
+                result = cfg.on_start(cfg.m)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            consumer = Consumer(
+                cfg.shard, self.fn, types=cfg.types, filter=cfg.filter, key_filter=self.key_filter(), fate=cfg.fate
+            )
+            spec = Spec(stream.stream, store, consumer, to_head=cfg.to_head, lag=cfg.lag)
+            self.link.send(("started", os.getpid()))
+            helpers = [loop.create_task(self._report()), loop.create_task(self._watch_fence(store))]
+            outcome, detail = "done", ""
+            try:
+                await run_forever(
+                    spec, retry_delay=cfg.retry_delay, max_backoff=cfg.max_backoff, stats=self.stats, stop=self.stop
+                )
+                if self.stop.is_set():
+                    outcome = "stopped"
+                await store.close()
+            except CursorConflict as e:
+                log.error("shard %r stopped for good: %s", cfg.shard, e)
+                return "fenced", str(e)
+            except _FATAL as e:
+                log.error("shard %r stopped for good: %s", cfg.shard, e, exc_info=e)
+                outcome, detail = "fatal", f"{type(e).__name__}: {e}"
+            return outcome, detail
+        finally:
+            for task in helpers:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+
+def main(cfg: WorkerConfig, fn: Handler, conn: Connection) -> None:
+    """The worker process's entry: consume shard ``cfg.m`` of ``cfg.n`` until done, stopped or fenced."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    link = _Link(conn)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(_Forward(link, f"rjet:{cfg.shard}"))
+    root.setLevel(cfg.log_level)
+    worker = _Worker(cfg, fn, link)
+    code = 0
+    try:
+        outcome, detail = asyncio.run(worker.run())
+        if outcome == "fenced":
+            code = EXIT_FENCED
+        elif outcome == "fatal":
+            code = EXIT_FATAL
+    except RjetError as e:
+        log.error("shard %r: worker failed: %s", cfg.shard, e, exc_info=e)
+        outcome, detail, code = "crashed", f"{type(e).__name__}: {e}", EXIT_CRASH
+    except BaseException as e:
+        log.error("shard %r: worker crashed", cfg.shard, exc_info=e)
+        outcome, detail, code = "crashed", f"{type(e).__name__}: {e}", EXIT_CRASH
+    link.send((outcome, detail, worker.handled, worker.skipped, worker._cursor()))
+    with contextlib.suppress(OSError):
+        conn.close()
+    sys.exit(code)

@@ -1,0 +1,621 @@
+"""rjet.parallel against a real nats-server with real worker processes.
+
+Handlers write one line per handled event to a file per shard (``<dir>/shard-<m>.log``, the shard
+told by ``on_start``), so the tests can check, from the parent, which process handled what in which
+order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.js import JetStreamContext
+
+import rjet
+from rjet.parallel import (
+    Parallel,
+    ParallelOptions,
+    ReshardRefused,
+    ShardsFailed,
+    Summary,
+    shard_name,
+    shard_of,
+)
+from rjet.parallel._reshard import Heartbeats, prepare
+from rjet.server import EmbeddedServer
+
+_SHARD_ENV = "RJET_TEST_SHARD"
+
+
+def remember_shard(m: int) -> None:
+    """on_start: lets handlers know which shard their process runs."""
+    os.environ[_SHARD_ENV] = str(m)
+
+
+def logger(directory: Path, delay: float = 0.0) -> Callable[[rjet.Fate, rjet.Event], None]:
+    """A handler that appends ``<seq> <foreign id> <pid>`` to its shard's file."""
+
+    def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        if delay:
+            time.sleep(delay)
+        with open(directory / f"shard-{os.environ[_SHARD_ENV]}.log", "a") as f:
+            f.write(f"{event.id} {event.foreign_id} {os.getpid()}\n")
+
+    return handle
+
+
+def read_logs(directory: Path) -> dict[int, list[tuple[int, str, int]]]:
+    """(seq, foreign id, pid) per shard, in the order they were handled."""
+    logs: dict[int, list[tuple[int, str, int]]] = {}
+    for path in sorted(directory.glob("shard-*.log")):
+        m = int(path.stem.split("-")[1])
+        rows = logs.setdefault(m, [])
+        for line in path.read_text().splitlines():
+            parts = line.split(" ")
+            if len(parts) == 3:  # a worker killed mid-write may leave a partial line
+                rows.append((int(parts[0]), parts[1], int(parts[2])))
+    return logs
+
+
+def check_handling(logs: dict[int, list[tuple[int, str, int]]], n: int, events: dict[int, str]) -> int:
+    """Each event handled by the shard shard_of names; per key, first handlings in stream order; none
+    lost. Returns how many handlings were replays."""
+    first: dict[int, int] = {}
+    per_key: dict[str, list[int]] = collections.defaultdict(list)
+    replays = 0
+    for m, rows in logs.items():
+        for seq, fid, _ in rows:
+            assert events[seq] == fid
+            assert shard_of(fid, n) == m, f"event {seq} ({fid!r}) handled by shard {m}"
+            if seq in first:
+                replays += 1
+                continue
+            first[seq] = m
+            per_key[fid].append(seq)
+    assert sorted(first) == sorted(events), f"lost: {sorted(set(events) - set(first))[:20]}"
+    for fid, seqs in per_key.items():
+        assert seqs == sorted(seqs), f"key {fid!r} handled out of order: {seqs}"
+    return replays
+
+
+async def insert(stream: rjet.Stream, count: int, keys: int = 40, prefix: str = "k") -> dict[int, str]:
+    fids = [f"{prefix}{i % keys}" for i in range(count)]
+    seqs = await stream.insert_many([(fid, 1, b"") for fid in fids])
+    return dict(zip(seqs, fids, strict=True))
+
+
+def group(server: EmbeddedServer, name: str, n: int, fn: Any, **options: Any) -> Parallel:
+    options.setdefault("on_start", remember_shard)
+    options.setdefault("flush_interval", 0.2)
+    options.setdefault("restart_delay", 0.2)
+    options.setdefault("heartbeat_interval", 0.5)
+    options.setdefault("heartbeat_ttl", 3.0)
+    return Parallel(name, n, fn, servers=server.url, stream=name, namespace=name, **options)
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def stored_cursors(js: JetStreamContext, namespace: str) -> dict[str, str]:
+    store = await rjet.JetStreamCursorStore.create(js, namespace)
+    return {k: v for k, v in (await store.cursors()).items() if not k.startswith("_rjet.")}
+
+
+def per_shard(events: dict[int, str], n: int) -> collections.Counter[int]:
+    return collections.Counter(shard_of(fid, n) for fid in events.values())
+
+
+# ----------------------------------------------------------------- configuration
+
+
+def test_config_errors(server: EmbeddedServer) -> None:
+    ok: dict[str, Any] = {"servers": server.url, "stream": "s", "namespace": "ns"}
+    with pytest.raises(rjet.ConfigError, match="n must be"):
+        Parallel("p", 0, logger(Path()), **ok)
+    with pytest.raises(rjet.ConfigError, match="not callable"):
+        Parallel("p", 2, "nope", **ok)  # type: ignore[arg-type]
+    with pytest.raises(rjet.ConfigError, match="unexpected keyword argument 'bogus'"):
+        Parallel("p", 2, logger(Path()), bogus=1, **ok)
+    with pytest.raises(rjet.ConfigError, match="shard index"):
+        Parallel("p", 2, logger(Path()), shards=[2], **ok)
+    with pytest.raises(rjet.ConfigError, match="distinct"):
+        Parallel("p", 2, logger(Path()), shards=[1, 1], **ok)
+    with pytest.raises(rjet.ConfigError, match="namespace"):
+        Parallel("p", 2, logger(Path()), **{**ok, "namespace": "a.b"})
+    with pytest.raises(rjet.ConfigError, match="heartbeat_ttl"):
+        Parallel("p", 2, logger(Path()), heartbeat_interval=2, heartbeat_ttl=3, **ok)
+    assert Parallel("p", 4, logger(Path()), shards=[3, 1], **ok).shards == (1, 3)
+    assert ParallelOptions(types=[1, 2]).types == frozenset({1, 2})
+
+
+async def test_a_handler_that_cannot_travel_is_refused_before_anything_starts(server: EmbeddedServer) -> None:
+    gen = (x for x in [1])
+
+    def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        next(gen)
+
+    p = Parallel("p", 2, handle, servers=server.url, stream="s", namespace="ns")
+    with pytest.raises(rjet.ConfigError, match="cannot be sent to a worker process"):
+        await p.run_async(to_head=True)
+
+
+async def test_a_missing_stream_fails_before_any_worker_starts(server: EmbeddedServer, name: str) -> None:
+    p = group(server, name, 2, logger(Path()))
+    with pytest.raises(rjet.StreamNotFound):
+        await p.run_async(to_head=True)
+    assert p.worker_pids == {}
+
+
+# ----------------------------------------------------------------- order, cursors, summary
+
+
+@pytest.mark.timeout(60)
+async def test_shards_handle_their_keys_in_order_and_resume_without_rescanning(
+    server: EmbeddedServer, stream: rjet.Stream, js: JetStreamContext, name: str, tmp_path: Path
+) -> None:
+    n = 3
+    events = await insert(stream, 3000)
+    last = str(max(events))
+
+    async def handle(fate: rjet.Fate, event: rjet.Event) -> None:  # async handlers work too
+        logger(tmp_path)(fate, event)
+
+    summary = await group(server, name, n, handle).run_async(to_head=True)
+
+    assert check_handling(read_logs(tmp_path), n, events) == 0
+    counts = per_shard(events, n)
+    assert isinstance(summary, Summary)
+    assert [s.shard for s in summary.shards] == [0, 1, 2]
+    for s in summary.shards:
+        assert s.name == shard_name(name, s.shard, n)
+        assert (s.handled, s.skipped, s.cursor, s.restarts, s.state) == (
+            counts[s.shard],
+            len(events) - counts[s.shard],
+            last,
+            0,
+            "done",
+        )
+    assert summary.handled == len(events)
+    assert summary.reshard is None
+    assert await stored_cursors(js, name) == {shard_name(name, m, n): last for m in range(n)}
+
+    # Each shard advanced past the other shards' events too: a restart rescans nothing.
+    again = await group(server, name, n, handle).run_async(to_head=True)
+    assert [(s.handled, s.skipped, s.cursor) for s in again.shards] == [(0, 0, last)] * n
+
+
+@pytest.mark.timeout(60)
+async def test_on_a_partitioned_stream_each_shard_reads_only_its_own_events(
+    server: EmbeddedServer, js: JetStreamContext, name: str, tmp_path: Path
+) -> None:
+    n = 3
+    stream = await rjet.Stream.create(js, name, partitions=True)
+    events = await insert(stream, 2000)
+    summary = await group(server, name, n, logger(tmp_path)).run_async(to_head=True)
+    assert check_handling(read_logs(tmp_path), n, events) == 0
+    assert summary.skipped == 0  # the server filtered other shards' events out
+    assert [s.handled for s in summary.shards] == [per_shard(events, n)[m] for m in range(n)]
+
+
+@pytest.mark.timeout(60)
+async def test_shards_spread_over_groups(
+    server: EmbeddedServer, stream: rjet.Stream, js: JetStreamContext, name: str, tmp_path: Path
+) -> None:
+    n = 2
+    events = await insert(stream, 2000)
+    fn = lambda fate, event: logger(tmp_path)(fate, event)  # noqa: E731  # lambdas travel too
+    first = group(server, name, n, fn, shards=[0])
+    second = group(server, name, n, fn, shards=[1])
+    a, b = await asyncio.gather(first.run_async(to_head=True), second.run_async(to_head=True))
+
+    assert [s.shard for s in a.shards] == [0]
+    assert [s.shard for s in b.shards] == [1]
+    assert check_handling(read_logs(tmp_path), n, events) == 0
+    assert a.handled + b.handled == len(events)
+    last = str(max(events))
+    assert await stored_cursors(js, name) == {shard_name(name, 0, n): last, shard_name(name, 1, n): last}
+
+
+# ----------------------------------------------------------------- supervision
+
+
+@pytest.mark.timeout(60)
+async def test_a_killed_worker_is_restarted_and_resumes_from_its_cursor(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    n = 2
+    events = await insert(stream, 3000)
+    p = group(server, name, n, logger(tmp_path, delay=0.001))
+    task = asyncio.create_task(p.run_async(to_head=True))
+    await wait_for(lambda: p.statistics().shard(0).handled >= 200, what="progress on shard 0")
+    victim = p.worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    summary = await task
+
+    logs = read_logs(tmp_path)
+    check_handling(logs, n, events)
+    assert {pid for _, _, pid in logs[0]} - {victim}, "shard 0 was not handled by a new process"
+    assert summary.shard(0).restarts == 1
+    assert summary.shard(1).restarts == 0
+    assert all(s.state == "done" and s.cursor == str(max(events)) for s in summary.shards)
+    assert "was killed by SIGKILL" in caplog.text
+
+
+@pytest.mark.timeout(60)
+async def test_a_handler_error_stops_backs_off_and_retries_the_same_event(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    n = 2
+    events = await insert(stream, 600)
+    bad = sorted(events)[300]
+    marker = tmp_path / "failed-once"
+    log = logger(tmp_path)
+
+    def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        if event.id_int == bad and not marker.exists():
+            marker.touch()
+            raise ValueError("boom")
+        log(fate, event)
+
+    summary = await group(server, name, n, handle, max_backoff=0.2).run_async(to_head=True)
+
+    assert check_handling(read_logs(tmp_path), n, events) == 0  # the failed event was handled after
+    assert summary.shard(shard_of(events[bad], n)).restarts == 0  # the worker itself did not die
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR and "ValueError: boom" in r.getMessage()]
+    assert failures, caplog.text
+    assert f"failed on event {bad}" in failures[0].getMessage()  # the event is named
+    assert failures[0].processName == f"rjet:{shard_name(name, shard_of(events[bad], n), n)}"
+
+
+def fail_setup_of_shard_0(m: int) -> None:
+    remember_shard(m)
+    if m == 0:
+        raise RuntimeError("setup of shard 0 fails")
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_that_keeps_failing_is_restarted_with_backoff_and_the_others_go_on(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    n = 2
+    events = await insert(stream, 1000)
+    p = group(
+        server,
+        name,
+        n,
+        logger(tmp_path),
+        on_start=fail_setup_of_shard_0,
+        restart_delay=0.1,
+        max_restart_delay=0.4,
+    )
+    task = asyncio.create_task(p.run_async())
+    own = per_shard(events, n)[1]
+    await wait_for(
+        lambda: p.statistics().shard(0).restarts >= 4 and p.statistics().shard(1).handled == own,
+        30,
+        what="shard 1 done while shard 0 keeps failing",
+    )
+    p.stop()
+    summary = await task
+
+    assert summary.shard(1).handled == own
+    assert summary.shard(1).cursor == str(max(events))
+    assert summary.shard(0).handled == 0
+    assert [s.state for s in summary.shards] == ["stopped", "stopped"]
+    restarts = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"parallel {name!r}: worker of")]
+    delays = [float(m.split("restarting it in ")[1].split("s ")[0]) for m in restarts]
+    assert delays[:4] == [0.1, 0.2, 0.4, 0.4]
+    assert "setup of shard 0 fails" in caplog.text
+
+
+# ----------------------------------------------------------------- duplicate runners
+
+
+@pytest.mark.timeout(60)
+async def test_a_second_runner_of_the_same_shards_fences_the_first(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    n = 2
+    events = await insert(stream, 2000)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = group(server, name, n, logger(tmp_path / "old", delay=0.002))
+    old_task = asyncio.create_task(old.run_async())
+    await wait_for(lambda: old.statistics().handled >= 100, what="the first group to make progress")
+
+    new = group(server, name, n, logger(tmp_path / "new"))
+    new_summary = await new.run_async(to_head=True)
+    with pytest.raises(ShardsFailed) as failed:
+        await asyncio.wait_for(old_task, 10)
+
+    assert failed.value.fenced == frozenset({0, 1})
+    assert all(s.state == "fenced" and s.restarts == 0 for s in failed.value.summary.shards)
+    assert all(s.state == "done" for s in new_summary.shards)
+    # Between them, the groups lost nothing; each handled its keys in order.
+    old_logs, new_logs = read_logs(tmp_path / "old"), read_logs(tmp_path / "new")
+    handled = {seq for logs in (old_logs, new_logs) for rows in logs.values() for seq, _, _ in rows}
+    assert handled == set(events)
+    for logs in (old_logs, new_logs):
+        check_handling(logs, n, {seq: events[seq] for rows in logs.values() for seq, _, _ in rows})
+    assert "already run by another group" in caplog.text
+
+
+# ----------------------------------------------------------------- resharding
+
+
+@pytest.mark.timeout(90)
+async def test_reshard_2_to_3_seeds_from_the_lowest_old_cursor(
+    server: EmbeddedServer, stream: rjet.Stream, js: JetStreamContext, name: str, tmp_path: Path
+) -> None:
+    batch1 = await insert(stream, 1500)
+    (tmp_path / "x").mkdir()
+    old = group(server, name, 2, logger(tmp_path / "x"))
+    old_task = asyncio.create_task(old.run_async())
+    head1 = str(max(batch1))
+    await wait_for(lambda: all(s.cursor == head1 for s in old.statistics().shards), what="n=2 to catch up")
+
+    with pytest.raises(ReshardRefused) as refused:
+        await group(server, name, 3, logger(tmp_path)).run_async(to_head=True)
+    assert set(refused.value.running) == {shard_name(name, 0, 2), shard_name(name, 1, 2)}
+    old.stop()
+    await old_task
+
+    # Make the old cursors differ: only shard 2 of 2 sees the second batch.
+    batch2 = await insert(stream, 1000, prefix="j")
+    await group(server, name, 2, logger(tmp_path / "x"), shards=[1]).run_async(to_head=True)
+    cursors = await stored_cursors(js, name)
+    assert cursors == {shard_name(name, 0, 2): head1, shard_name(name, 1, 2): str(max(batch2))}
+
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    summary = await group(server, name, 3, logger(new_dir)).run_async(to_head=True)
+
+    report = summary.reshard
+    assert report is not None
+    assert (report.n, report.old_n, report.seed, report.source_n) == (3, (2,), head1, 2)
+    assert report.seeded == tuple(shard_name(name, m, 3) for m in range(3))
+    assert report.old_cursors == cursors
+    # No loss (everything after the seed is handled), no full replay (nothing before it is).
+    assert check_handling(read_logs(new_dir), 3, batch2) == 0
+    assert all(s.cursor == str(max(batch2)) for s in summary.shards)
+    # The old cursors stay; a second start of n=3 is a plain restart.
+    assert (await stored_cursors(js, name)).items() >= cursors.items()
+    again = await group(server, name, 3, logger(new_dir)).run_async(to_head=True)
+    assert again.reshard is None
+    assert again.handled == 0
+
+
+async def test_reshard_uses_the_best_bound_over_old_generations(js: JetStreamContext, name: str) -> None:
+    store = await rjet.JetStreamCursorStore.create(js, name)
+    kv = store._kv
+    # n=2 ran long ago; n=4 ran later, one of its shards never flushed; n=5 ran last.
+    for m, c in enumerate(["100", "90"]):
+        await kv.put(shard_name(name, m, 2), c.encode())
+    for m, c in enumerate(["500", "400", "450"]):
+        await kv.put(shard_name(name, m, 4), c.encode())
+    for m, c in enumerate(["300", "280", "290", "310", "299"]):
+        await kv.put(shard_name(name, m, 5), c.encode())
+    report = await prepare(kv, name, 3, group="g", ttl=5.0)
+    assert report is not None
+    assert (report.seed, report.source_n, report.old_n) == ("280", 5, (2, 4, 5))
+    assert {m: await store.peek(shard_name(name, m, 3)) for m in range(3)} == {0: "280", 1: "280", 2: "280"}
+    assert await prepare(kv, name, 3, group="g", ttl=5.0) is None
+
+    # Back to an n that ran before: its stale cursors are replaced, not resumed.
+    await kv.put(shard_name(name, 0, 3), b"700")
+    await kv.put(shard_name(name, 1, 3), b"650")
+    await kv.put(shard_name(name, 2, 3), b"690")
+    report = await prepare(kv, name, 2, group="g", ttl=5.0)
+    assert report is not None
+    assert (report.seed, report.source_n) == ("650", 3)
+    assert [await store.peek(shard_name(name, m, 2)) for m in range(2)] == ["650", "650"]
+
+
+async def test_reshard_of_a_generation_with_no_cursors_starts_at_the_beginning(js: JetStreamContext, name: str) -> None:
+    store = await rjet.JetStreamCursorStore.create(js, name)
+    assert await prepare(store._kv, name, 2, group="g", ttl=5.0) is None  # first run: nothing to seed
+    report = await prepare(store._kv, name, 3, group="g", ttl=5.0)
+    assert report is not None
+    assert (report.seed, report.source_n) == ("", None)
+    assert [await store.peek(shard_name(name, m, 3)) for m in range(3)] == ["", "", ""]
+
+
+async def test_groups_of_different_n_starting_at_once_both_refuse(js: JetStreamContext, name: str) -> None:
+    store = await rjet.JetStreamCursorStore.create(js, name)
+    kv = store._kv
+    await kv.put(shard_name(name, 0, 1), b"5")
+    a = Heartbeats(kv, name, 2, [0, 1], "a", interval=1.0)
+    b = Heartbeats(kv, name, 3, [0, 1, 2], "b", interval=1.0)
+    await a.beat()
+    await b.beat()
+    results = await asyncio.gather(
+        prepare(kv, name, 2, group="a", ttl=5.0), prepare(kv, name, 3, group="b", ttl=5.0), return_exceptions=True
+    )
+    assert all(isinstance(r, ReshardRefused) for r in results), results
+    await a.clear()
+    await b.clear()
+    assert await prepare(kv, name, 3, group="b", ttl=5.0) is not None
+
+
+async def test_groups_of_the_same_n_starting_at_once_agree(js: JetStreamContext, name: str) -> None:
+    store = await rjet.JetStreamCursorStore.create(js, name)
+    kv = store._kv
+    await kv.put(shard_name(name, 0, 1), b"42")
+    results = await asyncio.gather(*(prepare(kv, name, 4, group=g, ttl=5.0) for g in "abc"))
+    assert sum(r is not None for r in results) == 1
+    assert [await store.peek(shard_name(name, m, 4)) for m in range(4)] == ["42"] * 4
+
+
+# ----------------------------------------------------------------- signals (a real parent process)
+
+SCRIPT = textwrap.dedent(
+    """
+    import logging, os, sys, time
+    from rjet.parallel import Parallel
+
+    def main():
+        url, stream, directory, sleep = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+
+        def handle(fate, event):
+            with open(os.path.join(directory, "events.log"), "a") as f:
+                f.write(f"start {event.id} {os.getpid()}\\n")
+            time.sleep(sleep)
+            with open(os.path.join(directory, "events.log"), "a") as f:
+                f.write(f"end {event.id} {os.getpid()}\\n")
+
+        logging.basicConfig(level=logging.INFO, format="%(processName)s %(message)s")
+        group = Parallel("sig", 2, handle, servers=url, stream=stream, namespace=stream,
+                         flush_interval=0.2, stop_timeout=20)
+        summary = group.run()
+        print("handled", summary.handled, flush=True)
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+def start_script(tmp_path: Path, server: EmbeddedServer, name: str, sleep: float) -> subprocess.Popen[str]:
+    script = tmp_path / "group.py"
+    script.write_text(SCRIPT)
+    return subprocess.Popen(
+        [sys.executable, str(script), server.url, name, str(tmp_path), str(sleep)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal would give it
+    )
+
+
+def script_events(tmp_path: Path) -> list[tuple[str, int, int]]:
+    path = tmp_path / "events.log"
+    if not path.exists():
+        return []
+    rows = [line.split(" ") for line in path.read_text().splitlines()]
+    return [(r[0], int(r[1]), int(r[2])) for r in rows if len(r) == 3]
+
+
+async def wait_gone(pids: set[int], timeout: float = 5.0) -> None:
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    await wait_for(lambda: all(gone(p) for p in pids), timeout, what=f"workers {pids} to exit")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["SIGTERM to the parent", "SIGINT to the process group"])
+async def test_a_signal_stops_gracefully_finishing_handlers_and_flushing_cursors(
+    server: EmbeddedServer, stream: rjet.Stream, js: JetStreamContext, name: str, tmp_path: Path, how: str
+) -> None:
+    events = await insert(stream, 300)
+    proc = start_script(tmp_path, server, name, sleep=0.05)
+    try:
+        await wait_for(lambda: len(script_events(tmp_path)) >= 20, what="the script to handle events")
+        if how.startswith("SIGTERM"):
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the workers get it too, and ignore it
+        t0 = time.monotonic()
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert took < 10, out
+    rows = script_events(tmp_path)
+    starts = [seq for kind, seq, _ in rows if kind == "start"]
+    ends = [seq for kind, seq, _ in rows if kind == "end"]
+    assert sorted(starts) == sorted(ends), "a handler in flight did not finish"
+    await wait_gone({pid for _, _, pid in rows})
+    # Every cursor was flushed: it covers every event its shard handled, and no own event after it.
+    cursors = await stored_cursors(js, name)
+    for m in range(2):
+        cursor = int(cursors[shard_name("sig", m, 2)])
+        handled = {seq for seq in ends if shard_of(events[seq], 2) == m}
+        own_until_cursor = {seq for seq, fid in events.items() if seq <= cursor and shard_of(fid, 2) == m}
+        assert handled == own_until_cursor
+    assert "stopping gracefully" in out
+
+
+@pytest.mark.timeout(60)
+async def test_workers_stop_gracefully_when_their_parent_dies(
+    server: EmbeddedServer, stream: rjet.Stream, js: JetStreamContext, name: str, tmp_path: Path
+) -> None:
+    events = await insert(stream, 300)
+    proc = start_script(tmp_path, server, name, sleep=0.05)
+    try:
+        await wait_for(lambda: len(script_events(tmp_path)) >= 20, what="the script to handle events")
+        os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.to_thread(proc.communicate, timeout=10)  # EOF once the workers, which share stdout, exit
+        await wait_gone({pid for _, _, pid in script_events(tmp_path)})
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    rows = script_events(tmp_path)
+    starts = [seq for kind, seq, _ in rows if kind == "start"]
+    assert sorted(starts) == sorted(seq for kind, seq, _ in rows if kind == "end")
+    cursors = await stored_cursors(js, name)
+    for m in range(2):
+        cursor = int(cursors[shard_name("sig", m, 2)])
+        assert {seq for seq in starts if shard_of(events[seq], 2) == m} == {
+            seq for seq, fid in events.items() if seq <= cursor and shard_of(fid, 2) == m
+        }
+
+
+@pytest.mark.timeout(60)
+async def test_cancelling_run_async_stops_gracefully(
+    server: EmbeddedServer, stream: rjet.Stream, js: JetStreamContext, name: str, tmp_path: Path
+) -> None:
+    events = await insert(stream, 1000)
+    p = group(server, name, 1, logger(tmp_path, delay=0.002))
+    task = asyncio.create_task(p.run_async())
+    await wait_for(lambda: p.statistics().handled >= 50, what="progress")
+    pids = set(p.worker_pids.values())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_gone(pids)
+    handled = [seq for seq, _, _ in read_logs(tmp_path)[0]]
+    assert handled == sorted(events)[: len(handled)]
+    assert (await stored_cursors(js, name))[shard_name(name, 0, 1)] == str(handled[-1])
+
+
+@pytest.mark.timeout(60)
+async def test_a_second_signal_forces(server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path) -> None:
+    await insert(stream, 50)
+    proc = start_script(tmp_path, server, name, sleep=60)
+    try:
+        await wait_for(lambda: len(script_events(tmp_path)) >= 2, what="handlers to start")
+        os.kill(proc.pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert proc.poll() is None  # the handlers in flight sleep for a minute: graceful waits
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "forced to stop" in out
+    await wait_gone({pid for _, _, pid in script_events(tmp_path)})
