@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import os
 import signal
@@ -619,3 +620,29 @@ async def test_a_second_signal_forces(server: EmbeddedServer, stream: rjet.Strea
     assert proc.returncode != 0
     assert "forced to stop" in out
     await wait_gone({pid for _, _, pid in script_events(tmp_path)})
+
+
+async def test_a_poison_key_goes_to_the_dead_letter_stream_and_its_shard_goes_on(
+    server: EmbeddedServer, js: JetStreamContext, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    n = 2
+    events = await insert(stream, 400, keys=20)
+    log = logger(tmp_path)
+
+    def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        if event.foreign_id == "k7":
+            raise ValueError("k7 is poison")
+        log(fate, event)
+
+    summary = await group(
+        server, name, n, handle, dead_letters=f"{name}_dlq", dead_letter_attempts=1, max_backoff=0.1
+    ).run_async(to_head=True)
+    poison = {seq for seq, fid in events.items() if fid == "k7"}
+    handled = {seq for rows in read_logs(tmp_path).values() for seq, _, _ in rows}
+    assert handled == set(events) - poison
+    assert summary.handled == len(events) - len(poison)
+    dlq = rjet.Stream(js, f"{name}_dlq")
+    async with await dlq.stream(to_head=True) as client:
+        letters = [e async for e in client]
+    assert sorted(json.loads(e.metadata)["event_id"] for e in letters) == sorted(str(s) for s in poison)
+    assert {e.foreign_id for e in letters} == {"k7"}

@@ -62,6 +62,9 @@ class ParallelOptions:
     - ``read``: the :class:`rjet.ReadConfig` of each worker's stream client.
     - ``on_start``: ``on_start(m)`` (sync or async) runs in each worker process before it consumes
       (open per-process resources there); an error in it counts as a crash of the worker.
+    - ``dead_letters``: the name of a stream for dead letters (created when missing); with it, an
+      event whose handler fails ``dead_letter_attempts`` times is recorded there and skipped
+      (:class:`rjet.DeadLetter`). Default: none, retry forever.
 
     How it runs:
 
@@ -83,6 +86,8 @@ class ParallelOptions:
     lag: float | None = None
     read: ReadConfig | None = None
     on_start: Callable[[int], Any] | None = None
+    dead_letters: str | None = None
+    dead_letter_attempts: int = 5
     flush_interval: float = 1.0
     retry_delay: float = 0.1
     max_backoff: float = 60.0
@@ -380,6 +385,8 @@ class Parallel:
             lag=o.lag,
             read=o.read,
             on_start=o.on_start,
+            dead_letters=o.dead_letters,
+            dead_letter_attempts=o.dead_letter_attempts,
             flush_interval=o.flush_interval,
             retry_delay=o.retry_delay,
             max_backoff=o.max_backoff,

@@ -30,6 +30,7 @@ from rjet._connect import connect
 from rjet._reader import ReadConfig
 from rjet.consumer import Consumer, Handler
 from rjet.cursors import JetStreamCursorStore
+from rjet.deadletter import DeadLetter, DeadLetterStream
 from rjet.errors import (
     ConfigError,
     CursorAhead,
@@ -82,6 +83,8 @@ class WorkerConfig:
     lag: float | None = None
     read: ReadConfig | None = None
     on_start: Callable[[int], Awaitable[None] | None] | None = None
+    dead_letters: str | None = None
+    dead_letter_attempts: int = 5
     flush_interval: float = 1.0
     retry_delay: float = 0.1
     max_backoff: float = 60.0
@@ -233,8 +236,18 @@ class _Worker:
                 result = cfg.on_start(cfg.m)
                 if result is not None and inspect.isawaitable(result):
                     await result
+            dead_letter = None
+            if cfg.dead_letters:
+                sink = await DeadLetterStream.create(js, cfg.dead_letters)
+                dead_letter = DeadLetter(sink, attempts=cfg.dead_letter_attempts)
             consumer = Consumer(
-                cfg.shard, self.fn, types=cfg.types, filter=cfg.filter, key_filter=self.key_filter(), fate=cfg.fate
+                cfg.shard,
+                self.fn,
+                types=cfg.types,
+                filter=cfg.filter,
+                key_filter=self.key_filter(),
+                fate=cfg.fate,
+                dead_letter=dead_letter,
             )
             spec = Spec(stream.stream, store, consumer, to_head=cfg.to_head, lag=cfg.lag)
             self.link.send(("started", os.getpid()))
