@@ -96,6 +96,17 @@ def decode_key(key: str) -> str:
     return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("utf-8", "surrogatepass")
 
 
+async def kv_keys(kv: KeyValue) -> list[str]:
+    """Every key in a KV bucket, from one stream-info request.
+
+    (nats-py's ``KeyValue.keys()`` reads them through a watcher that can stop early and return
+    none; the stream's per-subject state is exact.) Deleted keys keep a marker and are listed.
+    """
+    prefix = f"$KV.{kv._name}."
+    info = await kv._js.stream_info(kv._stream, subjects_filter=prefix + ">")
+    return [subject[len(prefix) :] for subject in info.state.subjects or {}]
+
+
 class JetStreamCursorStore:
     """A :class:`CursorStore` in a JetStream KV bucket (``rjet_cursors_<namespace>``), buffered.
 
@@ -194,12 +205,10 @@ class JetStreamCursorStore:
 
     async def cursors(self) -> dict[str, str]:
         """Every stored cursor, by name, without claiming any."""
-        prefix = f"$KV.{self.bucket}."
         try:
-            info = await self._kv._js.stream_info(f"KV_{self.bucket}", subjects_filter=prefix + ">")
+            keys = await kv_keys(self._kv)
         except _STORE_ERRORS as e:
             raise self._store_error("cannot list cursors", e) from e
-        keys = [subject[len(prefix) :] for subject in info.state.subjects or {}]
         names = [decode_key(k) for k in keys if not k.startswith(RESERVED_PREFIX)]
         values = await asyncio.gather(*(self.peek(n) for n in names))
         return dict(zip(names, values, strict=True))

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 import nats.errors
 import nats.js.errors
 
-from rjet.cursors import decode_key, encode_key
+from rjet.cursors import decode_key, encode_key, kv_keys
 from rjet.errors import CursorStoreError
 from rjet.parallel._errors import ParallelError, ReshardRefused
 from rjet.parallel._shard import shard_name
@@ -126,10 +126,7 @@ def _parse_cursor_key(key: str, pattern: re.Pattern[str]) -> tuple[int, int] | N
 
 
 async def _keys(kv: KeyValue) -> list[str]:
-    try:
-        return list(await kv.keys())
-    except nats.js.errors.NoKeysError:
-        return []
+    return await kv_keys(kv)
 
 
 async def _get(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
