@@ -1,0 +1,1 @@
+"""rjet's benchmarks (pytest-benchmark): ``pytest benchmarks --benchmark-only``; see RESULTS.md."""

@@ -1,0 +1,184 @@
+"""Turn a ``--benchmark-json`` file into the Markdown tables of RESULTS.md.
+
+::
+
+    pytest benchmarks --benchmark-only --benchmark-json=bench.json
+    python benchmarks/report.py bench.json [more.json ...]   # several runs' benchmarks merged
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib.metadata import version
+from typing import Any
+
+from rjet.server import find_nats_server
+
+
+def _machine() -> list[str]:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    server = subprocess.run([find_nats_server(), "--version"], capture_output=True, text=True).stdout.strip()
+    return [
+        f"- CPU: {cpu}, `nproc` = {os.cpu_count()}",
+        f"- Python {platform.python_version()} ({platform.python_implementation()}), {platform.system()}",
+        f"- nats-py {version('nats-py')}, {server}, pytest-benchmark {version('pytest-benchmark')}",
+    ]
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        value = f"{value:,.2f}"
+    elif isinstance(value, int):
+        value = f"{value:,}"
+    return f"{value}{unit}"
+
+
+def _met(value: Any) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[value]
+
+
+def main(*paths: str) -> None:
+    benchmarks: list[dict[str, Any]] = []
+    for path in paths:
+        with open(path) as f:
+            benchmarks += json.load(f)["benchmarks"]
+    by_name: dict[str, dict[str, Any]] = {b["name"]: b["extra_info"] for b in benchmarks}
+
+    def info(name: str) -> dict[str, Any]:
+        return by_name.get(name, {})
+
+    rows: list[tuple[str, str, str, str, str, str]] = []
+
+    def row(path: str, rjet: str, baseline: str, ratio: str, target: str, met: Any) -> None:
+        rows.append((path, rjet, baseline, ratio, target, _met(met)))
+
+    r = info("test_rjet_ordered_read")
+    if r:
+        row(
+            "1. ordered read (events/s)",
+            _fmt(r.get("events_per_s")),
+            f"fetch(1000): {_fmt(info('test_baseline_natspy_fetch').get('events_per_s'))}",
+            _fmt(r.get("ratio_vs_natspy_fetch"), "x"),
+            ">= 5x (aim 8x)",
+            r.get("met"),
+        )
+        row(
+            "   ordered read vs ordered push (events/s)",
+            _fmt(r.get("events_per_s")),
+            f"ordered push cb: {_fmt(info('test_baseline_natspy_ordered_push').get('events_per_s'))}",
+            _fmt(r.get("ratio_vs_natspy_ordered_push"), "x"),
+            "-",
+            None,
+        )
+    s, a = info("test_reject_hashed"), info("test_accept_all")
+    if s:
+        row(
+            "2. shard scan (us per passed-over event)",
+            _fmt(s.get("us_per_event"), " us"),
+            f"decoded + handled: {_fmt(a.get('us_per_event'), ' us')}",
+            f"{_fmt(s.get('cost_vs_accept_all'))} of the cost",
+            "<= 4 us and <= 0.25",
+            s.get("met"),
+        )
+    i = info("test_rjet_insert_many")
+    if i:
+        row(
+            "3. insert_many (events/s)",
+            _fmt(i.get("events_per_s")),
+            f"publish_async: {_fmt(info('test_baseline_natspy_publish_async').get('events_per_s'))}",
+            _fmt(i.get("ratio_vs_natspy_publish_async"), "x"),
+            ">= 2x",
+            i.get("met"),
+        )
+        row(
+            "   insert_many vs gather(js.publish) (events/s)",
+            _fmt(i.get("events_per_s")),
+            f"gather, window 1000: {_fmt(info('test_baseline_natspy_gather_publish').get('events_per_s'))}",
+            _fmt(i.get("ratio_vs_natspy_gather_publish"), "x"),
+            "-",
+            None,
+        )
+    c = info("test_set_cursor_jetstream")
+    if c:
+        row(
+            "4a. buffered set_cursor (calls/s)",
+            _fmt(c.get("calls_per_s")),
+            f"MemCursorStore: {_fmt(info('test_set_cursor_mem').get('calls_per_s'))}",
+            _fmt(c.get("ratio_vs_mem"), "x"),
+            ">= 1M calls/s",
+            c.get("met"),
+        )
+    f100 = info("test_flush_100_keys")
+    if f100:
+        row(
+            "4b. flush() of 100 dirty cursors (latency)",
+            f"{_fmt(f100.get('latency_us'), ' us')}, {_fmt(f100.get('messages_sent_per_flush'))} msgs sent",
+            f"one kv.put: {_fmt(info('test_baseline_natspy_kv_put').get('latency_us'), ' us')};"
+            f" flush(1 key): {_fmt(info('test_flush_1_key').get('latency_us'), ' us')}",
+            f"{_fmt(f100.get('round_trips_of_kv_put'))} put round trips",
+            "one round trip (<= 2 put RTTs)",
+            f100.get("met"),
+        )
+    j = info("test_run_jetstream_store")
+    if j:
+        row(
+            "4c. run to head, JetStream cursor store (events/s)",
+            _fmt(j.get("events_per_s")),
+            f"MemCursorStore: {_fmt(info('test_run_mem_store').get('events_per_s'))}",
+            _fmt(j.get("ratio_vs_mem_store"), "x"),
+            ">= 0.9x",
+            j.get("met"),
+        )
+    m = info("test_worker_rss")
+    if m:
+        end = m.get(f"rss_mb_at_{m['events'] // 1000}k")
+        row(
+            f"6. worker RSS, 100k -> {m['events']:,} events",
+            f"{_fmt(m.get('rss_mb_at_100k'))} -> {_fmt(end)} MB",
+            "-",
+            f"{_fmt(m.get('rss_growth_100k_to_end'))} growth",
+            "<= 0.20",
+            m.get("met"),
+        )
+    d = info("test_rjet_full_decode")
+    if d:
+        row(
+            "decode (us/event)",
+            _fmt(d.get("us_per_event"), " us"),
+            f"Msg.metadata: {_fmt(info('test_baseline_natspy_metadata').get('us_per_event'), ' us')}",
+            _fmt(d.get("ratio_vs_natspy_metadata"), "x"),
+            "-",
+            None,
+        )
+
+    print("\n".join(_machine()))
+    print()
+    print("| path | rjet | baseline | ratio | target | met? |")
+    print("|---|---|---|---|---|---|")
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print("| benchmark | group | min | median | rounds | extra_info |")
+    print("|---|---|---|---|---|---|")
+    for b in benchmarks:
+        st = b["stats"]
+        extra = ", ".join(f"{k}={v}" for k, v in b["extra_info"].items() if k not in ("target", "met"))
+        print(
+            f"| {b['name']} | {b['group']} | {st['min'] * 1e3:,.2f} ms | {st['median'] * 1e3:,.2f} ms"
+            f" | {st['rounds']} | {extra} |"
+        )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
