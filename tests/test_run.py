@@ -125,6 +125,7 @@ async def test_random_fate_over_a_full_run_forever(stream: rjet.Stream) -> None:
     assert fate.calls == n + fate.tempted
     # Each event needs a geometric number of tries: expected repeats n * p / (1 - p) = 21, sd ~4.7.
     assert 5 <= fate.tempted <= 45
+    print(f"events={n} p={p} tempted={fate.tempted} expected={n * p / (1 - p):.1f}")
     assert store.cursors == {"c": str(n)}
 
 

@@ -63,6 +63,7 @@ async def test_server_killed_and_restarted_while_run_consumes(own_server: Embedd
             seen.add(seq)
             first.append(seq)
         assert first == seqs  # every event, first handled in stream order
+        print(f"events={len(seqs)} server_kills=1 replays={len(handled) - len(first)} lost=0")
     finally:
         for nc in (producer, consumer_nc):
             with contextlib.suppress(OSError, asyncio.CancelledError):
@@ -91,6 +92,7 @@ async def test_server_killed_and_restarted_while_parallel_consumes(own_server: E
         replays = check_handling(read_logs(tmp_path), 2, events)
         assert all(s.cursor == str(max(events)) for s in summary.shards), summary
         assert replays <= 2 * 1000  # at most the events after each shard's last flush (0.2 s of work)
+        print(f"events={len(events)} server_kills=1 replays={replays} lost=0")
     finally:
         with contextlib.suppress(OSError, asyncio.CancelledError):
             await nc.close()
