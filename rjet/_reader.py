@@ -151,8 +151,9 @@ def _rjet_headers(hdr: bytes) -> tuple[bytes | None, bytes | None]:
     return _header(hdr, _TYPE_KEY), _header(hdr, _FOREIGN_ID_KEY)
 
 
-# A buffered message: stream sequence, stored time (ns), subject, raw headers or None, body.
-_Frame: TypeAlias = tuple[int, int, bytes, bytes | None, bytes]
+# A buffered message: stream sequence, stored time (ns), subject, raw headers or None, body, and the
+# foreign ID when the key filter decoded it already.
+_Frame: TypeAlias = tuple[int, int, bytes, bytes | None, bytes, str | None]
 
 
 class StreamClient:
@@ -226,34 +227,21 @@ class StreamClient:
                 return item  # type: ignore[return-value]
 
     async def _next(self) -> Event | int:
-        """The next event whose foreign ID passes the key filter; or, before it would wait (and every
-        1024 skips), the sequence of the last event the key filter passed over, so the caller's
-        cursor can move past other shards' events."""
+        """The next event (whose foreign ID passed the key filter); or, before it would wait, the
+        sequence of the last event the key filter passed over, so the caller's cursor can move past
+        other shards' events."""
         try:
-            key_filter = self._key_filter
             buf = self._buf
             while True:
-                skipped = 0
-                while buf:
-                    sseq, ts, subject, hdr, data = buf[0]
-                    if self._to_head and sseq > self._head:
-                        break
-                    buf.popleft()
-                    if key_filter is not None:
-                        fid = self._foreign_id(subject, hdr, sseq)
-                        if not key_filter(fid):
-                            self._skipped = sseq
-                            self.skipped += 1
-                            skipped += 1
-                            if skipped >= 1024:
-                                break
-                            continue
-                    else:
-                        fid = None
-                    self._skipped = 0
-                    if self._pending <= self._low:
-                        await self._pull()
-                    return self._decode(sseq, ts, subject, hdr, data, fid)
+                if buf:
+                    sseq, ts, subject, hdr, data, fid = buf[0]
+                    if not (self._to_head and sseq > self._head):
+                        buf.popleft()
+                        if self._skipped <= sseq:
+                            self._skipped = 0
+                        if self._pending <= self._low:
+                            await self._pull()
+                        return self._decode(sseq, ts, subject, hdr, data, fid)
                 if self._pending <= self._low:
                     await self._pull()
                 if self._skipped:
@@ -299,7 +287,29 @@ class StreamClient:
             self._server_pending = pending = int(t[b + 6])
             if pending == 0:
                 self._caught_up = True
-            self._buf.append((sseq, int(t[b + 5]), subject, hdr, data))
+            fid = None
+            key_filter = self._key_filter
+            if key_filter is not None:
+                # Other keys' events stop here, with only the foreign ID decoded. (One whose header
+                # does not decode is buffered, so that _next raises its DecodeError in order.)
+                try:
+                    fid = self._foreign_id(subject, hdr, sseq)
+                    wanted = key_filter(fid)
+                except DecodeError:
+                    wanted = True
+                except Exception as e:  # a broken key filter: end the client, do not break the parser
+                    return self._fail(e)
+                if not wanted:
+                    self._skipped = sseq
+                    self.skipped += 1
+                    if not self._buf:
+                        waiter = self._waiter
+                        if waiter is not None and not waiter.done():
+                            waiter.set_result(None)
+                    if self._pending <= self._low:
+                        self._kick()
+                    return
+            self._buf.append((sseq, int(t[b + 5]), subject, hdr, data, fid))
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)

@@ -262,3 +262,18 @@ async def test_stop_lets_the_handler_in_flight_finish_and_flushes(js: JetStreamC
         stop.set()
         await asyncio.wait_for(task, 5)  # returns, does not raise
         assert await store.peek("c") == "50"
+
+
+async def test_a_key_filter_that_raises_ends_the_run_with_its_error(stream: rjet.Stream) -> None:
+    await stream.insert_many([("a", 1, b""), ("b", 1, b"")])
+
+    def key_filter(fid: str) -> bool:
+        if fid == "b":
+            raise LookupError("no shard for b")
+        return True
+
+    store = rjet.MemCursorStore()
+    consumer = rjet.Consumer("c", lambda f, e: None, key_filter=key_filter)
+    with pytest.raises(LookupError, match="no shard for b"):
+        await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
+    assert store.cursors == {"c": "1"}
