@@ -36,9 +36,16 @@ async def connect(servers: str | list[str] = "nats://127.0.0.1:4222", **options:
     nc = Client()
     try:
         await asyncio.wait_for(nc.connect(urls, error_cb=error_cb, **options), timeout)
+    except ModuleNotFoundError as e:
+        raise ConnectError(
+            f"cannot connect to NATS at {', '.join(urls)}: credentials and nkeys need the '{e.name}' package:"
+            " pip install 'nats-py[nkeys]'"
+        ) from e
     except (TimeoutError, OSError, nats.errors.Error) as e:
         with contextlib.suppress(Exception):
             await nc.close()
-        detail = repr(errors[-1]) if errors else repr(e)
+        # The first refusal of credentials explains more than the reset connections that follow it.
+        auth = [x for x in errors if "authoriz" in str(x).lower() or "authentic" in str(x).lower()]
+        detail = repr(auth[0]) if auth else repr(errors[-1]) if errors else repr(e)
         raise ConnectError(f"cannot connect to NATS at {', '.join(urls)} within {timeout:g}s: {detail}") from e
     return nc

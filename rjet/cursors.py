@@ -195,10 +195,13 @@ class JetStreamCursorStore:
 
     async def peek(self, name: str) -> str:
         """Read the stored cursor for ``name`` without claiming it ("" when none)."""
+        return await self._peek_entry(name) or ""
+
+    async def _peek_entry(self, name: str) -> str | None:
         try:
             entry = await self._kv.get(encode_key(name))
-        except nats.js.errors.KeyNotFoundError:
-            return ""
+        except nats.js.errors.KeyNotFoundError:  # KeyDeletedError too
+            return None
         except _STORE_ERRORS as e:
             raise self._store_error(f"cannot read cursor {name!r}", e) from e
         return (entry.value or b"").decode()
@@ -210,8 +213,8 @@ class JetStreamCursorStore:
         except _STORE_ERRORS as e:
             raise self._store_error("cannot list cursors", e) from e
         names = [decode_key(k) for k in keys if not k.startswith(RESERVED_PREFIX)]
-        values = await asyncio.gather(*(self.peek(n) for n in names))
-        return dict(zip(names, values, strict=True))
+        values = await asyncio.gather(*(self._peek_entry(n) for n in names))
+        return {n: v for n, v in zip(names, values, strict=True) if v is not None}  # None: deleted
 
     async def set_cursor(self, name: str, cursor: str) -> None:
         """Buffer ``cursor`` for ``name``; written by the next flush."""

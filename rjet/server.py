@@ -147,8 +147,14 @@ class EmbeddedServer:
             if self.routes:
                 args += ["--routes", ",".join(self.routes)]
         args += self.extra_args
+        # A session of its own: a Ctrl-C at the terminal reaches the owner, which stops the server
+        # in order, instead of reaching nats-server directly while its owner still uses it.
         self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.ready_timeout
         while True:

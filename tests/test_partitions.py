@@ -48,9 +48,7 @@ def test_other_partition_counts(count: int, fid: str) -> None:
 def test_the_layout_is_pinned() -> None:
     assert layout_720.tokens(0) == "0.0.0.0.0.0.0"
     assert layout_720.tokens(719) == "1.1.1.1.2.2.4"
-    assert layout_720.subject("o.p", "user-1") == "o.p." + layout_720.tokens(
-        xxhash.xxh3_64_intdigest(b"user-1") % 720
-    )
+    assert layout_720.subject("o.p", "user-1") == "o.p." + layout_720.tokens(xxhash.xxh3_64_intdigest(b"user-1") % 720)
     assert layout_720.filter_subject("o.p", 4, 6) == "o.p.0.*.*.*.1.*.*"
     assert layout_720.filter_subject("o.p", 0, 1) == "o.p.*.*.*.*.*.*.*"
 

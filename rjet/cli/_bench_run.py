@@ -1,0 +1,167 @@
+"""The measurements behind ``rjet bench``: rjet's hot paths beside plain nats-py, same server, same data.
+
+Each figure is the best of ``rounds`` runs (on a shared machine the slow rounds measure the
+neighbours). The nats-py baselines use a connection of their own, since rjet's reader installs its
+parser fast lane on the connection it reads from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.js import api
+
+import rjet
+
+__all__ = ["Figure", "run_bench"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Figure:
+    """One comparison: rjet's figure, the baseline's, their ratio, and the target from the issue."""
+
+    path: str
+    unit: str
+    rjet: float
+    baseline_name: str
+    baseline: float | None
+    target: str
+
+    @property
+    def ratio(self) -> float | None:
+        """rjet / baseline (for costs, baseline / rjet is not used: costs are compared as stated)."""
+        return self.rjet / self.baseline if self.baseline else None
+
+
+async def _best(rounds: int, fn: Callable[[], Awaitable[Any]]) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        await fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+async def run_bench(
+    servers: list[str],
+    options: dict[str, Any] | None = None,
+    *,
+    events: int = 50_000,
+    rounds: int = 3,
+    progress: Callable[[str], None] = print,
+) -> list[Figure]:
+    """Measure every path against ``servers``; ``progress`` hears what runs now."""
+    options = options or {}
+    nc = await rjet.connect(servers, **options)
+    base_nc = await rjet.connect(servers, **options)  # a plain nats-py connection: rjet never reads on it
+    js, base_js = nc.jetstream(timeout=30), base_nc.jetstream(timeout=30)
+    tag = f"{int(time.time() * 1000) % 10**9}"
+    names: list[str] = []
+    try:
+        items = [(f"user-{i % 1000}", 1 + i % 5, b'{"amount": 1234, "note": "bench"}') for i in range(events)]
+        figures = []
+
+        progress("insert")
+        counter = iter(range(10**6))
+
+        async def rjet_insert() -> None:
+            name = f"rjet_bench_ins_{tag}_{next(counter)}"
+            names.append(name)
+            stream = await rjet.Stream.create(js, name)
+            for i in range(0, events, 10_000):
+                await stream.insert_many(items[i : i + 10_000])
+
+        async def base_insert() -> None:
+            name = f"rjet_bench_ins_{tag}_{next(counter)}"
+            names.append(name)
+            await base_js.add_stream(name=name, subjects=[f"{name}.>"])
+            for fid, typ, data in items:
+                await base_js.publish_async(
+                    f"{name}.events", data, headers={"reflex_type": str(typ), "rjet_foreign_id": fid}
+                )
+            await base_js.publish_async_completed()
+
+        ours, theirs = await _best(rounds, rjet_insert), await _best(rounds, base_insert)
+        figures.append(Figure("insert_many", "events/s", events / ours, "publish_async", events / theirs, ">= 2x"))
+
+        progress("read")
+        source = rjet.Stream(js, names[0])
+
+        async def rjet_read() -> None:
+            async with await source.stream(to_head=True) as client:
+                async for _ in client:
+                    pass
+
+        async def base_read() -> None:
+            sub = await base_js.pull_subscribe(
+                f"{names[0]}.>", stream=names[0], config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE)
+            )
+            got = 0
+            while got < events:
+                got += len(await sub.fetch(1000, timeout=10))
+            await sub.unsubscribe()
+
+        ours, theirs = await _best(rounds, rjet_read), await _best(rounds, base_read)
+        figures.append(Figure("ordered read", "events/s", events / ours, "fetch(1000)", events / theirs, ">= 5x"))
+
+        progress("shard scan")
+
+        async def run_with(key_filter: Callable[[str], bool] | None) -> None:
+            consumer = rjet.Consumer("bench", lambda f, e: None, key_filter=key_filter)
+            with contextlib.suppress(rjet.HeadReached):
+                await rjet.run(rjet.Spec(source.stream, rjet.MemCursorStore(), consumer, to_head=True))
+
+        skip = await _best(rounds, lambda: run_with(lambda fid: False))
+        handle = await _best(rounds, lambda: run_with(None))
+        figures.append(
+            Figure("shard scan: skip an event", "us/event", skip / events * 1e6, "handle an event",
+                   handle / events * 1e6, "<= 4 us and <= 0.25x")
+        )  # fmt: skip
+
+        progress("cursors")
+        async with await rjet.JetStreamCursorStore.create(js, f"bench_{tag}") as store:
+            await store.get_cursor("c")
+            mem = rjet.MemCursorStore()
+
+            async def set_many(target: rjet.CursorStore) -> None:
+                for i in range(200_000):
+                    await target.set_cursor("c", str(i))
+
+            ours, theirs = await _best(rounds, lambda: set_many(store)), await _best(rounds, lambda: set_many(mem))
+            figures.append(
+                Figure("set_cursor (buffered)", "calls/s", 200_000 / ours, "MemCursorStore", 200_000 / theirs,
+                       ">= 1M/s")
+            )  # fmt: skip
+
+            async def run_store(target: rjet.CursorStore) -> None:
+                consumer = rjet.Consumer(f"c{time.time_ns()}", lambda f, e: None)
+                with contextlib.suppress(rjet.HeadReached):
+                    await rjet.run(rjet.Spec(source.stream, target, consumer, to_head=True))
+
+            ours = await _best(rounds, lambda: run_store(store))
+            theirs = await _best(rounds, lambda: run_store(rjet.MemCursorStore()))
+            figures.append(
+                Figure("run with JetStream cursors", "events/s", events / ours, "run with MemCursorStore",
+                       events / theirs, ">= 0.9x")
+            )  # fmt: skip
+            await js.delete_key_value(store.bucket)
+        return figures
+    finally:
+        for name in names:
+            with contextlib.suppress(Exception):  # best-effort clean-up of what the bench created
+                await base_js.delete_stream(name)
+        await nc.close()
+        await base_nc.close()
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    from rjet.server import EmbeddedServer
+
+    with EmbeddedServer() as srv:
+        for f in asyncio.run(run_bench([srv.url], events=20_000, rounds=1)):
+            print(f, f.ratio)

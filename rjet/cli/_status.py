@@ -1,0 +1,164 @@
+"""``rjet status``: where each consumer (or shard) of a stream stands, from the stored cursors."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fnmatch
+import json
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+import click
+import nats.js.errors
+from rich.table import Table
+
+import rjet
+from rjet.cli._common import CliError, Connection, age, connection_options, run, stdout_console
+from rjet.cursors import encode_key
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+_BUCKET_PREFIX: Final = "rjet_cursors_"
+_KV_STREAM_PREFIX: Final = "KV_" + _BUCKET_PREFIX
+_META_PREFIX: Final = "_rjet."  # keys rjet.parallel reserves in a cursor bucket (heartbeats, generations)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Row:
+    """One cursor: where it is and how far behind the stream."""
+
+    namespace: str
+    name: str
+    cursor: int
+    lag_events: int | None  # None when the cursor is past the stream's end
+    lag_seconds: float | None  # age of the oldest event not yet handled; 0 when caught up
+    idle_seconds: float | None  # time since the cursor was last written
+    note: str = ""
+
+
+@click.command()
+@click.argument("stream")
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    metavar="NS",
+    help="Cursor namespace(s) to show (repeatable; default: every rjet cursor namespace on the server).",
+)
+@click.option("--name", "pattern", metavar="GLOB", help="Only consumers whose name matches, e.g. 'mailer*'.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per consumer.")
+@connection_options
+def status(conn: Connection, stream: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool) -> None:
+    """Show each consumer's cursor on STREAM, its lag, and its last activity.
+
+    \b
+    cursor         the ID of the last event the consumer handled (its stored cursor)
+    lag            events in STREAM after the cursor, and the age of the oldest of them
+    last activity  when the cursor was last stored (stores write at most every second or
+                   so, and only when it moves: a caught-up consumer with nothing to do
+                   looks quiet)
+    Cursors are read, never claimed: running consumers are not disturbed. A cursor namespace is not
+    tied to a stream, so use --namespace to leave out consumers of other streams.
+    """
+    run(_status(conn, stream, namespaces, pattern, as_json))
+
+
+async def _namespaces(js: JetStreamContext) -> list[str]:
+    found: list[str] = []
+    offset = 0
+    while True:
+        page = await js.streams_info(offset)
+        if not page:
+            return sorted(found)
+        offset += len(page)
+        names = [i.config.name or "" for i in page]
+        found += [n[len(_KV_STREAM_PREFIX) :] for n in names if n.startswith(_KV_STREAM_PREFIX)]
+
+
+async def _msg_time(js: JetStreamContext, stream: str, **kwargs: Any) -> float | None:
+    try:
+        msg = await js.get_msg(stream, **kwargs)
+    except nats.js.errors.NotFoundError:
+        return None
+    return msg.time.timestamp() if msg.time else None
+
+
+async def _rows(
+    js: JetStreamContext, stream: str, namespace: str, pattern: str | None, first: int, last: int
+) -> list[Row]:
+    bucket = _BUCKET_PREFIX + namespace
+    try:
+        kv = await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        raise CliError(f"cursor namespace {namespace!r} not found (no KV bucket {bucket!r})") from None
+    cursors = await rjet.JetStreamCursorStore(kv, namespace).cursors()
+    now = time.time()
+
+    async def row(name: str, value: str) -> Row | None:
+        if name.startswith(_META_PREFIX) or (value and not (value.isascii() and value.isdigit())):
+            return None  # not a cursor: rjet's own records (heartbeats, generations) or someone else's key
+        cursor = int(value or 0)
+        written = await _msg_time(js, "KV_" + bucket, subject=f"$KV.{bucket}.{encode_key(name)}")
+        idle = None if written is None else now - written
+        if cursor > last:
+            return Row(namespace, name, cursor, None, None, idle, "ahead of the stream: another stream's cursor?")
+        lag = last - cursor
+        if not lag:
+            return Row(namespace, name, cursor, 0, 0.0, idle)
+        if cursor + 1 < first:
+            return Row(namespace, name, cursor, lag, None, idle, f"expired: events {cursor + 1}..{first - 1} are gone")
+        oldest = await _msg_time(js, stream, seq=cursor + 1, subject=">", next=True)
+        return Row(namespace, name, cursor, lag, None if oldest is None else max(0.0, now - oldest), idle)
+
+    picked = [(n, v) for n, v in sorted(cursors.items()) if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+    rows = await asyncio.gather(*(row(n, v) for n, v in picked))
+    return [r for r in rows if r is not None]
+
+
+async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool) -> None:
+    async with conn.connect() as nc:
+        js = nc.jetstream()
+        info = await rjet.Stream(js, name).info()
+        first, last = info.state.first_seq, info.state.last_seq
+        last_insert = await _msg_time(js, name, seq=last) if last else None
+        nss = list(namespaces) or await _namespaces(js)
+        rows = [r for ns in nss for r in await _rows(js, name, ns, pattern, first, last)]
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps({"stream": name, "last_seq": last, **dataclasses.asdict(r)}))
+        return
+    console = stdout_console()
+    since = "" if last_insert is None else f", last insert {age(time.time() - last_insert)} ago"
+    console.print(
+        f"stream [bold]{name}[/]: {info.state.messages} event(s), sequences {first}..{last}{since}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if not rows:
+        where = ", ".join(nss) if nss else "any namespace"
+        console.print(f"no consumer cursors in {where}", highlight=False, soft_wrap=True)
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col, justify in [
+        ("namespace", "left"),
+        ("consumer", "left"),
+        ("cursor", "right"),
+        ("lag (events)", "right"),
+        ("lag (time)", "right"),
+        ("last activity", "right"),
+        ("", "left"),
+    ]:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(
+            r.namespace,
+            r.name,
+            str(r.cursor),
+            "-" if r.lag_events is None else str(r.lag_events),
+            age(r.lag_seconds),
+            "-" if r.idle_seconds is None else f"{age(r.idle_seconds)} ago",
+            r.note,
+        )
+    console.print(table)

@@ -1,0 +1,151 @@
+"""``rjet worker``: run shards of a Parallel group with a handler given as ``module:function``."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from rjet.cli._common import CliError, Connection, connection_options, parse_shards, setup_logging, stdout_console
+from rjet.event import Event
+from rjet.fate import Fate
+from rjet.parallel import Parallel, Summary
+
+
+def load_handler(spec: str) -> Any:
+    """The callable that ``module:function`` (or ``module:object.attribute``) names."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CliError(f"handler {spec!r}: give it as module:function, e.g. myapp.handlers:on_order")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:
+        raise CliError(f"handler {spec!r}: cannot import {module_name!r}: {type(e).__name__}: {e}") from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise CliError(f"handler {spec!r}: {module_name!r} has no {attr!r}") from None
+    if not callable(obj):
+        raise CliError(f"handler {spec!r} is not callable")
+    return obj
+
+
+class ImportedHandler:
+    """A handler named by ``module:function``, imported again in each worker process.
+
+    It travels to the workers as its name only, so the function need not be picklable, and a
+    missing module fails the same way in the parent (at start) and in a worker.
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self._fn: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.spec = state["spec"]
+        self._fn = None
+
+    def __call__(self, fate: Fate, event: Event) -> Any:
+        fn = self._fn
+        if fn is None:
+            fn = self._fn = load_handler(self.spec)
+        return fn(fate, event)
+
+    def __repr__(self) -> str:
+        return f"ImportedHandler({self.spec!r})"
+
+
+@click.command()
+@click.argument("stream")
+@click.argument("handler", metavar="MODULE:FUNCTION")
+@click.option("--name", required=True, help="The group's name; shard cursors are NAME_M_of_N.")
+@click.option("-n", "--shards", "n", type=click.IntRange(min=1), required=True, help="Shards in the group (all hosts).")
+@click.option(
+    "--shard",
+    "only",
+    multiple=True,
+    metavar="M[-M]",
+    help="Run only these shards, numbered 1..N as in the cursor names (repeatable; e.g. 1-4); default: all.",
+)
+@click.option("--namespace", required=True, metavar="NS", help="Cursor namespace (KV bucket rjet_cursors_NS).")
+@click.option("--type", "types", type=int, multiple=True, help="Handle only events of this type (repeatable).")
+@click.option("--to-head", is_flag=True, help="Stop once the events present at start are handled.")
+@click.option(
+    "--stop-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGINT/SIGTERM, how long to let handlers in flight finish before killing workers.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only, and print no summary.")
+@click.pass_context
+@connection_options
+def worker(
+    ctx: click.Context,
+    conn: Connection,
+    stream: str,
+    handler: str,
+    name: str,
+    n: int,
+    only: tuple[str, ...],
+    namespace: str,
+    types: tuple[int, ...],
+    to_head: bool,
+    stop_timeout: float,
+    quiet: bool,
+) -> None:
+    """Consume STREAM with shards of a Parallel group, one process each, calling MODULE:FUNCTION.
+
+    \b
+    FUNCTION is called as function(fate, event), plain or async, one event at a time per shard
+    and in stream order per foreign ID; raising stops the shard's run, which retries the event.
+    The current directory is on the import path. Run the same NAME and -n on every host, each
+    with its own --shard range:
+        host A:  rjet worker orders billing:on_order --name billing -n 4 --shard 1-2 --namespace shop
+        host B:  rjet worker orders billing:on_order --name billing -n 4 --shard 3-4 --namespace shop
+    Stops gracefully on SIGINT or SIGTERM (a second one forces) and prints a summary.
+    """
+    parent = ctx.find_root().params
+    if not quiet:
+        setup_logging(parent.get("verbose", 0), parent.get("log_json", False), floor=logging.INFO)
+    shards = parse_shards(only, n)
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    load_handler(handler)
+    group = Parallel(
+        name,
+        n,
+        ImportedHandler(handler),
+        servers=list(conn.servers),
+        stream=stream,
+        namespace=namespace,
+        connect_options=conn.options,
+        shards=shards,
+        types=types or None,
+        stop_timeout=stop_timeout,
+    )
+    summary = group.run(to_head=to_head)
+    if not quiet:
+        print_summary(summary, stdout_console())
+
+
+def print_summary(summary: Summary, console: Console) -> None:
+    """A table of what each shard did."""
+    table = Table(title=f"parallel {summary.name!r}, n={summary.n}", title_justify="left", header_style="bold")
+    for col in ("shard", "state", "handled", "skipped", "restarts", "cursor"):
+        table.add_column(col, justify="left" if col in ("shard", "state") else "right")
+    for s in summary.shards:
+        table.add_row(s.name, s.state, f"{s.handled:,}", f"{s.skipped:,}", str(s.restarts), s.cursor or "-")
+    console.print(table)

@@ -1,0 +1,291 @@
+"""The ``rjet`` command line, run as a new user would: real commands in subprocesses, real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+import rjet
+from rjet.server import EmbeddedServer
+
+_ENV_DROP = ("NATS_URL", "NATS_CREDS", "NATS_NKEY", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CA")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
+    env["COLUMNS"] = "160"
+    return env
+
+
+def rjet_cmd(
+    *args: str, input: str | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m rjet ARGS`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "rjet", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=_env(),
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("rjet: error: "), proc.stderr
+    return lines[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_insert_arguments_then_tail_text(server: EmbeddedServer, name: str) -> None:
+    url = server.url
+    proc = rjet_cmd("insert", name, "order-1", "order-2", "--type", "3", "--data", "hi", "--create", "-s", url)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"inserted 2 event(s) into stream {name!r}: sequences 1..2"
+
+    proc = rjet_cmd("tail", name, "--to-head", "-s", url)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert [(r[0], r[2], r[3], r[4]) for r in rows] == [("1", "3", "order-1", "hi"), ("2", "3", "order-2", "hi")]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", r[1]) for r in rows)
+
+
+def test_insert_json_lines_then_tail_json_and_copy(server: EmbeddedServer, name: str) -> None:
+    url = server.url
+    lines = [
+        {"foreign_id": "u1", "type": 2, "data": {"total": 12}},
+        {"foreign_id": "u2", "data_b64": "AAH/"},
+        {"foreign_id": "ü 3", "data": "line\nbreak"},
+    ]
+    stdin = "\n".join(json.dumps(x) for x in lines[:2]) + "\n\n" + json.dumps(lines[2]) + "\n"
+    proc = rjet_cmd("insert", name, "--create", "--type", "7", "-s", url, input=stdin)
+    assert proc.returncode == 0, proc.stderr
+    assert "inserted 3 event(s)" in proc.stdout
+
+    proc = rjet_cmd("tail", name, "--to-head", "--json", "-s", url)
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(e["id"], e["type"], e["foreign_id"]) for e in got] == [("1", 2, "u1"), ("2", 7, "u2"), ("3", 7, "ü 3")]
+    assert got[0]["data"] == '{"total":12}'
+    assert got[1]["data_b64"] == "AAH/"
+    assert "data" not in got[1]
+    assert got[2]["data"] == "line\nbreak"
+
+    proc = rjet_cmd("tail", name, "--json", "--after", "2", "--to-head", "-s", url)
+    assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == ["3"]
+
+    # tail --json feeds insert: a copy of the stream, byte for byte.
+    copy = name + "_copy"
+    all_json = rjet_cmd("tail", name, "--json", "--to-head", "-s", url).stdout
+    proc = rjet_cmd("insert", copy, "--create", "-q", "-s", url, input=all_json)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    copied = [json.loads(line) for line in rjet_cmd("tail", copy, "--json", "--to-head", "-s", url).stdout.splitlines()]
+    strip = [{k: v for k, v in e.items() if k != "timestamp"} for e in got]
+    assert [{k: v for k, v in e.items() if k != "timestamp"} for e in copied] == strip
+
+
+def test_insert_stops_at_a_bad_line(server: EmbeddedServer, name: str) -> None:
+    stdin = '{"foreign_id": "a"}\n{"foreign_id": "b"}\n{"type": 1}\n{"foreign_id": "c"}\n'
+    proc = rjet_cmd("insert", name, "--create", "-s", server.url, input=stdin)
+    assert proc.returncode == 1
+    assert "stdin line 3" in _one_line_error(proc)
+    assert "inserted 2 event(s)" in proc.stdout
+
+
+async def test_tail_from_head_with_timeout(server: EmbeddedServer, name: str, js: JetStreamContext) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert("old", 1)
+    tail = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "rjet", "tail", name, "--from-head", "--json", "--timeout", "1.5", "-s", server.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    try:
+        for _ in range(200):  # wait until the tail's consumer exists, so "new" is after its head
+            if (await js.stream_info(name)).state.consumer_count:
+                break
+            await asyncio.sleep(0.05)
+        await stream.insert("new", 2, b"x")
+        out, err = await asyncio.wait_for(tail.communicate(), 20)
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+            await tail.wait()
+    assert tail.returncode == 0, err
+    assert [(e["foreign_id"], e["type"]) for e in map(json.loads, out.splitlines())] == [("new", 2)]
+
+
+async def test_worker_run_then_status_and_tail_cursor(
+    server: EmbeddedServer, name: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    url = server.url
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(f"key-{i % 5}", 1, b"") for i in range(20)])
+    seen = tmp_path / "seen.txt"
+    (tmp_path / "cli_handler.py").write_text(
+        textwrap.dedent(
+            f"""
+            def handle(fate, event):
+                with open({str(seen)!r}, "a") as f:
+                    f.write(event.id + "\\n")
+            """
+        )
+    )
+    ns = f"ns_{name}"[:60]
+    proc = rjet_cmd(
+        "worker", name, "cli_handler:handle", "--name", "mailer", "-n", "2", "--namespace", ns, "--to-head",
+        "-s", url, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted({int(x) for x in seen.read_text().split()}) == list(range(1, 21))
+    assert re.search(r"mailer_1_of_2 .* done .* 20 ", proc.stdout), proc.stdout
+
+    await stream.insert_many([("late", 1, b"")] * 3)
+    proc = rjet_cmd("status", name, "--namespace", ns, "--json", "-s", url)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert set(rows) == {"mailer_1_of_2", "mailer_2_of_2"}
+    for r in rows.values():
+        assert (r["cursor"], r["lag_events"], r["last_seq"]) == (20, 3, 23)
+        assert r["lag_seconds"] is not None
+        assert r["lag_seconds"] >= 0
+        assert r["idle_seconds"] is not None
+        assert 0 <= r["idle_seconds"] < 60
+
+    proc = rjet_cmd("status", name, "--namespace", ns, "--name", "mailer_2*", "-s", url)
+    assert proc.returncode == 0, proc.stderr
+    assert f"stream {name}: 23 event(s), sequences 1..23" in proc.stdout
+    assert re.search(r"mailer_2_of_2\s+20\s+3\s", proc.stdout), proc.stdout
+    assert "mailer_1_of_2" not in proc.stdout
+
+    proc = rjet_cmd("tail", name, "--cursor", "mailer_1_of_2", "--namespace", ns, "--to-head", "-s", url)
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ["21", "22", "23"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["insert", "s", "a"],
+        ["tail", "s"],
+        ["status", "s"],
+        ["worker", "s", "json:dumps", "--name", "w", "-n", "1", "--namespace", "ns"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_unreachable_server_is_one_line(args: list[str]) -> None:
+    url = f"nats://127.0.0.1:{_free_port()}"
+    proc = rjet_cmd(*args, "--server", url, "--connect-timeout", "0.5")
+    assert proc.returncode == 1
+    assert f"cannot connect to NATS at {url}" in _one_line_error(proc)
+
+
+def test_credentials_reach_the_server() -> None:
+    with EmbeddedServer(extra_args=["--user", "app", "--pass", "s3cret"]) as srv:
+        proc = rjet_cmd("insert", "s", "a", "--create", "-s", srv.url, "--user", "app", "--password", "s3cret")
+        assert proc.returncode == 0, proc.stderr
+        proc = rjet_cmd("tail", "s", "-s", srv.url, "--user", "app", "--password", "wrong", "--connect-timeout", "1")
+        assert proc.returncode == 1
+        assert "cannot connect to NATS" in _one_line_error(proc)
+
+
+@pytest.mark.parametrize("args", [["insert", "a"], ["tail"], ["status"]], ids=lambda a: a[0])
+def test_missing_stream_is_one_line(server: EmbeddedServer, args: list[str]) -> None:
+    proc = rjet_cmd(args[0], "no_such_stream", *args[1:], "-s", server.url)
+    assert proc.returncode == 1
+    assert "stream 'no_such_stream' not found" in _one_line_error(proc)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fate", ["0", "0.005"])
+def test_demo_on_its_own_embedded_server(fate: str) -> None:
+    proc = rjet_cmd("demo", "--events", "2000", "--workers", "2", "--keys", "50", "--fate", fate, timeout=110)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "started nats-server at nats://127.0.0.1:" in proc.stderr
+    assert "order violations" in proc.stdout
+    # shard, handled, duplicates, order violations, restarts, cursor, events/s
+    total = re.search(r"^\s*total\s+([\d,]+)\s+(\d+)\s+(\d+)\s", proc.stdout, re.MULTILINE)
+    assert total is not None, proc.stdout
+    assert (total.group(1), total.group(3)) == ("2,000", "0")
+    if fate != "0":  # injected failures after the work: redelivered, so duplicates, never losses
+        assert int(total.group(2)) > 0, proc.stdout
+    for shard in ("demo_1_of_2", "demo_2_of_2"):  # each shard's final cursor is the last event
+        assert re.search(rf"^\s*{shard}\s+[\d,]+\s+\d+\s+0\s+\d+\s+2000\s", proc.stdout, re.MULTILINE), proc.stdout
+    assert "result: OK" in proc.stdout
+
+
+async def test_server_runs_until_sigint() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "rjet", "server", "--server", "nats://127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        url = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()
+        assert re.fullmatch(r"nats://127\.0\.0\.1:\d+", url), url
+        nc = await nats.connect(url)
+        try:
+            await rjet.Stream.create(nc.jetstream(), "dev")  # JetStream is on
+        finally:
+            await nc.close()
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    assert b"stopping nats-server" in err
+    pid = re.search(rb"; pid (\d+);", err)
+    assert pid is not None, err
+    with pytest.raises(ProcessLookupError):  # the nats-server process is gone (and reaped)
+        os.kill(int(pid.group(1)), 0)
+
+
+@pytest.mark.timeout(120)
+def test_bench_prints_figures_beside_the_baselines() -> None:
+    proc = rjet_cmd("bench", "--events", "2000", "--rounds", "1", "--json", timeout=110)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    paths = ["insert_many", "ordered read", "shard scan: skip an event", "set_cursor (buffered)"]
+    assert [r["path"] for r in rows] == [*paths, "run with JetStream cursors"]
+    assert all(r["rjet"] > 0 and r["baseline"] > 0 and r["ratio"] > 0 for r in rows)
+    out = rjet_cmd("--help").stdout
+    for command in ("demo", "insert", "tail", "status", "worker", "server", "bench"):
+        assert re.search(rf"^\s+{command}\s", out, re.MULTILINE), out
+
+
+def test_console_script_and_missing_extra() -> None:
+    script = Path(sys.executable).parent / "rjet"
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "0.1.0" in proc.stdout
+    code = "import sys; sys.modules['rich'] = None; from rjet.__main__ import main; main()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=_env())
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "rjet: the command line needs the 'cli' extra (rich is missing): pip install 'rjet[cli]'"
+    )
