@@ -69,7 +69,7 @@ async def test_connect_to_a_dead_server_fails_clearly_within_the_timeout() -> No
 
 async def test_wrong_credentials_are_reported_as_such() -> None:
     with EmbeddedServer(extra_args=["--user", "u", "--pass", "right"]) as srv:
-        with pytest.raises(rjet.ConnectError, match="(?i)authorization"):
+        with pytest.raises(rjet.ConnectError, match=r"(?i)authorization"):
             await rjet.connect(srv.url, user="u", password="wrong", connect_timeout=1)
         nc = await rjet.connect(srv.url, user="u", password="right")
         await nc.close()

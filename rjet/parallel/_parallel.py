@@ -397,7 +397,16 @@ class Parallel:
 
     async def _run(self, nc: Client, to_head: bool, handle_signals: bool) -> Summary:
         js = nc.jetstream()
-        await Stream(js, self.stream).info()
+        stream = Stream(js, self.stream)
+        await stream.info()
+        if stream.partitions is not None and not stream.partitions.divides(self.n):
+            log.warning(
+                "parallel %r: stream %r has %d partitions, which %d shards cannot split; every shard reads"
+                " the whole stream and skips other shards' events (correct, slower). Shard counts that"
+                " divide it: %s",
+                self.name, self.stream, stream.partitions.count, self.n,
+                ", ".join(map(str, stream.partitions.shard_counts()[:16])),
+            )  # fmt: skip
         store = await JetStreamCursorStore.create(js, self.namespace)
         o = self.options
         beats = Heartbeats(store._kv, self.name, self.n, self.shards, uuid.uuid4().hex, interval=o.heartbeat_interval)
