@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 try:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -35,7 +35,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from rjet.stats import LATENCY_BUCKETS, ConsumerStats
 
-__all__ = ["RjetCollector", "serve_metrics"]
+if TYPE_CHECKING:
+    from rjet.parallel import Summary
+
+__all__ = ["ParallelCollector", "RjetCollector", "serve_metrics"]
 
 
 class _Flushes(Protocol):
@@ -93,6 +96,40 @@ class RjetCollector(Collector):
         for store in self._stores:
             flushes.add_metric([store.namespace], store.flushes)
         yield flushes
+
+
+class _Group(Protocol):
+    def statistics(self) -> Summary: ...
+
+
+class ParallelCollector(Collector):
+    """Collects a :class:`rjet.parallel.Parallel` group's per-shard counts (label ``consumer``: the
+    shard's name) from the parent process, which hears from every worker four times a second.
+
+    ``rjet_events_handled_total``, ``rjet_events_skipped_total``, ``rjet_worker_restarts_total``,
+    ``rjet_shard_running`` (1 while the shard's worker runs) and ``rjet_cursor_sequence`` (the last
+    cursor the shard wrote).
+    """
+
+    def __init__(self, group: _Group) -> None:
+        self._group = group
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Yield every metric family."""
+        shards = self._group.statistics().shards
+        label = ["consumer"]
+        handled = CounterMetricFamily("rjet_events_handled", "Events the handler succeeded on.", labels=label)
+        skipped = CounterMetricFamily("rjet_events_skipped", "Events of other shards' keys passed over.", labels=label)
+        restarts = CounterMetricFamily("rjet_worker_restarts", "Times the shard's worker was restarted.", labels=label)
+        running = GaugeMetricFamily("rjet_shard_running", "1 while the shard's worker runs.", labels=label)
+        cursor = GaugeMetricFamily("rjet_cursor_sequence", "The last cursor the shard wrote.", labels=label)
+        for s in shards:
+            handled.add_metric([s.name], s.handled)
+            skipped.add_metric([s.name], s.skipped)
+            restarts.add_metric([s.name], s.restarts)
+            running.add_metric([s.name], 1.0 if s.state == "running" else 0.0)
+            cursor.add_metric([s.name], float(s.cursor) if s.cursor.isdigit() else 0.0)
+        yield from (handled, skipped, restarts, running, cursor)
 
 
 @contextlib.asynccontextmanager

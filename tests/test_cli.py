@@ -184,6 +184,47 @@ async def test_worker_run_then_status_and_tail_cursor(
     assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ["21", "22", "23"]
 
 
+@pytest.mark.timeout(90)
+async def test_worker_serves_prometheus_metrics(
+    server: EmbeddedServer, name: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(f"key-{i % 5}", 1, b"") for i in range(30)])
+    (tmp_path / "noop_handler.py").write_text("def handle(fate, event):\n    pass\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "rjet", "worker", name, "noop_handler:handle", "--name", "m", "-n", "2"],
+        *["--namespace", f"ns_{name}"[:60], "--metrics-port", str(port), "-s", server.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        body = ""
+        for _ in range(300):
+            await asyncio.sleep(0.1)
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                continue
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            body = (await reader.read()).decode()
+            writer.close()
+            handled = re.findall(r'rjet_events_handled_total\{consumer="m_\d_of_2"\} (\d+)', body)
+            if len(handled) == 2 and sum(int(float(x)) for x in handled) == 30:
+                break
+        else:
+            raise AssertionError(f"metrics never showed 30 handled events: {body}")
+        assert 'rjet_shard_running{consumer="m_1_of_2"} 1.0' in body
+        worker.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(worker.communicate(), 30)
+        assert worker.returncode == 0, err
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+
+
 @pytest.mark.parametrize(
     "args",
     [

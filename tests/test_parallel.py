@@ -646,3 +646,27 @@ async def test_a_poison_key_goes_to_the_dead_letter_stream_and_its_shard_goes_on
         letters = [e async for e in client]
     assert sorted(json.loads(e.metadata)["event_id"] for e in letters) == sorted(str(s) for s in poison)
     assert {e.foreign_id for e in letters} == {"k7"}
+
+
+async def test_reshard_on_a_partitioned_stream_loses_nothing(
+    server: EmbeddedServer, js: JetStreamContext, name: str, tmp_path: Path
+) -> None:
+    stream = await rjet.Stream.create(js, name, partitions=True)
+    batch1 = await insert(stream, 1200)
+    (tmp_path / "old").mkdir()
+    first = await group(server, name, 2, logger(tmp_path / "old")).run_async(to_head=True)
+    assert first.skipped == 0  # the server filtered: no worker read another shard's events
+    batch2 = await insert(stream, 900, prefix="j")
+    (tmp_path / "new").mkdir()
+    summary = await group(server, name, 3, logger(tmp_path / "new")).run_async(to_head=True)
+    assert summary.reshard is not None
+    assert summary.reshard.old_n == (2,)
+    assert summary.skipped == 0
+    # Every event after the seed is handled by its new shard, in order per key; nothing is lost.
+    seed = int(summary.reshard.seed or 0)
+    after_seed = {seq: fid for seq, fid in {**batch1, **batch2}.items() if seq > seed}
+    check_handling(read_logs(tmp_path / "new"), 3, after_seed)
+    # A filtered shard's cursor stops at its own last event (the server never sends it the others').
+    for s in summary.shards:
+        own = [seq for seq, fid in after_seed.items() if shard_of(fid, 3) == s.shard]
+        assert s.cursor == str(max(own, default=seed))

@@ -12,10 +12,20 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from rjet.cli._common import CliError, Connection, connection_options, parse_shards, setup_logging, stdout_console
+from rjet.cli._common import (
+    CliError,
+    Connection,
+    connection_options,
+    parse_shards,
+    run,
+    setup_logging,
+    stdout_console,
+)
 from rjet.event import Event
 from rjet.fate import Fate
 from rjet.parallel import Parallel, Summary
+
+log = logging.getLogger("rjet.cli")
 
 
 def load_handler(spec: str) -> Any:
@@ -88,6 +98,14 @@ class ImportedHandler:
     metavar="SECONDS",
     help="On SIGINT/SIGTERM, how long to let handlers in flight finish before killing workers.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics of the shards at http://HOST:PORT/metrics (needs rjet[metrics]).",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only, and print no summary.")
 @click.pass_context
 @connection_options
@@ -103,6 +121,8 @@ def worker(
     types: tuple[int, ...],
     to_head: bool,
     stop_timeout: float,
+    metrics_port: int | None,
+    metrics_host: str,
     quiet: bool,
 ) -> None:
     """Consume STREAM with shards of a Parallel group, one process each, calling MODULE:FUNCTION.
@@ -136,9 +156,27 @@ def worker(
         types=types or None,
         stop_timeout=stop_timeout,
     )
-    summary = group.run(to_head=to_head)
+    if metrics_port is None:
+        summary = group.run(to_head=to_head)
+    else:
+        summary = run(_run_with_metrics(group, to_head, metrics_host, metrics_port))
     if not quiet:
         print_summary(summary, stdout_console())
+
+
+async def _run_with_metrics(group: Parallel, to_head: bool, host: str, port: int) -> Summary:
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from rjet.metrics import ParallelCollector, serve_metrics
+    except ImportError:
+        raise CliError("--metrics-port needs prometheus-client: pip install 'rjet[metrics]'") from None
+    registry = CollectorRegistry()
+    registry.register(ParallelCollector(group))
+    async with serve_metrics(registry, host=host, port=port) as server:
+        bound = server.sockets[0].getsockname()
+        log.info("serving metrics at http://%s:%d/metrics", bound[0], bound[1])
+        return await group.run_async(to_head=to_head, handle_signals=True)
 
 
 def print_summary(summary: Summary, console: Console) -> None:
