@@ -86,3 +86,28 @@ async def test_an_unexpected_parser_falls_back_to_plain_subscriptions(nc: Client
     assert fast_lanes(nc) is None
     await stream.insert_many([("k", 1, b"")] * 50)
     assert len(await read_all(stream)) == 50
+
+
+async def test_the_reader_takes_both_reply_subject_forms(stream: rjet.Stream) -> None:
+    """The server here sends the 9-token v1 form; frames in the 12-token v2 form (domain and account
+    hash, as servers send behind leafnodes) are fed to the frame handler directly."""
+    await stream.insert("k", 1, b"real")
+    async with await stream.stream() as client:
+        first = await asyncio.wait_for(client.recv(), 5)
+        assert first.metadata == b"real"
+        consumer = client._consumer
+        assert consumer is not None
+        hdr = b"NATS/1.0\r\nreflex_type: 7\r\nrjet_foreign_id: v2-key\r\n\r\n"
+        for seq, cseq in ((2, 2), (3, 3)):
+            reply = b"$JS.ACK.hub.ACCOUNTHASH.%s.%s.1.%d.%d.1700000000000000000.0.abc" % (
+                stream.name.encode(),
+                consumer,
+                seq,
+                cseq,
+            )
+            client._on_frame(b"subject", reply, hdr, b"v2")
+        got = [await asyncio.wait_for(client.recv(), 5) for _ in range(2)]
+    assert [(e.id, e.type, e.foreign_id, e.metadata) for e in got] == [
+        ("2", 7, "v2-key", b"v2"),
+        ("3", 7, "v2-key", b"v2"),
+    ]
