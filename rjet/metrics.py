@@ -33,7 +33,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("rjet.metrics needs prometheus-client: pip install 'rjet[metrics]'") from e
 
-from rjet.stats import LATENCY_BUCKETS, ConsumerStats
+from rjet.stats import LATENCY_BUCKETS, ConsumerStats, StatsSnapshot
 
 if TYPE_CHECKING:
     from rjet.parallel import Summary
@@ -58,44 +58,43 @@ class RjetCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         """Yield every metric family."""
-        snaps = [s.snapshot() for s in self._stats]
-        counters = [
-            ("rjet_events_handled", "Events the handler succeeded on.", "handled"),
-            ("rjet_events_filtered", "Events skipped by the consumer's type or event filter.", "filtered"),
-            ("rjet_events_skipped", "Events of other shards' keys passed over.", "skipped"),
-            ("rjet_handler_errors", "Handler failures (each try counts).", "errors"),
-            ("rjet_dead_letters", "Events given up on and recorded as dead letters.", "dead_lettered"),
-            ("rjet_runs", "Times run started for the consumer.", "runs"),
-        ]
-        for metric, doc, field in counters:
-            family = CounterMetricFamily(metric, doc, labels=["consumer"])
-            for snap in snaps:
-                family.add_metric([snap.name], getattr(snap, field))
-            yield family
-        lag = GaugeMetricFamily(
-            "rjet_consumer_lag_events", "Events in the stream not yet delivered.", labels=["consumer"]
-        )
-        age = GaugeMetricFamily(
-            "rjet_consumer_lag_seconds", "Age of the last handled event while there is lag.", labels=["consumer"]
-        )
-        hist = HistogramMetricFamily(
-            "rjet_handler_duration_seconds", "Handler latency (with ConsumerStats(timing=True)).", labels=["consumer"]
-        )
-        for snap in snaps:
-            lag.add_metric([snap.name], snap.lag_events)
-            age.add_metric([snap.name], snap.lag_seconds)
-            cumulative, buckets = 0, []
-            for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], snap.handler_buckets, strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            hist.add_metric([snap.name], buckets, snap.handler_seconds_sum)
-        yield lag
-        yield age
-        yield hist
+        yield from _families([s.snapshot() for s in self._stats])
         flushes = CounterMetricFamily("rjet_cursor_flushes", "Cursor store flushes written.", labels=["namespace"])
         for store in self._stores:
             flushes.add_metric([store.namespace], store.flushes)
         yield flushes
+
+
+def _families(snaps: list[StatsSnapshot]) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+    counters = [
+        ("rjet_events_handled", "Events the handler succeeded on.", "handled"),
+        ("rjet_events_filtered", "Events skipped by the consumer's type or event filter.", "filtered"),
+        ("rjet_events_skipped", "Events of other shards' keys passed over.", "skipped"),
+        ("rjet_handler_errors", "Handler failures (each try counts).", "errors"),
+        ("rjet_dead_letters", "Events given up on and recorded as dead letters.", "dead_lettered"),
+        ("rjet_runs", "Times run started for the consumer.", "runs"),
+    ]
+    for metric, doc, field in counters:
+        family = CounterMetricFamily(metric, doc, labels=["consumer"])
+        for snap in snaps:
+            family.add_metric([snap.name], getattr(snap, field))
+        yield family
+    lag = GaugeMetricFamily("rjet_consumer_lag_events", "Events in the stream not yet delivered.", labels=["consumer"])
+    age = GaugeMetricFamily(
+        "rjet_consumer_lag_seconds", "Age of the last handled event while there is lag.", labels=["consumer"]
+    )
+    hist = HistogramMetricFamily(
+        "rjet_handler_duration_seconds", "Handler latency (with timing enabled).", labels=["consumer"]
+    )
+    for snap in snaps:
+        lag.add_metric([snap.name], snap.lag_events)
+        age.add_metric([snap.name], snap.lag_seconds)
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], snap.handler_buckets, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        hist.add_metric([snap.name], buckets, snap.handler_seconds_sum)
+    yield from (lag, age, hist)
 
 
 class _Group(Protocol):
@@ -103,33 +102,33 @@ class _Group(Protocol):
 
 
 class ParallelCollector(Collector):
-    """Collects a :class:`rjet.parallel.Parallel` group's per-shard counts (label ``consumer``: the
-    shard's name) from the parent process, which hears from every worker four times a second.
+    """Collects a :class:`rjet.parallel.Parallel` group's per-shard figures (label ``consumer``: the
+    shard's name) in the parent process, which hears from every worker four times a second.
 
-    ``rjet_events_handled_total``, ``rjet_events_skipped_total``, ``rjet_worker_restarts_total``,
+    The families of :class:`RjetCollector` (from each worker's own statistics; they start over when a
+    worker is restarted, which Prometheus counters allow), plus ``rjet_worker_restarts_total``,
     ``rjet_shard_running`` (1 while the shard's worker runs) and ``rjet_cursor_sequence`` (the last
-    cursor the shard wrote).
+    cursor the shard wrote). Handler latency needs ``Parallel(..., handler_timing=True)``.
     """
 
     def __init__(self, group: _Group) -> None:
         self._group = group
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         """Yield every metric family."""
         shards = self._group.statistics().shards
         label = ["consumer"]
-        handled = CounterMetricFamily("rjet_events_handled", "Events the handler succeeded on.", labels=label)
-        skipped = CounterMetricFamily("rjet_events_skipped", "Events of other shards' keys passed over.", labels=label)
+        yield from _families([s.live for s in shards if s.live is not None])
         restarts = CounterMetricFamily("rjet_worker_restarts", "Times the shard's worker was restarted.", labels=label)
         running = GaugeMetricFamily("rjet_shard_running", "1 while the shard's worker runs.", labels=label)
         cursor = GaugeMetricFamily("rjet_cursor_sequence", "The last cursor the shard wrote.", labels=label)
+        flushes = CounterMetricFamily("rjet_cursor_flushes", "Cursor store flushes written.", labels=label)
         for s in shards:
-            handled.add_metric([s.name], s.handled)
-            skipped.add_metric([s.name], s.skipped)
             restarts.add_metric([s.name], s.restarts)
             running.add_metric([s.name], 1.0 if s.state == "running" else 0.0)
             cursor.add_metric([s.name], float(s.cursor) if s.cursor.isdigit() else 0.0)
-        yield from (handled, skipped, restarts, running, cursor)
+            flushes.add_metric([s.name], s.flushes)
+        yield from (restarts, running, cursor, flushes)
 
 
 @contextlib.asynccontextmanager

@@ -216,6 +216,9 @@ async def test_worker_serves_prometheus_metrics(
         else:
             raise AssertionError(f"metrics never showed 30 handled events: {body}")
         assert 'rjet_shard_running{consumer="m_1_of_2"} 1.0' in body
+        assert 'rjet_handler_duration_seconds_count{consumer="m_1_of_2"}' in body
+        assert 'rjet_consumer_lag_events{consumer="m_2_of_2"} 0.0' in body
+        assert 'rjet_handler_errors_total{consumer="m_2_of_2"} 0.0' in body
         worker.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(worker.communicate(), 30)
         assert worker.returncode == 0, err

@@ -155,6 +155,7 @@ def worker(
         shards=shards,
         types=types or None,
         stop_timeout=stop_timeout,
+        handler_timing=metrics_port is not None,
     )
     if metrics_port is None:
         summary = group.run(to_head=to_head)

@@ -34,6 +34,7 @@ from rjet.parallel._reshard import Heartbeats, ReshardReport, prepare
 from rjet.parallel._shard import check_n, shard_name
 from rjet.parallel._worker import EXIT_FATAL, EXIT_FENCED, ConnectOptions, WorkerConfig, connect_options
 from rjet.parallel._worker import main as worker_main
+from rjet.stats import StatsSnapshot
 from rjet.stream import Stream
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class ParallelOptions:
     - ``dead_letters``: the name of a stream for dead letters (created when missing); with it, an
       event whose handler fails ``dead_letter_attempts`` times is recorded there and skipped
       (:class:`rjet.DeadLetter`). Default: none, retry forever.
+    - ``handler_timing``: measure every handler call for the latency histogram (``ShardStats.live``).
 
     How it runs:
 
@@ -88,6 +90,7 @@ class ParallelOptions:
     on_start: Callable[[int], Any] | None = None
     dead_letters: str | None = None
     dead_letter_attempts: int = 5
+    handler_timing: bool = False
     flush_interval: float = 1.0
     retry_delay: float = 0.1
     max_backoff: float = 60.0
@@ -141,7 +144,9 @@ class ShardStats:
     loses its last quarter second of counts). ``cursor`` is the shard's stored cursor at the end.
     ``state`` is ``done`` (head reached), ``stopped``, ``fenced`` (another runner took the shard),
     ``failed`` (a permanent error), ``idle`` (not started yet), or, while running, ``starting``,
-    ``running`` or ``waiting`` (to be restarted).
+    ``running`` or ``waiting`` (to be restarted). ``live`` is the current worker's own
+    :class:`rjet.StatsSnapshot` (errors, dead letters, lag, handler latency; it starts over when the
+    worker is restarted) and ``flushes`` its cursor store's flush count, as last reported.
     """
 
     shard: int
@@ -151,6 +156,8 @@ class ShardStats:
     cursor: str
     restarts: int
     state: str
+    live: StatsSnapshot | None = None
+    flushes: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -198,6 +205,8 @@ class _Shard:
         self.handled = 0
         self.skipped = 0
         self.cursor = ""
+        self.live: StatsSnapshot | None = None
+        self.flushes = 0
         self.outcome: str | None = None
         self.detail = ""
 
@@ -210,6 +219,8 @@ class _Shard:
             self.cursor,
             self.restarts,
             self.state,
+            self.live,
+            self.flushes,
         )
 
 
@@ -387,6 +398,7 @@ class Parallel:
             on_start=o.on_start,
             dead_letters=o.dead_letters,
             dead_letter_attempts=o.dead_letter_attempts,
+            handler_timing=o.handler_timing,
             flush_interval=o.flush_interval,
             retry_delay=o.retry_delay,
             max_backoff=o.max_backoff,
@@ -554,7 +566,7 @@ class Parallel:
             if logger.isEnabledFor(record.levelno):
                 logger.handle(record)
         elif kind == "progress":
-            _, s.handled, s.skipped, cursor = msg
+            _, s.handled, s.skipped, cursor, s.live, s.flushes = msg
             s.cursor = cursor or s.cursor
         elif kind == "started":
             if s.state == "starting":

@@ -85,6 +85,7 @@ class WorkerConfig:
     on_start: Callable[[int], Awaitable[None] | None] | None = None
     dead_letters: str | None = None
     dead_letter_attempts: int = 5
+    handler_timing: bool = False
     flush_interval: float = 1.0
     retry_delay: float = 0.1
     max_backoff: float = 60.0
@@ -160,7 +161,7 @@ class _Worker:
         self.cfg = cfg
         self.fn = fn
         self.link = link
-        self.stats = ConsumerStats(cfg.shard)
+        self.stats = ConsumerStats(cfg.shard, timing=cfg.handler_timing)
         self.stop = asyncio.Event()
         self.store: JetStreamCursorStore | None = None
 
@@ -202,7 +203,9 @@ class _Worker:
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.report_interval)
-            self.link.send(("progress", self.handled, self.skipped, self._cursor()))
+            snap = self.stats.snapshot()
+            flushes = self.store.flushes if self.store is not None else 0
+            self.link.send(("progress", snap.handled, snap.skipped, self._cursor(), snap, flushes))
 
     async def _watch_fence(self, store: JetStreamCursorStore) -> None:
         # The store notices a second runner at its next write; this notices it while idle too.
