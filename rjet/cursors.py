@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
 import nats.errors
 import nats.js.errors
 from nats.js import api
+from nats.nuid import NUID
 
+from rjet._publish import ack_seq
 from rjet.errors import ConfigError, CursorConflict, CursorStoreError, RjetError
 
 if TYPE_CHECKING:
@@ -35,6 +37,8 @@ RESERVED_PREFIX: Final = "_rjet."
 """KV keys rjet keeps beside cursors (sharding's heartbeats and records); never a cursor's key."""
 _BUCKET_PREFIX: Final = "rjet_cursors_"
 _STORE_ERRORS: Final = (nats.errors.Error, TimeoutError, OSError)
+_MAX_BATCH: Final = 1000  # the server's default limit on the messages of one atomic batch
+_NUID: Final = NUID()
 
 
 @runtime_checkable
@@ -96,6 +100,21 @@ def decode_key(key: str) -> str:
     return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("utf-8", "surrogatepass")
 
 
+async def _allow_atomic(js: JetStreamContext, stream: str) -> bool:
+    """Turn on atomic batch publishing for a KV bucket's stream (nats-server 2.12+); False when not possible."""
+    try:
+        info = await js.stream_info(stream)
+        if info.config.allow_atomic:
+            return True
+        config = info.config
+        config.allow_atomic = True
+        await js.update_stream(config)
+        return True
+    except (nats.errors.Error, TimeoutError, OSError) as e:
+        log.info("stream %r: no atomic batches (%r); cursor flushes send one request per cursor", stream, e)
+        return False
+
+
 async def kv_keys(kv: KeyValue) -> list[str]:
     """Every key in a KV bucket, from one stream-info request.
 
@@ -110,8 +129,10 @@ async def kv_keys(kv: KeyValue) -> list[str]:
 class JetStreamCursorStore:
     """A :class:`CursorStore` in a JetStream KV bucket (``rjet_cursors_<namespace>``), buffered.
 
-    ``set_cursor`` only records; a flush writes each changed cursor (all of them pipelined, one round
-    trip) at most every ``flush_interval`` seconds, and on :meth:`flush` / :meth:`close`.
+    ``set_cursor`` only records; a flush writes the changed cursors at most every ``flush_interval``
+    seconds, and on :meth:`flush` / :meth:`close`: several of them as one atomic JetStream batch (one
+    request, one ack; the bucket's stream is set to allow atomic batches, nats-server 2.12+), one of
+    them (or on older servers, each of them, pipelined) as a single compare-and-swap.
 
     Two runners of one consumer name are fenced with the KV revision: ``get_cursor`` claims the
     cursor (a compare-and-swap write of its current value), and every later write is a
@@ -137,6 +158,7 @@ class JetStreamCursorStore:
         self._error: RjetError | None = None
         self._failed = asyncio.Event()
         self._closed = False
+        self._atomic = False  # the bucket takes atomic batches: a flush of many cursors is one request
         self.flushes = 0
 
     @classmethod
@@ -162,7 +184,9 @@ class JetStreamCursorStore:
             ) from None
         except _STORE_ERRORS as e:
             raise CursorStoreError(f"cursor bucket {bucket!r}: cannot open: {e!r}") from e
-        return cls(kv, namespace, flush_interval=flush_interval)
+        store = cls(kv, namespace, flush_interval=flush_interval)
+        store._atomic = await _allow_atomic(js, f"KV_{bucket}")
+        return store
 
     @property
     def bucket(self) -> str:
@@ -232,6 +256,11 @@ class JetStreamCursorStore:
                 return
             batch, self._dirty = self._dirty, {}
             try:
+                if self._atomic and 1 < len(batch) <= _MAX_BATCH and await self._write_batch(batch):
+                    self.flushes += 1
+                    return
+                # One compare-and-swap per cursor, pipelined (also what finds the cursor that made an
+                # atomic batch fail, and writes the others).
                 results = await asyncio.gather(
                     *(self._write(name, cursor) for name, cursor in batch.items()), return_exceptions=True
                 )
@@ -249,6 +278,64 @@ class JetStreamCursorStore:
             if failed:
                 err = failed[0][1]
                 raise err if isinstance(err, RjetError) else self._store_error("cannot write cursors", err)
+
+    async def _write_batch(self, batch: dict[str, str]) -> bool:
+        """Write every cursor of ``batch`` as one atomic JetStream batch: one request, one ack, each
+        message a compare-and-swap on its key. False (nothing written) when the server refused it,
+        a conflict among them say; the caller then writes them one by one.
+
+        Shielded like :meth:`_cas`: a cancelled caller does not lose the revisions.
+        """
+        nc = self._kv._js._nc
+        batch_id = _NUID.next().decode()
+        items = [(name, encode_key(name), cursor.encode()) for name, cursor in batch.items()]
+        last = len(items)
+
+        def headers(i: int, key: str) -> dict[str, str]:
+            h = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
+            rev = self._revs.get(key)
+            if rev is not None:
+                h["Nats-Expected-Last-Subject-Sequence"] = str(rev)
+            return h
+
+        async def send() -> bytes:
+            # All but the last go out as raw frames in one piece (no per-message publish call); the
+            # last commits the batch and carries the only reply.
+            frames = []
+            for i, (_, key, value) in enumerate(items[:-1], 1):
+                hdr = "".join(f"{k}: {v}\r\n" for k, v in headers(i, key).items())
+                block = f"NATS/1.0\r\n{hdr}\r\n".encode()
+                frames.append(b"HPUB %s%s %d %d\r\n%s%s\r\n" % (
+                    self._kv._pre.encode(), key.encode(), len(block), len(block) + len(value), block, value
+                ))  # fmt: skip
+            await nc._send_command(b"".join(frames))
+            _, key, value = items[-1]
+            commit = {**headers(last, key), "Nats-Batch-Commit": "1"}
+            reply = await nc.request(f"{self._kv._pre}{key}", value, timeout=self._kv._js._timeout, headers=commit)
+            return reply.data
+
+        task = asyncio.ensure_future(send())
+
+        def record(t: asyncio.Future[bytes]) -> None:
+            if t.cancelled() or t.exception() is not None:
+                return
+            seq = ack_seq(t.result())
+            if seq is None:
+                return
+            # An atomic batch is stored contiguously, in order: revisions seq-n+1 .. seq.
+            for rev, (name, key, value) in enumerate(items, seq - last + 1):
+                self._revs[key] = max(self._revs.get(key, 0), rev)
+                self._written[name] = value.decode()
+
+        task.add_done_callback(record)
+        try:
+            ack = await asyncio.shield(task)
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as e:
+            raise self._store_error("cannot write cursors", e) from e
+        except _STORE_ERRORS as e:
+            log.debug("cursor bucket %r: atomic batch of %d failed (%r); writing one by one", self.bucket, last, e)
+            return False
+        return ack_seq(ack) is not None
 
     async def _cas(self, name: str, key: str, value: bytes, last: int | None) -> int:
         """Write ``value`` (compare-and-swap against ``last`` unless None) and record the revision.

@@ -213,3 +213,36 @@ async def test_deleted_cursors_are_not_listed(js: JetStreamContext, name: str) -
         await store._kv.delete("gone")
         assert await store.cursors() == {"kept": "4"}
         assert await store.peek("gone") == ""
+
+
+async def test_a_flush_of_many_cursors_is_one_atomic_batch(js: JetStreamContext, name: str) -> None:
+    async with await jet(js, name) as store:
+        assert store._atomic
+        for _round in range(3):  # the revisions the batch recorded let the next writes compare-and-swap
+            for i in range(50):
+                await store.set_cursor(f"c{i}", str(_round * 100 + i))
+            await store.flush()
+        await store.set_cursor("c7", "single")
+        await store.flush()
+        cursors = await store.cursors()
+        assert cursors["c7"] == "single"
+        assert cursors["c49"] == "249"
+        bucket = await js.stream_info(f"KV_{store.bucket}")
+        assert bucket.config.allow_atomic
+        assert bucket.state.last_seq == 151  # 3 batches of 50 and one single write
+
+
+async def test_a_conflict_inside_a_batch_names_its_cursor_and_writes_the_others(
+    js: JetStreamContext, name: str
+) -> None:
+    async with await jet(js, name) as first, await jet(js, name) as second:
+        for n in ("a", "b", "c"):
+            await first.get_cursor(n)
+        await second.get_cursor("b")  # fences `first` on b only
+        for n in ("a", "b", "c"):
+            await first.set_cursor(n, "9")
+        with pytest.raises(rjet.CursorConflict, match="cursor 'b'"):
+            await first.flush()
+        assert await first.peek("a") == "9"
+        assert await first.peek("c") == "9"
+        assert await first.peek("b") == ""
