@@ -87,6 +87,8 @@ async def publish_many(
                 frames.append(b"HPUB %s %s.%d %d %d\r\n%s%s\r\n" % (
                     subject.encode(), inbox.encode(), i, len(hdr), len(hdr) + len(data), hdr, data
                 ))  # fmt: skip
+            nc.stats["out_msgs"] += len(frames)  # keep nats-py's counters true to the wire
+            nc.stats["out_bytes"] += sum(len(events[i][2]) for i in range(start, end))
             await nc._send_command(b"".join(frames))
             await nc._flush_pending()
         wanted = n

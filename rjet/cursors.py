@@ -308,6 +308,7 @@ class JetStreamCursorStore:
                 frames.append(b"HPUB %s%s %d %d\r\n%s%s\r\n" % (
                     self._kv._pre.encode(), key.encode(), len(block), len(block) + len(value), block, value
                 ))  # fmt: skip
+            nc.stats["out_msgs"] += len(frames)  # keep nats-py's counters true to the wire
             await nc._send_command(b"".join(frames))
             _, key, value = items[-1]
             commit = {**headers(last, key), "Nats-Batch-Commit": "1"}
