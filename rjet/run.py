@@ -72,6 +72,7 @@ class Spec:
     stream_func: StreamFunc
     cursor_store: CursorStore
     consumer: Consumer
+    _: dataclasses.KW_ONLY
     from_head: bool = False
     to_head: bool = False
     lag: timedelta | float | None = None

@@ -277,3 +277,10 @@ async def test_a_key_filter_that_raises_ends_the_run_with_its_error(stream: rjet
     with pytest.raises(LookupError, match="no shard for b"):
         await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
     assert store.cursors == {"c": "1"}
+
+
+def test_spec_options_are_keyword_only(stream: rjet.Stream) -> None:
+    consumer = rjet.Consumer("c", lambda f, e: None)
+    with pytest.raises(TypeError):
+        rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer, True)  # type: ignore[call-arg]
+    assert rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer, to_head=True).to_head

@@ -8,7 +8,14 @@ import click
 from rich.table import Table
 
 from rjet.cli._bench_run import Figure, run_bench
-from rjet.cli._common import Connection, embedded_connection_options, run, stderr_console, stdout_console
+from rjet.cli._common import (
+    Connection,
+    embedded_connection_options,
+    run,
+    show_progress,
+    stderr_console,
+    stdout_console,
+)
 from rjet.server import EmbeddedServer
 
 
@@ -30,9 +37,10 @@ def bench(conn: Connection, events: int, rounds: int, as_json: bool) -> None:
     nats-py baselines use their own connection, on the same server and the same data.
     """
     err = stderr_console()
+    chatty = show_progress(err) and not as_json  # quiet in pipes, files and CI logs
 
     def progress(what: str) -> None:
-        if not as_json:
+        if chatty:
             err.print(f"measuring {what} ...", highlight=False)
 
     def measure(servers: list[str]) -> list[Figure]:
@@ -42,7 +50,7 @@ def bench(conn: Connection, events: int, rounds: int, as_json: bool) -> None:
         figures = measure(list(conn.servers))
     else:
         with EmbeddedServer() as srv:
-            if not as_json:
+            if chatty:
                 err.print(f"started nats-server at {srv.url} (temporary storage)", highlight=False)
             figures = measure([srv.url])
     if as_json:
