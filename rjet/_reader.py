@@ -380,7 +380,13 @@ class StreamClient:
                 int(self._cfg.expires * _NS),
                 int(self._cfg.heartbeat * _NS),
             )
-            await self._nc.publish(self._next_subject, req, reply=self._deliver.decode())
+            try:
+                await self._nc.publish(self._next_subject, req, reply=self._deliver.decode())
+            except nats.errors.ConnectionClosedError:
+                self._fail(Stopped(f"stream {self.stream!r}: the NATS connection is closed"))
+            except nats.errors.Error as e:
+                # Disconnected with a full outgoing buffer, say: the watchdog recovers once traffic stops.
+                log.debug("stream %r: pull request not sent: %r", self.stream, e)
         finally:
             if self._pulling is asyncio.current_task():
                 self._pulling = None
