@@ -155,8 +155,8 @@ class CursorExpired(CursorError):
     def __init__(self, stream: str, cursor: int, first_seq: int) -> None:
         super().__init__(
             f"stream {stream!r}: cursor {cursor} has expired: the stream's first retained sequence is"
-            f" {first_seq}, so events {cursor + 1}..{first_seq - 1} are gone; reset the cursor on purpose"
-            f" to go on"
+            f" {first_seq}, so events {cursor + 1}..{first_seq - 1} are gone; move the cursor on purpose"
+            f" to go on (`rjet cursor NAME --namespace NS --set first --stream {stream}`)"
         )
         self.stream = stream
         self.cursor = cursor
@@ -169,7 +169,8 @@ class CursorAhead(CursorError):
     def __init__(self, stream: str, cursor: int, last_seq: int) -> None:
         super().__init__(
             f"stream {stream!r}: cursor {cursor} is past the stream's last sequence {last_seq};"
-            f" was the stream recreated? Reset the cursor on purpose to go on"
+            f" was the stream recreated? Move the cursor on purpose to go on"
+            f" (`rjet cursor NAME --namespace NS --set beginning`)"
         )
         self.stream = stream
         self.cursor = cursor

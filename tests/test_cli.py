@@ -318,7 +318,7 @@ def test_bench_prints_figures_beside_the_baselines() -> None:
     assert [r["path"] for r in rows] == [*paths, "run with JetStream cursors"]
     assert all(r["rjet"] > 0 and r["baseline"] > 0 and r["ratio"] > 0 for r in rows)
     out = rjet_cmd("--help").stdout
-    for command in ("demo", "insert", "tail", "status", "worker", "server", "bench"):
+    for command in ("demo", "insert", "tail", "status", "cursor", "worker", "server", "bench"):
         assert re.search(rf"^\s+{command}\s", out, re.MULTILINE), out
 
 
@@ -333,3 +333,35 @@ def test_console_script_and_missing_extra() -> None:
     assert proc.stderr.strip() == (
         "rjet: the command line needs the 'cli' extra (rich is missing): pip install 'rjet[cli]'"
     )
+
+
+async def test_cursor_moves_a_consumer_past_expired_events(
+    server: EmbeddedServer, name: str, js: JetStreamContext
+) -> None:
+    stream = await rjet.Stream.create(js, name, max_msgs=5)
+    await stream.insert_many([("k", 1, b"")] * 10)  # events 1-5 expired
+    ns = f"ns_{name}"[:60]
+    async with await rjet.JetStreamCursorStore.create(js, ns) as store:
+        await store.set_cursor("billing", "2")
+    consumer = rjet.Consumer("billing", lambda f, e: None)
+    store = await rjet.JetStreamCursorStore.create(js, ns)
+    with pytest.raises(rjet.CursorExpired):
+        await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
+    await store.close()
+
+    assert rjet_cmd("cursor", "billing", "--namespace", ns, "-s", server.url).stdout.strip() == "2"
+    proc = rjet_cmd("cursor", "billing", "--namespace", ns, "--set", "first", "--stream", name, "-s", server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "billing: 2 -> 5"
+    async with await rjet.JetStreamCursorStore.create(js, ns) as store:
+        with pytest.raises(rjet.HeadReached):
+            await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
+        assert await store.peek("billing") == "10"
+    proc = rjet_cmd("cursor", "billing", "--namespace", ns, "--set", "beginning", "-s", server.url)
+    assert proc.stdout.strip() == "billing: 10 -> (none: from the beginning)"
+    proc = rjet_cmd("cursor", "billing", "--namespace", ns, "--set", "last", "-s", server.url)
+    assert proc.returncode == 2
+    assert "--set last needs --stream" in proc.stderr
+    proc = rjet_cmd("cursor", "billing", "--namespace", ns, "--set", "x1", "-s", server.url)
+    assert proc.returncode == 1
+    assert "give a stream sequence" in _one_line_error(proc)
