@@ -8,6 +8,10 @@ MSG/HMSG frames of subscriptions registered in :attr:`FastParser.lanes` straight
 function as raw bytes, in bulk, without a task switch. Every other frame goes to nats-py's own
 ``_process_*`` handlers exactly as its parser would send it.
 
+A lane may also register a :data:`Scanner`: given the buffer at a frame of its subscription, it
+takes as many complete frames as it recognises in one call (a stream client matches its consumer's
+frames with one compiled pattern) and says where it stopped; frames it leaves go to the handler.
+
 If the installed nats-py does not look like the one this was written against, :func:`fast_lanes`
 returns None and stream clients use ordinary subscriptions (slower, equally correct).
 """
@@ -24,10 +28,15 @@ from nats.protocol import parser as _nats_parser
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-__all__ = ["FastParser", "FrameHandler", "fast_lanes"]
+__all__ = ["FastParser", "FrameHandler", "Scanner", "fast_lanes", "fast_parser"]
 
 FrameHandler: TypeAlias = Callable[[bytes, bytes, bytes | None, bytes], None]
 """``handler(subject, reply, raw_headers_or_None, payload)``, called synchronously per frame."""
+
+Scanner: TypeAlias = Callable[[bytearray, int, int], int]
+"""``scan(buf, pos, size) -> pos'``: consume complete frames from ``buf[pos:size]``, which starts with a
+frame of the scanner's subscription, and return where the first frame not taken begins (``pos``
+itself to leave that frame to the lane's handler). Called synchronously; must not keep ``buf``."""
 
 _CONTROL: Final = _nats_parser.AWAITING_CONTROL_LINE
 _PAYLOAD: Final = _nats_parser.AWAITING_MSG_PAYLOAD
@@ -41,11 +50,13 @@ class FastParser(_nats_parser.Parser):
     def __init__(self, nc: Client) -> None:
         super().__init__(nc)
         self.lanes: dict[int, FrameHandler] = {}
+        self.scanners: dict[int, Scanner] = {}
 
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf
         buf.extend(data)
         lanes = self.lanes
+        scanners = self.scanners
         pos = 0  # frames before pos are consumed; deleted in one go, and before every await
         size = len(buf)
         try:
@@ -88,6 +99,10 @@ class FastParser(_nats_parser.Parser):
                     stop = start + total
                     handler = lanes.get(sid)
                     if handler is not None:
+                        scan = scanners.get(sid)
+                        if scan is not None and (taken := scan(buf, pos, size)) != pos:
+                            pos = taken
+                            continue
                         if size < stop + 2:
                             return  # wait for the whole frame; its control line is parsed again then
                         handler(
@@ -133,9 +148,15 @@ def fast_lanes(nc: Client) -> dict[int, FrameHandler] | None:
 
     Returns None (use ordinary subscriptions) when nats-py's parser is not the one expected.
     """
+    ps = fast_parser(nc)
+    return None if ps is None else ps.lanes
+
+
+def fast_parser(nc: Client) -> FastParser | None:
+    """``nc``'s :class:`FastParser`, installed on first use; None when nats-py's parser is not the one expected."""
     ps = getattr(nc, "_ps", None)
     if isinstance(ps, FastParser):
-        return ps.lanes
+        return ps
     if type(ps) is not _nats_parser.Parser or not set(vars(ps)) >= _EXPECTED_STATE:
         return None
     fast = FastParser(nc)
@@ -143,4 +164,4 @@ def fast_lanes(nc: Client) -> dict[int, FrameHandler] | None:
     fast.buf, fast.state, fast.needed = ps.buf, ps.state, ps.needed
     fast.header_needed, fast.msg_arg = ps.header_needed, ps.msg_arg
     nc._ps = fast
-    return fast.lanes
+    return fast

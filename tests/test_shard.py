@@ -78,6 +78,16 @@ def test_exactly_one_shard_takes_each_key(fid: str, n: int) -> None:
     assert takers == [shard_of(fid, n)]
 
 
+@given(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1), st.integers(1, 64))
+def test_a_shard_filter_names_its_formula_for_the_reader(fid: str, n: int) -> None:
+    """The stream client hashes a plain foreign ID's raw header bytes itself when the filter says it
+    is (m, n): that must be the same decision the filter makes."""
+    for m in range(n):
+        f = key_filter(m, n)
+        assert f.xxh3_shard == (m, n)
+        assert f(fid) == (xxhash.xxh3_64_intdigest(fid.encode("ascii")) % n == m)
+
+
 @given(st.text(min_size=1), st.integers(min_value=1, max_value=10_000), st.data())
 def test_shard_name_format(name: str, n: int, data: st.DataObject) -> None:
     m = data.draw(st.integers(min_value=0, max_value=n - 1))

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.protocol.parser import Parser
 
 import rjet
+from rjet._reader import StreamClient
 from rjet._wire import FastParser, fast_lanes
+from rjet.parallel._shard import key_filter, shard_of
+from rjet.server import EmbeddedServer
 
 
 async def read_all(stream: rjet.Stream, after: str = "") -> list[rjet.Event]:
@@ -111,3 +118,148 @@ async def test_the_reader_takes_both_reply_subject_forms(stream: rjet.Stream) ->
         ("2", 7, "v2-key", b"v2"),
         ("3", 7, "v2-key", b"v2"),
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The bulk scanner (StreamClient._scan) against the frame-by-frame handler (StreamClient._on_frame)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+    kind: str  # "event", "msg_id_first" (other header layout), "heartbeat"
+    fid: bytes
+    typ: int
+    payload: bytes
+    sseq_step: int
+    gap: bool  # the consumer sequence jumps before this frame (a message lost in transit)
+
+
+_fids = st.one_of(
+    st.sampled_from([b"user-1", b"user-2", b"k", b"a%20b", b"%C3%BC", b"%FF", b"%", b"x" * 40]),
+    st.binary(min_size=1, max_size=12).filter(lambda b: all(0x21 <= c <= 0x7E for c in b)),
+)
+_frames = st.lists(
+    st.builds(
+        _Frame,
+        kind=st.sampled_from(["event"] * 8 + ["msg_id_first", "heartbeat"]),
+        fid=_fids,
+        typ=st.integers(-5, 2**40),
+        payload=st.one_of(st.binary(max_size=60), st.just(b"HMSG fake 1 $JS.ACK.x 10 20\r\nNATS/1.0\r\n")),
+        sseq_step=st.integers(1, 3),
+        gap=st.sampled_from([False] * 6 + [True]),
+    ),
+    max_size=40,
+)
+_SHARD_0_OF_3 = key_filter(0, 3)
+_filters: list[Callable[[str], bool] | None] = [
+    None,
+    key_filter(0, 1),
+    _SHARD_0_OF_3,
+    key_filter(2, 3),
+    lambda f: len(f) % 2 == 0,
+]
+
+
+def _wire_bytes(client: StreamClient, frames: list[_Frame], v2: bool) -> bytes:
+    consumer = client._consumer
+    assert consumer is not None
+    stream, sid = client.stream.encode(), client._sid
+    out, sseq, cseq = [], 0, 0
+    for i, f in enumerate(frames):
+        if f.kind == "heartbeat":
+            hdr = b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 0\r\nNats-Last-Stream: 0\r\n\r\n"
+            out.append(b"HMSG %s %d %d %d\r\n%s\r\n" % (client._deliver, sid, len(hdr), len(hdr), hdr))
+            continue
+        sseq += f.sseq_step
+        cseq += 2 if f.gap else 1
+        head = b"%s.%s.1.%d.%d.%d.%d" % (stream, consumer, sseq, cseq, 1_700_000_000_000_000_000 + i, len(frames) - i)
+        reply = b"$JS.ACK.hub.ACCOUNTHASH." + head + b".tok" if v2 else b"$JS.ACK." + head
+        hdr = b"NATS/1.0\r\nreflex_type: %d\r\nrjet_foreign_id: %s\r\n\r\n" % (f.typ, f.fid)
+        if f.kind == "msg_id_first":
+            hdr = b"NATS/1.0\r\nNats-Msg-Id: m%d\r\nreflex_type: %d\r\nrjet_foreign_id: %s\r\n\r\n" % (i, f.typ, f.fid)
+        size = len(hdr) + len(f.payload)
+        out.append(b"HMSG %s.events %d %s %d %d\r\n%s%s\r\n" % (stream, sid, reply, len(hdr), size, hdr, f.payload))
+    return b"".join(out)
+
+
+def _outcome(client: StreamClient) -> tuple[object, ...]:
+    events: list[object] = []
+    for frame in client._buf:
+        try:
+            e = client._decode(*frame)
+            events.append((e.id, e.type, e.foreign_id, e.timestamp, e.metadata))
+        except rjet.DecodeError as err:
+            events.append(str(err))
+    return (
+        events,
+        client._last,
+        client._cseq,
+        client.skipped,
+        client._skipped,
+        client._consumer is None,  # recovering after a gap
+        client._caught_up,
+        client._server_pending,
+    )
+
+
+@pytest.fixture(scope="module")
+def scan_ctx(server: EmbeddedServer) -> Iterator[tuple[asyncio.AbstractEventLoop, rjet.Stream]]:
+    loop = asyncio.new_event_loop()
+    nc = loop.run_until_complete(rjet.connect(server.url))
+    stream = loop.run_until_complete(rjet.Stream.create(nc.jetstream(), "scan_equivalence"))
+    yield loop, stream
+    loop.run_until_complete(nc.close())
+    loop.close()
+
+
+async def _feed(
+    stream: rjet.Stream, frames: list[_Frame], cuts: list[int], which: int, v2: bool, bulk: bool
+) -> tuple[object, ...]:
+    client = await stream.stream()
+    try:
+        client._set_key_filter(_filters[which])
+        parser = FastParser(client._nc)
+        parser.lanes[client._sid] = client._on_frame
+        if bulk:
+            parser.scanners[client._sid] = client._scan
+        data = _wire_bytes(client, frames, v2)
+        at = 0
+        for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+            await parser.parse(data[at:cut])  # no await inside for lane frames: nothing interleaves
+            at = cut
+        assert not parser.buf
+        return _outcome(client)
+    finally:
+        await client.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    frames=_frames,
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+    which=st.integers(0, len(_filters) - 1),
+    v2=st.booleans(),
+)
+def test_the_bulk_scanner_agrees_with_the_frame_handler(
+    scan_ctx: tuple[asyncio.AbstractEventLoop, rjet.Stream], frames: list[_Frame], cuts: list[int], which: int, v2: bool
+) -> None:
+    """Whatever arrives (other header layouts, percent-encoded or undecodable keys, heartbeats, fake
+    frames inside payloads, a consumer-sequence gap) in whatever socket reads, taking frames in bulk
+    buffers, passes over and recovers exactly as handing them over one at a time does."""
+    loop, stream = scan_ctx
+    bulk = loop.run_until_complete(_feed(stream, frames, cuts, which, v2, bulk=True))
+    assert bulk == loop.run_until_complete(_feed(stream, frames, cuts, which, v2, bulk=False))
+
+
+@pytest.mark.parametrize("cuts", [[], [300]], ids=["one read", "two reads"])
+def test_a_gap_among_the_last_passed_over_frames_is_found(
+    scan_ctx: tuple[asyncio.AbstractEventLoop, rjet.Stream], cuts: list[int]
+) -> None:
+    loop, stream = scan_ctx
+    others = [f"user-{i}".encode() for i in range(100) if shard_of(f"user-{i}", 3) != 0][:6]
+    frames = [_Frame("event", fid, 1, b"x", 1, gap=i == 4) for i, fid in enumerate(others)]
+    which = _filters.index(_SHARD_0_OF_3)
+    bulk = loop.run_until_complete(_feed(stream, frames, cuts, which, False, bulk=True))
+    events, last, _, skipped, _, recovering, _, _ = bulk
+    assert (events, last, skipped, recovering) == ([], 4, 4, True)  # stopped before the lost message
+    assert bulk == loop.run_until_complete(_feed(stream, frames, cuts, which, False, bulk=False))

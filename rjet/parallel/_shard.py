@@ -7,13 +7,11 @@ rjet, puts a foreign ID in the same shard. The test vectors in ``tests/test_shar
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from xxhash import xxh3_64_intdigest
 
 from rjet.errors import ConfigError
 
-__all__ = ["check_n", "key_filter", "shard_name", "shard_of"]
+__all__ = ["ShardKeyFilter", "check_n", "key_filter", "shard_name", "shard_of"]
 
 
 def check_n(n: object, what: str = "n") -> int:
@@ -48,11 +46,30 @@ def shard_name(name: str, m: int, n: int) -> str:
     return f"{name}_{m + 1}_of_{n}"
 
 
-def key_filter(m: int, n: int) -> Callable[[str], bool]:
+class ShardKeyFilter:
+    """``filter(foreign_id) -> bool``: whether a foreign ID belongs to shard ``m`` of ``n``.
+
+    Its ``xxh3_shard`` attribute, ``(m, n)``, tells the stream client that the filter is exactly
+    ``shard_of(foreign_id, n) == m``, so it hashes the raw header value of a plain foreign ID itself
+    instead of decoding a string and calling the filter (the hot path of a worker passing over other
+    shards' events).
+    """
+
+    __slots__ = ("m", "n", "xxh3_shard")
+
+    def __init__(self, m: int, n: int) -> None:
+        shard_name("x", m, n)
+        self.m = m
+        self.n = n
+        self.xxh3_shard = (m, n)
+
+    def __call__(self, foreign_id: str) -> bool:
+        return xxh3_64_intdigest(foreign_id.encode("utf-8")) % self.n == self.m
+
+    def __repr__(self) -> str:
+        return f"ShardKeyFilter(m={self.m}, n={self.n})"
+
+
+def key_filter(m: int, n: int) -> ShardKeyFilter:
     """``filter(foreign_id) -> bool``: whether a foreign ID belongs to shard ``m`` of ``n`` (the hot path)."""
-    shard_name("x", m, n)
-
-    def mine(foreign_id: str, _hash: Callable[[bytes], int] = xxh3_64_intdigest) -> bool:
-        return _hash(foreign_id.encode("utf-8")) % n == m
-
-    return mine
+    return ShardKeyFilter(m, n)

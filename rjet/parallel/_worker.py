@@ -24,8 +24,6 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
-from xxhash import xxh3_64_intdigest
-
 from rjet._connect import connect
 from rjet._reader import ReadConfig
 from rjet.consumer import Consumer, Handler
@@ -41,7 +39,7 @@ from rjet.errors import (
 )
 from rjet.event import Event
 from rjet.fate import NEVER, Fate
-from rjet.parallel._shard import shard_name
+from rjet.parallel._shard import key_filter, shard_name
 from rjet.run import Spec, run_forever
 from rjet.stats import ConsumerStats
 from rjet.stream import Stream
@@ -174,12 +172,7 @@ class _Worker:
         return self.stats.snapshot().skipped
 
     def key_filter(self) -> Callable[[str], bool]:
-        n, m = self.cfg.n, self.cfg.m
-
-        def mine(foreign_id: str, _hash: Callable[[bytes], int] = xxh3_64_intdigest) -> bool:
-            return _hash(foreign_id.encode("utf-8")) % n == m
-
-        return mine
+        return key_filter(self.cfg.m, self.cfg.n)
 
     def request_stop(self) -> None:
         """Stop gracefully: no new handler call starts, the one in flight finishes, the cursor is flushed."""
