@@ -90,8 +90,10 @@ class ReadConfig:
       an ordinary nats-py subscription (about half the speed, same results).
     """
 
-    batch: int = 1000
-    max_buffered: int = 4000
+    # Measured on 2 cores, 100k small events: batch 1000 / 4000 buffered read 4.1 us an event, 2000 /
+    # 8000 3.65 us (fewer pull round trips; the pipeline drains less while the handler runs).
+    batch: int = 2000
+    max_buffered: int = 8000
     heartbeat: float = 1.0
     expires: float = 30.0
     inactive_threshold: float = 60.0
