@@ -25,7 +25,6 @@ import logging
 import re
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self, TypeAlias
 
@@ -60,9 +59,8 @@ log = logging.getLogger("rjet.stream")
 
 _NS: Final = 1_000_000_000
 _new = object.__new__
-_fromtimestamp = datetime.fromtimestamp
-_set_id, _set_type, _set_fid, _set_ts, _set_data = (
-    Event.__dict__[f].__set__ for f in ("id", "type", "foreign_id", "timestamp", "metadata")
+_set_id, _set_type, _set_fid, _set_us, _set_ts, _set_data = (
+    Event.__dict__[f].__set__ for f in ("id", "type", "foreign_id", "timestamp_us", "_timestamp", "metadata")
 )
 _STATUS: Final = "Status"
 _DESCRIPTION: Final = "Description"
@@ -515,8 +513,8 @@ class StreamClient:
         _set_id(event, str(sseq))
         _set_type(event, typ)
         _set_fid(event, fid)
-        # Exact: the microsecond count is an integer below 2**53, so the float division rounds back.
-        _set_ts(event, _fromtimestamp(ts // 1000 / 1e6, UTC))
+        _set_us(event, ts // 1000)
+        _set_ts(event, None)  # the datetime is built when a handler asks for it
         _set_data(event, data)
         return event
 

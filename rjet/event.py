@@ -36,26 +36,73 @@ MSG_ID_HEADER: Final = "Nats-Msg-Id"
 _TYPE_B: Final = TYPE_HEADER.encode()
 _FOREIGN_ID_B: Final = FOREIGN_ID_HEADER.encode()
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_US: Final = timedelta(microseconds=1)
 _PLAIN: Final = re.compile(r"[!-$&-~]+")  # printable ASCII but '%' and ' ': stored as it is
 _SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, init=False)
 class Event:
     """One reflex event read from a stream.
 
     ``id`` is the JetStream stream sequence as a decimal string, so cursors are event IDs.
+    ``timestamp`` (a UTC datetime) is the time the server stored the event; the reader keeps it as
+    :attr:`timestamp_us` and builds the datetime only when asked (a third of the cost of decoding).
 
     >>> e = Event("7", 1, "user-42", datetime(2026, 1, 1, tzinfo=UTC), b"{}")
-    >>> e.id_int, e.is_type(1)
-    (7, True)
+    >>> e.id_int, e.is_type(1), e.timestamp.year
+    (7, True, 2026)
     """
 
     id: str
     type: int
     foreign_id: str
-    timestamp: datetime
+    timestamp_us: int
+    """The stored time in microseconds since the Unix epoch (what ``timestamp`` holds, as an int)."""
     metadata: bytes = b""
+    _timestamp: datetime | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __init__(
+        self,
+        id: str,
+        type: int,
+        foreign_id: str,
+        timestamp: datetime | None = None,
+        metadata: bytes = b"",
+        *,
+        timestamp_us: int | None = None,
+        _timestamp: datetime | None = None,
+    ) -> None:
+        """``Event(id, type, foreign_id, timestamp, metadata)`` with an aware datetime, or
+        ``timestamp_us=`` instead of ``timestamp``."""
+        if timestamp is not None:
+            if timestamp.tzinfo is None:
+                raise InvalidEvent(f"event timestamp {timestamp!r} has no time zone (rjet's are UTC)")
+            timestamp_us = (timestamp - _EPOCH) // _US
+        elif timestamp_us is None:
+            raise InvalidEvent("an Event needs a timestamp (an aware datetime) or timestamp_us")
+        setattr_ = object.__setattr__
+        setattr_(self, "id", id)
+        setattr_(self, "type", type)
+        setattr_(self, "foreign_id", foreign_id)
+        setattr_(self, "timestamp_us", timestamp_us)
+        setattr_(self, "metadata", metadata)
+        setattr_(self, "_timestamp", timestamp)
+
+    @property
+    def timestamp(self) -> datetime:
+        """When the server stored the event: a UTC datetime (microsecond precision)."""
+        ts = self._timestamp
+        if ts is None:
+            ts = _EPOCH + timedelta(microseconds=self.timestamp_us)
+            object.__setattr__(self, "_timestamp", ts)
+        return ts
+
+    def __repr__(self) -> str:
+        return (
+            f"Event(id={self.id!r}, type={self.type!r}, foreign_id={self.foreign_id!r},"
+            f" timestamp={self.timestamp!r}, metadata={self.metadata!r})"
+        )
 
     @property
     def id_int(self) -> int:

@@ -156,7 +156,7 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
                     continue
                 assert isinstance(event, Event)
                 if lag:
-                    wait = event.timestamp.timestamp() + lag - time.time()
+                    wait = event.timestamp_us / 1e6 + lag - time.time()
                     if wait > 0:
                         await asyncio.sleep(wait)
                 t0 = time.perf_counter() if timing else 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from datetime import UTC, datetime
 
 import pytest
@@ -91,8 +92,18 @@ def test_both_reply_subject_forms_are_parsed() -> None:
 
 
 @given(st.integers(min_value=0, max_value=4_102_444_800 * 10**9))  # up to the year 2100
-def test_the_readers_fast_timestamp_is_exact(ns: int) -> None:
-    assert datetime.fromtimestamp(ns // 1000 / 1e6, UTC) == timestamp_from_ns(ns)
+def test_the_lazy_timestamp_is_exact(ns: int) -> None:
+    e = rjet.Event("1", 1, "k", timestamp_us=ns // 1000)
+    assert e.timestamp == timestamp_from_ns(ns)
+    assert e == rjet.Event("1", 1, "k", timestamp_from_ns(ns))
+    assert rjet.Event("1", 1, "k", e.timestamp).timestamp_us == ns // 1000
+
+
+def test_an_event_needs_an_aware_timestamp() -> None:
+    with pytest.raises(rjet.InvalidEvent, match="no time zone"):
+        rjet.Event("1", 1, "k", datetime(2026, 1, 1))
+    with pytest.raises(rjet.InvalidEvent, match="needs a timestamp"):
+        rjet.Event("1", 1, "k")
 
 
 async def test_events_read_are_ordinary_frozen_events(stream: rjet.Stream) -> None:
@@ -101,7 +112,13 @@ async def test_events_read_are_ordinary_frozen_events(stream: rjet.Stream) -> No
     await stream.insert("k", 3, b"m")
     async with await stream.stream(to_head=True) as client:
         [event] = [e async for e in client]
-    assert event == rjet.Event("1", 3, "k", event.timestamp, b"m")
-    assert hash(event) == hash(rjet.Event("1", 3, "k", event.timestamp, b"m"))
+    assert event._timestamp is None  # no datetime is built until someone asks
+    copy = pickle.loads(pickle.dumps(event))
+    assert event == rjet.Event("1", 3, "k", event.timestamp, b"m") == copy
+    assert hash(event) == hash(rjet.Event("1", 3, "k", event.timestamp, b"m")) == hash(copy)
+    assert copy.timestamp == event.timestamp
+    assert repr(event) == repr(copy)
+    assert "timestamp=datetime.datetime(" in repr(event)
+    assert dataclasses.replace(event, type=5).timestamp == event.timestamp
     with pytest.raises(dataclasses.FrozenInstanceError):
         event.type = 4  # type: ignore[misc]
