@@ -6,8 +6,11 @@ rjet's reader has decoded two kinds of input over time, and this module follows 
 ``StreamClient._decode`` takes:
 
 - nats-py ``Msg`` objects: ``_decode(sseq, ts, msg)``, with ``parse_ack(reply: str)``;
-- raw wire frames: ``_decode(sseq, ts, subject, headers, data, foreign_id)``, with
-  ``parse_ack(reply: bytes)`` (the header block rebuilt byte for byte as nats-py published it).
+- raw wire frames: ``_decode(sseq, ts, subject, headers, data, foreign_id[, raw_values])``, with
+  ``parse_ack(reply: bytes)`` (the header block rebuilt byte for byte as nats-py published it): the
+  reader's frame-by-frame path;
+- and, where the reader has one, its bulk scanner (``StreamClient._scan``) over the frames as the
+  socket delivers them: ``test_rjet_scan_and_decode``, the per-event cost of the path reads take now.
 
 Baselines: nats-py's ``Msg.metadata`` parse of the reply subject (memo cleared before each round),
 and everything nats-py does per frame before a callback sees it (header block parsed into a dict,
@@ -63,8 +66,12 @@ class Decoder:
     def reply(self, f: Frame) -> Any:
         return f.msg.reply if self.form == "msg" else f.reply
 
+    arity: int = 0  # parameters of _decode
+
     def args(self, f: Frame) -> tuple[Any, ...]:
-        return (f.msg,) if self.form == "msg" else (f.subject, f.headers, f.data, None)
+        if self.form == "msg":
+            return (f.msg,)
+        return (f.subject, f.headers, f.data, None, None)[: self.arity - 2]
 
 
 def _raw_headers(headers: dict[str, str]) -> bytes:
@@ -103,10 +110,10 @@ def decoder(filled: rjet.Stream, frames: list[Frame], arun: Arun[Any]) -> Decode
         return client
 
     decode = arun(open_client())._decode
-    form = "msg" if len(inspect.signature(decode).parameters) == 3 else "raw"
-    d = Decoder(form, _reader.parse_ack, decode)
+    arity = len(inspect.signature(decode).parameters)
+    d = Decoder("msg" if arity == 3 else "raw", _reader.parse_ack, decode, arity)
     ack = d.parse_ack(d.reply(frames[0]))
-    assert ack is not None, f"parse_ack does not take the {form} form"
+    assert ack is not None, f"parse_ack does not take the {d.form} form"
     event = d.decode(ack[1], ack[3], *d.args(frames[0]))
     assert event.foreign_id == frames[0].msg.headers["rjet_foreign_id"]  # type: ignore[index]
     assert event.metadata == frames[0].data
@@ -191,7 +198,8 @@ def test_rjet_full_decode(benchmark: Any, frames: list[Frame], decoder: Decoder,
 
 
 def test_component_event_construction(benchmark: Any, frames: list[Frame]) -> None:
-    """Part of any decode: ``Event(...)`` with a datetime from nanoseconds."""
+    """``Event(...)`` through its constructor with a datetime (the reader sets the slots and leaves the
+    datetime for later; this is what building one by hand costs)."""
     fields = []
     for f in frames:
         ack = _parse_any(f)
@@ -235,3 +243,47 @@ def test_component_natspy_msg(benchmark: Any, frames: list[Frame], baseline_nc: 
 def _parse_any(f: Frame) -> tuple[Any, int, int, int, int]:
     ack = Msg.Metadata._from_reply(f.msg.reply)
     return ("", ack.sequence.stream, ack.sequence.consumer, int(ack.timestamp.timestamp() * 1e9), ack.num_pending)
+
+
+def test_rjet_scan_and_decode(
+    benchmark: Any, filled: rjet.Stream, frames: list[Frame], arun: Arun[Any], figures: dict[str, float]
+) -> None:
+    """rjet, the path reads take: the bulk scanner over the frames as the socket delivers them
+    (HMSG control lines, header blocks, bodies), then ``_decode`` of every event it buffered."""
+    if not hasattr(rjet.StreamClient, "_scan"):
+        pytest.skip("this rjet's reader has no bulk scanner")
+
+    async def open_client() -> rjet.StreamClient:
+        client = await filled.stream("", to_head=True)
+        await client.close()  # decoding needs no I/O; a closed client sends no pull requests
+        return client
+
+    client = arun(open_client())
+    first = _reader.parse_ack(frames[0].reply)
+    assert first is not None
+    consumer, cseq0 = first[0], first[2] - 1
+    prefix = frames[0].reply[: frames[0].reply.index(consumer) + len(consumer) + 1]
+    wire = bytearray(
+        b"".join(
+            b"HMSG %s %d %s %d %d\r\n%s%s\r\n"
+            % (f.subject, client._sid, f.reply, len(f.headers), len(f.headers) + len(f.data), f.headers, f.data)
+            for f in frames
+        )
+    )
+
+    def setup() -> None:
+        client._buf.clear()
+        client._consumer, client._cseq, client._last, client._key_filter = consumer, cseq0, 0, None
+        client._reply_prefix = prefix
+        client._pattern = _reader._frame_pattern(client._sid, prefix)
+
+    def run() -> None:
+        assert client._scan(wire, 0, len(wire)) == len(wire)
+        decode = client._decode
+        for frame in client._buf:
+            decode(*frame)
+
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    assert len(client._buf) == MSGS
+    rate = record(benchmark, events=MSGS, figures=figures, key="decode_rjet_scan", input="wire bytes")
+    ratio(benchmark, figures, rate, "decode_natspy_frame", "natspy_frame_to_msg")

@@ -163,21 +163,18 @@ _Frame: TypeAlias = tuple[int, int, bytes, bytes | None, bytes, str | None, tupl
 # One HMSG frame of a stream client's consumer whose headers start as ``insert`` writes them, after
 # "HMSG <subject> <sid> <reply prefix>" (see _frame_pattern): groups 1 the reply's tail
 # (delivered.sseq.cseq.ts.pending[.token]), 2 header size, 3 total size, 4 type (an integer),
-# 5 foreign ID (printable ASCII: plain or percent-encoded).
+# 5 foreign ID (printable ASCII: plain or percent-encoded; only plain for ``plain=True``).
 _FRAME_TAIL: Final = (
-    rb"([^ ]+) (\d+) (\d+)\r\nNATS/1\.0\r\n"
-    + TYPE_HEADER.encode()
-    + rb": (-?\d+)\r\n"
-    + FOREIGN_ID_HEADER.encode()
-    + rb": ([!-~]+)\r\n"
+    rb"([^ ]+) (\d+) (\d+)\r\nNATS/1\.0\r\n" + TYPE_HEADER.encode() + rb": (-?\d+)\r\n" + FOREIGN_ID_HEADER.encode()
 )
 
 
-def _frame_pattern(sid: int, reply_prefix: bytes) -> re.Pattern[bytes]:
+def _frame_pattern(sid: int, reply_prefix: bytes, *, plain: bool = False) -> re.Pattern[bytes]:
     """Matches a frame of subscription ``sid`` whose reply subject starts with ``reply_prefix``
     (``$JS.ACK.[<domain>.<account>.]<stream>.<consumer>.``)."""
     # Literals and single-character negations only, few groups: ~0.3 us a frame.
-    return re.compile(b"HMSG [^ ]+ %d %s" % (sid, re.escape(reply_prefix)) + _FRAME_TAIL)
+    fid = rb": ([!-$&-~]+)\r\n" if plain else rb": ([!-~]+)\r\n"
+    return re.compile(b"HMSG [^ ]+ %d %s" % (sid, re.escape(reply_prefix)) + _FRAME_TAIL + fid)
 
 
 class StreamClient:
@@ -233,6 +230,7 @@ class StreamClient:
         self._sid = 0
         self._reply_prefix = b""
         self._pattern: re.Pattern[bytes] | None = None  # the current consumer's frames, for _scan
+        self._plain: re.Pattern[bytes] | None = None  # those of them with a plain foreign ID
         self._shard: tuple[int, int] | None = None  # (m, n) when the key filter is xxh3 % n == m
         self._watchdog: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
@@ -315,6 +313,7 @@ class StreamClient:
             # The consumer's first frame: from the next one on, _scan takes its frames in bulk.
             self._reply_prefix = b".".join(t[: b + 2]) + b"."
             self._pattern = _frame_pattern(self._sid, self._reply_prefix)
+            self._plain = _frame_pattern(self._sid, self._reply_prefix, plain=True)
         if sseq > self._last:
             self._last = sseq
             self._server_pending = pending = int(t[b + 6])
@@ -360,8 +359,8 @@ class StreamClient:
         goes through :meth:`_on_frame` frame by frame, which finds the gap. A frame the pattern does
         not fit (other headers, a status) ends the call and goes to :meth:`_on_frame` too.
         """
-        pattern = self._pattern
-        if pattern is None:
+        pattern, plain = self._pattern, self._plain
+        if pattern is None or plain is None:
             return pos
         match = pattern.match
         key_filter = self._key_filter
@@ -372,18 +371,20 @@ class StreamClient:
         while True:
             wanted = key_filter is None
             if n:
-                # A shard worker's loop: another shard's event costs a match and a hash.
-                while (m := match(buf, pos)) is not None:
+                # A shard worker's loop: another shard's event (with a plain foreign ID, which is
+                # hashed as it is) costs a match and a hash.
+                while (m := plain.match(buf, pos)) is not None:
                     nxt = m.end(3) + int(m[3]) + 4
                     if nxt > size:
                         break
-                    fid = m[5]
-                    if xxh3_64_intdigest(fid) % n == mine or _PERCENT in fid:
-                        wanted = _PERCENT not in fid  # else the filter decides
+                    if xxh3_64_intdigest(m[5]) % n == mine:
+                        wanted = True
                         break
                     run += 1
                     last = m
                     pos = nxt
+                if m is None:
+                    m = match(buf, pos)  # a percent-encoded foreign ID (the filter decides), or no frame
             else:
                 m = match(buf, pos)
             if m is None:
