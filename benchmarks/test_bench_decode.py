@@ -276,6 +276,7 @@ def test_rjet_scan_and_decode(
         client._consumer, client._cseq, client._last, client._key_filter = consumer, cseq0, 0, None
         client._reply_prefix = prefix
         client._pattern = _reader._frame_pattern(client._sid, prefix)
+        client._plain = _reader._frame_pattern(client._sid, prefix, plain=True)
 
     def run() -> None:
         assert client._scan(wire, 0, len(wire)) == len(wire)
