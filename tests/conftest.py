@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Iterator
 
@@ -52,3 +53,17 @@ def name(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def stream(js: JetStreamContext, name: str) -> rjet.Stream:
     return await rjet.Stream.create(js, name)
+
+
+@pytest.fixture(scope="module")
+def loop_stream(
+    server: EmbeddedServer, request: pytest.FixtureRequest
+) -> Iterator[tuple[asyncio.AbstractEventLoop, rjet.Stream]]:
+    """A loop of the module's own and a stream on it, for hypothesis tests (which drive the loop)."""
+    loop = asyncio.new_event_loop()
+    nc = loop.run_until_complete(rjet.connect(server.url))
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    stream = loop.run_until_complete(rjet.Stream.create(nc.jetstream(), name))
+    yield loop, stream
+    loop.run_until_complete(nc.close())
+    loop.close()

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rjet
-from rjet.server import EmbeddedServer
 
 Ctx = tuple[asyncio.AbstractEventLoop, rjet.Stream]
-
-
-@pytest.fixture(scope="module")
-def ctx(server: EmbeddedServer) -> Iterator[Ctx]:
-    loop = asyncio.new_event_loop()
-    nc = loop.run_until_complete(rjet.connect(server.url))
-    stream = loop.run_until_complete(rjet.Stream.create(nc.jetstream(), "codec_roundtrip"))
-    yield loop, stream
-    loop.run_until_complete(nc.close())
-    loop.close()
 
 
 foreign_ids = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=300)
@@ -31,8 +18,8 @@ types = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fid=foreign_ids, typ=types, data=st.binary(max_size=4000), many=st.booleans())
-def test_insert_then_read_returns_the_same_event(ctx: Ctx, fid: str, typ: int, data: bytes, many: bool) -> None:
-    loop, stream = ctx
+def test_insert_then_read_returns_the_same_event(loop_stream: Ctx, fid: str, typ: int, data: bytes, many: bool) -> None:
+    loop, stream = loop_stream
 
     async def round_trip() -> rjet.Event:
         if many:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +18,6 @@ import rjet
 from rjet._reader import StreamClient
 from rjet._wire import FastParser, fast_lanes
 from rjet.parallel._shard import key_filter, shard_of
-from rjet.server import EmbeddedServer
 
 
 async def read_all(stream: rjet.Stream, after: str = "") -> list[rjet.Event]:
@@ -202,16 +201,6 @@ def _outcome(client: StreamClient) -> tuple[object, ...]:
     )
 
 
-@pytest.fixture(scope="module")
-def scan_ctx(server: EmbeddedServer) -> Iterator[tuple[asyncio.AbstractEventLoop, rjet.Stream]]:
-    loop = asyncio.new_event_loop()
-    nc = loop.run_until_complete(rjet.connect(server.url))
-    stream = loop.run_until_complete(rjet.Stream.create(nc.jetstream(), "scan_equivalence"))
-    yield loop, stream
-    loop.run_until_complete(nc.close())
-    loop.close()
-
-
 async def _feed(
     stream: rjet.Stream, frames: list[_Frame], cuts: list[int], which: int, v2: bool, bulk: bool
 ) -> tuple[object, ...]:
@@ -241,21 +230,25 @@ async def _feed(
     v2=st.booleans(),
 )
 def test_the_bulk_scanner_agrees_with_the_frame_handler(
-    scan_ctx: tuple[asyncio.AbstractEventLoop, rjet.Stream], frames: list[_Frame], cuts: list[int], which: int, v2: bool
+    loop_stream: tuple[asyncio.AbstractEventLoop, rjet.Stream],
+    frames: list[_Frame],
+    cuts: list[int],
+    which: int,
+    v2: bool,
 ) -> None:
     """Whatever arrives (other header layouts, percent-encoded or undecodable keys, heartbeats, fake
     frames inside payloads, a consumer-sequence gap) in whatever socket reads, taking frames in bulk
     buffers, passes over and recovers exactly as handing them over one at a time does."""
-    loop, stream = scan_ctx
+    loop, stream = loop_stream
     bulk = loop.run_until_complete(_feed(stream, frames, cuts, which, v2, bulk=True))
     assert bulk == loop.run_until_complete(_feed(stream, frames, cuts, which, v2, bulk=False))
 
 
 @pytest.mark.parametrize("cuts", [[], [300]], ids=["one read", "two reads"])
 def test_a_gap_among_the_last_passed_over_frames_is_found(
-    scan_ctx: tuple[asyncio.AbstractEventLoop, rjet.Stream], cuts: list[int]
+    loop_stream: tuple[asyncio.AbstractEventLoop, rjet.Stream], cuts: list[int]
 ) -> None:
-    loop, stream = scan_ctx
+    loop, stream = loop_stream
     others = [f"user-{i}".encode() for i in range(100) if shard_of(f"user-{i}", 3) != 0][:6]
     frames = [_Frame("event", fid, 1, b"x", 1, gap=i == 4) for i, fid in enumerate(others)]
     which = _filters.index(_SHARD_0_OF_3)
