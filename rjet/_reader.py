@@ -705,7 +705,10 @@ class StreamClient:
         self._key_filter = key_filter
         # A shard's filter says which shard it is, so _scan can hash the raw header value itself.
         shard = getattr(key_filter, "xxh3_shard", None)
-        self._shard = shard if isinstance(shard, tuple) and len(shard) == 2 else None
+        self._shard = None
+        if isinstance(shard, tuple) and len(shard) == 2 and all(type(x) is int for x in shard):
+            m, n = shard
+            self._shard = (m, n) if 0 <= m < n else None
 
     @property
     def num_pending(self) -> int:

@@ -256,3 +256,19 @@ def test_a_gap_among_the_last_passed_over_frames_is_found(
     events, last, _, skipped, _, recovering, _, _ = bulk
     assert (events, last, skipped, recovering) == ([], 4, 4, True)  # stopped before the lost message
     assert bulk == loop.run_until_complete(_feed(stream, frames, cuts, which, False, bulk=False))
+
+
+async def test_only_a_well_formed_shard_filter_is_hashed_by_the_reader(stream: rjet.Stream) -> None:
+    class Claims:
+        def __init__(self, shard: object) -> None:
+            self.xxh3_shard = shard
+
+        def __call__(self, fid: str) -> bool:
+            return True
+
+    async with await stream.stream() as client:
+        client._set_key_filter(key_filter(1, 3))
+        assert client._shard == (1, 3)
+        for bogus in [(3, 3), (-1, 2), ("0", 2), (0,), [0, 2], None]:
+            client._set_key_filter(Claims(bogus))
+            assert client._shard is None, bogus
