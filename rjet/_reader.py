@@ -158,7 +158,7 @@ def _rjet_headers(hdr: bytes) -> tuple[bytes | None, bytes | None]:
 # A buffered message: stream sequence, stored time (ns), subject, raw headers or None, body, the
 # foreign ID when the key filter decoded it already, and - for frames the scanner took - the raw
 # type and foreign ID header values instead of the headers.
-_Frame: TypeAlias = tuple[int, int, bytes, bytes | None, bytes, str | None, tuple[bytes, bytes] | None]
+_Frame: TypeAlias = tuple[int, int, bytes, bytes | None, bytes, str | None, bytes | None, bytes | None]
 
 # One HMSG frame of a stream client's consumer whose headers start as ``insert`` writes them, after
 # "HMSG <subject> <sid> <reply prefix>" (see _frame_pattern): groups 1 the reply's tail
@@ -341,7 +341,7 @@ class StreamClient:
                     if self._pending <= self._low:
                         self._kick()
                     return
-            self._buf.append((sseq, int(t[b + 5]), subject, hdr, data, fid, None))
+            self._buf.append((sseq, int(t[b + 5]), subject, hdr, data, fid, None, None))
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
@@ -368,73 +368,80 @@ class StreamClient:
         origin = start = pos  # start: the first frame not yet committed
         run = 0  # frames passed over since start
         last: re.Match[bytes] | None = None  # the last of them
-        while True:
-            wanted = key_filter is None
-            if n:
-                # A shard worker's loop: another shard's event (with a plain foreign ID, which is
-                # hashed as it is) costs a match and a hash.
-                while (m := plain.match(buf, pos)) is not None:
-                    nxt = m.end(3) + int(m[3]) + 4
-                    if nxt > size:
-                        break
-                    if xxh3_64_intdigest(m[5]) % n == mine:
-                        wanted = True
-                        break
-                    run += 1
-                    last = m
-                    pos = nxt
+        view: memoryview | None = None  # of buf, made for the first body copied
+        try:
+            while True:
+                wanted = key_filter is None
+                if n:
+                    # A shard worker's loop: another shard's event (with a plain foreign ID, which is
+                    # hashed as it is) costs a match and a hash.
+                    while (m := plain.match(buf, pos)) is not None:
+                        nxt = m.end(3) + int(m[3]) + 4
+                        if nxt > size:
+                            break
+                        if xxh3_64_intdigest(m[5]) % n == mine:
+                            wanted = True
+                            break
+                        run += 1
+                        last = m
+                        pos = nxt
+                    if m is None:
+                        m = match(buf, pos)  # a percent-encoded foreign ID (the filter decides), or no frame
+                else:
+                    m = match(buf, pos)
                 if m is None:
-                    m = match(buf, pos)  # a percent-encoded foreign ID (the filter decides), or no frame
-            else:
-                m = match(buf, pos)
-            if m is None:
-                break
-            body = m.end(3) + 2
-            stop = body + int(m[3])
-            if stop + 2 > size:
-                break  # not all here yet
-            if not wanted:
-                assert key_filter is not None
-                try:
-                    wanted = key_filter(self._fid_value(m[5], 0))
-                except Exception:  # DecodeError, a broken filter: _on_frame handles it
                     break
+                body = m.end(3) + 2
+                stop = body + int(m[3])
+                if stop + 2 > size:
+                    break  # not all here yet
                 if not wanted:
-                    run += 1
-                    last = m
-                    pos = stop + 2
-                    continue
-            tail = m[1].split(b".")
-            if len(tail) < 5:
-                break
-            cseq = int(tail[2])
-            if cseq != self._cseq + run + 1:
-                return self._one_by_one(buf, start, stop + 2)
+                    assert key_filter is not None
+                    try:
+                        wanted = key_filter(self._fid_value(m[5], 0))
+                    except Exception:  # DecodeError, a broken filter: _on_frame handles it
+                        break
+                    if not wanted:
+                        run += 1
+                        last = m
+                        pos = stop + 2
+                        continue
+                tail = m[1].split(b".")
+                if len(tail) < 5:
+                    break
+                cseq = int(tail[2])
+                if cseq != self._cseq + run + 1:
+                    return self._one_by_one(buf, start, stop + 2)
+                if last is not None:
+                    self._pass_over(run, last)
+                sseq = int(tail[1])
+                self._cseq = cseq
+                self._frames += 1
+                self._pending -= 1
+                self._last = sseq
+                self._server_pending = pending = int(tail[4])
+                if pending == 0:
+                    self._caught_up = True
+                if view is None:
+                    view = memoryview(buf)  # one copy per body, not two (bytes(buf[a:b]) copies twice)
+                data = view[body + int(m[2]) : stop].tobytes()
+                self._buf.append((sseq, int(tail[3]), b"", None, data, None, m[4], m[5]))
+                pos = start = stop + 2
+                run, last = 0, None
             if last is not None:
+                if int(last[1].split(b".")[2]) != self._cseq + run:
+                    return self._one_by_one(buf, start, pos)
                 self._pass_over(run, last)
-            sseq = int(tail[1])
-            self._cseq = cseq
-            self._frames += 1
-            self._pending -= 1
-            self._last = sseq
-            self._server_pending = pending = int(tail[4])
-            if pending == 0:
-                self._caught_up = True
-            data = bytes(buf[body + int(m[2]) : stop])
-            self._buf.append((sseq, int(tail[3]), b"", None, data, None, (m[4], m[5])))
-            pos = start = stop + 2
-            run, last = 0, None
-        if last is not None:
-            if int(last[1].split(b".")[2]) != self._cseq + run:
-                return self._one_by_one(buf, start, pos)
-            self._pass_over(run, last)
-        if pos != origin:
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-            if self._pending <= self._low:
-                self._kick()
-        return pos
+            if pos != origin:
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+                if self._pending <= self._low:
+                    self._kick()
+            return pos
+        finally:
+            if view is not None:
+                view.release()  # the parser resizes buf next
 
     def _pass_over(self, run: int, last: re.Match[bytes]) -> None:
         """Commits a run of ``run`` frames the key filter passed over, ``last`` the last of them."""
@@ -489,12 +496,13 @@ class StreamClient:
         hdr: bytes | None,
         data: bytes,
         fid: str | None,
-        raw: tuple[bytes, bytes] | None,
+        typ_value: bytes | None,
+        fid_value: bytes | None,
     ) -> Event:
-        if raw is not None:  # taken by _scan: the pattern checked the type's digits
-            typ = int(raw[0])
+        if typ_value is not None and fid_value is not None:  # taken by _scan: digits, printable ASCII
+            typ = int(typ_value)
             if fid is None:
-                fid = self._fid_value(raw[1], sseq)
+                fid = fid_value.decode() if _PERCENT not in fid_value else self._fid_value(fid_value, sseq)
         else:
             typ = 0
             if hdr is not None:
