@@ -296,14 +296,12 @@ class StreamClient:
             if subject == self._deliver and hdr is not None:
                 self._on_status(hdr)
             return
-        # parse_ack, inlined: this runs once per message.
-        t = reply.split(b".")
-        n = len(t)
-        b = 2 if n == 9 else 4 if n == 11 or n == 12 else 0
-        if not b or t[b + 1] != self._consumer or t[1] != b"ACK":
+        # Only the frames _scan leaves come here (a consumer's first, statuses, other header layouts),
+        # or every frame without the fast lane.
+        ack = parse_ack(reply)
+        if ack is None or ack[0] != self._consumer:
             return  # not a JetStream delivery, or left over from an earlier consumer of this client
-        sseq = int(t[b + 3])
-        cseq = int(t[b + 4])
+        consumer, sseq, cseq, ts, pending = ack
         self._frames += 1
         self._pending -= 1
         if cseq != self._cseq + 1:
@@ -311,12 +309,12 @@ class StreamClient:
         self._cseq = cseq
         if self._pattern is None and self._parser is not None:
             # The consumer's first frame: from the next one on, _scan takes its frames in bulk.
-            self._reply_prefix = b".".join(t[: b + 2]) + b"."
+            self._reply_prefix = reply[: reply.index(b".%s." % consumer) + len(consumer) + 2]
             self._pattern = _frame_pattern(self._sid, self._reply_prefix)
             self._plain = _frame_pattern(self._sid, self._reply_prefix, plain=True)
         if sseq > self._last:
             self._last = sseq
-            self._server_pending = pending = int(t[b + 6])
+            self._server_pending = pending
             if pending == 0:
                 self._caught_up = True
             fid = None
@@ -341,7 +339,7 @@ class StreamClient:
                     if self._pending <= self._low:
                         self._kick()
                     return
-            self._buf.append((sseq, int(t[b + 5]), subject, hdr, data, fid, None, None))
+            self._buf.append((sseq, ts, subject, hdr, data, fid, None, None))
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
