@@ -37,7 +37,7 @@ class Consumer:
         consumer = Consumer("billing", fn, types=[1, 2])
     """
 
-    __slots__ = ("_async", "_filtered", "dead_letter", "fate", "filter", "fn", "key_filter", "name", "types")
+    __slots__ = ("_async", "dead_letter", "fate", "filter", "fn", "key_filter", "name", "types")
 
     def __init__(
         self,
@@ -63,7 +63,6 @@ class Consumer:
         if dead_letter is not None and not isinstance(dead_letter, DeadLetter):
             raise ConfigError(f"consumer {name!r}: dead_letter must be an rjet.DeadLetter, not {dead_letter!r}")
         self.dead_letter = dead_letter
-        self._filtered = types is not None or filter is not None or key_filter is not None
         self._async = inspect.iscoroutinefunction(fn)
 
     def wants(self, event: Event) -> bool:
@@ -76,7 +75,7 @@ class Consumer:
 
     async def consume(self, event: Event) -> bool:
         """Handle ``event`` unless it is filtered out; returns whether the handler ran."""
-        if self._filtered and not self.wants(event):
+        if self.key_filter is not None and not self.key_filter(event.foreign_id):
             return False
         return await self._consume_wanted_key(event)
 
