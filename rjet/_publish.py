@@ -55,6 +55,7 @@ async def publish_many(
     wanted = 0
     arrived = asyncio.Event()
     inbox = nc.new_inbox()
+    reply_to = inbox.encode()
     cut = len(inbox) + 1
 
     def on_frame(subject: bytes, reply: bytes, hdr: bytes | None, data: bytes) -> None:
@@ -85,7 +86,7 @@ async def publish_many(
             for i in range(start, end):
                 subject, hdr, data = events[i]
                 frames.append(b"HPUB %s %s.%d %d %d\r\n%s%s\r\n" % (
-                    subject.encode(), inbox.encode(), i, len(hdr), len(hdr) + len(data), hdr, data
+                    subject.encode(), reply_to, i, len(hdr), len(hdr) + len(data), hdr, data
                 ))  # fmt: skip
             nc.stats["out_msgs"] += len(frames)  # keep nats-py's counters true to the wire
             nc.stats["out_bytes"] += sum(len(events[i][2]) for i in range(start, end))
