@@ -4,16 +4,18 @@ How it stays ordered and loses nothing:
 
 - It creates an ephemeral consumer (AckPolicy NONE, memory storage) starting right after the last
   stream sequence it took, and feeds it explicit pull requests (``CONSUMER.MSG.NEXT``) into one
-  callback subscription, keeping at most ``max_buffered`` messages requested or held.
+  callback subscription, keeping at most ``max_buffered`` messages, and about ``max_buffered_bytes``
+  bytes, requested or held (requests carry ``max_bytes``; one larger event is asked for alone).
 - Each message's reply subject gives its stream sequence, consumer sequence, stored time and the
   consumer's remaining count; both reply-subject forms (9-token v1, 11/12-token v2) are parsed.
 - Duplicates are dropped by STREAM sequence (never by consumer sequence, which restarts at 1 with a
   new consumer). A consumer-sequence jump inside one consumer means a message was lost in transit:
   the client recovers, which is always the same move: a new consumer from ``last + 1``.
 - Pull requests carry idle heartbeats; no traffic for three heartbeats while a pull is open (server
-  restart, consumer deleted or reaped, connection cut), a 409/503 status, or a gap all trigger
-  recovery. Recovery re-checks the stream first, so events that expired meanwhile raise
-  :class:`CursorExpired` instead of being skipped.
+  restart, consumer deleted or reaped, connection cut), a 409/503 status (but the two that end a
+  request with ``max_bytes``: full, or the next message too large), or a gap all trigger recovery.
+  Recovery re-checks the stream first, so events that expired meanwhile raise :class:`CursorExpired`
+  instead of being skipped.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ _set_id, _set_type, _set_fid, _set_us, _set_ts, _set_data = (
 _STATUS: Final = "Status"
 _DESCRIPTION: Final = "Description"
 _PENDING_KEY: Final = b"\r\nNats-Pending-Messages:"
+_TOO_BIG: Final = b" Message Size Exceeds MaxBytes\r\n"  # a 409: the next message would pass max_bytes
+_COMPLETED: Final = b" Batch Completed\r\n"  # a 409: a request with max_bytes got its whole batch
 _TYPE_KEY: Final = b"\r\n" + TYPE_HEADER.encode() + b":"
 _FOREIGN_ID_KEY: Final = b"\r\n" + FOREIGN_ID_HEADER.encode() + b":"
 _FINAL_ERRORS: Final = (StreamNotFound, CursorExpired, CursorAhead)
@@ -76,8 +80,11 @@ class ReadConfig:
     """How a stream client reads. The defaults suit most consumers.
 
     - ``batch``: messages asked for in one pull request.
-    - ``max_buffered``: messages requested or held client-side at most. This bounds memory in
-      messages, not bytes: with large events (say 100 KB) lower it, and ``batch`` with it.
+    - ``max_buffered``: messages requested or held client-side at most.
+    - ``max_buffered_bytes``: about how many bytes of messages are requested or held client-side at
+      most (pull requests carry JetStream's ``max_bytes``). Of the two bounds the tighter one holds,
+      so large events cannot pile up ``max_buffered`` of them in memory. One event larger than the
+      whole budget is still delivered, alone, once the client's buffer has drained.
     - ``heartbeat``: the server's idle heartbeat on open pull requests, in seconds; three missed in a
       row make the client recreate its consumer.
     - ``expires``: lifetime of one pull request, in seconds.
@@ -92,6 +99,8 @@ class ReadConfig:
     # 8000 3.65 us (fewer pull round trips; the pipeline drains less while the handler runs).
     batch: int = 2000
     max_buffered: int = 8000
+    # Well under nats-server's 64 MB max_pending, past which the server cuts a slow client off.
+    max_buffered_bytes: int = 32 * 1024 * 1024
     heartbeat: float = 1.0
     expires: float = 30.0
     inactive_threshold: float = 60.0
@@ -101,6 +110,8 @@ class ReadConfig:
     def __post_init__(self) -> None:
         if self.batch < 1 or self.max_buffered < self.batch:
             raise ConfigError(f"ReadConfig: need 1 <= batch <= max_buffered, got {self.batch}, {self.max_buffered}")
+        if self.max_buffered_bytes < 1:
+            raise ConfigError(f"ReadConfig: need max_buffered_bytes >= 1, got {self.max_buffered_bytes}")
         if not 0 < self.heartbeat * 2 <= self.expires:
             raise ConfigError(f"ReadConfig: need 0 < 2 * heartbeat <= expires, got {self.heartbeat}, {self.expires}")
         if self.inactive_threshold <= 0 or self.recover_timeout <= 0:
@@ -156,9 +167,10 @@ def _rjet_headers(hdr: bytes) -> tuple[bytes | None, bytes | None]:
 
 
 # A buffered message: stream sequence, stored time (ns), subject, raw headers or None, body, the
-# foreign ID when the key filter decoded it already, and - for frames the scanner took - the raw
-# type and foreign ID header values instead of the headers.
-_Frame: TypeAlias = tuple[int, int, bytes, bytes | None, bytes, str | None, bytes | None, bytes | None]
+# foreign ID when the key filter decoded it already, for frames the scanner took the raw type and
+# foreign ID header values instead of the headers, and the client's count of bytes buffered before
+# this message (so the bytes held are known at the next pull without a sum or a count per pop).
+_Frame: TypeAlias = tuple[int, int, bytes, bytes | None, bytes, str | None, bytes | None, bytes | None, int]
 
 # One HMSG frame of a stream client's consumer whose headers start as ``insert`` writes them, after
 # "HMSG <subject> <sid> <reply prefix>" (see _frame_pattern): groups 1 the reply's tail
@@ -175,6 +187,58 @@ def _frame_pattern(sid: int, reply_prefix: bytes, *, plain: bool = False) -> re.
     # Literals and single-character negations only, few groups: ~0.3 us a frame.
     fid = rb": ([!-$&-~]+)\r\n" if plain else rb": ([!-~]+)\r\n"
     return re.compile(b"HMSG [^ ]+ %d %s" % (sid, re.escape(reply_prefix)) + _FRAME_TAIL + fid)
+
+
+class _Requests:
+    """A consumer's open pull requests, oldest first (the server fills them in that order), kept for
+    the byte budget: the requests that may still send messages, and the ``max_bytes`` they allow.
+
+    ``delivered`` is the consumer sequence: messages this consumer has sent.
+    """
+
+    __slots__ = ("_asked", "_ended", "_open", "oversize")
+
+    def __init__(self) -> None:
+        # (the count of messages sent or ended at which it is filled, its batch, its max_bytes or 0)
+        self._open: deque[tuple[int, int, int]] = deque()
+        self._asked = 0  # messages asked for
+        self._ended = 0  # of those, messages of requests the server ended unfilled
+        self.oversize = False  # a message did not fit a request's max_bytes: ask for it alone
+
+    def add(self, want: int, max_bytes: int) -> None:
+        self._asked += want
+        self._open.append((self._asked, want, max_bytes))
+
+    def ended(self, delivered: int, left: int, *, too_big: bool) -> None:
+        """The server ended the oldest open request with ``left`` messages unsent: it expired (408),
+        the next message would pass its ``max_bytes`` (409), or it is complete (409, ``left`` 0)."""
+        self._drop_filled(delivered)
+        if left and self._open:
+            _, want, _ = self._open.popleft()
+            if too_big and want == left:
+                self.oversize = True  # none of it sent: the next message is larger than its room
+        self._ended += left
+
+    def max_bytes(self, delivered: int, held: int, budget: int, pending: int, share: int) -> int:
+        """``max_bytes`` for the next request: its ``share`` of the budget, or what is left of the
+        budget after the bytes ``held`` and the open requests' ``max_bytes`` if that is less; -1 to
+        wait (less than the share and than a quarter of the budget left); 0 for a request of one
+        message without a byte limit, once nothing is held or open, after a message did not fit."""
+        if pending <= 0:
+            self._open.clear()  # nothing is owed, so nothing is open, whatever a lost status said
+        self._drop_filled(delivered)
+        if self.oversize:
+            if held or self._open:
+                return -1
+            self.oversize = False
+            return 0
+        room = budget - held - sum(r[2] or budget for r in self._open)  # one without max_bytes: all of it
+        return min(room, share) if room >= min(share, budget >> 2) else -1
+
+    def _drop_filled(self, delivered: int) -> None:
+        filled = delivered + self._ended
+        while self._open and self._open[0][0] <= filled:
+            self._open.popleft()
 
 
 class StreamClient:
@@ -219,6 +283,8 @@ class StreamClient:
         self._next_subject = ""
         self._cseq = 0
         self._pending = 0  # messages asked for and neither received nor expired
+        self._in_bytes = 0  # bytes of messages ever put into _buf
+        self._requests = _Requests()
         self._pulling: asyncio.Task[None] | None = None
         self._activity = 0.0  # when the watchdog last saw _frames change
         self._frames = 0  # frames received, data and status alike
@@ -339,7 +405,8 @@ class StreamClient:
                     if self._pending <= self._low:
                         self._kick()
                     return
-            self._buf.append((sseq, ts, subject, hdr, data, fid, None, None))
+            self._buf.append((sseq, ts, subject, hdr, data, fid, None, None, self._in_bytes))
+            self._in_bytes += len(data)
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
@@ -367,6 +434,7 @@ class StreamClient:
         run = 0  # frames passed over since start
         last: re.Match[bytes] | None = None  # the last of them
         view: memoryview | None = None  # of buf, made for the first body copied
+        held = self._in_bytes  # written back before anything else may read or change it
         try:
             while True:
                 wanted = key_filter is None
@@ -409,6 +477,7 @@ class StreamClient:
                     break
                 cseq = int(tail[2])
                 if cseq != self._cseq + run + 1:
+                    self._in_bytes = held
                     return self._one_by_one(buf, start, stop + 2)
                 if last is not None:
                     self._pass_over(run, last)
@@ -423,9 +492,11 @@ class StreamClient:
                 if view is None:
                     view = memoryview(buf)  # one copy per body, not two (bytes(buf[a:b]) copies twice)
                 data = view[body + int(m[2]) : stop].tobytes()
-                self._buf.append((sseq, int(tail[3]), b"", None, data, None, m[4], m[5]))
+                self._buf.append((sseq, int(tail[3]), b"", None, data, None, m[4], m[5], held))
+                held += len(data)
                 pos = start = stop + 2
                 run, last = 0, None
+            self._in_bytes = held
             if last is not None:
                 if int(last[1].split(b".")[2]) != self._cseq + run:
                     return self._one_by_one(buf, start, pos)
@@ -496,6 +567,7 @@ class StreamClient:
         fid: str | None,
         typ_value: bytes | None,
         fid_value: bytes | None,
+        _held: int,
     ) -> Event:
         if typ_value is not None and fid_value is not None:  # taken by _scan: digits, printable ASCII
             typ = int(typ_value)
@@ -535,12 +607,25 @@ class StreamClient:
             if self._consumer is None or self._closed or room < self._low:
                 return
             want = min(room, self._cfg.batch)
+            budget = self._cfg.max_buffered_bytes
+            share = max(1, budget * want // self._cfg.max_buffered)  # its part of the budget, as of the count
+            max_bytes = self._requests.max_bytes(self._cseq, self.buffered_bytes, budget, self._pending, share)
+            if max_bytes < 0:
+                return
+            if not max_bytes:
+                want = 1
             self._pending += want
-            req = b'{"batch":%d,"expires":%d,"idle_heartbeat":%d}' % (
-                want,
-                int(self._cfg.expires * _NS),
-                int(self._cfg.heartbeat * _NS),
-            )
+            self._requests.add(want, max_bytes)
+            expires, heartbeat = int(self._cfg.expires * _NS), int(self._cfg.heartbeat * _NS)
+            if max_bytes:
+                req = b'{"batch":%d,"max_bytes":%d,"expires":%d,"idle_heartbeat":%d}' % (
+                    want,
+                    max_bytes,
+                    expires,
+                    heartbeat,
+                )
+            else:
+                req = b'{"batch":1,"expires":%d,"idle_heartbeat":%d}' % (expires, heartbeat)
             try:
                 await self._nc.publish(self._next_subject, req, reply=self._deliver.decode())
             except nats.errors.ConnectionClosedError:
@@ -560,10 +645,12 @@ class StreamClient:
         if code == b"100":  # idle heartbeat
             return
         left = _header(hdr, _PENDING_KEY)
-        if code == b"408" and left is not None:  # a pull request expired with `left` unfilled
-            self._pending = max(0, self._pending - int(left))
-            self._kick()
-            return
+        if left is not None and (code == b"408" or (code == b"409" and (_TOO_BIG in hdr or _COMPLETED in hdr))):
+            # A pull request expired, the next message would pass its max_bytes, or it is complete.
+            n = int(left)
+            self._pending = max(0, self._pending - n)
+            self._requests.ended(self._cseq, n, too_big=code == b"409" and _TOO_BIG in hdr)
+            return self._kick()
         line = hdr[: hdr.find(b"\r\n")].decode("utf-8", "replace")
         self._recover(f"server said {line[9:]!r}")
 
@@ -654,6 +741,7 @@ class StreamClient:
         self._pattern = None
         self._cseq = 0
         self._pending = 0
+        self._requests = _Requests()
         config = api.ConsumerConfig(
             name=self._nuid.next().decode(),
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -720,6 +808,11 @@ class StreamClient:
     def num_pending(self) -> int:
         """Events not yet returned by ``recv``: buffered here, or still on the server (a lag figure)."""
         return self._server_pending + len(self._buf)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of event bodies held here, not yet returned by ``recv`` (see ``ReadConfig.max_buffered_bytes``)."""
+        return self._in_bytes - self._buf[0][8] if self._buf else 0
 
     @property
     def last_sequence(self) -> int:

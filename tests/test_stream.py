@@ -8,6 +8,7 @@ import pytest
 from nats.js import JetStreamContext, api
 
 import rjet
+from rjet._reader import _Requests
 from rjet.server import EmbeddedServer
 
 
@@ -174,6 +175,98 @@ async def test_small_batches_keep_order_across_many_pulls(js: JetStreamContext, 
     events = await read_all(stream)
     assert [e.id_int for e in events] == list(range(1, 3001))
     assert [e.foreign_id for e in events] == [str(i) for i in range(3000)]
+
+
+def test_read_config_refuses_settings_that_cannot_work() -> None:
+    with pytest.raises(rjet.ConfigError, match="batch <= max_buffered"):
+        rjet.ReadConfig(batch=100, max_buffered=50)
+    with pytest.raises(rjet.ConfigError, match="max_buffered_bytes >= 1"):
+        rjet.ReadConfig(max_buffered_bytes=0)
+    with pytest.raises(rjet.ConfigError, match="heartbeat"):
+        rjet.ReadConfig(heartbeat=20.0, expires=30.0)
+    with pytest.raises(rjet.ConfigError, match="recover_timeout"):
+        rjet.ReadConfig(recover_timeout=0)
+
+
+LANES = pytest.mark.parametrize("fast_lane", [True, False], ids=["fast-lane", "subscription"])
+
+
+@LANES
+async def test_the_byte_budget_bounds_the_events_held(js: JetStreamContext, name: str, fast_lane: bool) -> None:
+    budget = 64_000
+    # By count alone, 400 events of 8 KB (3.2 MB) would be requested and held.
+    read = rjet.ReadConfig(batch=100, max_buffered=400, max_buffered_bytes=budget, fast_lane=fast_lane)
+    stream = await rjet.Stream.create(js, name, read=read)
+    bodies = [b"x" * 8_000] * 300 + [b"small"] * 1000  # requests end at the budget, then at the batch
+    await stream.insert_many([(str(i), 1, body) for i, body in enumerate(bodies)])
+    async with await stream.stream(to_head=True) as client:
+        events = [await client.recv()]
+        await asyncio.sleep(0.3)  # the server sends all that the open pull requests allow
+        assert budget // 2 < client.buffered_bytes <= budget
+        events += [e async for e in client]
+        assert client.recoveries == 0
+    assert [e.id_int for e in events] == list(range(1, 1301))
+    assert [e.metadata for e in events] == bodies
+
+
+@LANES
+async def test_an_event_larger_than_the_byte_budget_comes_alone(
+    js: JetStreamContext, name: str, fast_lane: bool
+) -> None:
+    read = rjet.ReadConfig(batch=50, max_buffered=100, max_buffered_bytes=10_000, fast_lane=fast_lane)
+    stream = await rjet.Stream.create(js, name, read=read)
+    sizes = [100] * 20 + [50_000] + [100] * 20 + [30_000, 30_000] + [100] * 3
+    await stream.insert_many([(str(i), 1, b"x" * size) for i, size in enumerate(sizes)])
+
+    async def recv(client: rjet.StreamClient, n: int) -> list[rjet.Event]:
+        return [await asyncio.wait_for(client.recv(), 5) for _ in range(n)]
+
+    async with await stream.stream(to_head=True) as client:
+        events = await recv(client, 20)
+        await asyncio.sleep(0.3)
+        assert client.buffered_bytes == 50_000  # asked for alone, once the buffer was empty; nothing after it
+        events += await recv(client, 21)
+        await asyncio.sleep(0.3)
+        assert client.buffered_bytes == 30_000
+        events += await recv(client, 5)
+        assert client.recoveries == 0
+    assert [len(e.metadata) for e in events] == sizes
+    assert [e.id_int for e in events] == list(range(1, len(sizes) + 1))
+
+
+def test_pull_requests_are_accounted_oldest_first() -> None:
+    """The byte budget's bookkeeping. The server fills pull requests in order; it ends one early with
+    a status (408 expired, 409 the next message would pass max_bytes) and confirms that a request with
+    max_bytes got its whole batch with a 409 too. Arguments: messages delivered, bytes held, budget,
+    messages owed, the new request's share of the budget."""
+    r = _Requests()
+    for owed in (0, 10, 20, 30):  # shares keep requests pipelined while the budget lasts
+        assert r.max_bytes(0, 100, 1000, owed, 225) == 225
+        r.add(10, 225)
+    assert r.max_bytes(0, 100, 1000, 40, 225) == -1  # nothing left: wait
+    r = _Requests()
+    assert r.max_bytes(0, 0, 1000, 0, 1000) == 1000
+    r.add(10, 600)
+    r.add(10, 400)
+    assert r.max_bytes(5, 0, 1000, 15, 1000) == -1  # the open requests may still send the whole budget
+    r.ended(10, 0, too_big=False)  # "Batch Completed" of the first; the second is still open
+    assert r.max_bytes(10, 300, 1000, 10, 1000) == 300
+    assert r.max_bytes(10, 400, 1000, 10, 1000) == -1  # under a quarter of the budget: wait
+    r.ended(13, 7, too_big=True)  # the second stopped at its max_bytes after 3 messages
+    assert r.max_bytes(13, 300, 1000, 0, 1000) == 700
+    r.add(5, 700)
+    r.ended(13, 5, too_big=True)  # none sent: the next message is larger than 700 bytes
+    assert r.max_bytes(13, 300, 1000, 0, 1000) == -1  # it will come alone, into an empty buffer
+    assert r.max_bytes(13, 0, 1000, 0, 1000) == 0  # one message, no byte limit
+    r.add(1, 0)
+    assert r.max_bytes(13, 0, 1000, 1, 1000) == -1  # still open
+    assert r.max_bytes(14, 5000, 1000, 0, 1000) == -1
+    assert r.max_bytes(14, 0, 1000, 0, 1000) == 1000
+    r.add(10, 1000)
+    r.ended(16, 8, too_big=False)  # expired after 2 messages
+    assert r.max_bytes(16, 0, 1000, 0, 1000) == 1000
+    r.add(10, 1000)
+    assert r.max_bytes(16, 0, 1000, 0, 1000) == 1000  # nothing owed, so nothing is open (a status was lost)
 
 
 async def test_subject_filtered_stream_with_to_head(js: JetStreamContext, name: str) -> None:

@@ -198,6 +198,7 @@ def _outcome(client: StreamClient) -> tuple[object, ...]:
         client._consumer is None,  # recovering after a gap
         client._caught_up,
         client._server_pending,
+        client.buffered_bytes,
     )
 
 
@@ -253,7 +254,7 @@ def test_a_gap_among_the_last_passed_over_frames_is_found(
     frames = [_Frame("event", fid, 1, b"x", 1, gap=i == 4) for i, fid in enumerate(others)]
     which = _filters.index(_SHARD_0_OF_3)
     bulk = loop.run_until_complete(_feed(stream, frames, cuts, which, False, bulk=True))
-    events, last, _, skipped, _, recovering, _, _ = bulk
+    events, last, _, skipped, _, recovering, _, _, _ = bulk
     assert (events, last, skipped, recovering) == ([], 4, 4, True)  # stopped before the lost message
     assert bulk == loop.run_until_complete(_feed(stream, frames, cuts, which, False, bulk=False))
 
