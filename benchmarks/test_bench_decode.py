@@ -6,7 +6,8 @@ rjet's reader has decoded two kinds of input over time, and this module follows 
 ``StreamClient._decode`` takes:
 
 - nats-py ``Msg`` objects: ``_decode(sseq, ts, msg)``, with ``parse_ack(reply: str)``;
-- raw wire frames: ``_decode(sseq, ts, subject, headers, data, foreign_id[, type_value, fid_value])``, with
+- raw wire frames: ``_decode(sseq, ts, subject, headers, data, foreign_id[, type_value, fid_value[,
+  bytes held before]])``, with
   ``parse_ack(reply: bytes)`` (the header block rebuilt byte for byte as nats-py published it): the
   reader's frame-by-frame path;
 - and, where the reader has one, its bulk scanner (``StreamClient._scan``) over the frames as the
@@ -71,7 +72,7 @@ class Decoder:
     def args(self, f: Frame) -> tuple[Any, ...]:
         if self.form == "msg":
             return (f.msg,)
-        return (f.subject, f.headers, f.data, None, None, None)[: self.arity - 2]
+        return (f.subject, f.headers, f.data, None, None, None, 0)[: self.arity - 2]
 
 
 def _raw_headers(headers: dict[str, str]) -> bytes:
