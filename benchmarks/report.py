@@ -170,6 +170,16 @@ def main(*paths: str) -> None:
             "<= 0.20",
             m.get("met"),
         )
+    big = info("test_worker_rss_large_events")
+    if big:
+        row(
+            f"6b. worker RSS, {big.get('events'):,} events of {big.get('event_kb')} KB, slow handler",
+            f"peak {_fmt(big.get('rss_mb_peak'))} MB (start {_fmt(big.get('rss_mb_at_start'))})",
+            "-",
+            "-",
+            f"peak <= start x 1.25 + max_buffered_bytes ({_fmt(big.get('max_buffered_mb'))} MB)",
+            big.get("met"),
+        )
     d = info("test_rjet_full_decode")
     if d:
         row(
