@@ -159,6 +159,20 @@ def main(*paths: str) -> None:
             ">= 0.9x",
             j.get("met"),
         )
+    for kind, n, handler, goal in (("cpu", 2, "CPU-bound (50 us)", 1.7), ("io", 8, "I/O-bound (1 ms sleep)", 6)):
+        ra, pa = (
+            info(f"test_parallel_scaling[{kind}-read-all-n{n}]"),
+            info(f"test_parallel_scaling[{kind}-partitioned-n{n}]"),
+        )
+        if ra or pa:
+            row(
+                f"5. Parallel, {handler} handler, N={n} vs N=1 (events/s)",
+                f"read-all {_fmt(ra.get('events_per_s'))}; partitioned {_fmt(pa.get('events_per_s'))}",
+                "N=1",
+                f"{_fmt(ra.get('speedup_vs_n1'), 'x')}; partitioned {_fmt(pa.get('speedup_vs_n1'), 'x')}",
+                f">= {goal}x",
+                ra.get("met"),
+            )
     m = info("test_worker_rss")
     if m:
         end = m.get(f"rss_mb_at_{m['events'] // 1000}k")
@@ -197,6 +211,16 @@ def main(*paths: str) -> None:
     print("|---|---|---|---|---|---|")
     for cells in rows:
         print("| " + " | ".join(cells) + " |")
+    curve = [b["extra_info"] for b in benchmarks if b["name"].startswith("test_parallel_scaling[")]
+    if curve:
+        print()
+        print("| Parallel: handler | layout | N | events/s | speed-up vs N=1 | efficiency (speed-up / N) |")
+        print("|---|---|---|---|---|---|")
+        for c in sorted(curve, key=lambda c: (c["handler"], c["layout"], c["workers"])):
+            print(
+                f"| {c['handler']} | {c['layout']} | {c['workers']} | {_fmt(c['events_per_s'])}"
+                f" | {_fmt(c.get('speedup_vs_n1'), 'x')} | {_fmt(c.get('efficiency'))} |"
+            )
     print()
     print("| benchmark | group | min | median | rounds | extra_info |")
     print("|---|---|---|---|---|---|")

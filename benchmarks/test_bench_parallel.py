@@ -6,6 +6,10 @@ Handlers: CPU-bound (a busy loop of ``CPU_US`` microseconds per event) and I/O-b
 (``await asyncio.sleep(0.001)``).
 
 Targets (issue): CPU-bound N=2 >= 1.7x N=1 on 2 cores; I/O-bound N=8 >= 6x N=1.
+
+The many-core curve: ``RJET_BENCH_PARALLEL_NS=1,2,4,8,16 pytest benchmarks/test_bench_parallel.py
+--benchmark-only --benchmark-json=curve.json``, then ``python benchmarks/report.py curve.json``
+prints events/s, speed-up and efficiency (speed-up / N) per handler, layout and N.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import rjet
 from rjet.parallel import Parallel
 from rjet.server import EmbeddedServer
 
-from ._support import Arun, make_events, unique_name
+from ._support import Arun, make_events, target, unique_name
 
 CPU_US = 50.0
 CPU_EVENTS = int(os.environ.get("RJET_BENCH_PARALLEL_CPU_EVENTS", "20000"))
@@ -116,8 +120,13 @@ async def steady_state(server: EmbeddedServer, js: JetStreamContext, kind: str, 
         return count / (last_handled(d, count) - t0)
 
 
-CASES = [("cpu", layout, n) for layout in ("read-all", "partitioned") for n in (1, 2)] + [
-    ("io", layout, n) for layout in ("read-all", "partitioned") for n in (1, 8)
+def _workers(default: tuple[int, ...]) -> tuple[int, ...]:
+    given = os.environ.get("RJET_BENCH_PARALLEL_NS", "")
+    return tuple(int(n) for n in given.split(",")) if given else default
+
+
+CASES = [("cpu", layout, n) for layout in ("read-all", "partitioned") for n in _workers((1, 2))] + [
+    ("io", layout, n) for layout in ("read-all", "partitioned") for n in _workers((1, 8))
 ]
 
 
@@ -131,8 +140,11 @@ def test_parallel_scaling(
     eps = results[0]
     SCALING[(kind, layout, n)] = eps
     base = SCALING.get((kind, layout, 1))
+    speedup = eps / base if base and n > 1 else None
     benchmark.extra_info.update(
         events=CPU_EVENTS if kind == "cpu" else IO_EVENTS, workers=n, layout=layout, handler=kind,
-        events_per_s=round(eps), speedup_vs_n1=round(eps / base, 2) if base and n > 1 else None,
-        target=("N=2 >= 1.7x N=1" if kind == "cpu" else "N=8 >= 6x N=1") if n > 1 else None,
+        events_per_s=round(eps), speedup_vs_n1=None if speedup is None else round(speedup, 2),
+        efficiency=None if speedup is None else round(speedup / n, 2),
     )  # fmt: skip
+    if (kind, n) in (("cpu", 2), ("io", 8)) and speedup is not None:
+        target(benchmark, f"N={n} >= {1.7 if kind == 'cpu' else 6}x N=1", speedup >= (1.7 if kind == "cpu" else 6))
