@@ -19,7 +19,10 @@ Two per-event figures, both from the fastest round:
 Target (issue, 2): passing over an event costs <= 4 us and <= 1/4 of a fully decoded event. It is
 judged on the worker's CPU cost: wall time is bounded below by the co-located server, which spends
 ~1.2 core-us per message it delivers (measured from /proc on 2 cores), whatever the client does.
-Both ratios are recorded.
+Both ratios are recorded. On a noisy machine the ratio of two benchmarks run a minute apart moves
+with the neighbours, so ``reject_shard`` also runs an accept-all pass before each of its rounds
+(untimed by pytest-benchmark, its CPU measured) and judges the target on the two fastest of those
+interleaved passes (``cpu_cost_vs_paired_accept_all``).
 """
 
 from __future__ import annotations
@@ -50,8 +53,21 @@ def _other_shard(foreign_id: str) -> bool:
     return xxhash.xxh3_64_intdigest(foreign_id.encode()) % SHARDS == SHARDS  # never: every event is another's
 
 
+async def _cpu_of_run(filled: rjet.Stream, store: rjet.MemCursorStore, consumer: rjet.Consumer) -> float:
+    """Seconds of this process's CPU that ``rjet.run`` to the head takes."""
+    t0 = time.process_time()
+    with contextlib.suppress(rjet.HeadReached):
+        await rjet.run(rjet.Spec(filled.stream, store, consumer, to_head=True))
+    return time.process_time() - t0
+
+
 def _run_to_head(
-    benchmark: Any, filled: rjet.Stream, arun: Arun[Any], key_filter: Callable[[str], bool] | None
+    benchmark: Any,
+    filled: rjet.Stream,
+    arun: Arun[Any],
+    key_filter: Callable[[str], bool] | None,
+    *,
+    paired: bool = False,
 ) -> tuple[int, int]:
     handled = 0
 
@@ -60,25 +76,28 @@ def _run_to_head(
         handled += 1
 
     stores: list[rjet.MemCursorStore] = []
+    accept_cpu: list[float] = []  # the interleaved accept-all passes (paired)
 
     def setup() -> None:
         stores.append(rjet.MemCursorStore())
+        if paired:
+            accept_cpu.append(arun(_cpu_of_run(filled, rjet.MemCursorStore(), rjet.Consumer("shard_pair", _noop))))
 
     cpu: list[float] = []
 
     async def scan() -> None:
         consumer = rjet.Consumer("shard_bench", count, key_filter=key_filter)
-        spec = rjet.Spec(filled.stream, stores[-1], consumer, to_head=True)
-        t0 = time.process_time()
-        with contextlib.suppress(rjet.HeadReached):
-            await rjet.run(spec)
-        cpu.append(time.process_time() - t0)
+        cpu.append(await _cpu_of_run(filled, stores[-1], consumer))
 
     benchmark.pedantic(lambda: arun(scan()), setup=setup, rounds=ROUNDS, warmup_rounds=1)
     n = int(arun(filled.info()).state.messages)
     assert stores[-1].cursors["shard_bench"] == str(n)  # the cursor passed every event
     # The warm-up round left out (--benchmark-disable runs one round, no warm-up).
     benchmark.extra_info["cpu_us_per_event"] = round(min(cpu[1:] or cpu) / n * 1e6, 3)
+    if accept_cpu:
+        benchmark.extra_info["paired_accept_all_cpu_us_per_event"] = round(
+            min(accept_cpu[1:] or accept_cpu) / n * 1e6, 3
+        )
     return n, handled
 
 
@@ -100,7 +119,7 @@ def test_reject_shard(
 ) -> None:
     n_shards = 4 * len({fid for fid, _, _ in events})  # enough shards that some own no event
     m = _empty_shard({fid for fid, _, _ in events}, n_shards)
-    n, handled = _run_to_head(benchmark, filled, arun, key_filter(m, n_shards))
+    n, handled = _run_to_head(benchmark, filled, arun, key_filter(m, n_shards), paired=True)
     assert handled == 0
     rate = record(benchmark, events=n, figures=figures, key="shard_reject_shard", shards=n_shards)
     _pass_over_target(benchmark, figures, rate)
@@ -127,8 +146,11 @@ def _pass_over_target(benchmark: Any, figures: dict[str, float], rate: float) ->
     if r is not None:
         benchmark.extra_info["cost_vs_accept_all"] = round(1 / r, 3)  # wall: (1/rate) / (1/accept_rate)
     cpu, accept_cpu = benchmark.extra_info["cpu_us_per_event"], figures.get("shard_accept_all_cpu_us")
-    share = cpu / accept_cpu if accept_cpu else None
+    if accept_cpu:
+        benchmark.extra_info["cpu_cost_vs_accept_all"] = round(cpu / accept_cpu, 3)
+    paired = benchmark.extra_info.get("paired_accept_all_cpu_us_per_event")
+    share = cpu / paired if paired else None
     if share is not None:
-        benchmark.extra_info["cpu_cost_vs_accept_all"] = round(share, 3)
+        benchmark.extra_info["cpu_cost_vs_paired_accept_all"] = round(share, 3)
     met = None if share is None else cpu <= 4.0 and share <= 0.25
-    target(benchmark, "pass-over <= 4 us/event and <= 1/4 of a decoded event (worker CPU)", met)
+    target(benchmark, "pass-over <= 4 us/event and <= 1/4 of a decoded event (worker CPU, interleaved)", met)
