@@ -616,16 +616,12 @@ class StreamClient:
                 want = 1
             self._pending += want
             self._requests.add(want, max_bytes)
-            expires, heartbeat = int(self._cfg.expires * _NS), int(self._cfg.heartbeat * _NS)
-            if max_bytes:
-                req = b'{"batch":%d,"max_bytes":%d,"expires":%d,"idle_heartbeat":%d}' % (
-                    want,
-                    max_bytes,
-                    expires,
-                    heartbeat,
-                )
-            else:
-                req = b'{"batch":1,"expires":%d,"idle_heartbeat":%d}' % (expires, heartbeat)
+            req = b'{"batch":%d,%s"expires":%d,"idle_heartbeat":%d}' % (
+                want,
+                b'"max_bytes":%d,' % max_bytes if max_bytes else b"",
+                int(self._cfg.expires * _NS),
+                int(self._cfg.heartbeat * _NS),
+            )
             try:
                 await self._nc.publish(self._next_subject, req, reply=self._deliver.decode())
             except nats.errors.ConnectionClosedError:
@@ -645,11 +641,12 @@ class StreamClient:
         if code == b"100":  # idle heartbeat
             return
         left = _header(hdr, _PENDING_KEY)
-        if left is not None and (code == b"408" or (code == b"409" and (_TOO_BIG in hdr or _COMPLETED in hdr))):
+        too_big = code == b"409" and _TOO_BIG in hdr
+        if left is not None and (code == b"408" or too_big or (code == b"409" and _COMPLETED in hdr)):
             # A pull request expired, the next message would pass its max_bytes, or it is complete.
             n = int(left)
             self._pending = max(0, self._pending - n)
-            self._requests.ended(self._cseq, n, too_big=code == b"409" and _TOO_BIG in hdr)
+            self._requests.ended(self._cseq, n, too_big=too_big)
             return self._kick()
         line = hdr[: hdr.find(b"\r\n")].decode("utf-8", "replace")
         self._recover(f"server said {line[9:]!r}")

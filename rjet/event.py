@@ -60,7 +60,8 @@ class Event:
     timestamp_us: int
     """The stored time in microseconds since the Unix epoch (what ``timestamp`` holds, as an int)."""
     metadata: bytes = b""
-    _timestamp: datetime | None = dataclasses.field(default=None, compare=False, repr=False)
+    # The datetime, once built (or given); not an __init__ field, so dataclasses.replace leaves it out.
+    _timestamp: datetime | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     def __init__(
         self,
@@ -71,7 +72,6 @@ class Event:
         metadata: bytes = b"",
         *,
         timestamp_us: int | None = None,
-        _timestamp: datetime | None = None,
     ) -> None:
         """``Event(id, type, foreign_id, timestamp, metadata)`` with an aware datetime, or
         ``timestamp_us=`` instead of ``timestamp``."""

@@ -55,13 +55,16 @@ class ShardKeyFilter:
     shards' events).
     """
 
-    __slots__ = ("m", "n", "xxh3_shard")
+    __slots__ = ("m", "n")
 
     def __init__(self, m: int, n: int) -> None:
         shard_name("x", m, n)
         self.m = m
         self.n = n
-        self.xxh3_shard = (m, n)
+
+    @property
+    def xxh3_shard(self) -> tuple[int, int]:
+        return self.m, self.n
 
     def __call__(self, foreign_id: str) -> bool:
         return xxh3_64_intdigest(foreign_id.encode("utf-8")) % self.n == self.m
