@@ -26,8 +26,8 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 @click.command()
-@click.option("--events", type=click.IntRange(min=1000), default=50_000, show_default=True, help="Events per path.")
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="Best of this many runs.")
+@click.option("--events", type=click.IntRange(min=1000), default=100_000, show_default=True, help="Events per path.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Best of this many runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON for machines.")
 @embedded_connection_options
 def bench(conn: Connection, events: int, rounds: int, as_json: bool) -> None:

@@ -64,8 +64,8 @@ async def run_bench(
     servers: list[str],
     options: dict[str, Any] | None = None,
     *,
-    events: int = 50_000,
-    rounds: int = 3,
+    events: int = 100_000,
+    rounds: int = 5,
     progress: Callable[[str], None] = print,
 ) -> list[Figure]:
     """Measure every path against ``servers``; ``progress`` hears what runs now."""
