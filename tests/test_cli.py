@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import nats
@@ -18,6 +19,7 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
+from rjet.parallel._reshard import Heartbeats, _hb_key
 from rjet.server import EmbeddedServer
 
 _ENV_DROP = ("NATS_URL", "NATS_CREDS", "NATS_NKEY", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CA")
@@ -173,6 +175,7 @@ async def test_worker_run_then_status_and_tail_cursor(
         assert r["lag_seconds"] >= 0
         assert r["idle_seconds"] is not None
         assert 0 <= r["idle_seconds"] < 60
+        assert r["runners"] == []  # the worker stopped cleanly: its heartbeats are gone
 
     proc = rjet_cmd("status", name, "--namespace", ns, "--name", "mailer_2*", "-s", url)
     assert proc.returncode == 0, proc.stderr
@@ -182,6 +185,40 @@ async def test_worker_run_then_status_and_tail_cursor(
 
     proc = rjet_cmd("tail", name, "--cursor", "mailer_1_of_2", "--namespace", ns, "--to-head", "-s", url)
     assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ["21", "22", "23"]
+
+
+async def test_status_shows_which_host_and_pid_run_each_shard(
+    server: EmbeddedServer, name: str, js: JetStreamContext
+) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(f"key-{i}", 1, b"") for i in range(4)])
+    ns = f"ns_{name}"[:60]
+    async with await rjet.JetStreamCursorStore.create(js, ns) as store:
+        for consumer in ("mailer_1_of_2", "mailer_2_of_2", "plain"):
+            await store.set_cursor(consumer, "4")
+    kv = await js.key_value(f"rjet_cursors_{ns}")
+    # What a running group writes for its shards, and what a group that died without clearing left.
+    await Heartbeats(kv, "mailer", 2, [0], "live-group", interval=1.0).beat()
+    dead = {"group": "dead-group", "host": "old-host", "pid": 4242, "n": 2, "time": time.time() - 30}
+    await kv.put(_hb_key("mailer", 0, 2, "dead-group"), json.dumps(dead).encode())
+
+    proc = rjet_cmd("status", name, "--namespace", ns, "--json", "-s", server.url)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert set(rows) == {"mailer_1_of_2", "mailer_2_of_2", "plain"}
+    live, stale = rows["mailer_1_of_2"]["runners"]  # freshest first
+    assert (live["host"], live["pid"], live["group"]) == (socket.gethostname(), os.getpid(), "live-group")
+    assert 0 <= live["heartbeat_seconds_ago"] < 10
+    assert (stale["host"], stale["pid"], stale["group"]) == ("old-host", 4242, "dead-group")
+    assert 29 <= stale["heartbeat_seconds_ago"] < 60
+    assert rows["mailer_2_of_2"]["runners"] == rows["plain"]["runners"] == []
+
+    proc = rjet_cmd("status", name, "--namespace", ns, "-s", server.url)
+    assert proc.returncode == 0, proc.stderr
+    shard1 = next(line for line in proc.stdout.splitlines() if "mailer_1_of_2" in line)
+    assert f"{socket.gethostname()} pid {os.getpid()}, old-host pid 4242 (stale: heartbeat" in shard1, proc.stdout
+    shard2 = next(line for line in proc.stdout.splitlines() if "mailer_2_of_2" in line)
+    assert re.search(r"\s-\s*$", shard2), proc.stdout
 
 
 @pytest.mark.timeout(90)

@@ -1,4 +1,5 @@
-"""``rjet status``: where each consumer (or shard) of a stream stands, from the stored cursors."""
+"""``rjet status``: where each consumer (or shard) of a stream stands, from the stored cursors, and
+which host runs each shard, from the heartbeats ``rjet.parallel`` keeps beside them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from rich.table import Table
 
 import rjet
 from rjet.cli._common import CliError, Connection, age, connection_options, run, stdout_console
-from rjet.cursors import encode_key
+from rjet.cursors import encode_key, kv_keys
+from rjet.parallel._reshard import heartbeats
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -23,6 +25,17 @@ if TYPE_CHECKING:
 _BUCKET_PREFIX: Final = "rjet_cursors_"
 _KV_STREAM_PREFIX: Final = "KV_" + _BUCKET_PREFIX
 _META_PREFIX: Final = "_rjet."  # keys rjet.parallel reserves in a cursor bucket (heartbeats, generations)
+_HEARTBEAT_TTL: Final = 10.0  # Parallel's default heartbeat_ttl: an older heartbeat is marked stale
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Runner:
+    """A ``Parallel`` group running a shard, from its heartbeat."""
+
+    host: str
+    pid: int  # of the process that runs Parallel.run (the workers' supervisor)
+    group: str
+    heartbeat_seconds_ago: float
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,6 +49,7 @@ class Row:
     lag_seconds: float | None  # age of the oldest event not yet handled; 0 when caught up
     idle_seconds: float | None  # time since the cursor was last written
     note: str = ""
+    runners: tuple[Runner, ...] = ()  # groups whose heartbeat for this shard is still stored
 
 
 @click.command()
@@ -51,7 +65,7 @@ class Row:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per consumer.")
 @connection_options
 def status(conn: Connection, stream: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool) -> None:
-    """Show each consumer's cursor on STREAM, its lag, and its last activity.
+    """Show each consumer's cursor on STREAM, its lag, its last activity, and where each shard runs.
 
     \b
     cursor         the ID of the last event the consumer handled (its stored cursor)
@@ -59,6 +73,10 @@ def status(conn: Connection, stream: str, namespaces: tuple[str, ...], pattern: 
     last activity  when the cursor was last stored (stores write at most every second or
                    so, and only when it moves: a caught-up consumer with nothing to do
                    looks quiet)
+    running on     for a Parallel shard, the host and pid of each group whose heartbeat for it
+                   is stored (the pid of the process running Parallel.run); a heartbeat older
+                   than 10 s (the default heartbeat_ttl) is marked stale: that group stopped
+                   without a clean shutdown, or its host's clock is off
     Cursors are read, never claimed: running consumers are not disturbed. A cursor namespace is not
     tied to a stream, so use --namespace to leave out consumers of other streams.
     """
@@ -94,6 +112,7 @@ async def _rows(
     except nats.js.errors.BucketNotFoundError:
         raise CliError(f"cursor namespace {namespace!r} not found (no KV bucket {bucket!r})") from None
     cursors = await rjet.JetStreamCursorStore(kv, namespace).cursors()
+    beats = await heartbeats(kv, await kv_keys(kv))
     now = time.time()
 
     async def row(name: str, value: str) -> Row | None:
@@ -112,9 +131,13 @@ async def _rows(
         oldest = await _msg_time(js, stream, seq=cursor + 1, subject=">", next=True)
         return Row(namespace, name, cursor, lag, None if oldest is None else max(0.0, now - oldest), idle)
 
+    def runners(name: str) -> tuple[Runner, ...]:
+        found = sorted(beats.get(name, ()), key=lambda b: b.age)
+        return tuple(Runner(b.host, b.pid, b.group, round(b.age, 1)) for b in found)
+
     picked = [(n, v) for n, v in sorted(cursors.items()) if pattern is None or fnmatch.fnmatchcase(n, pattern)]
     rows = await asyncio.gather(*(row(n, v) for n, v in picked))
-    return [r for r in rows if r is not None]
+    return [dataclasses.replace(r, runners=runners(r.name)) for r in rows if r is not None]
 
 
 async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool) -> None:
@@ -148,6 +171,7 @@ async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], patt
         ("lag (events)", "right"),
         ("lag (time)", "right"),
         ("last activity", "right"),
+        ("running on", "left"),
         ("", "left"),
     ]:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
@@ -159,6 +183,12 @@ async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], patt
             "-" if r.lag_events is None else str(r.lag_events),
             age(r.lag_seconds),
             "-" if r.idle_seconds is None else f"{age(r.idle_seconds)} ago",
+            ", ".join(map(_where, r.runners)) or "-",
             r.note,
         )
     console.print(table)
+
+
+def _where(r: Runner) -> str:
+    stale = r.heartbeat_seconds_ago >= _HEARTBEAT_TTL
+    return f"{r.host} pid {r.pid}" + (f" (stale: heartbeat {age(r.heartbeat_seconds_ago)} ago)" if stale else "")

@@ -49,7 +49,7 @@ from rjet.stream import parse_cursor
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-__all__ = ["META_PREFIX", "Heartbeats", "ReshardReport", "prepare"]
+__all__ = ["META_PREFIX", "Heartbeats", "ReshardReport", "heartbeats", "prepare"]
 
 log = logging.getLogger("rjet.parallel")
 
@@ -102,17 +102,23 @@ def _hb_key(name: str, m: int, n: int, group: str) -> str:
     return f"{_HB}{m + 1}_of_{n}.{group}.{encode_key(name)}"
 
 
-def _parse_hb_key(key: str, name: str) -> tuple[int, int] | None:
-    """(m, n) of a heartbeat key of ``name``, or None."""
+def _hb_parts(key: str) -> tuple[str, int, int] | None:
+    """(encoded name, m, n) of a heartbeat key, or None."""
     if not key.startswith(_HB):
         return None
     shard, _, rest = key[len(_HB) :].partition(".")
-    _, _, rest = rest.partition(".")
+    _, _, encoded = rest.partition(".")
     match = _SHARD_RE.match(shard)
-    if match is None or rest != encode_key(name):
+    if match is None or not encoded:
         return None
     m, n = int(match.group(1)) - 1, int(match.group(2))
-    return (m, n) if 0 <= m < n else None
+    return (encoded, m, n) if 0 <= m < n else None
+
+
+def _parse_hb_key(key: str, name: str) -> tuple[int, int] | None:
+    """(m, n) of a heartbeat key of ``name``, or None."""
+    parts = _hb_parts(key)
+    return None if parts is None or parts[0] != encode_key(name) else parts[1:]
 
 
 def _parse_cursor_key(key: str, pattern: re.Pattern[str]) -> tuple[int, int] | None:
@@ -155,6 +161,20 @@ class _Beat:
         return f"{shard_name(name, self.m, self.n)} (host {self.host}, pid {self.pid}, heartbeat {self.age:.1f}s ago)"
 
 
+async def _read_beat(kv: KeyValue, key: str, m: int, n: int, now: float) -> tuple[_Beat, int] | None:
+    """The heartbeat stored at ``key`` and its revision; None when gone or not one rjet wrote."""
+    got = await _get(kv, key)
+    if got is None:
+        return None
+    try:
+        info = json.loads(got[0])
+        age = now - float(info["time"])
+        beat = _Beat(m, n, str(info["group"]), str(info.get("host", "?")), int(info.get("pid", 0)), age)
+    except (ValueError, KeyError, TypeError):
+        return None
+    return beat, got[1]
+
+
 async def _live(kv: KeyValue, keys: Iterable[str], name: str, ttl: float) -> list[_Beat]:
     """Every fresh heartbeat of ``name``'s shards, of any group and any n; deletes long-dead ones."""
     now = time.time()
@@ -162,23 +182,33 @@ async def _live(kv: KeyValue, keys: Iterable[str], name: str, ttl: float) -> lis
     dead = max(60.0, 10 * ttl)
     for key in keys:
         mn = _parse_hb_key(key, name)
-        if mn is None:
+        if mn is None or (got := await _read_beat(kv, key, *mn, now)) is None:
             continue
-        got = await _get(kv, key)
-        if got is None:
-            continue
-        try:
-            info = json.loads(got[0])
-            age = now - float(info["time"])
-            beat = _Beat(mn[0], mn[1], str(info["group"]), str(info.get("host", "?")), int(info.get("pid", 0)), age)
-        except (ValueError, KeyError, TypeError):
-            continue
-        if age < ttl:
+        beat, revision = got
+        if beat.age < ttl:
             beats.append(beat)
-        elif age > dead:
+        elif beat.age > dead:
             with contextlib.suppress(*_KV_ERRORS):
-                await kv.delete(key, last=got[1])
+                await kv.delete(key, last=revision)
     return beats
+
+
+async def heartbeats(kv: KeyValue, keys: Iterable[str]) -> dict[str, list[_Beat]]:
+    """Every heartbeat among a cursor bucket's ``keys``, fresh or stale, by its shard's cursor name."""
+    now = time.time()
+    found: dict[str, list[_Beat]] = {}
+    for key in keys:
+        parts = _hb_parts(key)
+        if parts is None:
+            continue
+        encoded, m, n = parts
+        try:
+            shard = shard_name(decode_key(encoded), m, n)
+        except ValueError:  # not a key rjet wrote
+            continue
+        if (got := await _read_beat(kv, key, m, n, now)) is not None:
+            found.setdefault(shard, []).append(got[0])
+    return found
 
 
 class Heartbeats:
