@@ -197,28 +197,43 @@ async def test_status_shows_which_host_and_pid_run_each_shard(
         for consumer in ("mailer_1_of_2", "mailer_2_of_2", "plain"):
             await store.set_cursor(consumer, "4")
     kv = await js.key_value(f"rjet_cursors_{ns}")
-    # What a running group writes for its shards, and what a group that died without clearing left.
-    await Heartbeats(kv, "mailer", 2, [0], "live-group", interval=1.0).beat()
-    dead = {"group": "dead-group", "host": "old-host", "pid": 4242, "n": 2, "time": time.time() - 30}
+    # What a running group writes for its shards; what a group that died without clearing left (a
+    # heartbeat without its ttl, as written before ttl was stored: judged by the default 10 s); and a
+    # group that beats slowly, with a ttl of its own that its 30 s old heartbeat is still within.
+    await Heartbeats(kv, "mailer", 2, [0], "live-group", interval=1.0, ttl=5.0).beat()
+    assert json.loads((await kv.get(_hb_key("mailer", 0, 2, "live-group"))).value or b"")["ttl"] == 5.0
+    old = time.time() - 30
+    dead = {"group": "dead-group", "host": "old-host", "pid": 4242, "n": 2, "time": old}
+    slow = {"group": "slow-group", "host": "far-host", "pid": 77, "n": 2, "time": old - 1, "ttl": 120.0}
     await kv.put(_hb_key("mailer", 0, 2, "dead-group"), json.dumps(dead).encode())
+    await kv.put(_hb_key("mailer", 1, 2, "slow-group"), json.dumps(slow).encode())
 
     proc = rjet_cmd("status", name, "--namespace", ns, "--json", "-s", server.url)
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert set(rows) == {"mailer_1_of_2", "mailer_2_of_2", "plain"}
     live, stale = rows["mailer_1_of_2"]["runners"]  # freshest first
-    assert (live["host"], live["pid"], live["group"]) == (socket.gethostname(), os.getpid(), "live-group")
-    assert 0 <= live["heartbeat_seconds_ago"] < 10
-    assert (stale["host"], stale["pid"], stale["group"]) == ("old-host", 4242, "dead-group")
+    assert (live["host"], live["pid"], live["group"], live["stale"]) == (
+        socket.gethostname(),
+        os.getpid(),
+        "live-group",
+        False,
+    )
+    assert 0 <= live["heartbeat_seconds_ago"] < 5
+    assert (stale["host"], stale["pid"], stale["group"], stale["stale"]) == ("old-host", 4242, "dead-group", True)
     assert 29 <= stale["heartbeat_seconds_ago"] < 60
-    assert rows["mailer_2_of_2"]["runners"] == rows["plain"]["runners"] == []
+    [slow_runner] = rows["mailer_2_of_2"]["runners"]
+    assert (slow_runner["host"], slow_runner["pid"], slow_runner["stale"]) == ("far-host", 77, False)
+    assert rows["plain"]["runners"] == []
 
     proc = rjet_cmd("status", name, "--namespace", ns, "-s", server.url)
     assert proc.returncode == 0, proc.stderr
     shard1 = next(line for line in proc.stdout.splitlines() if "mailer_1_of_2" in line)
     assert f"{socket.gethostname()} pid {os.getpid()}, old-host pid 4242 (stale: heartbeat" in shard1, proc.stdout
     shard2 = next(line for line in proc.stdout.splitlines() if "mailer_2_of_2" in line)
-    assert re.search(r"\s-\s*$", shard2), proc.stdout
+    assert re.search(r"far-host pid 77\s*$", shard2), proc.stdout
+    plain = next(line for line in proc.stdout.splitlines() if "plain" in line)
+    assert re.search(r"\s-\s*$", plain), proc.stdout
 
 
 @pytest.mark.timeout(90)

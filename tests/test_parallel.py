@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
+from rjet.cursors import kv_keys
 from rjet.parallel import (
     Parallel,
     ParallelOptions,
@@ -34,7 +36,7 @@ from rjet.parallel import (
     shard_name,
     shard_of,
 )
-from rjet.parallel._reshard import Heartbeats, prepare
+from rjet.parallel._reshard import Heartbeats, heartbeats, prepare
 from rjet.server import EmbeddedServer
 
 _SHARD_ENV = "RJET_TEST_SHARD"
@@ -239,16 +241,28 @@ async def test_shards_spread_over_groups(
 
 @pytest.mark.timeout(60)
 async def test_a_killed_worker_is_restarted_and_resumes_from_its_cursor(
-    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    server: EmbeddedServer,
+    stream: rjet.Stream,
+    js: JetStreamContext,
+    name: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     n = 2
     events = await insert(stream, 3000)
     p = group(server, name, n, logger(tmp_path, delay=0.001))
     task = asyncio.create_task(p.run_async(to_head=True))
     await wait_for(lambda: p.statistics().shard(0).handled >= 200, what="progress on shard 0")
+    # While it runs, each shard's heartbeat names this host, this (the supervising) process and the ttl.
+    kv = await js.key_value(f"rjet_cursors_{name}")
+    beats = await heartbeats(kv, await kv_keys(kv))
+    assert {shard: [(b.host, b.pid, b.ttl) for b in found] for shard, found in beats.items()} == {
+        shard_name(name, m, n): [(socket.gethostname(), os.getpid(), 3.0)] for m in range(n)
+    }
     victim = p.worker_pids[0]
     os.kill(victim, signal.SIGKILL)
     summary = await task
+    assert await heartbeats(kv, await kv_keys(kv)) == {}  # a clean stop deletes them
 
     logs = read_logs(tmp_path)
     check_handling(logs, n, events)

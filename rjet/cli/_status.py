@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 _BUCKET_PREFIX: Final = "rjet_cursors_"
 _KV_STREAM_PREFIX: Final = "KV_" + _BUCKET_PREFIX
 _META_PREFIX: Final = "_rjet."  # keys rjet.parallel reserves in a cursor bucket (heartbeats, generations)
-_HEARTBEAT_TTL: Final = 10.0  # Parallel's default heartbeat_ttl: an older heartbeat is marked stale
+_HEARTBEAT_TTL: Final = 10.0  # Parallel's default heartbeat_ttl, for heartbeats that do not carry their own
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class Runner:
     pid: int  # of the process that runs Parallel.run (the workers' supervisor)
     group: str
     heartbeat_seconds_ago: float
+    stale: bool  # older than the group's heartbeat_ttl: it stopped without a clean shutdown (or clocks are off)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -75,8 +76,8 @@ def status(conn: Connection, stream: str, namespaces: tuple[str, ...], pattern: 
                    looks quiet)
     running on     for a Parallel shard, the host and pid of each group whose heartbeat for it
                    is stored (the pid of the process running Parallel.run); a heartbeat older
-                   than 10 s (the default heartbeat_ttl) is marked stale: that group stopped
-                   without a clean shutdown, or its host's clock is off
+                   than the group's heartbeat_ttl is marked stale: that group stopped without
+                   a clean shutdown, or its host's clock is off
     Cursors are read, never claimed: running consumers are not disturbed. A cursor namespace is not
     tied to a stream, so use --namespace to leave out consumers of other streams.
     """
@@ -133,7 +134,7 @@ async def _rows(
 
     def runners(name: str) -> tuple[Runner, ...]:
         found = sorted(beats.get(name, ()), key=lambda b: b.age)
-        return tuple(Runner(b.host, b.pid, b.group, round(b.age, 1)) for b in found)
+        return tuple(Runner(b.host, b.pid, b.group, round(b.age, 1), b.age >= (b.ttl or _HEARTBEAT_TTL)) for b in found)
 
     picked = [(n, v) for n, v in sorted(cursors.items()) if pattern is None or fnmatch.fnmatchcase(n, pattern)]
     rows = await asyncio.gather(*(row(n, v) for n, v in picked))
@@ -190,5 +191,4 @@ async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], patt
 
 
 def _where(r: Runner) -> str:
-    stale = r.heartbeat_seconds_ago >= _HEARTBEAT_TTL
-    return f"{r.host} pid {r.pid}" + (f" (stale: heartbeat {age(r.heartbeat_seconds_ago)} ago)" if stale else "")
+    return f"{r.host} pid {r.pid}" + (f" (stale: heartbeat {age(r.heartbeat_seconds_ago)} ago)" if r.stale else "")

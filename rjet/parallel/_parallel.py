@@ -421,7 +421,10 @@ class Parallel:
             )  # fmt: skip
         store = await JetStreamCursorStore.create(js, self.namespace)
         o = self.options
-        beats = Heartbeats(store._kv, self.name, self.n, self.shards, uuid.uuid4().hex, interval=o.heartbeat_interval)
+        group = uuid.uuid4().hex
+        beats = Heartbeats(
+            store._kv, self.name, self.n, self.shards, group, interval=o.heartbeat_interval, ttl=o.heartbeat_ttl
+        )
         await beats.beat()
         try:
             self.reshard = await prepare(

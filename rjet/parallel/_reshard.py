@@ -156,6 +156,7 @@ class _Beat:
     host: str
     pid: int
     age: float
+    ttl: float | None  # the group's heartbeat_ttl; None in heartbeats written before it was stored
 
     def describe(self, name: str) -> str:
         return f"{shard_name(name, self.m, self.n)} (host {self.host}, pid {self.pid}, heartbeat {self.age:.1f}s ago)"
@@ -169,7 +170,8 @@ async def _read_beat(kv: KeyValue, key: str, m: int, n: int, now: float) -> tupl
     try:
         info = json.loads(got[0])
         age = now - float(info["time"])
-        beat = _Beat(m, n, str(info["group"]), str(info.get("host", "?")), int(info.get("pid", 0)), age)
+        ttl = None if info.get("ttl") is None else float(info["ttl"])
+        beat = _Beat(m, n, str(info["group"]), str(info.get("host", "?")), int(info.get("pid", 0)), age, ttl)
     except (ValueError, KeyError, TypeError):
         return None
     return beat, got[1]
@@ -218,21 +220,33 @@ class Heartbeats:
     counts as running); :meth:`drop` stops one (a fenced shard), :meth:`clear` deletes them all.
     """
 
-    def __init__(self, kv: KeyValue, name: str, n: int, shards: Iterable[int], group: str, *, interval: float) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        name: str,
+        n: int,
+        shards: Iterable[int],
+        group: str,
+        *,
+        interval: float,
+        ttl: float | None = None,
+    ) -> None:
         self.kv = kv
         self.name = name
         self.n = n
         self.group = group
         self.interval = interval
+        self.ttl = ttl  # stored in each heartbeat, so that readers (rjet status) judge it by the group's own
         self._shards = set(shards)
         self._revs: dict[int, int] = {}
         self._host = socket.gethostname()
 
     async def beat(self) -> None:
         """Write every heartbeat of the group now."""
-        value = json.dumps(
-            {"group": self.group, "host": self._host, "pid": os.getpid(), "n": self.n, "time": time.time()}
-        ).encode()
+        beat = {"group": self.group, "host": self._host, "pid": os.getpid(), "n": self.n, "time": time.time()}
+        if self.ttl is not None:
+            beat["ttl"] = self.ttl
+        value = json.dumps(beat).encode()
         shards = sorted(self._shards)
         revs = await asyncio.gather(
             *(self.kv.put(_hb_key(self.name, m, self.n, self.group), value) for m in shards),
