@@ -198,17 +198,20 @@ async def _live(kv: KeyValue, keys: Iterable[str], name: str, ttl: float) -> lis
 async def heartbeats(kv: KeyValue, keys: Iterable[str]) -> dict[str, list[_Beat]]:
     """Every heartbeat among a cursor bucket's ``keys``, fresh or stale, by its shard's cursor name."""
     now = time.time()
-    found: dict[str, list[_Beat]] = {}
+    shards: list[tuple[str, str, int, int]] = []  # (key, shard's cursor name, m, n)
     for key in keys:
         parts = _hb_parts(key)
         if parts is None:
             continue
         encoded, m, n = parts
         try:
-            shard = shard_name(decode_key(encoded), m, n)
+            shards.append((key, shard_name(decode_key(encoded), m, n), m, n))
         except ValueError:  # not a key rjet wrote
             continue
-        if (got := await _read_beat(kv, key, m, n, now)) is not None:
+    beats = await asyncio.gather(*(_read_beat(kv, key, m, n, now) for key, _, m, n in shards))
+    found: dict[str, list[_Beat]] = {}
+    for (_, shard, _, _), got in zip(shards, beats, strict=True):
+        if got is not None:
             found.setdefault(shard, []).append(got[0])
     return found
 
