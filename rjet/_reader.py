@@ -367,7 +367,7 @@ class StreamClient:
         ack = parse_ack(reply)
         if ack is None or ack[0] != self._consumer:
             return  # not a JetStream delivery, or left over from an earlier consumer of this client
-        consumer, sseq, cseq, ts, pending = ack
+        _, sseq, cseq, ts, pending = ack
         self._frames += 1
         self._pending -= 1
         if cseq != self._cseq + 1:
@@ -375,7 +375,9 @@ class StreamClient:
         self._cseq = cseq
         if self._pattern is None and self._parser is not None:
             # The consumer's first frame: from the next one on, _scan takes its frames in bulk.
-            self._reply_prefix = reply[: reply.index(b".%s." % consumer) + len(consumer) + 2]
+            # Up to and with the consumer token: 4 tokens of the 9-token form, 6 of the 11/12-token one.
+            tokens = reply.split(b".")  # parse_ack took it: 9, 11 or 12 of them
+            self._reply_prefix = b".".join(tokens[: 4 if len(tokens) == 9 else 6]) + b"."
             self._pattern = _frame_pattern(self._sid, self._reply_prefix)
             self._plain = _frame_pattern(self._sid, self._reply_prefix, plain=True)
         if sseq > self._last:

@@ -8,6 +8,7 @@ import pytest
 from nats.js import JetStreamContext, api
 
 import rjet
+import rjet._reader
 from rjet._reader import _Requests
 from rjet.server import EmbeddedServer
 
@@ -175,6 +176,24 @@ async def test_small_batches_keep_order_across_many_pulls(js: JetStreamContext, 
     events = await read_all(stream)
     assert [e.id_int for e in events] == list(range(1, 3001))
     assert [e.foreign_id for e in events] == [str(i) for i in range(3000)]
+
+
+@pytest.mark.timeout(30)  # the wrong prefix made the client loop, not fail
+async def test_a_consumer_named_like_its_stream_still_reads_every_event_in_order(
+    js: JetStreamContext, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The scanner's pattern takes the reply subject up to the consumer's token; found by its position,
+    # not by searching for the consumer's name, which the stream's name may equal.
+    class SameName:
+        def next(self) -> bytearray:
+            return bytearray(name.encode())
+
+    monkeypatch.setattr(rjet._reader, "NUID", SameName)
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(f"k{i}", 1, b"x") for i in range(300)])
+    async with await stream.stream(to_head=True) as client:
+        assert [e.id async for e in client] == [str(i) for i in range(1, 301)]
+        assert client._consumer == name.encode()
 
 
 def test_read_config_refuses_settings_that_cannot_work() -> None:

@@ -17,6 +17,7 @@ from rich.table import Table
 import rjet
 from rjet.cli._common import CliError, Connection, age, connection_options, run, stdout_console
 from rjet.cursors import encode_key, kv_keys
+from rjet.parallel import ParallelOptions
 from rjet.parallel._reshard import heartbeats
 
 if TYPE_CHECKING:
@@ -24,8 +25,7 @@ if TYPE_CHECKING:
 
 _BUCKET_PREFIX: Final = "rjet_cursors_"
 _KV_STREAM_PREFIX: Final = "KV_" + _BUCKET_PREFIX
-_META_PREFIX: Final = "_rjet."  # keys rjet.parallel reserves in a cursor bucket (heartbeats, generations)
-_HEARTBEAT_TTL: Final = 10.0  # Parallel's default heartbeat_ttl, for heartbeats that do not carry their own
+_HEARTBEAT_TTL: Final = ParallelOptions().heartbeat_ttl  # for heartbeats that do not carry their own
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -117,8 +117,8 @@ async def _rows(
     now = time.time()
 
     async def row(name: str, value: str) -> Row | None:
-        if name.startswith(_META_PREFIX) or (value and not (value.isascii() and value.isdigit())):
-            return None  # not a cursor: rjet's own records (heartbeats, generations) or someone else's key
+        if value and not (value.isascii() and value.isdigit()):
+            return None  # not a cursor: someone else's key (cursors() leaves out rjet's own records)
         cursor = int(value or 0)
         written = await _msg_time(js, "KV_" + bucket, subject=f"$KV.{bucket}.{encode_key(name)}")
         idle = None if written is None else now - written

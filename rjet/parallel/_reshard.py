@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 import nats.errors
 import nats.js.errors
 
-from rjet.cursors import decode_key, encode_key, kv_keys
+from rjet.cursors import RESERVED_PREFIX, decode_key, encode_key, kv_keys
 from rjet.errors import CursorStoreError
 from rjet.parallel._errors import ParallelError, ReshardRefused
 from rjet.parallel._shard import shard_name
@@ -53,7 +53,7 @@ __all__ = ["META_PREFIX", "Heartbeats", "ReshardReport", "heartbeats", "prepare"
 
 log = logging.getLogger("rjet.parallel")
 
-META_PREFIX: Final = "_rjet."
+META_PREFIX: Final = RESERVED_PREFIX
 """Keys in a cursor bucket that start with this belong to rjet itself (heartbeats, generations)."""
 
 _HB: Final = META_PREFIX + "hb."
