@@ -16,18 +16,21 @@
 from rjet._connect import connect
 from rjet._reader import ReadConfig, StreamClient
 from rjet.consumer import Consumer, Handler
-from rjet.cursors import CursorStore, JetStreamCursorStore, MemCursorStore
+from rjet.cursors import CursorRecord, CursorStore, JetStreamCursorStore, MemCursorStore
 from rjet.deadletter import DeadLetter, DeadLetterRecord, DeadLetterStream
 from rjet.errors import (
     ConfigError,
     ConnectError,
     ConsumerLost,
     CursorAhead,
+    CursorBucketGone,
+    CursorBucketUnusable,
     CursorConflict,
     CursorError,
     CursorExpired,
     CursorStoreError,
     DecodeError,
+    EventsRemoved,
     HeadReached,
     InsertError,
     InvalidCursor,
@@ -37,6 +40,7 @@ from rjet.errors import (
     StreamConfigMismatch,
     StreamError,
     StreamNotFound,
+    StreamRecreated,
     Tempted,
     is_expected,
 )
@@ -56,9 +60,12 @@ __all__ = [
     "ConsumerLost",
     "ConsumerStats",
     "CursorAhead",
+    "CursorBucketGone",
+    "CursorBucketUnusable",
     "CursorConflict",
     "CursorError",
     "CursorExpired",
+    "CursorRecord",
     "CursorStore",
     "CursorStoreError",
     "DeadLetter",
@@ -66,6 +73,7 @@ __all__ = [
     "DeadLetterStream",
     "DecodeError",
     "Event",
+    "EventsRemoved",
     "Fate",
     "FixedFate",
     "Handler",
@@ -88,6 +96,7 @@ __all__ = [
     "StreamError",
     "StreamFunc",
     "StreamNotFound",
+    "StreamRecreated",
     "Tempted",
     "connect",
     "is_expected",

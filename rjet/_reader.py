@@ -43,10 +43,12 @@ from rjet.errors import (
     CursorAhead,
     CursorExpired,
     DecodeError,
+    EventsRemoved,
     HeadReached,
     RjetError,
     Stopped,
     StreamNotFound,
+    StreamRecreated,
 )
 from rjet.event import FOREIGN_ID_HEADER, TYPE_HEADER, Event, decode_foreign_id, decode_type
 
@@ -71,7 +73,8 @@ _TOO_BIG: Final = b" Message Size Exceeds MaxBytes\r\n"  # a 409: the next messa
 _COMPLETED: Final = b" Batch Completed\r\n"  # a 409: a request with max_bytes got its whole batch
 _TYPE_KEY: Final = b"\r\n" + TYPE_HEADER.encode() + b":"
 _FOREIGN_ID_KEY: Final = b"\r\n" + FOREIGN_ID_HEADER.encode() + b":"
-_FINAL_ERRORS: Final = (StreamNotFound, CursorExpired, CursorAhead)
+_FINAL_ERRORS: Final = (StreamNotFound, StreamRecreated, CursorExpired, CursorAhead)
+_ALL: Final = 1 << 62  # "every sequence is verified", for readers without subject filters
 _PERCENT: Final = ord("%")  # `int in bytes` is a memchr; `b"%" in bytes` costs ~8 times as much
 
 
@@ -139,6 +142,13 @@ def parse_ack(reply: bytes) -> tuple[bytes, int, int, int, int] | None:
         return t[b + 1], int(t[b + 3]), int(t[b + 4]), int(t[b + 5]), int(t[b + 6])
     except ValueError:
         return None
+
+
+def _identity(info: api.StreamInfo) -> str:
+    """Which stream this is: its name and creation time (a stream deleted and created again under
+    the same name has another)."""
+    created = info.created.isoformat() if info.created is not None else "?"
+    return f"{info.config.name}@{created}"
 
 
 def _header(hdr: bytes, key: bytes) -> bytes | None:
@@ -259,8 +269,11 @@ class StreamClient:
         to_head: bool,
         filter_subjects: tuple[str, ...],
         config: ReadConfig,
+        stream_id: str | None = None,
     ) -> None:
         self.stream = stream
+        self.stream_id = ""  # which stream this is: its name and creation time (see _identity)
+        self._expect_id = stream_id
         self._js = js
         self._nc = js._nc
         self._cfg = config
@@ -272,6 +285,15 @@ class StreamClient:
         self._loop = asyncio.get_running_loop()
         self._buf: deque[_Frame] = deque()
         self._last = after  # highest stream sequence taken into the buffer
+        # Gap detection. Without subject filters stream sequences must follow each other exactly. With
+        # them a jump is explained by the filter when nothing of ours was waiting at the previous frame
+        # and a pull request stayed open since; otherwise events are held above _verified until the
+        # stream's first sequence says nothing was removed under them (see _verify).
+        self._filtered = bool(filter_subjects)
+        self._verified = after if self._filtered else _ALL
+        self._prev_pending = 0  # the server's pending count at the last frame (filtered readers)
+        self._blind = False  # a moment without an open pull request since the last frame
+        self._verifying: asyncio.Task[None] | None = None
         self._head = 0
         self._caught_up = False
         self._key_filter: Callable[[str], bool] | None = None
@@ -328,7 +350,9 @@ class StreamClient:
                 if buf:
                     frame = buf[0]
                     sseq = frame[0]
-                    if not (self._to_head and sseq > self._head):
+                    if sseq > self._verified:
+                        pass  # held until _verify settles it
+                    elif not (self._to_head and sseq > self._head):
                         buf.popleft()
                         if self._skipped <= sseq:
                             self._skipped = 0
@@ -337,16 +361,16 @@ class StreamClient:
                         return self._decode(*frame)
                 if self._pending <= self._low:
                     await self._pull()
-                if self._skipped:
+                if self._skipped and self._skipped <= self._verified:
                     sseq, self._skipped = self._skipped, 0
                     return sseq
-                if buf:
+                if buf and buf[0][0] <= self._verified:
                     raise HeadReached(self.stream, self._head)
                 if self._error is not None:
                     raise self._error
                 if self._closed:
                     raise Stopped(f"stream {self.stream!r}: the stream client is closed")
-                if self._to_head and (self._caught_up or self._last >= self._head):
+                if self._to_head and not buf and (self._caught_up or self._last >= self._head):
                     raise HeadReached(self.stream, self._head)
                 self._waiter = self._loop.create_future()
                 try:
@@ -365,8 +389,8 @@ class StreamClient:
         # Only the frames _scan leaves come here (a consumer's first, statuses, other header layouts),
         # or every frame without the fast lane.
         ack = parse_ack(reply)
-        if ack is None or ack[0] != self._consumer:
-            return  # not a JetStream delivery, or left over from an earlier consumer of this client
+        if ack is None or ack[0] != self._consumer or self._error is not None:
+            return  # not a JetStream delivery, left over from an earlier consumer, or after a gap
         _, sseq, cseq, ts, pending = ack
         self._frames += 1
         self._pending -= 1
@@ -381,6 +405,16 @@ class StreamClient:
             self._pattern = _frame_pattern(self._sid, self._reply_prefix)
             self._plain = _frame_pattern(self._sid, self._reply_prefix, plain=True)
         if sseq > self._last:
+            prev = self._last
+            if sseq != prev + 1 and self._jump(prev, sseq):
+                return
+            if self._filtered:
+                if self._verified == prev and (sseq == prev + 1 or not (self._prev_pending or self._blind)):
+                    self._verified = sseq
+                elif self._verifying is None:
+                    self._verifying = self._loop.create_task(self._verify())
+                self._prev_pending = pending
+                self._blind = self._pending <= 0
             self._last = sseq
             self._server_pending = pending
             if pending == 0:
@@ -427,8 +461,9 @@ class StreamClient:
         not fit (other headers, a status) ends the call and goes to :meth:`_on_frame` too.
         """
         pattern, plain = self._pattern, self._plain
-        if pattern is None or plain is None:
+        if pattern is None or plain is None or self._error is not None:
             return pos
+        filtered = self._filtered
         match = pattern.match
         key_filter = self._key_filter
         mine, n = self._shard or (-1, 0)
@@ -478,12 +513,18 @@ class StreamClient:
                 if len(tail) < 5:
                     break
                 cseq = int(tail[2])
-                if cseq != self._cseq + run + 1:
+                sseq = int(tail[1])
+                # A jump of either sequence: _on_frame, frame by frame, finds the gap (or, for a
+                # filtered reader, decides whether the stream sequence's jump needs checking).
+                if cseq != self._cseq + run + 1 or (sseq != self._last + run + 1 and (not filtered or run or (
+                    self._prev_pending or self._blind
+                ))):  # fmt: skip
                     self._in_bytes = held
                     return self._one_by_one(buf, start, stop + 2)
                 if last is not None:
                     self._pass_over(run, last)
-                sseq = int(tail[1])
+                if filtered and self._verified == self._last:
+                    self._verified = sseq  # contiguous, or a jump explained by the filter (see above)
                 self._cseq = cseq
                 self._frames += 1
                 self._pending -= 1
@@ -491,6 +532,9 @@ class StreamClient:
                 self._server_pending = pending = int(tail[4])
                 if pending == 0:
                     self._caught_up = True
+                if filtered:
+                    self._prev_pending = pending
+                    self._blind = self._pending <= 0
                 if view is None:
                     view = memoryview(buf)  # one copy per body, not two (bytes(buf[a:b]) copies twice)
                 data = view[body + int(m[2]) : stop].tobytes()
@@ -500,7 +544,10 @@ class StreamClient:
                 run, last = 0, None
             self._in_bytes = held
             if last is not None:
-                if int(last[1].split(b".")[2]) != self._cseq + run:
+                tail = last[1].split(b".")
+                if int(tail[2]) != self._cseq + run or (int(tail[1]) != self._last + run and (not filtered or run > 1)):
+                    return self._one_by_one(buf, start, pos)
+                if filtered and (self._prev_pending or self._blind) and int(tail[1]) != self._last + 1:
                     return self._one_by_one(buf, start, pos)
                 self._pass_over(run, last)
             if pos != origin:
@@ -520,11 +567,50 @@ class StreamClient:
         self._cseq += run
         self._frames += run
         self._pending -= run
+        prev = self._last
         self._last = self._skipped = int(tail[1])
         self.skipped += run
         self._server_pending = pending = int(tail[4])
         if pending == 0:
             self._caught_up = True
+        if self._filtered:  # _scan let through only a contiguous or explained run
+            if self._verified == prev:
+                self._verified = self._last
+            self._prev_pending = pending
+            self._blind = self._pending <= 0
+
+    def _jump(self, prev: int, sseq: int) -> bool:
+        """A frame's stream sequence jumped from ``prev``: True when the gap ends the reader (the frame
+        is dropped; every frame before it is still delivered, then the error is raised)."""
+        if self._filtered:
+            return False  # explained by the filter, or checked by _verify before it is delivered
+        self._fail(EventsRemoved(self.stream, prev + 1, sseq - 1))
+        return True
+
+    async def _verify(self) -> None:
+        """Settles frames held above ``_verified``: the stream's first sequence, asked for after they
+        arrived, says whether it removed anything above ``_verified`` in the meantime."""
+        try:
+            while not self._closed and self._error is None and self._verified < self._last:
+                upto = self._last
+                try:
+                    info = await self._stream_info()
+                except _FINAL_ERRORS as e:
+                    return self._fail(e)
+                except (nats.errors.Error, TimeoutError, OSError, nats.js.errors.Error) as e:
+                    log.debug("stream %r: cannot check for removed events yet (%r)", self.stream, e)
+                    await asyncio.sleep(0.1)
+                    continue
+                first = info.state.first_seq
+                if first > self._verified + 1:
+                    return self._fail(EventsRemoved(self.stream, self._verified + 1, first - 1, certain=False))
+                self._verified = max(self._verified, upto)
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+        finally:
+            if self._verifying is asyncio.current_task():
+                self._verifying = None
 
     def _one_by_one(self, buf: bytearray, pos: int, end: int) -> int:
         """Hands the frames in ``buf[pos:end]`` (all matched by the pattern) to :meth:`_on_frame`."""
@@ -607,12 +693,16 @@ class StreamClient:
         try:
             room = self._cfg.max_buffered - len(self._buf) - self._pending
             if self._consumer is None or self._closed or room < self._low:
+                if self._pending <= 0:
+                    self._blind = True  # nothing asked for: the server would not send what it gets now
                 return
             want = min(room, self._cfg.batch)
             budget = self._cfg.max_buffered_bytes
             share = max(1, budget * want // self._cfg.max_buffered)  # its part of the budget, as of the count
             max_bytes = self._requests.max_bytes(self._cseq, self.buffered_bytes, budget, self._pending, share)
             if max_bytes < 0:
+                if self._pending <= 0:
+                    self._blind = True
                 return
             if not max_bytes:
                 want = 1
@@ -669,7 +759,10 @@ class StreamClient:
             while not self._closed:
                 try:
                     info = await self._stream_info()
+                    if _identity(info) != self.stream_id:
+                        raise StreamRecreated(self.stream, self._last, self.stream_id, _identity(info))
                     self._check_cursor(info.state, self._last)
+                    self._blind = False  # the check above covers the time without a consumer
                     await self._create_consumer()
                     await self._pull()
                     return
@@ -766,10 +859,20 @@ class StreamClient:
     async def _open(self) -> None:
         info = await self._stream_info()
         state = info.state
+        self.stream_id = _identity(info)
         if self._from_head:
             self._last = state.last_seq
+            if self._filtered:
+                self._verified = self._last
         else:
+            if self._expect_id and self.stream_id and self._expect_id != self.stream_id and self._after:
+                raise StreamRecreated(self.stream, self._after, self._expect_id, self.stream_id)
             self._check_cursor(state, self._after)
+            if not self._after and state.first_seq > 1:
+                # No cursor: from the first event still there (those before it are not a gap).
+                self._last = state.first_seq - 1
+                if self._filtered:
+                    self._verified = self._last
         self._head = state.last_seq
         self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_msg)
         self._sid = self._sub._id
@@ -829,7 +932,8 @@ class StreamClient:
             return
         self._closed = True
         self._buf.clear()  # nothing more is delivered; the next reader reads these again
-        tasks = [t for t in (self._watchdog, self._recovery, self._pulling) if t is not None]
+        self._skipped = 0  # passed over after the frames just dropped: not a place for a cursor now
+        tasks = [t for t in (self._watchdog, self._recovery, self._pulling, self._verifying) if t is not None]
         tasks = [t for t in tasks if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import json
 import logging
+import os
 import re
+import socket
+from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
 
@@ -20,13 +25,20 @@ from nats.js import api
 from nats.nuid import NUID
 
 from rjet._publish import ack_seq
-from rjet.errors import ConfigError, CursorConflict, CursorStoreError, RjetError
+from rjet.errors import (
+    ConfigError,
+    CursorBucketGone,
+    CursorBucketUnusable,
+    CursorConflict,
+    CursorStoreError,
+    RjetError,
+)
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
 
-__all__ = ["CursorStore", "JetStreamCursorStore", "MemCursorStore"]
+__all__ = ["CursorRecord", "CursorStore", "JetStreamCursorStore", "MemCursorStore"]
 
 log = logging.getLogger("rjet.cursors")
 
@@ -37,6 +49,12 @@ RESERVED_PREFIX: Final = "_rjet."
 """KV keys rjet keeps beside cursors (sharding's heartbeats and records); never a cursor's key."""
 _BUCKET_PREFIX: Final = "rjet_cursors_"
 _STORE_ERRORS: Final = (nats.errors.Error, TimeoutError, OSError)
+# What a write or read gets when the bucket's stream does not exist.
+_GONE_ERRORS: Final = (
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.NotFoundError,
+)
 _MAX_BATCH: Final = 1000  # the server's default limit on the messages of one atomic batch
 _NUID: Final = NUID()
 
@@ -100,18 +118,15 @@ def decode_key(key: str) -> str:
     return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("utf-8", "surrogatepass")
 
 
-async def _allow_atomic(js: JetStreamContext, stream: str) -> bool:
-    """Turn on atomic batch publishing for a KV bucket's stream (nats-server 2.12+); False when not possible."""
+async def _allow_atomic(js: JetStreamContext, config: api.StreamConfig) -> bool:
+    """Turn on atomic batch publishing for a bucket this store just created (nats-server 2.12+);
+    False when not possible. Never applied to a bucket that existed before."""
     try:
-        info = await js.stream_info(stream)
-        if info.config.allow_atomic:
-            return True
-        config = info.config
         config.allow_atomic = True
         await js.update_stream(config)
         return True
     except (nats.errors.Error, TimeoutError, OSError) as e:
-        log.info("stream %r: no atomic batches (%r); cursor flushes send one request per cursor", stream, e)
+        log.info("stream %r: no atomic batches (%r); cursor flushes send one request per cursor", config.name, e)
         return False
 
 
@@ -126,19 +141,115 @@ async def kv_keys(kv: KeyValue) -> list[str]:
     return [subject[len(prefix) :] for subject in info.state.subjects or {}]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CursorRecord:
+    """What a cursor's KV key holds: the cursor, the stream it counts in, and the claim that wrote it.
+
+    Stored as JSON, ``{"v":1,"cursor":"42","stream":"orders@2026-12-01T15:04:05.123456+00:00",
+    "owner":"host:pid:token"}`` (``stream`` and ``owner`` may be missing). A bare decimal (what rjet
+    0.1 and hand-written tools store) is a cursor alone, with no stream recorded and no owner.
+    """
+
+    cursor: str = ""
+    stream: str | None = None
+    owner: str | None = None
+
+    def encode(self) -> bytes:
+        """The stored form."""
+        body: dict[str, object] = {"v": 1, "cursor": self.cursor}
+        if self.stream:
+            body["stream"] = self.stream
+        if self.owner:
+            body["owner"] = self.owner
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> CursorRecord:
+        """The record in ``raw``; a value that is neither form is kept as the cursor (``run`` then
+        raises :class:`rjet.InvalidCursor` naming the consumer)."""
+        if not raw or raw.isdigit():
+            return cls((raw or b"").decode())
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or body.get("v") != 1 or not isinstance(body.get("cursor"), str):
+            return cls(raw.decode("utf-8", "replace"))
+        stream, owner = body.get("stream"), body.get("owner")
+        return cls(
+            body["cursor"], stream if isinstance(stream, str) else None, owner if isinstance(owner, str) else None
+        )
+
+
+class _Claim:
+    """One runner's hold on one cursor through a :class:`JetStreamCursorStore` (see its ``claim``).
+
+    ``owner`` is written into every record, so a read-back tells this claim's writes from anyone
+    else's; ``rev`` is the revision of the last record this claim wrote (the next compare-and-swap).
+    """
+
+    __slots__ = ("_store", "cursor", "key", "lost", "lost_event", "name", "owner", "rev", "stream")
+
+    def __init__(self, store: JetStreamCursorStore, name: str, owner: str, rev: int, record: CursorRecord) -> None:
+        self._store = store
+        self.name = name
+        self.key = encode_key(name)
+        self.owner = owner
+        self.rev = rev
+        self.cursor = record.cursor  # as read at claim time
+        self.stream = record.stream  # the identity of the stream the cursor counts in, when known
+        self.lost: RjetError | None = None
+        self.lost_event = asyncio.Event()
+
+    def lose(self, err: RjetError) -> None:
+        if self.lost is None:
+            self.lost = err
+            self.lost_event.set()
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise self.lost
+
+    async def set_cursor(self, cursor: str) -> None:
+        """Buffer ``cursor``; written by the store's next flush as a compare-and-swap of this claim."""
+        if self.lost is not None or self._store._closed:
+            self._store._check_claim_usable(self)
+        self._store._buffer(self.name, self, cursor)
+
+    async def flush(self) -> None:
+        """Write this claim's buffered cursor now; raises this claim's failure (not another cursor's)."""
+        await self._store._flush_names([self.name], raise_for={self.name})
+
+    async def wait_lost(self) -> None:
+        """Return once the claim is lost (another runner took it, its key vanished, a write failed)."""
+        await self.lost_event.wait()
+
+    async def release(self) -> None:
+        """Flush and stop holding: the store forgets this claim (the next :meth:`claim` starts afresh)."""
+        try:
+            if self.lost is None:
+                await self.flush()
+        finally:
+            if self._store._claims.get(self.name) is self:
+                del self._store._claims[self.name]
+
+
 class JetStreamCursorStore:
     """A :class:`CursorStore` in a JetStream KV bucket (``rjet_cursors_<namespace>``), buffered.
 
     ``set_cursor`` only records; a flush writes the changed cursors at most every ``flush_interval``
     seconds, and on :meth:`flush` / :meth:`close`: several of them as one atomic JetStream batch (one
-    request, one ack; the bucket's stream is set to allow atomic batches, nats-server 2.12+), one of
-    them (or on older servers, each of them, pipelined) as a single compare-and-swap.
+    request, one ack, when the bucket allows atomic batches: nats-server 2.12+, set on buckets this
+    store creates), one of them (or each of them, pipelined) as a single compare-and-swap.
 
-    Two runners of one consumer name are fenced with the KV revision: ``get_cursor`` claims the
-    cursor (a compare-and-swap write of its current value), and every later write is a
-    compare-and-swap against the revision this store last wrote. A runner whose cursor was claimed
-    by another gets :class:`rjet.CursorConflict` at its next write: the newest runner wins, the
-    older one stops. Use :meth:`peek` to read a cursor without claiming it.
+    **Claims fence runners.** :meth:`claim` (which ``run`` calls; :meth:`get_cursor` too) writes
+    the cursor's record again with a new owner token; every later write is a compare-and-swap on
+    the revision that claim last wrote. A write that fails, or whose answer is lost, is settled by
+    reading the record back: the owner token says whether the write was this claim's own (then it
+    goes on) or another runner's (then :class:`rjet.CursorConflict`, naming that owner). The newest
+    claim wins; an older runner stops at its next write, or when :meth:`check_claim` looks. Each
+    cursor is fenced on its own: losing one does not stop the others. Use :meth:`peek` to read a
+    cursor without claiming it.
 
     ::
 
@@ -150,27 +261,31 @@ class JetStreamCursorStore:
         self.namespace = namespace
         self.flush_interval = flush_interval
         self._kv = kv
-        self._revs: dict[str, int] = {}  # key -> revision this store last read or wrote
-        self._dirty: dict[str, str] = {}
+        self._claims: dict[str, _Claim] = {}  # name -> the claim this store holds on it now
+        self._dirty: dict[str, tuple[_Claim | None, str]] = {}  # name -> (the claim it was set under, cursor)
         self._written: dict[str, str] = {}  # name -> the cursor this store last read or wrote
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
-        self._error: RjetError | None = None
-        self._failed = asyncio.Event()
         self._closed = False
         self._atomic = False  # the bucket takes atomic batches: a flush of many cursors is one request
+        self._owner = _owner_token()  # for writes without a claim (rjet cursor --set)
         self.flushes = 0
 
     @classmethod
     async def create(
         cls, js: JetStreamContext, namespace: str, *, flush_interval: float = 1.0, replicas: int = 1
     ) -> Self:
-        """Bind the namespace's bucket, creating it (file storage, history 1) when missing."""
+        """Bind the namespace's bucket, creating it (file storage, history 1, ``replicas``) when missing.
+
+        An existing bucket is used as it is (its configuration is never changed); one with a TTL is
+        refused (:class:`rjet.CursorBucketUnusable`), since expired cursors would start consumers over.
+        """
         if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
             raise ConfigError(f"cursor namespace {namespace!r} is invalid: use letters, digits, '_' and '-' only")
         if flush_interval < 0:
             raise ConfigError(f"flush_interval must be >= 0, not {flush_interval}")
         bucket = _BUCKET_PREFIX + namespace
+        created = False
         try:
             try:
                 kv = await js.key_value(bucket)
@@ -178,14 +293,19 @@ class JetStreamCursorStore:
                 kv = await js.create_key_value(
                     bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=replicas
                 )
+                created = True
+            info = await js.stream_info(f"KV_{bucket}")
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             raise CursorStoreError(
                 f"cursor bucket {bucket!r}: JetStream is not enabled on the server (nats-server -js)"
             ) from None
+        except nats.js.errors.APIError as e:
+            raise CursorStoreError(f"cursor bucket {bucket!r}: cannot open: {e.description} ({e.err_code})") from e
         except _STORE_ERRORS as e:
             raise CursorStoreError(f"cursor bucket {bucket!r}: cannot open: {e!r}") from e
+        _check_bucket_config(bucket, info.config)
         store = cls(kv, namespace, flush_interval=flush_interval)
-        store._atomic = await _allow_atomic(js, f"KV_{bucket}")
+        store._atomic = bool(info.config.allow_atomic) or (created and await _allow_atomic(js, info.config))
         return store
 
     @property
@@ -193,42 +313,100 @@ class JetStreamCursorStore:
         """The KV bucket's name."""
         return _BUCKET_PREFIX + self.namespace
 
+    # ----------------------------------------------------------------- claims
+
+    async def claim(self, name: str) -> _Claim:
+        """Read and claim the cursor for ``name``; fences every earlier claim of it, this store's too.
+
+        The claim's ``cursor`` is what was stored ("" for none) and ``stream`` the identity of the
+        stream it was recorded in (None when unknown). ``run`` writes through the claim and
+        releases it on the way out.
+        """
+        self._check_open()
+        key = encode_key(name)
+        async with self._lock:
+            if name in self._dirty:
+                await self._flush_locked([name], raise_for=set())  # what an earlier claim left unwritten
+            owner = _owner_token()
+            for _ in range(10):
+                entry = await self._read_entry(name, key)
+                record = CursorRecord.decode(entry[0]) if entry is not None else CursorRecord()
+                base = entry[1] if entry is not None else 0
+                mine = CursorRecord(record.cursor, record.stream, owner)
+                try:
+                    rev = await self._shielded(self._kv.update(key, mine.encode(), last=base))
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue  # another runner wrote it between our read and write: read again
+                except _GONE_ERRORS as e:
+                    raise await self._gone(name, e) from None
+                except _STORE_ERRORS as e:
+                    # Applied or not? The record says: ours when it carries our owner token.
+                    back = await self._read(name, key)
+                    if back is None or CursorRecord.decode(back[0]).owner != owner:
+                        if back is None or back[1] == base:
+                            raise self._store_error(f"cannot claim cursor {name!r}", e) from e
+                        continue
+                    rev = back[1]
+                claim = _Claim(self, name, owner, rev, record)
+                old = self._claims.get(name)
+                if old is not None:
+                    old.lose(
+                        CursorConflict(
+                            name,
+                            f"another runner claimed it through the same store (bucket {self.bucket!r}, owner"
+                            f" {owner}): two runners share this consumer name; this one stops",
+                        )
+                    )
+                self._claims[name] = claim
+                self._written[name] = record.cursor
+                return claim
+        raise CursorConflict(name, "another runner keeps claiming this cursor; two runners share the name")
+
     async def get_cursor(self, name: str) -> str:
         """Read and claim the cursor for ``name`` ("" when none); fences earlier runners of it."""
-        self._check()
+        return (await self.claim(name)).cursor
+
+    async def check_claim(self, name: str) -> bool:
+        """Whether this store still holds ``name``'s claim (the stored record carries its owner).
+
+        When it was lost, the claim fails as a conflicting write would (a running ``run`` stops at
+        once). Lets an idle runner find out that it was fenced. True when nothing is claimed.
+        """
         key = encode_key(name)
-        if name in self._dirty:
-            await self.flush()
-        for _ in range(10):
-            try:
-                try:
-                    entry = await self._kv.get(key)
-                except nats.js.errors.KeyNotFoundError as e:
-                    # Create (or re-create over a delete marker): fails if another runner did first.
-                    deleted = getattr(getattr(e, "entry", None), "revision", None)
-                    await self._cas(name, key, b"", deleted or 0)
-                    return ""
-                assert entry.revision is not None
-                await self._cas(name, key, entry.value or b"", entry.revision)
-                return (entry.value or b"").decode()
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another runner claimed it between our read and write: read again
-            except _STORE_ERRORS as e:
-                raise self._store_error(f"cannot read cursor {name!r}", e) from e
-        raise CursorConflict(name, "another runner keeps claiming this cursor; two runners share the name")
+        async with self._lock:
+            claim = self._claims.get(name)
+            if claim is None:
+                return True
+            if claim.lost is not None:
+                return False
+            entry = await self._read(name, key)
+            if entry is None:
+                claim.lose(await self._gone(name))
+                return False
+            owner = CursorRecord.decode(entry[0]).owner
+            if owner != claim.owner:
+                claim.lose(
+                    CursorConflict(
+                        name,
+                        f"another runner claimed it in bucket {self.bucket!r} after revision {claim.rev}"
+                        f" (owner {owner or 'unknown: a tool or an older rjet'}): two runners share this"
+                        " consumer name; this one stops",
+                    )
+                )
+                return False
+            return True
+
+    # ----------------------------------------------------------------- reads
 
     async def peek(self, name: str) -> str:
         """Read the stored cursor for ``name`` without claiming it ("" when none)."""
-        return await self._peek_entry(name) or ""
+        record = await self.peek_record(name)
+        return record.cursor if record is not None else ""
 
-    async def _peek_entry(self, name: str) -> str | None:
-        try:
-            entry = await self._kv.get(encode_key(name))
-        except nats.js.errors.KeyNotFoundError:  # KeyDeletedError too
-            return None
-        except _STORE_ERRORS as e:
-            raise self._store_error(f"cannot read cursor {name!r}", e) from e
-        return (entry.value or b"").decode()
+    async def peek_record(self, name: str) -> CursorRecord | None:
+        """The stored record for ``name`` without claiming it (None when none)."""
+        entry = await self._read(name, encode_key(name))
+        return CursorRecord.decode(entry[0]) if entry is not None else None
 
     async def cursors(self) -> dict[str, str]:
         """Every stored cursor, by name, without claiming any."""
@@ -237,81 +415,162 @@ class JetStreamCursorStore:
         except _STORE_ERRORS as e:
             raise self._store_error("cannot list cursors", e) from e
         names = [decode_key(k) for k in keys if not k.startswith(RESERVED_PREFIX)]
-        values = await asyncio.gather(*(self._peek_entry(n) for n in names))
-        return {n: v for n, v in zip(names, values, strict=True) if v is not None}  # None: deleted
+        records = await asyncio.gather(*(self.peek_record(n) for n in names))
+        return {n: r.cursor for n, r in zip(names, records, strict=True) if r is not None}  # None: deleted
+
+    def last_written(self, name: str) -> str | None:
+        """The cursor this store last read from or wrote to the bucket for ``name`` (None: neither)."""
+        return self._written.get(name)
+
+    # ----------------------------------------------------------------- writes
 
     async def set_cursor(self, name: str, cursor: str) -> None:
-        """Buffer ``cursor`` for ``name``; written by the next flush."""
-        if self._error is not None or self._closed:
-            self._check()
-        self._dirty[name] = cursor
+        """Buffer ``cursor`` for ``name`` (under this store's claim on it, if any); written by the next flush."""
+        claim = self._claims.get(name)
+        if self._closed or (claim is not None and claim.lost is not None):
+            self._check_open()
+            assert claim is not None
+            claim.check()
+        self._buffer(name, claim, cursor)
+
+    def _buffer(self, name: str, claim: _Claim | None, cursor: str) -> None:
+        self._dirty[name] = (claim, cursor)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_later())
 
     async def flush(self) -> None:
-        """Write every buffered cursor now (pipelined); raises what a background flush hit."""
-        self._check()
+        """Write every buffered cursor now; raises the first failure (the other cursors are written)."""
+        self._check_open()
+        await self._flush_names(None, raise_for=None)
+
+    async def _flush_names(self, names: list[str] | None, raise_for: set[str] | None) -> None:
         async with self._lock:
-            if not self._dirty:
-                return
+            await self._flush_locked(names, raise_for)
+
+    async def _flush_locked(self, names: list[str] | None, raise_for: set[str] | None) -> None:
+        """Write the buffered cursors of ``names`` (all when None). A claim whose write failed is lost
+        (its run stops); raises the first failure among ``raise_for`` (any when None)."""
+        if names is None:
             batch, self._dirty = self._dirty, {}
+        else:
+            batch = {n: self._dirty.pop(n) for n in names if n in self._dirty}
+        # A cursor set under a claim that is no longer this store's claim on it is not written.
+        for n, (claim, _) in list(batch.items()):
+            if claim is not None and (claim.lost is not None or self._claims.get(n) is not claim):
+                del batch[n]
+        if not batch:
+            return
+        try:
+            if self._atomic and 1 < len(batch) <= _MAX_BATCH and await self._write_batch(batch):
+                self.flushes += 1
+                return
+            # One compare-and-swap per cursor, pipelined (also what finds the cursor that made an
+            # atomic batch fail, and writes the others).
+            results = await asyncio.gather(
+                *(self._write(name, claim, cursor) for name, (claim, cursor) in batch.items()), return_exceptions=True
+            )
+        except BaseException:  # cancelled mid-write: keep every cursor for the next flush
+            for name, item in batch.items():
+                self._dirty.setdefault(name, item)
+            raise
+        self.flushes += 1
+        first: BaseException | None = None
+        for (name, (claim, cursor)), err in zip(batch.items(), results, strict=True):
+            if err is None:
+                continue
+            if not isinstance(err, CursorConflict | CursorBucketGone):
+                self._dirty.setdefault(name, (claim, cursor))  # a failed write is tried again
+            if claim is not None and isinstance(err, RjetError):
+                claim.lose(err)
+            if first is None and (raise_for is None or name in raise_for):
+                first = err
+        if first is not None:
+            raise first if isinstance(first, RjetError) else self._store_error("cannot write cursors", first)
+
+    async def _write(self, name: str, claim: _Claim | None, cursor: str) -> None:
+        """One cursor's write: a compare-and-swap under ``claim`` (a plain put without one), settled by
+        reading the record back when it failed or its answer was lost."""
+        key = encode_key(name)
+        owner = claim.owner if claim is not None else self._owner
+        record = CursorRecord(cursor, claim.stream if claim is not None else None, owner)
+        value = record.encode()
+        for _ in range(3):
             try:
-                if self._atomic and 1 < len(batch) <= _MAX_BATCH and await self._write_batch(batch):
-                    self.flushes += 1
-                    return
-                # One compare-and-swap per cursor, pipelined (also what finds the cursor that made an
-                # atomic batch fail, and writes the others).
-                results = await asyncio.gather(
-                    *(self._write(name, cursor) for name, cursor in batch.items()), return_exceptions=True
+                if claim is None:
+                    rev = await self._shielded(self._kv.put(key, value))
+                else:
+                    rev = await self._shielded(self._kv.update(key, value, last=claim.rev))
+            except _GONE_ERRORS as e:
+                raise await self._gone(name, e) from None
+            except nats.js.errors.KeyWrongLastSequenceError as e:
+                error: BaseException = e
+            except _STORE_ERRORS as e:
+                error = e  # the write may or may not have been applied
+            else:
+                self._wrote(name, claim, rev, cursor)
+                return
+            if claim is None:
+                raise self._store_error(f"cannot write cursor {name!r}", error)
+            back = await self._read(name, key)
+            if back is None:
+                raise await self._gone(name)
+            stored = CursorRecord.decode(back[0])
+            if stored.owner != claim.owner:
+                raise CursorConflict(
+                    name,
+                    f"another runner wrote it after revision {claim.rev} in bucket {self.bucket!r} (owner"
+                    f" {stored.owner or 'unknown: a tool or an older rjet'}): two runners share this consumer"
+                    " name; this one stops",
                 )
-            except BaseException:  # cancelled mid-write: keep every cursor for the next flush
-                for name, cursor in batch.items():
-                    self._dirty.setdefault(name, cursor)
-                raise
-            self.flushes += 1
-            failed = [(name, r) for (name, _), r in zip(batch.items(), results, strict=True) if r is not None]
-            for name, _ in failed:
-                self._dirty.setdefault(name, batch[name])
-            for _, err in failed:
-                if isinstance(err, CursorConflict):
-                    self._error = err
-            if failed:
-                err = failed[0][1]
-                raise err if isinstance(err, RjetError) else self._store_error("cannot write cursors", err)
+            # Our own record: an earlier write of this claim was applied although its answer was lost.
+            claim.rev = max(claim.rev, back[1])
+            if stored == record:
+                self._wrote(name, claim, back[1], cursor)
+                return
+        raise self._store_error(f"cannot write cursor {name!r}", error)
 
-    async def _write_batch(self, batch: dict[str, str]) -> bool:
+    def _wrote(self, name: str, claim: _Claim | None, rev: int, cursor: str) -> None:
+        self._written[name] = cursor
+        if claim is None:
+            # A write without a claim becomes this store's claim: its later writes compare-and-swap.
+            claim = self._claims[name] = _Claim(self, name, self._owner, rev, CursorRecord(cursor, None, self._owner))
+        claim.rev = max(claim.rev, rev)
+
+    async def _write_batch(self, batch: dict[str, tuple[_Claim | None, str]]) -> bool:
         """Write every cursor of ``batch`` as one atomic JetStream batch: one request, one ack, each
-        message a compare-and-swap on its key. False (nothing written) when the server refused it,
-        a conflict among them say; the caller then writes them one by one.
-
-        Shielded like :meth:`_cas`: a cancelled caller does not lose the revisions.
+        message a compare-and-swap on its key. False (nothing known to be written) when the server
+        refused it or its answer was lost; the caller then writes them one by one, which settles
+        each by reading it back.
         """
         nc = self._kv._js._nc
         batch_id = _NUID.next().decode()
-        items = [(name, encode_key(name), cursor.encode()) for name, cursor in batch.items()]
+        items = []
+        for name, (claim, cursor) in batch.items():
+            owner = claim.owner if claim is not None else self._owner
+            stream = claim.stream if claim is not None else None
+            items.append((name, claim, encode_key(name), cursor, CursorRecord(cursor, stream, owner).encode()))
         last = len(items)
 
-        def headers(i: int, key: str) -> dict[str, str]:
+        def headers(i: int, claim: _Claim | None) -> dict[str, str]:
             h = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
-            rev = self._revs.get(key)
-            if rev is not None:
-                h["Nats-Expected-Last-Subject-Sequence"] = str(rev)
+            if claim is not None:
+                h["Nats-Expected-Last-Subject-Sequence"] = str(claim.rev)
             return h
 
         async def send() -> bytes:
             # All but the last go out as raw frames in one piece (no per-message publish call); the
             # last commits the batch and carries the only reply.
             frames = []
-            for i, (_, key, value) in enumerate(items[:-1], 1):
-                hdr = "".join(f"{k}: {v}\r\n" for k, v in headers(i, key).items())
+            for i, (_, claim, key, _, value) in enumerate(items[:-1], 1):
+                hdr = "".join(f"{k}: {v}\r\n" for k, v in headers(i, claim).items())
                 block = f"NATS/1.0\r\n{hdr}\r\n".encode()
                 frames.append(b"HPUB %s%s %d %d\r\n%s%s\r\n" % (
                     self._kv._pre.encode(), key.encode(), len(block), len(block) + len(value), block, value
                 ))  # fmt: skip
             nc.stats["out_msgs"] += len(frames)  # keep nats-py's counters true to the wire
             await nc._send_command(b"".join(frames))
-            _, key, value = items[-1]
-            commit = {**headers(last, key), "Nats-Batch-Commit": "1"}
+            _, claim, key, _, value = items[-1]
+            commit = {**headers(last, claim), "Nats-Batch-Commit": "1"}
             reply = await nc.request(f"{self._kv._pre}{key}", value, timeout=self._kv._js._timeout, headers=commit)
             return reply.data
 
@@ -324,50 +583,23 @@ class JetStreamCursorStore:
             if seq is None:
                 return
             # An atomic batch is stored contiguously, in order: revisions seq-n+1 .. seq.
-            for rev, (name, key, value) in enumerate(items, seq - last + 1):
-                self._revs[key] = max(self._revs.get(key, 0), rev)
-                self._written[name] = value.decode()
+            for rev, (name, claim, _, cursor, _) in enumerate(items, seq - last + 1):
+                self._wrote(name, claim, rev, cursor)
 
         task.add_done_callback(record)
         try:
             ack = await asyncio.shield(task)
-        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as e:
-            raise self._store_error("cannot write cursors", e) from e
+        except _GONE_ERRORS as e:
+            raise await self._gone(items[0][0], e) from None
         except _STORE_ERRORS as e:
             log.debug("cursor bucket %r: atomic batch of %d failed (%r); writing one by one", self.bucket, last, e)
             return False
         return ack_seq(ack) is not None
 
-    async def _cas(self, name: str, key: str, value: bytes, last: int | None) -> int:
-        """Write ``value`` (compare-and-swap against ``last`` unless None) and record the revision.
-
-        Shielded: if the caller is cancelled mid-write, the write still completes and its revision is
-        recorded, so the next write does not mistake this store's own write for another runner's.
-        """
-        write = self._kv.put(key, value) if last is None else self._kv.update(key, value, last=last)
-        task = asyncio.ensure_future(write)
-
-        def record(t: asyncio.Future[int]) -> None:
-            if not t.cancelled() and t.exception() is None and self._revs.get(key, 0) < t.result():
-                self._revs[key] = t.result()
-                self._written[name] = value.decode()
-
-        task.add_done_callback(record)
-        return await asyncio.shield(task)
-
-    async def _write(self, name: str, cursor: str) -> None:
-        key = encode_key(name)
-        rev = self._revs.get(key)
-        try:
-            await self._cas(name, key, cursor.encode(), rev)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise CursorConflict(
-                name,
-                f"another runner wrote it after revision {rev} in bucket {self.bucket!r}: two runners"
-                " share this consumer name; this one stops",
-            ) from None
-        except _STORE_ERRORS as e:
-            raise self._store_error(f"cannot write cursor {name!r}", e) from e
+    async def _shielded(self, write: Awaitable[int]) -> int:
+        # If the caller is cancelled mid-write, the write still completes; the revision it returns is
+        # not recorded, but the next write settles that by reading its own record back.
+        return await asyncio.shield(asyncio.ensure_future(write))
 
     async def _flush_later(self) -> None:
         try:
@@ -376,63 +608,83 @@ class JetStreamCursorStore:
                 try:
                     await self.flush()
                 except RjetError as e:
+                    # The failed claims are lost (their runs stop); the other cursors were written.
                     log.error("cursor bucket %r: background flush failed: %s", self.bucket, e)
-                    self._error = self._error or e
-                    self._failed.set()
-                    return
         finally:
             self._flusher = None
 
-    async def check_claim(self, name: str) -> bool:
-        """Whether this store still holds ``name``'s cursor: nobody wrote it since this store
-        claimed or wrote it. When it was lost, the store fails as a conflicting write would (a
-        running ``run`` stops at once). Lets an idle runner find out that it was fenced."""
-        key = encode_key(name)
-        async with self._lock:
-            rev = self._revs.get(key)
-            if rev is None or self._error is not None:
-                return self._error is None
-            try:
-                entry = await self._kv.get(key)
-                lost = entry.revision != self._revs.get(key, rev)
-            except nats.js.errors.KeyNotFoundError:
-                lost = True
-            except _STORE_ERRORS as e:
-                raise self._store_error(f"cannot read cursor {name!r}", e) from e
-            if lost:
-                self._error = CursorConflict(
-                    name,
-                    f"another runner claimed it in bucket {self.bucket!r} after revision {rev}: two runners"
-                    " share this consumer name; this one stops",
-                )
-                self._failed.set()
-            return not lost
-
-    def last_written(self, name: str) -> str | None:
-        """The cursor this store last read from or wrote to the bucket for ``name`` (None: neither)."""
-        return self._written.get(name)
-
     async def wait_failed(self) -> None:
-        """Return once a background flush has failed; ``run`` uses it to stop at once, not at the next event."""
-        await self._failed.wait()
+        """Return once any claim of this store is lost (kept for callers of rjet 0.1; ``run`` waits on its claim)."""
+        while True:
+            lost = [c for c in self._claims.values() if c.lost is not None]
+            if lost:
+                return
+            waits = [asyncio.ensure_future(c.lost_event.wait()) for c in self._claims.values()]
+            if not waits:
+                await asyncio.sleep(self.flush_interval or 0.1)
+                continue
+            try:
+                await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
 
-    def _check(self) -> None:
+    # ----------------------------------------------------------------- errors
+
+    async def _read(self, name: str, key: str) -> tuple[bytes, int] | None:
+        """(value, revision) of ``key``; None when it is missing or deleted."""
+        entry = await self._read_entry(name, key)
+        return entry if entry is not None and entry[0] is not None else None  # type: ignore[return-value]
+
+    async def _read_entry(self, name: str, key: str) -> tuple[bytes | None, int] | None:
+        """(value, revision) of ``key``: value None for a delete marker (whose revision a create must
+        name); None when there is nothing."""
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError as e:
+            marker = getattr(getattr(e, "entry", None), "revision", None)
+            return (None, marker) if marker else None
+        except _STORE_ERRORS as e:
+            raise self._store_error(f"cannot read cursor {name!r}", e) from e
+        assert entry.revision is not None
+        return entry.value or b"", entry.revision
+
+    async def _gone(self, name: str, cause: BaseException | None = None) -> CursorStoreError:
+        """The error for a cursor whose key is missing: the bucket is gone, unusable, or was emptied."""
+        try:
+            info = await self._kv._js.stream_info(self._kv._stream)
+        except nats.js.errors.NotFoundError:
+            return CursorBucketGone(
+                f"cursor bucket {self.bucket!r}: cursor {name!r}: the bucket is gone (deleted while in use);"
+                " create it again (a new JetStreamCursorStore.create does) and the consumer starts afresh"
+            )
+        except _STORE_ERRORS as e:
+            return self._store_error(f"cannot read cursor {name!r}", cause or e)
+        try:
+            _check_bucket_config(self.bucket, info.config)
+        except CursorBucketUnusable as e:
+            return e
+        if cause is not None:
+            return self._store_error(f"cannot write cursor {name!r}", cause)
+        return CursorBucketGone(
+            f"cursor bucket {self.bucket!r}: cursor {name!r} vanished while this runner held it (the bucket"
+            " was deleted and created again, or the key deleted); no other runner claimed it; the next run"
+            " claims it afresh"
+        )
+
+    def _check_open(self) -> None:
         if self._closed:
             raise CursorStoreError(f"cursor bucket {self.bucket!r}: the store is closed")
-        err = self._error
-        if err is not None:
-            if not isinstance(err, CursorConflict):  # a conflict is final; other errors are reported once
-                self._error = None
-                self._failed.clear()
-            raise err
+
+    def _check_claim_usable(self, claim: _Claim) -> None:
+        self._check_open()
+        claim.check()
+        if self._claims.get(claim.name) is not claim:
+            raise CursorConflict(claim.name, "this claim was released; claim the cursor again")
 
     def _store_error(self, what: str, err: BaseException) -> CursorStoreError:
-        if isinstance(
-            err, nats.js.errors.NotFoundError | nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError
-        ):
-            return CursorStoreError(
-                f"cursor bucket {self.bucket!r}: {what}: the bucket is gone (deleted while in use?)"
-            )
+        if isinstance(err, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
+            return CursorStoreError(f"cursor bucket {self.bucket!r}: {what}: JetStream does not answer ({err!r})")
         return CursorStoreError(f"cursor bucket {self.bucket!r}: {what}: {err!r}")
 
     async def close(self) -> None:
@@ -440,8 +692,7 @@ class JetStreamCursorStore:
         if self._closed:
             return
         try:
-            if self._error is None:
-                await self.flush()  # waits for a background flush in flight, then writes the rest
+            await self.flush()  # waits for a background flush in flight, then writes the rest
         finally:
             self._closed = True
             flusher, self._flusher = self._flusher, None
@@ -456,3 +707,16 @@ class JetStreamCursorStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def _owner_token() -> str:
+    """Who writes: host, pid and a random part (unique per claim)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_NUID.next().decode()[-10:]}"
+
+
+def _check_bucket_config(bucket: str, config: api.StreamConfig) -> None:
+    if config.max_age:
+        raise CursorBucketUnusable(
+            f"cursor bucket {bucket!r} has a TTL of {config.max_age:g}s: cursors would expire and their"
+            " consumers start over; use a bucket without a TTL (delete this one, or pick another namespace)"
+        )

@@ -18,9 +18,13 @@
     └── CursorError            something about a cursor
         ├── InvalidCursor      a cursor value that is not a stream sequence
         ├── CursorExpired      the events after the cursor are gone from the stream
+        │   └── EventsRemoved  events were removed ahead of a running reader (retention, purge)
         ├── CursorAhead        the cursor is past the stream's last sequence
-        ├── CursorConflict     another runner holds the cursor (compare-and-swap failed)
+        ├── StreamRecreated    the cursor counts in another stream of the same name (deleted, created again)
+        ├── CursorConflict     another runner holds the cursor (it saw that runner's claim)
         └── CursorStoreError   the cursor store cannot be read or written
+            ├── CursorBucketGone      the bucket, or the cursor's key in it, vanished while in use
+            └── CursorBucketUnusable  the bucket's configuration cannot keep cursors (a TTL, say)
 
 Errors that callers may expect in normal operation (:func:`is_expected`) are :class:`HeadReached`,
 :class:`Stopped`, :class:`Tempted` and cancellation.
@@ -35,11 +39,14 @@ __all__ = [
     "ConnectError",
     "ConsumerLost",
     "CursorAhead",
+    "CursorBucketGone",
+    "CursorBucketUnusable",
     "CursorConflict",
     "CursorError",
     "CursorExpired",
     "CursorStoreError",
     "DecodeError",
+    "EventsRemoved",
     "HeadReached",
     "InsertError",
     "InvalidCursor",
@@ -49,6 +56,7 @@ __all__ = [
     "StreamConfigMismatch",
     "StreamError",
     "StreamNotFound",
+    "StreamRecreated",
     "Tempted",
     "is_expected",
 ]
@@ -152,15 +160,80 @@ class InvalidCursor(CursorError, ValueError):
 class CursorExpired(CursorError):
     """The events right after the cursor are no longer in the stream (expired or purged)."""
 
-    def __init__(self, stream: str, cursor: int, first_seq: int) -> None:
+    def __init__(self, stream: str, cursor: int, first_seq: int, hint: str = "") -> None:
         super().__init__(
             f"stream {stream!r}: cursor {cursor} has expired: the stream's first retained sequence is"
             f" {first_seq}, so events {cursor + 1}..{first_seq - 1} are gone; move the cursor on purpose"
-            f" to go on (`rjet cursor NAME --namespace NS --set first --stream {stream}`)"
+            f" to go on ({hint or f'`rjet cursor NAME --namespace NS --set first --stream {stream}`'})"
         )
         self.stream = stream
         self.cursor = cursor
         self.first_seq = first_seq
+        self.hint = hint
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.stream, self.cursor, self.first_seq, self.hint))
+
+
+class EventsRemoved(CursorExpired):
+    """Events were removed from the stream ahead of a running reader, before it could deliver them.
+
+    ``first``..``last`` is the missing range of stream sequences. Every event before the hole was
+    delivered; none after it is. For an unfiltered reader every sequence in the range was an event
+    it would have delivered (``certain``); a reader with subject filters knows only that the stream
+    removed those sequences while events of its own were waiting (``certain`` is False: some of
+    them may have belonged to other subjects). See docs/reliability.md.
+    """
+
+    def __init__(self, stream: str, first: int, last: int, *, certain: bool = True, hint: str = "") -> None:
+        CursorError.__init__(
+            self,
+            f"stream {stream!r}: events {first}..{last} were removed (retention limits, a purge or a delete)"
+            f" before this reader got to them"
+            + (
+                ""
+                if certain
+                else ", while events for its subject filter were waiting (some may have been other subjects')"
+            )
+            + f"; every event before {first} was delivered, none after {last}; move the cursor on purpose to go"
+            f" on ({hint or f'`rjet cursor NAME --namespace NS --set {last} --stream {stream}`'})",
+        )
+        self.stream = stream
+        self.cursor = first - 1
+        self.first_seq = last + 1
+        self.first = first
+        self.last = last
+        self.certain = certain
+        self.hint = hint
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_events_removed, (self.stream, self.first, self.last, self.certain, self.hint))
+
+
+def _events_removed(stream: str, first: int, last: int, certain: bool, hint: str) -> EventsRemoved:
+    return EventsRemoved(stream, first, last, certain=certain, hint=hint)
+
+
+class StreamRecreated(CursorError):
+    """The cursor was recorded in another stream of the same name (deleted and created again since).
+
+    ``recorded`` and ``current`` are the two streams' identities (name and creation time).
+    """
+
+    def __init__(self, stream: str, cursor: int, recorded: str, current: str, hint: str = "") -> None:
+        super().__init__(
+            f"stream {stream!r}: cursor {cursor} was recorded in stream {recorded}, but the stream now is"
+            f" {current} (deleted and created again): its sequences are not the old ones; move the cursor"
+            f" on purpose to go on ({hint or '`rjet cursor NAME --namespace NS --set beginning`'})"
+        )
+        self.stream = stream
+        self.cursor = cursor
+        self.recorded = recorded
+        self.current = current
+        self.hint = hint
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.stream, self.cursor, self.recorded, self.current, self.hint))
 
 
 class CursorAhead(CursorError):
@@ -187,6 +260,15 @@ class CursorConflict(CursorError):
 
 class CursorStoreError(CursorError):
     """The cursor store cannot be read or written."""
+
+
+class CursorBucketGone(CursorStoreError):
+    """The cursor bucket, or a claimed cursor's key in it, vanished while in use (deleted, or deleted
+    and created again). Nobody else claimed the cursor: a new run claims it afresh."""
+
+
+class CursorBucketUnusable(CursorStoreError, ConfigError):
+    """The cursor bucket exists with a configuration that cannot keep cursors (a TTL would expire them)."""
 
 
 def is_expected(err: BaseException) -> bool:

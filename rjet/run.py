@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,17 +15,20 @@ from typing import Final, NoReturn, Protocol
 
 from rjet._reader import StreamClient
 from rjet.consumer import Consumer
-from rjet.cursors import CursorStore
+from rjet.cursors import CursorStore, JetStreamCursorStore
 from rjet.deadletter import DeadLetter, DeadLetterRecord, record_for
 from rjet.errors import (
     ConfigError,
     CursorAhead,
     CursorConflict,
+    CursorError,
     CursorExpired,
     DecodeError,
+    EventsRemoved,
     HeadReached,
     InvalidCursor,
     Stopped,
+    StreamRecreated,
     Tempted,
     is_expected,
 )
@@ -38,7 +43,7 @@ log = logging.getLogger("rjet.run")
 _YIELD_EVERY: Final = 0.01  # seconds of back-to-back events before run yields to the event loop
 
 # Errors that do not go away by retrying; run_forever raises them instead of looping.
-_PERMANENT = (CursorConflict, CursorExpired, CursorAhead, InvalidCursor, ConfigError)
+_PERMANENT = (CursorConflict, CursorExpired, CursorAhead, StreamRecreated, InvalidCursor, ConfigError)
 
 
 class StreamClientLike(Protocol):
@@ -105,22 +110,25 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
     name = spec.consumer.name
     store = spec.cursor_store
     stats.runs += 1
+    claim = await _claim(store, name)
     try:
-        cursor = await store.get_cursor(name)
+        cursor = claim.cursor
         parse_cursor(cursor, f"consumer {name!r}")
         lag = spec.lag.total_seconds() if isinstance(spec.lag, timedelta) else (spec.lag or 0.0)
-        client = await spec.stream_func(cursor, from_head=spec.from_head, to_head=spec.to_head)
+        client = await _open(spec, claim, cursor, name, store)
+        if isinstance(client, StreamClient):
+            claim.stream = client.stream_id  # every cursor written from now on names this stream
         stats._attach(client)
-        # A store that fails in the background (fenced by another runner, bucket gone) stops the run
-        # now, not when the next event arrives: closing the client ends recv(), and the flush below
-        # raises the store's error.
-        wait_failed = getattr(store, "wait_failed", None)
-        waits: list[Callable[[], Awaitable[object]]] = [w for w in (wait_failed, stop and stop.wait) if w]
-        guard = asyncio.create_task(_close_when(waits, client)) if waits else None
+        # A claim that is lost (another runner took it, its key vanished) or a stop request ends the
+        # run now, not when the next event arrives: closing the client ends recv(); and no handler
+        # call starts once either happened.
+        halt = asyncio.Event()
+        waits: list[Callable[[], Awaitable[object]]] = [w for w in (claim.wait_lost, stop and stop.wait) if w]
+        guard = asyncio.create_task(_close_when(waits, client, halt))
         try:
             consumer = spec.consumer
             consume = consumer.consume
-            set_cursor = store.set_cursor
+            set_cursor = claim.set_cursor
             recv: Callable[[], Awaitable[Event | int]] = client.recv
             if isinstance(client, StreamClient):
                 recv = client._next  # one coroutine less per event; returns ints only with a key filter
@@ -132,9 +140,11 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
             stream_name = getattr(client, "stream", "")
             timing = stats.timing
             clock = time.monotonic
+            halted = halt.is_set
             next_yield = clock() + _YIELD_EVERY
             while True:
-                if stop is not None and stop.is_set():
+                if halted():
+                    claim.check()
                     raise Stopped(f"consumer {name!r}: stopped on request")
                 # With buffered events and a sync handler nothing below awaits for real, so give the
                 # loop a turn now and then (cursor flushes, heartbeats, stop requests).
@@ -148,17 +158,26 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
                         raise
                     await _bury(dead_letter, record_for(name, stream_name, str(e.seq), None, e, 1), e, stats)
                     stats.cursor = str(e.seq)
-                    await set_cursor(name, stats.cursor)
+                    await set_cursor(stats.cursor)
                     continue
+                except Stopped:
+                    if halted():  # the guard closed the client
+                        claim.check()
+                        raise Stopped(f"consumer {name!r}: stopped on request") from None
+                    raise
                 if type(event) is int:  # the reader passed over other keys' events up to here
                     stats.cursor = str(event)
-                    await set_cursor(name, stats.cursor)
+                    await set_cursor(stats.cursor)
                     continue
                 assert isinstance(event, Event)
                 if lag:
                     wait = event.timestamp_us / 1e6 + lag - time.time()
                     if wait > 0:
-                        await asyncio.sleep(wait)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(halt.wait(), wait)
+                if halted():
+                    claim.check()
+                    raise Stopped(f"consumer {name!r}: stopped on request")
                 t0 = time.perf_counter() if timing else 0.0
                 try:
                     handled = await consume(event)
@@ -173,19 +192,96 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
                     handled = await _retry_or_bury(consume, event, e, dead_letter, name, stream_name, stats)
                 if timing:
                     stats.observe(time.perf_counter() - t0)
-                await set_cursor(name, event.id)
+                await set_cursor(event.id)
                 stats.cursor = event.id
                 if handled:
                     stats.handled += 1
                     stats.last_event = event
                 else:
                     stats.filtered += 1
+        except (CursorExpired, StreamRecreated) as e:
+            raise _with_hint(e, name, store) from None
         finally:
-            if guard is not None:
-                guard.cancel()
+            guard.cancel()
             await client.close()
     finally:
-        await store.flush()
+        try:
+            await claim.release()  # flushes
+        finally:
+            claim.check()  # a lost claim is why the run ended, whatever else it saw on the way
+
+
+class _Claim(Protocol):
+    """A runner's hold on its cursor (what :meth:`rjet.JetStreamCursorStore.claim` returns)."""
+
+    cursor: str
+    stream: str | None
+
+    async def set_cursor(self, cursor: str) -> None: ...
+
+    async def wait_lost(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+    def check(self) -> None: ...
+
+
+class _PlainClaim:
+    """A :class:`CursorStore` without claims, seen through the claim interface."""
+
+    __slots__ = ("_name", "_store", "cursor", "set_cursor", "stream", "wait_lost")
+
+    def __init__(self, store: CursorStore, name: str, cursor: str) -> None:
+        self._store = store
+        self._name = name
+        self.cursor = cursor
+        self.stream: str | None = None
+        self.set_cursor = functools.partial(store.set_cursor, name)
+        self.wait_lost: Callable[[], Awaitable[object]] | None = getattr(store, "wait_failed", None)
+
+    async def release(self) -> None:
+        await self._store.flush()
+
+    def check(self) -> None:
+        pass
+
+
+async def _claim(store: CursorStore, name: str) -> _Claim:
+    if isinstance(store, JetStreamCursorStore):
+        return await store.claim(name)
+    claim = _PlainClaim(store, name, await store.get_cursor(name))
+    return claim  # type: ignore[return-value]
+
+
+async def _open(spec: Spec, claim: _Claim, cursor: str, name: str, store: CursorStore) -> StreamClientLike:
+    """Open the stream after ``cursor``; a stream function that checks identities is told the one
+    the cursor was recorded in."""
+    func = spec.stream_func
+    try:
+        if cursor and claim.stream is not None and _takes_stream_id(func):
+            return await func(cursor, from_head=spec.from_head, to_head=spec.to_head, stream_id=claim.stream)  # type: ignore[call-arg]
+        return await func(cursor, from_head=spec.from_head, to_head=spec.to_head)
+    except (CursorExpired, StreamRecreated) as e:
+        raise _with_hint(e, name, store) from None
+
+
+def _takes_stream_id(func: object) -> bool:
+    try:
+        return "stream_id" in inspect.signature(func).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _with_hint(err: CursorExpired | StreamRecreated, name: str, store: CursorStore) -> CursorError:
+    """``err`` again, its hint naming this consumer's real command line."""
+    ns = f" --namespace {store.namespace}" if isinstance(store, JetStreamCursorStore) else ""
+    cmd = f"`rjet cursor {name}{ns}"
+    if isinstance(err, EventsRemoved):
+        hint = f"{cmd} --set {err.last}`"
+        return EventsRemoved(err.stream, err.first, err.last, certain=err.certain, hint=hint)
+    if isinstance(err, StreamRecreated):
+        return StreamRecreated(err.stream, err.cursor, err.recorded, err.current, hint=f"{cmd} --set beginning`")
+    return CursorExpired(err.stream, err.cursor, err.first_seq, hint=f"{cmd} --set first --stream {err.stream}`")
 
 
 async def _retry_or_bury(
@@ -233,13 +329,18 @@ async def _bury(dead_letter: DeadLetter, record: DeadLetterRecord, error: Except
     stats.dead_lettered += 1
 
 
-async def _close_when(waits: list[Callable[[], Awaitable[object]]], client: StreamClientLike) -> None:
+async def _close_when(
+    waits: list[Callable[[], Awaitable[object]]], client: StreamClientLike, halt: asyncio.Event
+) -> None:
+    if not waits:
+        return
     tasks = [asyncio.ensure_future(w()) for w in waits]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for t in tasks:
             t.cancel()
+    halt.set()
     await client.close()
 
 

@@ -118,11 +118,13 @@ class Stream:
         layout = Partitions(partitions) if partitions else None
         if layout is not None:
             overrides["metadata"] = {**overrides.get("metadata", {}), METADATA_KEY: str(layout.count)}
+        # The server refuses a duplicate window longer than max_age.
+        window = min(_DEFAULT_DUPLICATE_WINDOW, overrides.get("max_age") or _DEFAULT_DUPLICATE_WINDOW)
         wanted: dict[str, Any] = {
             "subjects": subjects,
             "retention": api.RetentionPolicy.LIMITS,
             "storage": api.StorageType.FILE,
-            "duplicate_window": _DEFAULT_DUPLICATE_WINDOW,
+            "duplicate_window": window,
             **overrides,
         }
         try:
@@ -134,10 +136,13 @@ class Stream:
         except nats.js.errors.NotFoundError:
             try:
                 info = await js.add_stream(config)
-            except nats.js.errors.BadRequestError as e:
+            except nats.js.errors.APIError as e:
                 # Lost a race with another creator: fall through to the compatibility check.
                 if e.err_code != 10058:  # stream name already in use
-                    raise StreamError(f"stream {name!r}: cannot create: {e.description}", stream=name) from e
+                    raise StreamError(
+                        f"stream {name!r}: the server refused to create it: {e.description} (error {e.err_code})",
+                        stream=name,
+                    ) from e
                 info = await js.stream_info(name)
             else:
                 stream._bind(info)
@@ -235,6 +240,9 @@ class Stream:
         """
         headers = encode_headers(foreign_id, type, msg_id)
         data = _as_bytes(data)
+        # Headers count against max_payload too; a frame over it makes the server close the connection.
+        if len(data) + len(encode_header_block(foreign_id, type, msg_id)) > self._nc.max_payload:
+            raise self._too_large(0, foreign_id, data)
         subject = await self._insert_subject()
         if self._partitions is not None:
             subject = self._partitions.subject(subject, foreign_id)
@@ -289,15 +297,23 @@ class Stream:
         except nats.errors.ConnectionClosedError:
             raise InsertError(self.name, 0, items[0][0], "the NATS connection is closed") from None
 
-    async def stream(self, after: str = "", *, from_head: bool = False, to_head: bool = False) -> StreamClient:
+    async def stream(
+        self, after: str = "", *, from_head: bool = False, to_head: bool = False, stream_id: str | None = None
+    ) -> StreamClient:
         """Open a stream client that delivers events with sequence > ``after`` in stream order.
 
         ``after=""`` reads from the beginning. ``from_head`` ignores ``after`` and delivers only
         events inserted from now on. ``to_head`` makes ``recv()`` raise :class:`rjet.HeadReached`
         (and ``async for`` end) once every event present at open has been delivered.
 
+        ``stream_id`` is the identity of the stream ``after`` was recorded in (``StreamClient.stream_id``
+        of an earlier client; ``run`` passes what the cursor store recorded): a stream deleted and
+        created again under the same name raises :class:`rjet.StreamRecreated` instead of being read as
+        the old one.
+
         Raises :class:`rjet.CursorExpired` when events after ``after`` are gone from the stream,
-        :class:`rjet.CursorAhead` when ``after`` is past the stream's end.
+        :class:`rjet.CursorAhead` when ``after`` is past the stream's end. While reading,
+        :class:`rjet.EventsRemoved` when events are removed (retention, a purge) before it gets to them.
         """
         start = parse_cursor(after, f"stream {self.name!r}")
         client = StreamClient(
@@ -308,6 +324,7 @@ class Stream:
             to_head=to_head,
             filter_subjects=self.filter_subjects,
             config=self.read,
+            stream_id=stream_id,
         )
         await client._open()
         return client

@@ -166,7 +166,7 @@ async def run_bench(
                 Figure("run with JetStream cursors", "events/s", events / ours, "run with MemCursorStore",
                        events / theirs, ">= 0.9x")
             )  # fmt: skip
-            await js.delete_key_value(store.bucket)
+        await js.delete_key_value(store.bucket)  # after the store's last flush on closing
         return figures
     finally:
         for name in names:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 import nats.errors
 import nats.js.errors
 
-from rjet.cursors import RESERVED_PREFIX, decode_key, encode_key, kv_keys
+from rjet.cursors import RESERVED_PREFIX, CursorRecord, decode_key, encode_key, kv_keys
 from rjet.errors import CursorStoreError
 from rjet.parallel._errors import ParallelError, ReshardRefused
 from rjet.parallel._shard import shard_name
@@ -300,13 +300,17 @@ async def prepare(
             beats = [b for b in await _live(kv, keys, name, ttl) if b.group != group]
             record = await _get(kv, _gen_key(name))
             generations: dict[int, dict[int, tuple[str, int]]] = {}
+            streams: set[str | None] = set()  # the streams the old cursors were recorded in
             for key in keys:
                 mn = _parse_cursor_key(key, pattern)
                 if mn is None:
                     continue
                 got = await _get(kv, key)
                 if got is not None:
-                    generations.setdefault(mn[1], {})[mn[0]] = (got[0].decode(), got[1])
+                    stored = CursorRecord.decode(got[0])
+                    generations.setdefault(mn[1], {})[mn[0]] = (stored.cursor, got[1])
+                    if mn[1] != n:
+                        streams.add(stored.stream)
         except _KV_ERRORS as e:
             raise _kv_error(f"cannot read the cursors of {name!r}", e) from e
 
@@ -339,7 +343,7 @@ async def prepare(
             if not todo:
                 return None
             seed = str(state.get("seed", ""))
-            if not await _seed(kv, name, n, todo, seed, current):
+            if not await _seed(kv, name, n, todo, CursorRecord(seed), current):
                 continue
             log.info("parallel %r: seeded %d missing cursor(s) of n=%d with %r", name, len(todo), n, seed)
             return None
@@ -363,7 +367,9 @@ async def prepare(
         body = {"n": n, "seed": seed, "fresh_from": fresh_from, "from": source, "at": time.time()}
         if not await _write_record(kv, name, record, body):
             continue
-        if not await _seed(kv, name, n, todo, seed, current):
+        # The seeds count in the stream the old cursors were recorded in, when that is one stream.
+        stream = next(iter(streams)) if len(streams) == 1 else None
+        if not await _seed(kv, name, n, todo, CursorRecord(seed, stream), current):
             continue
         old = {
             shard_name(name, m, g): cursor for g, cursors in generations.items() for m, (cursor, _) in cursors.items()
@@ -431,7 +437,7 @@ async def _write_record(kv: KeyValue, name: str, record: tuple[bytes, int] | Non
 
 
 async def _seed(
-    kv: KeyValue, name: str, n: int, todo: Iterable[int], seed: str, current: Mapping[int, tuple[str, int]]
+    kv: KeyValue, name: str, n: int, todo: Iterable[int], seed: CursorRecord, current: Mapping[int, tuple[str, int]]
 ) -> bool:
     """Write ``seed`` into each shard cursor of ``todo`` (compare-and-swap); False on a lost race."""
 

@@ -1,0 +1,356 @@
+"""rjet's core promise under the operations an operator performs: never a silent skip, never a false fence.
+
+Each test runs against a real nats-server and failed before the change that made it pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pickle
+import time
+
+import pytest
+from nats.js import JetStreamContext
+
+import rjet
+from rjet.cursors import CursorRecord, encode_key
+
+
+def recording() -> tuple[list[int], rjet.Handler]:
+    seen: list[int] = []
+
+    async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        seen.append(event.id_int)
+
+    return seen, fn
+
+
+async def wait_until(cond: object, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# ----------------------------------------------------------------- events removed ahead of a reader
+
+
+async def test_retention_ahead_of_a_running_reader_is_an_error_not_a_skip(js: JetStreamContext, name: str) -> None:
+    stream = await rjet.Stream.create(js, name, max_msgs=200)
+    await stream.insert_many([("k", 1, b"")] * 100)
+    seen: list[int] = []
+    release = asyncio.Event()
+
+    async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        seen.append(event.id_int)
+        if event.id_int == 50:
+            await release.wait()  # the reader is stuck here while retention runs ahead of it
+
+    store = rjet.MemCursorStore()
+    task = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn))))
+    await wait_until(lambda: 50 in seen, what="the handler to reach event 50")
+    # 10,000 more events: the stream keeps the last 200, so events up to 9,900 are removed, most of
+    # them after what the reader has fetched.
+    for _ in range(10):
+        await stream.insert_many([("k", 1, b"")] * 1000)
+    release.set()
+    with pytest.raises(rjet.EventsRemoved) as caught:
+        await asyncio.wait_for(task, 20)
+    err = caught.value
+    assert err.certain
+    assert seen == list(range(1, err.first))  # every event before the hole, in order, and none after
+    assert 50 < err.first <= err.last < 10_100  # a hole after what the reader had fetched
+    assert int(store.cursors["c"]) == err.first - 1
+    assert isinstance(err, rjet.CursorExpired)
+    assert "rjet cursor c --set" in str(err)
+
+
+async def test_a_purge_mid_run_is_an_error_with_the_missing_range(js: JetStreamContext, name: str) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([("k", 1, b"")] * 20_000)
+    seen, fn = recording()
+
+    async def slow(fate: rjet.Fate, event: rjet.Event) -> None:
+        await fn(fate, event)
+        if event.id_int == 10:
+            await js.purge_stream(name)
+            await stream.insert_many([("k", 1, b"")] * 10)
+
+    with pytest.raises(rjet.EventsRemoved) as caught:
+        await asyncio.wait_for(rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", slow))), 20)
+    assert seen == list(range(1, caught.value.first))
+    assert caught.value.last == 20_000
+
+
+async def test_a_filtered_reader_notices_a_purge_ahead_of_it(js: JetStreamContext, name: str) -> None:
+    await rjet.Stream.create(js, name)
+    a = rjet.Stream(js, name, subject=f"{name}.a")
+    b = rjet.Stream(js, name, subject=f"{name}.b")
+    for _ in range(5):
+        await a.insert_many([("k", 1, b"")] * 2000)
+        await b.insert_many([("k", 1, b"")] * 2000)
+    only_a = rjet.Stream(js, name, filter_subjects=[f"{name}.a"])
+    seen: list[int] = []
+
+    async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        seen.append(event.id_int)
+        if len(seen) == 10:
+            await js.purge_stream(name)
+            await a.insert_many([("k", 1, b"")] * 10)
+
+    with pytest.raises(rjet.EventsRemoved) as caught:
+        await asyncio.wait_for(rjet.run(rjet.Spec(only_a.stream, rjet.MemCursorStore(), rjet.Consumer("c", fn))), 20)
+    assert not caught.value.certain
+    assert max(seen) < caught.value.first
+    assert caught.value.last >= 20_000
+
+
+async def test_a_quiet_filtered_reader_is_not_alarmed_when_retention_passes_its_position(
+    js: JetStreamContext, name: str
+) -> None:
+    await rjet.Stream.create(js, name, max_msgs=100)
+    a = rjet.Stream(js, name, subject=f"{name}.a")
+    b = rjet.Stream(js, name, subject=f"{name}.b")
+    await a.insert("k", 1)
+    only_a = rjet.Stream(js, name, filter_subjects=[f"{name}.a"])
+    seen, fn = recording()
+    task = asyncio.create_task(rjet.run(rjet.Spec(only_a.stream, rjet.MemCursorStore(), rjet.Consumer("c", fn))))
+    await wait_until(lambda: seen == [1], what="the first event")
+    await b.insert_many([("k", 1, b"")] * 1000)  # other subjects' events push the stream's start past 1
+    await asyncio.sleep(0.2)
+    last = await a.insert("k", 1)
+    await wait_until(lambda: seen == [1, last], what="the quiet subject's next event")
+    assert not task.done()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_an_unfiltered_reader_with_no_cursor_starts_at_the_first_retained_event(
+    js: JetStreamContext, name: str
+) -> None:
+    stream = await rjet.Stream.create(js, name, max_msgs=10)
+    await stream.insert_many([("k", 1, b"")] * 30)
+    seen, fn = recording()
+    with pytest.raises(rjet.HeadReached):
+        await rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", fn), to_head=True))
+    assert seen == list(range(21, 31))
+
+
+# ----------------------------------------------------------------- a stream deleted and created again
+
+
+async def test_a_recreated_stream_is_not_read_as_the_old_one(js: JetStreamContext, name: str) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([("k", 1, b"")] * 5)
+    async with await rjet.JetStreamCursorStore.create(js, name, flush_interval=0.01) as store:
+        seen, fn = recording()
+        with pytest.raises(rjet.HeadReached):
+            await rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn), to_head=True))
+        assert seen == [1, 2, 3, 4, 5]
+        record = await store.peek_record("c")
+        assert record is not None
+        assert record.stream is not None
+        assert record.stream.startswith(f"{name}@")
+        await js.delete_stream(name)
+        stream = await rjet.Stream.create(js, name)
+        await stream.insert_many([("k", 1, b"")] * 8)  # longer than the old cursor: CursorAhead cannot see it
+        with pytest.raises(rjet.StreamRecreated, match=f"rjet cursor c --namespace {name} --set beginning"):
+            await asyncio.wait_for(rjet.run_forever(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn))), 10)
+        assert seen == [1, 2, 3, 4, 5]
+
+
+async def test_a_stream_recreated_under_a_running_consumer_stops_it(js: JetStreamContext, name: str) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([("k", 1, b"")] * 3)
+    async with await rjet.JetStreamCursorStore.create(js, name, flush_interval=0.01) as store:
+        seen, fn = recording()
+        task = asyncio.create_task(rjet.run_forever(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn))))
+        await wait_until(lambda: seen == [1, 2, 3], what="the first events")
+        await asyncio.sleep(0.1)  # the cursor is flushed with the stream's identity
+        await js.delete_stream(name)
+        stream = await rjet.Stream.create(js, name)
+        await stream.insert_many([("k", 1, b"")] * 10)
+        with pytest.raises(rjet.StreamRecreated):
+            await asyncio.wait_for(task, 10)
+        assert seen == [1, 2, 3]
+
+
+# ----------------------------------------------------------------- claims
+
+
+async def test_two_runners_through_one_store_are_fenced(js: JetStreamContext, name: str) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([("k", 1, b"")] * 2000)
+    async with await rjet.JetStreamCursorStore.create(js, name, flush_interval=0.01) as store:
+        first_seen, first = recording()
+        one = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("c", first))))
+        await wait_until(lambda: first_seen, what="the first runner to start")
+        second_seen, second = recording()
+        two = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("c", second))))
+        with pytest.raises(rjet.CursorConflict, match="another runner claimed it through the same store"):
+            await asyncio.wait_for(one, 10)
+        await stream.insert("k", 1)
+        await wait_until(lambda: 2001 in second_seen, what="the second runner to reach the head")
+        assert not two.done()
+        two.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await two
+
+
+async def test_claims_and_checks_do_not_race(js: JetStreamContext, name: str) -> None:
+    async with await rjet.JetStreamCursorStore.create(js, name) as store:
+        await store.claim("c")
+        for _ in range(200):
+            checked, _ = await asyncio.gather(store.check_claim("c"), store.claim("c"))
+            assert checked
+        assert await store.check_claim("c")
+
+
+async def test_a_write_applied_but_not_acknowledged_is_settled_by_reading_back(js: JetStreamContext, name: str) -> None:
+    async with await rjet.JetStreamCursorStore.create(js, name) as store:
+        claim = await store.claim("c")
+        await claim.set_cursor("5")
+        await claim.flush()
+        # Our next write reaches the bucket but its answer never arrives: the claim's revision is stale.
+        applied = CursorRecord("6", claim.stream, claim.owner)
+        await store._kv.update(encode_key("c"), applied.encode(), last=claim.rev)
+        await claim.set_cursor("7")
+        await claim.flush()  # was: CursorConflict "two runners share this consumer name"
+        assert await store.peek("c") == "7"
+        assert await store.check_claim("c")
+
+
+async def test_losing_one_cursor_does_not_stop_the_others(js: JetStreamContext, name: str) -> None:
+    async with (
+        await rjet.JetStreamCursorStore.create(js, name) as store,
+        await rjet.JetStreamCursorStore.create(js, name) as other,
+    ):
+        a, b = await store.claim("a"), await store.claim("b")
+        await other.claim("a")
+        await a.set_cursor("1")
+        await b.set_cursor("1")
+        with pytest.raises(rjet.CursorConflict, match="cursor 'a'"):
+            await store.flush()
+        await b.set_cursor("2")
+        await b.flush()
+        assert await store.peek("b") == "2"
+        with pytest.raises(rjet.CursorConflict):
+            await a.set_cursor("3")
+
+
+async def test_a_deleted_bucket_is_named_as_such_not_as_another_runner(js: JetStreamContext, name: str) -> None:
+    store = await rjet.JetStreamCursorStore.create(js, name)
+    claim = await store.claim("c")
+    await js.delete_key_value(store.bucket)
+    assert not await store.check_claim("c")
+    with pytest.raises(rjet.CursorBucketGone, match="the bucket is gone"):
+        claim.check()
+    # Created again: the key the claim held is gone; that is not another runner either.
+    fresh = await rjet.JetStreamCursorStore.create(js, name)
+    second = await fresh.claim("c")
+    await second.set_cursor("4")
+    await second.flush()
+    third = await rjet.JetStreamCursorStore.create(js, name)
+    await js.delete_key_value(store.bucket)
+    await rjet.JetStreamCursorStore.create(js, name)
+    await second.set_cursor("5")
+    with pytest.raises(rjet.CursorBucketGone, match="vanished while this runner held it"):
+        await second.flush()
+    assert await third.get_cursor("c") == ""  # a new claim starts afresh
+
+
+async def test_a_bucket_with_a_ttl_is_refused_at_open(js: JetStreamContext, name: str) -> None:
+    await js.create_key_value(bucket=f"rjet_cursors_{name}", ttl=60)
+    with pytest.raises(rjet.CursorBucketUnusable, match="TTL of 60s"):
+        await rjet.JetStreamCursorStore.create(js, name)
+
+
+async def test_an_existing_bucket_config_is_never_changed(js: JetStreamContext, name: str) -> None:
+    kv = await js.create_key_value(bucket=f"rjet_cursors_{name}")
+    before = (await js.stream_info(f"KV_rjet_cursors_{name}")).config
+    assert not before.allow_atomic
+    async with await rjet.JetStreamCursorStore.create(js, name) as store:
+        for i in range(5):
+            await store.set_cursor(f"c{i}", "1")
+        await store.flush()  # one by one: the bucket takes no atomic batches
+        assert not store._atomic
+    after = (await js.stream_info(f"KV_rjet_cursors_{name}")).config
+    assert after == before
+    assert (await kv.get("c3")).value is not None
+
+
+async def test_run_forever_with_a_tempting_fate_is_never_fenced_by_itself(js: JetStreamContext, name: str) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([("k", 1, b"")] * 300)
+    async with await rjet.JetStreamCursorStore.create(js, name, flush_interval=0.0) as store:
+        seen, fn = recording()
+
+        async def check_often() -> None:
+            while True:
+                await store.check_claim("c")  # what a Parallel worker's fence watch does
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(check_often())
+        consumer = rjet.Consumer("c", fn, fate=rjet.RandomFate(0.1, seed=7))
+        await asyncio.wait_for(
+            rjet.run_forever(rjet.Spec(stream.stream, store, consumer, to_head=True), retry_delay=0.001), 60
+        )
+        watcher.cancel()
+        assert set(seen) == set(range(1, 301))
+
+
+# ----------------------------------------------------------------- stopping
+
+
+async def test_stop_does_not_wait_out_the_lag(stream: rjet.Stream) -> None:
+    await stream.insert("k", 1)
+    seen, fn = recording()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", fn), lag=30), stop=stop)
+    )
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    stop.set()
+    with pytest.raises(rjet.Stopped):
+        await asyncio.wait_for(task, 5)
+    assert time.monotonic() - t0 < 1.0
+    assert seen == []  # no handler call starts after stop
+
+
+def test_new_errors_survive_pickling() -> None:
+    errors = [
+        rjet.EventsRemoved("s", 3, 9, certain=False, hint="h"),
+        rjet.CursorExpired("s", 2, 10),
+        rjet.StreamRecreated("s", 4, "s@a", "s@b"),
+        rjet.CursorBucketGone("gone"),
+        rjet.CursorBucketUnusable("ttl"),
+    ]
+    for err in errors:
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err)
+        assert str(back) == str(err)
+        assert vars(back) == vars(err)
+
+
+# ----------------------------------------------------------------- limits
+
+
+async def test_an_insert_whose_headers_pass_max_payload_is_refused_before_sending(
+    nc: object, stream: rjet.Stream
+) -> None:
+    limit = stream.js._nc.max_payload
+    with pytest.raises(rjet.InvalidEvent, match="max payload"):
+        await stream.insert("k" * 100, 1, b"x" * (limit - 50))
+    assert stream.js._nc.is_connected  # was: the server closed the connection
+    assert await stream.insert("k", 1) == 1
+
+
+async def test_stream_create_refusals_stay_in_the_error_tree(js: JetStreamContext, name: str) -> None:
+    short = await rjet.Stream.create(js, name, max_age=30.0)  # was: raw ServerError 10052
+    assert (await short.info()).config.duplicate_window == 30.0
+    with pytest.raises(rjet.StreamError, match=r"refused to create it.*error 10074"):
+        await rjet.Stream.create(js, name + "_r3", num_replicas=3)
