@@ -516,9 +516,10 @@ class StreamClient:
                 sseq = int(tail[1])
                 # A jump of either sequence: _on_frame, frame by frame, finds the gap (or, for a
                 # filtered reader, decides whether the stream sequence's jump needs checking).
-                if cseq != self._cseq + run + 1 or (sseq != self._last + run + 1 and (not filtered or run or (
-                    self._prev_pending or self._blind
-                ))):  # fmt: skip
+                jumped = sseq != self._last + run + 1
+                if cseq != self._cseq + run + 1 or (
+                    jumped and (not filtered or run or self._prev_pending or self._blind)
+                ):
                     self._in_bytes = held
                     return self._one_by_one(buf, start, stop + 2)
                 if last is not None:
@@ -865,7 +866,7 @@ class StreamClient:
             if self._filtered:
                 self._verified = self._last
         else:
-            if self._expect_id and self.stream_id and self._expect_id != self.stream_id and self._after:
+            if self._expect_id and self._after and self._expect_id != self.stream_id:
                 raise StreamRecreated(self.stream, self._after, self._expect_id, self.stream_id)
             self._check_cursor(state, self._after)
             if not self._after and state.first_seq > 1:

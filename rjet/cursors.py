@@ -188,7 +188,7 @@ class _Claim:
     else's; ``rev`` is the revision of the last record this claim wrote (the next compare-and-swap).
     """
 
-    __slots__ = ("_store", "cursor", "key", "lost", "lost_event", "name", "owner", "rev", "stream")
+    __slots__ = ("_store", "cursor", "key", "lost", "lost_event", "name", "owner", "released", "rev", "stream")
 
     def __init__(self, store: JetStreamCursorStore, name: str, owner: str, rev: int, record: CursorRecord) -> None:
         self._store = store
@@ -200,11 +200,13 @@ class _Claim:
         self.stream = record.stream  # the identity of the stream the cursor counts in, when known
         self.lost: RjetError | None = None
         self.lost_event = asyncio.Event()
+        self.released = False
 
     def lose(self, err: RjetError) -> None:
         if self.lost is None:
             self.lost = err
             self.lost_event.set()
+            self._store._lost.set()
 
     def check(self) -> None:
         if self.lost is not None:
@@ -212,9 +214,14 @@ class _Claim:
 
     async def set_cursor(self, cursor: str) -> None:
         """Buffer ``cursor``; written by the store's next flush as a compare-and-swap of this claim."""
-        if self.lost is not None or self._store._closed:
-            self._store._check_claim_usable(self)
-        self._store._buffer(self.name, self, cursor)
+        store = self._store
+        if self.lost is not None or self.released or store._closed:
+            store._check_open()
+            self.check()
+            raise CursorStoreError(f"cursor {self.name!r}: this claim was released; claim the cursor again")
+        store._dirty[self.name] = cursor
+        if store._flusher is None:
+            store._start_flusher()
 
     async def flush(self) -> None:
         """Write this claim's buffered cursor now; raises this claim's failure (not another cursor's)."""
@@ -230,6 +237,7 @@ class _Claim:
             if self.lost is None:
                 await self.flush()
         finally:
+            self.released = True
             if self._store._claims.get(self.name) is self:
                 del self._store._claims[self.name]
 
@@ -262,10 +270,14 @@ class JetStreamCursorStore:
         self.flush_interval = flush_interval
         self._kv = kv
         self._claims: dict[str, _Claim] = {}  # name -> the claim this store holds on it now
-        self._dirty: dict[str, tuple[_Claim | None, str]] = {}  # name -> (the claim it was set under, cursor)
+        # name -> cursor to write, under this store's claim on the name (or, with none, a plain put).
+        # A new claim drops what an older one left, so a cursor is never written under a claim it
+        # was not set under.
+        self._dirty: dict[str, str] = {}
         self._written: dict[str, str] = {}  # name -> the cursor this store last read or wrote
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()  # some claim of this store was lost
         self._closed = False
         self._atomic = False  # the bucket takes atomic batches: a flush of many cursors is one request
         self._owner = _owner_token()  # for writes without a claim (rjet cursor --set)
@@ -358,6 +370,7 @@ class JetStreamCursorStore:
                         )
                     )
                 self._claims[name] = claim
+                self._dirty.pop(name, None)  # set under the older claim meanwhile: not ours to write
                 self._written[name] = record.cursor
                 return claim
         raise CursorConflict(name, "another runner keeps claiming this cursor; two runners share the name")
@@ -426,17 +439,17 @@ class JetStreamCursorStore:
 
     async def set_cursor(self, name: str, cursor: str) -> None:
         """Buffer ``cursor`` for ``name`` (under this store's claim on it, if any); written by the next flush."""
-        claim = self._claims.get(name)
-        if self._closed or (claim is not None and claim.lost is not None):
+        if self._closed:
             self._check_open()
-            assert claim is not None
+        claim = self._claims.get(name)
+        if claim is not None and claim.lost is not None:
             claim.check()
-        self._buffer(name, claim, cursor)
-
-    def _buffer(self, name: str, claim: _Claim | None, cursor: str) -> None:
-        self._dirty[name] = (claim, cursor)
+        self._dirty[name] = cursor
         if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_later())
+            self._start_flusher()
+
+    def _start_flusher(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_later())
 
     async def flush(self) -> None:
         """Write every buffered cursor now; raises the first failure (the other cursors are written)."""
@@ -451,13 +464,12 @@ class JetStreamCursorStore:
         """Write the buffered cursors of ``names`` (all when None). A claim whose write failed is lost
         (its run stops); raises the first failure among ``raise_for`` (any when None)."""
         if names is None:
-            batch, self._dirty = self._dirty, {}
+            dirty, self._dirty = self._dirty, {}
         else:
-            batch = {n: self._dirty.pop(n) for n in names if n in self._dirty}
-        # A cursor set under a claim that is no longer this store's claim on it is not written.
-        for n, (claim, _) in list(batch.items()):
-            if claim is not None and (claim.lost is not None or self._claims.get(n) is not claim):
-                del batch[n]
+            dirty = {n: self._dirty.pop(n) for n in names if n in self._dirty}
+        claims = self._claims
+        # A lost claim writes nothing more.
+        batch = {n: (c, cursor) for n, cursor in dirty.items() if (c := claims.get(n)) is None or c.lost is None}
         if not batch:
             return
         try:
@@ -470,8 +482,8 @@ class JetStreamCursorStore:
                 *(self._write(name, claim, cursor) for name, (claim, cursor) in batch.items()), return_exceptions=True
             )
         except BaseException:  # cancelled mid-write: keep every cursor for the next flush
-            for name, item in batch.items():
-                self._dirty.setdefault(name, item)
+            for name, (_, cursor) in batch.items():
+                self._dirty.setdefault(name, cursor)
             raise
         self.flushes += 1
         first: BaseException | None = None
@@ -479,7 +491,7 @@ class JetStreamCursorStore:
             if err is None:
                 continue
             if not isinstance(err, CursorConflict | CursorBucketGone):
-                self._dirty.setdefault(name, (claim, cursor))  # a failed write is tried again
+                self._dirty.setdefault(name, cursor)  # a failed write is tried again
             if claim is not None and isinstance(err, RjetError):
                 claim.lose(err)
             if first is None and (raise_for is None or name in raise_for):
@@ -614,20 +626,8 @@ class JetStreamCursorStore:
             self._flusher = None
 
     async def wait_failed(self) -> None:
-        """Return once any claim of this store is lost (kept for callers of rjet 0.1; ``run`` waits on its claim)."""
-        while True:
-            lost = [c for c in self._claims.values() if c.lost is not None]
-            if lost:
-                return
-            waits = [asyncio.ensure_future(c.lost_event.wait()) for c in self._claims.values()]
-            if not waits:
-                await asyncio.sleep(self.flush_interval or 0.1)
-                continue
-            try:
-                await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
+        """Return once any claim of this store is lost (``run`` waits on its own claim instead)."""
+        await self._lost.wait()
 
     # ----------------------------------------------------------------- errors
 
@@ -675,12 +675,6 @@ class JetStreamCursorStore:
     def _check_open(self) -> None:
         if self._closed:
             raise CursorStoreError(f"cursor bucket {self.bucket!r}: the store is closed")
-
-    def _check_claim_usable(self, claim: _Claim) -> None:
-        self._check_open()
-        claim.check()
-        if self._claims.get(claim.name) is not claim:
-            raise CursorConflict(claim.name, "this claim was released; claim the cursor again")
 
     def _store_error(self, what: str, err: BaseException) -> CursorStoreError:
         if isinstance(err, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):

@@ -123,7 +123,7 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
         # run now, not when the next event arrives: closing the client ends recv(); and no handler
         # call starts once either happened.
         halt = asyncio.Event()
-        waits: list[Callable[[], Awaitable[object]]] = [w for w in (claim.wait_lost, stop and stop.wait) if w]
+        waits: list[Callable[[], Awaitable[object]]] = [claim.wait_lost, *([stop.wait] if stop else [])]
         guard = asyncio.create_task(_close_when(waits, client, halt))
         try:
             consumer = spec.consumer
@@ -229,15 +229,18 @@ class _Claim(Protocol):
 class _PlainClaim:
     """A :class:`CursorStore` without claims, seen through the claim interface."""
 
-    __slots__ = ("_name", "_store", "cursor", "set_cursor", "stream", "wait_lost")
+    __slots__ = ("_store", "cursor", "set_cursor", "stream")
 
     def __init__(self, store: CursorStore, name: str, cursor: str) -> None:
         self._store = store
-        self._name = name
         self.cursor = cursor
         self.stream: str | None = None
         self.set_cursor = functools.partial(store.set_cursor, name)
-        self.wait_lost: Callable[[], Awaitable[object]] | None = getattr(store, "wait_failed", None)
+
+    async def wait_lost(self) -> None:
+        # A store that can fail in the background says so (rjet 0.1's protocol); others never do.
+        wait = getattr(self._store, "wait_failed", None)
+        await (wait() if wait is not None else asyncio.get_running_loop().create_future())
 
     async def release(self) -> None:
         await self._store.flush()
@@ -249,8 +252,7 @@ class _PlainClaim:
 async def _claim(store: CursorStore, name: str) -> _Claim:
     if isinstance(store, JetStreamCursorStore):
         return await store.claim(name)
-    claim = _PlainClaim(store, name, await store.get_cursor(name))
-    return claim  # type: ignore[return-value]
+    return _PlainClaim(store, name, await store.get_cursor(name))
 
 
 async def _open(spec: Spec, claim: _Claim, cursor: str, name: str, store: CursorStore) -> StreamClientLike:
@@ -332,8 +334,6 @@ async def _bury(dead_letter: DeadLetter, record: DeadLetterRecord, error: Except
 async def _close_when(
     waits: list[Callable[[], Awaitable[object]]], client: StreamClientLike, halt: asyncio.Event
 ) -> None:
-    if not waits:
-        return
     tasks = [asyncio.ensure_future(w()) for w in waits]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
