@@ -36,6 +36,7 @@ from nats.js import api
 from nats.nuid import NUID
 from xxhash import xxh3_64_intdigest
 
+from rjet._denials import denials, starts
 from rjet._wire import FastParser, fast_parser
 from rjet.errors import (
     ConfigError,
@@ -45,6 +46,7 @@ from rjet.errors import (
     DecodeError,
     EventsRemoved,
     HeadReached,
+    PermissionDenied,
     RjetError,
     Stopped,
     StreamNotFound,
@@ -73,7 +75,7 @@ _TOO_BIG: Final = b" Message Size Exceeds MaxBytes\r\n"  # a 409: the next messa
 _COMPLETED: Final = b" Batch Completed\r\n"  # a 409: a request with max_bytes got its whole batch
 _TYPE_KEY: Final = b"\r\n" + TYPE_HEADER.encode() + b":"
 _FOREIGN_ID_KEY: Final = b"\r\n" + FOREIGN_ID_HEADER.encode() + b":"
-_FINAL_ERRORS: Final = (StreamNotFound, StreamRecreated, CursorExpired, CursorAhead)
+_FINAL_ERRORS: Final = (StreamNotFound, StreamRecreated, CursorExpired, CursorAhead, PermissionDenied)
 _ALL: Final = 1 << 62  # "every sequence is verified", for readers without subject filters
 _PERCENT: Final = ord("%")  # `int in bytes` is a memchr; `b"%" in bytes` costs ~8 times as much
 
@@ -294,6 +296,8 @@ class StreamClient:
         self._prev_pending = 0  # the server's pending count at the last frame (filtered readers)
         self._blind = False  # a moment without an open pull request since the last frame
         self._verifying: asyncio.Task[None] | None = None
+        self._denials = denials(self._nc)
+        self._unwatch: Callable[[], None] | None = None
         self._head = 0
         self._caught_up = False
         self._key_filter: Callable[[str], bool] | None = None
@@ -815,7 +819,10 @@ class StreamClient:
 
     async def _stream_info(self) -> api.StreamInfo:
         try:
-            return await self._js.stream_info(self.stream)
+            api_prefix = self._js._prefix
+            return await self._denials.guard(
+                starts(f"{api_prefix}.STREAM.INFO.{self.stream}"), self._js.stream_info(self.stream)
+            )
         except nats.js.errors.NotFoundError:
             raise StreamNotFound(self.stream) from None
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
@@ -849,7 +856,9 @@ class StreamClient:
             config.filter_subject = self._filters[0]
         elif self._filters:
             config.filter_subjects = list(self._filters)
-        info = await self._js.add_consumer(self.stream, config)
+        info = await self._denials.guard(
+            starts(f"{self._js._prefix}.CONSUMER.CREATE.{self.stream}"), self._js.add_consumer(self.stream, config)
+        )
         if info.num_pending == 0:
             self._caught_up = True
         self._server_pending = info.num_pending or 0
@@ -875,6 +884,10 @@ class StreamClient:
                 if self._filtered:
                     self._verified = self._last
         self._head = state.last_seq
+        # Pull requests and deliveries are not requests: a refusal of either ends the client at once.
+        self._unwatch = self._denials.watch(
+            starts(f"{self._js._prefix}.CONSUMER.MSG.NEXT.{self.stream}.", self._inbox), self._fail
+        )
         self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_msg)
         self._sid = self._sub._id
         self._parser = fast_parser(self._nc) if self._cfg.fast_lane else None
@@ -932,6 +945,8 @@ class StreamClient:
         if self._closed:
             return
         self._closed = True
+        if self._unwatch is not None:
+            self._unwatch()
         self._buf.clear()  # nothing more is delivered; the next reader reads these again
         self._skipped = 0  # passed over after the frames just dropped: not a place for a cursor now
         tasks = [t for t in (self._watchdog, self._recovery, self._pulling, self._verifying) if t is not None]

@@ -24,6 +24,7 @@ import nats.js.errors
 from nats.js import api
 from nats.nuid import NUID
 
+from rjet._denials import Match, denials
 from rjet._publish import ack_seq
 from rjet.errors import (
     ConfigError,
@@ -31,6 +32,7 @@ from rjet.errors import (
     CursorBucketUnusable,
     CursorConflict,
     CursorStoreError,
+    PermissionDenied,
     RjetError,
 )
 
@@ -281,6 +283,8 @@ class JetStreamCursorStore:
         self._closed = False
         self._atomic = False  # the bucket takes atomic batches: a flush of many cursors is one request
         self._owner = _owner_token()  # for writes without a claim (rjet cursor --set)
+        self._guard = denials(kv._js._nc).guard
+        self._match = _bucket_match(self.bucket)
         self.flushes = 0
 
     @classmethod
@@ -298,15 +302,17 @@ class JetStreamCursorStore:
             raise ConfigError(f"flush_interval must be >= 0, not {flush_interval}")
         bucket = _BUCKET_PREFIX + namespace
         created = False
+        guard, match = denials(js._nc).guard, _bucket_match(bucket)
         try:
             try:
-                kv = await js.key_value(bucket)
+                kv = await guard(match, js.key_value(bucket))
             except nats.js.errors.BucketNotFoundError:
-                kv = await js.create_key_value(
-                    bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=replicas
+                kv = await guard(
+                    match,
+                    js.create_key_value(bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=replicas),
                 )
                 created = True
-            info = await js.stream_info(f"KV_{bucket}")
+            info = await guard(match, js.stream_info(f"KV_{bucket}"))
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             raise CursorStoreError(
                 f"cursor bucket {bucket!r}: JetStream is not enabled on the server (nats-server -js)"
@@ -600,7 +606,9 @@ class JetStreamCursorStore:
 
         task.add_done_callback(record)
         try:
-            ack = await asyncio.shield(task)
+            ack = await self._guard(self._match, asyncio.shield(task))
+        except PermissionDenied:
+            return False  # written one by one, each refusal then ends its own claim
         except _GONE_ERRORS as e:
             raise await self._gone(items[0][0], e) from None
         except _STORE_ERRORS as e:
@@ -610,8 +618,9 @@ class JetStreamCursorStore:
 
     async def _shielded(self, write: Awaitable[int]) -> int:
         # If the caller is cancelled mid-write, the write still completes; the revision it returns is
-        # not recorded, but the next write settles that by reading its own record back.
-        return await asyncio.shield(asyncio.ensure_future(write))
+        # not recorded, but the next write settles that by reading its own record back. A refused
+        # write (PermissionDenied) is known not to be applied.
+        return await self._guard(self._match, asyncio.shield(asyncio.ensure_future(write)))
 
     async def _flush_later(self) -> None:
         try:
@@ -640,7 +649,7 @@ class JetStreamCursorStore:
         """(value, revision) of ``key``: value None for a delete marker (whose revision a create must
         name); None when there is nothing."""
         try:
-            entry = await self._kv.get(key)
+            entry = await self._guard(self._match, self._kv.get(key))
         except nats.js.errors.KeyNotFoundError as e:
             marker = getattr(getattr(e, "entry", None), "revision", None)
             return (None, marker) if marker else None
@@ -652,7 +661,7 @@ class JetStreamCursorStore:
     async def _gone(self, name: str, cause: BaseException | None = None) -> CursorStoreError:
         """The error for a cursor whose key is missing: the bucket is gone, unusable, or was emptied."""
         try:
-            info = await self._kv._js.stream_info(self._kv._stream)
+            info = await self._guard(self._match, self._kv._js.stream_info(self._kv._stream))
         except nats.js.errors.NotFoundError:
             return CursorBucketGone(
                 f"cursor bucket {self.bucket!r}: cursor {name!r}: the bucket is gone (deleted while in use);"
@@ -701,6 +710,23 @@ class JetStreamCursorStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def _bucket_match(bucket: str) -> Match:
+    """Subjects of a bucket's reads and writes (``$KV.<bucket>.<key>``, and the API subjects of
+    stream ``KV_<bucket>``: info, direct and message gets)."""
+    stream, writes = f"KV_{bucket}", f"$KV.{bucket}."
+    low_stream, low_writes = stream.lower(), writes.lower()
+
+    def match(reported: str) -> str | None:
+        if reported.startswith(low_writes):
+            return writes + reported[len(writes) :]
+        head, dot, tail = reported.partition(f".{low_stream}")
+        if dot and (not tail or tail.startswith(".")):
+            return head.upper() + f".{stream}" + tail  # $JS.API.<OP...>.KV_<bucket>[.<subject>]
+        return None
+
+    return match
 
 
 def _owner_token() -> str:

@@ -52,23 +52,39 @@ class DeadLetterRecord:
     attempts: int
     at: datetime
 
-    def to_json(self) -> bytes:
-        """The record as JSON, the event's metadata base64-encoded."""
+    def to_json(self, max_size: int | None = None) -> bytes:
+        """The record as JSON, the event's metadata base64-encoded.
+
+        With ``max_size``, a record that would be larger leaves the metadata out
+        (``"metadata": null, "metadata_omitted": <its size>``: the original is still in ``stream`` at
+        sequence ``event_id``) and, if that is not enough, cuts the error message, so that a record
+        always fits where it is stored.
+        """
         e = self.event
-        return json.dumps(
-            {
-                "consumer": self.consumer,
-                "stream": self.stream,
-                "event_id": self.event_id,
-                "type": e.type if e else None,
-                "foreign_id": e.foreign_id if e else None,
-                "timestamp": e.timestamp.isoformat() if e else None,
-                "metadata": base64.b64encode(e.metadata).decode() if e else None,
-                "error": self.error,
-                "attempts": self.attempts,
-                "at": self.at.isoformat(),
-            }
-        ).encode()
+        body: dict[str, Any] = {
+            "consumer": self.consumer,
+            "stream": self.stream,
+            "event_id": self.event_id,
+            "type": e.type if e else None,
+            "foreign_id": e.foreign_id if e else None,
+            "timestamp": e.timestamp.isoformat() if e else None,
+            "metadata": base64.b64encode(e.metadata).decode() if e else None,
+            "error": self.error,
+            "attempts": self.attempts,
+            "at": self.at.isoformat(),
+        }
+        out = json.dumps(body).encode()
+        if max_size is None or len(out) <= max_size:
+            return out
+        if e is not None:
+            body["metadata"] = None
+            body["metadata_omitted"] = len(e.metadata)
+            out = json.dumps(body).encode()
+        if len(out) > max_size:
+            over = len(out) - max_size + len(" [cut]")
+            body["error"] = self.error[: max(0, len(self.error) - over)] + " [cut]"
+            out = json.dumps(body).encode()
+        return out
 
 
 DeadLetterSink: TypeAlias = Callable[[DeadLetterRecord], Awaitable[None]]
@@ -119,9 +135,14 @@ class DeadLetterStream:
 
     async def __call__(self, record: DeadLetterRecord) -> None:
         """Store ``record``; raises when the stream does not acknowledge it."""
+        from rjet.event import encode_header_block
+
         fid = record.event.foreign_id if record.event else f"{record.stream}:{record.event_id}"
         typ = record.event.type if record.event else 0
-        await self.stream.insert(fid, typ, record.to_json(), msg_id=f"{record.consumer}:{record.event_id}")
+        msg_id = f"{record.consumer}:{record.event_id}"
+        # The record must fit a message whatever the event's size, or the consumer could never move on.
+        room = self.stream.js._nc.max_payload - len(encode_header_block(fid, typ, msg_id))
+        await self.stream.insert(fid, typ, record.to_json(room), msg_id=msg_id)
         self.recorded += 1
 
 

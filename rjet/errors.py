@@ -9,6 +9,7 @@
     ├── ConfigError            wrong arguments or configuration (also a ValueError)
     │   └── InvalidEvent       an event rjet refuses to insert (also a ValueError)
     ├── ConnectError           no NATS server could be reached
+    ├── PermissionDenied       the server refused a publish or subscription (names the subject)
     ├── StreamError            something about a JetStream stream
     │   ├── StreamNotFound
     │   ├── StreamConfigMismatch
@@ -51,6 +52,7 @@ __all__ = [
     "InsertError",
     "InvalidCursor",
     "InvalidEvent",
+    "PermissionDenied",
     "RjetError",
     "Stopped",
     "StreamConfigMismatch",
@@ -93,6 +95,25 @@ class InvalidEvent(ConfigError):
 
 class ConnectError(RjetError, ConnectionError):
     """No NATS server could be reached."""
+
+
+class PermissionDenied(RjetError):
+    """The server refused a publish or a subscription: the user lacks that permission.
+
+    ``operation`` is ``"publish"`` or ``"subscription"``, ``subject`` the refused subject. See
+    docs/reliability.md for the permissions a consumer, an inserter and a Parallel group need.
+    """
+
+    def __init__(self, operation: str, subject: str) -> None:
+        super().__init__(
+            f"permission denied: the server refused {operation} to {subject!r}; grant it to this user"
+            " (docs/reliability.md lists what rjet needs)"
+        )
+        self.operation = operation
+        self.subject = subject
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.operation, self.subject))
 
 
 class StreamError(RjetError):

@@ -27,6 +27,7 @@ from rjet.errors import (
     EventsRemoved,
     HeadReached,
     InvalidCursor,
+    PermissionDenied,
     Stopped,
     StreamRecreated,
     Tempted,
@@ -43,7 +44,7 @@ log = logging.getLogger("rjet.run")
 _YIELD_EVERY: Final = 0.01  # seconds of back-to-back events before run yields to the event loop
 
 # Errors that do not go away by retrying; run_forever raises them instead of looping.
-_PERMANENT = (CursorConflict, CursorExpired, CursorAhead, StreamRecreated, InvalidCursor, ConfigError)
+_PERMANENT = (CursorConflict, CursorExpired, CursorAhead, StreamRecreated, InvalidCursor, ConfigError, PermissionDenied)
 
 
 class StreamClientLike(Protocol):

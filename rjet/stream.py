@@ -19,6 +19,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from rjet._denials import denials, starts
 from rjet._publish import Outgoing, ack_error, ack_seq, publish_many
 from rjet._reader import ReadConfig, StreamClient
 from rjet.errors import (
@@ -219,7 +220,9 @@ class Stream:
     async def info(self) -> api.StreamInfo:
         """The stream's current info (config and state); :class:`StreamNotFound` when it is gone."""
         try:
-            info = await self.js.stream_info(self.name)
+            info = await denials(self._nc).guard(
+                starts(f"{self.js._prefix}.STREAM.INFO.{self.name}"), self.js.stream_info(self.name)
+            )
         except nats.js.errors.NotFoundError:
             raise StreamNotFound(self.name) from None
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
@@ -247,7 +250,9 @@ class Stream:
         if self._partitions is not None:
             subject = self._partitions.subject(subject, foreign_id)
         try:
-            msg = await self._nc.request(subject, data, timeout=self.js._timeout, headers=headers)
+            msg = await denials(self._nc).guard(
+                starts(subject), self._nc.request(subject, data, timeout=self.js._timeout, headers=headers)
+            )
         except nats.errors.MaxPayloadError:
             raise self._too_large(0, foreign_id, data) from None
         except nats.errors.NoRespondersError:
@@ -291,8 +296,9 @@ class Stream:
         if not items:
             return []
         try:
-            return await publish_many(
-                self._nc, self.name, outgoing, [fid for fid, _, _ in items], timeout or self.js._timeout
+            return await denials(self._nc).guard(
+                starts(prefix),
+                publish_many(self._nc, self.name, outgoing, [fid for fid, _, _ in items], timeout or self.js._timeout),
             )
         except nats.errors.ConnectionClosedError:
             raise InsertError(self.name, 0, items[0][0], "the NATS connection is closed") from None

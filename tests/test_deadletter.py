@@ -151,3 +151,39 @@ def test_policy_validation() -> None:
         rjet.DeadLetter("nope")  # type: ignore[arg-type]
     with pytest.raises(rjet.ConfigError, match="dead_letter"):
         rjet.Consumer("c", lambda f, e: None, dead_letter=sink)  # type: ignore[arg-type]
+
+
+async def test_a_poison_event_too_large_to_embed_is_recorded_by_reference(
+    js: JetStreamContext, stream: rjet.Stream
+) -> None:
+    big = b"x" * int(js._nc.max_payload * 0.8)  # base64 makes it larger than a message may be
+    await stream.insert_many([("ok", 1, b""), ("poison", 1, big), ("after", 1, b"")])
+    handled: list[str] = []
+
+    def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        if event.foreign_id == "poison":
+            raise ValueError("never")
+        handled.append(event.foreign_id)
+
+    dlq = await rjet.DeadLetterStream.create(js, f"{stream.name}_dlq")
+    consumer = rjet.Consumer("c", fn, dead_letter=rjet.DeadLetter(dlq, attempts=1))
+    await run_to_head(rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer, to_head=True))
+    assert handled == ["ok", "after"]  # was: stuck for ever on the poison event
+    async with await dlq.stream.stream(to_head=True) as client:
+        [letter] = [e async for e in client]
+    record = json.loads(letter.metadata)
+    assert record["metadata"] is None
+    assert record["metadata_omitted"] == len(big)
+    assert (record["stream"], record["event_id"]) == (stream.name, "2")
+
+
+def test_a_record_cut_to_size_keeps_its_reference_and_fits() -> None:
+    from datetime import UTC, datetime
+
+    record = rjet.DeadLetterRecord("c", "s", "7", None, "E" * 5000, 3, datetime.now(UTC))
+    out = record.to_json(1000)
+    assert len(out) <= 1000
+    body = json.loads(out)
+    assert body["event_id"] == "7"
+    assert body["error"].endswith(" [cut]")
+    assert json.loads(record.to_json())["error"] == "E" * 5000

@@ -79,6 +79,14 @@ class ParallelOptions:
     - ``stop_timeout``: how long a graceful stop waits for handlers in flight before killing workers.
     - ``heartbeat_interval``, ``heartbeat_ttl``: how often each shard's liveness is written to the
       cursor bucket, and how old it may be before the shard counts as not running (resharding).
+
+    Where it runs:
+
+    - ``cursor_replicas``: replicas of the cursor bucket when this group creates it; default the
+      stream's replica count (a cluster that keeps the events keeps their cursors too). An existing
+      bucket is used as it is (a warning says so when it has fewer replicas than the stream).
+    - ``js_domain``, ``js_api_prefix``: the JetStream domain (leaf nodes) or API prefix (an account's
+      JetStream imported under another prefix) that the group and its workers talk to.
     """
 
     shards: Sequence[int] | None = None
@@ -100,6 +108,9 @@ class ParallelOptions:
     stop_timeout: float = 30.0
     heartbeat_interval: float = 2.0
     heartbeat_ttl: float = 10.0
+    cursor_replicas: int | None = None
+    js_domain: str | None = None
+    js_api_prefix: str | None = None
 
     def __post_init__(self) -> None:
         if self.types is not None:
@@ -133,6 +144,14 @@ class ParallelOptions:
             raise ConfigError(f"Parallel: filter {self.filter!r} is not callable")
         if self.on_start is not None and not callable(self.on_start):
             raise ConfigError(f"Parallel: on_start {self.on_start!r} is not callable")
+        if self.cursor_replicas is not None and (
+            isinstance(self.cursor_replicas, bool)
+            or not isinstance(self.cursor_replicas, int)
+            or self.cursor_replicas < 1
+        ):
+            raise ConfigError(f"Parallel: cursor_replicas must be an int >= 1, not {self.cursor_replicas!r}")
+        if self.js_domain is not None and self.js_api_prefix is not None:
+            raise ConfigError("Parallel: give js_domain or js_api_prefix, not both")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -403,14 +422,21 @@ class Parallel:
             retry_delay=o.retry_delay,
             max_backoff=o.max_backoff,
             to_head=to_head,
+            js_options=self._js_options(),
             log_level=level,
             fence_interval=max(0.2, min(o.flush_interval, o.heartbeat_interval)),
         )
 
+    def _js_options(self) -> tuple[tuple[str, str], ...]:
+        o = self.options
+        if o.js_domain is not None:
+            return (("domain", o.js_domain),)
+        return (("prefix", o.js_api_prefix),) if o.js_api_prefix is not None else ()
+
     async def _run(self, nc: Client, to_head: bool, handle_signals: bool) -> Summary:
-        js = nc.jetstream()
+        js = nc.jetstream(**dict(self._js_options()))
         stream = Stream(js, self.stream)
-        await stream.info()
+        info = await stream.info()
         if stream.partitions is not None and not stream.partitions.divides(self.n):
             log.warning(
                 "parallel %r: stream %r has %d partitions, which %d shards cannot split; every shard reads"
@@ -419,8 +445,16 @@ class Parallel:
                 self.name, self.stream, stream.partitions.count, self.n,
                 ", ".join(map(str, stream.partitions.shard_counts()[:16])),
             )  # fmt: skip
-        store = await JetStreamCursorStore.create(js, self.namespace)
         o = self.options
+        replicas = o.cursor_replicas or info.config.num_replicas or 1
+        store = await JetStreamCursorStore.create(js, self.namespace, replicas=replicas)
+        bucket = await js.stream_info(f"KV_{store.bucket}")
+        if (bucket.config.num_replicas or 1) < (info.config.num_replicas or 1):
+            log.warning(
+                "parallel %r: cursor bucket %r has %d replica(s), fewer than stream %r's %d: losing a node"
+                " can stop every cursor write",
+                self.name, store.bucket, bucket.config.num_replicas or 1, self.stream, info.config.num_replicas,
+            )  # fmt: skip
         group = uuid.uuid4().hex
         beats = Heartbeats(
             store._kv, self.name, self.n, self.shards, group, interval=o.heartbeat_interval, ttl=o.heartbeat_ttl

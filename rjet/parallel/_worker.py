@@ -88,6 +88,7 @@ class WorkerConfig:
     retry_delay: float = 0.1
     max_backoff: float = 60.0
     to_head: bool = False
+    js_options: tuple[tuple[str, str], ...] = ()  # nc.jetstream(...)'s domain or prefix
     log_level: int = logging.WARNING
     report_interval: float = 0.25
     fence_interval: float = 1.0
@@ -218,7 +219,7 @@ class _Worker:
         nc = await connect(list(cfg.servers), **connect_options(cfg.connect_options))
         helpers: list[asyncio.Task[None]] = []
         try:
-            js = nc.jetstream()
+            js = nc.jetstream(**dict(cfg.js_options))
             store = self.store = await JetStreamCursorStore.create(js, cfg.namespace, flush_interval=cfg.flush_interval)
             stream = Stream(js, cfg.stream, read=cfg.read)
             view = await stream.shard(cfg.m, cfg.n)

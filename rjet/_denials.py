@@ -1,0 +1,116 @@
+"""Permission violations, told promptly to the call that caused them.
+
+nats-server answers a publish or subscription the user may not make with ``-ERR 'Permissions
+Violation for Publish to "<subject>"'``, and nothing else: a request then waits out its whole
+timeout (5 s) and ends as a bare timeout, saying nothing of permissions. nats-py hands the
+``-ERR`` to the connection's error callback; :func:`denials` chains onto that callback once per
+connection, and :meth:`Denials.guard` races a call against the violations of the subjects it uses,
+so the call fails at once with :class:`rjet.PermissionDenied` naming the subject.
+
+nats-py lower-cases the ``-ERR`` text, so a match compares lower-cased subjects and gives back the
+subject as the caller spelled the part it knows (the prefix); the rest stays as reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final, TypeVar
+
+from rjet.errors import PermissionDenied
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+__all__ = ["Denials", "denials", "starts"]
+
+_VIOLATION: Final = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.IGNORECASE)
+_T = TypeVar("_T")
+Match = Callable[[str], str | None]
+"""``match(reported)``: the subject as the caller spells it, when ``reported`` (lower-cased) is one of its."""
+
+
+class Denials:
+    """The permission violations of one connection, matched to who waits on them."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[int, tuple[Match, Callable[[PermissionDenied], None]]] = {}
+        self._next = 0
+
+    def on_error(self, err: BaseException) -> None:
+        found = _VIOLATION.search(str(err))
+        if found is None:
+            return
+        op, reported = found.group(1).lower(), found.group(2).lower()
+        for match, callback in list(self._watchers.values()):
+            subject = match(reported)
+            if subject is not None:
+                callback(PermissionDenied(op, subject))
+
+    def watch(self, match: Match, callback: Callable[[PermissionDenied], None]) -> Callable[[], None]:
+        """Call ``callback`` for every violation whose subject ``match`` accepts; returns the unwatch."""
+        key = self._next
+        self._next += 1
+        self._watchers[key] = (match, callback)
+
+        def unwatch() -> None:
+            self._watchers.pop(key, None)
+
+        return unwatch
+
+    async def guard(self, match: Match, call: Awaitable[_T]) -> _T:
+        """``await call``, or :class:`rjet.PermissionDenied` as soon as the server refuses one of its
+        subjects (``match``); the call itself is then cancelled."""
+        denied: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+
+        def on_denied(err: PermissionDenied) -> None:
+            if not denied.done():
+                denied.set_exception(err)
+
+        unwatch = self.watch(match, on_denied)
+        task: asyncio.Future[_T] = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait({task, denied}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            task.cancel()
+            return denied.result()  # raises: it holds the PermissionDenied
+        finally:
+            unwatch()
+            if not denied.done():
+                denied.cancel()
+            elif not denied.cancelled():
+                denied.exception()  # retrieved: no "exception was never retrieved" warning
+            if not task.done():
+                task.cancel()
+
+
+def denials(nc: Client) -> Denials:
+    """The connection's :class:`Denials`, chained onto its error callback on first use (and kept on
+    the connection, so it lives and dies with it)."""
+    found: Denials | None = getattr(nc, "_rjet_denials", None)
+    if found is None:
+        found = Denials()
+        nc._rjet_denials = found  # type: ignore[attr-defined]
+        previous = nc._error_cb
+
+        async def error_cb(err: Exception) -> None:
+            found.on_error(err)
+            await previous(err)
+
+        nc._error_cb = error_cb
+    return found
+
+
+def starts(*prefixes: str) -> Match:
+    """A match for subjects that start with any of ``prefixes``."""
+    lowered = [(p.lower(), p) for p in prefixes]
+
+    def match(reported: str) -> str | None:
+        for low, prefix in lowered:
+            if reported.startswith(low):
+                return prefix + reported[len(low) :]
+        return None
+
+    return match
