@@ -286,6 +286,7 @@ class JetStreamCursorStore:
         self._guard = denials(kv._js._nc).guard
         self._match = _bucket_match(self.bucket)
         self.flushes = 0
+        self.settled = 0  # writes whose failure or lost answer a read-back showed to be this store's own
 
     @classmethod
     async def create(
@@ -541,6 +542,7 @@ class JetStreamCursorStore:
                     " name; this one stops",
                 )
             # Our own record: an earlier write of this claim was applied although its answer was lost.
+            self.settled += 1
             claim.rev = max(claim.rev, back[1])
             if stored == record:
                 self._wrote(name, claim, back[1], cursor)

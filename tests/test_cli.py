@@ -314,7 +314,7 @@ def test_missing_stream_is_one_line(server: EmbeddedServer, args: list[str]) -> 
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("fate", ["0", "0.005"])
+@pytest.mark.parametrize("fate", ["0", "0.005", "0.01", "0.1"])
 def test_demo_on_its_own_embedded_server(fate: str) -> None:
     proc = rjet_cmd("demo", "--events", "2000", "--workers", "2", "--keys", "50", "--fate", fate, timeout=110)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -329,6 +329,19 @@ def test_demo_on_its_own_embedded_server(fate: str) -> None:
     for shard in ("demo_1_of_2", "demo_2_of_2"):  # each shard's final cursor is the last event
         assert re.search(rf"^\s*{shard}\s+[\d,]+\s+\d+\s+0\s+\d+\s+2000\s", proc.stdout, re.MULTILINE), proc.stdout
     assert "result: OK" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_demo_with_every_handler_call_failing_stops_with_no_progress_never_fenced() -> None:
+    proc = rjet_cmd(
+        "demo", "--events", "200", "--workers", "2", "--keys", "50", "--fate", "1", "--give-up-after", "4", timeout=50
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("rjet: error: no progress for 4s"), proc.stderr
+    assert "every handler call fails" in err
+    assert "runner" not in proc.stdout + proc.stderr  # was: "two runners share this consumer name"
+    assert "fenced" not in proc.stdout + proc.stderr
 
 
 async def test_server_runs_until_sigint() -> None:

@@ -225,6 +225,7 @@ class DemoConfig:
     fate: float
     seed: int
     keep: bool
+    give_up: float = _STALL
 
 
 class _Demo:
@@ -367,12 +368,15 @@ class _Demo:
                 raise CliError("the worker group stopped before every event was handled")
             if checker.unique != last_unique:
                 last_progress, last_unique = now, checker.unique
-            elif now - last_progress > _STALL:
+            elif now - last_progress > self.cfg.give_up:
                 if self.t_end is not None:
                     raise CliError(
                         f"every event was handled, but the shards' cursors did not reach {self.head} in time"
                     )
-                raise CliError(f"no progress for {_STALL:g}s: {checker.unique} of {self.cfg.events} events handled")
+                raise CliError(
+                    f"no progress for {self.cfg.give_up:g}s: {checker.unique} of {self.cfg.events} events handled"
+                    + (" (every handler call fails: --fate 1)" if self.cfg.fate >= 1 else "")
+                )
             await asyncio.sleep(_TICK)
 
     def _caught_up(self) -> bool:
@@ -548,6 +552,15 @@ def _summary(cfg: DemoConfig, demo: _Demo, checker: Checker, summary: Summary | 
 )
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the foreign IDs' random order.")
 @click.option("--keep", is_flag=True, help="With --server: keep the demo's stream and cursors (for `rjet status`).")
+@click.option(
+    "--give-up-after",
+    "give_up",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_STALL,
+    show_default=True,
+    metavar="S",
+    help="Fail when no new event was handled for S seconds.",
+)
 @embedded_connection_options
 def demo(
     conn: Connection,
@@ -559,6 +572,7 @@ def demo(
     fate: float,
     seed: int,
     keep: bool,
+    give_up: float,
 ) -> None:
     """Insert events for many foreign IDs while a Parallel group of workers consumes them.
 
@@ -567,7 +581,7 @@ def demo(
     foreign ID's events are handled in order, and ends with a summary. Exit status 0 only when every
     event was handled and no order was violated.
     """
-    cfg = DemoConfig(events, keys, workers, handler_cost, rate, fate, seed, keep)
+    cfg = DemoConfig(events, keys, workers, handler_cost, rate, fate, seed, keep, give_up)
     err = stderr_console()
     if conn.servers:
         ok = _run_demo(cfg, conn, err)
