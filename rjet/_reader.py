@@ -28,7 +28,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self, TypeAlias
+from typing import TYPE_CHECKING, Final, Literal, Self, TypeAlias
 
 import nats.errors
 import nats.js.errors
@@ -98,6 +98,11 @@ class ReadConfig:
       connection cut) before ``recv()`` raises :class:`rjet.ConsumerLost`.
     - ``fast_lane``: read frames straight off nats-py's parser (see ``rjet/_wire.py``); False uses
       an ordinary nats-py subscription (about half the speed, same results).
+    - ``on_removed``: what a range of events removed from the stream ahead of the reader does
+      (retention limits, a purge, a delete). ``"raise"`` (the default): :class:`rjet.EventsRemoved`
+      once every event before it was delivered. ``"skip"``, a deliberate policy: the range is logged
+      at WARNING, counted (``StreamClient.removed``, ``ConsumerStats``, ``rjet_events_removed_total``),
+      recorded as a dead letter by a consumer that has them, and reading goes on after it.
     """
 
     # Measured on 2 cores, 100k small events: batch 1000 / 4000 buffered read 4.1 us an event, 2000 /
@@ -111,8 +116,11 @@ class ReadConfig:
     inactive_threshold: float = 60.0
     recover_timeout: float = 60.0
     fast_lane: bool = True
+    on_removed: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self) -> None:
+        if self.on_removed not in ("raise", "skip"):
+            raise ConfigError(f"ReadConfig: on_removed is 'raise' or 'skip', not {self.on_removed!r}")
         if self.batch < 1 or self.max_buffered < self.batch:
             raise ConfigError(f"ReadConfig: need 1 <= batch <= max_buffered, got {self.batch}, {self.max_buffered}")
         if self.max_buffered_bytes < 1:
@@ -296,6 +304,9 @@ class StreamClient:
         self._prev_pending = 0  # the server's pending count at the last frame (filtered readers)
         self._blind = False  # a moment without an open pull request since the last frame
         self._verifying: asyncio.Task[None] | None = None
+        self._skip_removed = config.on_removed == "skip"
+        self._gaps: deque[EventsRemoved] = deque()  # ranges skipped under on_removed="skip", not yet returned
+        self.removed = 0  # stream sequences removed ahead of the reader and skipped (on_removed="skip")
         self._denials = denials(self._nc)
         self._unwatch: Callable[[], None] | None = None
         self._head = 0
@@ -341,19 +352,22 @@ class StreamClient:
         """
         while True:
             item = await self._next()
-            if type(item) is not int:
-                return item  # type: ignore[return-value]
+            if type(item) is Event:
+                return item
 
-    async def _next(self) -> Event | int:
+    async def _next(self) -> Event | int | EventsRemoved:
         """The next event (whose foreign ID passed the key filter); or, before it would wait, the
         sequence of the last event the key filter passed over, so the caller's cursor can move past
-        other shards' events."""
+        other shards' events; or, under ``on_removed="skip"``, a range removed before the next event."""
         try:
             buf = self._buf
+            gaps = self._gaps
             while True:
                 if buf:
                     frame = buf[0]
                     sseq = frame[0]
+                    if gaps and sseq > gaps[0].last:
+                        return gaps.popleft()
                     if sseq > self._verified:
                         pass  # held until _verify settles it
                     elif not (self._to_head and sseq > self._head):
@@ -365,6 +379,8 @@ class StreamClient:
                         return self._decode(*frame)
                 if self._pending <= self._low:
                     await self._pull()
+                if gaps:
+                    return gaps.popleft()
                 if self._skipped and self._skipped <= self._verified:
                     sseq, self._skipped = self._skipped, 0
                     return sseq
@@ -589,7 +605,21 @@ class StreamClient:
         is dropped; every frame before it is still delivered, then the error is raised)."""
         if self._filtered:
             return False  # explained by the filter, or checked by _verify before it is delivered
-        self._fail(EventsRemoved(self.stream, prev + 1, sseq - 1))
+        return not self._removed(EventsRemoved(self.stream, prev + 1, sseq - 1))
+
+    def _removed(self, gap: EventsRemoved) -> bool:
+        """A range removed ahead of the reader: skipped (True) under ``on_removed="skip"``, else the
+        client's error (every frame before it is still delivered)."""
+        if not self._skip_removed:
+            self._fail(gap)
+            return False
+        log.warning("stream %r: skipping events %d..%d, removed before they were read (on_removed='skip')",
+                    self.stream, gap.first, gap.last)  # fmt: skip
+        self.removed += gap.last - gap.first + 1
+        self._gaps.append(gap)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         return True
 
     async def _verify(self) -> None:
@@ -608,7 +638,9 @@ class StreamClient:
                     continue
                 first = info.state.first_seq
                 if first > self._verified + 1:
-                    return self._fail(EventsRemoved(self.stream, self._verified + 1, first - 1, certain=False))
+                    if not self._removed(EventsRemoved(self.stream, self._verified + 1, first - 1, certain=False)):
+                        return
+                    upto = max(upto, first - 1)
                 self._verified = max(self._verified, upto)
                 waiter = self._waiter
                 if waiter is not None and not waiter.done():
@@ -949,6 +981,7 @@ class StreamClient:
             self._unwatch()
         self._buf.clear()  # nothing more is delivered; the next reader reads these again
         self._skipped = 0  # passed over after the frames just dropped: not a place for a cursor now
+        self._gaps.clear()
         tasks = [t for t in (self._watchdog, self._recovery, self._pulling, self._verifying) if t is not None]
         tasks = [t for t in tasks if t is not asyncio.current_task()]
         for task in tasks:
@@ -980,8 +1013,8 @@ class StreamClient:
         try:
             while True:
                 item = await self._next()
-                if type(item) is not int:
-                    return item  # type: ignore[return-value]
+                if type(item) is Event:
+                    return item
         except HeadReached:
             raise StopAsyncIteration from None
 

@@ -14,6 +14,7 @@ HTTP from the running event loop (no thread).
 
 Metrics (label ``consumer``; flushes by ``namespace``):
 ``rjet_events_handled_total``, ``rjet_events_filtered_total``, ``rjet_events_skipped_total``,
+``rjet_events_removed_total``,
 ``rjet_handler_errors_total``, ``rjet_dead_letters_total``, ``rjet_runs_total``,
 ``rjet_consumer_lag_events``, ``rjet_consumer_lag_seconds``, ``rjet_handler_duration_seconds``
 (histogram), ``rjet_cursor_flushes_total``.
@@ -70,6 +71,11 @@ def _families(snaps: list[StatsSnapshot]) -> Iterator[CounterMetricFamily | Gaug
         ("rjet_events_handled", "Events the handler succeeded on.", "handled"),
         ("rjet_events_filtered", "Events skipped by the consumer's type or event filter.", "filtered"),
         ("rjet_events_skipped", "Events of other shards' keys passed over.", "skipped"),
+        (
+            "rjet_events_removed",
+            "Stream sequences removed ahead of the reader and skipped.",
+            "removed",
+        ),
         ("rjet_handler_errors", "Handler failures (each try counts).", "errors"),
         ("rjet_dead_letters", "Events given up on and recorded as dead letters.", "dead_lettered"),
         ("rjet_runs", "Times run started for the consumer.", "runs"),

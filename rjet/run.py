@@ -130,7 +130,7 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
             consumer = spec.consumer
             consume = consumer.consume
             set_cursor = claim.set_cursor
-            recv: Callable[[], Awaitable[Event | int]] = client.recv
+            recv: Callable[[], Awaitable[Event | int | EventsRemoved]] = client.recv
             if isinstance(client, StreamClient):
                 recv = client._next  # one coroutine less per event; returns ints only with a key filter
                 if consumer.key_filter is not None:
@@ -166,11 +166,14 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
                         claim.check()
                         raise Stopped(f"consumer {name!r}: stopped on request") from None
                     raise
-                if type(event) is int:  # the reader passed over other keys' events up to here
-                    stats.cursor = str(event)
-                    await set_cursor(stats.cursor)
+                if type(event) is not Event:
+                    if type(event) is int:  # the reader passed over other keys' events up to here
+                        stats.cursor = str(event)
+                        await set_cursor(stats.cursor)
+                    elif dead_letter is not None:  # a range skipped under ReadConfig(on_removed="skip")
+                        assert isinstance(event, EventsRemoved)
+                        await _record_removed(dead_letter, name, stream_name, event, stats)
                     continue
-                assert isinstance(event, Event)
                 if lag:
                     wait = event.timestamp_us / 1e6 + lag - time.time()
                     if wait > 0:
@@ -329,6 +332,19 @@ async def _bury(dead_letter: DeadLetter, record: DeadLetterRecord, error: Except
             f" ({sink_error!r}); its cursor stays before it"
         )
         raise error from sink_error
+    stats.dead_lettered += 1
+
+
+async def _record_removed(
+    dead_letter: DeadLetter, name: str, stream: str, gap: EventsRemoved, stats: ConsumerStats
+) -> None:
+    """A dead letter for a range of events skipped as removed (its ``event_id`` is ``first..last``)."""
+    record = record_for(name, stream, f"{gap.first}..{gap.last}", None, gap, 0)
+    try:
+        await dead_letter.sink(record)
+    except Exception as sink_error:
+        gap.add_note(f"rjet: consumer {name!r} could not record the removed range as a dead letter ({sink_error!r})")
+        raise gap from sink_error
     stats.dead_lettered += 1
 
 

@@ -43,7 +43,8 @@ class StatsSnapshot:
     ``errors``: handler failures; ``dead_lettered``: events given up on and recorded;
     ``lag_events``: events in the stream not yet delivered; ``lag_seconds``: age of the last
     handled event while there is lag, else 0; ``cursor``: the last event ID handled or passed;
-    ``last_event_time``: the stored time of the last handled event.
+    ``last_event_time``: the stored time of the last handled event; ``removed``: stream sequences
+    removed ahead of the reader and skipped under ``ReadConfig(on_removed="skip")``.
     """
 
     name: str
@@ -60,6 +61,7 @@ class StatsSnapshot:
     handler_seconds_sum: float
     handler_seconds_count: int
     handler_buckets: tuple[int, ...]
+    removed: int = 0
 
 
 class ConsumerStats:
@@ -81,6 +83,7 @@ class ConsumerStats:
         "handler_sum",
         "last_event",
         "name",
+        "removed",
         "runs",
         "skipped",
         "timing",
@@ -92,6 +95,7 @@ class ConsumerStats:
         self.handled = 0
         self.filtered = 0
         self.skipped = 0
+        self.removed = 0
         self.errors = 0
         self.dead_lettered = 0
         self.runs = 0
@@ -128,6 +132,7 @@ class ConsumerStats:
             handler_seconds_sum=self.handler_sum,
             handler_seconds_count=self.handler_count,
             handler_buckets=tuple(self.buckets),
+            removed=self.removed + getattr(self._client, "removed", 0),
         )
 
     def _attach(self, client: object) -> None:
@@ -135,4 +140,5 @@ class ConsumerStats:
         old = self._client
         if old is not None:
             self.skipped += getattr(old, "skipped", 0)
+            self.removed += getattr(old, "removed", 0)
         self._client = client if hasattr(client, "num_pending") else None

@@ -359,3 +359,66 @@ async def test_stream_create_refusals_stay_in_the_error_tree(js: JetStreamContex
     assert (await short.info()).config.duplicate_window == 30.0
     with pytest.raises(rjet.StreamError, match=r"refused to create it.*error 10074"):
         await rjet.Stream.create(js, name + "_r3", num_replicas=3)
+
+
+# ----------------------------------------------------------------- skipping removed events on purpose
+
+
+async def test_skipping_removed_events_is_logged_counted_and_recorded(
+    js: JetStreamContext, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await rjet.Stream.create(js, name)
+    skip = rjet.ReadConfig(on_removed="skip")
+    stream = rjet.Stream(js, name, read=skip)
+    await stream.insert_many([("k", 1, b"")] * 5000)
+    seen, fn = recording()
+
+    async def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        await fn(fate, event)
+        if event.id_int == 10:
+            await js.purge_stream(name)
+            await stream.insert_many([("k", 1, b"")] * 10)
+
+    dlq = await rjet.DeadLetterStream.create(js, f"{name}_dlq")
+    consumer = rjet.Consumer("c", handle, dead_letter=rjet.DeadLetter(dlq))
+    stats = rjet.ConsumerStats("c")
+    store = rjet.MemCursorStore()
+    stop = asyncio.Event()
+    task = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, consumer), stats=stats, stop=stop))
+    await wait_until(lambda: 5010 in seen, what="the events after the hole")
+    stop.set()
+    with pytest.raises(rjet.Stopped):
+        await asyncio.wait_for(task, 10)
+    # What the reader had fetched before the purge is delivered; then the hole; then the new events.
+    hole = [s for s in range(1, 5011) if s not in seen]
+    assert hole
+    assert seen == [*range(1, hole[0]), *range(5001, 5011)]
+    snap = stats.snapshot()
+    assert snap.removed == len(hole)
+    assert snap.dead_lettered == 1
+    async with await dlq.stream.stream(to_head=True) as client:
+        [letter] = [e async for e in client]
+    import json
+
+    record = json.loads(letter.metadata)
+    assert record["event_id"] == f"{hole[0]}..5000"
+    assert record["error"].startswith("EventsRemoved: ")
+    assert f"skipping events {hole[0]}..5000" in caplog.text
+    assert store.cursors["c"] == "5010"
+
+
+async def test_a_raw_client_skipping_removed_events_counts_them(js: JetStreamContext, name: str) -> None:
+    stream = await rjet.Stream.create(js, name, max_msgs=10)
+    await stream.insert_many([("k", 1, b"")] * 5)
+    # A buffer of 4: once 1..4 are fetched, nothing more is asked for while they wait.
+    read = rjet.ReadConfig(batch=4, max_buffered=4, on_removed="skip")
+    client = await rjet.Stream(js, name, read=read).stream()
+    assert (await client.recv()).id_int == 1
+    await asyncio.sleep(0.1)
+    await stream.insert_many([("k", 1, b"")] * 30)  # keeps 26..35
+    got = [(await client.recv()).id_int for _ in range(13)]
+    assert got == [2, 3, 4, *range(26, 36)]
+    assert client.removed == 21
+    await client.close()
+    with pytest.raises(rjet.ConfigError, match="on_removed"):
+        rjet.ReadConfig(on_removed="ignore")  # type: ignore[arg-type]
