@@ -77,6 +77,9 @@ _TYPE_KEY: Final = b"\r\n" + TYPE_HEADER.encode() + b":"
 _FOREIGN_ID_KEY: Final = b"\r\n" + FOREIGN_ID_HEADER.encode() + b":"
 _FINAL_ERRORS: Final = (StreamNotFound, StreamRecreated, CursorExpired, CursorAhead, PermissionDenied)
 _ALL: Final = 1 << 62  # "every sequence is verified", for readers without subject filters
+_FIRST_SEQ: Final = re.compile(rb'"first_seq":(\d+)')
+_VERIFY_EVERY: Final = 0.01  # seconds between checks of held frames while nobody waits on them
+_VERIFY_MIN: Final = 0.005  # and while the reader waits on one (a behind reader waits that long at most)
 _PERCENT: Final = ord("%")  # `int in bytes` is a memchr; `b"%" in bytes` costs ~8 times as much
 
 
@@ -304,6 +307,8 @@ class StreamClient:
         self._prev_pending = 0  # the server's pending count at the last frame (filtered readers)
         self._blind = False  # a moment without an open pull request since the last frame
         self._verifying: asyncio.Task[None] | None = None
+        self._verify_now = asyncio.Event()
+        self._checked_at = 0.0  # loop time of the last check _verify made
         self._skip_removed = config.on_removed == "skip"
         self._gaps: deque[EventsRemoved] = deque()  # ranges skipped under on_removed="skip", not yet returned
         self.removed = 0  # stream sequences removed ahead of the reader and skipped (on_removed="skip")
@@ -392,6 +397,8 @@ class StreamClient:
                     raise Stopped(f"stream {self.stream!r}: the stream client is closed")
                 if self._to_head and not buf and (self._caught_up or self._last >= self._head):
                     raise HeadReached(self.stream, self._head)
+                if buf or self._skipped:
+                    self._verify_now.set()  # held for _verify: it should not wait for its next round
                 self._waiter = self._loop.create_future()
                 try:
                     await self._waiter
@@ -534,18 +541,22 @@ class StreamClient:
                     break
                 cseq = int(tail[2])
                 sseq = int(tail[1])
-                # A jump of either sequence: _on_frame, frame by frame, finds the gap (or, for a
-                # filtered reader, decides whether the stream sequence's jump needs checking).
+                # A consumer-sequence jump (lost in transit) or, without subject filters, a stream
+                # sequence jump (events removed): _on_frame, frame by frame, finds which.
                 jumped = sseq != self._last + run + 1
-                if cseq != self._cseq + run + 1 or (
-                    jumped and (not filtered or run or self._prev_pending or self._blind)
-                ):
+                if cseq != self._cseq + run + 1 or (jumped and not filtered):
                     self._in_bytes = held
                     return self._one_by_one(buf, start, stop + 2)
                 if last is not None:
                     self._pass_over(run, last)
-                if filtered and self._verified == self._last:
-                    self._verified = sseq  # contiguous, or a jump explained by the filter (see above)
+                if filtered:
+                    # Explained by the filter (see __init__), or held until _verify settles it.
+                    if self._verified == self._last and (
+                        sseq == self._last + 1 or not (self._prev_pending or self._blind)
+                    ):
+                        self._verified = sseq
+                    elif self._verifying is None:
+                        self._verifying = self._loop.create_task(self._verify())
                 self._cseq = cseq
                 self._frames += 1
                 self._pending -= 1
@@ -566,9 +577,7 @@ class StreamClient:
             self._in_bytes = held
             if last is not None:
                 tail = last[1].split(b".")
-                if int(tail[2]) != self._cseq + run or (int(tail[1]) != self._last + run and (not filtered or run > 1)):
-                    return self._one_by_one(buf, start, pos)
-                if filtered and (self._prev_pending or self._blind) and int(tail[1]) != self._last + 1:
+                if int(tail[2]) != self._cseq + run or (not filtered and int(tail[1]) != self._last + run):
                     return self._one_by_one(buf, start, pos)
                 self._pass_over(run, last)
             if pos != origin:
@@ -594,9 +603,13 @@ class StreamClient:
         self._server_pending = pending = int(tail[4])
         if pending == 0:
             self._caught_up = True
-        if self._filtered:  # _scan let through only a contiguous or explained run
-            if self._verified == prev:
+        if self._filtered:
+            # Contiguous, or one frame after a jump the filter explains; else held for _verify.
+            explained = not (self._prev_pending or self._blind)
+            if self._verified == prev and (self._last == prev + run or (run == 1 and explained)):
                 self._verified = self._last
+            elif self._verifying is None:
+                self._verifying = self._loop.create_task(self._verify())
             self._prev_pending = pending
             self._blind = self._pending <= 0
 
@@ -627,16 +640,27 @@ class StreamClient:
         arrived, says whether it removed anything above ``_verified`` in the meantime."""
         try:
             while not self._closed and self._error is None and self._verified < self._last:
+                # While catching up, frames arrive all the time and one check covers every frame
+                # that came before it: check every _VERIFY_EVERY seconds, or sooner once the reader
+                # waits on a held frame, but never more often than every _VERIFY_MIN seconds.
+                since = self._loop.time() - self._checked_at
+                if since < _VERIFY_EVERY and not self._verify_now.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._verify_now.wait(), _VERIFY_EVERY - since)
+                    since = self._loop.time() - self._checked_at
+                if since < _VERIFY_MIN:
+                    await asyncio.sleep(_VERIFY_MIN - since)
+                self._verify_now.clear()
+                self._checked_at = self._loop.time()
                 upto = self._last
                 try:
-                    info = await self._stream_info()
+                    first = await self._first_seq()
                 except _FINAL_ERRORS as e:
                     return self._fail(e)
                 except (nats.errors.Error, TimeoutError, OSError, nats.js.errors.Error) as e:
                     log.debug("stream %r: cannot check for removed events yet (%r)", self.stream, e)
                     await asyncio.sleep(0.1)
                     continue
-                first = info.state.first_seq
                 if first > self._verified + 1:
                     if not self._removed(EventsRemoved(self.stream, self._verified + 1, first - 1, certain=False)):
                         return
@@ -859,6 +883,16 @@ class StreamClient:
             raise StreamNotFound(self.stream) from None
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             raise StreamNotFound(self.stream, "JetStream is not enabled on the server") from None
+
+    async def _first_seq(self) -> int:
+        """The stream's first sequence, from a stream-info request read for that field alone (nats-py's
+        full decoding of the reply costs several times the round trip, and _verify asks often)."""
+        subject = f"{self._js._prefix}.STREAM.INFO.{self.stream}"
+        reply = await self._denials.guard(starts(subject), self._nc.request(subject, b"", timeout=self._js._timeout))
+        found = _FIRST_SEQ.search(reply.data)
+        if found is None or b'"error"' in reply.data[:16]:
+            return (await self._stream_info()).state.first_seq  # raises what the server said, or decodes it
+        return int(found.group(1))
 
     def _check_cursor(self, state: api.StreamState, after: int) -> None:
         if after > state.last_seq:

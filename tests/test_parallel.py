@@ -299,6 +299,22 @@ async def test_a_handler_error_stops_backs_off_and_retries_the_same_event(
     assert failures[0].processName == f"rjet:{shard_name(name, shard_of(events[bad], n), n)}"
 
 
+@pytest.mark.timeout(90)
+async def test_a_shard_with_a_flaky_handler_is_never_fenced_by_its_own_store(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    # Every tempted failure re-runs the shard, which claims its cursor again while the worker's
+    # fence watch checks the claim (was: such a shard ended fenced in about half the runs).
+    n = 2
+    events = await insert(stream, 1500)
+    summary = await group(
+        server, name, n, logger(tmp_path), fate=rjet.RandomFate(0.05, seed=3), retry_delay=0.0, max_backoff=0.05,
+        flush_interval=0.05,
+    ).run_async(to_head=True)  # fmt: skip
+    assert [s.state for s in summary.shards] == ["done", "done"]
+    check_handling(read_logs(tmp_path), n, events)
+
+
 def fail_setup_of_shard_0(m: int) -> None:
     remember_shard(m)
     if m == 0:
