@@ -142,11 +142,11 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
             timing = stats.timing
             clock = time.monotonic
             halted = halt.is_set
+            # The stop request itself, read before each handler call: the guard sets `halt` only once
+            # it has run, and a sync handler's run loop yields only between events.
+            stopping = stop.is_set if stop is not None else halted
             next_yield = clock() + _YIELD_EVERY
             while True:
-                if halted():
-                    claim.check()
-                    raise Stopped(f"consumer {name!r}: stopped on request")
                 # With buffered events and a sync handler nothing below awaits for real, so give the
                 # loop a turn now and then (cursor flushes, heartbeats, stop requests).
                 if clock() >= next_yield:
@@ -179,7 +179,7 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
                     if wait > 0:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(halt.wait(), wait)
-                if halted():
+                if halted() or stopping():
                     claim.check()
                     raise Stopped(f"consumer {name!r}: stopped on request")
                 t0 = time.perf_counter() if timing else 0.0

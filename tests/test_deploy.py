@@ -110,6 +110,14 @@ async def test_the_documented_permissions_are_enough(guarded: EmbeddedServer) ->
             )
     assert seen == list(range(1, 21))
     assert await (await rjet.JetStreamCursorStore.create(admin.jetstream(), NS)).peek("c") == "20"
+    # A Parallel group needs the consumer's set and nothing more once the bucket exists.
+    group = Parallel(
+        "g", 2, noop, servers=guarded.url, stream=STREAM, namespace=NS,
+        connect_options={"user": "consumer", "password": "pw"},
+    )  # fmt: skip
+    summary = await group.run_async(to_head=True)
+    assert summary.handled == 20
+    assert [s.state for s in summary.shards] == ["done", "done"]
     for s in (inserter, consumer):
         await s.js._nc.close()
     await admin.close()

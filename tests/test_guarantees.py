@@ -422,3 +422,26 @@ async def test_a_raw_client_skipping_removed_events_counts_them(js: JetStreamCon
     await client.close()
     with pytest.raises(rjet.ConfigError, match="on_removed"):
         rjet.ReadConfig(on_removed="ignore")  # type: ignore[arg-type]
+
+
+async def test_no_handler_call_starts_after_stop_with_a_sync_handler(stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")] * 50)
+    starts: list[float] = []
+
+    def slow(fate: rjet.Fate, event: rjet.Event) -> None:
+        starts.append(time.monotonic())
+        time.sleep(0.1)  # blocks the loop, as a sync handler does: a signal is seen between events
+
+    stop = asyncio.Event()
+    stopped_at: list[float] = []
+
+    def request_stop() -> None:  # what a SIGTERM handler on the loop does
+        stopped_at.append(time.monotonic())
+        stop.set()
+
+    asyncio.get_running_loop().call_later(0.25, request_stop)
+    with pytest.raises(rjet.Stopped):
+        await asyncio.wait_for(
+            rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", slow)), stop=stop), 10
+        )
+    assert [t for t in starts if t > stopped_at[0]] == []  # was: one or two more calls after the stop
