@@ -157,6 +157,16 @@ def parse_ack(reply: bytes) -> tuple[bytes, int, int, int, int] | None:
         return None
 
 
+def _shard_of_filter(key_filter: object) -> tuple[int, int] | None:
+    """(m, n) when ``key_filter`` says it keeps shard m of n (``xxh3_shard``), so the scanner may hash
+    raw header values itself; None otherwise."""
+    shard = getattr(key_filter, "xxh3_shard", None)
+    if isinstance(shard, tuple) and len(shard) == 2 and all(type(x) is int for x in shard):
+        m, n = shard
+        return (m, n) if 0 <= m < n else None
+    return None
+
+
 def _identity(info: api.StreamInfo) -> str:
     """Which stream this is: its name and creation time (a stream deleted and created again under
     the same name has another)."""
@@ -283,6 +293,7 @@ class StreamClient:
         filter_subjects: tuple[str, ...],
         config: ReadConfig,
         stream_id: str | None = None,
+        key_filter: Callable[[str], bool] | None = None,
     ) -> None:
         self.stream = stream
         self.stream_id = ""  # which stream this is: its name and creation time (see _identity)
@@ -316,7 +327,9 @@ class StreamClient:
         self._unwatch: Callable[[], None] | None = None
         self._head = 0
         self._caught_up = False
-        self._key_filter: Callable[[str], bool] | None = None
+        # Set before the first frame can arrive: no frame is ever buffered unfiltered.
+        self._key_filter = key_filter
+        self._shard = _shard_of_filter(key_filter)  # (m, n) when it is xxh3 % n == m: _scan hashes itself
         self._skipped = 0  # sequence of the last event the key filter passed over, not yet reported
         self._inbox = self._nc.new_inbox()
         self._gen = 0
@@ -339,7 +352,6 @@ class StreamClient:
         self._reply_prefix = b""
         self._pattern: re.Pattern[bytes] | None = None  # the current consumer's frames, for _scan
         self._plain: re.Pattern[bytes] | None = None  # those of them with a plain foreign ID
-        self._shard: tuple[int, int] | None = None  # (m, n) when the key filter is xxh3 % n == m
         self._watchdog: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._nuid = NUID()
@@ -498,7 +510,9 @@ class StreamClient:
         run = 0  # frames passed over since start
         last: re.Match[bytes] | None = None  # the last of them
         view: memoryview | None = None  # of buf, made for the first body copied
-        held = self._in_bytes  # written back before anything else may read or change it
+        held = held0 = self._in_bytes  # written back before anything else may read or change it
+        # nats-py's statistics, kept as it would: messages, and their body bytes (headers left out).
+        kept = committed = committed_bytes = run_bytes = 0
         try:
             while True:
                 wanted = key_filter is None
@@ -506,13 +520,15 @@ class StreamClient:
                     # A shard worker's loop: another shard's event (with a plain foreign ID, which is
                     # hashed as it is) costs a match and a hash.
                     while (m := plain.match(buf, pos)) is not None:
-                        nxt = m.end(3) + int(m[3]) + 4
+                        total = int(m[3])
+                        nxt = m.end(3) + total + 4
                         if nxt > size:
                             break
                         if xxh3_64_intdigest(m[5]) % n == mine:
                             wanted = True
                             break
                         run += 1
+                        run_bytes += total - int(m[2])
                         last = m
                         pos = nxt
                     if m is None:
@@ -533,6 +549,7 @@ class StreamClient:
                         break
                     if not wanted:
                         run += 1
+                        run_bytes += stop - body - int(m[2])
                         last = m
                         pos = stop + 2
                         continue
@@ -549,6 +566,8 @@ class StreamClient:
                     return self._one_by_one(buf, start, stop + 2)
                 if last is not None:
                     self._pass_over(run, last)
+                    committed += run
+                    committed_bytes += run_bytes
                 if filtered:
                     # Explained by the filter (see __init__), or held until _verify settles it.
                     if self._verified == self._last and (
@@ -572,14 +591,17 @@ class StreamClient:
                 data = view[body + int(m[2]) : stop].tobytes()
                 self._buf.append((sseq, int(tail[3]), b"", None, data, None, m[4], m[5], held))
                 held += len(data)
+                kept += 1
                 pos = start = stop + 2
-                run, last = 0, None
+                run, last, run_bytes = 0, None, 0
             self._in_bytes = held
             if last is not None:
                 tail = last[1].split(b".")
                 if int(tail[2]) != self._cseq + run or (not filtered and int(tail[1]) != self._last + run):
                     return self._one_by_one(buf, start, pos)
                 self._pass_over(run, last)
+                committed += run
+                committed_bytes += run_bytes
             if pos != origin:
                 waiter = self._waiter
                 if waiter is not None and not waiter.done():
@@ -590,6 +612,10 @@ class StreamClient:
         finally:
             if view is not None:
                 view.release()  # the parser resizes buf next
+            if kept or committed:
+                stats = self._nc.stats
+                stats["in_msgs"] += kept + committed
+                stats["in_bytes"] += held - held0 + committed_bytes
 
     def _pass_over(self, run: int, last: re.Match[bytes]) -> None:
         """Commits a run of ``run`` frames the key filter passed over, ``last`` the last of them."""
@@ -680,9 +706,16 @@ class StreamClient:
             body = m.end(3) + 2
             hlen = int(m[2])
             stop = body + int(m[3])
-            self._on_frame(b"", prefix + m[1], bytes(buf[body : body + hlen]), bytes(buf[body + hlen : stop]))
+            self._on_lane_frame(b"", prefix + m[1], bytes(buf[body : body + hlen]), bytes(buf[body + hlen : stop]))
             pos = stop + 2
         return pos
+
+    def _on_lane_frame(self, subject: bytes, reply: bytes, hdr: bytes | None, data: bytes) -> None:
+        """A frame off the fast lane: counted in nats-py's statistics (its own path counts the rest)."""
+        stats = self._nc.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        self._on_frame(subject, reply, hdr, data)
 
     async def _on_msg(self, msg: Msg) -> None:
         """The same as :meth:`_on_frame`, for a connection whose parser has no fast lane."""
@@ -958,7 +991,7 @@ class StreamClient:
         self._sid = self._sub._id
         self._parser = fast_parser(self._nc) if self._cfg.fast_lane else None
         if self._parser is not None:
-            self._parser.lanes[self._sid] = self._on_frame
+            self._parser.lanes[self._sid] = self._on_lane_frame
             self._parser.scanners[self._sid] = self._scan
         try:
             await self._create_consumer()
@@ -973,18 +1006,11 @@ class StreamClient:
 
     # ----------------------------------------------------------------- lifecycle
 
-    def _set_key_filter(self, key_filter: Callable[[str], bool] | None) -> None:
-        """Skip events whose foreign ID fails ``key_filter`` before decoding anything else of them.
-
-        ``_next`` then also returns skipped sequences (ints); ``recv`` discards those.
-        """
-        self._key_filter = key_filter
-        # A shard's filter says which shard it is, so _scan can hash the raw header value itself.
-        shard = getattr(key_filter, "xxh3_shard", None)
-        self._shard = None
-        if isinstance(shard, tuple) and len(shard) == 2 and all(type(x) is int for x in shard):
-            m, n = shard
-            self._shard = (m, n) if 0 <= m < n else None
+    @property
+    def key_filter(self) -> Callable[[str], bool] | None:
+        """The foreign-ID filter the client was opened with: other keys' events are passed over
+        before decoding, and ``_next`` returns how far (ints) so a caller's cursor can move past them."""
+        return self._key_filter
 
     @property
     def num_pending(self) -> int:

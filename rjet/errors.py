@@ -65,7 +65,21 @@ __all__ = [
 
 
 class RjetError(Exception):
-    """Root of every error rjet raises on purpose."""
+    """Root of every error rjet raises on purpose.
+
+    Every rjet error survives pickling with its message, fields and notes (errors cross process
+    boundaries in :mod:`rjet.parallel` and in users' own multiprocessing), whatever its constructor.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, dict(vars(self))))
+
+
+def _rebuild(cls: type[RjetError], args: tuple[object, ...], state: dict[str, object]) -> RjetError:
+    err = cls.__new__(cls, *args)
+    Exception.__init__(err, *args)
+    vars(err).update(state)
+    return err
 
 
 class HeadReached(RjetError):
@@ -111,9 +125,6 @@ class PermissionDenied(RjetError):
         )
         self.operation = operation
         self.subject = subject
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.operation, self.subject))
 
 
 class StreamError(RjetError):
@@ -192,9 +203,6 @@ class CursorExpired(CursorError):
         self.first_seq = first_seq
         self.hint = hint
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.stream, self.cursor, self.first_seq, self.hint))
-
 
 class EventsRemoved(CursorExpired):
     """Events were removed from the stream ahead of a running reader, before it could deliver them.
@@ -227,13 +235,6 @@ class EventsRemoved(CursorExpired):
         self.certain = certain
         self.hint = hint
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_events_removed, (self.stream, self.first, self.last, self.certain, self.hint))
-
-
-def _events_removed(stream: str, first: int, last: int, certain: bool, hint: str) -> EventsRemoved:
-    return EventsRemoved(stream, first, last, certain=certain, hint=hint)
-
 
 class StreamRecreated(CursorError):
     """The cursor was recorded in another stream of the same name (deleted and created again since).
@@ -252,9 +253,6 @@ class StreamRecreated(CursorError):
         self.recorded = recorded
         self.current = current
         self.hint = hint
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.stream, self.cursor, self.recorded, self.current, self.hint))
 
 
 class CursorAhead(CursorError):

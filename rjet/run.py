@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Final, NoReturn, Protocol
+from typing import Any, Final, NoReturn, Protocol
 
 from rjet._reader import StreamClient
 from rjet.consumer import Consumer
@@ -56,13 +56,22 @@ class StreamClientLike(Protocol):
 
 
 class StreamFunc(Protocol):
-    """``await stream_func(after, from_head=..., to_head=...)`` opens a stream client.
+    """``await stream_func(after, from_head=..., to_head=..., key_filter=..., stream_id=...)`` opens a
+    stream client. :meth:`rjet.Stream.stream` is one.
 
-    :meth:`rjet.Stream.stream` is one.
+    ``key_filter`` (the consumer's, when it has one) and ``stream_id`` (the stream the cursor was
+    recorded in) are passed only to a function that takes them; one that does not gets its events
+    key-filtered by ``run`` instead, and no identity check.
     """
 
     async def __call__(
-        self, after: str = "", *, from_head: bool = False, to_head: bool = False
+        self,
+        after: str = "",
+        *,
+        from_head: bool = False,
+        to_head: bool = False,
+        key_filter: Callable[[str], bool] | None = None,
+        stream_id: str | None = None,
     ) -> StreamClientLike: ...
 
 
@@ -133,9 +142,8 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
             recv: Callable[[], Awaitable[Event | int | EventsRemoved]] = client.recv
             if isinstance(client, StreamClient):
                 recv = client._next  # one coroutine less per event; returns ints only with a key filter
-                if consumer.key_filter is not None:
-                    # The reader skips other keys before decoding them and reports how far it skipped.
-                    client._set_key_filter(consumer.key_filter)
+                if consumer.key_filter is not None and client.key_filter is consumer.key_filter:
+                    # The reader passed over other keys before decoding them (and says how far).
                     consume = consumer._consume_wanted_key
             dead_letter = consumer.dead_letter
             stream_name = getattr(client, "stream", "")
@@ -263,19 +271,27 @@ async def _open(spec: Spec, claim: _Claim, cursor: str, name: str, store: Cursor
     """Open the stream after ``cursor``; a stream function that checks identities is told the one
     the cursor was recorded in."""
     func = spec.stream_func
+    extra: dict[str, Any] = {}
+    takes = _parameters(func)
+    if cursor and claim.stream is not None and "stream_id" in takes:
+        extra["stream_id"] = claim.stream
+    if spec.consumer.key_filter is not None and "key_filter" in takes:
+        extra["key_filter"] = spec.consumer.key_filter
     try:
-        if cursor and claim.stream is not None and _takes_stream_id(func):
-            return await func(cursor, from_head=spec.from_head, to_head=spec.to_head, stream_id=claim.stream)  # type: ignore[call-arg]
-        return await func(cursor, from_head=spec.from_head, to_head=spec.to_head)
+        return await func(cursor, from_head=spec.from_head, to_head=spec.to_head, **extra)
     except (CursorExpired, StreamRecreated) as e:
         raise _with_hint(e, name, store) from None
 
 
-def _takes_stream_id(func: object) -> bool:
+def _parameters(func: object) -> frozenset[str]:
+    """The keyword parameters ``func`` takes (every optional one, when it takes ``**kwargs``)."""
     try:
-        return "stream_id" in inspect.signature(func).parameters  # type: ignore[arg-type]
+        params = inspect.signature(func).parameters  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return False
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return frozenset({"stream_id", "key_filter"})
+    return frozenset(params)
 
 
 def _with_hint(err: CursorExpired | StreamRecreated, name: str, store: CursorStore) -> CursorError:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import nats.errors
@@ -304,13 +304,22 @@ class Stream:
             raise InsertError(self.name, 0, items[0][0], "the NATS connection is closed") from None
 
     async def stream(
-        self, after: str = "", *, from_head: bool = False, to_head: bool = False, stream_id: str | None = None
+        self,
+        after: str = "",
+        *,
+        from_head: bool = False,
+        to_head: bool = False,
+        stream_id: str | None = None,
+        key_filter: Callable[[str], bool] | None = None,
     ) -> StreamClient:
         """Open a stream client that delivers events with sequence > ``after`` in stream order.
 
         ``after=""`` reads from the beginning. ``from_head`` ignores ``after`` and delivers only
         events inserted from now on. ``to_head`` makes ``recv()`` raise :class:`rjet.HeadReached`
         (and ``async for`` end) once every event present at open has been delivered.
+
+        ``key_filter(foreign_id)`` passes over the events it rejects before decoding them (sharding):
+        ``recv`` never returns them.
 
         ``stream_id`` is the identity of the stream ``after`` was recorded in (``StreamClient.stream_id``
         of an earlier client; ``run`` passes what the cursor store recorded): a stream deleted and
@@ -331,6 +340,7 @@ class Stream:
             filter_subjects=self.filter_subjects,
             config=self.read,
             stream_id=stream_id,
+            key_filter=key_filter,
         )
         await client._open()
         return client

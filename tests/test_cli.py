@@ -431,3 +431,21 @@ async def test_cursor_moves_a_consumer_past_expired_events(
     proc = rjet_cmd("cursor", "billing", "--namespace", ns, "--set", "x1", "-s", server.url)
     assert proc.returncode == 1
     assert "give a stream sequence" in _one_line_error(proc)
+
+
+def test_the_demo_checker_sees_order_violations_duplicates_and_misrouted_events(tmp_path: Path) -> None:
+    from rjet.cli._demo import Checker
+    from rjet.parallel import shard_of
+
+    a, b = [f"k{i}" for i in range(100) if shard_of(f"k{i}", 2) == 0][:2]
+    checker = Checker(tmp_path, 2)
+    checker.expect([3, 4, 5], [a, b, a], 0.0)
+    log = tmp_path / "0-100.log"
+    log.write_text(f"5 {a}\n4 {b}\n3 {a}\n4 " + b[0])  # 3 after 5 for key a; a line cut mid-write
+    checker.poll()
+    assert (checker.violations, checker.duplicates, checker.unique) == (1, 0, 3)
+    with log.open("a") as f:
+        f.write(f"{b[1:]}\n")  # the rest of the cut line: event 4 again
+    (tmp_path / "1-200.log").write_text(f"9 {a}\n")  # shard 1's worker handled a key of shard 0
+    checker.poll()
+    assert (checker.violations, checker.duplicates, checker.misrouted) == (1, 1, 1)

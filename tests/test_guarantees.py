@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pickle
 import time
 
 import pytest
@@ -324,21 +323,6 @@ async def test_stop_does_not_wait_out_the_lag(stream: rjet.Stream) -> None:
         await asyncio.wait_for(task, 5)
     assert time.monotonic() - t0 < 1.0
     assert seen == []  # no handler call starts after stop
-
-
-def test_new_errors_survive_pickling() -> None:
-    errors = [
-        rjet.EventsRemoved("s", 3, 9, certain=False, hint="h"),
-        rjet.CursorExpired("s", 2, 10),
-        rjet.StreamRecreated("s", 4, "s@a", "s@b"),
-        rjet.CursorBucketGone("gone"),
-        rjet.CursorBucketUnusable("ttl"),
-    ]
-    for err in errors:
-        back = pickle.loads(pickle.dumps(err))
-        assert type(back) is type(err)
-        assert str(back) == str(err)
-        assert vars(back) == vars(err)
 
 
 # ----------------------------------------------------------------- limits

@@ -284,3 +284,29 @@ def test_spec_options_are_keyword_only(stream: rjet.Stream) -> None:
     with pytest.raises(TypeError):
         rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer, True)  # type: ignore[call-arg]
     assert rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer, to_head=True).to_head
+
+
+async def test_other_keys_never_reach_the_handler_though_the_stream_func_awaits_after_opening(
+    stream: rjet.Stream,
+) -> None:
+    await stream.insert_many([(f"k{i}", 1, b"") for i in range(200)])
+
+    async def slow_open(
+        after: str = "", *, from_head: bool = False, to_head: bool = False, key_filter: object = None
+    ) -> rjet.StreamClient:
+        client = await stream.stream(after, from_head=from_head, to_head=to_head, key_filter=key_filter)  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)  # frames arrive meanwhile (was: buffered unfiltered, then handled)
+        return client
+
+    async def plain_open(after: str = "", *, from_head: bool = False, to_head: bool = False) -> rjet.StreamClient:
+        return await stream.stream(after, from_head=from_head, to_head=to_head)  # run filters by key itself
+
+    for open_ in (slow_open, plain_open):
+        seen: list[str] = []
+
+        def record(f: rjet.Fate, e: rjet.Event, seen: list[str] = seen) -> None:
+            seen.append(e.foreign_id)
+
+        consumer = rjet.Consumer("c", record, key_filter=lambda fid: fid.endswith("7"))
+        await run_to_head(rjet.Spec(open_, rjet.MemCursorStore(), consumer, to_head=True))  # type: ignore[arg-type]
+        assert seen == [f"k{i}" for i in range(200) if i % 10 == 7], open_.__name__

@@ -10,6 +10,7 @@ from nats.js import JetStreamContext, api
 import rjet
 import rjet._reader
 from rjet._reader import _Requests
+from rjet.parallel._shard import key_filter
 from rjet.server import EmbeddedServer
 
 
@@ -423,3 +424,28 @@ async def test_insert_many_with_msg_ids_can_be_retried_whole(stream: rjet.Stream
     assert (await stream.info()).state.messages == 100
     with pytest.raises(rjet.InvalidEvent, match="msg_id"):
         await stream.insert_many([("k", 1, b"", "two\nlines")])
+
+
+@pytest.mark.parametrize("fast_lane", [True, False], ids=["fast lane", "nats-py"])
+@pytest.mark.parametrize("shard", [False, True], ids=["all", "shard"])
+async def test_nats_py_statistics_count_every_delivery(
+    js: JetStreamContext, name: str, fast_lane: bool, shard: bool
+) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(f"k{i}", 1, b"x" * 10) for i in range(1000)])
+    nc = await rjet.connect(js._nc.connected_url.geturl())  # a connection of its own: only this reader counts
+    try:
+        reader = rjet.Stream(nc.jetstream(), name, read=rjet.ReadConfig(fast_lane=fast_lane))
+        before = dict(nc.stats)
+        client = await reader.stream(to_head=True, key_filter=key_filter(0, 2) if shard else None)
+        got = [e async for e in client]
+        await client.close()
+        msgs = nc.stats["in_msgs"] - before["in_msgs"]
+        data = nc.stats["in_bytes"] - before["in_bytes"]
+        assert 1000 <= msgs < 1020  # every delivery (was: 3 with the fast lane), and a few API replies
+        assert 10_000 <= data < 10_000 + (msgs - 1000) * 2000  # the events' bodies, and the API replies'
+        assert len(got) == (
+            1000 if not shard else sum(1 for i in range(1000) if rjet.parallel.shard_of(f"k{i}", 2) == 0)
+        )
+    finally:
+        await nc.close()

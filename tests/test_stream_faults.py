@@ -49,8 +49,15 @@ async def test_reading_resumes_after_the_consumer_is_reaped_for_inactivity(conn:
         got = await read_ids(client, 1)
         await asyncio.sleep(0.1)  # the buffer is full: no pull request is open, so the server reaps
         assert (await conn.jetstream().stream_info("s")).state.consumer_count == 1
-        await asyncio.sleep(2.0)
+        for _ in range(100):  # reaped after inactive_threshold (0.5 s)
+            if (await conn.jetstream().stream_info("s")).state.consumer_count == 0:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the server never reaped the idle consumer: the test would prove nothing")
+        assert client.recoveries == 0
         got += await read_ids(client, 29)
+        assert client.recoveries >= 1  # it noticed and recreated the consumer
     assert got == list(range(1, 31))
 
 

@@ -205,9 +205,8 @@ def _outcome(client: StreamClient) -> tuple[object, ...]:
 async def _feed(
     stream: rjet.Stream, frames: list[_Frame], cuts: list[int], which: int, v2: bool, bulk: bool
 ) -> tuple[object, ...]:
-    client = await stream.stream()
+    client = await stream.stream(key_filter=_filters[which])
     try:
-        client._set_key_filter(_filters[which])
         parser = FastParser(client._nc)
         parser.lanes[client._sid] = client._on_frame
         if bulk:
@@ -267,9 +266,8 @@ async def test_only_a_well_formed_shard_filter_is_hashed_by_the_reader(stream: r
         def __call__(self, fid: str) -> bool:
             return True
 
-    async with await stream.stream() as client:
-        client._set_key_filter(key_filter(1, 3))
+    async with await stream.stream(key_filter=key_filter(1, 3)) as client:
         assert client._shard == (1, 3)
-        for bogus in [(3, 3), (-1, 2), ("0", 2), (0,), [0, 2], None]:
-            client._set_key_filter(Claims(bogus))
+    for bogus in [(3, 3), (-1, 2), ("0", 2), (0,), [0, 2], None]:
+        async with await stream.stream(key_filter=Claims(bogus)) as client:
             assert client._shard is None, bogus
