@@ -511,7 +511,8 @@ class StreamClient:
         last: re.Match[bytes] | None = None  # the last of them
         view: memoryview | None = None  # of buf, made for the first body copied
         held = held0 = self._in_bytes  # written back before anything else may read or change it
-        # nats-py's statistics, kept as it would: messages, and their body bytes (headers left out).
+        # nats-py's statistics, kept as it would: messages, and their body bytes; for frames passed over
+        # in the shard loop their headers too (their size would cost a shard worker 13% per frame).
         kept = committed = committed_bytes = run_bytes = 0
         try:
             while True:
@@ -528,7 +529,7 @@ class StreamClient:
                             wanted = True
                             break
                         run += 1
-                        run_bytes += total - int(m[2])
+                        run_bytes += total  # headers included: their size would cost another int()
                         last = m
                         pos = nxt
                     if m is None:
