@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 
 import rjet
 from rjet.cursors import CursorRecord, encode_key
+from rjet.testing import wait_until
 
 
 def recording() -> tuple[list[int], rjet.Handler]:
@@ -23,14 +24,6 @@ def recording() -> tuple[list[int], rjet.Handler]:
         seen.append(event.id_int)
 
     return seen, fn
-
-
-async def wait_until(cond: object, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # ----------------------------------------------------------------- events removed ahead of a reader

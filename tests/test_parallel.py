@@ -38,6 +38,7 @@ from rjet.parallel import (
 )
 from rjet.parallel._reshard import Heartbeats, heartbeats, prepare
 from rjet.server import EmbeddedServer
+from rjet.testing import wait_until
 
 _SHARD_ENV = "RJET_TEST_SHARD"
 
@@ -109,11 +110,7 @@ def group(server: EmbeddedServer, name: str, n: int, fn: Any, **options: Any) ->
 
 
 async def wait_for(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+    await wait_until(cond, timeout, what)
 
 
 async def stored_cursors(js: JetStreamContext, namespace: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
+from rjet.testing import wait_until
 
 
 async def run_to_head(spec: rjet.Spec) -> None:
@@ -148,12 +149,13 @@ async def test_from_head_ignores_the_cursor(stream: rjet.Stream) -> None:
     seen, fn = recorder()
     spec = rjet.Spec(stream.stream, rjet.MemCursorStore({"c": "1"}), rjet.Consumer("c", fn), from_head=True)
     task = asyncio.create_task(rjet.run(spec))
-    await asyncio.sleep(0.3)
+
+    async def reading() -> bool:
+        return (await stream.info()).state.consumer_count == 1
+
+    await wait_until(reading, what="the run's reader")
     await stream.insert("new", 1)
-    for _ in range(100):
-        if seen:
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: bool(seen), what="the new event")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -172,10 +174,7 @@ async def test_cancelling_run_forever_flushes_and_stops(js: JetStreamContext, st
         seen, fn = recorder()
         task = asyncio.create_task(rjet.run_forever(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn))))
         await stream.insert_many([("k", 1, b"")] * 20)
-        for _ in range(100):
-            if len(seen) == 20:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: len(seen) == 20, what="20 events handled")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -207,11 +206,19 @@ async def test_run_forever_gives_up_when_another_runner_holds_the_cursor(
             rjet.run_forever(rjet.Spec(stream.stream, first, rjet.Consumer("c", lambda f, e: None)))
         )
         await stream.insert("k", 1)
-        await asyncio.sleep(0.3)
+
+        async def cursor_is(value: str) -> bool:
+            return await first.peek("c") == value
+
+        await wait_until(lambda: cursor_is("1"), what="the first runner's cursor")
         two = asyncio.create_task(
             rjet.run_forever(rjet.Spec(stream.stream, second, rjet.Consumer("c", lambda f, e: None)))
         )
-        await asyncio.sleep(0.3)
+
+        async def both_reading() -> bool:
+            return (await stream.info()).state.consumer_count == 2
+
+        await wait_until(both_reading, what="the second runner's reader")
         await stream.insert("k", 1)
         with pytest.raises(rjet.CursorConflict, match="two runners share this consumer name"):
             await asyncio.wait_for(one, 10)
@@ -258,7 +265,11 @@ async def test_stop_lets_the_handler_in_flight_finish_and_flushes(js: JetStreamC
         assert await store.peek("c") == "3"
         stop.clear()
         task = asyncio.create_task(rjet.run_forever(spec, stop=stop))
-        await asyncio.sleep(0.3)
+
+        async def all_handled() -> bool:
+            return len(finished) == 50
+
+        await wait_until(all_handled, what="the rest of the events")
         stop.set()
         await asyncio.wait_for(task, 5)  # returns, does not raise
         assert await store.peek("c") == "50"

@@ -48,6 +48,7 @@ from rjet.cli._common import (
 from rjet.fate import NEVER, Fate, RandomFate
 from rjet.parallel import Parallel, Summary, shard_name, shard_of
 from rjet.server import EmbeddedServer
+from rjet.testing import KeyOrder
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -127,8 +128,7 @@ class Checker:
         self.inserted = 0
         self._files: dict[str, tuple[int, bytes]] = {}  # file name -> (offset, partial last line)
         self._order: list[str] = []
-        self._seen: set[int] = set()
-        self._last: dict[str, int] = {}
+        self._keys = KeyOrder()
         self._shard_of: dict[str, int] = {}
 
     def shard(self, foreign_id: str) -> int:
@@ -172,16 +172,13 @@ class Checker:
         t = self.shards[m]
         if writer != str(m) and writer.isdigit() and int(writer) < self.n:
             self.shards[int(writer)].misrouted += 1
-        if seq in self._seen:
+        violations = len(self._keys.violations)
+        if not self._keys.record(seq, fid):
             t.duplicates += 1
             return
-        self._seen.add(seq)
         self.unique += 1
         t.handled += 1
-        if seq < self._last.get(fid, 0):
-            t.violations += 1
-        else:
-            self._last[fid] = seq
+        t.violations += len(self._keys.violations) - violations
         if seq > t.top:
             t.top = seq
         while t.pending and t.pending[0][0] <= t.top:

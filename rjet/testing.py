@@ -1,0 +1,130 @@
+"""Helpers for testing code built on rjet, and for testing what rjet lets users plug in.
+
+- :func:`wait_until`: wait for a condition with a deadline, instead of sleeping a guessed time.
+- :class:`KeyOrder`: the per-key order check of at-least-once handling (what ``rjet demo`` checks):
+  feed it every handled ``(sequence, key)``; it counts duplicates (redeliveries) and order violations.
+- :func:`check_cursor_store`: the conformance check of the :class:`rjet.CursorStore` protocol; run it
+  over your own store (``await check_cursor_store(make_store)``) in your tests.
+
+::
+
+    from rjet.testing import KeyOrder, check_cursor_store, wait_until
+
+    order = KeyOrder()
+    consumer = rjet.Consumer("c", lambda fate, e: order.record(e.id_int, e.foreign_id))
+    ...
+    await wait_until(lambda: order.handled == 1000, timeout=30, what="every event handled")
+    order.check()  # AssertionError naming the first violation, if any
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import typing
+
+if typing.TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Hashable
+
+    from rjet.cursors import CursorStore
+
+__all__ = ["KeyOrder", "check_cursor_store", "wait_until"]
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 10.0,
+    what: str = "a condition",
+    *,
+    every: float = 0.01,
+) -> None:
+    """Return once ``predicate()`` (sync or async) is true; ``AssertionError`` naming ``what`` after
+    ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+class KeyOrder:
+    """Checks at-least-once, per-key ordered handling: every ``record(seq, key)`` of a handled event.
+
+    A sequence seen before is a duplicate (a redelivery: allowed); a first handling of a key's event
+    that comes after a later event of the same key is an order violation (never allowed).
+    ``handled`` counts distinct sequences, ``violations`` lists ``(key, seq, after)``.
+    """
+
+    def __init__(self) -> None:
+        self.handled = 0
+        self.duplicates = 0
+        self.violations: list[tuple[Hashable, int, int]] = []
+        self._seen: set[int] = set()
+        self._last: dict[Hashable, int] = {}
+
+    def record(self, seq: int, key: Hashable) -> bool:
+        """Note a handled event; True when it was its first handling."""
+        if seq in self._seen:
+            self.duplicates += 1
+            return False
+        self._seen.add(seq)
+        self.handled += 1
+        last = self._last.get(key, 0)
+        if seq < last:
+            self.violations.append((key, seq, last))
+        else:
+            self._last[key] = seq
+        return True
+
+    def missing(self, expected: range | list[int]) -> list[int]:
+        """The sequences of ``expected`` never handled."""
+        return [s for s in expected if s not in self._seen]
+
+    def check(self, expected: range | list[int] | None = None) -> None:
+        """``AssertionError`` on an order violation, or on an event of ``expected`` never handled."""
+        if self.violations:
+            key, seq, after = self.violations[0]
+            raise AssertionError(
+                f"{len(self.violations)} order violation(s); first: key {key!r} event {seq} handled after {after}"
+            )
+        if expected is not None and (gone := self.missing(expected)):
+            raise AssertionError(f"{len(gone)} event(s) never handled; first: {gone[:10]}")
+
+
+async def check_cursor_store(make_store: Callable[[], Awaitable[CursorStore]]) -> None:
+    """The :class:`rjet.CursorStore` contract, checked against ``make_store()``; ``AssertionError``
+    naming the broken rule.
+
+    ``make_store`` opens a store over the same backing storage each time (two calls stand for two
+    processes, or a restart). It should start empty of the names used here (``_conformance.*``).
+    """
+    first = await make_store()
+    name = "_conformance.a"
+    odd = "_conformance ü/ key*"
+    got = await first.get_cursor(name)
+    assert got == "", f"get_cursor of a name never set returned {got!r}, not ''"
+    await first.set_cursor(name, "5")
+    await first.set_cursor(name, "7")  # the last value set is the one kept
+    await first.set_cursor(odd, "3")
+    await first.flush()
+    await first.flush()  # a flush with nothing buffered is fine
+    second = await make_store()
+    got = await second.get_cursor(name)
+    assert got == "7", f"a new store read {got!r} for a flushed cursor, not '7'"
+    got = await second.get_cursor(odd)
+    assert got == "3", f"a name with spaces, '/', '*' and non-ASCII read back {got!r}, not '3'"
+    await second.set_cursor(name, "")
+    await second.flush()
+    third = await make_store()
+    got = await third.get_cursor(name)
+    assert got == "", f"a cursor set back to '' read back {got!r}"
+    for store in (first, second, third):
+        close = getattr(store, "close", None)
+        if close is not None:
+            await close()
