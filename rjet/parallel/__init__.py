@@ -15,8 +15,10 @@ with its own cursor ``shard_name(name, m, n)``. See ``docs/sharding.md``.
 """
 
 from rjet.parallel._errors import ParallelError, ReshardRefused, ShardsFailed
-from rjet.parallel._parallel import Parallel, ParallelOptions, ShardStats, Summary
+from rjet.parallel._options import ParallelOptions
+from rjet.parallel._parallel import Parallel
 from rjet.parallel._reshard import ReshardReport
+from rjet.parallel._results import ShardStats, Summary
 from rjet.parallel._shard import shard_name, shard_of
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from rjet.errors import RjetError
 
 if TYPE_CHECKING:
-    from rjet.parallel._parallel import Summary
+    from rjet.parallel._results import Summary
 
 __all__ = ["ParallelError", "ReshardRefused", "ShardsFailed"]
 

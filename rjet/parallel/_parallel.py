@@ -10,27 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import re
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import multiprocess
 from multiprocess.reduction import ForkingPickler
 
 from rjet._connect import connect
-from rjet._reader import ReadConfig
 from rjet.consumer import Handler
 from rjet.cursors import JetStreamCursorStore
 from rjet.errors import ConfigError, RjetError, Stopped
-from rjet.event import Event
-from rjet.fate import NEVER, Fate
 from rjet.parallel._errors import ShardsFailed
+from rjet.parallel._messages import Finished, Log, Progress, Started, Stop, ToParent
+from rjet.parallel._options import ParallelOptions
 from rjet.parallel._reshard import Heartbeats, ReshardReport, prepare
+from rjet.parallel._results import ShardStats, Summary
 from rjet.parallel._shard import check_n, shard_name
 from rjet.parallel._worker import EXIT_FATAL, EXIT_FENCED, ConnectOptions, WorkerConfig, connect_options
 from rjet.parallel._worker import main as worker_main
@@ -49,161 +48,6 @@ log = logging.getLogger("rjet.parallel")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 _TICK: Final = 0.05
 _FINAL: Final = frozenset({"done", "stopped", "fenced", "failed"})
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class ParallelOptions:
-    """The options of :class:`Parallel` (its ``**options``); every one has a default.
-
-    What runs:
-
-    - ``shards``: the shard indexes (0-based) this group runs; default all ``n``. Spread a name's
-      shards over hosts by giving each host a part (``shards=[0, 1]`` here, ``[2, 3]`` there).
-    - ``types``, ``filter``, ``fate``, ``lag``: as for :class:`rjet.Consumer` and :class:`rjet.Spec`.
-    - ``read``: the :class:`rjet.ReadConfig` of each worker's stream client.
-    - ``on_start``: ``on_start(m)`` (sync or async) runs in each worker process before it consumes
-      (open per-process resources there); an error in it counts as a crash of the worker.
-    - ``dead_letters``: the name of a stream for dead letters (created when missing); with it, an
-      event whose handler fails ``dead_letter_attempts`` times is recorded there and skipped
-      (:class:`rjet.DeadLetter`). Default: none, retry forever.
-    - ``handler_timing``: measure every handler call for the latency histogram (``ShardStats.live``).
-
-    How it runs:
-
-    - ``flush_interval``: seconds between cursor writes of each shard.
-    - ``retry_delay``, ``max_backoff``: a handler error stops the shard's run, which retries the same
-      event after a backoff (1 s doubling to ``max_backoff``); expected errors after ``retry_delay``.
-    - ``restart_delay``, ``max_restart_delay``, ``restart_reset``: a worker that dies is restarted
-      after ``restart_delay`` seconds, doubling on each crash up to ``max_restart_delay``; the delay
-      starts over once a worker lived ``restart_reset`` seconds.
-    - ``stop_timeout``: how long a graceful stop waits for handlers in flight before killing workers.
-    - ``heartbeat_interval``, ``heartbeat_ttl``: how often each shard's liveness is written to the
-      cursor bucket, and how old it may be before the shard counts as not running (resharding).
-
-    Where it runs:
-
-    - ``cursor_replicas``: replicas of the cursor bucket when this group creates it; default the
-      stream's replica count (a cluster that keeps the events keeps their cursors too). An existing
-      bucket is used as it is (a warning says so when it has fewer replicas than the stream).
-    - ``js_domain``, ``js_api_prefix``: the JetStream domain (leaf nodes) or API prefix (an account's
-      JetStream imported under another prefix) that the group and its workers talk to.
-    """
-
-    shards: Sequence[int] | None = None
-    types: Iterable[int] | None = None
-    filter: Callable[[Event], bool] | None = None
-    fate: Fate = NEVER
-    lag: float | None = None
-    read: ReadConfig | None = None
-    on_start: Callable[[int], Any] | None = None
-    dead_letters: str | None = None
-    dead_letter_attempts: int = 5
-    handler_timing: bool = False
-    flush_interval: float = 1.0
-    retry_delay: float = 0.1
-    max_backoff: float = 60.0
-    restart_delay: float = 0.5
-    max_restart_delay: float = 30.0
-    restart_reset: float = 30.0
-    stop_timeout: float = 30.0
-    heartbeat_interval: float = 2.0
-    heartbeat_ttl: float = 10.0
-    cursor_replicas: int | None = None
-    js_domain: str | None = None
-    js_api_prefix: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.types is not None:
-            object.__setattr__(self, "types", frozenset(self.types))
-        if self.shards is not None:
-            if isinstance(self.shards, int | str):
-                raise ConfigError(f"Parallel: shards is a list of shard indexes, not {self.shards!r}")
-            object.__setattr__(self, "shards", tuple(self.shards))
-        for field in (
-            "flush_interval",
-            "retry_delay",
-            "max_backoff",
-            "restart_delay",
-            "max_restart_delay",
-            "restart_reset",
-            "stop_timeout",
-            "heartbeat_interval",
-            "heartbeat_ttl",
-        ):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ConfigError(f"Parallel: {field} must be a number >= 0, not {value!r}")
-        if self.heartbeat_interval <= 0 or self.heartbeat_ttl < 2 * self.heartbeat_interval:
-            raise ConfigError(
-                "Parallel: need 0 < heartbeat_interval and heartbeat_ttl >= 2 * heartbeat_interval, got"
-                f" {self.heartbeat_interval} and {self.heartbeat_ttl}"
-            )
-        if self.lag is not None and (isinstance(self.lag, bool) or self.lag < 0):
-            raise ConfigError(f"Parallel: lag must be a number of seconds >= 0, not {self.lag!r}")
-        if self.filter is not None and not callable(self.filter):
-            raise ConfigError(f"Parallel: filter {self.filter!r} is not callable")
-        if self.on_start is not None and not callable(self.on_start):
-            raise ConfigError(f"Parallel: on_start {self.on_start!r} is not callable")
-        if self.cursor_replicas is not None and (
-            isinstance(self.cursor_replicas, bool)
-            or not isinstance(self.cursor_replicas, int)
-            or self.cursor_replicas < 1
-        ):
-            raise ConfigError(f"Parallel: cursor_replicas must be an int >= 1, not {self.cursor_replicas!r}")
-        if self.js_domain is not None and self.js_api_prefix is not None:
-            raise ConfigError("Parallel: give js_domain or js_api_prefix, not both")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ShardStats:
-    """One shard of a :class:`Summary`.
-
-    ``handled`` counts handler calls that succeeded and ``skipped`` the events left to other shards,
-    over every worker that ran the shard (replays after a crash count again; a worker killed outright
-    loses its last quarter second of counts). ``cursor`` is the shard's stored cursor at the end.
-    ``state`` is ``done`` (head reached), ``stopped``, ``fenced`` (another runner took the shard),
-    ``failed`` (a permanent error), ``idle`` (not started yet), or, while running, ``starting``,
-    ``running`` or ``waiting`` (to be restarted). ``live`` is the current worker's own
-    :class:`rjet.StatsSnapshot` (errors, dead letters, lag, handler latency; it starts over when the
-    worker is restarted) and ``flushes`` its cursor store's flush count, as last reported.
-    """
-
-    shard: int
-    name: str
-    handled: int
-    skipped: int
-    cursor: str
-    restarts: int
-    state: str
-    live: StatsSnapshot | None = None
-    flushes: int = 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Summary:
-    """What a :class:`Parallel` group did, per shard; ``reshard`` says what a reshard did, if any."""
-
-    name: str
-    n: int
-    shards: tuple[ShardStats, ...]
-    reshard: ReshardReport | None = None
-
-    @property
-    def handled(self) -> int:
-        """Events handled, over all shards."""
-        return sum(s.handled for s in self.shards)
-
-    @property
-    def skipped(self) -> int:
-        """Events skipped as other shards', over all shards."""
-        return sum(s.skipped for s in self.shards)
-
-    def shard(self, m: int) -> ShardStats:
-        """The stats of shard ``m`` (0-based); ``KeyError`` when this group did not run it."""
-        for s in self.shards:
-            if s.shard == m:
-                return s
-        raise KeyError(m)
 
 
 class _Shard:
@@ -408,33 +252,15 @@ class Parallel:
             servers=self.servers,
             stream=self.stream,
             namespace=self.namespace,
+            options=o,
             connect_options=self.connect_options,
-            types=o.types,  # type: ignore[arg-type]  # a frozenset after __post_init__
-            filter=o.filter,
-            fate=o.fate,
-            lag=o.lag,
-            read=o.read,
-            on_start=o.on_start,
-            dead_letters=o.dead_letters,
-            dead_letter_attempts=o.dead_letter_attempts,
-            handler_timing=o.handler_timing,
-            flush_interval=o.flush_interval,
-            retry_delay=o.retry_delay,
-            max_backoff=o.max_backoff,
             to_head=to_head,
-            js_options=self._js_options(),
             log_level=level,
             fence_interval=max(0.2, min(o.flush_interval, o.heartbeat_interval)),
         )
 
-    def _js_options(self) -> tuple[tuple[str, str], ...]:
-        o = self.options
-        if o.js_domain is not None:
-            return (("domain", o.js_domain),)
-        return (("prefix", o.js_api_prefix),) if o.js_api_prefix is not None else ()
-
     async def _run(self, nc: Client, to_head: bool, handle_signals: bool) -> Summary:
-        js = nc.jetstream(**dict(self._js_options()))
+        js = nc.jetstream(**self.options.jetstream_options())
         stream = Stream(js, self.stream)
         info = await stream.info()
         if stream.partitions is not None and not stream.partitions.divides(self.n):
@@ -540,7 +366,7 @@ class Parallel:
                     if s.state == "waiting":
                         s.state = "stopped"
                     elif s.conn is not None:
-                        self._send(s, ("stop",))
+                        self._send(s, Stop())
             if deadline is not None and not self._forced and (self._stops > 1 or now > deadline):
                 self._forced = (
                     "forced to stop" if self._stops > 1 else f"not stopped within {self.options.stop_timeout}s"
@@ -595,22 +421,24 @@ class Parallel:
         except (EOFError, OSError):
             pass
 
-    def _on_message(self, s: _Shard, msg: tuple[Any, ...]) -> None:
-        kind = msg[0]
-        if kind == "log":
-            record = logging.makeLogRecord(msg[1])
-            logger = logging.getLogger(record.name)
-            if logger.isEnabledFor(record.levelno):
-                logger.handle(record)
-        elif kind == "progress":
-            _, s.handled, s.skipped, cursor, s.live, s.flushes = msg
-            s.cursor = cursor or s.cursor
-        elif kind == "started":
-            if s.state == "starting":
-                s.state = "running"
-        else:
-            s.outcome, s.detail, s.handled, s.skipped, cursor = msg
-            s.cursor = cursor or s.cursor
+    def _on_message(self, s: _Shard, msg: ToParent) -> None:
+        match msg:
+            case Log(record=fields):
+                record = logging.makeLogRecord(fields)
+                logger = logging.getLogger(record.name)
+                if logger.isEnabledFor(record.levelno):
+                    logger.handle(record)
+            case Progress():
+                s.handled, s.skipped, s.live, s.flushes = msg.handled, msg.skipped, msg.live, msg.flushes
+                s.cursor = msg.cursor or s.cursor
+            case Started():
+                if s.state == "starting":
+                    s.state = "running"
+            case Finished():
+                s.outcome, s.detail, s.handled, s.skipped = msg.outcome, msg.detail, msg.handled, msg.skipped
+                s.cursor = msg.cursor or s.cursor
+            case _:
+                log.error("parallel %r: %s sent a message of no known kind: %r", self.name, s.name, msg)
 
     def _on_exit(self, s: _Shard, code: int, now: float, beats: Heartbeats) -> None:
         assert s.proc is not None
@@ -678,7 +506,7 @@ class Parallel:
         if self._wake is not None:
             self._wake.set()
 
-    def _send(self, s: _Shard, msg: tuple[Any, ...]) -> None:
+    def _send(self, s: _Shard, msg: Stop) -> None:
         if s.conn is not None:
             with contextlib.suppress(OSError, ValueError):
                 s.conn.send(msg)

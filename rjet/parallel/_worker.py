@@ -1,10 +1,7 @@
 """The worker process: one shard of a :class:`rjet.parallel.Parallel` group, with its own loop and connection.
 
 The parent starts :func:`main` in a spawned process with a :class:`WorkerConfig`, the handler, and its
-end of a pipe. Over the pipe the worker sends tuples (see ``Parallel``): ``("started", pid)``,
-``("progress", handled, skipped, cursor)``, ``("log", record)``, and one last ``(outcome, detail,
-handled, skipped, cursor)`` where outcome is ``done`` (head reached), ``stopped``, ``fenced`` or
-``fatal``. The parent sends ``("stop",)``; a closed pipe (the parent died) stops the worker too.
+end of a pipe; the messages both ways are in ``rjet/parallel/_messages.py``.
 
 Stopping is graceful: no new handler call starts, the one in flight finishes, the cursor is flushed.
 SIGINT is ignored (the parent owns Ctrl-C); SIGTERM stops like the parent's message does.
@@ -21,11 +18,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from rjet._connect import connect
-from rjet._reader import ReadConfig
 from rjet.consumer import Consumer, Handler
 from rjet.cursors import JetStreamCursorStore
 from rjet.deadletter import DeadLetter, DeadLetterStream
@@ -37,8 +33,8 @@ from rjet.errors import (
     InvalidCursor,
     RjetError,
 )
-from rjet.event import Event
-from rjet.fate import NEVER, Fate
+from rjet.parallel._messages import Finished, Log, Outcome, Progress, Started, Stop, ToParent
+from rjet.parallel._options import ParallelOptions
 from rjet.parallel._shard import key_filter, shard_name
 from rjet.run import Spec, run_forever
 from rjet.stats import ConsumerStats
@@ -74,21 +70,9 @@ class WorkerConfig:
     servers: tuple[str, ...]
     stream: str
     namespace: str
+    options: ParallelOptions
     connect_options: ConnectOptions = None
-    types: frozenset[int] | None = None
-    filter: Callable[[Event], bool] | None = None
-    fate: Fate = NEVER
-    lag: float | None = None
-    read: ReadConfig | None = None
-    on_start: Callable[[int], Awaitable[None] | None] | None = None
-    dead_letters: str | None = None
-    dead_letter_attempts: int = 5
-    handler_timing: bool = False
-    flush_interval: float = 1.0
-    retry_delay: float = 0.1
-    max_backoff: float = 60.0
     to_head: bool = False
-    js_options: tuple[tuple[str, str], ...] = ()  # nc.jetstream(...)'s domain or prefix
     log_level: int = logging.WARNING
     report_interval: float = 0.25
     fence_interval: float = 1.0
@@ -116,7 +100,7 @@ class _Link:
         self.lock = threading.Lock()
         self.broken = False
 
-    def send(self, msg: tuple[Any, ...]) -> None:
+    def send(self, msg: ToParent) -> None:
         if self.broken:
             return
         with self.lock:
@@ -150,7 +134,7 @@ class _Forward(logging.Handler):
             }
             data.update(msg=text, args=None, exc_info=None, exc_text=None, stack_info=None)
             data["processName"] = self.process_name
-            self.link.send(("log", data))
+            self.link.send(Log(data))
         except Exception:
             self.handleError(record)
 
@@ -160,7 +144,7 @@ class _Worker:
         self.cfg = cfg
         self.fn = fn
         self.link = link
-        self.stats = ConsumerStats(cfg.shard, timing=cfg.handler_timing)
+        self.stats = ConsumerStats(cfg.shard, timing=cfg.options.handler_timing)
         self.stop = asyncio.Event()
         self.store: JetStreamCursorStore | None = None
 
@@ -184,7 +168,7 @@ class _Worker:
         try:
             while conn.poll():
                 msg = conn.recv()
-                if msg and msg[0] == "stop":
+                if isinstance(msg, Stop):
                     self.request_stop()
         except (EOFError, OSError):
             self.link.broken = True
@@ -199,7 +183,7 @@ class _Worker:
             await asyncio.sleep(self.cfg.report_interval)
             snap = self.stats.snapshot()
             flushes = self.store.flushes if self.store is not None else 0
-            self.link.send(("progress", snap.handled, snap.skipped, self._cursor(), snap, flushes))
+            self.link.send(Progress(snap.handled, snap.skipped, self._cursor(), snap, flushes))
 
     async def _watch_fence(self, store: JetStreamCursorStore) -> None:
         # The store notices a second runner at its next write; this notices it while idle too.
@@ -211,7 +195,7 @@ class _Worker:
             except RjetError as e:
                 log.debug("shard %r: cannot check the cursor claim: %s", self.cfg.shard, e)
 
-    async def run(self) -> tuple[str, str]:
+    async def run(self) -> tuple[Outcome, str]:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
@@ -219,9 +203,11 @@ class _Worker:
         nc = await connect(list(cfg.servers), **connect_options(cfg.connect_options))
         helpers: list[asyncio.Task[None]] = []
         try:
-            js = nc.jetstream(**dict(cfg.js_options))
-            store = self.store = await JetStreamCursorStore.create(js, cfg.namespace, flush_interval=cfg.flush_interval)
-            stream = Stream(js, cfg.stream, read=cfg.read)
+            js = nc.jetstream(**cfg.options.jetstream_options())
+            store = self.store = await JetStreamCursorStore.create(
+                js, cfg.namespace, flush_interval=cfg.options.flush_interval
+            )
+            stream = Stream(js, cfg.stream, read=cfg.options.read)
             view = await stream.shard(cfg.m, cfg.n)
             if view is not None:
                 # A partitioned stream: the server sends only this shard's events. The key filter
@@ -229,30 +215,35 @@ class _Worker:
                 # by the wrong shard.
                 stream = view
             log.debug("shard %r: reading %s", cfg.shard, "its partitions only" if view else "the whole stream")
-            if cfg.on_start is not None:
-                result = cfg.on_start(cfg.m)
+            if cfg.options.on_start is not None:
+                result = cfg.options.on_start(cfg.m)
                 if result is not None and inspect.isawaitable(result):
                     await result
             dead_letter = None
-            if cfg.dead_letters:
-                sink = await DeadLetterStream.create(js, cfg.dead_letters)
-                dead_letter = DeadLetter(sink, attempts=cfg.dead_letter_attempts)
+            if cfg.options.dead_letters:
+                sink = await DeadLetterStream.create(js, cfg.options.dead_letters)
+                dead_letter = DeadLetter(sink, attempts=cfg.options.dead_letter_attempts)
             consumer = Consumer(
                 cfg.shard,
                 self.fn,
-                types=cfg.types,
-                filter=cfg.filter,
+                types=cfg.options.types,
+                filter=cfg.options.filter,
                 key_filter=self.key_filter(),
-                fate=cfg.fate,
+                fate=cfg.options.fate,
                 dead_letter=dead_letter,
             )
-            spec = Spec(stream.stream, store, consumer, to_head=cfg.to_head, lag=cfg.lag)
-            self.link.send(("started", os.getpid()))
+            spec = Spec(stream.stream, store, consumer, to_head=cfg.to_head, lag=cfg.options.lag)
+            self.link.send(Started(os.getpid()))
             helpers = [loop.create_task(self._report()), loop.create_task(self._watch_fence(store))]
-            outcome, detail = "done", ""
+            outcome: Outcome = "done"
+            detail = ""
             try:
                 await run_forever(
-                    spec, retry_delay=cfg.retry_delay, max_backoff=cfg.max_backoff, stats=self.stats, stop=self.stop
+                    spec,
+                    retry_delay=cfg.options.retry_delay,
+                    max_backoff=cfg.options.max_backoff,
+                    stats=self.stats,
+                    stop=self.stop,
                 )
                 if self.stop.is_set():
                     outcome = "stopped"
@@ -282,6 +273,7 @@ def main(cfg: WorkerConfig, fn: Handler, conn: Connection) -> None:
     root.setLevel(cfg.log_level)
     worker = _Worker(cfg, fn, link)
     code = 0
+    outcome: Outcome
     try:
         outcome, detail = asyncio.run(worker.run())
         if outcome == "fenced":
@@ -294,7 +286,7 @@ def main(cfg: WorkerConfig, fn: Handler, conn: Connection) -> None:
     except BaseException as e:
         log.error("shard %r: worker crashed", cfg.shard, exc_info=e)
         outcome, detail, code = "crashed", f"{type(e).__name__}: {e}", EXIT_CRASH
-    link.send((outcome, detail, worker.handled, worker.skipped, worker._cursor()))
+    link.send(Finished(outcome, detail, worker.handled, worker.skipped, worker._cursor()))
     with contextlib.suppress(OSError):
         conn.close()
     sys.exit(code)
