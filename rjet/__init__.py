@@ -16,7 +16,7 @@
 from rjet._connect import connect
 from rjet._reader import ReadConfig, StreamClient
 from rjet.consumer import Consumer, Handler
-from rjet.cursors import CursorRecord, CursorStore, JetStreamCursorStore, MemCursorStore
+from rjet.cursors import CursorRecord, CursorStore, FailingCursorStore, JetStreamCursorStore, MemCursorStore
 from rjet.deadletter import DeadLetter, DeadLetterRecord, DeadLetterStream
 from rjet.errors import (
     ConfigError,
@@ -48,7 +48,7 @@ from rjet.errors import (
 from rjet.event import Event
 from rjet.fate import ALWAYS, NEVER, Fate, FixedFate, RandomFate
 from rjet.partitions import Partitions
-from rjet.run import Spec, StreamFunc, run, run_forever
+from rjet.run import Spec, StreamClientLike, StreamFunc, run, run_forever
 from rjet.stats import ConsumerStats, StatsSnapshot
 from rjet.stream import Stream
 
@@ -75,6 +75,7 @@ __all__ = [
     "DecodeError",
     "Event",
     "EventsRemoved",
+    "FailingCursorStore",
     "Fate",
     "FixedFate",
     "Handler",
@@ -94,6 +95,7 @@ __all__ = [
     "Stopped",
     "Stream",
     "StreamClient",
+    "StreamClientLike",
     "StreamConfigMismatch",
     "StreamError",
     "StreamFunc",

@@ -18,6 +18,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, TypeVar
 
+from rjet._natsio import attachment, chain_error_callback
 from rjet.errors import PermissionDenied
 
 if TYPE_CHECKING:
@@ -87,20 +88,15 @@ class Denials:
 
 
 def denials(nc: Client) -> Denials:
-    """The connection's :class:`Denials`, chained onto its error callback on first use (and kept on
-    the connection, so it lives and dies with it)."""
-    found: Denials | None = getattr(nc, "_rjet_denials", None)
-    if found is None:
-        found = Denials()
-        nc._rjet_denials = found  # type: ignore[attr-defined]
-        previous = nc._error_cb
+    """The connection's :class:`Denials`, chained onto its error callback on first use (and kept
+    with the connection, so it lives and dies with it)."""
 
-        async def error_cb(err: Exception) -> None:
-            found.on_error(err)
-            await previous(err)
+    def make() -> Denials:
+        made = Denials()
+        chain_error_callback(nc, made.on_error)
+        return made
 
-        nc._error_cb = error_cb
-    return found
+    return attachment(nc, "denials", make)
 
 
 def starts(*prefixes: str) -> Match:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final
 
 from nats.aio.msg import Msg
 
+from rjet._natsio import fast_paths, header_dict, send_raw, subscription_id
 from rjet._wire import fast_lanes
 from rjet.errors import InsertError, StreamNotFound
 
@@ -71,9 +72,11 @@ async def publish_many(
         on_frame(msg.subject.encode(), b"", None, msg.data)
 
     sub = await nc.subscribe(inbox + ".*", cb=on_msg)
+    sid = subscription_id(sub)
     lanes = fast_lanes(nc)
     if lanes is not None:
-        lanes[sub._id] = on_frame
+        lanes[sid] = on_frame
+    raw = fast_paths(nc)
     try:
         for start in range(0, n, _WINDOW):
             # Two windows in flight: wait for the one before the previous.
@@ -82,16 +85,19 @@ async def publish_many(
                 arrived.clear()
                 await _wait(arrived, timeout, acks, stream, foreign_ids)
             end = min(start + _WINDOW, n)
+            if not raw:  # the plain path: one nats-py publish per event
+                for i in range(start, end):
+                    subject, hdr, data = events[i]
+                    await nc.publish(subject, data, reply=f"{inbox}.{i}", headers=header_dict(hdr))
+                await nc.flush(max(1, round(timeout)))
+                continue
             frames = []
             for i in range(start, end):
                 subject, hdr, data = events[i]
                 frames.append(b"HPUB %s %s.%d %d %d\r\n%s%s\r\n" % (
                     subject.encode(), reply_to, i, len(hdr), len(hdr) + len(data), hdr, data
                 ))  # fmt: skip
-            nc.stats["out_msgs"] += len(frames)  # keep nats-py's counters true to the wire
-            nc.stats["out_bytes"] += sum(len(events[i][2]) for i in range(start, end))
-            await nc._send_command(b"".join(frames))
-            await nc._flush_pending()
+            await send_raw(nc, frames, sum(len(events[i][2]) for i in range(start, end)), flush=True)
         wanted = n
         if received < n:
             arrived.clear()
@@ -99,7 +105,7 @@ async def publish_many(
         return _sequences(acks, n, stream, foreign_ids)
     finally:
         if lanes is not None:
-            lanes.pop(sub._id, None)
+            lanes.pop(sid, None)
         await sub.unsubscribe()
 
 

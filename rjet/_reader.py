@@ -37,6 +37,7 @@ from nats.nuid import NUID
 from xxhash import xxh3_64_intdigest
 
 from rjet._denials import denials, starts
+from rjet._natsio import api_prefix, api_timeout, connection, subscription_id
 from rjet._wire import FastParser, fast_parser
 from rjet.errors import (
     ConfigError,
@@ -299,7 +300,7 @@ class StreamClient:
         self.stream_id = ""  # which stream this is: its name and creation time (see _identity)
         self._expect_id = stream_id
         self._js = js
-        self._nc = js._nc
+        self._nc = connection(js)
         self._cfg = config
         self._after = after
         self._from_head = from_head
@@ -368,11 +369,11 @@ class StreamClient:
         or the stream error that ended the client.
         """
         while True:
-            item = await self._next()
+            item = await self.next_or_skip()
             if type(item) is Event:
                 return item
 
-    async def _next(self) -> Event | int | EventsRemoved:
+    async def next_or_skip(self) -> Event | int | EventsRemoved:
         """The next event (whose foreign ID passed the key filter); or, before it would wait, the
         sequence of the last event the key filter passed over, so the caller's cursor can move past
         other shards' events; or, under ``on_removed="skip"``, a range removed before the next event."""
@@ -462,7 +463,7 @@ class StreamClient:
             key_filter = self._key_filter
             if key_filter is not None:
                 # Other keys' events stop here, with only the foreign ID decoded. (One whose header
-                # does not decode is buffered, so that _next raises its DecodeError in order.)
+                # does not decode is buffered, so that next_or_skip raises its DecodeError in order.)
                 try:
                     fid = self._foreign_id(subject, hdr, sseq)
                     wanted = key_filter(fid)
@@ -909,10 +910,8 @@ class StreamClient:
 
     async def _stream_info(self) -> api.StreamInfo:
         try:
-            api_prefix = self._js._prefix
-            return await self._denials.guard(
-                starts(f"{api_prefix}.STREAM.INFO.{self.stream}"), self._js.stream_info(self.stream)
-            )
+            subject = f"{api_prefix(self._js)}.STREAM.INFO.{self.stream}"
+            return await self._denials.guard(starts(subject), self._js.stream_info(self.stream))
         except nats.js.errors.NotFoundError:
             raise StreamNotFound(self.stream) from None
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
@@ -921,8 +920,10 @@ class StreamClient:
     async def _first_seq(self) -> int:
         """The stream's first sequence, from a stream-info request read for that field alone (nats-py's
         full decoding of the reply costs several times the round trip, and _verify asks often)."""
-        subject = f"{self._js._prefix}.STREAM.INFO.{self.stream}"
-        reply = await self._denials.guard(starts(subject), self._nc.request(subject, b"", timeout=self._js._timeout))
+        subject = f"{api_prefix(self._js)}.STREAM.INFO.{self.stream}"
+        reply = await self._denials.guard(
+            starts(subject), self._nc.request(subject, b"", timeout=api_timeout(self._js))
+        )
         found = _FIRST_SEQ.search(reply.data)
         if found is None or b'"error"' in reply.data[:16]:
             return (await self._stream_info()).state.first_seq  # raises what the server said, or decodes it
@@ -957,14 +958,14 @@ class StreamClient:
         elif self._filters:
             config.filter_subjects = list(self._filters)
         info = await self._denials.guard(
-            starts(f"{self._js._prefix}.CONSUMER.CREATE.{self.stream}"), self._js.add_consumer(self.stream, config)
+            starts(f"{api_prefix(self._js)}.CONSUMER.CREATE.{self.stream}"), self._js.add_consumer(self.stream, config)
         )
         if info.num_pending == 0:
             self._caught_up = True
         self._server_pending = info.num_pending or 0
         self._activity = self._loop.time()
         self._consumer = info.name.encode()
-        self._next_subject = f"{self._js._prefix}.CONSUMER.MSG.NEXT.{self.stream}.{info.name}"
+        self._next_subject = f"{api_prefix(self._js)}.CONSUMER.MSG.NEXT.{self.stream}.{info.name}"
 
     async def _open(self) -> None:
         info = await self._stream_info()
@@ -986,10 +987,10 @@ class StreamClient:
         self._head = state.last_seq
         # Pull requests and deliveries are not requests: a refusal of either ends the client at once.
         self._unwatch = self._denials.watch(
-            starts(f"{self._js._prefix}.CONSUMER.MSG.NEXT.{self.stream}.", self._inbox), self._fail
+            starts(f"{api_prefix(self._js)}.CONSUMER.MSG.NEXT.{self.stream}.", self._inbox), self._fail
         )
         self._sub = await self._nc.subscribe(self._inbox + ".*", cb=self._on_msg)
-        self._sid = self._sub._id
+        self._sid = subscription_id(self._sub)
         self._parser = fast_parser(self._nc) if self._cfg.fast_lane else None
         if self._parser is not None:
             self._parser.lanes[self._sid] = self._on_lane_frame
@@ -1010,7 +1011,7 @@ class StreamClient:
     @property
     def key_filter(self) -> Callable[[str], bool] | None:
         """The foreign-ID filter the client was opened with: other keys' events are passed over
-        before decoding, and ``_next`` returns how far (ints) so a caller's cursor can move past them."""
+        before decoding, and ``next_or_skip`` returns how far (ints) so a caller's cursor can move past them."""
         return self._key_filter
 
     @property
@@ -1064,7 +1065,7 @@ class StreamClient:
         if consumer is not None:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
                 await self._nc.request(
-                    f"{self._js._prefix}.CONSUMER.DELETE.{self.stream}.{consumer.decode()}", b"", timeout=1.0
+                    f"{api_prefix(self._js)}.CONSUMER.DELETE.{self.stream}.{consumer.decode()}", b"", timeout=1.0
                 )
 
     def __aiter__(self) -> Self:
@@ -1073,7 +1074,7 @@ class StreamClient:
     async def __anext__(self) -> Event:
         try:
             while True:
-                item = await self._next()
+                item = await self.next_or_skip()
                 if type(item) is Event:
                     return item
         except HeadReached:

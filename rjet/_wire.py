@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 from nats.errors import ProtocolError
 from nats.protocol import parser as _nats_parser
 
+from rjet._natsio import fast_paths
+
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
@@ -157,6 +159,8 @@ def fast_parser(nc: Client) -> FastParser | None:
     ps = getattr(nc, "_ps", None)
     if isinstance(ps, FastParser):
         return ps
+    if not fast_paths(nc):
+        return None
     if type(ps) is not _nats_parser.Parser or not set(vars(ps)) >= _EXPECTED_STATE:
         return None
     fast = FastParser(nc)

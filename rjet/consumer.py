@@ -77,10 +77,11 @@ class Consumer:
         """Handle ``event`` unless it is filtered out; returns whether the handler ran."""
         if self.key_filter is not None and not self.key_filter(event.foreign_id):
             return False
-        return await self._consume_wanted_key(event)
+        return await self.consume_key_passed(event)
 
-    async def _consume_wanted_key(self, event: Event) -> bool:
-        # For readers that applied key_filter already.
+    async def consume_key_passed(self, event: Event) -> bool:
+        """:meth:`consume` for an event whose foreign ID passed ``key_filter`` already (a reader
+        opened with the consumer's key filter checked it before decoding the event)."""
         if (self.types is not None and event.type not in self.types) or (
             self.filter is not None and not self.filter(event)
         ):

@@ -25,6 +25,7 @@ from nats.js import api
 from nats.nuid import NUID
 
 from rjet._denials import Match, denials
+from rjet._natsio import api_timeout, connection, fast_paths, hpub, kv_names, send_raw
 from rjet._publish import ack_seq
 from rjet.errors import (
     ConfigError,
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
 
-__all__ = ["CursorRecord", "CursorStore", "JetStreamCursorStore", "MemCursorStore"]
+__all__ = ["CursorRecord", "CursorStore", "FailingCursorStore", "JetStreamCursorStore", "MemCursorStore"]
 
 log = logging.getLogger("rjet.cursors")
 
@@ -79,6 +80,16 @@ class CursorStore(Protocol):
 
     async def flush(self) -> None:
         """Write every buffered cursor."""
+        ...
+
+
+@runtime_checkable
+class FailingCursorStore(CursorStore, Protocol):
+    """A :class:`CursorStore` that can fail in the background (a buffered write refused, the bucket
+    gone): ``run`` stops as soon as :meth:`wait_failed` returns, not at the next event."""
+
+    async def wait_failed(self) -> None:
+        """Return once the store has failed; what failed is raised by the next call."""
         ...
 
 
@@ -138,8 +149,9 @@ async def kv_keys(kv: KeyValue) -> list[str]:
     (nats-py's ``KeyValue.keys()`` reads them through a watcher that can stop early and return
     none; the stream's per-subject state is exact.) Deleted keys keep a marker and are listed.
     """
-    prefix = f"$KV.{kv._name}."
-    info = await kv._js.stream_info(kv._stream, subjects_filter=prefix + ">")
+    names = kv_names(kv)
+    prefix = names.prefix
+    info = await names.js.stream_info(names.stream, subjects_filter=prefix + ">")
     return [subject[len(prefix) :] for subject in info.state.subjects or {}]
 
 
@@ -208,7 +220,7 @@ class _Claim:
         if self.lost is None:
             self.lost = err
             self.lost_event.set()
-            self._store._lost.set()
+            self._store._lost.set()  # noqa: SLF001
 
     def check(self) -> None:
         if self.lost is not None:
@@ -217,17 +229,17 @@ class _Claim:
     async def set_cursor(self, cursor: str) -> None:
         """Buffer ``cursor``; written by the store's next flush as a compare-and-swap of this claim."""
         store = self._store
-        if self.lost is not None or self.released or store._closed:
-            store._check_open()
+        if self.lost is not None or self.released or store._closed:  # noqa: SLF001
+            store._check_open()  # noqa: SLF001
             self.check()
             raise CursorStoreError(f"cursor {self.name!r}: this claim was released; claim the cursor again")
-        store._dirty[self.name] = cursor
-        if store._flusher is None:
-            store._start_flusher()
+        store._dirty[self.name] = cursor  # noqa: SLF001
+        if store._flusher is None:  # noqa: SLF001
+            store._start_flusher()  # noqa: SLF001
 
     async def flush(self) -> None:
         """Write this claim's buffered cursor now; raises this claim's failure (not another cursor's)."""
-        await self._store._flush_names([self.name], raise_for={self.name})
+        await self._store._flush_names([self.name], raise_for={self.name})  # noqa: SLF001
 
     async def wait_lost(self) -> None:
         """Return once the claim is lost (another runner took it, its key vanished, a write failed)."""
@@ -240,8 +252,8 @@ class _Claim:
                 await self.flush()
         finally:
             self.released = True
-            if self._store._claims.get(self.name) is self:
-                del self._store._claims[self.name]
+            if self._store._claims.get(self.name) is self:  # noqa: SLF001
+                del self._store._claims[self.name]  # noqa: SLF001
 
 
 class JetStreamCursorStore:
@@ -283,7 +295,9 @@ class JetStreamCursorStore:
         self._closed = False
         self._atomic = False  # the bucket takes atomic batches: a flush of many cursors is one request
         self._owner = _owner_token()  # for writes without a claim (rjet cursor --set)
-        self._guard = denials(kv._js._nc).guard
+        self._names = kv_names(kv)
+        self._nc = connection(self._names.js)
+        self._guard = denials(self._nc).guard
         self._match = _bucket_match(self.bucket)
         self.flushes = 0
         self.settled = 0  # writes whose failure or lost answer a read-back showed to be this store's own
@@ -303,7 +317,7 @@ class JetStreamCursorStore:
             raise ConfigError(f"flush_interval must be >= 0, not {flush_interval}")
         bucket = _BUCKET_PREFIX + namespace
         created = False
-        guard, match = denials(js._nc).guard, _bucket_match(bucket)
+        guard, match = denials(connection(js)).guard, _bucket_match(bucket)
         try:
             try:
                 kv = await guard(match, js.key_value(bucket))
@@ -324,13 +338,21 @@ class JetStreamCursorStore:
             raise CursorStoreError(f"cursor bucket {bucket!r}: cannot open: {e!r}") from e
         _check_bucket_config(bucket, info.config)
         store = cls(kv, namespace, flush_interval=flush_interval)
-        store._atomic = bool(info.config.allow_atomic) or (created and await _allow_atomic(js, info.config))
+        # Atomic batches are sent as raw frames: a fast path (rjet/_natsio.py).
+        atomic = bool(info.config.allow_atomic) or (created and await _allow_atomic(js, info.config))
+        store._atomic = atomic and fast_paths(store._nc)
         return store
 
     @property
     def bucket(self) -> str:
         """The KV bucket's name."""
         return _BUCKET_PREFIX + self.namespace
+
+    @property
+    def kv(self) -> KeyValue:
+        """The bucket itself. rjet keeps its own records beside the cursors (keys under ``_rjet.``:
+        :mod:`rjet.parallel`'s heartbeats and reshard records); write no cursor key through it."""
+        return self._kv
 
     # ----------------------------------------------------------------- claims
 
@@ -562,7 +584,7 @@ class JetStreamCursorStore:
         refused it or its answer was lost; the caller then writes them one by one, which settles
         each by reading it back.
         """
-        nc = self._kv._js._nc
+        nc, pre = self._nc, self._names.prefix
         batch_id = _NUID.next().decode()
         items = []
         for name, (claim, cursor) in batch.items():
@@ -583,15 +605,12 @@ class JetStreamCursorStore:
             frames = []
             for i, (_, claim, key, _, value) in enumerate(items[:-1], 1):
                 hdr = "".join(f"{k}: {v}\r\n" for k, v in headers(i, claim).items())
-                block = f"NATS/1.0\r\n{hdr}\r\n".encode()
-                frames.append(b"HPUB %s%s %d %d\r\n%s%s\r\n" % (
-                    self._kv._pre.encode(), key.encode(), len(block), len(block) + len(value), block, value
-                ))  # fmt: skip
-            nc.stats["out_msgs"] += len(frames)  # keep nats-py's counters true to the wire
-            await nc._send_command(b"".join(frames))
+                frames.append(hpub(f"{pre}{key}".encode(), b"", f"NATS/1.0\r\n{hdr}\r\n".encode(), value))
+            await send_raw(nc, frames, sum(len(item[4]) for item in items[:-1]))
             _, claim, key, _, value = items[-1]
             commit = {**headers(last, claim), "Nats-Batch-Commit": "1"}
-            reply = await nc.request(f"{self._kv._pre}{key}", value, timeout=self._kv._js._timeout, headers=commit)
+            timeout = api_timeout(self._names.js)
+            reply = await nc.request(f"{pre}{key}", value, timeout=timeout, headers=commit)
             return reply.data
 
         task = asyncio.ensure_future(send())
@@ -663,7 +682,7 @@ class JetStreamCursorStore:
     async def _gone(self, name: str, cause: BaseException | None = None) -> CursorStoreError:
         """The error for a cursor whose key is missing: the bucket is gone, unusable, or was emptied."""
         try:
-            info = await self._guard(self._match, self._kv._js.stream_info(self._kv._stream))
+            info = await self._guard(self._match, self._names.js.stream_info(self._names.stream))
         except nats.js.errors.NotFoundError:
             return CursorBucketGone(
                 f"cursor bucket {self.bucket!r}: cursor {name!r}: the bucket is gone (deleted while in use);"

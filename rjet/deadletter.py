@@ -135,13 +135,14 @@ class DeadLetterStream:
 
     async def __call__(self, record: DeadLetterRecord) -> None:
         """Store ``record``; raises when the stream does not acknowledge it."""
+        from rjet._natsio import connection
         from rjet.event import encode_header_block
 
         fid = record.event.foreign_id if record.event else f"{record.stream}:{record.event_id}"
         typ = record.event.type if record.event else 0
         msg_id = f"{record.consumer}:{record.event_id}"
         # The record must fit a message whatever the event's size, or the consumer could never move on.
-        room = self.stream.js._nc.max_payload - len(encode_header_block(fid, typ, msg_id))
+        room = connection(self.stream.js).max_payload - len(encode_header_block(fid, typ, msg_id))
         await self.stream.insert(fid, typ, record.to_json(room), msg_id=msg_id)
         self.recorded += 1
 

@@ -15,7 +15,7 @@ from typing import Any, Final, NoReturn, Protocol
 
 from rjet._reader import StreamClient
 from rjet.consumer import Consumer
-from rjet.cursors import CursorStore, JetStreamCursorStore
+from rjet.cursors import CursorStore, FailingCursorStore, JetStreamCursorStore
 from rjet.deadletter import DeadLetter, DeadLetterRecord, record_for
 from rjet.errors import (
     ConfigError,
@@ -128,7 +128,7 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
         client = await _open(spec, claim, cursor, name, store)
         if isinstance(client, StreamClient):
             claim.stream = client.stream_id  # every cursor written from now on names this stream
-        stats._attach(client)
+        stats.track(client)
         # A claim that is lost (another runner took it, its key vanished) or a stop request ends the
         # run now, not when the next event arrives: closing the client ends recv(); and no handler
         # call starts once either happened.
@@ -141,12 +141,12 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
             set_cursor = claim.set_cursor
             recv: Callable[[], Awaitable[Event | int | EventsRemoved]] = client.recv
             if isinstance(client, StreamClient):
-                recv = client._next  # one coroutine less per event; returns ints only with a key filter
+                recv = client.next_or_skip  # one coroutine less per event than recv()
                 if consumer.key_filter is not None and client.key_filter is consumer.key_filter:
                     # The reader passed over other keys before decoding them (and says how far).
-                    consume = consumer._consume_wanted_key
+                    consume = consumer.consume_key_passed
             dead_letter = consumer.dead_letter
-            stream_name = getattr(client, "stream", "")
+            stream_name = client.stream if isinstance(client, StreamClient) else ""
             timing = stats.timing
             clock = time.monotonic
             halted = halt.is_set
@@ -250,9 +250,11 @@ class _PlainClaim:
         self.set_cursor = functools.partial(store.set_cursor, name)
 
     async def wait_lost(self) -> None:
-        # A store that can fail in the background says so (rjet 0.1's protocol); others never do.
-        wait = getattr(self._store, "wait_failed", None)
-        await (wait() if wait is not None else asyncio.get_running_loop().create_future())
+        # A store that can fail in the background says so; others never do.
+        if isinstance(self._store, FailingCursorStore):
+            await self._store.wait_failed()
+        else:
+            await asyncio.get_running_loop().create_future()
 
     async def release(self) -> None:
         await self._store.flush()

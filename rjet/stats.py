@@ -135,7 +135,9 @@ class ConsumerStats:
             removed=self.removed + getattr(self._client, "removed", 0),
         )
 
-    def _attach(self, client: object) -> None:
+    def track(self, client: object) -> None:
+        """Read lag (``num_pending``) and the reader's own counts (``skipped``, ``removed``) from
+        ``client`` from now on; what an earlier client counted stays counted."""
         # Skips counted by a finished client stay counted.
         old = self._client
         if old is not None:

@@ -20,6 +20,7 @@ import nats.js.errors
 from nats.js import api
 
 from rjet._denials import denials, starts
+from rjet._natsio import api_prefix, api_timeout, connection
 from rjet._publish import Outgoing, ack_error, ack_seq, publish_many
 from rjet._reader import ReadConfig, StreamClient
 from rjet.errors import (
@@ -221,7 +222,7 @@ class Stream:
         """The stream's current info (config and state); :class:`StreamNotFound` when it is gone."""
         try:
             info = await denials(self._nc).guard(
-                starts(f"{self.js._prefix}.STREAM.INFO.{self.name}"), self.js.stream_info(self.name)
+                starts(f"{api_prefix(self.js)}.STREAM.INFO.{self.name}"), self.js.stream_info(self.name)
             )
         except nats.js.errors.NotFoundError:
             raise StreamNotFound(self.name) from None
@@ -251,7 +252,7 @@ class Stream:
             subject = self._partitions.subject(subject, foreign_id)
         try:
             msg = await denials(self._nc).guard(
-                starts(subject), self._nc.request(subject, data, timeout=self.js._timeout, headers=headers)
+                starts(subject), self._nc.request(subject, data, timeout=api_timeout(self.js), headers=headers)
             )
         except nats.errors.MaxPayloadError:
             raise self._too_large(0, foreign_id, data) from None
@@ -296,10 +297,9 @@ class Stream:
         if not items:
             return []
         try:
-            return await denials(self._nc).guard(
-                starts(prefix),
-                publish_many(self._nc, self.name, outgoing, [fid for fid, _, _ in items], timeout or self.js._timeout),
-            )
+            fids = [fid for fid, _, _ in items]
+            publishing = publish_many(self._nc, self.name, outgoing, fids, timeout or api_timeout(self.js))
+            return await denials(self._nc).guard(starts(prefix), publishing)
         except nats.errors.ConnectionClosedError:
             raise InsertError(self.name, 0, items[0][0], "the NATS connection is closed") from None
 
@@ -342,12 +342,12 @@ class Stream:
             stream_id=stream_id,
             key_filter=key_filter,
         )
-        await client._open()
+        await client._open()  # noqa: SLF001 (Stream is the client's factory)
         return client
 
     @property
     def _nc(self) -> Client:
-        return self.js._nc
+        return connection(self.js)
 
     def _too_large(self, index: int, foreign_id: str, data: bytes) -> InvalidEvent:
         return InvalidEvent(

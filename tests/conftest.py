@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import nats
@@ -15,6 +16,16 @@ import rjet
 from rjet.server import EmbeddedServer
 
 _names = itertools.count(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # RJET_FAST_PATHS=0 runs the suite on nats-py's plain paths (rjet/_natsio.py); the tests of a
+    # fast path itself do not apply there.
+    if os.environ.get("RJET_FAST_PATHS", "1") == "0":
+        skip = pytest.mark.skip(reason="checks a fast path; RJET_FAST_PATHS=0")
+        for item in items:
+            if "fast_paths" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

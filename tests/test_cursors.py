@@ -221,6 +221,7 @@ async def test_deleted_cursors_are_not_listed(js: JetStreamContext, name: str) -
         assert await store.peek("gone") == ""
 
 
+@pytest.mark.fast_paths
 async def test_a_flush_of_many_cursors_is_one_atomic_batch(js: JetStreamContext, name: str) -> None:
     async with await jet(js, name) as store:
         assert store._atomic

@@ -345,7 +345,7 @@ async def test_skipping_removed_events_is_logged_counted_and_recorded(
     js: JetStreamContext, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     await rjet.Stream.create(js, name)
-    skip = rjet.ReadConfig(on_removed="skip")
+    skip = rjet.ReadConfig(batch=100, max_buffered=200, on_removed="skip")  # at event 10, 200 at most fetched
     stream = rjet.Stream(js, name, read=skip)
     await stream.insert_many([("k", 1, b"")] * 5000)
     seen, fn = recording()

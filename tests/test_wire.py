@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import Callable
 
 import pytest
@@ -25,6 +26,7 @@ async def read_all(stream: rjet.Stream, after: str = "") -> list[rjet.Event]:
         return [e async for e in client]
 
 
+@pytest.mark.fast_paths
 async def test_other_subscriptions_on_the_connection_keep_working_while_reading(
     nc: Client, js: JetStreamContext, stream: rjet.Stream
 ) -> None:
@@ -271,3 +273,100 @@ async def test_only_a_well_formed_shard_filter_is_hashed_by_the_reader(stream: r
     for bogus in [(3, 3), (-1, 2), ("0", 2), (0,), [0, 2], None]:
         async with await stream.stream(key_filter=Claims(bogus)) as client:
             assert client._shard is None, bogus
+
+
+# The fast lane against nats-py's own parser: the same bytes, cut anywhere, give the same calls.
+
+
+class _Recorder:
+    """Stands for a nats-py Client: records what a parser hands it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, ...]] = []
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
+        self.calls.append(("msg", sid, bytes(subject), bytes(reply), bytes(data), None if hdr is None else bytes(hdr)))
+
+    async def _process_ping(self) -> None:
+        self.calls.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.calls.append(("pong",))
+
+    async def _process_err(self, err: str) -> None:
+        self.calls.append(("err", err))
+
+    async def _process_info(self, info: dict[str, object]) -> None:
+        self.calls.append(("info", info))
+
+
+_tokens = st.text(alphabet="abcxyz0123456789_-", min_size=1, max_size=8)
+_frame = st.one_of(
+    st.tuples(
+        st.just("msg"), st.sampled_from([1, 2, 7]), _tokens, st.one_of(st.just(""), _tokens), st.binary(max_size=40)
+    ),
+    st.tuples(
+        st.just("hmsg"),
+        st.sampled_from([1, 2, 7]),
+        _tokens,
+        st.one_of(st.just(""), _tokens),
+        st.dictionaries(st.sampled_from(["a", "b", "Nats-Seq"]), _tokens, max_size=2),
+        st.binary(max_size=40),
+    ),
+    st.just(("ping",)),
+    st.just(("pong",)),
+    st.just(("ok",)),
+    st.tuples(st.just("err"), st.sampled_from(["'Permissions Violation for Publish to \"X.Y\"'", "'Unknown'"])),
+    st.tuples(
+        st.just("info"), st.dictionaries(st.sampled_from(["max_payload", "server_id"]), st.integers(0, 9), max_size=2)
+    ),
+)
+
+
+def _encode(frame: tuple[object, ...]) -> bytes:
+    kind = frame[0]
+    if kind == "msg":
+        _, sid, subject, reply, data = frame
+        r = f" {reply}" if reply else ""
+        return f"MSG {subject} {sid}{r} {len(data)}\r\n".encode() + data + b"\r\n"  # type: ignore[arg-type, operator]
+    if kind == "hmsg":
+        _, sid, subject, reply, headers, data = frame
+        block = ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()  # type: ignore[attr-defined]
+        r = f" {reply}" if reply else ""
+        total = len(block) + len(data)  # type: ignore[arg-type]
+        return f"HMSG {subject} {sid}{r} {len(block)} {total}\r\n".encode() + block + data + b"\r\n"  # type: ignore[operator]
+    if kind == "err":
+        return f"-ERR {frame[1]}\r\n".encode()
+    if kind == "info":
+        return b"INFO " + json.dumps(frame[1]).encode() + b"\r\n"
+    return {"ping": b"PING\r\n", "pong": b"PONG\r\n", "ok": b"+OK\r\n"}[kind]  # type: ignore[index]
+
+
+async def _parse(parser: object, wire: bytes, cuts: list[int]) -> None:
+    points = sorted({c % (len(wire) + 1) for c in cuts})
+    for a, b in zip([0, *points], [*points, len(wire)], strict=True):
+        await parser.parse(wire[a:b])  # type: ignore[attr-defined]
+
+
+@settings(max_examples=150, deadline=None)
+@given(frames=st.lists(_frame, max_size=25), cuts=st.lists(st.integers(0, 10_000), max_size=12), lane=st.booleans())
+def test_the_fast_parser_agrees_with_nats_pys_parser(
+    frames: list[tuple[object, ...]], cuts: list[int], lane: bool
+) -> None:
+    wire = b"".join(_encode(f) for f in frames)
+    theirs, ours = _Recorder(), _Recorder()
+    plain = Parser(theirs)  # type: ignore[arg-type]
+    fast = FastParser(ours)  # type: ignore[arg-type]
+    if lane:  # sid 7 on the lane: its frames reach the handler, the rest go the usual way
+
+        def handler(subject: bytes, reply: bytes, hdr: bytes | None, data: bytes) -> None:
+            ours.calls.append(("msg", 7, bytes(subject), bytes(reply), bytes(data), hdr))
+
+        fast.lanes[7] = handler
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_parse(plain, wire, cuts))
+        loop.run_until_complete(_parse(fast, wire, cuts))
+    finally:
+        loop.close()
+    assert ours.calls == theirs.calls

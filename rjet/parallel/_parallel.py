@@ -283,12 +283,12 @@ class Parallel:
             )  # fmt: skip
         group = uuid.uuid4().hex
         beats = Heartbeats(
-            store._kv, self.name, self.n, self.shards, group, interval=o.heartbeat_interval, ttl=o.heartbeat_ttl
+            store.kv, self.name, self.n, self.shards, group, interval=o.heartbeat_interval, ttl=o.heartbeat_ttl
         )
         await beats.beat()
         try:
             self.reshard = await prepare(
-                store._kv, self.name, self.n, group=beats.group, ttl=o.heartbeat_ttl, shards=self.shards
+                store.kv, self.name, self.n, group=beats.group, ttl=o.heartbeat_ttl, shards=self.shards
             )
         except BaseException:
             await beats.clear()

@@ -175,7 +175,7 @@ class _Worker:
             asyncio.get_running_loop().remove_reader(conn.fileno())
             self.request_stop()
 
-    def _cursor(self) -> str:
+    def cursor(self) -> str:
         return (self.store.last_written(self.cfg.shard) if self.store is not None else None) or ""
 
     async def _report(self) -> None:
@@ -183,7 +183,7 @@ class _Worker:
             await asyncio.sleep(self.cfg.report_interval)
             snap = self.stats.snapshot()
             flushes = self.store.flushes if self.store is not None else 0
-            self.link.send(Progress(snap.handled, snap.skipped, self._cursor(), snap, flushes))
+            self.link.send(Progress(snap.handled, snap.skipped, self.cursor(), snap, flushes))
 
     async def _watch_fence(self, store: JetStreamCursorStore) -> None:
         # The store notices a second runner at its next write; this notices it while idle too.
@@ -286,7 +286,7 @@ def main(cfg: WorkerConfig, fn: Handler, conn: Connection) -> None:
     except BaseException as e:
         log.error("shard %r: worker crashed", cfg.shard, exc_info=e)
         outcome, detail, code = "crashed", f"{type(e).__name__}: {e}", EXIT_CRASH
-    link.send(Finished(outcome, detail, worker.handled, worker.skipped, worker._cursor()))
+    link.send(Finished(outcome, detail, worker.handled, worker.skipped, worker.cursor()))
     with contextlib.suppress(OSError):
         conn.close()
     sys.exit(code)
