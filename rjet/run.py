@@ -116,7 +116,7 @@ async def run(spec: Spec, *, stats: ConsumerStats | None = None, stop: asyncio.E
     await _run(spec, stats or ConsumerStats(spec.consumer.name), stop)
 
 
-async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = None) -> NoReturn:
+async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = None) -> NoReturn:  # noqa: C901 (the run loop)
     name = spec.consumer.name
     store = spec.cursor_store
     stats.runs += 1

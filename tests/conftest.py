@@ -18,7 +18,15 @@ from rjet.server import EmbeddedServer
 _names = itertools.count(1)
 
 
+# Whole files of process, fault and benchmark tests: `pytest -m "not slow"` is the quick loop (about a
+# minute); plain `pytest` (the README's, and CI's) runs everything.
+_SLOW_FILES = ("faults/", "test_parallel.py", "test_cli.py", "test_benchmarks.py", "test_deploy.py", "test_kill.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(part in item.nodeid for part in _SLOW_FILES):
+            item.add_marker(pytest.mark.slow)
     # RJET_FAST_PATHS=0 runs the suite on nats-py's plain paths (rjet/_natsio.py); the tests of a
     # fast path itself do not apply there.
     if os.environ.get("RJET_FAST_PATHS", "1") == "0":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 from nats.js import JetStreamContext
@@ -17,7 +18,7 @@ from rjet.cursors import CursorRecord, encode_key
 from rjet.testing import wait_until
 
 
-def recording() -> tuple[list[int], rjet.Handler]:
+def recording() -> tuple[list[int], Callable[[rjet.Fate, rjet.Event], Awaitable[None]]]:
     seen: list[int] = []
 
     async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
@@ -179,7 +180,7 @@ async def test_two_runners_through_one_store_are_fenced(js: JetStreamContext, na
     async with await rjet.JetStreamCursorStore.create(js, name, flush_interval=0.01) as store:
         first_seen, first = recording()
         one = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("c", first))))
-        await wait_until(lambda: first_seen, what="the first runner to start")
+        await wait_until(lambda: bool(first_seen), what="the first runner to start")
         second_seen, second = recording()
         two = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("c", second))))
         with pytest.raises(rjet.CursorConflict, match="another runner claimed it through the same store"):

@@ -355,7 +355,7 @@ def test_the_fast_parser_agrees_with_nats_pys_parser(
 ) -> None:
     wire = b"".join(_encode(f) for f in frames)
     theirs, ours = _Recorder(), _Recorder()
-    plain = Parser(theirs)  # type: ignore[arg-type]
+    plain = Parser(theirs)
     fast = FastParser(ours)  # type: ignore[arg-type]
     if lane:  # sid 7 on the lane: its frames reach the handler, the rest go the usual way
 

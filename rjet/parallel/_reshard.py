@@ -283,6 +283,32 @@ class Heartbeats:
         )
 
 
+async def _read_state(
+    kv: KeyValue, name: str, n: int, group: str, ttl: float
+) -> tuple[list[_Beat], tuple[bytes, int] | None, dict[int, dict[int, tuple[str, int]]], set[str | None]]:
+    """What a reshard decides on: other groups' live heartbeats, the generation record, every
+    generation's cursors (cursor, revision) by shard, and the streams the old cursors count in."""
+    pattern = re.compile(rf"^{re.escape(name)}_(\d+)_of_(\d+)$")
+    try:
+        keys = await _keys(kv)
+        beats = [b for b in await _live(kv, keys, name, ttl) if b.group != group]
+        record = await _get(kv, _gen_key(name))
+        generations: dict[int, dict[int, tuple[str, int]]] = {}
+        streams: set[str | None] = set()
+        for key in keys:
+            mn = _parse_cursor_key(key, pattern)
+            got = await _get(kv, key) if mn is not None else None
+            if mn is None or got is None:
+                continue
+            stored = CursorRecord.decode(got[0])
+            generations.setdefault(mn[1], {})[mn[0]] = (stored.cursor, got[1])
+            if mn[1] != n:
+                streams.add(stored.stream)
+    except _KV_ERRORS as e:
+        raise _kv_error(f"cannot read the cursors of {name!r}", e) from e
+    return beats, record, generations, streams
+
+
 async def prepare(
     kv: KeyValue, name: str, n: int, *, group: str, ttl: float, shards: Iterable[int] = ()
 ) -> ReshardReport | None:
@@ -293,26 +319,8 @@ async def prepare(
     Warns (and goes on) when another group runs some of ``shards`` with the same ``n``: the cursor
     store fences the older runner.
     """
-    pattern = re.compile(rf"^{re.escape(name)}_(\d+)_of_(\d+)$")
     for _ in range(_ATTEMPTS):
-        try:
-            keys = await _keys(kv)
-            beats = [b for b in await _live(kv, keys, name, ttl) if b.group != group]
-            record = await _get(kv, _gen_key(name))
-            generations: dict[int, dict[int, tuple[str, int]]] = {}
-            streams: set[str | None] = set()  # the streams the old cursors were recorded in
-            for key in keys:
-                mn = _parse_cursor_key(key, pattern)
-                if mn is None:
-                    continue
-                got = await _get(kv, key)
-                if got is not None:
-                    stored = CursorRecord.decode(got[0])
-                    generations.setdefault(mn[1], {})[mn[0]] = (stored.cursor, got[1])
-                    if mn[1] != n:
-                        streams.add(stored.stream)
-        except _KV_ERRORS as e:
-            raise _kv_error(f"cannot read the cursors of {name!r}", e) from e
+        beats, record, generations, streams = await _read_state(kv, name, n, group, ttl)
 
         others = [b for b in beats if b.n != n]
         if others:

@@ -82,7 +82,9 @@ async def test_a_cluster_node_killed_mid_stream(cluster: list[EmbeddedServer]) -
         async with await stream.stream() as client:
             while len(got) < 500:
                 got.append((await asyncio.wait_for(client.recv(), 30)).id_int)
-            victim = next(node for node in cluster if node.url == nc.connected_url.geturl())
+            url = nc.connected_url
+            assert url is not None
+            victim = next(node for node in cluster if node.url == url.geturl())
             victim.kill()
             await insert_with_retries(stream, [(f"k{i % 7}", 1, b"", f"m{i}") for i in range(1500, 3000)])
             while len(got) < 3000:
