@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from rjet.server import EmbeddedServer
+from rjet.server import EmbeddedServer, ServerError
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -20,17 +20,33 @@ def free_port() -> int:
 
 @pytest.fixture
 def cluster() -> Iterator[list[EmbeddedServer]]:
-    """Three clustered JetStream servers on loopback."""
-    ports = [free_port() for _ in range(3)]
-    routes = [f"nats://127.0.0.1:{p}" for p in ports]
-    nodes = [EmbeddedServer(name=f"n{i}", cluster_name="rjet", cluster_port=ports[i], routes=routes) for i in range(3)]
-    try:
-        for node in nodes:
-            node.start()
-        yield nodes
-    finally:
-        for node in nodes:
-            node.close()
+    """Three clustered JetStream servers on loopback.
+
+    A JetStream cluster needs every node's routes configured before it starts, so the route ports
+    are picked first; another process may take one meanwhile, and then the cluster is formed again
+    on new ports (client ports are the servers' own choice).
+    """
+    for attempt in range(5):
+        ports = [_free_port() for _ in range(3)]
+        routes = [f"nats://127.0.0.1:{p}" for p in ports]
+        nodes = [
+            EmbeddedServer(name=f"n{i}", cluster_name="rjet", cluster_port=ports[i], routes=routes) for i in range(3)
+        ]
+        try:
+            for node in nodes:
+                node.start()
+        except ServerError as e:
+            for node in nodes:
+                node.close()
+            if "address already in use" not in str(e) or attempt == 4:
+                raise
+            continue
+        try:
+            yield nodes
+        finally:
+            for node in nodes:
+                node.close()
+        return
 
 
 class CuttingProxy:
