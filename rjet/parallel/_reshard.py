@@ -342,65 +342,84 @@ async def prepare(
                     b.describe(name),
                 )
         current = generations.pop(n, {})
-        state = _decode_record(record, name)
-
-        if state is not None and state["n"] == n:
-            # Steady state. Finish a reshard another process started (cursors it did not seed yet).
-            fresh_from = int(state.get("fresh_from", 0))
-            todo = [m for m in range(n) if m not in current or current[m][1] < fresh_from]
-            if not todo:
-                return None
-            seed = str(state.get("seed", ""))
-            if not await _seed(kv, name, n, todo, CursorRecord(seed), current):
-                continue
-            log.info("parallel %r: seeded %d missing cursor(s) of n=%d with %r", name, len(todo), n, seed)
-            return None
-
-        if state is None and not generations:
-            # A first run: record n, so that a later change of n is recognised.
-            if not await _write_record(kv, name, record, {"n": n, "seed": "", "fresh_from": 0}):
-                continue
-            return None
-
-        seed, source = _best_bound(name, generations)
-        if state is None:
-            # No record but cursors of other n (made before rjet recorded generations): keep the
-            # current shards' cursors that exist, and seed the missing ones.
-            todo = [m for m in range(n) if m not in current]
-            fresh_from = 0
-        else:
-            # The record names another n: every cursor of this n is from an earlier generation.
-            todo = list(range(n))
-            fresh_from = max((rev for _, rev in current.values()), default=0) + 1
-        body = {"n": n, "seed": seed, "fresh_from": fresh_from, "from": source, "at": time.time()}
-        if not await _write_record(kv, name, record, body):
+        step = plan(name, n, _decode_record(record, name), generations, current, streams, now=time.time())
+        if step.record is not None and not await _write_record(kv, name, record, step.record):
+            continue  # another process changed the record first: read again
+        if step.todo and not await _seed(kv, name, n, step.todo, step.seed, current):
             continue
-        # The seeds count in the stream the old cursors were recorded in, when that is one stream.
-        stream = next(iter(streams)) if len(streams) == 1 else None
-        if not await _seed(kv, name, n, todo, CursorRecord(seed, stream), current):
-            continue
-        old = {
-            shard_name(name, m, g): cursor for g, cursors in generations.items() for m, (cursor, _) in cursors.items()
-        }
-        if not todo:
+        if step.report is not None:
+            log.warning("%s", step.report.describe())
+        elif step.todo:
+            log.info(
+                "parallel %r: seeded %d missing cursor(s) of n=%d with %r", name, len(step.todo), n, step.seed.cursor
+            )
+        elif step.unrecorded:
             log.warning(
                 "parallel %r: found cursors of other shard counts (%s) but no generation record; kept the"
                 " cursors of n=%d as they are",
-                name,
-                ", ".join(f"{k}={v!r}" for k, v in sorted(old.items())),
-                n,
-            )
-            return None
-        old_n = set(generations) | ({int(state["n"])} if state is not None else set())
-        report = ReshardReport(
-            name, n, tuple(sorted(old_n)), seed, source, old, tuple(shard_name(name, m, n) for m in todo)
-        )
-        log.warning("%s", report.describe())
-        return report
+                name, ", ".join(f"{k}={v!r}" for k, v in sorted(step.unrecorded.items())), n,
+            )  # fmt: skip
+        return step.report
     raise ParallelError(
         f"parallel {name!r}: could not settle the cursors of n={n} after {_ATTEMPTS} attempts: other"
         " processes keep changing them"
     )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """What :func:`prepare` does once it has read the state: write the generation ``record`` (None:
+    leave it), seed the cursors of shards ``todo`` with ``seed``, and report ``report`` (a reshard);
+    ``unrecorded`` names old-n cursors found without a record (kept as they are, with a warning)."""
+
+    record: dict[str, Any] | None
+    todo: tuple[int, ...]
+    seed: CursorRecord
+    report: ReshardReport | None
+    unrecorded: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def plan(
+    name: str,
+    n: int,
+    state: Mapping[str, Any] | None,
+    generations: Mapping[int, Mapping[int, tuple[str, int]]],
+    current: Mapping[int, tuple[str, int]],
+    streams: set[str | None],
+    *,
+    now: float,
+) -> Plan:
+    """The pure part of resharding: from the generation record ``state``, the cursors of other shard
+    counts ``generations`` and of this one ``current`` (cursor, revision by shard), decide what to do."""
+    if state is not None and state["n"] == n:
+        # Steady state. Finish a reshard another process started (cursors it did not seed yet).
+        fresh_from = int(state.get("fresh_from", 0))
+        todo = tuple(m for m in range(n) if m not in current or current[m][1] < fresh_from)
+        return Plan(None, todo, CursorRecord(str(state.get("seed", ""))), None)
+    if state is None and not generations:
+        # A first run: record n, so that a later change of n is recognised.
+        return Plan({"n": n, "seed": "", "fresh_from": 0}, (), CursorRecord(), None)
+    seed, source = _best_bound(name, generations)
+    if state is None:
+        # No record but cursors of other n (made before rjet recorded generations): keep the
+        # current shards' cursors that exist, and seed the missing ones.
+        todo = tuple(m for m in range(n) if m not in current)
+        fresh_from = 0
+    else:
+        # The record names another n: every cursor of this n is from an earlier generation.
+        todo = tuple(range(n))
+        fresh_from = max((rev for _, rev in current.values()), default=0) + 1
+    body = {"n": n, "seed": seed, "fresh_from": fresh_from, "from": source, "at": now}
+    # The seeds count in the stream the old cursors were recorded in, when that is one stream.
+    record = CursorRecord(seed, next(iter(streams)) if len(streams) == 1 else None)
+    old = {shard_name(name, m, g): cursor for g, cursors in generations.items() for m, (cursor, _) in cursors.items()}
+    if not todo:
+        return Plan(body, (), record, None, unrecorded=old)
+    old_n = set(generations) | ({int(state["n"])} if state is not None else set())
+    report = ReshardReport(
+        name, n, tuple(sorted(old_n)), seed, source, old, tuple(shard_name(name, m, n) for m in todo)
+    )
+    return Plan(body, todo, record, report)
 
 
 def _decode_record(record: tuple[bytes, int] | None, name: str) -> dict[str, Any] | None:
