@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 import rjet
-from rjet import _reader
+from rjet import _frames
 from rjet.event import Event
 
 from ._support import EVENTS, Arun, ratio, record
@@ -112,7 +112,7 @@ def decoder(filled: rjet.Stream, frames: list[Frame], arun: Arun[Any]) -> Decode
 
     decode = arun(open_client())._decode
     arity = len(inspect.signature(decode).parameters)
-    d = Decoder("msg" if arity == 3 else "raw", _reader.parse_ack, decode, arity)
+    d = Decoder("msg" if arity == 3 else "raw", _frames.parse_ack, decode, arity)
     ack = d.parse_ack(d.reply(frames[0]))
     assert ack is not None, f"parse_ack does not take the {d.form} form"
     event = d.decode(ack[1], ack[3], *d.args(frames[0]))
@@ -260,7 +260,7 @@ def test_rjet_scan_and_decode(
         return client
 
     client = arun(open_client())
-    first = _reader.parse_ack(frames[0].reply)
+    first = _frames.parse_ack(frames[0].reply)
     assert first is not None
     consumer, cseq0 = first[0], first[2] - 1
     prefix = frames[0].reply[: frames[0].reply.index(consumer) + len(consumer) + 1]
@@ -276,8 +276,8 @@ def test_rjet_scan_and_decode(
         client._buf.clear()
         client._consumer, client._cseq, client._last, client._key_filter = consumer, cseq0, 0, None
         client._reply_prefix = prefix
-        client._pattern = _reader._frame_pattern(client._sid, prefix)
-        client._plain = _reader._frame_pattern(client._sid, prefix, plain=True)
+        client._pattern = _frames.frame_pattern(client._sid, prefix)
+        client._plain = _frames.frame_pattern(client._sid, prefix, plain=True)
 
     def run() -> None:
         assert client._scan(wire, 0, len(wire)) == len(wire)

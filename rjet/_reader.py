@@ -28,15 +28,16 @@ import re
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Literal, Self, TypeAlias
+from typing import TYPE_CHECKING, Final, Literal, Self
 
 import nats.errors
 import nats.js.errors
 from nats.js import api
 from nats.nuid import NUID
-from xxhash import xxh3_64_intdigest
 
 from rjet._denials import denials, starts
+from rjet._frames import COMPLETED, PENDING_KEY, TOO_BIG, Frame, frame_pattern, header, parse_ack, rjet_headers
+from rjet._keyhash import hash_bytes
 from rjet._natsio import api_prefix, api_timeout, connection, subscription_id
 from rjet._wire import FastParser, fast_parser
 from rjet.errors import (
@@ -53,14 +54,14 @@ from rjet.errors import (
     StreamNotFound,
     StreamRecreated,
 )
-from rjet.event import FOREIGN_ID_HEADER, TYPE_HEADER, Event, decode_foreign_id, decode_type
+from rjet.event import Event, decode_foreign_id, decode_type
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
     from nats.js import JetStreamContext
 
-__all__ = ["ReadConfig", "StreamClient", "parse_ack"]
+__all__ = ["ReadConfig", "StreamClient"]
 
 log = logging.getLogger("rjet.stream")
 
@@ -71,11 +72,6 @@ _set_id, _set_type, _set_fid, _set_us, _set_ts, _set_data = (
 )
 _STATUS: Final = "Status"
 _DESCRIPTION: Final = "Description"
-_PENDING_KEY: Final = b"\r\nNats-Pending-Messages:"
-_TOO_BIG: Final = b" Message Size Exceeds MaxBytes\r\n"  # a 409: the next message would pass max_bytes
-_COMPLETED: Final = b" Batch Completed\r\n"  # a 409: a request with max_bytes got its whole batch
-_TYPE_KEY: Final = b"\r\n" + TYPE_HEADER.encode() + b":"
-_FOREIGN_ID_KEY: Final = b"\r\n" + FOREIGN_ID_HEADER.encode() + b":"
 _FINAL_ERRORS: Final = (StreamNotFound, StreamRecreated, CursorExpired, CursorAhead, PermissionDenied)
 _ALL: Final = 1 << 62  # "every sequence is verified", for readers without subject filters
 _FIRST_SEQ: Final = re.compile(rb'"first_seq":(\d+)')
@@ -135,29 +131,6 @@ class ReadConfig:
             raise ConfigError("ReadConfig: inactive_threshold and recover_timeout must be > 0")
 
 
-def parse_ack(reply: bytes) -> tuple[bytes, int, int, int, int] | None:
-    """(consumer, stream seq, consumer seq, stored time ns, pending) from a JetStream reply subject.
-
-    v1: ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`` (9 tokens);
-    v2: ``$JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<rand>]``.
-    None for anything else.
-    """
-    t = reply.split(b".")
-    n = len(t)
-    if n == 9:
-        b = 2
-    elif n == 11 or n == 12:
-        b = 4
-    else:
-        return None
-    if t[0] != b"$JS" or t[1] != b"ACK":
-        return None
-    try:
-        return t[b + 1], int(t[b + 3]), int(t[b + 4]), int(t[b + 5]), int(t[b + 6])
-    except ValueError:
-        return None
-
-
 def _shard_of_filter(key_filter: object) -> tuple[int, int] | None:
     """(m, n) when ``key_filter`` says it keeps shard m of n (``xxh3_shard``), so the scanner may hash
     raw header values itself; None otherwise."""
@@ -173,54 +146,6 @@ def _identity(info: api.StreamInfo) -> str:
     the same name has another)."""
     created = info.created.isoformat() if info.created is not None else "?"
     return f"{info.config.name}@{created}"
-
-
-def _header(hdr: bytes, key: bytes) -> bytes | None:
-    """The value of header ``key`` (given as ``b"\\r\\n<name>:"``) in raw NATS header bytes."""
-    i = hdr.find(key)
-    if i < 0:
-        return None
-    i += len(key)
-    return hdr[i : hdr.find(b"\r\n", i)].strip()
-
-
-_RJET_PREFIX: Final = b"NATS/1.0\r\n" + TYPE_HEADER.encode() + b": "
-_FID_PREFIX: Final = FOREIGN_ID_HEADER.encode() + b": "
-_T: Final = len(_RJET_PREFIX)
-_F: Final = 2 + len(_FID_PREFIX)
-
-
-def _rjet_headers(hdr: bytes) -> tuple[bytes | None, bytes | None]:
-    """(type, foreign ID) raw header values; positional for the layout ``insert`` writes."""
-    if hdr.startswith(_RJET_PREFIX):
-        i = hdr.find(b"\r\n", _T)
-        j = i + _F
-        if hdr.startswith(_FID_PREFIX, i + 2):
-            return hdr[_T:i].strip(), hdr[j : hdr.find(b"\r\n", j)].strip()
-    return _header(hdr, _TYPE_KEY), _header(hdr, _FOREIGN_ID_KEY)
-
-
-# A buffered message: stream sequence, stored time (ns), subject, raw headers or None, body, the
-# foreign ID when the key filter decoded it already, for frames the scanner took the raw type and
-# foreign ID header values instead of the headers, and the client's count of bytes buffered before
-# this message (so the bytes held are known at the next pull without a sum or a count per pop).
-_Frame: TypeAlias = tuple[int, int, bytes, bytes | None, bytes, str | None, bytes | None, bytes | None, int]
-
-# One HMSG frame of a stream client's consumer whose headers start as ``insert`` writes them, after
-# "HMSG <subject> <sid> <reply prefix>" (see _frame_pattern): groups 1 the reply's tail
-# (delivered.sseq.cseq.ts.pending[.token]), 2 header size, 3 total size, 4 type (an integer),
-# 5 foreign ID (printable ASCII: plain or percent-encoded; only plain for ``plain=True``).
-_FRAME_TAIL: Final = (
-    rb"([^ ]+) (\d+) (\d+)\r\nNATS/1\.0\r\n" + TYPE_HEADER.encode() + rb": (-?\d+)\r\n" + FOREIGN_ID_HEADER.encode()
-)
-
-
-def _frame_pattern(sid: int, reply_prefix: bytes, *, plain: bool = False) -> re.Pattern[bytes]:
-    """Matches a frame of subscription ``sid`` whose reply subject starts with ``reply_prefix``
-    (``$JS.ACK.[<domain>.<account>.]<stream>.<consumer>.``)."""
-    # Literals and single-character negations only, few groups: ~0.3 us a frame.
-    fid = rb": ([!-$&-~]+)\r\n" if plain else rb": ([!-~]+)\r\n"
-    return re.compile(b"HMSG [^ ]+ %d %s" % (sid, re.escape(reply_prefix)) + _FRAME_TAIL + fid)
 
 
 class _Requests:
@@ -308,7 +233,7 @@ class StreamClient:
         self._filters = filter_subjects
         self._low = max(1, config.batch // 2)
         self._loop = asyncio.get_running_loop()
-        self._buf: deque[_Frame] = deque()
+        self._buf: deque[Frame] = deque()
         self._last = after  # highest stream sequence taken into the buffer
         # Gap detection. Without subject filters stream sequences must follow each other exactly. With
         # them a jump is explained by the filter when nothing of ours was waiting at the previous frame
@@ -442,8 +367,8 @@ class StreamClient:
             # Up to and with the consumer token: 4 tokens of the 9-token form, 6 of the 11/12-token one.
             tokens = reply.split(b".")  # parse_ack took it: 9, 11 or 12 of them
             self._reply_prefix = b".".join(tokens[: 4 if len(tokens) == 9 else 6]) + b"."
-            self._pattern = _frame_pattern(self._sid, self._reply_prefix)
-            self._plain = _frame_pattern(self._sid, self._reply_prefix, plain=True)
+            self._pattern = frame_pattern(self._sid, self._reply_prefix)
+            self._plain = frame_pattern(self._sid, self._reply_prefix, plain=True)
         if sseq > self._last:
             prev = self._last
             if sseq != prev + 1 and self._jump(prev, sseq):
@@ -526,7 +451,7 @@ class StreamClient:
                         nxt = m.end(3) + total + 4
                         if nxt > size:
                             break
-                        if xxh3_64_intdigest(m[5]) % n == mine:
+                        if hash_bytes(m[5]) % n == mine:
                             wanted = True
                             break
                         run += 1
@@ -731,7 +656,7 @@ class StreamClient:
         self._on_frame(msg.subject.encode(), msg.reply.encode(), hdr, msg.data)
 
     def _foreign_id(self, subject: bytes, hdr: bytes | None, sseq: int) -> str:
-        value = _rjet_headers(hdr)[1] if hdr is not None else None
+        value = rjet_headers(hdr)[1] if hdr is not None else None
         if value is None:
             return subject.decode("utf-8", "replace")
         return self._fid_value(value, sseq)
@@ -760,7 +685,7 @@ class StreamClient:
         else:
             typ = 0
             if hdr is not None:
-                typ_raw, fid_raw = _rjet_headers(hdr)
+                typ_raw, fid_raw = rjet_headers(hdr)
                 if typ_raw is not None:
                     try:
                         typ = int(typ_raw)
@@ -828,9 +753,9 @@ class StreamClient:
         code = hdr[9:12]
         if code == b"100":  # idle heartbeat
             return
-        left = _header(hdr, _PENDING_KEY)
-        too_big = code == b"409" and _TOO_BIG in hdr
-        if left is not None and (code == b"408" or too_big or (code == b"409" and _COMPLETED in hdr)):
+        left = header(hdr, PENDING_KEY)
+        too_big = code == b"409" and TOO_BIG in hdr
+        if left is not None and (code == b"408" or too_big or (code == b"409" and COMPLETED in hdr)):
             # A pull request expired, the next message would pass its max_bytes, or it is complete.
             n = int(left)
             self._pending = max(0, self._pending - n)

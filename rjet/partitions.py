@@ -21,8 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Final
 
-import xxhash
-
+from rjet._keyhash import key_hash
 from rjet.errors import ConfigError
 
 __all__ = ["DEFAULT_PARTITIONS", "METADATA_KEY", "Partitions"]
@@ -73,7 +72,7 @@ class Partitions:
 
     def partition(self, foreign_id: str) -> int:
         """The partition of ``foreign_id``: ``xxh3_64(foreign_id) % count``."""
-        return xxhash.xxh3_64_intdigest(foreign_id.encode("utf-8")) % self.count
+        return key_hash(foreign_id) % self.count
 
     def tokens(self, partition: int) -> str:
         """The subject tokens that spell ``partition`` (empty for a single partition)."""

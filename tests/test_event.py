@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rjet
-from rjet._reader import parse_ack
+from rjet._frames import parse_ack
 from rjet.event import (
     FOREIGN_ID_HEADER,
     TYPE_HEADER,

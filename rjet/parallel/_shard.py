@@ -1,14 +1,13 @@
 """How foreign IDs map to shards, and how shards are named. Both are stable forever.
 
-A shard is one of ``n`` slices of a stream's foreign IDs. ``shard_of`` is xxHash's XXH3 64-bit hash of
-the foreign ID's UTF-8 bytes (seed 0) modulo ``n``: every process on every host, in every version of
-rjet, puts a foreign ID in the same shard. The test vectors in ``tests/test_shard.py`` pin it.
+A shard is one of ``n`` slices of a stream's foreign IDs. ``shard_of`` is the foreign ID's key hash
+(``rjet/_keyhash.py``: XXH3 64-bit of its UTF-8 bytes, seed 0) modulo ``n``: every process on every
+host, in every version of rjet, puts a foreign ID in the same shard. The test vectors in ``tests/test_shard.py`` pin it.
 """
 
 from __future__ import annotations
 
-from xxhash import xxh3_64_intdigest
-
+from rjet._keyhash import hash_bytes, key_hash
 from rjet.errors import ConfigError
 
 __all__ = ["ShardKeyFilter", "check_n", "key_filter", "shard_name", "shard_of"]
@@ -27,7 +26,7 @@ def shard_of(foreign_id: str, n: int) -> int:
     >>> shard_of("user-42", 4)
     1
     """
-    return xxh3_64_intdigest(foreign_id.encode("utf-8")) % check_n(n)
+    return key_hash(foreign_id) % check_n(n)
 
 
 def shard_name(name: str, m: int, n: int) -> str:
@@ -67,7 +66,7 @@ class ShardKeyFilter:
         return self.m, self.n
 
     def __call__(self, foreign_id: str) -> bool:
-        return xxh3_64_intdigest(foreign_id.encode("utf-8")) % self.n == self.m
+        return hash_bytes(foreign_id.encode("utf-8")) % self.n == self.m  # key_hash, inlined
 
     def __repr__(self) -> str:
         return f"ShardKeyFilter(m={self.m}, n={self.n})"

@@ -1,0 +1,58 @@
+"""The stream client's wire codec, without a server: headers in raw frames and the frame pattern."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rjet._frames import PENDING_KEY, frame_pattern, header, rjet_headers
+from rjet.event import encode_foreign_id, encode_header_block
+
+
+def test_a_header_is_found_by_its_name_and_stripped() -> None:
+    hdr = b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 17\r\nNats-Pending-Bytes: 0\r\n\r\n"
+    assert header(hdr, PENDING_KEY) == b"17"
+    assert header(hdr, b"\r\nNope:") is None
+
+
+@given(fid=st.text(min_size=1, max_size=30), typ=st.integers(-(2**40), 2**40))
+def test_rjets_own_headers_are_read_back_as_insert_wrote_them(fid: str, typ: int) -> None:
+    try:
+        block = encode_header_block(fid, typ, "m-1")
+    except ValueError:
+        return  # a foreign ID insert refuses (lone surrogates): never stored
+    raw_type, raw_fid = rjet_headers(block)
+    assert raw_type == str(typ).encode()
+    assert raw_fid == encode_foreign_id(fid).encode()
+
+
+def test_headers_in_another_order_are_found_too() -> None:
+    block = b"NATS/1.0\r\nNats-Msg-Id: x\r\nrjet_foreign_id: a%20b\r\nreflex_type: 3\r\n\r\n"
+    assert rjet_headers(block) == (b"3", b"a%20b")
+    assert rjet_headers(b"NATS/1.0\r\nother: 1\r\n\r\n") == (None, None)
+
+
+def _frame(sid: int, prefix: bytes, tail: bytes, fid: str, typ: int, body: bytes) -> bytes:
+    block = encode_header_block(fid, typ)
+    return b"HMSG s.x %d %s%s %d %d\r\n%s%s\r\n" % (sid, prefix, tail, len(block), len(block) + len(body), block, body)
+
+
+def test_the_frame_pattern_takes_its_consumers_frames_and_their_fields() -> None:
+    prefix = b"$JS.ACK.orders.C1."
+    wire = _frame(7, prefix, b"1.42.7.1700000000000000000.3", "user-9", 2, b"{}")
+    m = frame_pattern(7, prefix).match(wire)
+    assert m is not None
+    assert m[1] == b"1.42.7.1700000000000000000.3"  # delivered.sseq.cseq.ts.pending
+    assert (m[4], m[5]) == (b"2", b"user-9")
+    assert int(m[3]) - int(m[2]) == 2  # the body's size
+    assert frame_pattern(8, prefix).match(wire) is None  # another subscription's
+    assert frame_pattern(7, b"$JS.ACK.orders.C2.").match(wire) is None  # an earlier consumer's
+
+
+def test_the_plain_pattern_leaves_percent_encoded_foreign_ids_to_the_full_one() -> None:
+    prefix = b"$JS.ACK.s.C."
+    wire = _frame(1, prefix, b"1.5.5.1.0", "a b", 1, b"")  # stored percent-encoded: a%20b
+    assert frame_pattern(1, prefix, plain=True).match(wire) is None
+    m = frame_pattern(1, prefix).match(wire)
+    assert m is not None
+    assert m[5] == b"a%20b"
