@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -170,12 +171,11 @@ class CursorRecord:
 
     def encode(self) -> bytes:
         """The stored form."""
-        body: dict[str, object] = {"v": 1, "cursor": self.cursor}
-        if self.stream:
-            body["stream"] = self.stream
-        if self.owner:
-            body["owner"] = self.owner
-        return json.dumps(body, separators=(",", ":")).encode()
+        c = self.cursor
+        # A flush encodes one record per cursor: a decimal needs no JSON escaping, and the rest of a
+        # record (the claim's stream and owner) is the same for every write of the claim.
+        head = b'{"v":1,"cursor":"%s"' % c.encode() if c.isdigit() or not c else b'{"v":1,"cursor":' + _json(c)
+        return head + _record_tail(self.stream, self.owner)
 
     @classmethod
     def decode(cls, raw: bytes | None) -> CursorRecord:
@@ -193,6 +193,19 @@ class CursorRecord:
         return cls(
             body["cursor"], stream if isinstance(stream, str) else None, owner if isinstance(owner, str) else None
         )
+
+
+def _json(value: str) -> bytes:
+    return json.dumps(value).encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _record_tail(stream: str | None, owner: str | None) -> bytes:
+    return (
+        (f',"stream":{json.dumps(stream)}' if stream else "").encode()
+        + (f',"owner":{json.dumps(owner)}' if owner else "").encode()
+        + b"}"
+    )
 
 
 class _Claim:

@@ -270,3 +270,19 @@ async def test_the_conformance_check_finds_a_store_that_forgets(js: JetStreamCon
 
 async def _ready(store: rjet.CursorStore) -> rjet.CursorStore:
     return store
+
+
+@given(
+    cursor=st.one_of(st.just(""), st.integers(0, 2**63).map(str), st.text(max_size=20)),
+    stream=st.one_of(st.none(), st.text(min_size=1, max_size=40)),
+    owner=st.one_of(st.none(), st.text(min_size=1, max_size=40)),
+)
+def test_cursor_records_round_trip(cursor: str, stream: str | None, owner: str | None) -> None:
+    record = rjet.CursorRecord(cursor, stream, owner)
+    assert rjet.CursorRecord.decode(record.encode()) == record
+
+
+def test_a_bare_decimal_is_a_cursor_of_rjet_0_1() -> None:
+    assert rjet.CursorRecord.decode(b"42") == rjet.CursorRecord("42")
+    assert rjet.CursorRecord.decode(b"") == rjet.CursorRecord("")
+    assert rjet.CursorRecord.decode(b"oops").cursor == "oops"  # run then names the consumer: InvalidCursor
