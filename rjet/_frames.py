@@ -7,14 +7,30 @@ from __future__ import annotations
 
 import re
 from typing import Final, TypeAlias
+from urllib.parse import quote, unquote_to_bytes
 
-from rjet.event import FOREIGN_ID_HEADER, TYPE_HEADER
+from rjet.errors import DecodeError, InvalidEvent
+from rjet.event import FOREIGN_ID_HEADER, MSG_ID_HEADER, TYPE_HEADER
 
 __all__ = [
+    "BODY",
     "COMPLETED",
+    "FOREIGN_ID",
+    "FOREIGN_ID_RAW",
+    "HEADERS",
+    "HELD_BEFORE",
     "PENDING_KEY",
+    "SEQ",
+    "SUBJECT",
+    "TIME_NS",
     "TOO_BIG",
+    "TYPE_RAW",
     "Frame",
+    "decode_foreign_id",
+    "decode_type",
+    "encode_foreign_id",
+    "encode_header_block",
+    "encode_headers",
     "frame_pattern",
     "header",
     "parse_ack",
@@ -26,6 +42,79 @@ TOO_BIG: Final = b" Message Size Exceeds MaxBytes\r\n"  # a 409: the next messag
 COMPLETED: Final = b" Batch Completed\r\n"  # a 409: a request with max_bytes got its whole batch
 _TYPE_KEY: Final = b"\r\n" + TYPE_HEADER.encode() + b":"
 _FOREIGN_ID_KEY: Final = b"\r\n" + FOREIGN_ID_HEADER.encode() + b":"
+_TYPE_B: Final = TYPE_HEADER.encode()
+_FOREIGN_ID_B: Final = FOREIGN_ID_HEADER.encode()
+# Everything printable in ASCII except '%' (the escape) and ' ' (NATS strips blanks at the ends).
+_PLAIN: Final = re.compile(r"[!-$&-~]+")
+_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+# ----------------------------------------------------------------- rjet's headers, written
+
+
+def encode_foreign_id(foreign_id: str) -> str:
+    """The header value for ``foreign_id``; raises :class:`InvalidEvent` for an unusable one."""
+    if type(foreign_id) is str and _PLAIN.fullmatch(foreign_id):
+        return foreign_id
+    if not isinstance(foreign_id, str):
+        raise InvalidEvent(f"foreign id must be a str, not {type(foreign_id).__name__}: {foreign_id!r}")
+    if not foreign_id:
+        raise InvalidEvent("foreign id is empty: every rjet event names the entity it is about")
+    try:
+        return quote(foreign_id, safe=_SAFE, encoding="utf-8", errors="strict")
+    except UnicodeEncodeError as e:
+        raise InvalidEvent(f"foreign id {foreign_id!r} is not valid Unicode text: {e.reason}") from None
+
+
+def decode_foreign_id(value: str, stream: str, seq: int) -> str:
+    """Inverse of :func:`encode_foreign_id`; raises :class:`DecodeError` naming the message."""
+    if "%" not in value:
+        if not value:
+            raise DecodeError(stream, seq, f"header {FOREIGN_ID_HEADER} is empty")
+        return value
+    try:
+        return unquote_to_bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(stream, seq, f"header {FOREIGN_ID_HEADER} {value!r} is not percent-encoded UTF-8") from None
+
+
+def encode_headers(foreign_id: str, type: int, msg_id: str | None = None) -> dict[str, str]:
+    """The NATS headers that store an event of ``type`` about ``foreign_id``."""
+    if isinstance(type, bool) or not isinstance(type, int):
+        raise InvalidEvent(f"event type must be an int, not {type!r}")
+    headers = {TYPE_HEADER: str(type), FOREIGN_ID_HEADER: encode_foreign_id(foreign_id)}
+    if msg_id is not None:
+        headers[MSG_ID_HEADER] = _check_msg_id(msg_id)
+    return headers
+
+
+def _check_msg_id(msg_id: str) -> str:
+    if not isinstance(msg_id, str) or not msg_id.strip() or "\r" in msg_id or "\n" in msg_id:
+        raise InvalidEvent(f"msg_id {msg_id!r} must be non-empty text on one line")
+    return msg_id.strip()
+
+
+def encode_header_block(foreign_id: str, type: int, msg_id: str | None = None) -> bytes:
+    """The raw NATS header block for an event, as :func:`encode_headers` lays it out."""
+    if isinstance(type, bool) or not isinstance(type, int):
+        raise InvalidEvent(f"event type must be an int, not {type!r}")
+    block = b"NATS/1.0\r\n%s: %d\r\n%s: %s\r\n" % (_TYPE_B, type, _FOREIGN_ID_B, encode_foreign_id(foreign_id).encode())
+    if msg_id is None:
+        return block + b"\r\n"
+    return block + b"%s: %s\r\n\r\n" % (MSG_ID_HEADER.encode(), _check_msg_id(msg_id).encode())
+
+
+def decode_type(value: str | None, stream: str, seq: int) -> int:
+    """The event type from its header value (0 when absent); :class:`DecodeError` when malformed."""
+    if value is None:
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        raise DecodeError(stream, seq, f"header {TYPE_HEADER} {value!r} is not an integer") from None
+
+
+# ----------------------------------------------------------------- frames, read
 
 
 def parse_ack(reply: bytes) -> tuple[bytes, int, int, int, int] | None:
@@ -81,6 +170,17 @@ def rjet_headers(hdr: bytes) -> tuple[bytes | None, bytes | None]:
 # foreign ID header values instead of the headers, and the client's count of bytes buffered before
 # this message (so the bytes held are known at the next pull without a sum or a count per pop).
 Frame: TypeAlias = tuple[int, int, bytes, bytes | None, bytes, str | None, bytes | None, bytes | None, int]
+# Its fields by index. A plain tuple, not a named one: building a NamedTuple costs a class call per
+# event on the hot path, where the reader indexes frames by these numbers directly.
+SEQ: Final = 0
+TIME_NS: Final = 1
+SUBJECT: Final = 2
+HEADERS: Final = 3
+BODY: Final = 4
+FOREIGN_ID: Final = 5
+TYPE_RAW: Final = 6
+FOREIGN_ID_RAW: Final = 7
+HELD_BEFORE: Final = 8
 
 # One HMSG frame of a stream client's consumer whose headers start as ``insert`` writes them, after
 # "HMSG <subject> <sid> <reply prefix>" (see frame_pattern): groups 1 the reply's tail

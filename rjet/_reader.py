@@ -36,7 +36,20 @@ from nats.js import api
 from nats.nuid import NUID
 
 from rjet._denials import denials, starts
-from rjet._frames import COMPLETED, PENDING_KEY, TOO_BIG, Frame, frame_pattern, header, parse_ack, rjet_headers
+from rjet._frames import (
+    COMPLETED,
+    HELD_BEFORE,
+    PENDING_KEY,
+    SEQ,
+    TOO_BIG,
+    Frame,
+    decode_foreign_id,
+    decode_type,
+    frame_pattern,
+    header,
+    parse_ack,
+    rjet_headers,
+)
 from rjet._keyhash import hash_bytes
 from rjet._natsio import api_prefix, api_timeout, connection, subscription_id
 from rjet._wire import FastParser, fast_parser
@@ -54,7 +67,7 @@ from rjet.errors import (
     StreamNotFound,
     StreamRecreated,
 )
-from rjet.event import Event, decode_foreign_id, decode_type
+from rjet.event import Event
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -327,7 +340,7 @@ class StreamClient:
                 if self._skipped and self._skipped <= self._verified:
                     sseq, self._skipped = self._skipped, 0
                     return sseq
-                if buf and buf[0][0] <= self._verified:
+                if buf and buf[0][SEQ] <= self._verified:
                     raise HeadReached(self.stream, self._head)
                 if self._error is not None:
                     raise self._error
@@ -947,7 +960,7 @@ class StreamClient:
     @property
     def buffered_bytes(self) -> int:
         """Bytes of event bodies held here, not yet returned by ``recv`` (see ``ReadConfig.max_buffered_bytes``)."""
-        return self._in_bytes - self._buf[0][8] if self._buf else 0
+        return self._in_bytes - self._buf[0][HELD_BEFORE] if self._buf else 0
 
     @property
     def last_sequence(self) -> int:

@@ -135,8 +135,8 @@ class DeadLetterStream:
 
     async def __call__(self, record: DeadLetterRecord) -> None:
         """Store ``record``; raises when the stream does not acknowledge it."""
+        from rjet._frames import encode_header_block
         from rjet._natsio import connection
-        from rjet.event import encode_header_block
 
         fid = record.event.foreign_id if record.event else f"{record.stream}:{record.event_id}"
         typ = record.event.type if record.event else 0

@@ -9,17 +9,16 @@ An event is stored as one JetStream message:
 - the body is the event's metadata, byte for byte.
 
 Messages that others published without these headers still decode: type 0, foreign ID = subject.
+The encoding and decoding of these headers lives in ``rjet/_frames.py``, with the rest of the wire codec.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Final
-from urllib.parse import quote, unquote_to_bytes
 
-from rjet.errors import DecodeError, InvalidEvent
+from rjet.errors import InvalidEvent
 
 __all__ = ["FOREIGN_ID_HEADER", "MSG_ID_HEADER", "TYPE_HEADER", "Event"]
 
@@ -32,13 +31,8 @@ FOREIGN_ID_HEADER: Final = "rjet_foreign_id"
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 """JetStream's de-duplication header, set by ``insert(..., msg_id=...)``."""
 
-# Everything printable in ASCII except '%' (the escape) and ' ' (NATS strips blanks at the ends).
-_TYPE_B: Final = TYPE_HEADER.encode()
-_FOREIGN_ID_B: Final = FOREIGN_ID_HEADER.encode()
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
-_PLAIN: Final = re.compile(r"[!-$&-~]+")  # printable ASCII but '%' and ' ': stored as it is
-_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, init=False)
@@ -117,68 +111,6 @@ class Event:
     def is_type(self, *types: int) -> bool:
         """Whether the event's type is one of ``types``."""
         return self.type in types
-
-
-def encode_foreign_id(foreign_id: str) -> str:
-    """The header value for ``foreign_id``; raises :class:`InvalidEvent` for an unusable one."""
-    if type(foreign_id) is str and _PLAIN.fullmatch(foreign_id):
-        return foreign_id
-    if not isinstance(foreign_id, str):
-        raise InvalidEvent(f"foreign id must be a str, not {type(foreign_id).__name__}: {foreign_id!r}")
-    if not foreign_id:
-        raise InvalidEvent("foreign id is empty: every rjet event names the entity it is about")
-    try:
-        return quote(foreign_id, safe=_SAFE, encoding="utf-8", errors="strict")
-    except UnicodeEncodeError as e:
-        raise InvalidEvent(f"foreign id {foreign_id!r} is not valid Unicode text: {e.reason}") from None
-
-
-def decode_foreign_id(value: str, stream: str, seq: int) -> str:
-    """Inverse of :func:`encode_foreign_id`; raises :class:`DecodeError` naming the message."""
-    if "%" not in value:
-        if not value:
-            raise DecodeError(stream, seq, f"header {FOREIGN_ID_HEADER} is empty")
-        return value
-    try:
-        return unquote_to_bytes(value).decode("utf-8")
-    except UnicodeDecodeError:
-        raise DecodeError(stream, seq, f"header {FOREIGN_ID_HEADER} {value!r} is not percent-encoded UTF-8") from None
-
-
-def encode_headers(foreign_id: str, type: int, msg_id: str | None = None) -> dict[str, str]:
-    """The NATS headers that store an event of ``type`` about ``foreign_id``."""
-    if isinstance(type, bool) or not isinstance(type, int):
-        raise InvalidEvent(f"event type must be an int, not {type!r}")
-    headers = {TYPE_HEADER: str(type), FOREIGN_ID_HEADER: encode_foreign_id(foreign_id)}
-    if msg_id is not None:
-        headers[MSG_ID_HEADER] = _check_msg_id(msg_id)
-    return headers
-
-
-def _check_msg_id(msg_id: str) -> str:
-    if not isinstance(msg_id, str) or not msg_id.strip() or "\r" in msg_id or "\n" in msg_id:
-        raise InvalidEvent(f"msg_id {msg_id!r} must be non-empty text on one line")
-    return msg_id.strip()
-
-
-def encode_header_block(foreign_id: str, type: int, msg_id: str | None = None) -> bytes:
-    """The raw NATS header block for an event, as :func:`encode_headers` lays it out."""
-    if isinstance(type, bool) or not isinstance(type, int):
-        raise InvalidEvent(f"event type must be an int, not {type!r}")
-    block = b"NATS/1.0\r\n%s: %d\r\n%s: %s\r\n" % (_TYPE_B, type, _FOREIGN_ID_B, encode_foreign_id(foreign_id).encode())
-    if msg_id is None:
-        return block + b"\r\n"
-    return block + b"%s: %s\r\n\r\n" % (MSG_ID_HEADER.encode(), _check_msg_id(msg_id).encode())
-
-
-def decode_type(value: str | None, stream: str, seq: int) -> int:
-    """The event type from its header value (0 when absent); :class:`DecodeError` when malformed."""
-    if value is None:
-        return 0
-    try:
-        return int(value)
-    except ValueError:
-        raise DecodeError(stream, seq, f"header {TYPE_HEADER} {value!r} is not an integer") from None
 
 
 def timestamp_from_ns(ns: int) -> datetime:

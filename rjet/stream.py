@@ -20,6 +20,7 @@ import nats.js.errors
 from nats.js import api
 
 from rjet._denials import denials, starts
+from rjet._frames import encode_header_block, encode_headers
 from rjet._natsio import api_prefix, api_timeout, connection
 from rjet._publish import Outgoing, ack_error, ack_seq, publish_many
 from rjet._reader import ReadConfig, StreamClient
@@ -32,7 +33,6 @@ from rjet.errors import (
     StreamError,
     StreamNotFound,
 )
-from rjet.event import encode_header_block, encode_headers
 from rjet.partitions import DEFAULT_PARTITIONS, METADATA_KEY, Partitions
 
 if TYPE_CHECKING:

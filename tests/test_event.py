@@ -10,16 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rjet
-from rjet._frames import parse_ack
-from rjet.event import (
-    FOREIGN_ID_HEADER,
-    TYPE_HEADER,
-    decode_foreign_id,
-    decode_type,
-    encode_foreign_id,
-    encode_headers,
-    timestamp_from_ns,
-)
+from rjet._frames import decode_foreign_id, decode_type, encode_foreign_id, encode_headers, parse_ack
+from rjet.event import FOREIGN_ID_HEADER, TYPE_HEADER, timestamp_from_ns
 
 # Any text that is valid Unicode (no lone surrogates), at least one character.
 foreign_ids = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=200)
