@@ -215,7 +215,9 @@ class _Claim:
     else's; ``rev`` is the revision of the last record this claim wrote (the next compare-and-swap).
     """
 
-    __slots__ = ("_store", "cursor", "key", "lost", "lost_event", "name", "owner", "released", "rev", "stream")
+    __slots__ = (
+        "_store", "cursor", "key", "lost", "lost_event", "name", "owner", "plain", "released", "rev", "stream"
+    )  # fmt: skip
 
     def __init__(self, store: JetStreamCursorStore, name: str, owner: str, rev: int, record: CursorRecord) -> None:
         self._store = store
@@ -228,6 +230,7 @@ class _Claim:
         self.lost: RjetError | None = None
         self.lost_event = asyncio.Event()
         self.released = False
+        self.plain = False  # taken by get_cursor (the plain CursorStore protocol), not by a runner's claim()
 
     def lose(self, err: RjetError) -> None:
         if self.lost is None:
@@ -376,6 +379,9 @@ class JetStreamCursorStore:
         stream it was recorded in (None when unknown). ``run`` writes through the claim and
         releases it on the way out.
         """
+        return await self._claim(name, plain=False)
+
+    async def _claim(self, name: str, *, plain: bool) -> _Claim:
         self._check_open()
         key = encode_key(name)
         async with self._lock:
@@ -403,7 +409,9 @@ class JetStreamCursorStore:
                     rev = back[1]
                 claim = _Claim(self, name, owner, rev, record)
                 old = self._claims.get(name)
-                if old is not None:
+                # A claim of get_cursor's is the caller's own, taken again; one of claim()'s is a
+                # runner that another runner now fences.
+                if old is not None and not (plain and old.plain):
                     old.lose(
                         CursorConflict(
                             name,
@@ -411,15 +419,20 @@ class JetStreamCursorStore:
                             f" {owner}): two runners share this consumer name; this one stops",
                         )
                     )
+                claim.plain = plain
                 self._claims[name] = claim
                 self._dirty.pop(name, None)  # set under the older claim meanwhile: not ours to write
                 self._written[name] = record.cursor
                 return claim
-        raise CursorConflict(name, "another runner keeps claiming this cursor; two runners share the name")
+        raise CursorConflict(
+            name,
+            f"another writer changed it 10 times in a row while this runner claimed it (bucket {self.bucket!r});"
+            " two runners share the name, or a tool keeps writing it",
+        )
 
     async def get_cursor(self, name: str) -> str:
         """Read and claim the cursor for ``name`` ("" when none); fences earlier runners of it."""
-        return (await self.claim(name)).cursor
+        return (await self._claim(name, plain=True)).cursor
 
     async def check_claim(self, name: str) -> bool:
         """Whether this store still holds ``name``'s claim (the stored record carries its owner).
@@ -589,6 +602,7 @@ class JetStreamCursorStore:
         if claim is None:
             # A write without a claim becomes this store's claim: its later writes compare-and-swap.
             claim = self._claims[name] = _Claim(self, name, self._owner, rev, CursorRecord(cursor, None, self._owner))
+            claim.plain = True
         claim.rev = max(claim.rev, rev)
 
     async def _write_batch(self, batch: dict[str, tuple[_Claim | None, str]]) -> bool:
