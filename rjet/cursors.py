@@ -327,6 +327,21 @@ class JetStreamCursorStore:
         An existing bucket is used as it is (its configuration is never changed); one with a TTL is
         refused (:class:`rjet.CursorBucketUnusable`), since expired cursors would start consumers over.
         """
+        return await cls._open(js, namespace, flush_interval=flush_interval, replicas=replicas, create=True)
+
+    @classmethod
+    async def bind(cls, js: JetStreamContext, namespace: str, *, flush_interval: float = 1.0) -> Self:
+        """Bind the namespace's existing bucket; never creates one (what reading tools use, so that a
+        mistyped namespace is an error, not a new empty bucket read "from the beginning").
+
+        Raises :class:`rjet.CursorStoreError` naming the namespace when it has no bucket.
+        """
+        return await cls._open(js, namespace, flush_interval=flush_interval, replicas=1, create=False)
+
+    @classmethod
+    async def _open(
+        cls, js: JetStreamContext, namespace: str, *, flush_interval: float, replicas: int, create: bool
+    ) -> Self:
         if not isinstance(namespace, str) or not _NAMESPACE_RE.match(namespace):
             raise ConfigError(f"cursor namespace {namespace!r} is invalid: use letters, digits, '_' and '-' only")
         if flush_interval < 0:
@@ -338,6 +353,11 @@ class JetStreamCursorStore:
             try:
                 kv = await guard(match, js.key_value(bucket))
             except nats.js.errors.BucketNotFoundError:
+                if not create:
+                    raise CursorStoreError(
+                        f"cursor namespace {namespace!r} does not exist (no bucket {bucket!r} on the server);"
+                        " check the name (`rjet status` lists the consumers of a namespace)"
+                    ) from None
                 kv = await guard(
                     match,
                     js.create_key_value(bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=replicas),

@@ -433,6 +433,31 @@ async def test_cursor_moves_a_consumer_past_expired_events(
     assert "give a stream sequence" in _one_line_error(proc)
 
 
+async def test_reading_commands_never_create_a_namespace_and_name_what_is_missing(
+    server: EmbeddedServer, name: str, js: JetStreamContext
+) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([("k", 1, b"")] * 3)
+    typo = f"typo_{name}"[:60]
+    for args in (["cursor", "billing"], ["tail", name, "--cursor", "billing", "--to-head"]):
+        proc = rjet_cmd(*args, "--namespace", typo, "-s", server.url)
+        assert proc.returncode == 1, proc.stdout  # was: 0, printing everything or an empty line
+        assert f"cursor namespace {typo!r} does not exist" in _one_line_error(proc)
+    with pytest.raises(nats.js.errors.BucketNotFoundError):  # and nothing was created
+        await js.key_value(f"rjet_cursors_{typo}")
+    ns = f"ns_{name}"[:60]
+    async with await rjet.JetStreamCursorStore.create(js, ns) as store:
+        await store.set_cursor("other", "1")
+    proc = rjet_cmd("cursor", "billing", "--namespace", ns, "-s", server.url)
+    assert proc.returncode == 1
+    assert f"no cursor 'billing' in namespace {ns!r}" in _one_line_error(proc)
+    proc = rjet_cmd("tail", name, "--cursor", "billing", "--namespace", ns, "--to-head", "-s", server.url)
+    assert proc.returncode == 0, proc.stderr
+    assert "no cursor 'billing'" in proc.stderr
+    assert "reading from the beginning" in proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 3
+
+
 def test_the_demo_checker_sees_order_violations_duplicates_and_misrouted_events(tmp_path: Path) -> None:
     from rjet.cli._demo import Checker
     from rjet.parallel import shard_of

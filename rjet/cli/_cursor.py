@@ -37,9 +37,13 @@ def cursor(conn: Connection, name: str, namespace: str, value: str | None, strea
 async def _cursor(conn: Connection, name: str, namespace: str, value: str | None, stream: str | None) -> str:
     async with conn.connect() as nc:
         js = nc.jetstream()
+        if value is None:  # reading never creates: an unknown namespace or cursor is an error
+            async with await rjet.JetStreamCursorStore.bind(js, namespace) as store:
+                record = await store.peek_record(name)
+            if record is None:
+                raise CliError(f"no cursor {name!r} in namespace {namespace!r}")
+            return record.cursor or "(none: from the beginning)"
         async with await rjet.JetStreamCursorStore.create(js, namespace) as store:
-            if value is None:
-                return await store.peek(name)
             if value == "beginning":
                 new = ""
             elif value in ("first", "last"):

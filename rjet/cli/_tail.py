@@ -110,8 +110,12 @@ async def _tail(
     async with conn.connect() as nc:
         js = nc.jetstream()
         if consumer is not None and namespace:
-            store = await rjet.JetStreamCursorStore.create(js, namespace)
-            after = await store.peek(consumer)
+            # Reading never creates: a mistyped namespace or cursor name says so.
+            store = await rjet.JetStreamCursorStore.bind(js, namespace)
+            record = await store.peek_record(consumer)
+            if record is None:
+                click.echo(f"no cursor {consumer!r} in namespace {namespace!r}: reading from the beginning", err=True)
+            after = record.cursor if record is not None else ""
         stream = rjet.Stream(js, name)
         async with await stream.stream(after, from_head=from_head, to_head=to_head) as client:
             printed = 0
