@@ -95,6 +95,9 @@ class EmbeddedServer:
         self.ready_timeout = ready_timeout
         self._own_dir = store_dir is None
         self._dir = Path(tempfile.mkdtemp(prefix="rjet-nats-")) if store_dir is None else Path(store_dir)
+        # The server's logs (which start() reads for the port) go to a directory of rjet's own, never
+        # into a store the user gave: an old log there would be read for this run's port.
+        self._logs = self._dir if self._own_dir else Path(tempfile.mkdtemp(prefix="rjet-nats-logs-"))
         self._proc: subprocess.Popen[bytes] | None = None
         self._starts = 0
 
@@ -130,7 +133,11 @@ class EmbeddedServer:
         if self.running:
             return self
         self._starts += 1
-        log = self._dir / f"server-{self._starts}.log"
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ServerError(f"cannot use store directory {str(self._dir)!r}: {e.strerror or e}") from e
+        log = self._logs / f"server-{self._starts}.log"
         args = [
             find_nats_server(),
             *(["-js"] if self.jetstream else []),
@@ -201,6 +208,7 @@ class EmbeddedServer:
     def close(self) -> None:
         """Stop the server and remove its temporary directory (when rjet made it)."""
         self.stop()
+        shutil.rmtree(self._logs, ignore_errors=True)
         if self._own_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 

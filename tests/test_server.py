@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 
 import nats
 import pytest
@@ -73,3 +75,21 @@ async def test_wrong_credentials_are_reported_as_such() -> None:
             await rjet.connect(srv.url, user="u", password="wrong", connect_timeout=1)
         nc = await rjet.connect(srv.url, user="u", password="right")
         await nc.close()
+
+
+def test_a_store_directory_is_created_and_reused_with_the_real_port(tmp_path: Path) -> None:
+    store = tmp_path / "not" / "yet"  # was: an empty reason, because the directory did not exist
+    with EmbeddedServer(store_dir=store):
+        pass
+    assert (store / "jetstream").is_dir()
+    assert not list(store.glob("*.log"))  # logs are kept outside the user's store
+    second = EmbeddedServer(store_dir=store)  # was: the previous run's port, read from its old log
+    with second, socket.create_connection(("127.0.0.1", second.start().port), timeout=2) as conn:
+        assert conn.recv(4).startswith(b"INFO")  # the port this run listens on
+
+
+def test_a_store_directory_that_cannot_be_made_says_why(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ServerError, match="cannot use store directory"):
+        EmbeddedServer(store_dir=blocker / "store").start()
