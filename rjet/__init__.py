@@ -15,7 +15,7 @@
 
 from rjet._connect import connect
 from rjet._reader import ReadConfig, StreamClient
-from rjet.consumer import Consumer, Handler
+from rjet.consumer import Batch, BatchHandler, Consumer, Handler
 from rjet.cursors import CursorRecord, CursorStore, FailingCursorStore, JetStreamCursorStore, MemCursorStore
 from rjet.deadletter import DeadLetter, DeadLetterRecord, DeadLetterStream
 from rjet.errors import (
@@ -55,6 +55,8 @@ from rjet.stream import Stream
 __all__ = [
     "ALWAYS",
     "NEVER",
+    "Batch",
+    "BatchHandler",
     "ConfigError",
     "ConnectError",
     "Consumer",

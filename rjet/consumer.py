@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 from rjet.deadletter import DeadLetter
 from rjet.errors import ConfigError
 from rjet.event import Event
 from rjet.fate import NEVER, Fate
 
-__all__ = ["Consumer", "Handler"]
+__all__ = ["Batch", "BatchHandler", "Consumer", "Handler"]
 
 Handler: TypeAlias = Callable[[Fate, Event], Awaitable[None] | None]
 """``fn(fate, event)``, a plain function or a coroutine function; raising stops the run."""
+
+BatchHandler: TypeAlias = Callable[[Fate, list[Event]], Awaitable[None] | None]
+"""``fn(fate, events)``: the handler of a consumer with a :class:`Batch`."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Batch:
+    """Hand the handler events in batches: ``fn(fate, events)`` with up to ``max_len`` events, once
+    that many are waiting or ``max_wait`` seconds after the first of them was read, whichever comes
+    first.
+
+    A batch lists its events in stream order; one foreign ID's events are never in two batches in
+    flight at once, so per-key order holds across batches. The cursor (and exact progress) advance
+    when the batch succeeds; a failed batch is retried whole.
+
+    >>> Batch(max_len=100, max_wait=0.05)
+    Batch(max_len=100, max_wait=0.05)
+    """
+
+    max_len: int = 100
+    max_wait: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_len, int) or self.max_len < 1:
+            raise ConfigError(f"Batch: max_len must be an int >= 1, not {self.max_len!r}")
+        if not self.max_wait >= 0:
+            raise ConfigError(f"Batch: max_wait must be >= 0 seconds, not {self.max_wait!r}")
 
 
 class Consumer:
@@ -27,6 +55,20 @@ class Consumer:
     - ``fate``: what ``fn`` receives to inject errors on purpose (default :data:`rjet.fate.NEVER`).
     - ``dead_letter``: a :class:`rjet.DeadLetter` policy: after that many failed attempts an event
       is recorded and skipped instead of blocking the consumer (off by default: retry forever).
+    - ``concurrency``: up to this many handler calls in flight at once, with every event of one
+      foreign ID handled one at a time, in stream order (default 1: one event at a time). The cursor
+      stays the low watermark and the events done above it are stored with it (exact progress), so
+      a restart does not hand them to the handler again. Sync handlers run in a pool of
+      ``concurrency`` threads. See the README's "Concurrency" section.
+    - ``batch``: a :class:`Batch`: ``fn`` takes ``(fate, events)``, a list.
+    - ``on_error``: ``"stop"`` (reflex's strictness: the first handler error ends the run once the
+      calls in flight are done; ``run`` raises it) or ``"retry"`` (only the failing foreign ID waits:
+      its event is tried again with backoff, other keys go on; with ``dead_letter``, after its
+      attempts the event is recorded and its key moves on). Default: ``"stop"`` with
+      ``concurrency=1``, ``"retry"`` above.
+    - ``max_waiting`` / ``max_waiting_bytes``: events read but not yet handed to the handler, at most
+      (a hot key whose events pile up slows reading down; default ``max(1024, 8 * concurrency)``
+      events and 32 MiB).
 
     ::
 
@@ -37,18 +79,26 @@ class Consumer:
         consumer = Consumer("billing", fn, types=[1, 2])
     """
 
-    __slots__ = ("_async", "dead_letter", "fate", "filter", "fn", "key_filter", "name", "types")
+    __slots__ = (
+        "_async", "batch", "concurrency", "dead_letter", "fate", "filter", "fn", "key_filter", "max_waiting",
+        "max_waiting_bytes", "name", "on_error", "types",
+    )  # fmt: skip
 
     def __init__(
         self,
         name: str,
-        fn: Handler,
+        fn: Handler | BatchHandler,
         *,
         types: Iterable[int] | None = None,
         filter: Callable[[Event], bool] | None = None,
         key_filter: Callable[[str], bool] | None = None,
         fate: Fate = NEVER,
         dead_letter: DeadLetter | None = None,
+        concurrency: int = 1,
+        batch: Batch | None = None,
+        on_error: Literal["stop", "retry"] | None = None,
+        max_waiting: int | None = None,
+        max_waiting_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"consumer name must be a non-empty str, not {name!r}")
@@ -63,7 +113,32 @@ class Consumer:
         if dead_letter is not None and not isinstance(dead_letter, DeadLetter):
             raise ConfigError(f"consumer {name!r}: dead_letter must be an rjet.DeadLetter, not {dead_letter!r}")
         self.dead_letter = dead_letter
+        if type(concurrency) is not int or concurrency < 1:
+            raise ConfigError(f"consumer {name!r}: concurrency must be an int >= 1, not {concurrency!r}")
+        self.concurrency = concurrency
+        if batch is not None and not isinstance(batch, Batch):
+            raise ConfigError(f"consumer {name!r}: batch must be an rjet.Batch, not {batch!r}")
+        self.batch = batch
+        if on_error not in (None, "stop", "retry"):
+            raise ConfigError(f"consumer {name!r}: on_error is 'stop' or 'retry', not {on_error!r}")
+        self.on_error: Literal["stop", "retry"] = on_error or ("stop" if concurrency == 1 else "retry")
+        if max_waiting is None:
+            max_waiting = max(1024, 8 * concurrency, batch.max_len if batch else 0)
+        if type(max_waiting) is not int or max_waiting < 1 or max_waiting_bytes < 1:
+            raise ConfigError(f"consumer {name!r}: max_waiting and max_waiting_bytes must be >= 1")
+        self.max_waiting = max_waiting
+        self.max_waiting_bytes = max_waiting_bytes
         self._async = inspect.iscoroutinefunction(fn)
+
+    @property
+    def sequential(self) -> bool:
+        """Whether ``run`` handles one event at a time, stopping at the first error (the defaults)."""
+        return self.concurrency == 1 and self.batch is None and self.on_error == "stop"
+
+    @property
+    def is_async(self) -> bool:
+        """Whether ``fn`` is a coroutine function."""
+        return self._async
 
     def wants(self, event: Event) -> bool:
         """Whether ``event`` passes the key filter, the type filter and the event filter."""
@@ -87,9 +162,9 @@ class Consumer:
         ):
             return False
         if self._async:
-            await self.fn(self.fate, event)  # type: ignore[misc]
+            await self.fn(self.fate, event)  # type: ignore[arg-type, misc]  # sequential: never a BatchHandler
         else:
-            result = self.fn(self.fate, event)
+            result = self.fn(self.fate, event)  # type: ignore[arg-type]
             if result is not None and inspect.isawaitable(result):
                 await result
         return True

@@ -158,16 +158,22 @@ async def kv_keys(kv: KeyValue) -> list[str]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CursorRecord:
-    """What a cursor's KV key holds: the cursor, the stream it counts in, and the claim that wrote it.
+    """What a cursor's KV key holds: the cursor, the stream it counts in, the claim that wrote it, and
+    the events done above the cursor.
 
-    Stored as JSON, ``{"v":1,"cursor":"42","stream":"orders@2026-12-01T15:04:05.123456+00:00",
-    "owner":"host:pid:token"}`` (``stream`` and ``owner`` may be missing). A bare decimal (what rjet
-    0.1 and hand-written tools store) is a cursor alone, with no stream recorded and no owner.
+    Stored as JSON, ``{"v":1,"cursor":"42","done":"r...","stream":"orders@2026-12-01T15:04:05.123456+00:00",
+    "owner":"host:pid:token"}`` (``done``, ``stream`` and ``owner`` may be missing). ``done`` is the
+    exact progress of a consumer with ``concurrency`` > 1: the stream sequences above ``cursor`` that
+    were handled already, encoded relative to it (``rjet/_progress.py`` documents the encoding); a
+    reader that does not know the field hands those events to its handler again, which
+    at-least-once allows. A bare decimal (what rjet 0.1 and hand-written tools store) is a cursor
+    alone, with no stream recorded and no owner.
     """
 
     cursor: str = ""
     stream: str | None = None
     owner: str | None = None
+    done: str | None = None
 
     def encode(self) -> bytes:
         """The stored form."""
@@ -175,6 +181,8 @@ class CursorRecord:
         # A flush encodes one record per cursor: a decimal needs no JSON escaping, and the rest of a
         # record (the claim's stream and owner) is the same for every write of the claim.
         head = b'{"v":1,"cursor":"%s"' % c.encode() if c.isdigit() or not c else b'{"v":1,"cursor":' + _json(c)
+        if self.done:
+            head += b',"done":' + _json(self.done)
         return head + _record_tail(self.stream, self.owner)
 
     @classmethod
@@ -189,14 +197,33 @@ class CursorRecord:
             body = None
         if not isinstance(body, dict) or body.get("v") != 1 or not isinstance(body.get("cursor"), str):
             return cls(raw.decode("utf-8", "replace"))
-        stream, owner = body.get("stream"), body.get("owner")
+        stream, owner, done = body.get("stream"), body.get("owner"), body.get("done")
         return cls(
-            body["cursor"], stream if isinstance(stream, str) else None, owner if isinstance(owner, str) else None
+            body["cursor"],
+            stream if isinstance(stream, str) else None,
+            owner if isinstance(owner, str) else None,
+            done if isinstance(done, str) and done else None,
         )
 
 
 def _json(value: str) -> bytes:
     return json.dumps(value).encode()
+
+
+class ProgressSource(Protocol):
+    """What a claim's ``set_cursor`` also takes: the cursor and its exact progress, read at flush time."""
+
+    def snapshot(self) -> tuple[str, str]:
+        """``(cursor, done)``: the cursor and the encoded events done above it ("" for none)."""
+        ...
+
+
+def _pair(value: str | ProgressSource) -> tuple[str, str | None]:
+    """(cursor, done) of a buffered cursor write."""
+    if isinstance(value, str):
+        return value, None
+    cursor, done = value.snapshot()
+    return cursor, done or None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -216,7 +243,7 @@ class _Claim:
     """
 
     __slots__ = (
-        "_store", "cursor", "key", "lost", "lost_event", "name", "owner", "plain", "released", "rev", "stream"
+        "_store", "cursor", "done", "key", "lost", "lost_event", "name", "owner", "plain", "released", "rev", "stream"
     )  # fmt: skip
 
     def __init__(self, store: JetStreamCursorStore, name: str, owner: str, rev: int, record: CursorRecord) -> None:
@@ -226,6 +253,7 @@ class _Claim:
         self.owner = owner
         self.rev = rev
         self.cursor = record.cursor  # as read at claim time
+        self.done = record.done  # the exact progress stored with it (see CursorRecord), when any
         self.stream = record.stream  # the identity of the stream the cursor counts in, when known
         self.lost: RjetError | None = None
         self.lost_event = asyncio.Event()
@@ -242,8 +270,13 @@ class _Claim:
         if self.lost is not None:
             raise self.lost
 
-    async def set_cursor(self, cursor: str) -> None:
-        """Buffer ``cursor``; written by the store's next flush as a compare-and-swap of this claim."""
+    async def set_cursor(self, cursor: str | ProgressSource) -> None:
+        """Buffer ``cursor``; written by the store's next flush as a compare-and-swap of this claim.
+
+        ``cursor`` may be a :class:`ProgressSource` instead: the flush then writes what its
+        ``snapshot()`` says at that time, ``(cursor, done)`` (a concurrent runner marks its progress
+        changed at no cost per event, and each flush encodes it once).
+        """
         store = self._store
         if self.lost is not None or self.released or store._closed:  # noqa: SLF001
             store._check_open()  # noqa: SLF001
@@ -303,7 +336,7 @@ class JetStreamCursorStore:
         # name -> cursor to write, under this store's claim on the name (or, with none, a plain put).
         # A new claim drops what an older one left, so a cursor is never written under a claim it
         # was not set under.
-        self._dirty: dict[str, str] = {}
+        self._dirty: dict[str, str | ProgressSource] = {}
         self._written: dict[str, str] = {}  # name -> the cursor this store last read or wrote
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
@@ -412,7 +445,7 @@ class JetStreamCursorStore:
                 entry = await self._read_entry(name, key)
                 record = CursorRecord.decode(entry[0]) if entry is not None else CursorRecord()
                 base = entry[1] if entry is not None else 0
-                mine = CursorRecord(record.cursor, record.stream, owner)
+                mine = CursorRecord(record.cursor, record.stream, owner, record.done)
                 try:
                     rev = await self._shielded(self._kv.update(key, mine.encode(), last=base))
                 except nats.js.errors.KeyWrongLastSequenceError:
@@ -544,7 +577,7 @@ class JetStreamCursorStore:
             dirty = {n: self._dirty.pop(n) for n in names if n in self._dirty}
         claims = self._claims
         # A lost claim writes nothing more.
-        batch = {n: (c, cursor) for n, cursor in dirty.items() if (c := claims.get(n)) is None or c.lost is None}
+        batch = {n: (c, _pair(v)) for n, v in dirty.items() if (c := claims.get(n)) is None or c.lost is None}
         if not batch:
             return
         try:
@@ -554,19 +587,19 @@ class JetStreamCursorStore:
             # One compare-and-swap per cursor, pipelined (also what finds the cursor that made an
             # atomic batch fail, and writes the others).
             results = await asyncio.gather(
-                *(self._write(name, claim, cursor) for name, (claim, cursor) in batch.items()), return_exceptions=True
+                *(self._write(name, claim, pair) for name, (claim, pair) in batch.items()), return_exceptions=True
             )
         except BaseException:  # cancelled mid-write: keep every cursor for the next flush
-            for name, (_, cursor) in batch.items():
-                self._dirty.setdefault(name, cursor)
+            for name in batch:
+                self._dirty.setdefault(name, dirty[name])
             raise
         self.flushes += 1
         first: BaseException | None = None
-        for (name, (claim, cursor)), err in zip(batch.items(), results, strict=True):
+        for (name, (claim, _)), err in zip(batch.items(), results, strict=True):
             if err is None:
                 continue
             if not isinstance(err, CursorConflict | CursorBucketGone):
-                self._dirty.setdefault(name, cursor)  # a failed write is tried again
+                self._dirty.setdefault(name, dirty[name])  # a failed write is tried again
             if claim is not None and isinstance(err, RjetError):
                 claim.lose(err)
             if first is None and (raise_for is None or name in raise_for):
@@ -574,12 +607,13 @@ class JetStreamCursorStore:
         if first is not None:
             raise first if isinstance(first, RjetError) else self._store_error("cannot write cursors", first)
 
-    async def _write(self, name: str, claim: _Claim | None, cursor: str) -> None:
+    async def _write(self, name: str, claim: _Claim | None, pair: tuple[str, str | None]) -> None:
         """One cursor's write: a compare-and-swap under ``claim`` (a plain put without one), settled by
         reading the record back when it failed or its answer was lost."""
         key = encode_key(name)
         owner = claim.owner if claim is not None else self._owner
-        record = CursorRecord(cursor, claim.stream if claim is not None else None, owner)
+        cursor, done = pair
+        record = CursorRecord(cursor, claim.stream if claim is not None else None, owner, done)
         value = record.encode()
         for _ in range(3):
             try:
@@ -625,7 +659,7 @@ class JetStreamCursorStore:
             claim.plain = True
         claim.rev = max(claim.rev, rev)
 
-    async def _write_batch(self, batch: dict[str, tuple[_Claim | None, str]]) -> bool:
+    async def _write_batch(self, batch: dict[str, tuple[_Claim | None, tuple[str, str | None]]]) -> bool:
         """Write every cursor of ``batch`` as one atomic JetStream batch: one request, one ack, each
         message a compare-and-swap on its key. False (nothing known to be written) when the server
         refused it or its answer was lost; the caller then writes them one by one, which settles
@@ -634,10 +668,10 @@ class JetStreamCursorStore:
         nc, pre = self._nc, self._names.prefix
         batch_id = _NUID.next().decode()
         items = []
-        for name, (claim, cursor) in batch.items():
+        for name, (claim, (cursor, done)) in batch.items():
             owner = claim.owner if claim is not None else self._owner
             stream = claim.stream if claim is not None else None
-            items.append((name, claim, encode_key(name), cursor, CursorRecord(cursor, stream, owner).encode()))
+            items.append((name, claim, encode_key(name), cursor, CursorRecord(cursor, stream, owner, done).encode()))
         last = len(items)
 
         def headers(i: int, claim: _Claim | None) -> dict[str, str]:

@@ -17,7 +17,9 @@ Metrics (label ``consumer``; flushes by ``namespace``):
 ``rjet_events_removed_total``,
 ``rjet_handler_errors_total``, ``rjet_dead_letters_total``, ``rjet_runs_total``,
 ``rjet_consumer_lag_events``, ``rjet_consumer_lag_seconds``, ``rjet_handler_duration_seconds``
-(histogram), ``rjet_cursor_flushes_total``.
+(histogram), ``rjet_cursor_flushes_total``; for concurrent consumers ``rjet_events_already_done_total``,
+``rjet_progress_stalls_total``, ``rjet_handlers_in_flight`` and ``rjet_key_queue_max`` (the hot-key
+figure: the most events of one foreign ID waiting at once).
 """
 
 from __future__ import annotations
@@ -79,6 +81,12 @@ def _families(snaps: list[StatsSnapshot]) -> Iterator[CounterMetricFamily | Gaug
         ("rjet_handler_errors", "Handler failures (each try counts).", "errors"),
         ("rjet_dead_letters", "Events given up on and recorded as dead letters.", "dead_lettered"),
         ("rjet_runs", "Times run started for the consumer.", "runs"),
+        (
+            "rjet_events_already_done",
+            "Events stored as done above the cursor by an earlier run and not handled again.",
+            "already_done",
+        ),
+        ("rjet_progress_stalls", "Times reading paused: the done set above the cursor was full.", "progress_stalls"),
     ]
     for metric, doc, field in counters:
         family = CounterMetricFamily(metric, doc, labels=["consumer"])
@@ -100,7 +108,14 @@ def _families(snaps: list[StatsSnapshot]) -> Iterator[CounterMetricFamily | Gaug
             cumulative += count
             buckets.append((bound, cumulative))
         hist.add_metric([snap.name], buckets, snap.handler_seconds_sum)
-    yield from (lag, age, hist)
+    in_flight = GaugeMetricFamily("rjet_handlers_in_flight", "Handler calls running now.", labels=["consumer"])
+    hot = GaugeMetricFamily(
+        "rjet_key_queue_max", "The most events of one foreign ID waiting at once (hot keys).", labels=["consumer"]
+    )
+    for snap in snaps:
+        in_flight.add_metric([snap.name], snap.in_flight)
+        hot.add_metric([snap.name], snap.key_queue_max)
+    yield from (lag, age, hist, in_flight, hot)
 
 
 class _Group(Protocol):

@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Final, NoReturn, Protocol
 
+from rjet._keyed import KeyedRun
 from rjet._reader import StreamClient
 from rjet.consumer import Consumer
-from rjet.cursors import CursorStore, FailingCursorStore, JetStreamCursorStore
+from rjet.cursors import CursorStore, FailingCursorStore, JetStreamCursorStore, ProgressSource
 from rjet.deadletter import DeadLetter, DeadLetterRecord, record_for
 from rjet.errors import (
     ConfigError,
@@ -133,9 +134,12 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
         # run now, not when the next event arrives: closing the client ends recv(); and no handler
         # call starts once either happened.
         halt = asyncio.Event()
-        waits: list[Callable[[], Awaitable[object]]] = [claim.wait_lost, *([stop.wait] if stop else [])]
+        failed = asyncio.Event()  # a concurrent run's workers failed: stop reading now
+        waits: list[Callable[[], Awaitable[object]]] = [claim.wait_lost, failed.wait, *([stop.wait] if stop else [])]
         guard = asyncio.create_task(_close_when(waits, client, halt))
         try:
+            if not spec.consumer.sequential:
+                await _keyed(spec, client, claim, stats, halt, stop, failed)
             consumer = spec.consumer
             consume = consumer.consume
             set_cursor = claim.set_cursor
@@ -223,13 +227,57 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
             claim.check()  # a lost claim is why the run ended, whatever else it saw on the way
 
 
+async def _keyed(
+    spec: Spec,
+    client: StreamClientLike,
+    claim: _Claim,
+    stats: ConsumerStats,
+    halt: asyncio.Event,
+    stop: asyncio.Event | None,
+    failed: asyncio.Event,
+) -> NoReturn:
+    """The run of a concurrent consumer (``rjet/_keyed.py``)."""
+    consumer, name = spec.consumer, spec.consumer.name
+    dead_letter = consumer.dead_letter
+    stream_name = client.stream if isinstance(client, StreamClient) else ""
+    lag = spec.lag.total_seconds() if isinstance(spec.lag, timedelta) else (spec.lag or 0.0)
+
+    async def bury(record: DeadLetterRecord, error: Exception) -> None:
+        assert dead_letter is not None
+        await _bury(dead_letter, record, error, stats)
+
+    async def record_removed(gap: EventsRemoved) -> None:
+        assert dead_letter is not None
+        await _record_removed(dead_letter, name, stream_name, gap, stats)
+
+    await KeyedRun(
+        consumer,
+        recv=client.next_or_skip if isinstance(client, StreamClient) else client.recv,
+        set_cursor=claim.set_cursor,
+        exact=isinstance(spec.cursor_store, JetStreamCursorStore),
+        cursor=claim.cursor,
+        done=claim.done,
+        stats=stats,
+        stream=stream_name,
+        key_checked=consumer.key_filter is None
+        or (isinstance(client, StreamClient) and client.key_filter is consumer.key_filter),
+        lag=lag,
+        halt=halt,
+        stopping=stop.is_set if stop is not None else halt.is_set,
+        failed=failed,
+        bury=bury,
+        record_removed=record_removed,
+    ).run()
+
+
 class _Claim(Protocol):
     """A runner's hold on its cursor (what :meth:`rjet.JetStreamCursorStore.claim` returns)."""
 
     cursor: str
     stream: str | None
+    done: str | None  # exact progress stored with the cursor (concurrent consumers)
 
-    async def set_cursor(self, cursor: str) -> None: ...
+    async def set_cursor(self, cursor: str | ProgressSource) -> None: ...
 
     async def wait_lost(self) -> None: ...
 
@@ -241,12 +289,13 @@ class _Claim(Protocol):
 class _PlainClaim:
     """A :class:`CursorStore` without claims, seen through the claim interface."""
 
-    __slots__ = ("_store", "cursor", "set_cursor", "stream")
+    __slots__ = ("_store", "cursor", "done", "set_cursor", "stream")
 
     def __init__(self, store: CursorStore, name: str, cursor: str) -> None:
         self._store = store
         self.cursor = cursor
         self.stream: str | None = None
+        self.done: str | None = None
         self.set_cursor = functools.partial(store.set_cursor, name)
 
     async def wait_lost(self) -> None:

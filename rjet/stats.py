@@ -45,6 +45,12 @@ class StatsSnapshot:
     handled event while there is lag, else 0; ``cursor``: the last event ID handled or passed;
     ``last_event_time``: the stored time of the last handled event; ``removed``: stream sequences
     removed ahead of the reader and skipped under ``ReadConfig(on_removed="skip")``.
+
+    Concurrent consumers (``Consumer(concurrency=K)``, batches) also report ``in_flight`` (handler
+    calls running now), ``key_queue_max`` (the most events of one foreign ID ever waiting at once:
+    the hot-key figure), ``already_done`` (events stored as done above the cursor by an earlier run,
+    not handed to the handler again) and ``progress_stalls`` (times reading paused because the
+    done set above the cursor reached its size limit).
     """
 
     name: str
@@ -62,6 +68,10 @@ class StatsSnapshot:
     handler_seconds_count: int
     handler_buckets: tuple[int, ...]
     removed: int = 0
+    in_flight: int = 0
+    key_queue_max: int = 0
+    already_done: int = 0
+    progress_stalls: int = 0
 
 
 class ConsumerStats:
@@ -73,6 +83,7 @@ class ConsumerStats:
 
     __slots__ = (
         "_client",
+        "already_done",
         "buckets",
         "cursor",
         "dead_lettered",
@@ -81,8 +92,11 @@ class ConsumerStats:
         "handled",
         "handler_count",
         "handler_sum",
+        "in_flight",
+        "key_queue_max",
         "last_event",
         "name",
+        "progress_stalls",
         "removed",
         "runs",
         "skipped",
@@ -105,6 +119,10 @@ class ConsumerStats:
         self.handler_count = 0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self._client: _Pending | None = None
+        self.in_flight = 0
+        self.key_queue_max = 0
+        self.already_done = 0
+        self.progress_stalls = 0
 
     def observe(self, seconds: float) -> None:
         """Record one handler call of ``seconds``."""
@@ -133,6 +151,10 @@ class ConsumerStats:
             handler_seconds_count=self.handler_count,
             handler_buckets=tuple(self.buckets),
             removed=self.removed + getattr(self._client, "removed", 0),
+            in_flight=self.in_flight,
+            key_queue_max=self.key_queue_max,
+            already_done=self.already_done,
+            progress_stalls=self.progress_stalls,
         )
 
     def track(self, client: object) -> None:

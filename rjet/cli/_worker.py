@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Literal, cast
 
 import click
 from rich.console import Console
@@ -75,6 +76,20 @@ class ImportedHandler:
         return f"ImportedHandler({self.spec!r})"
 
 
+class ImportedAsyncHandler(ImportedHandler):
+    """An :class:`ImportedHandler` whose function is a coroutine function (so that a concurrent
+    consumer awaits it on the event loop instead of calling it in a thread)."""
+
+    async def __call__(self, fate: Fate, event: Event) -> Any:
+        return await super().__call__(fate, event)
+
+
+def imported(spec: str) -> ImportedHandler:
+    """The handler ``spec`` names, as it travels to worker processes (imported here to check it)."""
+    fn = load_handler(spec)
+    return ImportedAsyncHandler(spec) if inspect.iscoroutinefunction(fn) else ImportedHandler(spec)
+
+
 @click.command()
 @click.argument("stream")
 @click.argument("handler", metavar="MODULE:FUNCTION")
@@ -90,6 +105,21 @@ class ImportedHandler:
 @click.option("--namespace", required=True, metavar="NS", help="Cursor namespace (KV bucket rjet_cursors_NS).")
 @click.option("--type", "types", type=int, multiple=True, help="Handle only events of this type (repeatable).")
 @click.option("--to-head", is_flag=True, help="Stop once the events present at start are handled.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="K",
+    help="Handler calls in flight per shard, one at a time per foreign ID (sync handlers: K threads).",
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(["stop", "retry"]),
+    default=None,
+    help="stop: a handler error stops the shard's run (retried by a restart); retry: only its foreign ID"
+    " waits and retries. Default: stop with --concurrency 1, retry above.",
+)
 @click.option(
     "--stop-timeout",
     type=click.FloatRange(min=0),
@@ -120,6 +150,8 @@ def worker(
     namespace: str,
     types: tuple[int, ...],
     to_head: bool,
+    concurrency: int,
+    on_error: str | None,
     stop_timeout: float,
     metrics_port: int | None,
     metrics_host: str,
@@ -129,7 +161,8 @@ def worker(
 
     \b
     FUNCTION is called as function(fate, event), plain or async, one event at a time per shard
-    and in stream order per foreign ID; raising stops the shard's run, which retries the event.
+    (up to --concurrency K at a time) and in stream order per foreign ID; raising stops the shard's
+    run, which retries the event (with --on-error retry only that foreign ID waits).
     The current directory is on the import path. Run the same NAME and -n on every host, each
     with its own --shard range:
         host A:  rjet worker orders billing:on_order --name billing -n 4 --shard 1-2 --namespace shop
@@ -143,11 +176,10 @@ def worker(
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
-    load_handler(handler)
     group = Parallel(
         name,
         n,
-        ImportedHandler(handler),
+        imported(handler),
         servers=list(conn.servers),
         stream=stream,
         namespace=namespace,
@@ -156,6 +188,8 @@ def worker(
         types=types or None,
         stop_timeout=stop_timeout,
         handler_timing=metrics_port is not None,
+        concurrency=concurrency,
+        on_error=cast("Literal['stop', 'retry'] | None", on_error),
     )
     if metrics_port is None:
         summary = group.run(to_head=to_head)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from rjet._reader import ReadConfig
+from rjet.consumer import Batch
 from rjet.errors import ConfigError
 from rjet.event import Event
 from rjet.fate import NEVER, Fate
@@ -31,6 +32,9 @@ class ParallelOptions:
       event whose handler fails ``dead_letter_attempts`` times is recorded there and skipped
       (:class:`rjet.DeadLetter`). Default: none, retry forever.
     - ``handler_timing``: measure every handler call for the latency histogram (``ShardStats.live``).
+    - ``concurrency``, ``batch``, ``on_error``: as for :class:`rjet.Consumer`, in each worker: up to
+      ``concurrency`` handler calls in flight per shard, one at a time per foreign ID, with exact
+      progress stored in the shard's cursor.
 
     How it runs:
 
@@ -63,6 +67,9 @@ class ParallelOptions:
     dead_letters: str | None = None
     dead_letter_attempts: int = 5
     handler_timing: bool = False
+    concurrency: int = 1
+    batch: Batch | None = None
+    on_error: Literal["stop", "retry"] | None = None
     flush_interval: float = 1.0
     retry_delay: float = 0.1
     max_backoff: float = 60.0
@@ -108,6 +115,12 @@ class ParallelOptions:
             raise ConfigError(f"Parallel: filter {self.filter!r} is not callable")
         if self.on_start is not None and not callable(self.on_start):
             raise ConfigError(f"Parallel: on_start {self.on_start!r} is not callable")
+        if type(self.concurrency) is not int or self.concurrency < 1:
+            raise ConfigError(f"Parallel: concurrency must be an int >= 1, not {self.concurrency!r}")
+        if self.batch is not None and not isinstance(self.batch, Batch):
+            raise ConfigError(f"Parallel: batch must be an rjet.Batch, not {self.batch!r}")
+        if self.on_error not in (None, "stop", "retry"):
+            raise ConfigError(f"Parallel: on_error is 'stop' or 'retry', not {self.on_error!r}")
         if self.cursor_replicas is not None and (
             isinstance(self.cursor_replicas, bool)
             or not isinstance(self.cursor_replicas, int)

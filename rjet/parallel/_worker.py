@@ -231,6 +231,9 @@ class _Worker:
                 key_filter=self.key_filter(),
                 fate=cfg.options.fate,
                 dead_letter=dead_letter,
+                concurrency=cfg.options.concurrency,
+                batch=cfg.options.batch,
+                on_error=cfg.options.on_error,
             )
             spec = Spec(stream.stream, store, consumer, to_head=cfg.to_head, lag=cfg.options.lag)
             self.link.send(Started(os.getpid()))
