@@ -697,3 +697,49 @@ async def test_reshard_on_a_partitioned_stream_loses_nothing(
     for s in summary.shards:
         own = [seq for seq, fid in after_seed.items() if shard_of(fid, 3) == s.shard]
         assert s.cursor == str(max(own, default=seed))
+
+
+# ----------------------------------------------------------------- concurrency
+
+
+def slow_first(directory: Path, slow_seq: int) -> Callable[[rjet.Fate, rjet.Event], None]:
+    """``logger``, but event ``slow_seq`` takes a second: it is in flight when the group stops."""
+    log = logger(directory)
+
+    def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        if event.id_int == slow_seq:
+            time.sleep(1.0)
+        log(fate, event)
+
+    return handle
+
+
+@pytest.mark.timeout(90)
+async def test_concurrent_shards_keep_exact_progress_over_a_graceful_restart(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, js: JetStreamContext
+) -> None:
+    n = 2
+    # Key "slow" has events 1 and 2; the stop comes while 1 is in flight, so 2 is never started and
+    # its shard's watermark stays at 1 while that shard's other keys are done above it.
+    await stream.insert_many([("slow", 1, b""), ("slow", 1, b"")])
+    events = {1: "slow", 2: "slow", **(await insert(stream, 600, keys=30))}
+    slow_shard = shard_of("slow", n)
+    p = group(server, name, n, slow_first(tmp_path, 1), concurrency=8, flush_interval=3600)
+    task = asyncio.create_task(p.run_async())
+    own = sum(1 for fid in events.values() if shard_of(fid, n) == slow_shard) - 2
+
+    def others_done() -> bool:
+        rows = read_logs(tmp_path).get(slow_shard, [])
+        return sum(1 for _, fid, _ in rows if fid != "slow") == own
+
+    await wait_for(others_done, 30, what="the slow shard's other keys handled")
+    p.stop()
+    await task
+    record = await (await rjet.JetStreamCursorStore.create(js, name)).peek_record(shard_name(name, slow_shard, n))
+    assert record is not None
+    assert record.cursor == "1"
+    assert record.done  # the other keys' events, done above the watermark
+    summary = await group(server, name, n, logger(tmp_path), concurrency=8).run_async(to_head=True)
+    replays = check_handling(read_logs(tmp_path), n, events)
+    assert replays == 0  # event 2 was handled once; nothing done above the watermark came again
+    assert all(s.cursor == str(max(events)) for s in summary.shards), summary

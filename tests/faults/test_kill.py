@@ -125,3 +125,31 @@ async def test_workers_killed_at_random_points_of_a_50k_event_run(
     assert sum(s.restarts for s in summary.shards) >= kills - 1
     assert all(s.state == "done" and s.cursor == str(max(events)) for s in summary.shards), summary
     print(f"events={len(events)} kills={kills} replays={replays} lost=0")  # the reliability report's figures
+
+
+@pytest.mark.timeout(180)
+async def test_workers_killed_at_random_under_key_ordered_concurrency(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    n = 2
+    events = await insert(stream, 30_000, keys=1000)
+    group = Parallel(
+        name, n, logger(tmp_path, delay=0.0005), servers=server.url, stream=name, namespace=name,
+        on_start=remember_shard, flush_interval=0.2, restart_delay=0.1, max_restart_delay=0.5, concurrency=64,
+    )  # fmt: skip
+    task = asyncio.create_task(group.run_async(to_head=True))
+    rng = random.Random(7)
+    kills = 0
+    while not task.done() and kills < 5:
+        await asyncio.sleep(rng.uniform(0.5, 1.5))
+        pids = group.worker_pids
+        running = [m for m, s in enumerate(group.statistics().shards) if s.state == "running" and m in pids]
+        if running and not task.done():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[rng.choice(running)], signal.SIGKILL)
+                kills += 1
+    summary = await asyncio.wait_for(task, 150)
+    replays = check_handling(read_logs(tmp_path), n, events)  # every event, per-key order on first handling
+    assert kills >= 3, "the run ended before enough workers were killed"
+    assert all(s.state == "done" and s.cursor == str(max(events)) for s in summary.shards), summary
+    print(f"events={len(events)} kills={kills} replays={replays} lost=0 concurrency=64")
