@@ -105,6 +105,10 @@ class KeyedRun:
         self._arrivals: list[asyncio.Future[None]] = []  # a batch collector waiting for events
         self._collecting = False  # a worker is filling a batch (one at a time: batches fill up)
         self._room: asyncio.Future[None] | None = None  # the reader, waiting for room
+        self._progress_full = False  # the reader waits because the done set is at its limit
+        self._low = consumer.max_waiting * 3 // 4  # where a reader waiting for room goes on
+        self._low_bytes = consumer.max_waiting_bytes * 3 // 4
+        self._saving: asyncio.Future[None] | None = None  # the saver, waiting for progress to move
         self._emptied: asyncio.Future[None] | None = None  # the reader, waiting for every event to be done
         self._waiting = 0  # events read and not started
         self._waiting_bytes = 0
@@ -135,7 +139,9 @@ class KeyedRun:
     async def run(self) -> NoReturn:
         """Read, schedule and handle until the run ends; raises why it ended (see :func:`rjet.run`)."""
         workers = [asyncio.create_task(self._work()) for _ in range(self._consumer.concurrency)]
+        saver = asyncio.create_task(self._saver())
         self._halted = asyncio.ensure_future(self._halt.wait())
+        self._halted.add_done_callback(lambda _: self._wake_all())  # a reader waiting for room stops too
         try:
             try:
                 await self._read()
@@ -154,6 +160,8 @@ class KeyedRun:
             self._closing.set()
             self._wake_all()
             await asyncio.gather(*workers, return_exceptions=True)
+            saver.cancel()
+            self._stats.cursor = str(self._progress.watermark)
             await self._set_cursor(self._progress)
             if self._failure is not None:
                 raise self._failure
@@ -161,9 +169,9 @@ class KeyedRun:
         finally:
             if self._halted is not None:
                 self._halted.cancel()
-            for w in workers:
+            for w in (*workers, saver):
                 w.cancel()  # forced: a second stop, or the run's task cancelled
-            await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.gather(*workers, saver, return_exceptions=True)
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
             self._stats.in_flight = 0
@@ -174,27 +182,34 @@ class KeyedRun:
         consumer, progress, stats = self._consumer, self._progress, self._stats
         key_filter = None if self._key_checked else consumer.key_filter
         types, event_filter = consumer.types, consumer.filter
-        recv, set_cursor = self._recv, self._set_cursor
+        recv, changed = self._recv, self._changed
         max_waiting, max_bytes = consumer.max_waiting, consumer.max_waiting_bytes
         dead_letter = consumer.dead_letter
         batch = consumer.batch is not None
         halted, stopping, closing = self._halt.is_set, self._stopping, self._closing.is_set
         clock = time.monotonic
         next_yield = clock() + _YIELD_EVERY
+        unchecked = 0  # events read since the done set's size was last looked at
         while True:
             if halted() or stopping() or closing():
                 return
-            if (
-                self._waiting >= max_waiting
-                or self._waiting_bytes >= max_bytes
-                or progress.size_bound() > PROGRESS_LIMIT
-            ):
-                if progress.size_bound() > PROGRESS_LIMIT:
-                    stats.progress_stalls += 1
-                self._room = room = self._loop.create_future()
-                assert self._halted is not None
-                await asyncio.wait((room, self._halted), return_when=asyncio.FIRST_COMPLETED)
+            if self._waiting >= max_waiting or self._waiting_bytes >= max_bytes:
+                # Woken once a quarter of the queue was taken, not at each event taken.
+                self._room = self._loop.create_future()
+                await self._room
                 continue
+            unchecked += 1
+            # Each event read adds a few bytes to the done set at most: looking every 64 events
+            # overshoots the limit by a few hundred bytes, for an O(1) check that is not free.
+            if unchecked >= 64 and progress.size_bound() > PROGRESS_LIMIT:
+                stats.progress_stalls += 1
+                self._progress_full = True
+                self._room = self._loop.create_future()
+                await self._room  # woken when progress moves
+                self._progress_full = False
+                continue
+            if unchecked >= 64:
+                unchecked = 0
             if clock() >= next_yield:
                 await asyncio.sleep(0)  # workers take what was queued
                 next_yield = clock() + _YIELD_EVERY
@@ -205,12 +220,12 @@ class KeyedRun:
                     raise
                 await self._bury(record_for(self._name, self._stream, str(e.seq), None, e, 1), e)
                 progress.passed(e.seq)
-                await set_cursor(progress)
+                changed()
                 continue
             if type(item) is not Event:
                 if type(item) is int:  # the reader passed over other keys' events up to here
                     progress.passed(item)
-                    await set_cursor(progress)
+                    changed()
                 elif dead_letter is not None:
                     assert isinstance(item, EventsRemoved)
                     await self._record_removed(item)
@@ -224,11 +239,11 @@ class KeyedRun:
             ):
                 progress.passed(seq)
                 stats.filtered += 1
-                await set_cursor(progress)
+                changed()
                 continue
             if not progress.read(seq):
                 stats.already_done += 1  # handled before the last restart, above its cursor
-                await set_cursor(progress)
+                changed()
                 continue
             if self._lag:
                 wait = event.timestamp_us / 1e6 + self._lag - time.time()
@@ -266,32 +281,83 @@ class KeyedRun:
 
     async def _work(self) -> None:
         try:
-            await self._work_loop()
+            if self._consumer.batch is None:
+                await self._work_loop()
+            else:
+                await self._batch_loop()
         except _Abort:
             pass
-        except Exception as e:  # a cursor write refused, a dead-letter sink failing: the run ends
+        except Exception as e:  # a dead-letter sink failing, a bug: the run ends
             self._fail(e)
 
     async def _work_loop(self) -> None:
         consumer, progress, stats = self._consumer, self._progress, self._stats
+        queues, ready, idle = self._queues, self._ready, self._idle
+        fn, fate = consumer.fn, consumer.fate
+        direct = self._pool is None and not stats.timing
+        closing = self._closing.is_set
+        create_future = self._loop.create_future
+        while not closing():
+            if not ready:
+                waiter = create_future()
+                idle.append(waiter)
+                await waiter
+                continue
+            key = ready.popleft()
+            queue = queues[key]
+            event = queue.popleft()
+            self._waiting -= 1
+            self._waiting_bytes -= len(event.metadata) + len(key) + _EVENT_OVERHEAD
+            if self._room is not None:
+                self._taken()
+            stats.in_flight += 1
+            try:
+                if direct:
+                    # The common case without the retry machinery's frame; a failure goes through it.
+                    try:
+                        await fn(fate, event)  # type: ignore[arg-type, misc]
+                        handled = True
+                    except Exception as e:
+                        handled = await self._handle([event], e)
+                else:
+                    handled = await self._handle([event])
+            finally:
+                stats.in_flight -= 1
+            progress.done(int(event.id))
+            if handled:
+                stats.handled += 1
+                stats.last_event = event
+            if queue:
+                ready.append(key)  # behind the keys that waited meanwhile
+            else:
+                del queues[key]
+                if not queues and self._emptied is not None and not self._emptied.done():
+                    self._emptied.set_result(None)
+            saving = self._saving
+            if saving is not None and not saving.done():
+                saving.set_result(None)
+            if self._progress_full:
+                self._changed()
+
+    async def _batch_loop(self) -> None:
+        progress, stats = self._progress, self._stats
         queues, ready = self._queues, self._ready
-        batch = consumer.batch
+        batch = self._consumer.batch
+        assert batch is not None
         closing = self._closing.is_set
         while not closing():
-            if not ready or (batch is not None and self._collecting):
+            if not ready or self._collecting:
                 waiter = self._loop.create_future()
                 self._idle.append(waiter)
                 await waiter
                 continue
-            if batch is None:
-                key = ready.popleft()
-                keys = [key]
-                events = [queues[key].popleft()]
-            else:
-                keys, events = await self._collect(batch.max_len, batch.max_wait)
-                if closing():
-                    return  # not started: they stay not done, read again by the next run
-            self._started(events)
+            keys, events = await self._collect(batch.max_len, batch.max_wait)
+            if closing():
+                return  # not started: they stay not done, read again by the next run
+            self._waiting -= len(events)
+            self._waiting_bytes -= sum(len(e.metadata) + len(e.foreign_id) + _EVENT_OVERHEAD for e in events)
+            if self._room is not None:
+                self._taken()
             stats.in_flight += 1
             try:
                 handled = await self._handle(events)
@@ -299,22 +365,50 @@ class KeyedRun:
                 stats.in_flight -= 1
             for e in events:
                 progress.done(int(e.id))
-            stats.cursor = str(progress.watermark)
             if handled:
                 stats.handled += len(events)
                 stats.last_event = events[-1]
-            await self._set_cursor(progress)
             for key in keys:
                 if queues[key]:
-                    ready.append(key)  # behind the keys that waited meanwhile
-                    if batch is not None:
-                        self._since[key] = self._loop.time()
+                    ready.append(key)
+                    self._since[key] = self._loop.time()
                 else:
                     del queues[key]
             if not queues and self._emptied is not None and not self._emptied.done():
                 self._emptied.set_result(None)
-            if self._room is not None and not self._room.done():
-                self._room.set_result(None)  # the done set may have shrunk
+            self._changed()
+
+    def _taken(self) -> None:
+        """Events were taken off the queue: the reader waiting for room goes on below the low mark."""
+        room = self._room
+        if (
+            room is not None
+            and not room.done()
+            and self._waiting <= self._low
+            and self._waiting_bytes <= self._low_bytes
+        ):
+            room.set_result(None)
+
+    def _changed(self) -> None:
+        """Progress moved: the saver writes it once this loop turn's workers are through, and the
+        reader may go on (there is room now, and the done set may have shrunk)."""
+        saving = self._saving
+        if saving is not None and not saving.done():
+            saving.set_result(None)
+        room = self._room
+        if self._progress_full and room is not None and not room.done():
+            room.set_result(None)
+
+    async def _saver(self) -> None:
+        """Hand the progress to the cursor store once per loop turn in which it moved, not per event."""
+        try:
+            while True:
+                self._saving = self._loop.create_future()
+                await self._saving
+                self._stats.cursor = str(self._progress.watermark)
+                await self._set_cursor(self._progress)
+        except Exception as e:  # the store refused it: the run ends (a lost claim says so itself)
+            self._fail(e)
 
     async def _collect(self, max_len: int, max_wait: float) -> tuple[list[str], list[Event]]:
         """Fill one batch: whole keys' waiting events, until ``max_len`` or ``max_wait`` after the
@@ -349,51 +443,50 @@ class KeyedRun:
             events.sort(key=lambda e: int(e.id))
         return keys, events
 
-    def _started(self, events: list[Event]) -> None:
-        self._waiting -= len(events)
-        self._waiting_bytes -= sum(len(e.metadata) + len(e.foreign_id) + _EVENT_OVERHEAD for e in events)
-        if self._room is not None and not self._room.done():
-            self._room.set_result(None)
-
-    async def _handle(self, events: list[Event]) -> bool:
+    async def _handle(self, events: list[Event], error: Exception | None = None) -> bool:
         """Call the handler until it succeeds (True) or the events are recorded as dead letters
-        (False); raises :class:`_Abort` when the run ends first (the events stay not done)."""
+        (False); raises :class:`_Abort` when the run ends first (the events stay not done).
+        ``error``: the first attempt was made already and raised it."""
         consumer, stats = self._consumer, self._stats
         dead_letter = consumer.dead_letter
         arg: Event | list[Event] = events if consumer.batch is not None else events[0]
         attempt = 0
         while True:
             attempt += 1
-            t0 = time.perf_counter()
-            try:
-                await self._call(arg)
-            except Exception as e:
-                stats.errors += 1
-                where = _where(events)
-                if consumer.on_error == "stop" and (dead_letter is None or isinstance(e, Tempted)):
-                    e.add_note(f"rjet: consumer {self._name!r} failed on {where}; its cursor stays before it")
-                    self._fail(e)
-                    raise _Abort from None
-                if dead_letter is not None and attempt >= dead_letter.attempts and not isinstance(e, Tempted):
-                    await self._bury_all(events, e, attempt)
-                    return False
-                delay = (
-                    dead_letter.delay(attempt)
-                    if dead_letter is not None
-                    else min(_RETRY_MAX_BACKOFF, _RETRY_BACKOFF * 2 ** (attempt - 1))
-                )
-                log.warning(
-                    "consumer %r: %s failed (attempt %d), trying again in %.2fs; its key waits, others go on: %r",
-                    self._name, where, attempt, delay, e,
-                )  # fmt: skip
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), delay)
-                if self._closing.is_set():
-                    raise _Abort from None
-                continue
-            if stats.timing:
-                stats.observe(time.perf_counter() - t0)
-            return True
+            if error is None:
+                t0 = time.perf_counter() if stats.timing else 0.0
+                try:
+                    await self._call(arg)
+                except Exception as first:
+                    error = first
+                else:
+                    if stats.timing:
+                        stats.observe(time.perf_counter() - t0)
+                    return True
+            e: Exception = error
+            error = None
+            stats.errors += 1
+            where = _where(events)
+            if consumer.on_error == "stop" and (dead_letter is None or isinstance(e, Tempted)):
+                e.add_note(f"rjet: consumer {self._name!r} failed on {where}; its cursor stays before it")
+                self._fail(e)
+                raise _Abort from None
+            if dead_letter is not None and attempt >= dead_letter.attempts and not isinstance(e, Tempted):
+                await self._bury_all(events, e, attempt)
+                return False
+            delay = (
+                dead_letter.delay(attempt)
+                if dead_letter is not None
+                else min(_RETRY_MAX_BACKOFF, _RETRY_BACKOFF * 2 ** (attempt - 1))
+            )
+            log.warning(
+                "consumer %r: %s failed (attempt %d), trying again in %.2fs; its key waits, others go on: %r",
+                self._name, where, attempt, delay, e,
+            )  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), delay)
+            if self._closing.is_set():
+                raise _Abort from None
 
     async def _call(self, arg: Event | list[Event]) -> None:
         consumer = self._consumer

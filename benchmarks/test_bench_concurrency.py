@@ -1,0 +1,167 @@
+"""Key-ordered concurrency (``Consumer(concurrency=K)``): I/O-bound handlers, no-op overhead, batches.
+
+- ``sleep``: a 1 ms ``await asyncio.sleep`` handler over 1,000 foreign IDs, K = 1 .. 1024 (target:
+  K=256 >= 100x K=1).
+- ``io``: parallel-consumer's README table: 0-5 ms random I/O, 10,000 events, 1 / 10 / 100 / 10,000
+  foreign IDs, K=100, beside sequential rjet in the same run.
+- ``noop``: a no-op handler: the sequential path (K=1, the default) and the concurrent path's
+  per-event overhead.
+- ``batch``: a sink job writing into another JetStream stream, 100 events per ``insert_many``
+  against one ``insert`` per event.
+
+Event counts scale with ``RJET_BENCH_EVENTS`` (100,000 by default: the figures below are for that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from typing import Any
+
+import pytest
+from nats.js import JetStreamContext
+
+import rjet
+
+from ._support import EVENTS, ROUNDS, Arun, record, target, unique_name
+
+SCALE = EVENTS / 100_000
+
+
+def _n(full: int) -> int:
+    return max(100, int(full * SCALE))
+
+
+async def _fill(js: JetStreamContext, n: int, keys: int) -> rjet.Stream:
+    stream = await rjet.Stream.create(js, unique_name("bench_conc"))
+    for start in range(0, n, 10_000):
+        await stream.insert_many([(f"user-{i % keys}", 1, b"x" * 64) for i in range(start, min(n, start + 10_000))])
+    return stream
+
+
+def _consume(benchmark: Any, arun: Arun[Any], stream: rjet.Stream, make: Any, *, rounds: int = 1) -> int:
+    """Time runs to head of consumers from ``make(name)``; returns the events each one handled."""
+    state: dict[str, Any] = {}
+
+    def setup() -> None:
+        state["stats"] = rjet.ConsumerStats("c")
+        state["consumer"] = make(unique_name("bench_conc_c"))
+
+    async def consume() -> None:
+        spec = rjet.Spec(stream.stream, rjet.MemCursorStore(), state["consumer"], to_head=True)
+        with contextlib.suppress(rjet.HeadReached):
+            await rjet.run(spec, stats=state["stats"])
+
+    benchmark.pedantic(lambda: arun(consume()), setup=setup, rounds=rounds, warmup_rounds=0)
+    handled: int = state["stats"].handled
+    benchmark.extra_info["key_queue_max"] = state["stats"].key_queue_max
+    return handled
+
+
+async def _sleep_1ms(fate: rjet.Fate, event: rjet.Event) -> None:
+    await asyncio.sleep(0.001)
+
+
+@pytest.fixture(scope="module")
+def sleep_stream(js: JetStreamContext, arun: Arun[Any]) -> rjet.Stream:
+    stream: rjet.Stream = arun(_fill(js, _n(50_000), 1000))
+    return stream
+
+
+_sleep_rates: dict[int, float] = {}
+
+
+@pytest.mark.benchmark(group="concurrency: 1 ms sleep handler, 1,000 keys")
+@pytest.mark.parametrize("k", [1, 16, 64, 256, 1024])
+def test_sleep_handler(benchmark: Any, arun: Arun[Any], sleep_stream: rjet.Stream, k: int) -> None:
+    limit = _n(2_000) if k == 1 else _n(50_000)  # K=1 does ~900 events/s: a part of the stream is enough
+    handled = 0
+
+    def make(name: str) -> rjet.Consumer:
+        nonlocal handled
+        handled = 0
+
+        async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+            nonlocal handled
+            if event.id_int <= limit:
+                handled += 1
+                await asyncio.sleep(0.001)
+
+        return rjet.Consumer(name, fn, concurrency=k)
+
+    _consume(benchmark, arun, sleep_stream, make)
+    assert handled == limit
+    rate = record(benchmark, events=limit, k=k)
+    _sleep_rates[k] = rate
+    base = _sleep_rates.get(1)
+    if base and rate:
+        benchmark.extra_info["speedup_vs_k1"] = round(rate / base, 1)
+    if k == 256:
+        met = None if not (base and rate) else rate / base >= 100
+        target(benchmark, "1 ms sleep handler, 1,000 keys: K=256 >= 100x K=1", met)
+
+
+async def _io(fate: rjet.Fate, event: rjet.Event) -> None:
+    await asyncio.sleep(random.random() * 0.005)
+
+
+@pytest.mark.benchmark(group="concurrency: 0-5 ms random I/O, 10,000 events (parallel-consumer's table)")
+@pytest.mark.parametrize(("keys", "k"), [(1, 1), (1, 100), (10, 100), (100, 100), (10_000, 100)])
+def test_random_io(benchmark: Any, js: JetStreamContext, arun: Arun[Any], keys: int, k: int) -> None:
+    n = _n(10_000) if k > 1 else _n(2_000)  # sequential: ~400 events/s, the rate is what counts
+    stream = arun(_fill(js, n, keys))
+    random.seed(keys)
+    handled = _consume(benchmark, arun, stream, lambda name: rjet.Consumer(name, _io, concurrency=k))
+    assert handled == n
+    rate = record(benchmark, events=n, keys=keys, k=k)
+    if rate:
+        benchmark.extra_info["seconds_for_10000"] = round(10_000 / rate, 2)
+
+
+@pytest.mark.benchmark(group="concurrency: no-op handler, 100k events")
+@pytest.mark.parametrize("mode", ["sequential", "k1-concurrent-path", "k8", "k256"])
+def test_noop_handler(
+    benchmark: Any, arun: Arun[Any], filled: rjet.Stream, mode: str, figures: dict[str, float]
+) -> None:
+    def make(name: str) -> rjet.Consumer:
+        if mode == "sequential":
+            return rjet.Consumer(name, lambda fate, event: None)
+
+        async def noop(fate: rjet.Fate, event: rjet.Event) -> None:
+            pass
+
+        if mode == "k1-concurrent-path":
+            return rjet.Consumer(name, noop, on_error="retry")  # K=1 through the concurrent scheduler
+        return rjet.Consumer(name, noop, concurrency=int(mode[1:]))
+
+    handled = _consume(benchmark, arun, filled, make, rounds=ROUNDS)
+    rate = record(benchmark, events=handled, figures=figures, key=f"noop_{mode}", mode=mode)
+    seq = figures.get("noop_sequential")
+    if mode != "sequential" and seq and rate:
+        benchmark.extra_info["vs_sequential"] = round(rate / seq, 2)
+        benchmark.extra_info["overhead_us_per_event"] = round(1e6 / rate - 1e6 / seq, 2)
+
+
+@pytest.mark.benchmark(group="concurrency: sink job into another stream")
+@pytest.mark.parametrize("mode", ["one-at-a-time", "batch-100"])
+def test_batch_sink(benchmark: Any, js: JetStreamContext, arun: Arun[Any], mode: str) -> None:
+    n = _n(20_000)
+    source = arun(_fill(js, n, 1000))
+    sink: rjet.Stream = arun(rjet.Stream.create(js, unique_name("bench_sink")))
+
+    async def one(fate: rjet.Fate, event: rjet.Event) -> None:
+        await sink.insert(event.foreign_id, event.type, event.metadata)
+
+    async def many(fate: rjet.Fate, events: list[rjet.Event]) -> None:
+        await sink.insert_many([(e.foreign_id, e.type, e.metadata) for e in events])
+
+    def make(name: str) -> rjet.Consumer:
+        if mode == "one-at-a-time":
+            return rjet.Consumer(name, one)
+        return rjet.Consumer(name, many, batch=rjet.Batch(max_len=100, max_wait=0.05))
+
+    handled = _consume(benchmark, arun, source, make)
+    assert handled == n
+    assert arun(sink.info()).state.messages == n
+    record(benchmark, events=n, mode=mode)
