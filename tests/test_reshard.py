@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from rjet._progress import decode_done, encode_done
 from rjet.cursors import CursorRecord
 from rjet.parallel._reshard import plan
 
@@ -131,3 +132,31 @@ def test_seeds_count_in_the_stream_of_the_old_cursors_when_there_is_one() -> Non
     report = plan("g", 3, state, old, {}, set(), now=NOW).report
     assert report is not None
     assert report.seeded == ("g_1_of_3", "g_2_of_3", "g_3_of_3")
+
+
+def test_a_reshard_carries_the_old_shards_exact_progress_above_the_seed() -> None:
+    state = {"n": 2, "seed": "", "fresh_from": 0}
+    old = {2: {0: ("70", 5), 1: ("55", 6)}}
+    # Shard 0 (cursor 70) had 72 and 75 done; shard 1 (cursor 55) had 57 and 60.
+    dones = {2: {0: encode_done(70, [72, 75]), 1: encode_done(55, [57, 60])}}
+    step = plan("g", 3, state, old, {}, {"s@1"}, now=NOW, dones=dones)
+    assert step.seed.cursor == "55"
+    assert step.seed.done is not None
+    assert decode_done(55, step.seed.done) == {57, 60, 72, 75}
+    assert step.record is not None
+    assert step.record["done"] == step.seed.done  # a process finishing the reshard seeds the same
+    assert step.report is not None
+    assert step.report.done_carried == 4
+    assert "4 event(s) after it recorded as done are not handled again" in step.report.describe()
+    # Finishing it from the record: the steady-state branch seeds the missing shard alike.
+    again = plan("g", 3, step.record, {}, {0: ("55", 9), 1: ("55", 10)}, {"s@1"}, now=NOW)
+    assert again.todo == (2,)
+    assert again.seed.done == step.seed.done
+
+
+def test_an_unreadable_done_set_is_left_out_of_a_reshard() -> None:
+    state = {"n": 2, "seed": "", "fresh_from": 0}
+    old = {2: {0: ("70", 5), 1: ("55", 6)}}
+    step = plan("g", 3, state, old, {}, {"s@1"}, now=NOW, dones={2: {0: "x!", 1: encode_done(55, [57])}})
+    assert step.seed.done is not None
+    assert decode_done(55, step.seed.done) == {57}

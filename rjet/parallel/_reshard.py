@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Final
 import nats.errors
 import nats.js.errors
 
+from rjet._progress import decode_done, encode_done
 from rjet.cursors import RESERVED_PREFIX, CursorRecord, decode_key, encode_key, kv_keys
 from rjet.errors import CursorStoreError
 from rjet.parallel._errors import ParallelError, ReshardRefused
@@ -70,7 +71,9 @@ class ReshardReport:
     ``old_n`` lists the old shard counts. ``source_n`` is the one the seed came from (None when no old
     shard had flushed a cursor, so the seed is "": the new shards start at the beginning of the
     stream). ``old_cursors`` holds every old cursor considered, by cursor name. ``seeded`` names the
-    cursors written.
+    cursors written. ``done_carried`` counts the events above the seed that the old shards of
+    ``source_n`` had recorded as done (concurrent consumers' exact progress): the new shards do not
+    hand them to the handler again.
     The old cursors are left in place.
     """
 
@@ -81,6 +84,7 @@ class ReshardReport:
     source_n: int | None
     old_cursors: Mapping[str, str]
     seeded: tuple[str, ...]
+    done_carried: int = 0
 
     def describe(self) -> str:
         """One line that says what was done, for logs and for people."""
@@ -89,7 +93,12 @@ class ReshardReport:
             f"parallel {self.name!r}: resharded from n={'/'.join(map(str, self.old_n)) or '?'} to n={self.n}:"
             f" seeded {len(self.seeded)} cursor(s) ({', '.join(self.seeded)}) with {self.seed or '(start)'!s},"
             f" the lowest cursor of {src} (old cursors: {dict(sorted(self.old_cursors.items()))});"
-            " events after it that old shards already handled are handled again (at-least-once);"
+            + (
+                f" {self.done_carried} event(s) after it recorded as done are not handled again;"
+                if self.done_carried
+                else ""
+            )
+            + " other events after it that old shards already handled are handled again (at-least-once);"
             " the old cursors are left in place"
         )
 
@@ -285,15 +294,23 @@ class Heartbeats:
 
 async def _read_state(
     kv: KeyValue, name: str, n: int, group: str, ttl: float
-) -> tuple[list[_Beat], tuple[bytes, int] | None, dict[int, dict[int, tuple[str, int]]], set[str | None]]:
+) -> tuple[
+    list[_Beat],
+    tuple[bytes, int] | None,
+    dict[int, dict[int, tuple[str, int]]],
+    set[str | None],
+    dict[int, dict[int, str]],
+]:
     """What a reshard decides on: other groups' live heartbeats, the generation record, every
-    generation's cursors (cursor, revision) by shard, and the streams the old cursors count in."""
+    generation's cursors (cursor, revision) by shard, the streams the old cursors count in, and the
+    old cursors' exact progress (their ``done``, by generation and shard)."""
     pattern = re.compile(rf"^{re.escape(name)}_(\d+)_of_(\d+)$")
     try:
         keys = await _keys(kv)
         beats = [b for b in await _live(kv, keys, name, ttl) if b.group != group]
         record = await _get(kv, _gen_key(name))
         generations: dict[int, dict[int, tuple[str, int]]] = {}
+        dones: dict[int, dict[int, str]] = {}
         streams: set[str | None] = set()
         for key in keys:
             mn = _parse_cursor_key(key, pattern)
@@ -302,11 +319,13 @@ async def _read_state(
                 continue
             stored = CursorRecord.decode(got[0])
             generations.setdefault(mn[1], {})[mn[0]] = (stored.cursor, got[1])
+            if stored.done:
+                dones.setdefault(mn[1], {})[mn[0]] = stored.done
             if mn[1] != n:
                 streams.add(stored.stream)
     except _KV_ERRORS as e:
         raise _kv_error(f"cannot read the cursors of {name!r}", e) from e
-    return beats, record, generations, streams
+    return beats, record, generations, streams, dones
 
 
 async def prepare(
@@ -320,7 +339,7 @@ async def prepare(
     store fences the older runner.
     """
     for _ in range(_ATTEMPTS):
-        beats, record, generations, streams = await _read_state(kv, name, n, group, ttl)
+        beats, record, generations, streams, dones = await _read_state(kv, name, n, group, ttl)
 
         others = [b for b in beats if b.n != n]
         if others:
@@ -342,7 +361,7 @@ async def prepare(
                     b.describe(name),
                 )
         current = generations.pop(n, {})
-        step = plan(name, n, _decode_record(record, name), generations, current, streams, now=time.time())
+        step = plan(name, n, _decode_record(record, name), generations, current, streams, now=time.time(), dones=dones)
         if step.record is not None and not await _write_record(kv, name, record, step.record):
             continue  # another process changed the record first: read again
         if step.todo and not await _seed(kv, name, n, step.todo, step.seed, current):
@@ -388,14 +407,18 @@ def plan(
     streams: set[str | None],
     *,
     now: float,
+    dones: Mapping[int, Mapping[int, str]] | None = None,
 ) -> Plan:
     """The pure part of resharding: from the generation record ``state``, the cursors of other shard
-    counts ``generations`` and of this one ``current`` (cursor, revision by shard), decide what to do."""
+    counts ``generations`` and of this one ``current`` (cursor, revision by shard), decide what to do.
+    ``dones`` holds the old cursors' exact progress (``CursorRecord.done``, by generation and shard)."""
     if state is not None and state["n"] == n:
         # Steady state. Finish a reshard another process started (cursors it did not seed yet).
         fresh_from = int(state.get("fresh_from", 0))
         todo = tuple(m for m in range(n) if m not in current or current[m][1] < fresh_from)
-        return Plan(None, todo, CursorRecord(str(state.get("seed", ""))), None)
+        done = state.get("done")
+        seeded = CursorRecord(str(state.get("seed", "")), done=done if isinstance(done, str) and done else None)
+        return Plan(None, todo, seeded, None)
     if state is None and not generations:
         # A first run: record n, so that a later change of n is recognised.
         return Plan({"n": n, "seed": "", "fresh_from": 0}, (), CursorRecord(), None)
@@ -409,15 +432,25 @@ def plan(
         # The record names another n: every cursor of this n is from an earlier generation.
         todo = tuple(range(n))
         fresh_from = max((rev for _, rev in current.values()), default=0) + 1
-    body = {"n": n, "seed": seed, "fresh_from": fresh_from, "from": source, "at": now}
+    done, carried = _carried_done(
+        seed, generations.get(source, {}) if source is not None else {}, (dones or {}).get(source or 0, {})
+    )
+    body = {
+        "n": n,
+        "seed": seed,
+        "fresh_from": fresh_from,
+        "from": source,
+        "at": now,
+        **({"done": done} if done else {}),
+    }
     # The seeds count in the stream the old cursors were recorded in, when that is one stream.
-    record = CursorRecord(seed, next(iter(streams)) if len(streams) == 1 else None)
+    record = CursorRecord(seed, next(iter(streams)) if len(streams) == 1 else None, done=done or None)
     old = {shard_name(name, m, g): cursor for g, cursors in generations.items() for m, (cursor, _) in cursors.items()}
     if not todo:
         return Plan(body, (), record, None, unrecorded=old)
     old_n = set(generations) | ({int(state["n"])} if state is not None else set())
     report = ReshardReport(
-        name, n, tuple(sorted(old_n)), seed, source, old, tuple(shard_name(name, m, n) for m in todo)
+        name, n, tuple(sorted(old_n)), seed, source, old, tuple(shard_name(name, m, n) for m in todo), carried
     )
     return Plan(body, todo, record, report)
 
@@ -432,6 +465,29 @@ def _decode_record(record: tuple[bytes, int] | None, name: str) -> dict[str, Any
         log.warning("parallel %r: ignoring an unreadable generation record %r", name, record[0][:200])
         return None
     return dict(state)
+
+
+def _carried_done(seed: str, cursors: Mapping[int, tuple[str, int]], dones: Mapping[int, str]) -> tuple[str, int]:
+    """The events above ``seed`` that the old shards recorded as done, encoded relative to it, and how
+    many. Each old shard's done set holds only events it handled, so their union is exact for every
+    new shard (one whose keys an event is not for never reads it). A done set that cannot be read,
+    or a union too large to store, is left out: those events are handled again (at-least-once)."""
+    base = int(seed or 0)
+    union: set[int] = set()
+    for m, text in dones.items():
+        if m not in cursors:
+            continue
+        try:
+            union.update(s for s in decode_done(int(cursors[m][0] or 0), text) if s > base)
+        except ValueError as e:
+            log.warning("reshard: the exact progress of old shard %d is unreadable (%s); its events are replayed", m, e)
+    if not union:
+        return "", 0
+    try:
+        return encode_done(base, union), len(union)
+    except ValueError as e:
+        log.warning("reshard: %d events done above the seed are too many to carry over (%s)", len(union), e)
+        return "", 0
 
 
 def _best_bound(name: str, generations: Mapping[int, Mapping[int, tuple[str, int]]]) -> tuple[str, int | None]:
