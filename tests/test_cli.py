@@ -19,8 +19,10 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
+from rjet._progress import Progress
 from rjet.parallel._reshard import Heartbeats, _hb_key
 from rjet.server import EmbeddedServer
+from rjet.testing import KeyOrder
 
 _ENV_DROP = ("NATS_URL", "NATS_CREDS", "NATS_NKEY", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CA")
 
@@ -474,3 +476,53 @@ def test_the_demo_checker_sees_order_violations_duplicates_and_misrouted_events(
     (tmp_path / "1-200.log").write_text(f"9 {a}\n")  # shard 1's worker handled a key of shard 0
     checker.poll()
     assert (checker.violations, checker.duplicates, checker.misrouted) == (1, 1, 1)
+
+
+async def test_worker_concurrency_and_a_cursor_with_exact_progress(
+    server: EmbeddedServer, name: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(f"key-{i % 7}", 1, b"") for i in range(70)])
+    seen = tmp_path / "seen.txt"
+    (tmp_path / "conc_handler.py").write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio
+            async def handle(fate, event):
+                await asyncio.sleep(0.001)
+                with open({str(seen)!r}, "a") as f:
+                    f.write(event.id + " " + event.foreign_id + "\\n")
+            """
+        )
+    )
+    ns = f"ns_{name}"[:60]
+    proc = rjet_cmd(
+        "worker", name, "conc_handler:handle", "--name", "m", "-n", "1", "--namespace", ns, "--to-head",
+        "--concurrency", "4", "-s", server.url, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    order = KeyOrder()
+    for line in seen.read_text().splitlines():
+        seq, key = line.split()
+        order.record(int(seq), key)
+    order.check(range(1, 71))
+    # A cursor with events done above it says so (on stderr: stdout stays the cursor), and moving
+    # it says what it drops.
+    async with await rjet.JetStreamCursorStore.create(js, ns) as store:
+        claim = await store.claim("c")
+        progress = Progress(10)
+        for seq in (11, 12, 13):
+            progress.read(seq)
+        progress.done(12)
+        progress.done(13)
+        await claim.set_cursor(progress)
+        await claim.release()
+    proc = rjet_cmd("cursor", "c", "--namespace", ns, "-s", server.url)
+    assert proc.stdout.strip() == "10"
+    assert "c: 2 event(s) above it done already (exact progress)" in proc.stderr
+    proc = rjet_cmd("cursor", "c", "--namespace", ns, "--set", "13", "-s", server.url)
+    assert proc.stdout.strip() == "c: 10 -> 13 (dropped the 2 event(s) recorded as done above 10)"
+    proc = rjet_cmd("worker", name, "conc_handler:handle", "--name", "m", "-n", "1", "--namespace", ns,
+                    "--concurrency", "0", "-s", server.url, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    assert "--concurrency" in proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 import rjet
+from rjet._progress import decode_done
 from rjet.cli._common import CliError, Connection, connection_options, run
 
 
@@ -42,6 +43,8 @@ async def _cursor(conn: Connection, name: str, namespace: str, value: str | None
                 record = await store.peek_record(name)
             if record is None:
                 raise CliError(f"no cursor {name!r} in namespace {namespace!r}")
+            if record.done:  # on stderr: stdout stays the cursor alone, for scripts
+                click.echo(f"{name}: {_done_count(record)} event(s) above it done already (exact progress)", err=True)
             return record.cursor or "(none: from the beginning)"
         async with await rjet.JetStreamCursorStore.create(js, namespace) as store:
             if value == "beginning":
@@ -54,7 +57,21 @@ async def _cursor(conn: Connection, name: str, namespace: str, value: str | None
                 new = str(int(value))
             else:
                 raise CliError(f"--set {value!r}: give a stream sequence, 'first', 'last' or 'beginning'")
-            old = await store.peek(name)
+            record = await store.peek_record(name)
+            old = record.cursor if record is not None else ""
             await store.set_cursor(name, new)
             await store.flush()
-            return f"{name}: {old or '(none)'} -> {new or '(none: from the beginning)'}"
+            dropped = (
+                f" (dropped the {_done_count(record)} event(s) recorded as done above {old})"
+                if record and record.done
+                else ""
+            )
+            return f"{name}: {old or '(none)'} -> {new or '(none: from the beginning)'}{dropped}"
+
+
+def _done_count(record: rjet.CursorRecord) -> int | str:
+    """How many events ``record`` holds as done above its cursor ("?" when unreadable)."""
+    try:
+        return len(decode_done(int(record.cursor or 0), record.done or ""))
+    except ValueError:
+        return "?"
