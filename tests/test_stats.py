@@ -90,3 +90,31 @@ async def test_prometheus_endpoint(js: JetStreamContext, stream: rjet.Stream) ->
     assert 'rjet_handler_duration_seconds_count{consumer="mailer"} 10.0' in body
     assert 'rjet_consumer_lag_events{consumer="mailer"} 0.0' in body
     assert f'rjet_cursor_flushes_total{{namespace="{stream.name}"}} 1.0' in body
+
+
+async def test_concurrent_consumers_report_hot_keys_and_exact_progress(stream: rjet.Stream) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from rjet.metrics import RjetCollector
+
+    await stream.insert_many([("hot", 1, b"")] * 50 + [("cold", 1, b"")])
+
+    async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        await asyncio.sleep(0)
+
+    stats = rjet.ConsumerStats("c", timing=True)
+    consumer = rjet.Consumer("c", fn, concurrency=4)
+    with pytest.raises(rjet.HeadReached):
+        await rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer, to_head=True), stats=stats)
+    snap = stats.snapshot()
+    assert (snap.handled, snap.cursor, snap.in_flight) == (51, "51", 0)
+    assert snap.key_queue_max >= 40  # "hot"'s events waited behind each other
+    assert snap.handler_seconds_count == 51
+    registry = CollectorRegistry()
+    registry.register(RjetCollector([stats]))
+    body = generate_latest(registry).decode()
+    assert f'rjet_key_queue_max{{consumer="c"}} {float(snap.key_queue_max)}' in body
+    assert 'rjet_handlers_in_flight{consumer="c"} 0.0' in body
+    assert 'rjet_events_already_done_total{consumer="c"} 0.0' in body
+    assert 'rjet_progress_stalls_total{consumer="c"} 0.0' in body
