@@ -382,7 +382,10 @@ def test_bench_prints_figures_beside_the_baselines() -> None:
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     scan = ["shard scan: pass over an event, worker CPU", "shard scan: pass over an event, wall"]
-    paths = ["insert_many", "ordered read", *scan, "set_cursor (buffered)", "run with JetStream cursors"]
+    paths = [
+        "insert_many", "ordered read", *scan, "set_cursor (buffered)", "run with JetStream cursors",
+        "1 ms async handler, concurrency=256",
+    ]  # fmt: skip
     assert [r["path"] for r in rows] == paths
     assert all(r["rjet"] > 0 and r["baseline"] > 0 and r["ratio"] > 0 for r in rows)
     out = rjet_cmd("--help").stdout

@@ -167,6 +167,9 @@ async def run_bench(
                        events / theirs, ">= 0.9x")
             )  # fmt: skip
         await js.delete_key_value(store.bucket)  # after the store's last flush on closing
+
+        progress("concurrency")
+        figures.append(await _concurrency(source, events, rounds))
         return figures
     finally:
         for name in names:
@@ -174,6 +177,27 @@ async def run_bench(
                 await base_js.delete_stream(name)
         await nc.close()
         await base_nc.close()
+
+
+async def _concurrency(source: rjet.Stream, events: int, rounds: int) -> Figure:
+    """A 1 ms async handler with concurrency=256 against one at a time, over 1,000 foreign IDs."""
+
+    async def run_sleeping(k: int, upto: int) -> None:
+        async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+            if event.id_int <= upto:
+                await asyncio.sleep(0.001)  # a 1 ms I/O wait
+
+        consumer = rjet.Consumer("bench_k", fn, concurrency=k)
+        with contextlib.suppress(rjet.HeadReached):
+            await rjet.run(rjet.Spec(source.stream, rjet.MemCursorStore(), consumer, to_head=True))
+
+    few = min(events, 500)  # one at a time does ~900 events/s: a few hundred tell its rate
+    sequential = await _best(1, lambda: run_sleeping(1, few)) - await _best(1, lambda: run_sleeping(1, 0))
+    concurrent = await _best(rounds, lambda: run_sleeping(256, events))
+    return Figure(
+        "1 ms async handler, concurrency=256", "events/s", events / concurrent, "concurrency=1", few / sequential,
+        ">= 100x",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use
