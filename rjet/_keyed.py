@@ -24,7 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
 
 from rjet._progress import Progress, decode_done
 from rjet.deadletter import record_for
@@ -50,6 +50,14 @@ _RETRY_MAX_BACKOFF: Final = 10.0
 _YIELD_EVERY: Final = 0.01
 
 
+class _Lease(Protocol):
+    """The claim's lease: until when it is known held, and how to look again (see ``claim_lease``)."""
+
+    expires: float
+
+    async def confirm(self) -> None: ...
+
+
 class _Abort(Exception):
     """A worker ends without finishing its events (the run is ending)."""
 
@@ -63,6 +71,7 @@ class KeyedRun:
         *,
         recv: Callable[[], Awaitable[Event | int | EventsRemoved]],
         set_cursor: Callable[[str | ProgressSource], Awaitable[None]],
+        lease: _Lease,
         exact: bool,
         cursor: str,
         done: str | None,
@@ -80,6 +89,7 @@ class KeyedRun:
         self._name = consumer.name
         self._recv = recv
         self._store_cursor = set_cursor
+        self._lease = lease
         self._exact = exact  # the store keeps exact progress (JetStreamCursorStore); others the watermark
         self._stats = stats
         self._stream = stream
@@ -297,6 +307,7 @@ class KeyedRun:
         direct = self._pool is None and not stats.timing
         closing = self._closing.is_set
         create_future = self._loop.create_future
+        lease, monotonic = self._lease, time.monotonic
         while not closing():
             if not ready:
                 waiter = create_future()
@@ -310,6 +321,10 @@ class KeyedRun:
             self._waiting_bytes -= len(event.metadata) + len(key) + _EVENT_OVERHEAD
             if self._room is not None:
                 self._taken()
+            if monotonic() >= lease.expires:  # not seen held for a lease: look before handling
+                await lease.confirm()
+                if closing():
+                    return
             stats.in_flight += 1
             try:
                 if direct:
@@ -352,6 +367,8 @@ class KeyedRun:
                 await waiter
                 continue
             keys, events = await self._collect(batch.max_len, batch.max_wait)
+            if time.monotonic() >= self._lease.expires:
+                await self._lease.confirm()
             if closing():
                 return  # not started: they stay not done, read again by the next run
             self._waiting -= len(events)

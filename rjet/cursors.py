@@ -13,9 +13,11 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import re
 import socket
+import time
 from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
@@ -243,7 +245,8 @@ class _Claim:
     """
 
     __slots__ = (
-        "_store", "cursor", "done", "key", "lost", "lost_event", "name", "owner", "plain", "released", "rev", "stream"
+        "_store", "cursor", "done", "expires", "key", "lost", "lost_event", "name", "owner", "plain", "released",
+        "rev", "stream",
     )  # fmt: skip
 
     def __init__(self, store: JetStreamCursorStore, name: str, owner: str, rev: int, record: CursorRecord) -> None:
@@ -259,6 +262,9 @@ class _Claim:
         self.lost_event = asyncio.Event()
         self.released = False
         self.plain = False  # taken by get_cursor (the plain CursorStore protocol), not by a runner's claim()
+        # Until when this claim is known to be held (monotonic clock): see JetStreamCursorStore's claim_lease.
+        self.expires = math.inf
+        store._renew(self)  # noqa: SLF001
 
     def lose(self, err: RjetError) -> None:
         if self.lost is None:
@@ -294,6 +300,12 @@ class _Claim:
         """Return once the claim is lost (another runner took it, its key vanished, a write failed)."""
         await self.lost_event.wait()
 
+    async def confirm(self) -> None:
+        """Read the record back: raises the claim's loss (:class:`rjet.CursorConflict`, say) when another
+        runner holds it now; otherwise the claim is known held for another ``claim_lease`` seconds."""
+        if not await self._store.check_claim(self.name):
+            self.check()
+
     async def release(self) -> None:
         """Flush and stop holding: the store forgets this claim (the next :meth:`claim` starts afresh)."""
         try:
@@ -328,9 +340,12 @@ class JetStreamCursorStore:
             await rjet.run(rjet.Spec(stream.stream, cursors, consumer))
     """
 
-    def __init__(self, kv: KeyValue, namespace: str, *, flush_interval: float = 1.0) -> None:
+    def __init__(
+        self, kv: KeyValue, namespace: str, *, flush_interval: float = 1.0, claim_lease: float | None = None
+    ) -> None:
         self.namespace = namespace
         self.flush_interval = flush_interval
+        self.claim_lease = claim_lease
         self._kv = kv
         self._claims: dict[str, _Claim] = {}  # name -> the claim this store holds on it now
         # name -> cursor to write, under this store's claim on the name (or, with none, a plain put).
@@ -353,14 +368,27 @@ class JetStreamCursorStore:
 
     @classmethod
     async def create(
-        cls, js: JetStreamContext, namespace: str, *, flush_interval: float = 1.0, replicas: int = 1
+        cls,
+        js: JetStreamContext,
+        namespace: str,
+        *,
+        flush_interval: float = 1.0,
+        replicas: int = 1,
+        claim_lease: float | None = None,
     ) -> Self:
         """Bind the namespace's bucket, creating it (file storage, history 1, ``replicas``) when missing.
 
         An existing bucket is used as it is (its configuration is never changed); one with a TTL is
         refused (:class:`rjet.CursorBucketUnusable`), since expired cursors would start consumers over.
+
+        ``claim_lease`` (seconds): a claim not confirmed for that long (by one of its writes or a
+        read-back) is confirmed before ``run`` hands the next event to the handler. A runner that
+        was paused or cut off longer than another runner's takeover time (an elastic group's member
+        lease, say) then stops before it handles an event the other may have handled meanwhile.
         """
-        return await cls._open(js, namespace, flush_interval=flush_interval, replicas=replicas, create=True)
+        store = await cls._open(js, namespace, flush_interval=flush_interval, replicas=replicas, create=True)
+        store.claim_lease = claim_lease
+        return store
 
     @classmethod
     async def bind(cls, js: JetStreamContext, namespace: str, *, flush_interval: float = 1.0) -> Self:
@@ -515,6 +543,7 @@ class JetStreamCursorStore:
                     )
                 )
                 return False
+            self._renew(claim)
             return True
 
     # ----------------------------------------------------------------- reads
@@ -658,6 +687,12 @@ class JetStreamCursorStore:
             claim = self._claims[name] = _Claim(self, name, self._owner, rev, CursorRecord(cursor, None, self._owner))
             claim.plain = True
         claim.rev = max(claim.rev, rev)
+        self._renew(claim)
+
+    def _renew(self, claim: _Claim) -> None:
+        """``claim`` was just seen held (written, or read back with its owner token)."""
+        if self.claim_lease is not None:
+            claim.expires = time.monotonic() + self.claim_lease
 
     async def _write_batch(self, batch: dict[str, tuple[_Claim | None, tuple[str, str | None]]]) -> bool:
         """Write every cursor of ``batch`` as one atomic JetStream batch: one request, one ack, each

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -194,6 +195,8 @@ async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = No
                 if halted() or stopping():
                     claim.check()
                     raise Stopped(f"consumer {name!r}: stopped on request")
+                if clock() >= claim.expires:  # not seen held for a lease: look before handling
+                    await claim.confirm()
                 t0 = time.perf_counter() if timing else 0.0
                 try:
                     handled = await consume(event)
@@ -254,6 +257,7 @@ async def _keyed(
         consumer,
         recv=client.next_or_skip if isinstance(client, StreamClient) else client.recv,
         set_cursor=claim.set_cursor,
+        lease=claim,
         exact=isinstance(spec.cursor_store, JetStreamCursorStore),
         cursor=claim.cursor,
         done=claim.done,
@@ -276,10 +280,13 @@ class _Claim(Protocol):
     cursor: str
     stream: str | None
     done: str | None  # exact progress stored with the cursor (concurrent consumers)
+    expires: float  # monotonic time until which the claim is known held (inf: no lease)
 
     async def set_cursor(self, cursor: str | ProgressSource) -> None: ...
 
     async def wait_lost(self) -> None: ...
+
+    async def confirm(self) -> None: ...
 
     async def release(self) -> None: ...
 
@@ -289,13 +296,14 @@ class _Claim(Protocol):
 class _PlainClaim:
     """A :class:`CursorStore` without claims, seen through the claim interface."""
 
-    __slots__ = ("_store", "cursor", "done", "set_cursor", "stream")
+    __slots__ = ("_store", "cursor", "done", "expires", "set_cursor", "stream")
 
     def __init__(self, store: CursorStore, name: str, cursor: str) -> None:
         self._store = store
         self.cursor = cursor
         self.stream: str | None = None
         self.done: str | None = None
+        self.expires = math.inf
         self.set_cursor = functools.partial(store.set_cursor, name)
 
     async def wait_lost(self) -> None:
@@ -304,6 +312,9 @@ class _PlainClaim:
             await self._store.wait_failed()
         else:
             await asyncio.get_running_loop().create_future()
+
+    async def confirm(self) -> None:
+        pass
 
     async def release(self) -> None:
         await self._store.flush()

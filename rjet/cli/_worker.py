@@ -121,6 +121,42 @@ def imported(spec: str) -> ImportedHandler:
     " waits and retries. Default: stop with --concurrency 1, retry above.",
 )
 @click.option(
+    "--elastic",
+    is_flag=True,
+    help="Join the group as a member: the live members share the shards out (no --shard), take over a"
+    " member's shards when it dies and hand them over when one joins.",
+)
+@click.option(
+    "--member-id", metavar="ID", help="A stable member id (--elastic): a restart within the TTL keeps its shards."
+)
+@click.option(
+    "--max-shards", type=click.IntRange(min=1), metavar="K", help="At most K shards on this member (--elastic)."
+)
+@click.option(
+    "--heartbeat-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often shard heartbeats (and member leases) are written.",
+)
+@click.option(
+    "--heartbeat-ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a heartbeat or lease counts as fresh: a dead member's shards move after about this long.",
+)
+@click.option(
+    "--flush-interval",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between cursor writes of each shard.",
+)
+@click.option(
     "--stop-timeout",
     type=click.FloatRange(min=0),
     default=30.0,
@@ -152,6 +188,12 @@ def worker(
     to_head: bool,
     concurrency: int,
     on_error: str | None,
+    elastic: bool,
+    member_id: str | None,
+    max_shards: int | None,
+    heartbeat_interval: float,
+    heartbeat_ttl: float,
+    flush_interval: float,
     stop_timeout: float,
     metrics_port: int | None,
     metrics_host: str,
@@ -172,7 +214,11 @@ def worker(
     parent = ctx.find_root().params
     if not quiet:
         setup_logging(parent.get("verbose", 0), parent.get("log_json", False), floor=logging.INFO)
-    shards = parse_shards(only, n)
+    if elastic and only:
+        raise click.UsageError("--elastic assigns the shards itself: give --elastic or --shard, not both")
+    if not elastic and (member_id or max_shards):
+        raise click.UsageError("--member-id and --max-shards need --elastic")
+    shards = None if elastic else parse_shards(only, n)
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
@@ -190,6 +236,10 @@ def worker(
         handler_timing=metrics_port is not None,
         concurrency=concurrency,
         on_error=cast("Literal['stop', 'retry'] | None", on_error),
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_ttl=heartbeat_ttl,
+        flush_interval=flush_interval,
+        **({"elastic": True, "member_id": member_id, "max_shards": max_shards} if elastic else {}),
     )
     if metrics_port is None:
         summary = group.run(to_head=to_head)

@@ -23,7 +23,15 @@ class ParallelOptions:
     What runs:
 
     - ``shards``: the shard indexes (0-based) this group runs; default all ``n``. Spread a name's
-      shards over hosts by giving each host a part (``shards=[0, 1]`` here, ``[2, 3]`` there).
+      shards over hosts by giving each host a part (``shards=[0, 1]`` here, ``[2, 3]`` there), or
+      let an elastic group assign them.
+    - ``elastic``: join the group as a member and run the shards the assignment gives this member
+      (docs/sharding.md "Elastic groups"): shards spread over the live members, move when a member
+      joins or leaves (handed over through the cursor claim, nothing lost), and are taken over
+      within ``heartbeat_ttl`` plus a heartbeat when a member dies. Runs until stopped.
+    - ``member_id``: a stable id for this member (Kafka's ``group.instance.id``): a restart within
+      ``heartbeat_ttl`` keeps its shards. Default: host, pid and a random suffix (a new member).
+    - ``max_shards``: at most this many shards on this member (elastic groups).
     - ``types``, ``filter``, ``fate``, ``lag``: as for :class:`rjet.Consumer` and :class:`rjet.Spec`.
     - ``read``: the :class:`rjet.ReadConfig` of each worker's stream client.
     - ``on_start``: ``on_start(m)`` (sync or async) runs in each worker process before it consumes
@@ -58,6 +66,9 @@ class ParallelOptions:
     """
 
     shards: Sequence[int] | None = None
+    elastic: bool = False
+    member_id: str | None = None
+    max_shards: int | None = None
     types: Iterable[int] | None = None
     filter: Callable[[Event], bool] | None = None
     fate: Fate = NEVER
@@ -115,20 +126,36 @@ class ParallelOptions:
             raise ConfigError(f"Parallel: filter {self.filter!r} is not callable")
         if self.on_start is not None and not callable(self.on_start):
             raise ConfigError(f"Parallel: on_start {self.on_start!r} is not callable")
-        if type(self.concurrency) is not int or self.concurrency < 1:
-            raise ConfigError(f"Parallel: concurrency must be an int >= 1, not {self.concurrency!r}")
-        if self.batch is not None and not isinstance(self.batch, Batch):
-            raise ConfigError(f"Parallel: batch must be an rjet.Batch, not {self.batch!r}")
-        if self.on_error not in (None, "stop", "retry"):
-            raise ConfigError(f"Parallel: on_error is 'stop' or 'retry', not {self.on_error!r}")
         if self.cursor_replicas is not None and (
             isinstance(self.cursor_replicas, bool)
             or not isinstance(self.cursor_replicas, int)
             or self.cursor_replicas < 1
         ):
             raise ConfigError(f"Parallel: cursor_replicas must be an int >= 1, not {self.cursor_replicas!r}")
+        self._check_consumer()
+        self._check_elastic()
         if self.js_domain is not None and self.js_api_prefix is not None:
             raise ConfigError("Parallel: give js_domain or js_api_prefix, not both")
+
+    def _check_consumer(self) -> None:
+        if type(self.concurrency) is not int or self.concurrency < 1:
+            raise ConfigError(f"Parallel: concurrency must be an int >= 1, not {self.concurrency!r}")
+        if self.batch is not None and not isinstance(self.batch, Batch):
+            raise ConfigError(f"Parallel: batch must be an rjet.Batch, not {self.batch!r}")
+        if self.on_error not in (None, "stop", "retry"):
+            raise ConfigError(f"Parallel: on_error is 'stop' or 'retry', not {self.on_error!r}")
+
+    def _check_elastic(self) -> None:
+        if self.elastic and self.shards is not None:
+            raise ConfigError(
+                "Parallel: an elastic group assigns its shards itself: give elastic=True or shards, not both"
+            )
+        if not self.elastic and (self.member_id is not None or self.max_shards is not None):
+            raise ConfigError("Parallel: member_id and max_shards are for elastic groups (elastic=True)")
+        if self.member_id is not None and (not isinstance(self.member_id, str) or not self.member_id.strip()):
+            raise ConfigError(f"Parallel: member_id must be a non-empty str, not {self.member_id!r}")
+        if self.max_shards is not None and (type(self.max_shards) is not int or self.max_shards < 1):
+            raise ConfigError(f"Parallel: max_shards must be an int >= 1, not {self.max_shards!r}")
 
     def jetstream_options(self) -> dict[str, str]:
         """``nc.jetstream(...)``'s keyword arguments for ``js_domain`` / ``js_api_prefix``."""

@@ -15,7 +15,7 @@ import re
 import signal
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import multiprocess
@@ -24,7 +24,8 @@ from multiprocess.reduction import ForkingPickler
 from rjet._connect import connect
 from rjet.consumer import Handler
 from rjet.cursors import JetStreamCursorStore
-from rjet.errors import ConfigError, RjetError, Stopped
+from rjet.errors import ConfigError, CursorStoreError, RjetError, Stopped
+from rjet.parallel._elastic import Membership, busy_shards, default_member_id
 from rjet.parallel._errors import ShardsFailed
 from rjet.parallel._messages import Finished, Log, Progress, Started, Stop, ToParent
 from rjet.parallel._options import ParallelOptions
@@ -48,6 +49,7 @@ log = logging.getLogger("rjet.parallel")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 _TICK: Final = 0.05
 _FINAL: Final = frozenset({"done", "stopped", "fenced", "failed"})
+_ELSEWHERE: Final = frozenset({"elsewhere", "taking"})  # an elastic member's shards it does not run
 
 
 class _Shard:
@@ -72,6 +74,7 @@ class _Shard:
         self.flushes = 0
         self.outcome: str | None = None
         self.detail = ""
+        self.leaving = False  # elastic: the worker was asked to stop because the shard moves elsewhere
 
     def stats(self) -> ShardStats:
         return ShardStats(
@@ -145,6 +148,9 @@ class Parallel:
         except TypeError as e:
             raise ConfigError(f"Parallel {name!r}: {e} (see rjet.parallel.ParallelOptions)") from None
         shards = tuple(range(n)) if self.options.shards is None else tuple(self.options.shards)
+        self.member: str | None = None
+        if self.options.elastic:
+            self.member = self.options.member_id or default_member_id()
         if not shards or len(set(shards)) != len(shards):
             raise ConfigError(f"Parallel {name!r}: shards must be distinct shard indexes, not {shards!r}")
         for m in shards:
@@ -164,6 +170,10 @@ class Parallel:
         self._stops = 0
         self._forced = ""
         self._running = False
+        self._wanted: frozenset[int] = frozenset()  # elastic: the shards the assignment gives this member
+        self._busy: frozenset[int] = frozenset()  # elastic: shards another group still holds
+        self._letting_go: frozenset[int] = frozenset()  # elastic: shards the assignment gives to others
+        self._chores: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- public surface
 
@@ -190,6 +200,10 @@ class Parallel:
         """
         if self._running:
             raise ConfigError(f"Parallel {self.name!r} is already running")
+        if to_head and self.options.elastic:
+            raise ConfigError(
+                f"Parallel {self.name!r}: an elastic group runs until stopped (to_head is for fixed shards)"
+            )
         if handle_signals and threading.current_thread() is not threading.main_thread():
             raise ConfigError("Parallel: handle_signals needs the main thread")
         try:
@@ -282,19 +296,28 @@ class Parallel:
                 self.name, store.bucket, bucket.config.num_replicas or 1, self.stream, info.config.num_replicas,
             )  # fmt: skip
         group = uuid.uuid4().hex
+        fixed = () if o.elastic else self.shards  # an elastic member beats only the shards it takes
         beats = Heartbeats(
-            store.kv, self.name, self.n, self.shards, group, interval=o.heartbeat_interval, ttl=o.heartbeat_ttl
+            store.kv, self.name, self.n, fixed, group, interval=o.heartbeat_interval, ttl=o.heartbeat_ttl
         )
         await beats.beat()
         try:
             self.reshard = await prepare(
-                store.kv, self.name, self.n, group=beats.group, ttl=o.heartbeat_ttl, shards=self.shards
+                store.kv, self.name, self.n, group=beats.group, ttl=o.heartbeat_ttl, shards=fixed
             )
         except BaseException:
             await beats.clear()
             raise
         loop = asyncio.get_running_loop()
         beat_task = loop.create_task(beats.run())
+        membership = None
+        if o.elastic:
+            assert self.member is not None
+            membership = Membership(
+                store.kv, self.name, self.member, ttl=o.heartbeat_ttl, max_shards=o.max_shards,
+                static=o.member_id is not None,
+            )  # fmt: skip
+            coordinator = loop.create_task(self._coordinate(membership, beats))
         installed: list[signal.Signals] = []
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -311,7 +334,14 @@ class Parallel:
             beat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat_task
+            if membership is not None:
+                coordinator.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await coordinator
+                if not membership.static:
+                    await membership.leave()  # the others rebalance now, not after the TTL
             self._kill_all(reap=True)  # only workers left behind by an error are still there
+            await asyncio.gather(*self._chores, return_exceptions=True)
             await beats.clear()
         await self._final_cursors(store)
         summary = self.statistics()
@@ -338,10 +368,79 @@ class Parallel:
 
         await asyncio.gather(*(peek(s) for s in self._states.values()))
 
+    async def _coordinate(self, membership: Membership, beats: Heartbeats) -> None:
+        """An elastic member's loop: keep the lease fresh, and work out which shards to run."""
+        o = self.options
+        previous: tuple[int, ...] | None = None
+        last_view: frozenset[int] = frozenset()
+        while True:
+            try:
+                await membership.beat()
+                mine, whole = await membership.view(self.n)
+                busy = await busy_shards(membership.kv, self.name, self.n, beats.group, o.heartbeat_ttl)
+            except CursorStoreError as e:
+                log.warning("parallel %r: member %s: %s (retrying)", self.name, membership.member, e)
+            else:
+                if mine != previous:
+                    gained = sorted(set(mine) - set(previous or ()))
+                    lost = sorted(set(previous or ()) - set(mine))
+                    log.info(
+                        "parallel %r: member %s: assignment %s (+%s -%s) of n=%d over %d live member(s): %s",
+                        self.name, membership.member, [m + 1 for m in mine], [m + 1 for m in gained],
+                        [m + 1 for m in lost], self.n, len(whole),
+                        "; ".join(f"{k} {[m + 1 for m in v]}" for k, v in sorted(whole.items())),
+                    )  # fmt: skip
+                    previous = mine
+                # A shard is taken once two views in a row give it to this member: members that joined
+                # at the same moment see each other by then, and the member that had it is seen
+                # holding it (its heartbeat) until it has handed it over.
+                self._wanted, self._busy = frozenset(mine) & last_view, frozenset(busy)
+                self._letting_go = frozenset(range(self.n)) - frozenset(mine)
+                last_view = frozenset(mine)
+                if self._wake is not None:
+                    self._wake.set()
+            await asyncio.sleep(o.heartbeat_interval)
+
+    def _rebalance(self, s: _Shard, now: float, beats: Heartbeats) -> None:
+        """An elastic member's moves for one shard: take it once it is free, let it go when it moves."""
+        wanted = s.m in self._wanted
+        if s.state == "elsewhere" and wanted and s.m not in self._busy and now >= s.next_start:
+            s.state = "taking"  # its heartbeat goes out first: a member deciding later sees it taken
+            self._chore(self._take(s, beats))
+        elif s.state in ("running", "starting") and s.m in self._letting_go and not s.leaving:
+            s.leaving = True
+            self._send(s, Stop())
+            log.info(
+                "parallel %r: member %s hands %s over (its worker finishes and flushes)", self.name, self.member, s.name
+            )
+        elif s.state == "waiting" and s.m in self._letting_go:
+            s.state = "elsewhere"
+            self._chore(beats.remove(s.m))
+
+    async def _take(self, s: _Shard, beats: Heartbeats) -> None:
+        try:
+            await beats.add(s.m)
+        except CursorStoreError as e:
+            log.warning("parallel %r: member %s cannot take %s yet: %s", self.name, self.member, s.name, e)
+            s.state = "elsewhere"
+            return
+        if s.state == "taking" and self._stops:
+            s.state = "elsewhere"
+        elif s.state == "taking":
+            s.state, s.next_start = "waiting", 0.0
+            log.info("parallel %r: member %s takes %s", self.name, self.member, s.name)
+            if self._wake is not None:
+                self._wake.set()
+
+    def _chore(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
     async def _supervise(self, to_head: bool, beats: Heartbeats) -> None:
         ctx = multiprocess.get_context("spawn")
         for s in self._states.values():
-            s.state = "waiting"
+            s.state = "elsewhere" if self.options.elastic else "waiting"
         try:
             await self._drive(ctx, to_head, beats)
         except asyncio.CancelledError:
@@ -357,8 +456,10 @@ class Parallel:
         while True:
             now = loop.time()
             for s in self._states.values():
+                if self.options.elastic and not self._stops:
+                    self._rebalance(s, now, beats)
                 self._poll(ctx, s, now, to_head, beats)
-            if all(s.state in _FINAL for s in self._states.values()):
+            if all(s.state in _FINAL or (s.state in _ELSEWHERE and self._stops) for s in self._states.values()):
                 return
             if self._stops and deadline is None:
                 deadline = now + self.options.stop_timeout
@@ -452,7 +553,20 @@ class Parallel:
         s.handled_before += s.handled
         s.skipped_before += s.skipped
         s.handled = s.skipped = 0
-        if code == EXIT_FENCED or s.outcome == "fenced":
+        fenced = code == EXIT_FENCED or s.outcome == "fenced"
+        if self.options.elastic and not self._stops and (s.leaving or fenced):
+            # Handed over (or taken by a member that saw this one as gone): it may come back later.
+            s.state, s.leaving = "elsewhere", False
+            self._chore(beats.remove(s.m))
+            if fenced:  # not at once: the member that has it lets it go first, if it is to come back
+                s.next_start = now + 2 * self.options.heartbeat_interval
+                log.warning(
+                    "parallel %r: member %s lost %s to another member: %s", self.name, self.member, s.name, s.detail
+                )
+            else:
+                log.info("parallel %r: member %s handed %s over", self.name, self.member, s.name)
+            return
+        if fenced:
             s.state = "fenced"
             beats.drop(s.m)
             log.error("parallel %r: %s stopped for good, fenced out by a newer runner: %s", self.name, s.name, s.detail)

@@ -283,6 +283,24 @@ class Heartbeats:
         """Stop writing shard ``m``'s heartbeat (another runner owns the shard now)."""
         self._shards.discard(m)
 
+    async def add(self, m: int) -> None:
+        """Write shard ``m``'s heartbeat now and from now on (an elastic group took the shard)."""
+        self._shards.add(m)
+        await self.beat()
+
+    async def remove(self, m: int) -> None:
+        """Stop writing shard ``m``'s heartbeat and delete it, so that the member the shard goes to
+        sees at once that this group let it go. Never raises (a heartbeat left behind goes stale)."""
+        self._shards.discard(m)
+        if self._revs.pop(m, None) is not None:
+            with contextlib.suppress(*_KV_ERRORS):
+                await self.kv.delete(_hb_key(self.name, m, self.n, self.group))
+
+    @property
+    def shards(self) -> frozenset[int]:
+        """The shards whose heartbeats this group writes."""
+        return frozenset(self._shards)
+
     async def clear(self) -> None:
         """Delete this group's heartbeats. Never raises (a heartbeat left behind goes stale)."""
         written, self._revs = list(self._revs), {}

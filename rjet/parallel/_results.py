@@ -20,7 +20,8 @@ class ShardStats:
     over every worker that ran the shard (replays after a crash count again; a worker killed outright
     loses its last quarter second of counts). ``cursor`` is the shard's stored cursor at the end.
     ``state`` is ``done`` (head reached), ``stopped``, ``fenced`` (another runner took the shard),
-    ``failed`` (a permanent error), ``idle`` (not started yet), or, while running, ``starting``,
+    ``failed`` (a permanent error), ``idle`` (not started yet), ``elsewhere`` (an elastic member's
+    shard that another member runs, or that it waits to take over), or, while running, ``starting``,
     ``running`` or ``waiting`` (to be restarted). ``live`` is the current worker's own
     :class:`rjet.StatsSnapshot` (errors, dead letters, lag, handler latency; it starts over when the
     worker is restarted) and ``flushes`` its cursor store's flush count, as last reported.

@@ -204,8 +204,10 @@ class _Worker:
         helpers: list[asyncio.Task[None]] = []
         try:
             js = nc.jetstream(**cfg.options.jetstream_options())
+            # A worker paused or cut off past its group's heartbeat TTL may have lost its shard to
+            # another runner (an elastic member that took over): it looks before its next event.
             store = self.store = await JetStreamCursorStore.create(
-                js, cfg.namespace, flush_interval=cfg.options.flush_interval
+                js, cfg.namespace, flush_interval=cfg.options.flush_interval, claim_lease=cfg.options.heartbeat_ttl / 2
             )
             stream = Stream(js, cfg.stream, read=cfg.options.read)
             view = await stream.shard(cfg.m, cfg.n)

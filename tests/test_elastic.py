@@ -1,0 +1,302 @@
+"""Elastic groups: the assignment on its own, then members joining, leaving, dying and pausing
+against a real server, with real worker processes (members in this process, or `rjet worker
+--elastic` processes where a member must be killed or stopped as a whole)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.js import JetStreamContext
+from test_parallel import check_handling, insert, logger, read_logs, remember_shard, stored_cursors
+
+import rjet
+from rjet.parallel import Parallel, shard_of
+from rjet.parallel._elastic import assign
+from rjet.server import EmbeddedServer
+from rjet.testing import wait_until
+
+FAST: dict[str, Any] = {
+    "elastic": True,
+    "heartbeat_interval": 0.2,
+    "heartbeat_ttl": 1.0,
+    "flush_interval": 0.2,
+    "restart_delay": 0.1,
+    "on_start": remember_shard,
+}
+
+
+# ----------------------------------------------------------------- the assignment, without a server
+
+
+def _owner(assignment: dict[str, tuple[int, ...]]) -> dict[int, str]:
+    return {m: member for member, shards in assignment.items() for m in shards}
+
+
+def _moved(before: dict[str, tuple[int, ...]], after: dict[str, tuple[int, ...]]) -> int:
+    a, b = _owner(before), _owner(after)
+    return sum(1 for m in a if a[m] != b.get(m))
+
+
+def test_the_assignment_is_deterministic_balanced_and_complete() -> None:
+    rng = random.Random(1)
+    for _ in range(200):
+        n, k = rng.randint(1, 64), rng.randint(1, 9)
+        members = [f"host{rng.randrange(10**6)}-{i}" for i in range(k)]
+        got = assign(members, n)
+        assert got == assign(list(reversed(members)) + members[:1], n)  # order and repeats do not matter
+        assert sorted(m for shards in got.values() for m in shards) == list(range(n))
+        loads = [len(shards) for shards in got.values()]
+        assert max(loads) - min(loads) <= 1
+
+
+def test_a_join_or_a_leave_moves_about_n_over_k_shards() -> None:
+    rng = random.Random(2)
+    for n, k in [(8, 3), (16, 4), (64, 5), (360, 8)]:
+        joins, leaves = [], []
+        for t in range(40):
+            members = [f"m{rng.random()}" for _ in range(k)]
+            before = assign(members, n)
+            joins.append(_moved(before, assign([*members, f"new{t}"], n)))
+            leaves.append(_moved(before, assign(members[1:], n)))
+        # The least that must move: n/(k+1) onto a joining member, the leaving member's n/k.
+        assert sum(joins) / len(joins) <= 1.4 * n / (k + 1) + 1, (n, k, joins)
+        assert sum(leaves) / len(leaves) <= 1.4 * n / k + 1, (n, k, leaves)
+        assert max(joins) <= 2 * n / (k + 1) + 2
+
+
+def test_max_shards_caps_a_member_and_the_others_take_the_rest() -> None:
+    got = assign(["small", "big1", "big2"], 12, {"small": 1})
+    assert len(got["small"]) == 1
+    assert sorted(len(v) for k, v in got.items() if k != "small") == [5, 6]
+    short = assign(["a", "b"], 5, {"a": 1, "b": 2})
+    assert sum(len(v) for v in short.values()) == 3  # too little room: two shards wait for a member
+    assert assign([], 4) == {}
+
+
+def test_elastic_options_are_checked(server: EmbeddedServer) -> None:
+    def fn(fate: rjet.Fate, event: rjet.Event) -> None: ...
+
+    url = server.url
+    with pytest.raises(rjet.ConfigError, match="elastic=True or shards, not both"):
+        Parallel("g", 4, fn, servers=url, stream="s", namespace="ns", elastic=True, shards=[0])
+    with pytest.raises(rjet.ConfigError, match="are for elastic groups"):
+        Parallel("g", 4, fn, servers=url, stream="s", namespace="ns", member_id="a")
+    with pytest.raises(rjet.ConfigError, match="max_shards must be an int >= 1"):
+        Parallel("g", 4, fn, servers=url, stream="s", namespace="ns", elastic=True, max_shards=0)
+    group = Parallel("g", 4, fn, servers=url, stream="s", namespace="ns", elastic=True, member_id="host-a")
+    assert group.member == "host-a"
+    with pytest.raises(rjet.ConfigError, match="runs until stopped"):
+        group.run(to_head=True)
+
+
+# ----------------------------------------------------------------- members in this process
+
+
+def _member(server: EmbeddedServer, name: str, n: int, directory: Path, **options: Any) -> Parallel:
+    opts = {**FAST, **options}
+    return Parallel(name, n, logger(directory, delay=0.0002), servers=server.url, stream=name, namespace=name, **opts)
+
+
+def _running(group: Parallel) -> list[int]:
+    return [s.shard for s in group.statistics().shards if s.state == "running"]
+
+
+def _handled(directory: Path) -> set[int]:
+    return {seq for rows in read_logs(directory).values() for seq, _, _ in rows}
+
+
+@pytest.mark.timeout(120)
+async def test_three_members_started_at_different_times_spread_the_shards(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, js: JetStreamContext
+) -> None:
+    n = 6
+    events = await insert(stream, 30_000, keys=300)
+    members = [_member(server, name, n, tmp_path, member_id=f"member-{i}") for i in range(3)]
+    tasks = []
+    for group in members:
+        tasks.append(asyncio.create_task(group.run_async()))
+        await asyncio.sleep(1.0)
+    await wait_until(lambda: len(_handled(tmp_path)) == len(events), 60, "every event handled")
+    await wait_until(lambda: [len(_running(g)) for g in members] == [2, 2, 2], 20, "two shards on each member")
+    assert sorted(m for g in members for m in _running(g)) == list(range(n))
+    for group in members:
+        group.stop()
+    await asyncio.gather(*tasks)
+    replays = check_handling(read_logs(tmp_path), n, events)  # per-key order on first handling, none lost
+    cursors = await stored_cursors(js, name)
+    assert {k: v for k, v in cursors.items() if k.startswith(name)} == {
+        f"{name}_{m + 1}_of_{n}": str(max(events)) for m in range(n)
+    }
+    print(f"three members: events={len(events)} replays={replays}")
+
+
+@pytest.mark.timeout(120)
+async def test_a_member_joining_takes_its_shards_over_with_nothing_lost_and_nothing_replayed(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    n = 4
+    first = _member(server, name, n, tmp_path, member_id="first")
+    first_task = asyncio.create_task(first.run_async())
+    events: dict[int, str] = {}
+
+    async def produce() -> None:
+        for _ in range(40):
+            events.update(await insert(stream, 500, keys=100))
+            await asyncio.sleep(0.05)
+
+    producer = asyncio.create_task(produce())
+    await wait_until(lambda: len(_running(first)) == n, 20, "the first member running every shard")
+    await asyncio.sleep(0.5)
+    second = _member(server, name, n, tmp_path, member_id="second")
+    second_task = asyncio.create_task(second.run_async())
+    await wait_until(lambda: len(_running(second)) == 2 and len(_running(first)) == 2, 20, "two shards each")
+    await producer
+    await wait_until(lambda: _handled(tmp_path) >= set(events), 60, "every event handled")
+    first.stop()
+    second.stop()
+    await asyncio.gather(first_task, second_task)
+    replays = check_handling(read_logs(tmp_path), n, events)
+    assert replays == 0  # a graceful handover: the old owner flushed before the new one claimed
+    moved = [m for m in range(n) if m in _ran(second)]
+    assert len(moved) == 2
+    print(f"join: events={len(events)} moved={len(moved)} replays={replays} lost=0")
+
+
+def _ran(group: Parallel) -> set[int]:
+    return {s.shard for s in group.statistics().shards if s.handled}
+
+
+@pytest.mark.timeout(120)
+async def test_a_stable_member_restarted_within_its_ttl_keeps_its_shards(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    n = 4
+    await insert(stream, 2000, keys=100)
+    opts = {"heartbeat_ttl": 3.0}
+    a, b = (
+        _member(server, name, n, tmp_path, member_id="a", **opts),
+        _member(server, name, n, tmp_path, member_id="b", **opts),
+    )
+    ta, tb = asyncio.create_task(a.run_async()), asyncio.create_task(b.run_async())
+    await wait_until(lambda: len(_running(a)) == 2 and len(_running(b)) == 2, 20, "two shards each")
+    before = sorted(_running(a))
+    a.stop()
+    await ta
+    a = _member(server, name, n, tmp_path, member_id="a", **opts)  # the same id, back within the TTL
+    ta = asyncio.create_task(a.run_async())
+    await wait_until(lambda: sorted(_running(a)) == before, 20, "a running its shards again")
+    assert sorted(_running(b)) == sorted(set(range(n)) - set(before))
+    assert all(s.restarts == 0 and s.state in ("running", "elsewhere") for s in b.statistics().shards)
+    assert not _ran(b) & set(before)  # b never took a's shards meanwhile
+    a.stop()
+    b.stop()
+    await asyncio.gather(ta, tb)
+
+
+# ----------------------------------------------------------------- members as processes
+
+_HANDLER = """
+import os, time
+def handle(fate, event):
+    with open(os.path.join({dir!r}, "handled.log"), "a") as f:
+        f.write(f"{{event.id}} {{event.foreign_id}} {{os.getpid()}} {{time.time():.4f}}\\n")
+    time.sleep(0.0005)
+"""
+
+
+def _rows(directory: Path) -> list[tuple[int, str, int, float]]:
+    rows = []
+    path = directory / "handled.log"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        parts = line.split()
+        if len(parts) == 4:
+            rows.append((int(parts[0]), parts[1], int(parts[2]), float(parts[3])))
+    return rows
+
+
+def _start_member(server: EmbeddedServer, name: str, n: int, directory: Path, member: str) -> subprocess.Popen[str]:
+    args = [
+        sys.executable, "-m", "rjet", "worker", name, "elastic_handler:handle", "--name", name, "-n", str(n),
+        "--namespace", name, "--elastic", "--member-id", member, "--heartbeat-interval", "0.2", "--heartbeat-ttl",
+        "1.0", "--flush-interval", "0.2", "-q", "-s", server.url,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(directory) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # Its own process group: the test kills or stops the member and its worker processes together,
+    # as a host going down or freezing would.
+    return subprocess.Popen(args, cwd=directory, env=env, start_new_session=True, text=True)
+
+
+def _check(rows: list[tuple[int, str, int, float]], events: dict[int, str]) -> int:
+    first: dict[int, int] = {}
+    per_key: dict[str, list[int]] = {}
+    for seq, fid, _, _ in rows:
+        assert events[seq] == fid
+        if seq not in first:
+            first[seq] = 1
+            per_key.setdefault(fid, []).append(seq)
+    assert sorted(first) == sorted(events), f"lost: {sorted(set(events) - set(first))[:20]}"
+    for fid, seqs in per_key.items():
+        assert seqs == sorted(seqs), f"key {fid!r} out of order"
+    return len(rows) - len(first)
+
+
+def _group_pids(pgid: int, pids: set[int]) -> set[int]:
+    """The processes of ``pids`` in process group ``pgid`` (a member's workers)."""
+    out = set()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(pid) == pgid:
+                out.add(pid)
+    return out
+
+
+async def _stop_members(*procs: subprocess.Popen[str]) -> None:
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGCONT)
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        await asyncio.to_thread(p.wait, 30)
+
+
+@pytest.mark.timeout(150)
+async def test_a_killed_member_s_shards_resume_on_the_others_within_the_ttl(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    n = 4
+    (tmp_path / "elastic_handler.py").write_text(textwrap.dedent(_HANDLER.format(dir=str(tmp_path))))
+    events = await insert(stream, 20_000, keys=200)
+    a, b = _start_member(server, name, n, tmp_path, "a"), _start_member(server, name, n, tmp_path, "b")
+    try:
+        await wait_until(lambda: len(_rows(tmp_path)) > 4000, 60, "both members handling")
+        a_workers = _group_pids(a.pid, {pid for _, _, pid, _ in _rows(tmp_path)})
+        assert a_workers, "member a runs no shard"
+        os.killpg(a.pid, signal.SIGKILL)  # member a and its workers, at once
+        killed_at = time.time()
+        a.wait(10)
+        await wait_until(lambda: {s for s, *_ in _rows(tmp_path)} >= set(events), 90, "every event handled")
+    finally:
+        await _stop_members(b)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(a.pid, signal.SIGKILL)
+    rows = _rows(tmp_path)
+    replays = _check(rows, events)
+    # The shards a ran, and when b handled each of them first after the kill.
+    taken = {shard_of(fid, n) for _, fid, pid, _ in rows if pid in a_workers}
+    b_rows = [(t, shard_of(fid, n)) for _, fid, pid, t in rows if t > killed_at and pid not in a_workers]
+    resumed = {m: min(t for t, s in b_rows if s == m) for m in taken if any(s == m for _, s in b_rows)}
+    gap = max(resumed.values()) - killed_at
+    assert set(resumed) == taken
+    assert gap < 1.0 + 0.2 + 3.0  # TTL + a heartbeat + the start of a worker process
+    print(f"kill: shards taken over={sorted(m + 1 for m in taken)} gap={gap:.2f}s replays={replays} lost=0")
