@@ -300,3 +300,32 @@ async def test_a_killed_member_s_shards_resume_on_the_others_within_the_ttl(
     assert set(resumed) == taken
     assert gap < 1.0 + 0.2 + 3.0  # TTL + a heartbeat + the start of a worker process
     print(f"kill: shards taken over={sorted(m + 1 for m in taken)} gap={gap:.2f}s replays={replays} lost=0")
+
+
+@pytest.mark.timeout(150)
+async def test_a_member_paused_past_its_ttl_is_fenced_and_does_not_handle_again_what_was_taken_over(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    n = 4
+    (tmp_path / "elastic_handler.py").write_text(textwrap.dedent(_HANDLER.format(dir=str(tmp_path))))
+    events = await insert(stream, 30_000, keys=200)
+    a, b = _start_member(server, name, n, tmp_path, "a"), _start_member(server, name, n, tmp_path, "b")
+    try:
+        await wait_until(lambda: len(_rows(tmp_path)) > 3000, 60, "both members handling")
+        a_workers = _group_pids(a.pid, {pid for _, _, pid, _ in _rows(tmp_path)})
+        assert a_workers, "member a runs no shard"
+        os.killpg(a.pid, signal.SIGSTOP)  # a and its workers freeze, buffered events and all
+        stopped_at = time.time()
+        await asyncio.sleep(3.0)  # three TTLs: b takes a's shards over
+        os.killpg(a.pid, signal.SIGCONT)
+        woke_at = time.time()
+        await wait_until(lambda: {s for s, *_ in _rows(tmp_path)} >= set(events), 90, "every event handled")
+    finally:
+        await _stop_members(a, b)
+    rows = _rows(tmp_path)
+    replays = _check(rows, events)
+    taken_meanwhile = {seq for seq, _, pid, t in rows if stopped_at < t < woke_at and pid not in a_workers}
+    assert taken_meanwhile, "b took nothing over while a was stopped"
+    again = sorted(seq for seq, _, pid, t in rows if pid in a_workers and t > woke_at and seq in taken_meanwhile)
+    assert again == []  # a's workers looked at their claims before handling another event
+    print(f"pause: taken over while stopped={len(taken_meanwhile)} handled again by a=0 replays={replays} lost=0")
