@@ -506,8 +506,8 @@ async def test_worker_concurrency_and_a_cursor_with_exact_progress(
     assert proc.returncode == 0, proc.stderr
     order = KeyOrder()
     for line in seen.read_text().splitlines():
-        seq, key = line.split()
-        order.record(int(seq), key)
+        handled, key = line.split()
+        order.record(int(handled), key)
     order.check(range(1, 71))
     # A cursor with events done above it says so (on stderr: stdout stays the cursor), and moving
     # it says what it drops.

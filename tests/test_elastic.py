@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -329,3 +331,36 @@ async def test_a_member_paused_past_its_ttl_is_fenced_and_does_not_handle_again_
     again = sorted(seq for seq, _, pid, t in rows if pid in a_workers and t > woke_at and seq in taken_meanwhile)
     assert again == []  # a's workers looked at their claims before handling another event
     print(f"pause: taken over while stopped={len(taken_meanwhile)} handled again by a=0 replays={replays} lost=0")
+
+
+@pytest.mark.timeout(90)
+async def test_status_shows_the_members_their_leases_and_their_shards(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    from test_cli import rjet_cmd
+
+    n = 4
+    await insert(stream, 100, keys=10)
+    a, b = _member(server, name, n, tmp_path, member_id="alpha"), _member(server, name, n, tmp_path, member_id="beta")
+    tasks = [asyncio.create_task(a.run_async()), asyncio.create_task(b.run_async())]
+    try:
+        await wait_until(lambda: len(_running(a)) == 2 and len(_running(b)) == 2, 20, "two shards each")
+        await asyncio.sleep(0.5)  # a heartbeat after the last start
+        proc = await asyncio.to_thread(rjet_cmd, "status", name, "--namespace", name, "-s", server.url)
+        assert proc.returncode == 0, proc.stderr
+        for member, group in (("alpha", a), ("beta", b)):
+            shards = ", ".join(f"{name}_{m + 1}_of_{n}" for m in sorted(_running(group)))
+            assert re.search(rf"member {member} on \S+ pid \d+, lease renewed \S+ ago; runs {shards}", proc.stdout), (
+                proc.stdout
+            )
+            for m in _running(group):
+                assert re.search(rf"{name}_{m + 1}_of_{n} .*member {member} \(", proc.stdout), proc.stdout
+        proc = await asyncio.to_thread(rjet_cmd, "status", name, "--namespace", name, "--json", "-s", server.url)
+        leases = [
+            json.loads(line) for line in proc.stdout.splitlines() if '"member"' in line and '"cursor"' not in line
+        ]
+        assert {(r["member"], r["live"], len(r["shards"])) for r in leases} == {("alpha", True, 2), ("beta", True, 2)}
+    finally:
+        a.stop()
+        b.stop()
+        await asyncio.gather(*tasks)

@@ -18,6 +18,7 @@ import rjet
 from rjet.cli._common import CliError, Connection, age, connection_options, run, stdout_console
 from rjet.cursors import encode_key, kv_keys
 from rjet.parallel import ParallelOptions
+from rjet.parallel._elastic import group_names, members
 from rjet.parallel._reshard import heartbeats
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class Runner:
     group: str
     heartbeat_seconds_ago: float
     stale: bool  # older than the group's heartbeat_ttl: it stopped without a clean shutdown (or clocks are off)
+    member: str | None = None  # the elastic group member that runs it
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,11 +136,45 @@ async def _rows(
 
     def runners(name: str) -> tuple[Runner, ...]:
         found = sorted(beats.get(name, ()), key=lambda b: b.age)
-        return tuple(Runner(b.host, b.pid, b.group, round(b.age, 1), b.age >= (b.ttl or _HEARTBEAT_TTL)) for b in found)
+        return tuple(
+            Runner(b.host, b.pid, b.group, round(b.age, 1), b.age >= (b.ttl or _HEARTBEAT_TTL), b.member) for b in found
+        )
 
     picked = [(n, v) for n, v in sorted(cursors.items()) if pattern is None or fnmatch.fnmatchcase(n, pattern)]
     rows = await asyncio.gather(*(row(n, v) for n, v in picked))
     return [dataclasses.replace(r, runners=runners(r.name)) for r in rows if r is not None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MemberRow:
+    """One member of an elastic group, from its lease, and the shards it runs (their heartbeats)."""
+
+    namespace: str
+    group: str
+    member: str
+    host: str
+    pid: int
+    lease_seconds_ago: float
+    live: bool
+    shards: tuple[str, ...]
+
+
+async def _members(js: JetStreamContext, namespace: str) -> list[MemberRow]:
+    try:
+        kv = await js.key_value(_BUCKET_PREFIX + namespace)
+    except nats.js.errors.BucketNotFoundError:
+        return []
+    keys = await kv_keys(kv)
+    beats = await heartbeats(kv, keys)
+    out = []
+    for group in sorted(group_names(keys)):
+        for m in await members(kv, group, _HEARTBEAT_TTL):
+            runs = sorted(
+                shard for shard, found in beats.items()
+                if any(b.member == m.member and b.age < (b.ttl or _HEARTBEAT_TTL) for b in found)
+            )  # fmt: skip
+            out.append(MemberRow(namespace, group, m.member, m.host, m.pid, round(m.seen_ago, 1), m.live, tuple(runs)))
+    return out
 
 
 async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool) -> None:
@@ -149,9 +185,12 @@ async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], patt
         last_insert = await _msg_time(js, name, seq=last) if last else None
         nss = list(namespaces) or await _namespaces(js)
         rows = [r for ns in nss for r in await _rows(js, name, ns, pattern, first, last)]
+        member_rows = [m for ns in nss for m in await _members(js, ns)]
     if as_json:
         for r in rows:
             click.echo(json.dumps({"stream": name, "last_seq": last, **dataclasses.asdict(r)}))
+        for mr in member_rows:  # lines of their own kind: they have "member", not "cursor"
+            click.echo(json.dumps({"stream": name, **dataclasses.asdict(mr)}))
         return
     console = stdout_console()
     since = "" if last_insert is None else f", last insert {age(time.time() - last_insert)} ago"
@@ -188,7 +227,16 @@ async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], patt
             r.note,
         )
     console.print(table)
+    for mr in member_rows:
+        lease = f"lease renewed {age(mr.lease_seconds_ago)} ago" + ("" if mr.live else " (expired)")
+        console.print(
+            f"elastic group {mr.group} ({mr.namespace}): member {mr.member} on {mr.host} pid {mr.pid}, {lease};"
+            f" runs {', '.join(mr.shards) or 'no shard'}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _where(r: Runner) -> str:
-    return f"{r.host} pid {r.pid}" + (f" (stale: heartbeat {age(r.heartbeat_seconds_ago)} ago)" if r.stale else "")
+    who = f"member {r.member} ({r.host} pid {r.pid})" if r.member else f"{r.host} pid {r.pid}"
+    return who + (f" (stale: heartbeat {age(r.heartbeat_seconds_ago)} ago)" if r.stale else "")

@@ -144,6 +144,7 @@ class Membership:
             "max_shards": self.max_shards,
             "since": self._since,
             "time": time.time(),
+            "ttl": self.ttl,
         }
         try:
             await self.kv.put(self._key, json.dumps(body).encode())
@@ -199,7 +200,8 @@ class Membership:
 
 async def members(kv: KeyValue, name: str, ttl: float) -> list[Member]:
     """The leases of ``name``'s elastic group as stored (for ``rjet status``: ``seen_ago`` is then the
-    lease's age by its own wall-clock time, since one read cannot see it change)."""
+    lease's age by its own wall-clock time, since one read cannot see it change; ``live`` judges it by
+    the TTL the member wrote, else ``ttl``)."""
     prefix = _member_prefix(name)
     out = []
     now = time.time()
@@ -210,9 +212,10 @@ async def members(kv: KeyValue, name: str, ttl: float) -> list[Member]:
             body = json.loads(got[0])
             ago = max(0.0, now - float(body["time"]))
             cap = body.get("max_shards")
+            limit = float(body.get("ttl") or ttl)
             out.append(
                 Member(str(body["member"]), str(body.get("host", "?")), int(body.get("pid", 0)),
-                       cap if isinstance(cap, int) else None, float(body.get("since", 0.0)), ago, ago < ttl)
+                       cap if isinstance(cap, int) else None, float(body.get("since", 0.0)), ago, ago < limit)
             )  # fmt: skip
         except (ValueError, KeyError, TypeError):
             continue

@@ -298,8 +298,9 @@ class Parallel:
         group = uuid.uuid4().hex
         fixed = () if o.elastic else self.shards  # an elastic member beats only the shards it takes
         beats = Heartbeats(
-            store.kv, self.name, self.n, fixed, group, interval=o.heartbeat_interval, ttl=o.heartbeat_ttl
-        )
+            store.kv, self.name, self.n, fixed, group, interval=o.heartbeat_interval, ttl=o.heartbeat_ttl,
+            member=self.member,
+        )  # fmt: skip
         await beats.beat()
         try:
             self.reshard = await prepare(

@@ -166,6 +166,7 @@ class _Beat:
     pid: int
     age: float
     ttl: float | None  # the group's heartbeat_ttl; None in heartbeats written before it was stored
+    member: str | None = None  # the elastic member running it
 
     def describe(self, name: str) -> str:
         return f"{shard_name(name, self.m, self.n)} (host {self.host}, pid {self.pid}, heartbeat {self.age:.1f}s ago)"
@@ -180,7 +181,11 @@ async def _read_beat(kv: KeyValue, key: str, m: int, n: int, now: float) -> tupl
         info = json.loads(got[0])
         age = now - float(info["time"])
         ttl = None if info.get("ttl") is None else float(info["ttl"])
-        beat = _Beat(m, n, str(info["group"]), str(info.get("host", "?")), int(info.get("pid", 0)), age, ttl)
+        member = info.get("member")
+        beat = _Beat(
+            m, n, str(info["group"]), str(info.get("host", "?")), int(info.get("pid", 0)), age, ttl,
+            member if isinstance(member, str) else None,
+        )  # fmt: skip
     except (ValueError, KeyError, TypeError):
         return None
     return beat, got[1]
@@ -242,8 +247,10 @@ class Heartbeats:
         *,
         interval: float,
         ttl: float | None = None,
+        member: str | None = None,
     ) -> None:
         self.kv = kv
+        self.member = member
         self.name = name
         self.n = n
         self.group = group
@@ -258,6 +265,8 @@ class Heartbeats:
         beat = {"group": self.group, "host": self._host, "pid": os.getpid(), "n": self.n, "time": time.time()}
         if self.ttl is not None:
             beat["ttl"] = self.ttl
+        if self.member is not None:
+            beat["member"] = self.member
         value = json.dumps(beat).encode()
         shards = sorted(self._shards)
         revs = await asyncio.gather(
