@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from multiprocess.connection import Connection
     from multiprocess.context import SpawnContext, SpawnProcess
     from nats.aio.client import Client
+    from nats.js import JetStreamContext
 
 __all__ = ["Parallel", "ParallelOptions", "ShardStats", "Summary"]
 
@@ -48,6 +49,7 @@ log = logging.getLogger("rjet.parallel")
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 _TICK: Final = 0.05
+_OPEN_ATTEMPTS: Final = 8  # a second apart
 _FINAL: Final = frozenset({"done", "stopped", "fenced", "failed"})
 _ELSEWHERE: Final = frozenset({"elsewhere", "taking"})  # an elastic member's shards it does not run
 
@@ -287,7 +289,7 @@ class Parallel:
             )  # fmt: skip
         o = self.options
         replicas = o.cursor_replicas or info.config.num_replicas or 1
-        store = await JetStreamCursorStore.create(js, self.namespace, replicas=replicas)
+        store = await _open_store(js, self.namespace, replicas)
         bucket = await js.stream_info(f"KV_{store.bucket}")
         if (bucket.config.num_replicas or 1) < (info.config.num_replicas or 1):
             log.warning(
@@ -633,6 +635,20 @@ class Parallel:
                     s.proc.kill()
                     if reap:
                         s.proc.join(2.0)
+
+
+async def _open_store(js: JetStreamContext, namespace: str, replicas: int) -> JetStreamCursorStore:
+    """The cursor store; a bucket that does not answer in time (a cluster electing its leader) is
+    tried again for a few seconds before the group gives up."""
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            return await JetStreamCursorStore.create(js, namespace, replicas=replicas)
+        except CursorStoreError as e:
+            if not isinstance(e.__cause__, TimeoutError) or attempt == _OPEN_ATTEMPTS - 1:
+                raise
+            log.warning("cursor namespace %r: %s; trying again", namespace, e)
+            await asyncio.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def _exit(code: int, s: _Shard) -> str:
