@@ -364,3 +364,27 @@ async def test_status_shows_the_members_their_leases_and_their_shards(
         a.stop()
         b.stop()
         await asyncio.gather(*tasks)
+
+
+@pytest.mark.timeout(90)
+async def test_an_elastic_group_on_a_partitioned_stream_with_key_ordered_concurrency(
+    server: EmbeddedServer, js: JetStreamContext, name: str, tmp_path: Path
+) -> None:
+    n = 4
+    stream = await rjet.Stream.create(js, name, partitions=True)
+    events = await insert(stream, 6000, keys=300)
+    a = _member(server, name, n, tmp_path, member_id="a", concurrency=8)
+    b = _member(server, name, n, tmp_path, member_id="b", concurrency=8)
+    tasks = [asyncio.create_task(a.run_async()), asyncio.create_task(b.run_async())]
+    await wait_until(lambda: len(_handled(tmp_path)) == len(events), 60, "every event handled")
+    await wait_until(lambda: len(_running(a)) == 2 and len(_running(b)) == 2, 20, "two shards each")
+    a.stop()
+    b.stop()
+    summaries = await asyncio.gather(*tasks)
+    check_handling(read_logs(tmp_path), n, events)
+    assert sum(s.skipped for summary in summaries for s in summary.shards) == 0  # the server filtered
+    cursors = await stored_cursors(js, name)
+    last = {m: max(seq for seq, fid in events.items() if shard_of(fid, n) == m) for m in range(n)}
+    assert {k: v for k, v in cursors.items() if k.startswith(name)} == {
+        f"{name}_{m + 1}_of_{n}": str(last[m]) for m in range(n)
+    }  # a filtered reader's cursor stops at its own last event
