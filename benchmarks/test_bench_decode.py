@@ -34,6 +34,7 @@ from nats.js import JetStreamContext, api
 
 import rjet
 from rjet import _frames
+from rjet._reader import _Session
 from rjet.event import Event
 
 from ._support import EVENTS, Arun, ratio, record
@@ -274,10 +275,11 @@ def test_rjet_scan_and_decode(
 
     def setup() -> None:
         client._buf.clear()
-        client._consumer, client._cseq, client._last, client._key_filter = consumer, cseq0, 0, None
-        client._reply_prefix = prefix
-        client._pattern = _frames.frame_pattern(client._sid, prefix)
-        client._plain = _frames.frame_pattern(client._sid, prefix, plain=True)
+        client._last, client._key_filter = 0, None
+        session = client._session = _Session(consumer, b"", "")
+        session.cseq, session.prefix = cseq0, prefix
+        session.pattern = _frames.frame_pattern(client._sid, prefix)
+        session.plain = _frames.frame_pattern(client._sid, prefix, plain=True)
 
     def run() -> None:
         assert client._scan(wire, 0, len(wire)) == len(wire)

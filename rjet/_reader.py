@@ -213,6 +213,45 @@ class _Requests:
             self._open.popleft()
 
 
+class _Session:
+    """One ephemeral consumer, from its creation to its loss (recovery drops it) or the client's close:
+    its name and subjects, its consumer sequence, the pull requests it owes, and the patterns
+    :meth:`StreamClient._scan` takes its frames with.
+
+    A new consumer gets a new session, created whole once the server has made the consumer and swapped
+    in with one assignment; a frame of an earlier one (its name, its deliver subject) matches nothing
+    in it and is ignored. What outlives consumers (the last sequence taken, the buffer, the counters)
+    stays on the client.
+    """
+
+    __slots__ = ("cseq", "deliver", "name", "next_subject", "pattern", "pending", "plain", "prefix", "requests")
+
+    def __init__(self, name: bytes, deliver: bytes, next_subject: str) -> None:
+        self.name = name  # the consumer's name, in the reply subject of each of its deliveries
+        self.deliver = deliver  # the reply subject of its pull requests: its messages and statuses come there
+        self.next_subject = next_subject  # where its pull requests go
+        self.cseq = 0  # its consumer sequence: messages it has sent
+        self.pending = 0  # messages asked for and neither received nor expired
+        self.requests = _Requests()
+        # Set by its first frame (with the fast lane): _scan takes the frames after it in bulk.
+        self.prefix = b""  # its reply subjects up to and with the consumer's token
+        self.pattern: re.Pattern[bytes] | None = None  # its frames
+        self.plain: re.Pattern[bytes] | None = None  # those of them with a plain foreign ID
+
+
+class _Gap(Exception):
+    """Raised by the bulk scanner's helpers: a sequence jumped among the frames in ``buf[start:end]``,
+    which :meth:`StreamClient._scan` hands to the frame handler one by one to find where and why."""
+
+    def __init__(self, start: int, end: int) -> None:
+        super().__init__(start, end)
+        self.start = start
+        self.end = end
+
+
+_Match = Callable[[bytearray, int], "re.Match[bytes] | None"]  # a frame pattern's bound match
+
+
 class StreamClient:
     """Delivers a stream's events in stream order; open it with :meth:`rjet.Stream.stream`.
 
@@ -271,14 +310,10 @@ class StreamClient:
         self._shard = _shard_of_filter(key_filter)  # (m, n) when it is xxh3 % n == m: _scan hashes itself
         self._skipped = 0  # sequence of the last event the key filter passed over, not yet reported
         self._inbox = self._nc.new_inbox()
-        self._gen = 0
-        self._deliver = b""  # reply subject of the current consumer's pull requests
-        self._consumer: bytes | None = None
-        self._next_subject = ""
-        self._cseq = 0
-        self._pending = 0  # messages asked for and neither received nor expired
+        self._gen = 0  # consumers created: the current one's deliver subject is _inbox.<_gen>
+        self._session: _Session | None = None  # the current consumer's (None while there is none)
         self._in_bytes = 0  # bytes of messages ever put into _buf
-        self._requests = _Requests()
+        self._passed_bytes = 0  # bytes of messages _scan ever passed over, as nats-py's statistics count them
         self._pulling: asyncio.Task[None] | None = None
         self._activity = 0.0  # when the watchdog last saw _frames change
         self._frames = 0  # frames received, data and status alike
@@ -288,9 +323,6 @@ class StreamClient:
         self._sub: Subscription | None = None
         self._parser: FastParser | None = None
         self._sid = 0
-        self._reply_prefix = b""
-        self._pattern: re.Pattern[bytes] | None = None  # the current consumer's frames, for _scan
-        self._plain: re.Pattern[bytes] | None = None  # those of them with a plain foreign ID
         self._watchdog: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._nuid = NUID()
@@ -330,10 +362,10 @@ class StreamClient:
                         buf.popleft()
                         if self._skipped <= sseq:
                             self._skipped = 0
-                        if self._pending <= self._low:
+                        if (s := self._session) is None or s.pending <= self._low:
                             await self._pull()
                         return self._decode(*frame)
-                if self._pending <= self._low:
+                if (s := self._session) is None or s.pending <= self._low:
                     await self._pull()
                 if gaps:
                     return gaps.popleft()
@@ -360,28 +392,29 @@ class StreamClient:
             raise
 
     def _on_frame(self, subject: bytes, reply: bytes, hdr: bytes | None, data: bytes) -> None:  # noqa: C901 (hot path)
+        s = self._session
         if not reply:
-            if subject == self._deliver and hdr is not None:
-                self._on_status(hdr)
+            if s is not None and subject == s.deliver and hdr is not None:
+                self._on_status(s, hdr)
             return
         # Only the frames _scan leaves come here (a consumer's first, statuses, other header layouts),
         # or every frame without the fast lane.
         ack = parse_ack(reply)
-        if ack is None or ack[0] != self._consumer or self._error is not None:
+        if ack is None or s is None or ack[0] != s.name or self._error is not None:
             return  # not a JetStream delivery, left over from an earlier consumer, or after a gap
         _, sseq, cseq, ts, pending = ack
         self._frames += 1
-        self._pending -= 1
-        if cseq != self._cseq + 1:
-            return self._recover(f"consumer sequence jumped from {self._cseq} to {cseq}")
-        self._cseq = cseq
-        if self._pattern is None and self._parser is not None:
+        s.pending -= 1
+        if cseq != s.cseq + 1:
+            return self._recover(f"consumer sequence jumped from {s.cseq} to {cseq}")
+        s.cseq = cseq
+        if s.pattern is None and self._parser is not None:
             # The consumer's first frame: from the next one on, _scan takes its frames in bulk.
             # Up to and with the consumer token: 4 tokens of the 9-token form, 6 of the 11/12-token one.
             tokens = reply.split(b".")  # parse_ack took it: 9, 11 or 12 of them
-            self._reply_prefix = b".".join(tokens[: 4 if len(tokens) == 9 else 6]) + b"."
-            self._pattern = frame_pattern(self._sid, self._reply_prefix)
-            self._plain = frame_pattern(self._sid, self._reply_prefix, plain=True)
+            s.prefix = b".".join(tokens[: 4 if len(tokens) == 9 else 6]) + b"."
+            s.pattern = frame_pattern(self._sid, s.prefix)
+            s.plain = frame_pattern(self._sid, s.prefix, plain=True)
         if sseq > self._last:
             prev = self._last
             if sseq != prev + 1 and self._jump(prev, sseq):
@@ -392,7 +425,7 @@ class StreamClient:
                 elif self._verifying is None:
                     self._verifying = self._loop.create_task(self._verify())
                 self._prev_pending = pending
-                self._blind = self._pending <= 0
+                self._blind = s.pending <= 0
             self._last = sseq
             self._server_pending = pending
             if pending == 0:
@@ -416,7 +449,7 @@ class StreamClient:
                         waiter = self._waiter
                         if waiter is not None and not waiter.done():
                             waiter.set_result(None)
-                    if self._pending <= self._low:
+                    if s.pending <= self._low:
                         self._kick()
                     return
             self._buf.append((sseq, ts, subject, hdr, data, fid, None, None, self._in_bytes))
@@ -424,90 +457,95 @@ class StreamClient:
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        if self._pending <= self._low:
+        if s.pending <= self._low:
             self._kick()
 
-    def _scan(self, buf: bytearray, pos: int, size: int) -> int:  # noqa: C901 (the hot loop, kept in one piece)
+    def _scan(self, buf: bytearray, pos: int, size: int) -> int:
         """Takes the current consumer's complete frames from ``buf[pos:size]`` in one go, as long as
         they are laid out as ``insert`` writes them (the ``Scanner`` of ``rjet/_wire.py``).
 
-        The same as :meth:`_on_frame` per frame, but the consumer sequence of a frame the key filter
-        passes over is checked with the next frame it keeps, or with the last of the run: every frame
-        matched is this consumer's (its name is in the pattern) and sequences only grow, so the run
-        is gapless exactly when the later sequence is the count further on. When it is not, the run
-        goes through :meth:`_on_frame` frame by frame, which finds the gap. A frame the pattern does
+        The same as :meth:`_on_frame` per frame: :meth:`_take_runs` takes the frames the key filter
+        keeps, :meth:`_pass_run` each run of those it passes over. A sequence jump sends the frames
+        concerned through :meth:`_on_frame` one by one, which finds the gap. A frame the pattern does
         not fit (other headers, a status) ends the call and goes to :meth:`_on_frame` too.
         """
-        pattern, plain = self._pattern, self._plain
-        if pattern is None or plain is None or self._error is not None:
+        s = self._session
+        if s is None or (pattern := s.pattern) is None or (plain := s.plain) is None or self._error is not None:
             return pos
-        filtered = self._filtered
-        match = pattern.match
-        key_filter = self._key_filter
+        frames0, held0, passed0 = self._frames, self._in_bytes, self._passed_bytes
+        gap: _Gap | None = None
+        end = pos
+        view = memoryview(buf)  # one copy per body, not two (bytes(buf[a:b]) copies twice)
+        try:
+            end = self._take_runs(s, pattern.match, plain.match, buf, view, pos, size)
+        except _Gap as e:
+            gap = e
+        finally:
+            view.release()  # the parser resizes buf next
+        if self._frames != frames0:
+            # nats-py's statistics, kept as it would: messages, and their body bytes; for frames passed
+            # over in the shard loop their headers too (their size would cost a shard worker 13% per frame).
+            stats = self._nc.stats
+            stats["in_msgs"] += self._frames - frames0
+            stats["in_bytes"] += self._in_bytes - held0 + self._passed_bytes - passed0
+        if gap is not None:
+            return self._one_by_one(s, buf, gap.start, gap.end)  # _on_lane_frame counts these
+        if end != pos:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            if s.pending <= self._low:
+                self._kick()
+        return end
+
+    def _take_runs(
+        self, s: _Session, match: _Match, plain: _Match, buf: bytearray, view: memoryview, pos: int, size: int
+    ) -> int:
+        """Takes the consumer's frames that the key filter keeps from ``buf[pos:size]`` into the
+        buffer, and hands each run of those it passes over to :meth:`_pass_run`; returns where it
+        stopped. Raises :class:`_Gap` at a sequence jump."""
+        key_filter, filtered = self._key_filter, self._filtered
         mine, n = self._shard or (-1, 0)
-        origin = start = pos  # start: the first frame not yet committed
-        run = 0  # frames passed over since start
-        last: re.Match[bytes] | None = None  # the last of them
-        view: memoryview | None = None  # of buf, made for the first body copied
-        held = held0 = self._in_bytes  # written back before anything else may read or change it
-        # nats-py's statistics, kept as it would: messages, and their body bytes; for frames passed over
-        # in the shard loop their headers too (their size would cost a shard worker 13% per frame).
-        kept = committed = committed_bytes = run_bytes = 0
+        append = self._buf.append
+        held = self._in_bytes  # written back before anything else may read or change it
+        passed = 0  # bytes of the frames passed over
+        tail: list[bytes] | None = None  # of the frame after a run of them, found by _pass_run
         try:
             while True:
-                wanted = key_filter is None
-                if n:
-                    # A shard worker's loop: another shard's event (with a plain foreign ID, which is
-                    # hashed as it is) costs a match and a hash.
-                    while (m := plain.match(buf, pos)) is not None:
-                        total = int(m[3])
-                        nxt = m.end(3) + total + 4
-                        if nxt > size:
-                            break
-                        if hash_bytes(m[5]) % n == mine:
-                            wanted = True
-                            break
-                        run += 1
-                        run_bytes += total  # headers included: their size would cost another int()
-                        last = m
-                        pos = nxt
-                    if m is None:
-                        m = match(buf, pos)  # a percent-encoded foreign ID (the filter decides), or no frame
-                else:
-                    m = match(buf, pos)
-                if m is None:
-                    break
-                body = m.end(3) + 2
-                stop = body + int(m[3])
-                if stop + 2 > size:
-                    break  # not all here yet
-                if not wanted:
-                    assert key_filter is not None
+                m = plain(buf, pos) if n else None  # a shard worker hashes a plain foreign ID as it is
+                hashed = m is not None
+                m = m or match(buf, pos)
+                if m is None or (stop := (body := m.end(3) + 2) + int(m[3])) + 2 > size:
+                    return pos  # no frame of the pattern's, or not all here yet
+                if key_filter is not None:
                     try:
-                        wanted = key_filter(self._fid_value(m[5], 0))
+                        wanted = hash_bytes(m[5]) % n == mine if hashed else key_filter(self._fid_value(m[5], 0))
                     except Exception:  # DecodeError, a broken filter: _on_frame handles it
-                        break
+                        return pos
                     if not wanted:
-                        run += 1
-                        run_bytes += stop - body - int(m[2])
-                        last = m
-                        pos = stop + 2
-                        continue
-                tail = m[1].split(b".")
-                if len(tail) < 5:
-                    break
-                cseq = int(tail[2])
-                sseq = int(tail[1])
-                # A consumer-sequence jump (lost in transit) or, without subject filters, a stream
-                # sequence jump (events removed): _on_frame, frame by frame, finds which.
-                jumped = sseq != self._last + run + 1
-                if cseq != self._cseq + run + 1 or (jumped and not filtered):
-                    self._in_bytes = held
-                    return self._one_by_one(buf, start, stop + 2)
-                if last is not None:
-                    self._pass_over(run, last)
-                    committed += run
-                    committed_bytes += run_bytes
+                        # Its size as _pass_run counts: headers included for a hashed one.
+                        nbytes = stop - body if hashed else stop - body - int(m[2])
+                        pos, nbytes, m, tail, body, stop, cseq, sseq = self._pass_run(
+                            s, match, plain, buf, pos, stop + 2, size, m, nbytes
+                        )
+                        passed += nbytes
+                        if m is None:
+                            return pos
+                if tail is None:
+                    tail = m[1].split(b".")
+                    if len(tail) < 5:
+                        return pos
+                    cseq, sseq = int(tail[2]), int(tail[1])
+                    # A consumer-sequence jump (lost in transit) or, without subject filters, a stream
+                    # sequence jump (events removed): _on_frame, frame by frame, finds which.
+                    if cseq != s.cseq + 1 or (sseq != self._last + 1 and not filtered):
+                        raise _Gap(pos, stop + 2)
+                s.cseq = cseq
+                s.pending -= 1
+                self._frames += 1
+                self._server_pending = pending = int(tail[4])
+                if pending == 0:
+                    self._caught_up = True
                 if filtered:
                     # Explained by the filter (see __init__), or held until _verify settles it.
                     if self._verified == self._last and (
@@ -516,57 +554,92 @@ class StreamClient:
                         self._verified = sseq
                     elif self._verifying is None:
                         self._verifying = self._loop.create_task(self._verify())
-                self._cseq = cseq
-                self._frames += 1
-                self._pending -= 1
-                self._last = sseq
-                self._server_pending = pending = int(tail[4])
-                if pending == 0:
-                    self._caught_up = True
-                if filtered:
                     self._prev_pending = pending
-                    self._blind = self._pending <= 0
-                if view is None:
-                    view = memoryview(buf)  # one copy per body, not two (bytes(buf[a:b]) copies twice)
+                    self._blind = s.pending <= 0
+                self._last = sseq
                 data = view[body + int(m[2]) : stop].tobytes()
-                self._buf.append((sseq, int(tail[3]), b"", None, data, None, m[4], m[5], held))
+                append((sseq, int(tail[3]), b"", None, data, None, m[4], m[5], held))
                 held += len(data)
-                kept += 1
-                pos = start = stop + 2
-                run, last, run_bytes = 0, None, 0
-            self._in_bytes = held
-            if last is not None:
-                tail = last[1].split(b".")
-                if int(tail[2]) != self._cseq + run or (not filtered and int(tail[1]) != self._last + run):
-                    return self._one_by_one(buf, start, pos)
-                self._pass_over(run, last)
-                committed += run
-                committed_bytes += run_bytes
-            if pos != origin:
-                waiter = self._waiter
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
-                if self._pending <= self._low:
-                    self._kick()
-            return pos
+                pos = stop + 2
+                tail = None
         finally:
-            if view is not None:
-                view.release()  # the parser resizes buf next
-            if kept or committed:
-                stats = self._nc.stats
-                stats["in_msgs"] += kept + committed
-                stats["in_bytes"] += held - held0 + committed_bytes
+            self._in_bytes = held
+            self._passed_bytes += passed
 
-    def _pass_over(self, run: int, last: re.Match[bytes]) -> None:
-        """Commits a run of ``run`` frames the key filter passed over, ``last`` the last of them."""
-        tail = last[1].split(b".")
-        self._cseq += run
+    def _pass_run(
+        self,
+        s: _Session,
+        match: _Match,
+        plain: _Match,
+        buf: bytearray,
+        start: int,
+        pos: int,
+        size: int,
+        last: re.Match[bytes],
+        run_bytes: int,
+    ) -> tuple[int, int, re.Match[bytes] | None, list[bytes] | None, int, int, int, int]:
+        """Passes over a run of the consumer's frames that the key filter passes over, from ``last``
+        (at ``start``, of ``run_bytes`` bytes; the next frame begins at ``pos``), and commits it.
+
+        The run's consumer sequences are checked with the frame the filter keeps after it, or with the
+        last of the run where that one cannot be taken: every frame matched is this consumer's (its
+        name is in the pattern) and sequences only grow, so the run is gapless exactly when the later
+        sequence is the count further on. When it is not, :class:`_Gap`: the run (and that frame) go
+        through :meth:`_on_frame` frame by frame.
+
+        Returns where the run ends, its bytes (for nats-py's statistics) and the frame kept after it,
+        checked, as :meth:`_take_runs` takes one (its match, reply tail, body start and end, consumer
+        and stream sequences; None, None, 0... where none can be taken).
+        """
+        key_filter = self._key_filter
+        assert key_filter is not None  # it passed the first over
+        mine, n = self._shard or (-1, 0)
+        run = 1
+        tail: list[bytes] | None = None  # of the frame kept after the run, when it can be taken
+        while True:
+            wanted = False
+            m: re.Match[bytes] | None = None
+            if n:
+                # A shard worker's loop: another shard's event (with a plain foreign ID, which is
+                # hashed as it is) costs a match and a hash.
+                while (m := plain(buf, pos)) is not None:
+                    total = int(m[3])
+                    nxt = m.end(3) + total + 4
+                    if nxt > size or hash_bytes(m[5]) % n == mine:
+                        wanted = nxt <= size  # ours, unless not all here yet
+                        break
+                    run += 1
+                    run_bytes += total  # headers included: their size would cost another int()
+                    last = m
+                    pos = nxt
+            m = m or match(buf, pos)  # a percent-encoded foreign ID (the filter decides), or none
+            if m is None or (stop := (body := m.end(3) + 2) + int(m[3])) + 2 > size:
+                break  # no frame of the pattern's, or not all here yet
+            if not wanted:
+                try:
+                    wanted = key_filter(self._fid_value(m[5], 0))
+                except Exception:  # DecodeError, a broken filter: _on_frame handles it
+                    break
+                if not wanted:
+                    run += 1
+                    run_bytes += stop - body - int(m[2])
+                    last = m
+                    pos = stop + 2
+                    continue
+            tail = t if len(t := m[1].split(b".")) >= 5 else None
+            break
+        ltail = last[1].split(b".")
+        ref, more, end = (tail, 1, stop + 2) if tail is not None else (ltail, 0, pos)
+        cseq, sseq = int(ref[2]), int(ref[1])
+        if cseq != s.cseq + run + more or (not self._filtered and sseq != self._last + run + more):
+            raise _Gap(start, end)
+        s.cseq += run
+        s.pending -= run
         self._frames += run
-        self._pending -= run
         prev = self._last
-        self._last = self._skipped = int(tail[1])
+        self._last = self._skipped = int(ltail[1])
         self.skipped += run
-        self._server_pending = pending = int(tail[4])
+        self._server_pending = pending = int(ltail[4])
         if pending == 0:
             self._caught_up = True
         if self._filtered:
@@ -577,7 +650,10 @@ class StreamClient:
             elif self._verifying is None:
                 self._verifying = self._loop.create_task(self._verify())
             self._prev_pending = pending
-            self._blind = self._pending <= 0
+            self._blind = s.pending <= 0
+        if tail is None:
+            return pos, run_bytes, None, None, 0, 0, 0, 0
+        return pos, run_bytes, m, tail, body, stop, cseq, sseq
 
     def _jump(self, prev: int, sseq: int) -> bool:
         """A frame's stream sequence jumped from ``prev``: True when the gap ends the reader (the frame
@@ -639,9 +715,9 @@ class StreamClient:
             if self._verifying is asyncio.current_task():
                 self._verifying = None
 
-    def _one_by_one(self, buf: bytearray, pos: int, end: int) -> int:
-        """Hands the frames in ``buf[pos:end]`` (all matched by the pattern) to :meth:`_on_frame`."""
-        pattern, prefix = self._pattern, self._reply_prefix
+    def _one_by_one(self, s: _Session, buf: bytearray, pos: int, end: int) -> int:
+        """Hands the frames in ``buf[pos:end]`` (all matched by the session's pattern) to :meth:`_on_frame`."""
+        pattern, prefix = s.pattern, s.prefix
         while pattern is not None and pos < end and (m := pattern.match(buf, pos)) is not None:
             body = m.end(3) + 2
             hlen = int(m[2])
@@ -720,28 +796,30 @@ class StreamClient:
         return event
 
     def _kick(self) -> None:
-        if self._pulling is None and self._consumer is not None and not self._closed:
+        if self._pulling is None and self._session is not None and not self._closed:
             self._pulling = self._loop.create_task(self._pull())
 
     async def _pull(self) -> None:
         try:
-            room = self._cfg.max_buffered - len(self._buf) - self._pending
-            if self._consumer is None or self._closed or room < self._low:
-                if self._pending <= 0:
+            s = self._session
+            pending = 0 if s is None else s.pending  # none owed without a consumer
+            room = self._cfg.max_buffered - len(self._buf) - pending
+            if s is None or self._closed or room < self._low:
+                if pending <= 0:
                     self._blind = True  # nothing asked for: the server would not send what it gets now
                 return
             want = min(room, self._cfg.batch)
             budget = self._cfg.max_buffered_bytes
             share = max(1, budget * want // self._cfg.max_buffered)  # its part of the budget, as of the count
-            max_bytes = self._requests.max_bytes(self._cseq, self.buffered_bytes, budget, self._pending, share)
+            max_bytes = s.requests.max_bytes(s.cseq, self.buffered_bytes, budget, pending, share)
             if max_bytes < 0:
-                if self._pending <= 0:
+                if pending <= 0:
                     self._blind = True
                 return
             if not max_bytes:
                 want = 1
-            self._pending += want
-            self._requests.add(want, max_bytes)
+            s.pending += want
+            s.requests.add(want, max_bytes)
             req = b'{"batch":%d,%s"expires":%d,"idle_heartbeat":%d}' % (
                 want,
                 b'"max_bytes":%d,' % max_bytes if max_bytes else b"",
@@ -749,7 +827,7 @@ class StreamClient:
                 int(self._cfg.heartbeat * _NS),
             )
             try:
-                await self._nc.publish(self._next_subject, req, reply=self._deliver.decode())
+                await self._nc.publish(s.next_subject, req, reply=s.deliver.decode())
             except nats.errors.ConnectionClosedError:
                 self._fail(Stopped(f"stream {self.stream!r}: the NATS connection is closed"))
             except nats.errors.Error as e:
@@ -761,7 +839,7 @@ class StreamClient:
 
     # ----------------------------------------------------------------- status and recovery
 
-    def _on_status(self, hdr: bytes) -> None:
+    def _on_status(self, s: _Session, hdr: bytes) -> None:
         self._frames += 1
         code = hdr[9:12]
         if code == b"100":  # idle heartbeat
@@ -771,17 +849,15 @@ class StreamClient:
         if left is not None and (code == b"408" or too_big or (code == b"409" and COMPLETED in hdr)):
             # A pull request expired, the next message would pass its max_bytes, or it is complete.
             n = int(left)
-            self._pending = max(0, self._pending - n)
-            self._requests.ended(self._cseq, n, too_big=too_big)
+            s.pending = max(0, s.pending - n)
+            s.requests.ended(s.cseq, n, too_big=too_big)
             return self._kick()
         line = hdr[: hdr.find(b"\r\n")].decode("utf-8", "replace")
         self._recover(f"server said {line[9:]!r}")
 
     def _recover(self, reason: str) -> None:
         if self._recovery is None and not self._closed and self._error is None:
-            self._consumer = None
-            self._pattern = None
-            self._deliver = b""
+            self._session = None  # the consumer is lost: its frames are ignored from here on
             self._recovery = asyncio.create_task(self._recover_loop(reason))
 
     async def _recover_loop(self, reason: str) -> None:
@@ -831,11 +907,12 @@ class StreamClient:
             if self._frames != seen:
                 seen = self._frames
                 self._activity = now
-            if self._recovery is not None or self._consumer is None:
+            s = self._session
+            if self._recovery is not None or s is None:
                 continue
-            if self._pending > 0 and now - self._activity > 3 * hb:
+            if s.pending > 0 and now - self._activity > 3 * hb:
                 self._recover(f"no message or heartbeat for {3 * hb:g}s")
-            elif self._pending == 0:
+            elif s.pending == 0:
                 await self._pull()
 
     def _fail(self, err: BaseException) -> None:
@@ -874,13 +951,9 @@ class StreamClient:
             raise CursorExpired(self.stream, after, state.first_seq)
 
     async def _create_consumer(self) -> None:
+        self._session = None  # one being replaced (recovery has dropped it already) is dropped first
         self._gen += 1
-        self._deliver = f"{self._inbox}.{self._gen}".encode()
-        self._consumer = None
-        self._pattern = None
-        self._cseq = 0
-        self._pending = 0
-        self._requests = _Requests()
+        deliver = f"{self._inbox}.{self._gen}".encode()
         config = api.ConsumerConfig(
             name=self._nuid.next().decode(),
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -902,8 +975,8 @@ class StreamClient:
             self._caught_up = True
         self._server_pending = info.num_pending or 0
         self._activity = self._loop.time()
-        self._consumer = info.name.encode()
-        self._next_subject = f"{api_prefix(self._js)}.CONSUMER.MSG.NEXT.{self.stream}.{info.name}"
+        next_subject = f"{api_prefix(self._js)}.CONSUMER.MSG.NEXT.{self.stream}.{info.name}"
+        self._session = _Session(info.name.encode(), deliver, next_subject)
 
     async def _open(self) -> None:
         info = await self._stream_info()
@@ -990,8 +1063,7 @@ class StreamClient:
             await asyncio.wait(tasks)  # unlike awaiting each, lets a cancellation of close() through
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-        consumer, self._consumer = self._consumer, None
-        self._pattern = None
+        session, self._session = self._session, None
         if self._parser is not None:
             self._parser.lanes.pop(self._sid, None)
             self._parser.scanners.pop(self._sid, None)
@@ -1000,10 +1072,10 @@ class StreamClient:
         if self._sub is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
-        if consumer is not None:
+        if session is not None:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
                 await self._nc.request(
-                    f"{api_prefix(self._js)}.CONSUMER.DELETE.{self.stream}.{consumer.decode()}", b"", timeout=1.0
+                    f"{api_prefix(self._js)}.CONSUMER.DELETE.{self.stream}.{session.name.decode()}", b"", timeout=1.0
                 )
 
     def __aiter__(self) -> Self:

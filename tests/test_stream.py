@@ -195,7 +195,8 @@ async def test_a_consumer_named_like_its_stream_still_reads_every_event_in_order
     await stream.insert_many([(f"k{i}", 1, b"x") for i in range(300)])
     async with await stream.stream(to_head=True) as client:
         assert [e.id async for e in client] == [str(i) for i in range(1, 301)]
-        assert client._consumer == name.encode()
+        assert client._session is not None
+        assert client._session.name == name.encode()
 
 
 def test_read_config_refuses_settings_that_cannot_work() -> None:

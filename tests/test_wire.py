@@ -103,8 +103,8 @@ async def test_the_reader_takes_both_reply_subject_forms(stream: rjet.Stream) ->
     async with await stream.stream() as client:
         first = await asyncio.wait_for(client.recv(), 5)
         assert first.metadata == b"real"
-        consumer = client._consumer
-        assert consumer is not None
+        assert client._session is not None
+        consumer = client._session.name
         hdr = b"NATS/1.0\r\nreflex_type: 7\r\nrjet_foreign_id: v2-key\r\n\r\n"
         for seq, cseq in ((2, 2), (3, 3)):
             reply = b"$JS.ACK.hub.ACCOUNTHASH.%s.%s.1.%d.%d.1700000000000000000.0.abc" % (
@@ -162,14 +162,15 @@ _filters: list[Callable[[str], bool] | None] = [
 
 
 def _wire_bytes(client: StreamClient, frames: list[_Frame], v2: bool) -> bytes:
-    consumer = client._consumer
-    assert consumer is not None
+    session = client._session
+    assert session is not None
+    consumer = session.name
     stream, sid = client.stream.encode(), client._sid
     out, sseq, cseq = [], 0, 0
     for i, f in enumerate(frames):
         if f.kind == "heartbeat":
             hdr = b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 0\r\nNats-Last-Stream: 0\r\n\r\n"
-            out.append(b"HMSG %s %d %d %d\r\n%s\r\n" % (client._deliver, sid, len(hdr), len(hdr), hdr))
+            out.append(b"HMSG %s %d %d %d\r\n%s\r\n" % (session.deliver, sid, len(hdr), len(hdr), hdr))
             continue
         sseq += f.sseq_step
         cseq += 2 if f.gap else 1
@@ -194,10 +195,10 @@ def _outcome(client: StreamClient) -> tuple[object, ...]:
     return (
         events,
         client._last,
-        client._cseq,
+        client._session.cseq if client._session is not None else None,
         client.skipped,
         client._skipped,
-        client._consumer is None,  # recovering after a gap
+        client._session is None,  # recovering after a gap
         client._caught_up,
         client._server_pending,
         client.buffered_bytes,

@@ -456,6 +456,7 @@ class Parallel:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         deadline: float | None = None
+        next_report = 0.0
         while True:
             now = loop.time()
             for s in self._states.values():
@@ -464,8 +465,13 @@ class Parallel:
                 self._poll(ctx, s, now, to_head, beats)
             if all(s.state in _FINAL or (s.state in _ELSEWHERE and self._stops) for s in self._states.values()):
                 return
+            if deadline is not None and now >= next_report:  # a stop that takes a while says what it waits for
+                waiting = [s.name for s in self._states.values() if s.state not in _FINAL | _ELSEWHERE]
+                log.info("parallel %r: stopping: waiting for %s", self.name, ", ".join(waiting))
+                next_report = now + 5.0
             if self._stops and deadline is None:
                 deadline = now + self.options.stop_timeout
+                next_report = now + 5.0
                 for s in self._states.values():
                     if s.state == "waiting":
                         s.state = "stopped"
