@@ -119,6 +119,7 @@ class KeyedRun:
         self._low = consumer.max_waiting * 3 // 4  # where a reader waiting for room goes on
         self._low_bytes = consumer.max_waiting_bytes * 3 // 4
         self._saving: asyncio.Future[None] | None = None  # the saver, waiting for progress to move
+        self._save_due = False  # progress moved since the saver last handed it to the store
         self._emptied: asyncio.Future[None] | None = None  # the reader, waiting for every event to be done
         self._waiting = 0  # events read and not started
         self._waiting_bytes = 0
@@ -188,14 +189,12 @@ class KeyedRun:
 
     # ------------------------------------------------------------------ the reader
 
-    async def _read(self) -> None:  # noqa: C901 (the reader's loop, kept in one piece)
+    async def _read(self) -> None:
         consumer, progress, stats = self._consumer, self._progress, self._stats
         key_filter = None if self._key_checked else consumer.key_filter
         types, event_filter = consumer.types, consumer.filter
         recv, changed = self._recv, self._changed
         max_waiting, max_bytes = consumer.max_waiting, consumer.max_waiting_bytes
-        dead_letter = consumer.dead_letter
-        batch = consumer.batch is not None
         halted, stopping, closing = self._halt.is_set, self._stopping, self._closing.is_set
         clock = time.monotonic
         next_yield = clock() + _YIELD_EVERY
@@ -203,20 +202,12 @@ class KeyedRun:
         while True:
             if halted() or stopping() or closing():
                 return
-            if self._waiting >= max_waiting or self._waiting_bytes >= max_bytes:
-                # Woken once a quarter of the queue was taken, not at each event taken.
-                self._room = self._loop.create_future()
-                await self._room
-                continue
+            full = self._waiting >= max_waiting or self._waiting_bytes >= max_bytes
             unchecked += 1
             # Each event read adds a few bytes to the done set at most: looking every 64 events
             # overshoots the limit by a few hundred bytes, for an O(1) check that is not free.
-            if unchecked >= 64 and progress.size_bound() > PROGRESS_LIMIT:
-                stats.progress_stalls += 1
-                self._progress_full = True
-                self._room = self._loop.create_future()
-                await self._room  # woken when progress moves
-                self._progress_full = False
+            if full or (unchecked >= 64 and progress.size_bound() > PROGRESS_LIMIT):
+                await self._pause(full)
                 continue
             if unchecked >= 64:
                 unchecked = 0
@@ -226,19 +217,10 @@ class KeyedRun:
             try:
                 item = await recv()
             except DecodeError as e:
-                if dead_letter is None:
-                    raise
-                await self._bury(record_for(self._name, self._stream, str(e.seq), None, e, 1), e)
-                progress.passed(e.seq)
-                changed()
+                await self._undecodable(e)
                 continue
             if type(item) is not Event:
-                if type(item) is int:  # the reader passed over other keys' events up to here
-                    progress.passed(item)
-                    changed()
-                elif dead_letter is not None:
-                    assert isinstance(item, EventsRemoved)
-                    await self._record_removed(item)
+                await self._not_an_event(item)
                 continue
             event = item
             seq = int(event.id)
@@ -256,30 +238,66 @@ class KeyedRun:
                 changed()
                 continue
             if self._lag:
-                wait = event.timestamp_us / 1e6 + self._lag - time.time()
-                if wait > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._halt.wait(), wait)
-            key = event.foreign_id
-            queue = self._queues.get(key)
-            if queue is None:
-                self._queues[key] = deque((event,))
-                if batch:
-                    self._since[key] = self._loop.time()
-                self._ready.append(key)
-                if self._idle:
-                    self._idle.popleft().set_result(None)
-            else:
-                queue.append(event)
-                if len(queue) > stats.key_queue_max:
-                    stats.key_queue_max = len(queue)
-            self._waiting += 1
-            self._waiting_bytes += len(event.metadata) + len(key) + _EVENT_OVERHEAD
-            if self._arrivals:
-                for f in self._arrivals:
-                    if not f.done():
-                        f.set_result(None)
-                self._arrivals.clear()
+                await self._wait_lag(event)
+            self._enqueue(event)
+
+    def _enqueue(self, event: Event) -> None:
+        """Queue ``event`` behind its key's earlier events; its key is ready when it had none."""
+        key = event.foreign_id
+        queue = self._queues.get(key)
+        if queue is None:
+            self._queues[key] = deque((event,))
+            if self._consumer.batch is not None:
+                self._since[key] = self._loop.time()
+            self._ready.append(key)
+            if self._idle:
+                self._idle.popleft().set_result(None)
+        else:
+            queue.append(event)
+            if len(queue) > self._stats.key_queue_max:
+                self._stats.key_queue_max = len(queue)
+        self._waiting += 1
+        self._waiting_bytes += len(event.metadata) + len(key) + _EVENT_OVERHEAD
+        if self._arrivals:
+            for f in self._arrivals:
+                if not f.done():
+                    f.set_result(None)
+            self._arrivals.clear()
+
+    async def _pause(self, full: bool) -> None:
+        """Wait for room: once a quarter of the queue was taken (``full``), or progress moved (the
+        done set at its limit)."""
+        self._room = self._loop.create_future()
+        if full:
+            await self._room
+            return
+        self._stats.progress_stalls += 1
+        self._progress_full = True
+        try:
+            await self._room
+        finally:
+            self._progress_full = False
+
+    async def _undecodable(self, e: DecodeError) -> None:
+        if self._consumer.dead_letter is None:
+            raise e
+        await self._bury(record_for(self._name, self._stream, str(e.seq), None, e, 1), e)
+        self._progress.passed(e.seq)
+        self._changed()
+
+    async def _not_an_event(self, item: Event | int | EventsRemoved) -> None:
+        if type(item) is int:  # the reader passed over other keys' events up to here
+            self._progress.passed(item)
+            self._changed()
+        elif self._consumer.dead_letter is not None:  # a range skipped under ReadConfig(on_removed="skip")
+            assert isinstance(item, EventsRemoved)
+            await self._record_removed(item)
+
+    async def _wait_lag(self, event: Event) -> None:
+        wait = event.timestamp_us / 1e6 + self._lag - time.time()
+        if wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._halt.wait(), wait)
 
     async def _drain(self) -> None:
         """Return once every event read is done, or the run fails."""
@@ -348,9 +366,10 @@ class KeyedRun:
                 del queues[key]
                 if not queues and self._emptied is not None and not self._emptied.done():
                     self._emptied.set_result(None)
-            saving = self._saving
-            if saving is not None and not saving.done():
-                saving.set_result(None)
+            if not self._save_due:  # one wake of the saver per loop turn, however many events finish
+                self._save_due = True
+                if self._saving is not None:
+                    self._saving.set_result(None)
             if self._progress_full:
                 self._changed()
 
@@ -409,9 +428,10 @@ class KeyedRun:
     def _changed(self) -> None:
         """Progress moved: the saver writes it once this loop turn's workers are through, and the
         reader may go on (there is room now, and the done set may have shrunk)."""
-        saving = self._saving
-        if saving is not None and not saving.done():
-            saving.set_result(None)
+        if not self._save_due:
+            self._save_due = True
+            if self._saving is not None:
+                self._saving.set_result(None)
         room = self._room
         if self._progress_full and room is not None and not room.done():
             room.set_result(None)
@@ -420,8 +440,11 @@ class KeyedRun:
         """Hand the progress to the cursor store once per loop turn in which it moved, not per event."""
         try:
             while True:
-                self._saving = self._loop.create_future()
-                await self._saving
+                if not self._save_due:
+                    self._saving = self._loop.create_future()
+                    await self._saving
+                    self._saving = None
+                self._save_due = False
                 self._stats.cursor = str(self._progress.watermark)
                 await self._set_cursor(self._progress)
         except Exception as e:  # the store refused it: the run ends (a lost claim says so itself)

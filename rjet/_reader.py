@@ -363,7 +363,13 @@ class StreamClient:
                         if self._skipped <= sseq:
                             self._skipped = 0
                         if (s := self._session) is None or s.pending <= self._low:
-                            await self._pull()
+                            if s is not None and self._cfg.max_buffered - len(buf) - s.pending < self._low:
+                                # No room to ask for more (a consumer that reads slower than the
+                                # server sends): what _pull would conclude, without its coroutine.
+                                if s.pending <= 0:
+                                    self._blind = True
+                            else:
+                                await self._pull()
                         return self._decode(*frame)
                 if (s := self._session) is None or s.pending <= self._low:
                     await self._pull()
