@@ -22,7 +22,7 @@ import rjet
 from rjet._progress import Progress
 from rjet.parallel._reshard import Heartbeats, _hb_key
 from rjet.server import EmbeddedServer
-from rjet.testing import KeyOrder
+from rjet.testing import KeyOrder, wait_until
 
 _ENV_DROP = ("NATS_URL", "NATS_CREDS", "NATS_NKEY", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CA")
 
@@ -529,3 +529,92 @@ async def test_worker_concurrency_and_a_cursor_with_exact_progress(
                     "--concurrency", "0", "-s", server.url, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2
     assert "--concurrency" in proc.stderr
+
+
+async def test_group_list_describe_reset_and_delete(server: EmbeddedServer, name: str, js: JetStreamContext) -> None:
+    from datetime import UTC, datetime
+
+    from rjet.parallel import Parallel
+
+    url = server.url
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(f"key-{i % 9}", 1, b"") for i in range(40)])
+    ns = f"ns_{name}"[:60]
+    midway = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    await stream.insert_many([(f"key-{i % 9}", 1, b"") for i in range(20)])  # events 41-60
+    await Parallel("billing", 3, print_nothing, servers=url, stream=name, namespace=ns).run_async(to_head=True)
+
+    proc = rjet_cmd("group", "list", "--namespace", ns, "--json", "-s", url)
+    assert proc.returncode == 0, proc.stderr
+    (listed,) = map(json.loads, proc.stdout.splitlines())
+    assert (listed["group"], listed["n"], listed["running"]) == ("billing", 3, False)
+
+    proc = rjet_cmd("group", "describe", "billing", "--namespace", ns, "--stream", name, "-s", url)
+    assert proc.returncode == 0, proc.stderr
+    assert "group billing in " in proc.stdout
+    assert "n=3, lag 0 event(s)" in proc.stdout
+    for m in (1, 2, 3):
+        assert re.search(rf"billing_{m}_of_3\s+60\s", proc.stdout), proc.stdout
+
+    # A dry run by default: nothing moves.
+    proc = rjet_cmd("group", "reset", "billing", "--namespace", ns, "--stream", name, "--to-seq", "11", "-s", url)
+    assert proc.returncode == 0, proc.stderr
+    assert "billing_1_of_3: 60 -> 10" in proc.stdout
+    assert "3 cursor(s) would move (a dry run: add --execute)" in proc.stdout
+    described = rjet_cmd("group", "describe", "billing", "--namespace", ns, "--stream", name, "--json", "-s", url)
+    assert {s["cursor"] for s in json.loads(described.stdout)["shards"]} == {60}
+
+    proc = rjet_cmd("group", "reset", "billing", "--namespace", ns, "--stream", name, "--to-datetime",
+                    midway.isoformat(), "--execute", "-s", url)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "3 cursor(s) moved" in proc.stdout
+    described = rjet_cmd("group", "describe", "billing", "--namespace", ns, "--stream", name, "--json", "-s", url)
+    body = json.loads(described.stdout)
+    assert {s["cursor"] for s in body["shards"]} == {40}  # the next event handled is 41, the first after midway
+    assert body["lag_events"] == 60
+
+    proc = rjet_cmd("group", "reset", "billing", "--namespace", ns, "--stream", name, "--shift-by", "-45",
+                    "--execute", "--json", "-s", url)  # fmt: skip
+    assert {c["new"] for c in json.loads(proc.stdout)["cursors"]} == {0}
+    proc = rjet_cmd("group", "reset", "billing", "--namespace", ns, "--stream", name, "-s", url)
+    assert proc.returncode == 2
+    assert "give exactly one of" in proc.stderr
+
+    proc = rjet_cmd("group", "delete", "billing", "--namespace", ns, "-s", url)
+    assert "would be deleted" in proc.stdout
+    assert "billing_1_of_3" in proc.stdout
+    proc = rjet_cmd("group", "delete", "billing", "--namespace", ns, "--execute", "-s", url)
+    assert proc.returncode == 0, proc.stderr
+    proc = rjet_cmd("group", "list", "--namespace", ns, "-s", url)
+    assert "no Parallel group in namespace" in proc.stdout
+    proc = rjet_cmd("group", "describe", "billing", "--namespace", ns, "--stream", name, "-s", url)
+    assert proc.returncode == 1
+    assert "no Parallel group 'billing'" in _one_line_error(proc)
+
+
+async def test_group_reset_and_delete_are_refused_while_the_group_runs(
+    server: EmbeddedServer, name: str, js: JetStreamContext
+) -> None:
+    from rjet.parallel import Parallel
+
+    url = server.url
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([("k", 1, b"")] * 5)
+    ns = f"ns_{name}"[:60]
+    group = Parallel("live", 2, print_nothing, servers=url, stream=name, namespace=ns, heartbeat_interval=0.2,
+                     heartbeat_ttl=2.0)  # fmt: skip
+    task = asyncio.create_task(group.run_async())
+    try:
+        await wait_until(lambda: all(s.state == "running" for s in group.statistics().shards), 30, "running")
+        for args in (("reset", "live", "--stream", name, "--to-latest"), ("delete", "live")):
+            proc = await asyncio.to_thread(rjet_cmd, "group", *args, "--namespace", ns, "--execute", "-s", url)
+            assert proc.returncode == 1
+            assert "group 'live' is running (live_1_of_2 on " in _one_line_error(proc)
+    finally:
+        group.stop()
+        await task
+
+
+def print_nothing(fate: rjet.Fate, event: rjet.Event) -> None:
+    """A handler that travels to worker processes (module level)."""

@@ -11,6 +11,7 @@ from rjet.cli._bench import bench
 from rjet.cli._common import EXIT_INTERRUPTED, USER_ERRORS, CliError, describe, setup_logging
 from rjet.cli._cursor import cursor
 from rjet.cli._demo import demo
+from rjet.cli._group import group
 from rjet.cli._insert import insert
 from rjet.cli._server import server
 from rjet.cli._status import status
@@ -48,7 +49,7 @@ def cli(verbose: int, log_json: bool) -> None:
     setup_logging(verbose, log_json)
 
 
-for _command in (demo, insert, tail, status, cursor, worker, server, bench):
+for _command in (demo, insert, tail, status, cursor, group, worker, server, bench):
     cli.add_command(_command)
 
 

@@ -18,6 +18,7 @@ died stops refreshing both, so the others take its shards after at most the TTL 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
@@ -30,13 +31,22 @@ from typing import TYPE_CHECKING, Final
 
 import xxhash
 
-from rjet.cursors import decode_key, encode_key, kv_keys
+from rjet.cursors import kv_keys
 from rjet.parallel._reshard import _KV_ERRORS, META_PREFIX, _get, _kv_error, _live
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-__all__ = ["Member", "Membership", "assign", "busy_shards", "default_member_id", "members"]
+__all__ = [
+    "Member",
+    "Membership",
+    "assign",
+    "busy_shards",
+    "default_member_id",
+    "group_names",
+    "member_prefix",
+    "members",
+]
 
 _MEMBER: Final = META_PREFIX + "member."
 
@@ -111,12 +121,22 @@ class Member:
     live: bool
 
 
+def _token(text: str) -> str:
+    """``text`` as one KV key token (no dots: a group's name may have them)."""
+    return base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode().rstrip("=")
+
+
+def _untoken(token: str) -> str:
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("utf-8", "surrogatepass")
+
+
 def _member_key(name: str, member: str) -> str:
-    return f"{_MEMBER}{encode_key(name)}.{encode_key(member)}"
+    return f"{_MEMBER}{_token(name)}.{_token(member)}"
 
 
-def _member_prefix(name: str) -> str:
-    return f"{_MEMBER}{encode_key(name)}."
+def member_prefix(name: str) -> str:
+    """The start of every lease key of ``name``'s members."""
+    return f"{_MEMBER}{_token(name)}."
 
 
 class Membership:
@@ -153,7 +173,7 @@ class Membership:
 
     async def members(self) -> list[Member]:
         """Every member whose lease is stored, live or not, by this process's view."""
-        prefix = _member_prefix(self.name)
+        prefix = member_prefix(self.name)
         try:
             keys = [k for k in await kv_keys(self.kv) if k.startswith(prefix)]
             entries = {k: await _get(self.kv, k) for k in keys}
@@ -202,7 +222,7 @@ async def members(kv: KeyValue, name: str, ttl: float) -> list[Member]:
     """The leases of ``name``'s elastic group as stored (for ``rjet status``: ``seen_ago`` is then the
     lease's age by its own wall-clock time, since one read cannot see it change; ``live`` judges it by
     the TTL the member wrote, else ``ttl``)."""
-    prefix = _member_prefix(name)
+    prefix = member_prefix(name)
     out = []
     now = time.time()
     for key in await kv_keys(kv):
@@ -227,9 +247,9 @@ def group_names(keys: Iterable[str]) -> set[str]:
     names = set()
     for key in keys:
         if key.startswith(_MEMBER):
-            encoded, _, _ = key[len(_MEMBER) :].partition(".")
+            token, _, _ = key[len(_MEMBER) :].partition(".")
             with contextlib.suppress(ValueError):
-                names.add(decode_key(encoded))
+                names.add(_untoken(token))
     return names
 
 
