@@ -389,3 +389,26 @@ async def test_an_elastic_group_on_a_partitioned_stream_with_key_ordered_concurr
     assert {k: v for k, v in cursors.items() if k.startswith(name)} == {
         f"{name}_{m + 1}_of_{n}": str(last[m]) for m in range(n)
     }  # a filtered reader's cursor stops at its own last event
+
+
+@pytest.mark.timeout(90)
+async def test_an_elastic_group_reshards_from_n_to_m_with_every_member_stopped(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    events = await insert(stream, 3000, keys=100)
+    old = _member(server, name, 2, tmp_path, member_id="a")
+    task = asyncio.create_task(old.run_async())
+    await wait_until(lambda: len(_handled(tmp_path)) == len(events), 30, "every event handled with n=2")
+    old.stop()
+    await task
+    more = await insert(stream, 3000, keys=100)
+    new = [_member(server, name, 3, tmp_path, member_id=m) for m in ("a", "b")]
+    tasks = [asyncio.create_task(g.run_async()) for g in new]
+    await wait_until(lambda: len(_handled(tmp_path)) == len(events) + len(more), 30, "every event handled with n=3")
+    for g in new:
+        g.stop()
+    await asyncio.gather(*tasks)
+    assert any(g.reshard is not None for g in new)  # the first member to start seeded the new shards
+    seqs = [seq for rows in read_logs(tmp_path).values() for seq, _, _ in rows]
+    assert sorted(set(seqs)) == sorted({**events, **more})
+    assert len(seqs) == len(set(seqs))  # every cursor of n=2 was at the end: nothing handled twice
