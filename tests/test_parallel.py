@@ -751,3 +751,33 @@ async def test_concurrent_shards_keep_exact_progress_over_a_graceful_restart(
         assert handled_again == other
     assert [seq for rows in after.values() for seq, _, _ in rows].count(2) == 1
     assert all(s.cursor == str(max(events)) for s in summary.shards), summary
+
+
+@pytest.mark.timeout(60)
+async def test_a_script_without_a_main_guard_fails_fast_with_one_error_naming_the_fix(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    await insert(stream, 10)
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from rjet.parallel import Parallel
+
+            def handle(fate, event):
+                pass
+
+            Parallel({name!r}, 2, handle, servers={server.url!r}, stream={name!r}, namespace={name!r}).run(to_head=True)
+            """
+        )
+    )
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(script)], capture_output=True, text=True, timeout=50, cwd=tmp_path
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rjet.errors.ConfigError: "), proc.stderr
+    assert 'put the code that starts it under `if __name__ == "__main__":`' in last
+    assert proc.stderr.count("Traceback") == 1  # the script's own, not one per worker start
+    assert "spawn_main" not in proc.stderr
+    assert "killed" not in proc.stderr

@@ -11,7 +11,8 @@ with its own cursor ``shard_name(name, m, n)``. See ``docs/sharding.md``.
     def handle(fate, event):
         ...
 
-    Parallel("indexer", 4, handle, servers="nats://127.0.0.1:4222", stream="orders", namespace="shop").run()
+    if __name__ == "__main__":  # the worker processes import this module
+        Parallel("indexer", 4, handle, servers="nats://127.0.0.1:4222", stream="orders", namespace="shop").run()
 """
 
 from rjet.parallel._errors import ParallelError, ReshardRefused, ShardsFailed

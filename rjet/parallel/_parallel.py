@@ -32,7 +32,15 @@ from rjet.parallel._options import ParallelOptions
 from rjet.parallel._reshard import Heartbeats, ReshardReport, prepare
 from rjet.parallel._results import ShardStats, Summary
 from rjet.parallel._shard import check_n, shard_name
-from rjet.parallel._worker import EXIT_FATAL, EXIT_FENCED, ConnectOptions, WorkerConfig, connect_options
+from rjet.parallel._worker import (
+    EXIT_FATAL,
+    EXIT_FENCED,
+    EXIT_UNGUARDED,
+    ConnectOptions,
+    WorkerConfig,
+    connect_options,
+    exit_if_importing_main,
+)
 from rjet.parallel._worker import main as worker_main
 from rjet.stats import StatsSnapshot
 from rjet.stream import Stream
@@ -112,10 +120,11 @@ class Parallel:
             fate.tempt()
             db.upsert(event.foreign_id, event.metadata)
 
-        group = Parallel("indexer", 4, handle, servers="nats://127.0.0.1:4222", stream="orders",
-                         namespace="shop")
-        group.run()                          # until SIGINT/SIGTERM or group.stop()
-        summary = group.run(to_head=True)    # until every shard handled what the stream holds now
+        if __name__ == "__main__":           # worker processes import the main module
+            group = Parallel("indexer", 4, handle, servers="nats://127.0.0.1:4222", stream="orders",
+                             namespace="shop")
+            group.run()                      # until SIGINT/SIGTERM or group.stop()
+            summary = group.run(to_head=True)  # until every shard handled what the stream holds now
 
     Worker processes are spawned (never forked), each with its own event loop and NATS connection.
     """
@@ -176,6 +185,7 @@ class Parallel:
         self._busy: frozenset[int] = frozenset()  # elastic: shards another group still holds
         self._letting_go: frozenset[int] = frozenset()  # elastic: shards the assignment gives to others
         self._chores: set[asyncio.Task[None]] = set()
+        self._unguarded = False  # a worker found the main module starting a group at import time
 
     # ----------------------------------------------------------------- public surface
 
@@ -191,6 +201,7 @@ class Parallel:
         runner of the same shard, or a permanent error such as an expired cursor), and
         :class:`rjet.StreamNotFound` / :class:`rjet.ConnectError` before starting any worker.
         """
+        exit_if_importing_main()
         in_main = threading.current_thread() is threading.main_thread()
         return asyncio.run(self.run_async(to_head=to_head, handle_signals=in_main))
 
@@ -200,6 +211,7 @@ class Parallel:
         Signal handlers are installed only with ``handle_signals`` (main thread only). Stop it with
         :meth:`stop`, or cancel it: cancelling stops gracefully, then raises ``CancelledError``.
         """
+        exit_if_importing_main()
         if self._running:
             raise ConfigError(f"Parallel {self.name!r} is already running")
         if to_head and self.options.elastic:
@@ -219,6 +231,7 @@ class Parallel:
         self._wake = asyncio.Event()
         self._stops = 0
         self._forced = ""
+        self._unguarded = False
         self._states = {m: _Shard(m, shard_name(self.name, m, self.n)) for m in self.shards}
         self.reshard = None
         try:
@@ -346,6 +359,11 @@ class Parallel:
             self._kill_all(reap=True)  # only workers left behind by an error are still there
             await asyncio.gather(*self._chores, return_exceptions=True)
             await beats.clear()
+        if self._unguarded:
+            raise ConfigError(
+                f"Parallel {self.name!r}: the worker processes import your main module, which starts the group"
+                ' again when imported: put the code that starts it under `if __name__ == "__main__":`'
+            )
         await self._final_cursors(store)
         summary = self.statistics()
         failures = {s.m: f"{s.state}: {s.detail}" for s in self._states.values() if s.state in ("fenced", "failed")}
@@ -562,6 +580,11 @@ class Parallel:
         s.handled_before += s.handled
         s.skipped_before += s.skipped
         s.handled = s.skipped = 0
+        if code == EXIT_UNGUARDED:
+            s.state, self._unguarded = "failed", True
+            self._stops = max(self._stops, 1)
+            self._kill_all()  # every worker fails alike: none of them can run
+            return
         fenced = code == EXIT_FENCED or s.outcome == "fenced"
         if self.options.elastic and not self._stops and (s.leaving or fenced):
             # Handed over (or taken by a member that saw this one as gone): it may come back later.
@@ -587,9 +610,13 @@ class Parallel:
             log.info("parallel %r: %s reached the head", self.name, s.name)
         elif self._stops:
             s.state = "stopped"
-            if code != 0:
+            if code != 0 and not self._unguarded:
                 log.warning(
-                    "parallel %r: worker of %s (pid %s) %s while stopping", self.name, s.name, pid, _exit(code, s)
+                    "parallel %r: worker of %s (pid %s) %s while stopping",
+                    self.name,
+                    s.name,
+                    pid,
+                    _exit(code, s, killed_here=bool(self._forced)),
                 )
         else:
             lived = now - s.started_at
@@ -657,12 +684,14 @@ async def _open_store(js: JetStreamContext, namespace: str, replicas: int) -> Je
     raise AssertionError("unreachable")
 
 
-def _exit(code: int, s: _Shard) -> str:
+def _exit(code: int, s: _Shard, *, killed_here: bool = False) -> str:
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
+        if killed_here:
+            return f"was killed by {name} (by this group: a forced stop)"
         return f"was killed by {name}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
     return f"exited with status {code}" + (f" ({s.detail})" if s.detail else "")
 

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
+import multiprocess
+
 from rjet._connect import connect
 from rjet.consumer import Consumer, Handler
 from rjet.cursors import JetStreamCursorStore
@@ -43,7 +45,10 @@ from rjet.stream import Stream
 if TYPE_CHECKING:
     from multiprocess.connection import Connection
 
-__all__ = ["EXIT_CRASH", "EXIT_FATAL", "EXIT_FENCED", "ConnectOptions", "WorkerConfig", "main"]
+__all__ = [
+    "EXIT_CRASH", "EXIT_FATAL", "EXIT_FENCED", "EXIT_UNGUARDED", "ConnectOptions", "WorkerConfig",
+    "exit_if_importing_main", "main",
+]  # fmt: skip
 
 log = logging.getLogger("rjet.parallel")
 
@@ -53,8 +58,24 @@ EXIT_FENCED: Final = 3
 """Another runner claimed this shard's cursor: the parent does not restart the worker."""
 EXIT_FATAL: Final = 4
 """An error that a restart cannot fix (an expired cursor, say): the parent does not restart it."""
+EXIT_UNGUARDED: Final = 5
+"""The worker, importing the parent's main module, found that it starts a group at import time (no
+``if __name__ == "__main__":`` guard): the parent stops with one error naming the fix."""
 
 _FATAL: Final = (CursorExpired, CursorAhead, InvalidCursor, ConfigError)
+
+
+def exit_if_importing_main() -> None:
+    """End this process quietly when it is a spawned process importing its parent's main module.
+
+    A script that starts a group at import time (no ``if __name__ == "__main__":`` guard) would
+    otherwise start it again in every worker process, each of them spawning workers of its own,
+    restarted forever, with a traceback each. The parent recognises the exit status and says what
+    to change, once.
+    """
+    if getattr(multiprocess.current_process(), "_inheriting", False):
+        os._exit(EXIT_UNGUARDED)
+
 
 ConnectOptions: TypeAlias = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 """Options for :func:`rjet.connect`, or a function that returns them (called in each process)."""
