@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -242,6 +243,18 @@ class Stream:
         ``msg_id`` makes the insert idempotent within the stream's duplicate window: inserting the
         same ``msg_id`` again stores nothing and returns the first insert's sequence.
         """
+        return (await self._insert(foreign_id, type, data, msg_id))[0]
+
+    async def insert_once(self, foreign_id: str, type: int, data: bytes = b"", *, msg_id: str) -> tuple[int, bool]:
+        """:meth:`insert` with a ``msg_id``, saying whether this call stored the event: ``(sequence,
+        True)``, or ``(the first insert's sequence, False)`` when the ``msg_id`` was inserted within
+        the stream's duplicate window already (nothing was stored).
+
+        >>> seq, stored = await stream.insert_once("order-17", 1, b"{}", msg_id="order-17:created")  # doctest: +SKIP
+        """
+        return await self._insert(foreign_id, type, data, msg_id)
+
+    async def _insert(self, foreign_id: str, type: int, data: bytes, msg_id: str | None) -> tuple[int, bool]:
         headers = encode_headers(foreign_id, type, msg_id)
         data = _as_bytes(data)
         # Headers count against max_payload too; a frame over it makes the server close the connection.
@@ -265,7 +278,9 @@ class Stream:
                 foreign_id,
                 "no acknowledgement in time: it may or may not be stored; insert again with the same msg_id to be sure",
             ) from None
-        return self._ack_seq(msg.data, 0, foreign_id, stored=0)
+        seq = self._ack_seq(msg.data, 0, foreign_id, stored=0)
+        # The ack of a de-duplicated insert says so: {"stream":"s","seq":1,"duplicate": true}.
+        return seq, b'"duplicate"' not in msg.data or not json.loads(msg.data).get("duplicate")
 
     async def insert_many(
         self, events: Iterable[tuple[str, int, bytes] | tuple[str, int, bytes, str]], *, timeout: float | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -618,3 +619,58 @@ async def test_group_reset_and_delete_are_refused_while_the_group_runs(
 
 def print_nothing(fate: rjet.Fate, event: rjet.Event) -> None:
     """A handler that travels to worker processes (module level)."""
+
+
+def test_insert_counts_what_the_server_stored_by_input_line(server: EmbeddedServer, name: str) -> None:
+    big = "x" * (1024 * 1024 + 10)
+    lines = [
+        '{"foreign_id": "a", "msg_id": "m1"}',
+        '{"foreign_id": "b"}',
+        '{"foreign_id": "a", "msg_id": "m1"}',  # the same msg_id: de-duplicated, not stored again
+        '{"foreign_id": "c"}',
+        json.dumps({"foreign_id": "d", "data": big}),  # larger than a message may be
+        '{"foreign_id": "e"}',
+    ]
+    proc = rjet_cmd("insert", name, "--create", "-s", server.url, input="\n".join(lines) + "\n")
+    assert proc.returncode == 1
+    err = _one_line_error(proc)
+    assert "stdin line 5: the event is 1,048," in err
+    assert "the server takes 1,048,576 at most" in err
+    # The good lines before it are stored, and the count says so: a duplicate is not an insert.
+    assert "inserted 3 event(s) into stream" in proc.stdout
+    assert "sequences 1..3; 1 de-duplicated (msg_id seen before: not stored again)" in proc.stdout
+    proc = rjet_cmd("insert", name, "-s", server.url, input='{"foreign_id": "f", "type": -1}\n')
+    assert proc.returncode == 1
+    assert '"type" must be an integer from 0 to 2**63-1, not -1' in _one_line_error(proc)
+
+
+async def test_insert_interrupted_mid_pipe_reports_exactly_what_was_stored(
+    server: EmbeddedServer, name: str, js: JetStreamContext
+) -> None:
+    await rjet.Stream.create(js, name)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rjet", "insert", name, "-s", server.url,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    assert proc.stdin is not None
+    stdin = proc.stdin
+
+    async def feed() -> None:  # lines keep coming, so a batch is in flight when the signal arrives
+        with contextlib.suppress(ConnectionError):
+            for start in range(0, 400_000, 1000):
+                stdin.write(b"".join(b'{"foreign_id": "k%d"}\n' % i for i in range(start, start + 1000)))
+                await stdin.drain()
+
+    feeder = asyncio.create_task(feed())
+
+    async def some_stored() -> bool:
+        return (await js.stream_info(name)).state.messages >= 20_000
+
+    await wait_until(some_stored, 60, "the first batches stored")
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    feeder.cancel()
+    assert proc.returncode == 130, err
+    stored = (await js.stream_info(name)).state.messages
+    assert f"inserted {stored} event(s) into stream" in out.decode()
+    assert f"interrupted; the next stdin line to insert is {stored + 1}" in err.decode()

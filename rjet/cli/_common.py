@@ -49,6 +49,12 @@ class CliError(click.ClickException):
         click.echo(f"rjet: error: {self.format_message()}", err=True)
 
 
+class CliInterrupted(CliError):
+    """Ctrl-C ended the command after it said what it had done: exit status 130."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
 def one_line(text: str) -> str:
     """``text`` with every run of whitespace (newlines included) folded into one blank."""
     return re.sub(r"\s+", " ", text).strip()

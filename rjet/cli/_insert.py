@@ -7,6 +7,7 @@ import base64
 import binascii
 import contextlib
 import json
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -16,11 +17,23 @@ import click
 from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 import rjet
-from rjet.cli._common import CliError, Connection, connection_options, run, show_progress, stderr_console
+from rjet._frames import encode_header_block
+from rjet.cli._common import (
+    CliError,
+    CliInterrupted,
+    Connection,
+    connection_options,
+    run,
+    show_progress,
+    stderr_console,
+)
 
 _BATCH = 1000
 
 T = TypeVar("T")
+
+
+_MAX_TYPE = 2**63 - 1  # reflex's event types are Go ints
 
 
 class _Item(NamedTuple):
@@ -28,6 +41,7 @@ class _Item(NamedTuple):
     type: int
     data: bytes
     msg_id: str | None
+    line: int = 0  # the stdin line it came from (0: an argument)
 
 
 @click.command()
@@ -81,12 +95,12 @@ def parse_line(line: str, lineno: int, default_type: int) -> _Item | None:
     if not isinstance(fid, str) or not fid:
         raise CliError(f'{where}: "foreign_id" must be a non-empty string')
     typ = obj.get("type", default_type)
-    if isinstance(typ, bool) or not isinstance(typ, int):
-        raise CliError(f'{where}: "type" must be an integer, not {typ!r}')
+    if isinstance(typ, bool) or not isinstance(typ, int) or not 0 <= typ <= _MAX_TYPE:
+        raise CliError(f'{where}: "type" must be an integer from 0 to 2**63-1, not {typ!r}')
     msg_id = obj.get("msg_id")
     if msg_id is not None and not isinstance(msg_id, str):
         raise CliError(f'{where}: "msg_id" must be a string')
-    return _Item(fid, typ, _data(obj, where), msg_id)
+    return _Item(fid, typ, _data(obj, where), msg_id, lineno)
 
 
 def _data(obj: dict[str, Any], where: str) -> bytes:
@@ -106,11 +120,15 @@ def _data(obj: dict[str, Any], where: str) -> bytes:
 
 
 class _Inserter:
+    """Inserts items and counts exactly what the server acknowledged: stored, or de-duplicated."""
+
     def __init__(self, stream: rjet.Stream) -> None:
         self.stream = stream
         self.count = 0
+        self.duplicates = 0
         self.first = 0
         self.last = 0
+        self.last_line = 0  # the last stdin line whose event is acknowledged
 
     async def add(self, items: list[_Item]) -> None:
         """Insert ``items`` in order: runs without msg_id pipelined, the others one at a time."""
@@ -120,29 +138,55 @@ class _Inserter:
                 run.append(item)
                 continue
             if run:
-                self._record(await self._many(run))
+                self._record(run, await self._many(run))
                 run = []
             if item is not None:
-                self._record([await self._one(item)])
+                await self._one(item)
 
     async def _many(self, items: list[_Item]) -> list[int]:
         try:
             return await self.stream.insert_many([(i.foreign_id, i.type, i.data) for i in items])
         except rjet.InsertError as e:
             self.count += e.stored
-            raise CliError(f"{e}; {self.count} event(s) of this command stored before it") from e
+            if e.stored:
+                self.last_line = items[e.stored - 1].line
+            raise CliError(f"{_where(items[e.index])}: {e}; {self._so_far()}") from e
+        except rjet.InvalidEvent as e:
+            raise CliError(f"{e}; {self._so_far()}") from e
 
-    async def _one(self, item: _Item) -> int:
+    async def _one(self, item: _Item) -> None:
+        assert item.msg_id is not None
         try:
-            return await self.stream.insert(item.foreign_id, item.type, item.data, msg_id=item.msg_id)
-        except rjet.InsertError as e:
-            raise CliError(f"{e}; {self.count} event(s) of this command stored before it") from e
+            seq, stored = await self.stream.insert_once(item.foreign_id, item.type, item.data, msg_id=item.msg_id)
+        except (rjet.InsertError, rjet.InvalidEvent) as e:
+            raise CliError(f"{_where(item)}: {e}; {self._so_far()}") from e
+        if stored:
+            self._record([item], [seq])
+        else:
+            self.duplicates += 1
+            self.last_line = item.line or self.last_line
 
-    def _record(self, seqs: list[int]) -> None:
+    def _record(self, items: list[_Item], seqs: list[int]) -> None:
         if seqs:
             self.first = self.first or seqs[0]
             self.last = seqs[-1]
             self.count += len(seqs)
+            self.last_line = items[-1].line or self.last_line
+
+    def _so_far(self) -> str:
+        return f"{self.count} event(s) of this command stored before it" + (
+            f", through stdin line {self.last_line}" if self.last_line else ""
+        )
+
+    def summary(self, name: str) -> str:
+        dup = f"; {self.duplicates} de-duplicated (msg_id seen before: not stored again)" if self.duplicates else ""
+        if not self.count:
+            return f"inserted no events into stream {name!r}{dup}"
+        return f"inserted {self.count} event(s) into stream {name!r}: sequences {self.first}..{self.last}{dup}"
+
+
+def _where(item: _Item) -> str:
+    return f"stdin line {item.line}" if item.line else f"foreign id {item.foreign_id!r}"
 
 
 async def _insert(
@@ -160,19 +204,20 @@ async def _insert(
         stream = await rjet.Stream.create(js, name) if create else rjet.Stream(js, name)
         await stream.info()  # StreamNotFound before reading any input
         inserter = _Inserter(stream)
+        limit = nc.max_payload
         try:
             if args is not None:
+                for item in args:
+                    _check_size(item, limit)
                 await inserter.add(args)
             elif lines is not None:
-                await _from_lines(inserter, lines, default_type, quiet)
-        finally:
-            if not quiet and inserter.count:
-                click.echo(
-                    f"inserted {inserter.count} event(s) into stream {name!r}:"
-                    f" sequences {inserter.first}..{inserter.last}"
-                )
-        if not quiet and not inserter.count:
-            click.echo(f"inserted no events into stream {name!r}")
+                await _from_lines(inserter, lines, default_type, quiet, limit)
+        except CliError:
+            if not quiet:
+                click.echo(inserter.summary(name))
+            raise
+        if not quiet:
+            click.echo(inserter.summary(name))
 
 
 async def _in_daemon_thread(fn: Callable[[], T]) -> T:
@@ -201,7 +246,19 @@ async def _in_daemon_thread(fn: Callable[[], T]) -> T:
     return await fut
 
 
-async def _from_lines(inserter: _Inserter, lines: IO[str], default_type: int, quiet: bool) -> None:
+def _check_size(item: _Item, limit: int) -> None:
+    """:class:`CliError` naming the input line of an event larger than a message may be."""
+    try:
+        size = len(encode_header_block(item.foreign_id, item.type, item.msg_id)) + len(item.data)
+    except rjet.InvalidEvent as e:
+        raise CliError(f"{_where(item)}: {e}") from None
+    if size > limit:
+        raise CliError(
+            f"{_where(item)}: the event is {size:,} bytes with its headers; the server takes {limit:,} at most"
+        )
+
+
+async def _from_lines(inserter: _Inserter, lines: IO[str], default_type: int, quiet: bool, limit: int) -> None:
     console = stderr_console()
     progress = Progress(
         SpinnerColumn(),
@@ -226,18 +283,46 @@ async def _from_lines(inserter: _Inserter, lines: IO[str], default_type: int, qu
             lineno += 1
             try:
                 item = parse_line(line, lineno, default_type)
+                if item is not None:
+                    _check_size(item, limit)
             except CliError as e:
-                return batch, e, True
+                return batch, e, True  # the good lines before it are inserted, then it is reported
             if item is not None:
                 batch.append(item)
         return batch, None, False
 
-    with progress:
-        task = progress.add_task("insert", total=None, stream=inserter.stream.name)
-        done = False
-        while not done:
-            batch, error, done = await _in_daemon_thread(read_batch)
-            await inserter.add(batch)
-            progress.update(task, completed=inserter.count)
-            if error is not None:
-                raise error
+    # Ctrl-C ends reading, not a batch in flight: the count printed is what the server stored.
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    handled_signal = threading.current_thread() is threading.main_thread()
+    if handled_signal:
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    try:
+        with progress:
+            task = progress.add_task("insert", total=None, stream=inserter.stream.name)
+            done = False
+            while not done:
+                reading = asyncio.ensure_future(_in_daemon_thread(read_batch))
+                stop = asyncio.ensure_future(interrupted.wait())
+                await asyncio.wait({reading, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not reading.done():
+                    reading.cancel()
+                    raise _Interrupted
+                batch, error, done = reading.result()
+                await inserter.add(batch)
+                progress.update(task, completed=inserter.count)
+                if error is not None:
+                    raise error
+                if interrupted.is_set():
+                    raise _Interrupted
+    except _Interrupted:
+        where = f"; the next stdin line to insert is {inserter.last_line + 1}" if inserter.last_line else ""
+        raise CliInterrupted(f"interrupted{where}") from None
+    finally:
+        if handled_signal:
+            loop.remove_signal_handler(signal.SIGINT)
+
+
+class _Interrupted(Exception):
+    pass
