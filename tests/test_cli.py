@@ -674,3 +674,31 @@ async def test_insert_interrupted_mid_pipe_reports_exactly_what_was_stored(
     stored = (await js.stream_info(name)).state.messages
     assert f"inserted {stored} event(s) into stream" in out.decode()
     assert f"interrupted; the next stdin line to insert is {stored + 1}" in err.decode()
+
+
+async def test_status_lists_only_this_stream_s_cursors_and_never_cuts_a_name(
+    server: EmbeddedServer, name: str, js: JetStreamContext
+) -> None:
+    ours = await rjet.Stream.create(js, name)
+    other = await rjet.Stream.create(js, f"{name}_other")
+    await ours.insert_many([("k", 1, b"")] * 3)
+    await other.insert_many([("k", 1, b"")] * 50)
+    ns = f"ns_{name}"[:60]
+    long = "billing_consumer_with_a_long_name"
+    async with await rjet.JetStreamCursorStore.create(js, ns) as store:
+        for consumer, stream in ((f"{long}_1_of_2", ours), (f"{long}_2_of_2", ours), ("other_reader", other)):
+            with pytest.raises(rjet.HeadReached):
+                await rjet.run(
+                    rjet.Spec(stream.stream, store, rjet.Consumer(consumer, lambda f, e: None), to_head=True)
+                )
+    env_80 = {**_env(), "COLUMNS": "80"}
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "rjet", "status", name, "-s", server.url],
+        capture_output=True, text=True, timeout=60, env=env_80,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "…" not in proc.stdout
+    flat = re.sub(r"\s+", "", proc.stdout)
+    assert f"{long}_1_of_2" in flat
+    assert f"{long}_2_of_2" in flat
+    assert "other_reader" not in proc.stdout  # it reads another stream: no fake lag here

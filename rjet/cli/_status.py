@@ -114,7 +114,15 @@ async def _rows(
         kv = await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         raise CliError(f"cursor namespace {namespace!r} not found (no KV bucket {bucket!r})") from None
-    cursors = await rjet.JetStreamCursorStore(kv, namespace).cursors()
+    store = rjet.JetStreamCursorStore(kv, namespace)
+    cursors = await store.cursors()
+    # A cursor recorded in another stream is not this stream's consumer: its "lag" here would be fake.
+    records = dict(zip(cursors, await asyncio.gather(*(store.peek_record(n) for n in cursors)), strict=True))
+    cursors = {
+        n: v
+        for n, v in cursors.items()
+        if (r := records[n]) is None or r.stream is None or r.stream.split("@")[0] == stream
+    }
     beats = await heartbeats(kv, await kv_keys(kv))
     now = time.time()
 
@@ -214,7 +222,8 @@ async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], patt
         ("running on", "left"),
         ("", "left"),
     ]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        # Names wrap rather than end in "…": billing_1… and billing_2… would be the same shard to a reader.
+        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for r in rows:
         table.add_row(
             r.namespace,
