@@ -9,6 +9,7 @@ import os
 import random
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_parallel import check_handling, insert, logger, read_logs, remember_shard
@@ -109,16 +110,7 @@ async def test_workers_killed_at_random_points_of_a_50k_event_run(
         on_start=remember_shard, flush_interval=0.2, restart_delay=0.1, max_restart_delay=0.5,
     )  # fmt: skip
     task = asyncio.create_task(group.run_async(to_head=True))
-    rng = random.Random(5)
-    kills = 0
-    while not task.done() and kills < 6:
-        await asyncio.sleep(rng.uniform(0.5, 1.5))
-        pids = group.worker_pids
-        running = [m for m, s in enumerate(group.statistics().shards) if s.state == "running" and m in pids]
-        if running and not task.done():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pids[rng.choice(running)], signal.SIGKILL)
-                kills += 1
+    kills = await _kill_workers_at_random(group, task, random.Random(5), 6)
     summary = await asyncio.wait_for(task, 150)
     replays = check_handling(read_logs(tmp_path), n, events)
     assert kills >= 3, "the run ended before enough workers were killed"
@@ -138,9 +130,18 @@ async def test_workers_killed_at_random_under_key_ordered_concurrency(
         on_start=remember_shard, flush_interval=0.2, restart_delay=0.1, max_restart_delay=0.5, concurrency=64,
     )  # fmt: skip
     task = asyncio.create_task(group.run_async(to_head=True))
-    rng = random.Random(7)
+    kills = await _kill_workers_at_random(group, task, random.Random(7), 5)
+    summary = await asyncio.wait_for(task, 150)
+    replays = check_handling(read_logs(tmp_path), n, events)  # every event, per-key order on first handling
+    assert kills >= 3, "the run ended before enough workers were killed"
+    assert all(s.state == "done" and s.cursor == str(max(events)) for s in summary.shards), summary
+    print(f"events={len(events)} kills={kills} replays={replays} lost=0 concurrency=64")
+
+
+async def _kill_workers_at_random(group: Parallel, task: asyncio.Task[Any], rng: random.Random, most: int) -> int:
+    """SIGKILL a running worker of ``group`` every 0.5-1.5 s until ``most`` kills or the run ends."""
     kills = 0
-    while not task.done() and kills < 5:
+    while not task.done() and kills < most:
         await asyncio.sleep(rng.uniform(0.5, 1.5))
         pids = group.worker_pids
         running = [m for m, s in enumerate(group.statistics().shards) if s.state == "running" and m in pids]
@@ -148,8 +149,4 @@ async def test_workers_killed_at_random_under_key_ordered_concurrency(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pids[rng.choice(running)], signal.SIGKILL)
                 kills += 1
-    summary = await asyncio.wait_for(task, 150)
-    replays = check_handling(read_logs(tmp_path), n, events)  # every event, per-key order on first handling
-    assert kills >= 3, "the run ended before enough workers were killed"
-    assert all(s.state == "done" and s.cursor == str(max(events)) for s in summary.shards), summary
-    print(f"events={len(events)} kills={kills} replays={replays} lost=0 concurrency=64")
+    return kills
