@@ -273,18 +273,30 @@ async def _stop_members(*procs: subprocess.Popen[str]) -> None:
         await asyncio.to_thread(p.wait, 30)
 
 
+async def _two_members_handling(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, directory: Path, n: int, count: int
+) -> tuple[dict[int, str], subprocess.Popen[str], subprocess.Popen[str], set[int]]:
+    """``count`` events, and members a and b (processes) handling them: (events, a, b, a's workers)."""
+    (directory / "elastic_handler.py").write_text(textwrap.dedent(_HANDLER.format(dir=str(directory))))
+    events = await insert(stream, count, keys=200)
+    a, b = _start_member(server, name, n, directory, "a"), _start_member(server, name, n, directory, "b")
+    try:
+        await wait_until(lambda: len(_rows(directory)) > count // 8, 60, "both members handling")
+        a_workers = _group_pids(a.pid, {pid for _, _, pid, _ in _rows(directory)})
+        assert a_workers, "member a runs no shard"
+    except BaseException:
+        await _stop_members(a, b)
+        raise
+    return events, a, b, a_workers
+
+
 @pytest.mark.timeout(150)
 async def test_a_killed_member_s_shards_resume_on_the_others_within_the_ttl(
     server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
 ) -> None:
     n = 4
-    (tmp_path / "elastic_handler.py").write_text(textwrap.dedent(_HANDLER.format(dir=str(tmp_path))))
-    events = await insert(stream, 20_000, keys=200)
-    a, b = _start_member(server, name, n, tmp_path, "a"), _start_member(server, name, n, tmp_path, "b")
+    events, a, b, a_workers = await _two_members_handling(server, stream, name, tmp_path, n, 20_000)
     try:
-        await wait_until(lambda: len(_rows(tmp_path)) > 4000, 60, "both members handling")
-        a_workers = _group_pids(a.pid, {pid for _, _, pid, _ in _rows(tmp_path)})
-        assert a_workers, "member a runs no shard"
         os.killpg(a.pid, signal.SIGKILL)  # member a and its workers, at once
         killed_at = time.time()
         a.wait(10)
@@ -310,13 +322,8 @@ async def test_a_member_paused_past_its_ttl_is_fenced_and_does_not_handle_again_
     server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
 ) -> None:
     n = 4
-    (tmp_path / "elastic_handler.py").write_text(textwrap.dedent(_HANDLER.format(dir=str(tmp_path))))
-    events = await insert(stream, 30_000, keys=200)
-    a, b = _start_member(server, name, n, tmp_path, "a"), _start_member(server, name, n, tmp_path, "b")
+    events, a, b, a_workers = await _two_members_handling(server, stream, name, tmp_path, n, 30_000)
     try:
-        await wait_until(lambda: len(_rows(tmp_path)) > 3000, 60, "both members handling")
-        a_workers = _group_pids(a.pid, {pid for _, _, pid, _ in _rows(tmp_path)})
-        assert a_workers, "member a runs no shard"
         os.killpg(a.pid, signal.SIGSTOP)  # a and its workers freeze, buffered events and all
         stopped_at = time.time()
         await asyncio.sleep(3.0)  # three TTLs: b takes a's shards over
