@@ -453,16 +453,21 @@ class JetStreamCursorStore:
 
     # ----------------------------------------------------------------- claims
 
-    async def claim(self, name: str) -> _Claim:
+    async def claim(self, name: str, *, after: str | None = None) -> _Claim:
         """Read and claim the cursor for ``name``; fences every earlier claim of it, this store's too.
 
         The claim's ``cursor`` is what was stored ("" for none) and ``stream`` the identity of the
         stream it was recorded in (None when unknown). ``run`` writes through the claim and
         releases it on the way out.
-        """
-        return await self._claim(name, plain=False)
 
-    async def _claim(self, name: str, *, plain: bool) -> _Claim:
+        ``after``: the owner token of this runner's previous claim (``run_forever`` running again
+        after an error). The cursor is claimed only while that claim's record is still the stored
+        one: when another runner claimed it meanwhile, :class:`rjet.CursorConflict` instead of
+        taking it back (newest wins, and this runner is not the newest).
+        """
+        return await self._claim(name, plain=False, after=after)
+
+    async def _claim(self, name: str, *, plain: bool, after: str | None = None) -> _Claim:
         self._check_open()
         key = encode_key(name)
         async with self._lock:
@@ -473,6 +478,13 @@ class JetStreamCursorStore:
                 entry = await self._read_entry(name, key)
                 record = CursorRecord.decode(entry[0]) if entry is not None else CursorRecord()
                 base = entry[1] if entry is not None else 0
+                if after is not None and record.owner != after:
+                    raise CursorConflict(
+                        name,
+                        f"another runner claimed it in bucket {self.bucket!r} while this one was between runs"
+                        f" (owner {record.owner or 'unknown: a tool or an older rjet'}): two runners share this"
+                        " consumer name; this one stops",
+                    )
                 mine = CursorRecord(record.cursor, record.stream, owner, record.done)
                 try:
                     rev = await self._shielded(self._kv.update(key, mine.encode(), last=base))

@@ -118,11 +118,20 @@ async def run(spec: Spec, *, stats: ConsumerStats | None = None, stop: asyncio.E
     await _run(spec, stats or ConsumerStats(spec.consumer.name), stop)
 
 
-async def _run(spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = None) -> NoReturn:  # noqa: C901 (the run loop)
+@dataclasses.dataclass(slots=True)
+class _Rerun:
+    """What one run of ``run_forever`` leaves the next: the owner token of its cursor claim."""
+
+    owner: str | None = None
+
+
+async def _run(  # noqa: C901 (the run loop)
+    spec: Spec, stats: ConsumerStats, stop: asyncio.Event | None = None, rerun: _Rerun | None = None
+) -> NoReturn:
     name = spec.consumer.name
     store = spec.cursor_store
     stats.runs += 1
-    claim = await _claim(store, name)
+    claim = await _claim(store, name, rerun)
     try:
         cursor = claim.cursor
         parse_cursor(cursor, f"consumer {name!r}")
@@ -323,9 +332,15 @@ class _PlainClaim:
         pass
 
 
-async def _claim(store: CursorStore, name: str) -> _Claim:
+async def _claim(store: CursorStore, name: str, rerun: _Rerun | None) -> _Claim:
     if isinstance(store, JetStreamCursorStore):
-        return await store.claim(name)
+        # Running again (run_forever, after an error): only while the last claim is still the
+        # stored one. Another runner that claimed meanwhile is newer; taking the cursor back would
+        # hand this one events that runner already handled.
+        claim = await store.claim(name, after=rerun.owner if rerun is not None else None)
+        if rerun is not None:
+            rerun.owner = claim.owner
+        return claim
     return _PlainClaim(store, name, await store.get_cursor(name))
 
 
@@ -459,10 +474,11 @@ async def run_forever(
     backoff = 0.0
     name = spec.consumer.name
     stats = stats or ConsumerStats(name)
+    rerun = _Rerun()
     while True:
         handled_before = stats.handled
         try:
-            await _run(spec, stats, stop)
+            await _run(spec, stats, stop, rerun)
         except HeadReached:
             if spec.to_head:
                 return

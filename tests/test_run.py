@@ -229,6 +229,32 @@ async def test_run_forever_gives_up_when_another_runner_holds_the_cursor(
         assert await second.peek("c") == "2"
 
 
+async def test_run_forever_never_takes_back_a_cursor_another_runner_claimed_between_its_runs(
+    js: JetStreamContext, stream: rjet.Stream
+) -> None:
+    await stream.insert_many([("k", 1, b"")] * 3)
+    async with (
+        await rjet.JetStreamCursorStore.create(js, stream.name) as first,
+        await rjet.JetStreamCursorStore.create(js, stream.name) as second,
+    ):
+        calls = 0
+
+        async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await second.claim("c")  # another runner takes over (a member that saw this one gone)
+                raise RuntimeError("a transient error, before this run wrote anything")
+
+        spec = rjet.Spec(stream.stream, first, rjet.Consumer("c", fn))
+        # Running again after the error must not claim the cursor back: the other runner is newer,
+        # and this one would hand its handler what that one handles.
+        with pytest.raises(rjet.CursorConflict, match="while this one was between runs"):
+            await asyncio.wait_for(rjet.run_forever(spec, retry_delay=0.01, max_backoff=0.05), 10)
+        assert calls == 1
+        assert await second.check_claim("c")
+
+
 async def test_a_stored_cursor_that_is_not_a_sequence_names_the_consumer(stream: rjet.Stream) -> None:
     spec = rjet.Spec(stream.stream, rjet.MemCursorStore({"c": "oops"}), rjet.Consumer("c", lambda f, e: None))
     with pytest.raises(rjet.InvalidCursor, match="consumer 'c': cursor 'oops' is not a stream sequence"):
