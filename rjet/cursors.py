@@ -249,7 +249,9 @@ class _Claim:
         "rev", "stream",
     )  # fmt: skip
 
-    def __init__(self, store: JetStreamCursorStore, name: str, owner: str, rev: int, record: CursorRecord) -> None:
+    def __init__(
+        self, store: JetStreamCursorStore, name: str, owner: str, rev: int, record: CursorRecord, since: float
+    ) -> None:
         self._store = store
         self.name = name
         self.key = encode_key(name)
@@ -263,8 +265,8 @@ class _Claim:
         self.released = False
         self.plain = False  # taken by get_cursor (the plain CursorStore protocol), not by a runner's claim()
         # Until when this claim is known to be held (monotonic clock): see JetStreamCursorStore's claim_lease.
-        self.expires = math.inf
-        store._renew(self)  # noqa: SLF001
+        self.expires = math.inf if store.claim_lease is None else 0.0
+        store._renew(self, since)  # noqa: SLF001
 
     def lose(self, err: RjetError) -> None:
         if self.lost is None:
@@ -475,6 +477,7 @@ class JetStreamCursorStore:
                 await self._flush_locked([name], raise_for=set())  # what an earlier claim left unwritten
             owner = _owner_token()
             for _ in range(10):
+                since = time.monotonic()
                 entry = await self._read_entry(name, key)
                 record = CursorRecord.decode(entry[0]) if entry is not None else CursorRecord()
                 base = entry[1] if entry is not None else 0
@@ -500,7 +503,7 @@ class JetStreamCursorStore:
                             raise self._store_error(f"cannot claim cursor {name!r}", e) from e
                         continue
                     rev = back[1]
-                claim = _Claim(self, name, owner, rev, record)
+                claim = _Claim(self, name, owner, rev, record, since)
                 old = self._claims.get(name)
                 # A claim of get_cursor's is the caller's own, taken again; one of claim()'s is a
                 # runner that another runner now fences.
@@ -540,6 +543,7 @@ class JetStreamCursorStore:
                 return True
             if claim.lost is not None:
                 return False
+            since = time.monotonic()
             entry = await self._read(name, key)
             if entry is None:
                 claim.lose(await self._gone(name))
@@ -555,7 +559,7 @@ class JetStreamCursorStore:
                     )
                 )
                 return False
-            self._renew(claim)
+            self._renew(claim, since)
             return True
 
     # ----------------------------------------------------------------- reads
@@ -657,6 +661,7 @@ class JetStreamCursorStore:
         record = CursorRecord(cursor, claim.stream if claim is not None else None, owner, done)
         value = record.encode()
         for _ in range(3):
+            since = time.monotonic()
             try:
                 if claim is None:
                     rev = await self._shielded(self._kv.put(key, value))
@@ -669,7 +674,7 @@ class JetStreamCursorStore:
             except _STORE_ERRORS as e:
                 error = e  # the write may or may not have been applied
             else:
-                self._wrote(name, claim, rev, cursor)
+                self._wrote(name, claim, rev, cursor, since)
                 return
             if claim is None:
                 raise self._store_error(f"cannot write cursor {name!r}", error)
@@ -688,23 +693,26 @@ class JetStreamCursorStore:
             self.settled += 1
             claim.rev = max(claim.rev, back[1])
             if stored == record:
-                self._wrote(name, claim, back[1], cursor)
+                self._wrote(name, claim, back[1], cursor, since)
                 return
         raise self._store_error(f"cannot write cursor {name!r}", error)
 
-    def _wrote(self, name: str, claim: _Claim | None, rev: int, cursor: str) -> None:
+    def _wrote(self, name: str, claim: _Claim | None, rev: int, cursor: str, since: float) -> None:
         self._written[name] = cursor
         if claim is None:
             # A write without a claim becomes this store's claim: its later writes compare-and-swap.
-            claim = self._claims[name] = _Claim(self, name, self._owner, rev, CursorRecord(cursor, None, self._owner))
+            record = CursorRecord(cursor, None, self._owner)
+            claim = self._claims[name] = _Claim(self, name, self._owner, rev, record, since)
             claim.plain = True
         claim.rev = max(claim.rev, rev)
-        self._renew(claim)
+        self._renew(claim, since)
 
-    def _renew(self, claim: _Claim) -> None:
-        """``claim`` was just seen held (written, or read back with its owner token)."""
+    def _renew(self, claim: _Claim, since: float) -> None:
+        """``claim`` was seen held by a request sent at ``since`` (monotonic): a write it made, or a
+        read-back with its owner token. The lease counts from the request, not from its answer: an
+        answer that waited out a pause of this process proves nothing about the pause."""
         if self.claim_lease is not None:
-            claim.expires = time.monotonic() + self.claim_lease
+            claim.expires = max(claim.expires, since + self.claim_lease)
 
     async def _write_batch(self, batch: dict[str, tuple[_Claim | None, tuple[str, str | None]]]) -> bool:
         """Write every cursor of ``batch`` as one atomic JetStream batch: one request, one ack, each
@@ -741,6 +749,7 @@ class JetStreamCursorStore:
             reply = await nc.request(f"{pre}{key}", value, timeout=timeout, headers=commit)
             return reply.data
 
+        since = time.monotonic()
         task = asyncio.ensure_future(send())
 
         def record(t: asyncio.Future[bytes]) -> None:
@@ -751,7 +760,7 @@ class JetStreamCursorStore:
                 return
             # An atomic batch is stored contiguously, in order: revisions seq-n+1 .. seq.
             for rev, (name, claim, _, cursor, _) in enumerate(items, seq - last + 1):
-                self._wrote(name, claim, rev, cursor)
+                self._wrote(name, claim, rev, cursor, since)
 
         task.add_done_callback(record)
         try:

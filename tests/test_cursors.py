@@ -286,3 +286,24 @@ def test_a_bare_decimal_is_a_cursor_of_rjet_0_1() -> None:
     assert rjet.CursorRecord.decode(b"42") == rjet.CursorRecord("42")
     assert rjet.CursorRecord.decode(b"") == rjet.CursorRecord("")
     assert rjet.CursorRecord.decode(b"oops").cursor == "oops"  # run then names the consumer: InvalidCursor
+
+
+async def test_a_claim_lease_counts_from_the_request_not_from_an_answer_that_waited_out_a_pause(
+    js: JetStreamContext, name: str
+) -> None:
+    import time
+
+    async with await rjet.JetStreamCursorStore.create(js, name, claim_lease=0.5) as store:
+        claim = await store.claim("c")
+        assert claim.expires > time.monotonic()
+        await claim.set_cursor("5")
+        flushing = asyncio.create_task(claim.flush())
+        for _ in range(5):
+            await asyncio.sleep(0)  # the write goes out
+        time.sleep(0.8)  # noqa: ASYNC251  # the process stalls (a pause, a long GC) as the answer comes in
+        await flushing
+        # The write proves the claim was held when it was sent, 0.8 s ago: the lease has run out,
+        # and run reads the record back before its next handler call.
+        assert claim.expires <= time.monotonic()
+        await claim.confirm()  # still ours: confirmed now, for another lease
+        assert claim.expires > time.monotonic()

@@ -209,11 +209,14 @@ async def test_a_stable_member_restarted_within_its_ttl_keeps_its_shards(
 
 # ----------------------------------------------------------------- members as processes
 
+# Each line: sequence, foreign id, pid, and the time the handler call started (a call in flight when
+# its process is frozen finishes after it wakes, but it started before).
 _HANDLER = """
 import os, time
 def handle(fate, event):
+    started = time.time()
     with open(os.path.join({dir!r}, "handled.log"), "a") as f:
-        f.write(f"{{event.id}} {{event.foreign_id}} {{os.getpid()}} {{time.time():.4f}}\\n")
+        f.write(f"{{event.id}} {{event.foreign_id}} {{os.getpid()}} {{started:.4f}}\\n")
     time.sleep(0.0005)
 """
 
@@ -336,8 +339,10 @@ async def test_a_member_paused_past_its_ttl_is_fenced_and_does_not_handle_again_
     replays = _check(rows, events)
     taken_meanwhile = {seq for seq, _, pid, t in rows if stopped_at < t < woke_at and pid not in a_workers}
     assert taken_meanwhile, "b took nothing over while a was stopped"
+    # No handler call of a's workers that started after it woke handled one of those events: they
+    # looked at their claims first (the call each had in flight when frozen may finish).
     again = sorted(seq for seq, _, pid, t in rows if pid in a_workers and t > woke_at and seq in taken_meanwhile)
-    assert again == []  # a's workers looked at their claims before handling another event
+    assert again == []
     print(f"pause: taken over while stopped={len(taken_meanwhile)} handled again by a=0 replays={replays} lost=0")
 
 
