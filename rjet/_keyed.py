@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
 
 from rjet._progress import Progress, decode_done
+from rjet._tasks import cancel_and_wait
 from rjet.deadletter import record_for
 from rjet.errors import DecodeError, EventsRemoved, HeadReached, InvalidCursor, Stopped, Tempted
 from rjet.event import Event
@@ -180,9 +181,8 @@ class KeyedRun:
         finally:
             if self._halted is not None:
                 self._halted.cancel()
-            for w in (*workers, saver):
-                w.cancel()  # forced: a second stop, or the run's task cancelled
-            await asyncio.gather(*workers, saver, return_exceptions=True)
+            self._closing.set()  # forced (a second stop, or the run's task cancelled): nothing new starts
+            await cancel_and_wait((*workers, saver))
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
             self._stats.in_flight = 0

@@ -52,6 +52,7 @@ from rjet._frames import (
 )
 from rjet._keyhash import hash_bytes
 from rjet._natsio import api_prefix, api_timeout, connection, subscription_id
+from rjet._tasks import cancel_and_wait
 from rjet._wire import FastParser, fast_parser
 from rjet.errors import (
     ConfigError,
@@ -1063,10 +1064,7 @@ class StreamClient:
         self._gaps.clear()
         tasks = [t for t in (self._watchdog, self._recovery, self._pulling, self._verifying) if t is not None]
         tasks = [t for t in tasks if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)  # unlike awaiting each, lets a cancellation of close() through
+        await cancel_and_wait(tasks)  # a recovery that swallowed its cancellation would go on
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         session, self._session = self._session, None

@@ -22,6 +22,7 @@ import multiprocess
 from multiprocess.reduction import ForkingPickler
 
 from rjet._connect import connect
+from rjet._tasks import cancel_and_wait
 from rjet.consumer import Handler
 from rjet.cursors import JetStreamCursorStore
 from rjet.errors import ConfigError, CursorStoreError, RjetError, Stopped
@@ -326,7 +327,8 @@ class Parallel:
             raise
         loop = asyncio.get_running_loop()
         beat_task = loop.create_task(beats.run())
-        membership = None
+        membership: Membership | None = None
+        coordinator: asyncio.Task[None] | None = None
         if o.elastic:
             assert self.member is not None
             membership = Membership(
@@ -347,15 +349,9 @@ class Parallel:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
-            beat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat_task
-            if membership is not None:
-                coordinator.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await coordinator
-                if not membership.static:
-                    await membership.leave()  # the others rebalance now, not after the TTL
+            await cancel_and_wait((beat_task, coordinator))
+            if membership is not None and not membership.static:
+                await membership.leave()  # the others rebalance now, not after the TTL
             self._kill_all(reap=True)  # only workers left behind by an error are still there
             await asyncio.gather(*self._chores, return_exceptions=True)
             await beats.clear()
