@@ -180,31 +180,45 @@ def _ran(group: Parallel) -> set[int]:
 
 
 @pytest.mark.timeout(180)
-async def test_a_stable_member_restarted_within_its_ttl_keeps_its_shards(
+async def test_a_rolling_restart_of_stable_members_moves_no_shard(
     server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
 ) -> None:
-    n = 4
-    await insert(stream, 2000, keys=100)
+    # Each member stops and comes back with its member_id within its TTL, one after the other, as a
+    # rolling deploy does: every member keeps its shards, and no other member ever runs them.
+    n = 6
+    await insert(stream, 3000, keys=100)
     opts = {"heartbeat_ttl": 5.0}
-    a = _member(server, name, n, tmp_path, member_id="a", **opts)
-    b = _member(server, name, n, tmp_path, member_id="b", **opts)
-    ta, tb = asyncio.create_task(a.run_async()), asyncio.create_task(b.run_async())
+    ids = ("a", "b", "c")
+    groups = {i: _member(server, name, n, tmp_path, member_id=i, **opts) for i in ids}
+    tasks = {i: asyncio.create_task(g.run_async()) for i, g in groups.items()}
+    held: dict[str, set[int]] = {i: set() for i in ids}  # shards each member took, at any moment
+
+    async def watch() -> None:
+        while True:
+            for i, g in groups.items():
+                held[i] |= {
+                    s.shard for s in g.statistics().shards if s.state in ("taking", "waiting", "starting", "running")
+                }
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
     try:
-        await wait_until(lambda: len(_running(a)) == 2 and len(_running(b)) == 2, 20, "two shards each")
-        before, theirs = sorted(_running(a)), sorted(_running(b))
-        a.stop()
-        await ta
-        a = _member(server, name, n, tmp_path, member_id="a", **opts)  # the same id, back within the TTL
-        ta = asyncio.create_task(a.run_async())
-        await wait_until(lambda: sorted(_running(a)) == before, 30, "a running its shards again")
-        await wait_until(lambda: sorted(_running(b)) == theirs, 30, "b running its own shards")
-        # Nothing moved: b never took a's shards while a restarted, nor a b's.
-        assert not _ran(b) & set(before)
-        assert not _ran(a) & set(theirs)
+        await wait_until(lambda: all(len(_running(g)) == 2 for g in groups.values()), 30, "two shards each")
+        owned = {i: sorted(_running(g)) for i, g in groups.items()}
+        for i in ids:
+            groups[i].stop()
+            await tasks[i]
+            await asyncio.sleep(1.5)  # a process restarting: long enough for the others to rebalance
+            groups[i] = _member(server, name, n, tmp_path, member_id=i, **opts)  # back within the TTL
+            tasks[i] = asyncio.create_task(groups[i].run_async())
+            await wait_until(lambda i=i: sorted(_running(groups[i])) == owned[i], 30, f"{i} running its shards again")
+        await wait_until(lambda: all(sorted(_running(groups[i])) == owned[i] for i in ids), 30, "all back")
     finally:
-        a.stop()
-        b.stop()
-        await asyncio.gather(ta, tb)
+        for g in groups.values():
+            g.stop()
+        await asyncio.gather(*tasks.values())
+        watcher.cancel()
+    assert held == {i: set(owned[i]) for i in ids}  # nothing moved, at any point
 
 
 # ----------------------------------------------------------------- members as processes
