@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import re
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from test_parallel import check_handling, insert, logger, read_logs, remember_sh
 
 import rjet
 from rjet.parallel import Parallel, shard_of
-from rjet.parallel._elastic import assign
+from rjet.parallel._elastic import Membership, assign
 from rjet.server import EmbeddedServer
 from rjet.testing import wait_until
 
@@ -112,6 +114,10 @@ def _member(server: EmbeddedServer, name: str, n: int, directory: Path, **option
 
 def _running(group: Parallel) -> list[int]:
     return [s.shard for s in group.statistics().shards if s.state == "running"]
+
+
+def _runs(group: Parallel, shards: list[int]) -> Callable[[], bool]:
+    return lambda: sorted(_running(group)) == shards
 
 
 def _handled(directory: Path) -> set[int]:
@@ -211,7 +217,7 @@ async def test_a_rolling_restart_of_stable_members_moves_no_shard(
             await asyncio.sleep(1.5)  # a process restarting: long enough for the others to rebalance
             groups[i] = _member(server, name, n, tmp_path, member_id=i, **opts)  # back within the TTL
             tasks[i] = asyncio.create_task(groups[i].run_async())
-            await wait_until(lambda i=i: sorted(_running(groups[i])) == owned[i], 30, f"{i} running its shards again")
+            await wait_until(_runs(groups[i], owned[i]), 30, f"{i} running its shards again")
         await wait_until(lambda: all(sorted(_running(groups[i])) == owned[i] for i in ids), 30, "all back")
     finally:
         for g in groups.values():
@@ -219,6 +225,38 @@ async def test_a_rolling_restart_of_stable_members_moves_no_shard(
         await asyncio.gather(*tasks.values())
         watcher.cancel()
     assert held == {i: set(owned[i]) for i in ids}  # nothing moved, at any point
+
+
+@pytest.mark.timeout(60)
+async def test_a_gone_member_s_shards_are_taken_at_the_first_view_that_sees_it_gone(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, js: JetStreamContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    # A member that died leaves a lease that stops changing: the takeover must not wait for a second
+    # view to agree (that costs a heartbeat more than the TTL). Heartbeats of 1 s tell the two apart.
+    caplog.set_level(logging.INFO, "rjet.parallel")
+    n = 4
+    await insert(stream, 100, keys=10)
+    store = await rjet.JetStreamCursorStore.create(js, name)
+    ghost = Membership(store.kv, name, "ghost", ttl=2.0, max_shards=None, static=True)
+    await ghost.beat()  # written once, never again: a member that died just now
+    ghosts = set(assign(["b", "ghost"], n)["ghost"])
+    b = _member(server, name, n, tmp_path, member_id="b", heartbeat_interval=1.0, heartbeat_ttl=2.0)
+    task = asyncio.create_task(b.run_async())
+    try:
+        await wait_until(lambda: sorted(_running(b)) == list(range(n)), 30, "b running every shard")
+    finally:
+        b.stop()
+        await task
+    times: dict[int | str, float] = {}
+    for r in caplog.records:
+        if "assignment [1, 2, 3, 4]" in r.getMessage():
+            times.setdefault("gone", r.created)
+        for m in ghosts:
+            if r.getMessage().endswith(f"takes {name}_{m + 1}_of_{n}"):
+                times.setdefault(m, r.created)
+    assert "gone" in times, [r.getMessage() for r in caplog.records]
+    assert all(times[m] - times["gone"] < 0.5 for m in ghosts), times  # not a heartbeat (1 s) later
 
 
 # ----------------------------------------------------------------- members as processes

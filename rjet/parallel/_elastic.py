@@ -13,8 +13,9 @@ answer without a leader. A shard changes hands only through its cursor's claim a
 heartbeats (``rjet/parallel/_reshard.py``): the member a shard leaves stops its worker (the event in
 flight finishes, the cursor is flushed and released) and deletes the shard's heartbeat; the member it
 goes to starts a worker only once no other group's heartbeat on the shard is fresh. A member that
-died stops refreshing both, so the others take its shards after the TTL plus two heartbeats (two
-views in a row must agree) and the start of a worker.
+died stops refreshing both, so the others take its shards at their first view after the TTL (within
+one heartbeat of it) and the start of a worker; a shard that moves between live members is taken
+once two views in a row agree.
 """
 
 from __future__ import annotations

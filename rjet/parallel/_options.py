@@ -28,7 +28,8 @@ class ParallelOptions:
     - ``elastic``: join the group as a member and run the shards the assignment gives this member
       (docs/sharding.md "Elastic groups"): shards spread over the live members, move when a member
       joins or leaves (handed over through the cursor claim, nothing lost), and are taken over
-      within ``heartbeat_ttl`` plus two heartbeats when a member dies. Runs until stopped.
+      within ``heartbeat_ttl`` plus one heartbeat (and a worker's start) when a member dies. Runs
+      until stopped.
     - ``member_id``: a stable id for this member (Kafka's ``group.instance.id``): a restart within
       ``heartbeat_ttl`` keeps its shards. Default: host, pid and a random suffix (a new member).
     - ``max_shards``: at most this many shards on this member (elastic groups).

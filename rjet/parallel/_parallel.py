@@ -390,6 +390,8 @@ class Parallel:
         o = self.options
         previous: tuple[int, ...] | None = None
         last_view: frozenset[int] = frozenset()
+        last_owner: dict[int, str] = {}  # shard -> its member in the previous view
+        last_members: frozenset[str] = frozenset()  # the live members of the previous view
         while True:
             try:
                 await membership.beat()
@@ -410,10 +412,19 @@ class Parallel:
                     previous = mine
                 # A shard is taken once two views in a row give it to this member: members that joined
                 # at the same moment see each other by then, and the member that had it is seen
-                # holding it (its heartbeat) until it has handed it over.
-                self._wanted, self._busy = frozenset(mine) & last_view, frozenset(busy)
+                # holding it (its heartbeat) until it has handed it over. A shard whose member is gone
+                # (its lease expired or deleted) is taken at the first view that gives it here, by a
+                # member that was in the previous view: every member that sees the departure computes
+                # the same new owner, so waiting one more heartbeat would only lengthen the takeover.
+                owner = {m: member for member, shards in whole.items() for m in shards}
+                orphans = (
+                    {m for m in mine if m in last_owner and last_owner[m] not in whole}
+                    if self.member in last_members
+                    else set()
+                )
+                self._wanted, self._busy = frozenset(mine) & (last_view | orphans), frozenset(busy)
                 self._letting_go = frozenset(range(self.n)) - frozenset(mine)
-                last_view = frozenset(mine)
+                last_view, last_owner, last_members = frozenset(mine), owner, frozenset(whole)
                 if self._wake is not None:
                     self._wake.set()
             await asyncio.sleep(o.heartbeat_interval)
