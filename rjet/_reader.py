@@ -329,7 +329,12 @@ class StreamClient:
         self._nuid = NUID()
         self._server_pending = 0  # events the server has not sent yet, as of the last message
         self.recoveries = 0
-        self.skipped = 0  # events the key filter passed over
+        self.skipped = 0  # events the key filter passed over as they arrived (read ahead included)
+        self.skipped_passed = 0  # of those, the ones the caller has moved past (see next_or_skip)
+        # Runs of passed-over events the caller has not moved past yet: (the run's last sequence,
+        # self.skipped after it). A kept event or the end of the buffer separates two of them.
+        self._marks: deque[tuple[int, int]] = deque()
+        self._returned = 0  # the position last handed to the caller while marks were waiting
 
     # ----------------------------------------------------------------- the hot path
 
@@ -347,7 +352,14 @@ class StreamClient:
     async def next_or_skip(self) -> Event | int | EventsRemoved:  # noqa: C901 (the hot path, kept in one piece)
         """The next event (whose foreign ID passed the key filter); or, before it would wait, the
         sequence of the last event the key filter passed over, so the caller's cursor can move past
-        other shards' events; or, under ``on_removed="skip"``, a range removed before the next event."""
+        other shards' events; or, under ``on_removed="skip"``, a range removed before the next event.
+
+        Asking for the next item says the caller is done with the one it got before (its cursor moved
+        there): the events passed over up to that one then count in ``skipped_passed``; those only read
+        ahead of it when the caller stops never do."""
+        marks = self._marks
+        if marks and marks[0][0] <= self._returned:
+            self._pass_marks()
         try:
             buf = self._buf
             gaps = self._gaps
@@ -361,6 +373,8 @@ class StreamClient:
                         pass  # held until _verify settles it
                     elif not (self._to_head and sseq > self._head):
                         buf.popleft()
+                        if marks:
+                            self._returned = sseq
                         if self._skipped <= sseq:
                             self._skipped = 0
                         if (s := self._session) is None or s.pending <= self._low:
@@ -378,6 +392,7 @@ class StreamClient:
                     return gaps.popleft()
                 if self._skipped and self._skipped <= self._verified:
                     sseq, self._skipped = self._skipped, 0
+                    self._returned = sseq
                     return sseq
                 if buf and buf[0][SEQ] <= self._verified:
                     raise HeadReached(self.stream, self._head)
@@ -397,6 +412,20 @@ class StreamClient:
         except DecodeError:
             self._skipped = 0  # the caller moves its cursor to the bad event, or stops
             raise
+
+    def _pass_marks(self) -> None:
+        """Count the runs of passed-over events up to the position last handed to the caller."""
+        marks, upto = self._marks, self._returned
+        while marks and marks[0][0] <= upto:
+            self.skipped_passed = marks.popleft()[1]
+
+    def _mark(self, prev: int) -> None:
+        """Note the passed-over events up to ``self._last`` (the frame before them was ``prev``)."""
+        marks = self._marks
+        if marks and marks[-1][0] == prev and prev > self._returned:
+            marks[-1] = (self._last, self.skipped)  # the same run, longer (and not yet moved past)
+        else:
+            marks.append((self._last, self.skipped))
 
     def _on_frame(self, subject: bytes, reply: bytes, hdr: bytes | None, data: bytes) -> None:  # noqa: C901 (hot path)
         s = self._session
@@ -452,6 +481,7 @@ class StreamClient:
                 if not wanted:
                     self._skipped = sseq
                     self.skipped += 1
+                    self._mark(prev)
                     if not self._buf:
                         waiter = self._waiter
                         if waiter is not None and not waiter.done():
@@ -646,6 +676,7 @@ class StreamClient:
         prev = self._last
         self._last = self._skipped = int(ltail[1])
         self.skipped += run
+        self._mark(prev)
         self._server_pending = pending = int(ltail[4])
         if pending == 0:
             self._caught_up = True
@@ -1061,6 +1092,7 @@ class StreamClient:
             self._unwatch()
         self._buf.clear()  # nothing more is delivered; the next reader reads these again
         self._skipped = 0  # passed over after the frames just dropped: not a place for a cursor now
+        self._marks.clear()  # read ahead, never moved past: the next reader passes over them again
         self._gaps.clear()
         tasks = [t for t in (self._watchdog, self._recovery, self._pulling, self._verifying) if t is not None]
         tasks = [t for t in tasks if t is not asyncio.current_task()]

@@ -189,19 +189,47 @@ class InvalidCursor(CursorError, ValueError):
         self.cursor = cursor
 
 
-class CursorExpired(CursorError):
-    """The events right after the cursor are no longer in the stream (expired or purged)."""
+def _cursor_command(consumer: str | None, namespace: str | None, move: str) -> str:
+    """The ``rjet cursor`` command line that moves the cursor; NAME and NS stand for what is unknown."""
+    if consumer is None:
+        return f"`rjet cursor NAME --namespace {namespace or 'NS'} {move}`"
+    # A consumer known without a namespace keeps its cursors in a store of another kind.
+    return f"`rjet cursor {consumer}{f' --namespace {namespace}' if namespace else ''} {move}`"
 
-    def __init__(self, stream: str, cursor: int, first_seq: int, hint: str = "") -> None:
+
+class CursorExpired(CursorError):
+    """The events right after the cursor are no longer in the stream (expired or purged).
+
+    ``consumer`` and ``namespace`` name the consumer and its cursor namespace where the raiser knew
+    them (the hint then gives the real command line); :meth:`named` fills them in.
+    """
+
+    def __init__(
+        self,
+        stream: str,
+        cursor: int,
+        first_seq: int,
+        hint: str = "",
+        *,
+        consumer: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        move = f"--set first --stream {stream}"
         super().__init__(
             f"stream {stream!r}: cursor {cursor} has expired: the stream's first retained sequence is"
             f" {first_seq}, so events {cursor + 1}..{first_seq - 1} are gone; move the cursor on purpose"
-            f" to go on ({hint or f'`rjet cursor NAME --namespace NS --set first --stream {stream}`'})"
+            f" to go on ({hint or _cursor_command(consumer, namespace, move)})"
         )
         self.stream = stream
         self.cursor = cursor
         self.first_seq = first_seq
         self.hint = hint
+        self.consumer = consumer
+        self.namespace = namespace
+
+    def named(self, consumer: str, namespace: str | None) -> CursorExpired:
+        """This error again, naming ``consumer`` (and its cursor ``namespace``) in its hint."""
+        return CursorExpired(self.stream, self.cursor, self.first_seq, consumer=consumer, namespace=namespace)
 
 
 class EventsRemoved(CursorExpired):
@@ -214,7 +242,18 @@ class EventsRemoved(CursorExpired):
     them may have belonged to other subjects). See docs/reliability.md.
     """
 
-    def __init__(self, stream: str, first: int, last: int, *, certain: bool = True, hint: str = "") -> None:
+    def __init__(
+        self,
+        stream: str,
+        first: int,
+        last: int,
+        *,
+        certain: bool = True,
+        hint: str = "",
+        consumer: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
+        move = f"--set {last} --stream {stream}"
         CursorError.__init__(
             self,
             f"stream {stream!r}: events {first}..{last} were removed (retention limits, a purge or a delete)"
@@ -225,7 +264,7 @@ class EventsRemoved(CursorExpired):
                 else ", while events for its subject filter were waiting (some may have been other subjects')"
             )
             + f"; every event before {first} was delivered, none after {last}; move the cursor on purpose to go"
-            f" on ({hint or f'`rjet cursor NAME --namespace NS --set {last} --stream {stream}`'})",
+            f" on ({hint or _cursor_command(consumer, namespace, move)})",
         )
         self.stream = stream
         self.cursor = first - 1
@@ -234,39 +273,77 @@ class EventsRemoved(CursorExpired):
         self.last = last
         self.certain = certain
         self.hint = hint
+        self.consumer = consumer
+        self.namespace = namespace
+
+    def named(self, consumer: str, namespace: str | None) -> EventsRemoved:
+        """This error again, naming ``consumer`` (and its cursor ``namespace``) in its hint."""
+        return EventsRemoved(
+            self.stream, self.first, self.last, certain=self.certain, consumer=consumer, namespace=namespace
+        )
 
 
 class StreamRecreated(CursorError):
     """The cursor was recorded in another stream of the same name (deleted and created again since).
 
-    ``recorded`` and ``current`` are the two streams' identities (name and creation time).
+    ``recorded`` and ``current`` are the two streams' identities (name and creation time);
+    ``consumer`` and ``namespace`` as for :class:`CursorExpired`.
     """
 
-    def __init__(self, stream: str, cursor: int, recorded: str, current: str, hint: str = "") -> None:
+    def __init__(
+        self,
+        stream: str,
+        cursor: int,
+        recorded: str,
+        current: str,
+        hint: str = "",
+        *,
+        consumer: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
         super().__init__(
             f"stream {stream!r}: cursor {cursor} was recorded in stream {recorded}, but the stream now is"
             f" {current} (deleted and created again): its sequences are not the old ones; move the cursor"
-            f" on purpose to go on ({hint or '`rjet cursor NAME --namespace NS --set beginning`'})"
+            f" on purpose to go on ({hint or _cursor_command(consumer, namespace, '--set beginning')})"
         )
         self.stream = stream
         self.cursor = cursor
         self.recorded = recorded
         self.current = current
         self.hint = hint
+        self.consumer = consumer
+        self.namespace = namespace
+
+    def named(self, consumer: str, namespace: str | None) -> StreamRecreated:
+        """This error again, naming ``consumer`` (and its cursor ``namespace``) in its hint."""
+        return StreamRecreated(
+            self.stream, self.cursor, self.recorded, self.current, consumer=consumer, namespace=namespace
+        )
 
 
 class CursorAhead(CursorError):
-    """The cursor is past the stream's last sequence (was the stream deleted and created again?)."""
+    """The cursor is past the stream's last sequence (was the stream deleted and created again?).
 
-    def __init__(self, stream: str, cursor: int, last_seq: int) -> None:
+    ``consumer`` and ``namespace`` as for :class:`CursorExpired`.
+    """
+
+    def __init__(
+        self, stream: str, cursor: int, last_seq: int, *, consumer: str | None = None, namespace: str | None = None
+    ) -> None:
         super().__init__(
             f"stream {stream!r}: cursor {cursor} is past the stream's last sequence {last_seq};"
             f" was the stream recreated? Move the cursor on purpose to go on"
-            f" (`rjet cursor NAME --namespace NS --set beginning`)"
+            f" ({_cursor_command(consumer, namespace, '--set beginning')})"
         )
         self.stream = stream
         self.cursor = cursor
         self.last_seq = last_seq
+        self.consumer = consumer
+        self.namespace = namespace
+
+    def named(self, consumer: str, namespace: str | None) -> CursorAhead:
+        """This error again, naming ``consumer`` (and its cursor ``namespace``) in its hint."""
+        return CursorAhead(self.stream, self.cursor, self.last_seq, consumer=consumer, namespace=namespace)
 
 
 class CursorConflict(CursorError):

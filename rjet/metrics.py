@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+import json
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 try:
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -41,7 +42,10 @@ from rjet.stats import LATENCY_BUCKETS, ConsumerStats, StatsSnapshot
 if TYPE_CHECKING:
     from rjet.parallel import Summary
 
-__all__ = ["ParallelCollector", "RjetCollector", "serve_metrics"]
+__all__ = ["Check", "ParallelCollector", "RjetCollector", "serve_metrics"]
+
+Check: TypeAlias = Callable[[], tuple[bool, str]]
+"""A health check that :func:`serve_metrics` serves at a path of its own: ``(ok, reason)``."""
 
 
 class _Flushes(Protocol):
@@ -72,7 +76,7 @@ def _families(snaps: list[StatsSnapshot]) -> Iterator[CounterMetricFamily | Gaug
     counters = [
         ("rjet_events_handled", "Events the handler succeeded on.", "handled"),
         ("rjet_events_filtered", "Events skipped by the consumer's type or event filter.", "filtered"),
-        ("rjet_events_skipped", "Events of other shards' keys passed over.", "skipped"),
+        ("rjet_events_skipped", "Events of other shards' keys passed over, up to the consumer's position.", "skipped"),
         (
             "rjet_events_removed",
             "Stream sequences removed ahead of the reader and skipped.",
@@ -154,18 +158,37 @@ class ParallelCollector(Collector):
 
 @contextlib.asynccontextmanager
 async def serve_metrics(
-    registry: CollectorRegistry, *, host: str = "127.0.0.1", port: int = 9464
+    registry: CollectorRegistry,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 9464,
+    checks: Mapping[str, Check] | None = None,
 ) -> AsyncIterator[asyncio.Server]:
-    """Serve ``registry`` at ``http://host:port/metrics`` on this event loop while the block runs."""
+    """Serve ``registry`` at ``http://host:port/metrics`` on this event loop while the block runs.
+
+    ``checks`` maps more paths (``"/healthz"``, ``"/readyz"``) to a :data:`Check`, called at each
+    request: status 200 when it says ok, else 503, with a one-line JSON body
+    ``{"status": "ok" | "unavailable", "reason": ...}``.
+    """
+    routes = dict(checks or {})
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-            if path.split(b"?")[0] == b"/metrics":
+            path = (request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"").split(b"?")[0]
+            check = routes.get(path.decode("ascii", "replace"))
+            if path == b"/metrics":
                 body, status, ctype = generate_latest(registry), b"200 OK", CONTENT_TYPE_LATEST.encode()
+            elif check is not None:
+                try:
+                    ok, reason = check()
+                except Exception as e:  # a broken check is a failing one, not a dropped connection
+                    ok, reason = False, f"the check failed: {e!r}"
+                body = json.dumps({"status": "ok" if ok else "unavailable", "reason": reason}).encode() + b"\n"
+                status, ctype = (b"200 OK" if ok else b"503 Service Unavailable"), b"application/json"
             else:
-                body, status, ctype = b"not found; try /metrics\n", b"404 Not Found", b"text/plain"
+                paths = ", ".join(["/metrics", *routes])
+                body, status, ctype = f"not found; try {paths}\n".encode(), b"404 Not Found", b"text/plain"
             writer.write(
                 b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                 % (status, ctype, len(body), body)

@@ -120,9 +120,11 @@ async def run(spec: Spec, *, stats: ConsumerStats | None = None, stop: asyncio.E
 
 @dataclasses.dataclass(slots=True)
 class _Rerun:
-    """What one run of ``run_forever`` leaves the next: the owner token of its cursor claim."""
+    """What one run of ``run_forever`` leaves the next: the owner token of its cursor claim, and the
+    event whose handler error ended it (for the log record)."""
 
     owner: str | None = None
+    failed_on: Event | None = None
 
 
 async def _run(  # noqa: C901 (the run loop)
@@ -216,6 +218,8 @@ async def _run(  # noqa: C901 (the run loop)
                             f"rjet: consumer {name!r} failed on event {event.id} (type {event.type},"
                             f" foreign id {event.foreign_id!r}); its cursor stays before it"
                         )
+                        if rerun is not None:
+                            rerun.failed_on = event
                         raise
                     handled = await _retry_or_bury(consume, event, e, dead_letter, name, stream_name, stats)
                 if timing:
@@ -227,7 +231,7 @@ async def _run(  # noqa: C901 (the run loop)
                     stats.last_event = event
                 else:
                     stats.filtered += 1
-        except (CursorExpired, StreamRecreated) as e:
+        except (CursorExpired, StreamRecreated, CursorAhead) as e:
             raise _with_hint(e, name, store) from None
         finally:
             guard.cancel()
@@ -356,7 +360,7 @@ async def _open(spec: Spec, claim: _Claim, cursor: str, name: str, store: Cursor
         extra["key_filter"] = spec.consumer.key_filter
     try:
         return await func(cursor, from_head=spec.from_head, to_head=spec.to_head, **extra)
-    except (CursorExpired, StreamRecreated) as e:
+    except (CursorExpired, StreamRecreated, CursorAhead) as e:
         raise _with_hint(e, name, store) from None
 
 
@@ -371,16 +375,9 @@ def _parameters(func: object) -> frozenset[str]:
     return frozenset(params)
 
 
-def _with_hint(err: CursorExpired | StreamRecreated, name: str, store: CursorStore) -> CursorError:
+def _with_hint(err: CursorExpired | StreamRecreated | CursorAhead, name: str, store: CursorStore) -> CursorError:
     """``err`` again, its hint naming this consumer's real command line."""
-    ns = f" --namespace {store.namespace}" if isinstance(store, JetStreamCursorStore) else ""
-    cmd = f"`rjet cursor {name}{ns}"
-    if isinstance(err, EventsRemoved):
-        hint = f"{cmd} --set {err.last}`"
-        return EventsRemoved(err.stream, err.first, err.last, certain=err.certain, hint=hint)
-    if isinstance(err, StreamRecreated):
-        return StreamRecreated(err.stream, err.cursor, err.recorded, err.current, hint=f"{cmd} --set beginning`")
-    return CursorExpired(err.stream, err.cursor, err.first_seq, hint=f"{cmd} --set first --stream {err.stream}`")
+    return err.named(name, store.namespace if isinstance(store, JetStreamCursorStore) else None)
 
 
 async def _retry_or_bury(
@@ -398,6 +395,7 @@ async def _retry_or_bury(
         log.warning(
             "consumer %r: event %s (foreign id %r) failed (attempt %d of %d): %r",
             name, event.id, event.foreign_id, attempt, dead_letter.attempts, error,
+            extra={**_event_fields(name, stream, event), "attempt": attempt, "attempts": dead_letter.attempts},
         )  # fmt: skip
         await asyncio.sleep(dead_letter.delay(attempt))
         attempt += 1
@@ -416,6 +414,11 @@ async def _bury(dead_letter: DeadLetter, record: DeadLetterRecord, error: Except
     log.error(
         "consumer %r: giving up on event %s of stream %r after %d attempt(s) (%s); recording a dead letter",
         record.consumer, record.event_id, record.stream, record.attempts, record.error,
+        extra={
+            **_event_fields(record.consumer, record.stream, record.event, record.event_id),
+            "attempts": record.attempts,
+            "dead_letter": True,
+        },
     )  # fmt: skip
     try:
         await dead_letter.sink(record)
@@ -477,6 +480,7 @@ async def run_forever(
     rerun = _Rerun()
     while True:
         handled_before = stats.handled
+        rerun.failed_on = None
         try:
             await _run(spec, stats, stop, rerun)
         except HeadReached:
@@ -488,14 +492,15 @@ async def run_forever(
         except Exception as e:
             if stop is not None and stop.is_set():
                 return
+            fields = _event_fields(name, _stream_name(spec), rerun.failed_on)
             if is_expected(e):
-                log.info("consumer %r: %s; running again", name, e)
+                log.info("consumer %r: %s; running again", name, e, extra=fields)
                 delay = retry_delay
             else:
                 progressed = stats.handled > handled_before
                 backoff = min(1.0, max_backoff) if progressed or not backoff else min(backoff * 2, max_backoff)
                 delay = backoff
-                log.error("consumer %r failed; running again in %.1fs", name, delay, exc_info=e)
+                log.error("consumer %r failed; running again in %.1fs", name, delay, exc_info=e, extra=fields)
         if stop is None:
             await asyncio.sleep(delay)
         else:
@@ -503,3 +508,25 @@ async def run_forever(
                 await asyncio.wait_for(stop.wait(), delay)
             if stop.is_set():
                 return
+
+
+def _event_fields(consumer: str, stream: str, event: Event | None, event_id: str = "") -> dict[str, object]:
+    """The ``extra`` fields of a log record about ``consumer`` (and ``event``): what ``rjet --log-json``
+    prints besides the message. ``seq`` is the event's stream sequence."""
+    fields: dict[str, object] = {"consumer": consumer}
+    if stream:
+        fields["stream"] = stream
+    seq = event.id if event is not None else event_id
+    if seq:
+        fields["seq"] = int(seq) if seq.isdigit() else seq  # a removed range is "first..last"
+    if event is not None:
+        fields["event_type"] = event.type
+        fields["foreign_id"] = event.foreign_id
+    return fields
+
+
+def _stream_name(spec: Spec) -> str:
+    """The name of the stream ``spec`` reads, when its stream function is a bound :meth:`rjet.Stream.stream`."""
+    owner = getattr(spec.stream_func, "__self__", None)
+    name = getattr(owner, "name", "")
+    return name if isinstance(name, str) else ""

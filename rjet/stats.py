@@ -39,7 +39,9 @@ class StatsSnapshot:
     """A consumer's statistics at one moment.
 
     ``handled``: events the handler succeeded on; ``filtered``: events skipped by the consumer's
-    type or event filter; ``skipped``: events of other keys passed over (sharding);
+    type or event filter; ``skipped``: events of other keys passed over (sharding) that the
+    consumer moved past: up to its cursor, not those only read ahead of it when it stopped (a
+    concurrent consumer: up to the last event it read);
     ``errors``: handler failures; ``dead_lettered``: events given up on and recorded;
     ``lag_events``: events in the stream not yet delivered; ``lag_seconds``: age of the last
     handled event while there is lag, else 0; ``cursor``: the last event ID handled or passed;
@@ -139,7 +141,7 @@ class ConsumerStats:
             name=self.name,
             handled=self.handled,
             filtered=self.filtered,
-            skipped=self.skipped + getattr(self._client, "skipped", 0),
+            skipped=self.skipped + _skipped(self._client),
             errors=self.errors,
             dead_lettered=self.dead_lettered,
             runs=self.runs,
@@ -163,6 +165,13 @@ class ConsumerStats:
         # Skips counted by a finished client stay counted.
         old = self._client
         if old is not None:
-            self.skipped += getattr(old, "skipped", 0)
+            self.skipped += _skipped(old)
             self.removed += getattr(old, "removed", 0)
         self._client = client if hasattr(client, "num_pending") else None
+
+
+def _skipped(client: object) -> int:
+    """The events a reader's key filter passed over that its caller moved past (``StreamClient``
+    counts those apart from the ones it read ahead); a reader of another kind, all it says it skipped."""
+    passed = getattr(client, "skipped_passed", None)
+    return int(passed) if passed is not None else int(getattr(client, "skipped", 0))

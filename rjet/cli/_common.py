@@ -270,7 +270,9 @@ def age(seconds: float | None) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per log record: time, level, logger, message, and the record's ``extra`` fields."""
+    """One JSON object per log record: time, level, logger, message, pid, and every ``extra`` field
+    of the record (rjet's: ``consumer``, ``group``, ``shard`` (1-based) and ``n``, ``member``,
+    ``stream``, ``seq``, ``event_type``, ``foreign_id``, ``attempt``/``attempts``, ``dead_letter``)."""
 
     _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -283,11 +285,24 @@ class JsonFormatter(logging.Formatter):
             "pid": record.process,
         }
         for key, value in vars(record).items():
-            if key not in self._STANDARD and not key.startswith("_"):
-                out[key] = value if isinstance(value, str | int | float | bool | None) else repr(value)
+            if key not in self._STANDARD and not key.startswith("_") and key not in out:
+                out[key] = _json_value(value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exc"] = record.exc_text
         return json.dumps(out)
+
+
+def _json_value(value: object) -> object:
+    """``value`` as it goes into a JSON log line: as it is when JSON can hold it, else its repr."""
+    if isinstance(value, str | int | float | bool | None):
+        return value
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
 
 
 def setup_logging(verbose: int, json_logs: bool, *, floor: int = logging.WARNING) -> None:

@@ -8,14 +8,18 @@ import dataclasses
 import fnmatch
 import json
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import click
 import nats.js.errors
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 import rjet
-from rjet.cli._common import CliError, Connection, age, connection_options, run, stdout_console
+from rjet.cli._common import CliError, Connection, age, connection_options, iso, run, stdout_console
 from rjet.cursors import encode_key, kv_keys
 from rjet.parallel import ParallelOptions
 from rjet.parallel._elastic import group_names, members
@@ -65,9 +69,23 @@ class Row:
     help="Cursor namespace(s) to show (repeatable; default: every rjet cursor namespace on the server).",
 )
 @click.option("--name", "pattern", metavar="GLOB", help="Only consumers whose name matches, e.g. 'mailer*'.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per consumer.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object per consumer (with --watch: one document per look)."
+)
+@click.option(
+    "-w",
+    "--watch",
+    type=click.FloatRange(min=0.1),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Look again every SECONDS (default 2) until Ctrl-C: redrawn in place on a terminal.",
+)
 @connection_options
-def status(conn: Connection, stream: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool) -> None:
+def status(
+    conn: Connection, stream: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool, watch: float | None
+) -> None:
     """Show each consumer's cursor on STREAM, its lag, its last activity, and where each shard runs.
 
     \b
@@ -82,8 +100,15 @@ def status(conn: Connection, stream: str, namespaces: tuple[str, ...], pattern: 
                    a clean shutdown, or its host's clock is off
     Cursors are read, never claimed: running consumers are not disturbed. A cursor namespace is not
     tied to a stream, so use --namespace to leave out consumers of other streams.
+    With --watch it looks again every few seconds until Ctrl-C (exit status 0); with --json too,
+    each look is one JSON document on one line ("consumers" and "members" lists).
     """
-    run(_status(conn, stream, namespaces, pattern, as_json))
+    try:
+        run(_status(conn, stream, namespaces, pattern, as_json, watch))
+    except KeyboardInterrupt:
+        if watch is None:
+            raise
+        # Ctrl-C is how a watch ends, not a failure.
 
 
 async def _namespaces(js: JetStreamContext) -> list[str]:
@@ -185,32 +210,110 @@ async def _members(js: JetStreamContext, namespace: str) -> list[MemberRow]:
     return out
 
 
-async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool) -> None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class View:
+    """What one look at the stream and its cursor namespaces found."""
+
+    stream: str
+    events: int
+    first_seq: int
+    last_seq: int
+    last_insert: float | None  # when the last event was stored (seconds since the epoch)
+    namespaces: tuple[str, ...]
+    rows: tuple[Row, ...]
+    members: tuple[MemberRow, ...]
+
+
+async def _look(js: JetStreamContext, name: str, namespaces: tuple[str, ...], pattern: str | None) -> View:
+    info = await rjet.Stream(js, name).info()
+    first, last = info.state.first_seq, info.state.last_seq
+    last_insert = await _msg_time(js, name, seq=last) if last else None
+    nss = tuple(namespaces) or tuple(await _namespaces(js))
+    rows = [r for ns in nss for r in await _rows(js, name, ns, pattern, first, last)]
+    member_rows = [m for ns in nss for m in await _members(js, ns)]
+    return View(name, info.state.messages, first, last, last_insert, nss, tuple(rows), tuple(member_rows))
+
+
+async def _status(
+    conn: Connection, name: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool, watch: float | None
+) -> None:
     async with conn.connect() as nc:
         js = nc.jetstream()
-        info = await rjet.Stream(js, name).info()
-        first, last = info.state.first_seq, info.state.last_seq
-        last_insert = await _msg_time(js, name, seq=last) if last else None
-        nss = list(namespaces) or await _namespaces(js)
-        rows = [r for ns in nss for r in await _rows(js, name, ns, pattern, first, last)]
-        member_rows = [m for ns in nss for m in await _members(js, ns)]
-    if as_json:
-        for r in rows:
-            click.echo(json.dumps({"stream": name, "last_seq": last, **dataclasses.asdict(r)}))
-        for mr in member_rows:  # lines of their own kind: they have "member", not "cursor"
-            click.echo(json.dumps({"stream": name, **dataclasses.asdict(mr)}))
-        return
+        if watch is None:
+            view = await _look(js, name, namespaces, pattern)
+            if as_json:
+                for line in _json_lines(view):
+                    click.echo(line)
+            else:
+                _print(stdout_console(), _render(view))
+            return
+        await _watch(js, name, namespaces, pattern, as_json, watch)
+
+
+async def _watch(
+    js: JetStreamContext, name: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool, every: float
+) -> None:
+    """Look again every ``every`` seconds until interrupted: a view redrawn in place on a terminal,
+    one view after another elsewhere, or one JSON document per look (``--json``)."""
     console = stdout_console()
-    since = "" if last_insert is None else f", last insert {age(time.time() - last_insert)} ago"
-    console.print(
-        f"stream [bold]{name}[/]: {info.state.messages} event(s), sequences {first}..{last}{since}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if not rows:
-        where = ", ".join(nss) if nss else "any namespace"
-        console.print(f"no consumer cursors in {where}", highlight=False, soft_wrap=True)
-        return
+    live = None if as_json or not console.is_terminal else Live(console=console, auto_refresh=False)
+    try:
+        if live is not None:
+            live.start()
+        while True:
+            started = time.monotonic()
+            view = await _look(js, name, namespaces, pattern)
+            if as_json:
+                click.echo(json.dumps(_document(view)))
+            elif live is not None:
+                live.update(_render(view, watching=every), refresh=True)
+            else:
+                _print(console, _render(view, watching=every))
+                console.print()
+            await asyncio.sleep(max(0.0, every - (time.monotonic() - started)))
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def _json_lines(view: View) -> list[str]:
+    """Without --watch: one JSON object per consumer, then one per elastic group member."""
+    lines = [json.dumps({"stream": view.stream, "last_seq": view.last_seq, **dataclasses.asdict(r)}) for r in view.rows]
+    # Lines of their own kind: they have "member", not "cursor".
+    lines += [json.dumps({"stream": view.stream, **dataclasses.asdict(m)}) for m in view.members]
+    return lines
+
+
+def _document(view: View) -> dict[str, Any]:
+    """With --watch --json: the whole view as one JSON document (one line per refresh)."""
+    return {
+        "time": iso(datetime.now(UTC)),
+        "stream": view.stream,
+        "events": view.events,
+        "first_seq": view.first_seq,
+        "last_seq": view.last_seq,
+        "consumers": [dataclasses.asdict(r) for r in view.rows],
+        "members": [dataclasses.asdict(m) for m in view.members],
+    }
+
+
+def _print(console: Console, view: Group) -> None:
+    for part in view.renderables:
+        # Lines of text are printed whole (a terminal wraps them), not broken at the console's width.
+        console.print(part, soft_wrap=isinstance(part, Text))
+
+
+def _render(view: View, *, watching: float | None = None) -> Group:
+    since = "" if view.last_insert is None else f", last insert {age(time.time() - view.last_insert)} ago"
+    head = Text(f"stream {view.stream}: {view.events} event(s), sequences {view.first_seq}..{view.last_seq}{since}")
+    head.stylize("bold", len("stream "), len("stream ") + len(view.stream))
+    parts: list[RenderableType] = [head]
+    if watching is not None:
+        parts.append(Text(f"every {watching:g}s, at {datetime.now().strftime('%H:%M:%S')}; Ctrl-C ends", style="dim"))
+    if not view.rows:
+        where = ", ".join(view.namespaces) if view.namespaces else "any namespace"
+        parts.append(Text(f"no consumer cursors in {where}"))
+        return Group(*parts)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col, justify in [
         ("namespace", "left"),
@@ -224,7 +327,7 @@ async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], patt
     ]:
         # Names wrap rather than end in "…": billing_1… and billing_2… would be the same shard to a reader.
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for r in rows:
+    for r in view.rows:
         table.add_row(
             r.namespace,
             r.name,
@@ -235,15 +338,16 @@ async def _status(conn: Connection, name: str, namespaces: tuple[str, ...], patt
             ", ".join(map(_where, r.runners)) or "-",
             r.note,
         )
-    console.print(table)
-    for mr in member_rows:
+    parts.append(table)
+    for mr in view.members:
         lease = f"lease renewed {age(mr.lease_seconds_ago)} ago" + ("" if mr.live else " (expired)")
-        console.print(
-            f"elastic group {mr.group} ({mr.namespace}): member {mr.member} on {mr.host} pid {mr.pid}, {lease};"
-            f" runs {', '.join(mr.shards) or 'no shard'}",
-            highlight=False,
-            soft_wrap=True,
+        parts.append(
+            Text(
+                f"elastic group {mr.group} ({mr.namespace}): member {mr.member} on {mr.host} pid {mr.pid}, {lease};"
+                f" runs {', '.join(mr.shards) or 'no shard'}"
+            )
         )
+    return Group(*parts)
 
 
 def _where(r: Runner) -> str:

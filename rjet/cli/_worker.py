@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -24,7 +25,7 @@ from rjet.cli._common import (
 )
 from rjet.event import Event
 from rjet.fate import Fate
-from rjet.parallel import Parallel, Summary
+from rjet.parallel import Parallel, ShardStats, Summary
 
 log = logging.getLogger("rjet.cli")
 
@@ -169,7 +170,8 @@ def imported(spec: str) -> ImportedHandler:
     type=click.IntRange(min=0, max=65535),
     default=None,
     metavar="PORT",
-    help="Serve Prometheus metrics of the shards at http://HOST:PORT/metrics (needs rjet[metrics]).",
+    help="Serve Prometheus metrics of the shards at http://HOST:PORT/metrics, and the probes /healthz"
+    " (liveness) and /readyz (readiness) beside them (needs rjet[metrics]).",
 )
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only, and print no summary.")
@@ -258,10 +260,48 @@ async def _run_with_metrics(group: Parallel, to_head: bool, host: str, port: int
         raise CliError("--metrics-port needs prometheus-client: pip install 'rjet[metrics]'") from None
     registry = CollectorRegistry()
     registry.register(ParallelCollector(group))
-    async with serve_metrics(registry, host=host, port=port) as server:
+    running: asyncio.Task[Summary] | None = None
+
+    def healthz() -> tuple[bool, str]:
+        # Answered on the supervisor's own event loop: a wedged loop does not answer at all.
+        if running is None or running.done():
+            return False, "the group is not running"
+        return True, f"the supervisor of {len(group.shards)} shard(s) is running"
+
+    def readyz() -> tuple[bool, str]:
+        if running is None or running.done():
+            return False, "the group is not running"
+        return readiness(group.statistics().shards)
+
+    checks = {"/healthz": healthz, "/readyz": readyz}
+    async with serve_metrics(registry, host=host, port=port, checks=checks) as server:
         bound = server.sockets[0].getsockname()
-        log.info("serving metrics at http://%s:%d/metrics", bound[0], bound[1])
-        return await group.run_async(to_head=to_head, handle_signals=True)
+        log.info("serving metrics at http://%s:%d/metrics (probes: /healthz, /readyz)", bound[0], bound[1])
+        running = asyncio.ensure_future(group.run_async(to_head=to_head, handle_signals=True))
+        return await running
+
+
+def readiness(shards: tuple[ShardStats, ...]) -> tuple[bool, str]:
+    """Whether every shard this process runs has its worker running its consumer (connected, its
+    cursor claimed): ``(ready, reason)``. An elastic member's shards that run elsewhere do not count."""
+    mine = [s for s in shards if s.state != "elsewhere"]
+    not_ready = [f"{s.name} {_why_not_ready(s)}" for s in mine if _why_not_ready(s)]
+    if not_ready:
+        return False, "; ".join(not_ready)
+    if not mine:
+        return True, "no shard assigned to this member"
+    return True, f"{len(mine)} shard(s) running"
+
+
+def _why_not_ready(s: ShardStats) -> str:
+    if s.state == "running":
+        # The worker reports its figures once it runs its consumer, which claims the cursor first.
+        return "" if s.live is not None and s.live.runs > 0 else "connecting"
+    if s.state == "done":
+        return ""
+    if s.state == "waiting" and s.restarts:
+        return f"waiting to restart (restart #{s.restarts})"
+    return s.state
 
 
 def print_summary(summary: Summary, console: Console) -> None:

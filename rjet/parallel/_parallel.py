@@ -32,7 +32,7 @@ from rjet.parallel._messages import Finished, Log, Progress, Started, Stop, ToPa
 from rjet.parallel._options import ParallelOptions
 from rjet.parallel._reshard import Heartbeats, ReshardReport, prepare
 from rjet.parallel._results import ShardStats, Summary
-from rjet.parallel._shard import check_n, shard_name
+from rjet.parallel._shard import check_n, log_fields, shard_name
 from rjet.parallel._worker import (
     EXIT_FATAL,
     EXIT_FENCED,
@@ -342,8 +342,10 @@ class Parallel:
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
         log.info(
-            "parallel %r: starting shards %s of n=%d on stream %r", self.name, list(self.shards), self.n, self.stream
-        )
+            "parallel %r: starting shards %s of n=%d on stream %r",
+            self.name, [m + 1 for m in self.shards], self.n, self.stream,
+            extra={"group": self.name, "n": self.n, "stream": self.stream},
+        )  # fmt: skip
         try:
             await self._supervise(to_head, beats)
         finally:
@@ -439,8 +441,10 @@ class Parallel:
             s.leaving = True
             self._send(s, Stop())
             log.info(
-                "parallel %r: member %s hands %s over (its worker finishes and flushes)", self.name, self.member, s.name
-            )
+                "parallel %r: member %s hands %s over (its worker finishes and flushes)",
+                self.name, self.member, s.name,
+                extra=log_fields(self.name, s.m, self.n, self.member),
+            )  # fmt: skip
         elif s.state == "waiting" and s.m in self._letting_go:
             s.state = "elsewhere"
             self._chore(beats.remove(s.m))
@@ -449,14 +453,20 @@ class Parallel:
         try:
             await beats.add(s.m)
         except CursorStoreError as e:
-            log.warning("parallel %r: member %s cannot take %s yet: %s", self.name, self.member, s.name, e)
+            log.warning(
+                "parallel %r: member %s cannot take %s yet: %s", self.name, self.member, s.name, e,
+                extra=log_fields(self.name, s.m, self.n, self.member),
+            )  # fmt: skip
             s.state = "elsewhere"
             return
         if s.state == "taking" and self._stops:
             s.state = "elsewhere"
         elif s.state == "taking":
             s.state, s.next_start = "waiting", 0.0
-            log.info("parallel %r: member %s takes %s", self.name, self.member, s.name)
+            log.info(
+                "parallel %r: member %s takes %s", self.name, self.member, s.name,
+                extra=log_fields(self.name, s.m, self.n, self.member),
+            )  # fmt: skip
             if self._wake is not None:
                 self._wake.set()
 
@@ -526,7 +536,10 @@ class Parallel:
         s.proc, s.conn = proc, parent
         s.state, s.outcome, s.detail = "starting", None, ""
         s.started_at = asyncio.get_running_loop().time()
-        log.debug("parallel %r: started worker of %s (pid %s)", self.name, s.name, proc.pid)
+        log.debug(
+            "parallel %r: started worker of %s (pid %s)", self.name, s.name, proc.pid,
+            extra=log_fields(self.name, s.m, self.n),
+        )  # fmt: skip
 
     def _poll(self, ctx: SpawnContext, s: _Shard, now: float, to_head: bool, beats: Heartbeats) -> None:
         self._drain(s)
@@ -543,8 +556,9 @@ class Parallel:
                 s.delay = min(max(s.delay * 2, self.options.restart_delay), self.options.max_restart_delay)
                 s.next_start = now + s.delay
                 log.error(
-                    "parallel %r: cannot start a worker of %s (%r); retrying in %.1fs", self.name, s.name, e, s.delay
-                )
+                    "parallel %r: cannot start a worker of %s (%r); retrying in %.1fs", self.name, s.name, e, s.delay,
+                    extra=log_fields(self.name, s.m, self.n),
+                )  # fmt: skip
 
     def _drain(self, s: _Shard) -> None:
         conn = s.conn
@@ -600,21 +614,31 @@ class Parallel:
             if fenced:  # not at once: the member that has it lets it go first, if it is to come back
                 s.next_start = now + 2 * self.options.heartbeat_interval
                 log.warning(
-                    "parallel %r: member %s lost %s to another member: %s", self.name, self.member, s.name, s.detail
-                )
+                    "parallel %r: member %s lost %s to another member: %s", self.name, self.member, s.name, s.detail,
+                    extra=log_fields(self.name, s.m, self.n, self.member),
+                )  # fmt: skip
             else:
-                log.info("parallel %r: member %s handed %s over", self.name, self.member, s.name)
+                log.info(
+                    "parallel %r: member %s handed %s over", self.name, self.member, s.name,
+                    extra=log_fields(self.name, s.m, self.n, self.member),
+                )  # fmt: skip
             return
         if fenced:
             s.state = "fenced"
             beats.drop(s.m)
-            log.error("parallel %r: %s stopped for good, fenced out by a newer runner: %s", self.name, s.name, s.detail)
+            log.error(
+                "parallel %r: %s stopped for good, fenced out by a newer runner: %s", self.name, s.name, s.detail,
+                extra=log_fields(self.name, s.m, self.n),
+            )  # fmt: skip
         elif code == EXIT_FATAL or s.outcome == "fatal":
             s.state = "failed"
-            log.error("parallel %r: %s stopped for good: %s", self.name, s.name, s.detail)
+            log.error(
+                "parallel %r: %s stopped for good: %s", self.name, s.name, s.detail,
+                extra=log_fields(self.name, s.m, self.n),
+            )  # fmt: skip
         elif code == 0 and s.outcome == "done":
             s.state = "done"
-            log.info("parallel %r: %s reached the head", self.name, s.name)
+            log.info("parallel %r: %s reached the head", self.name, s.name, extra=log_fields(self.name, s.m, self.n))
         elif self._stops:
             s.state = "stopped"
             if code != 0 and not self._unguarded:
@@ -624,6 +648,7 @@ class Parallel:
                     s.name,
                     pid,
                     _exit(code, s, killed_here=bool(self._forced)),
+                    extra=log_fields(self.name, s.m, self.n),
                 )
         else:
             lived = now - s.started_at
@@ -642,6 +667,7 @@ class Parallel:
                 lived,
                 s.delay,
                 s.restarts,
+                extra=log_fields(self.name, s.m, self.n),
             )
 
     # ----------------------------------------------------------------- stopping

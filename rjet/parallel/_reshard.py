@@ -460,7 +460,7 @@ def plan(
         todo = tuple(range(n))
         fresh_from = max((rev for _, rev in current.values()), default=0) + 1
     done, carried = _carried_done(
-        seed, generations.get(source, {}) if source is not None else {}, (dones or {}).get(source or 0, {})
+        seed, generations.get(source, {}) if source is not None else {}, (dones or {}).get(source or 0, {}), source or 0
     )
     body = {
         "n": n,
@@ -494,8 +494,10 @@ def _decode_record(record: tuple[bytes, int] | None, name: str) -> dict[str, Any
     return dict(state)
 
 
-def _carried_done(seed: str, cursors: Mapping[int, tuple[str, int]], dones: Mapping[int, str]) -> tuple[str, int]:
-    """The events above ``seed`` that the old shards recorded as done, encoded relative to it, and how
+def _carried_done(
+    seed: str, cursors: Mapping[int, tuple[str, int]], dones: Mapping[int, str], old_n: int
+) -> tuple[str, int]:
+    """The events above ``seed`` that the old shards (of ``old_n``) recorded as done, encoded relative to it, and how
     many. Each old shard's done set holds only events it handled, so their union is exact for every
     new shard (one whose keys an event is not for never reads it). A done set that cannot be read,
     or a union too large to store, is left out: those events are handled again (at-least-once)."""
@@ -507,7 +509,10 @@ def _carried_done(seed: str, cursors: Mapping[int, tuple[str, int]], dones: Mapp
         try:
             union.update(s for s in decode_done(int(cursors[m][0] or 0), text) if s > base)
         except ValueError as e:
-            log.warning("reshard: the exact progress of old shard %d is unreadable (%s); its events are replayed", m, e)
+            log.warning(
+                "reshard: the exact progress of old shard %d of %d is unreadable (%s); its events are replayed",
+                m + 1, old_n, e,
+            )  # fmt: skip
     if not union:
         return "", 0
     try:

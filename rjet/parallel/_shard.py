@@ -10,7 +10,7 @@ from __future__ import annotations
 from rjet._keyhash import hash_bytes, key_hash
 from rjet.errors import ConfigError
 
-__all__ = ["ShardKeyFilter", "check_n", "key_filter", "shard_name", "shard_of"]
+__all__ = ["ShardKeyFilter", "check_n", "key_filter", "log_fields", "shard_name", "shard_of"]
 
 
 def check_n(n: object, what: str = "n") -> int:
@@ -43,6 +43,15 @@ def shard_name(name: str, m: int, n: int) -> str:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"name must be a non-empty str, not {name!r}")
     return f"{name}_{m + 1}_of_{n}"
+
+
+def log_fields(name: str, m: int, n: int, member: str | None = None) -> dict[str, str | int]:
+    """The ``extra`` fields of a log record about shard ``m`` (0-based) of group ``name``: what
+    ``rjet --log-json`` prints besides the message. ``shard`` counts from 1, as the shard's name does."""
+    fields: dict[str, str | int] = {"group": name, "shard": m + 1, "n": n, "consumer": f"{name}_{m + 1}_of_{n}"}
+    if member is not None:
+        fields["member"] = member
+    return fields
 
 
 class ShardKeyFilter:

@@ -37,7 +37,7 @@ from rjet.errors import (
 )
 from rjet.parallel._messages import Finished, Log, Outcome, Progress, Started, Stop, ToParent
 from rjet.parallel._options import ParallelOptions
-from rjet.parallel._shard import key_filter, shard_name
+from rjet.parallel._shard import key_filter, log_fields, shard_name
 from rjet.run import Spec, run_forever
 from rjet.stats import ConsumerStats
 from rjet.stream import Stream
@@ -132,12 +132,14 @@ class _Link:
 
 
 class _Forward(logging.Handler):
-    """Sends log records to the parent, which hands them to its own logging configuration."""
+    """Sends log records to the parent, which hands them to its own logging configuration; each
+    carries ``fields`` (the shard's: group, shard, n, consumer) unless it has its own."""
 
-    def __init__(self, link: _Link, process_name: str) -> None:
+    def __init__(self, link: _Link, process_name: str, fields: Mapping[str, str | int] | None = None) -> None:
         super().__init__()
         self.link = link
         self.process_name = process_name
+        self.fields = dict(fields or {})
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -155,6 +157,8 @@ class _Forward(logging.Handler):
             }
             data.update(msg=text, args=None, exc_info=None, exc_text=None, stack_info=None)
             data["processName"] = self.process_name
+            for key, value in self.fields.items():
+                data.setdefault(key, value)
             self.link.send(Log(data))
         except Exception:
             self.handleError(record)
@@ -295,7 +299,7 @@ def main(cfg: WorkerConfig, fn: Handler, conn: Connection) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    root.addHandler(_Forward(link, f"rjet:{cfg.shard}"))
+    root.addHandler(_Forward(link, f"rjet:{cfg.shard}", log_fields(cfg.name, cfg.m, cfg.n)))
     root.setLevel(cfg.log_level)
     worker = _Worker(cfg, fn, link)
     code = 0
