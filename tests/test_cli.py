@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -25,11 +26,14 @@ from rjet.parallel._reshard import Heartbeats, _hb_key
 from rjet.server import EmbeddedServer
 from rjet.testing import KeyOrder, wait_until
 
-_ENV_DROP = ("NATS_URL", "NATS_CREDS", "NATS_NKEY", "NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CA")
+# The commands read no nats CLI context of the machine's: no NATS_* settings, and a config home of
+# their own (an empty one) instead of ~/.config/nats, whose selected context they would use.
+_NO_NATS_CONFIG = tempfile.mkdtemp(prefix="rjet-test-no-nats-config-")
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    env["XDG_CONFIG_HOME"] = _NO_NATS_CONFIG
     env["COLUMNS"] = "160"
     return env
 

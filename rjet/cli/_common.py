@@ -88,6 +88,10 @@ class Connection:
     tls_cert: str | None = None
     tls_key: str | None = None
     connect_timeout: float = 2.0
+    inbox_prefix: str | None = None
+    tls_first: bool = False
+    context: str | None = None
+    """The nats context the settings came from, if any (named in connection errors)."""
 
     @property
     def url(self) -> str:
@@ -115,6 +119,10 @@ class Connection:
             opts["token"] = self.token
         if self.tls_ca or self.tls_cert:
             opts["tls"] = self.tls_context()
+        if self.inbox_prefix:
+            opts["inbox_prefix"] = self.inbox_prefix
+        if self.tls_first:
+            opts["tls_handshake_first"] = True
         return opts
 
     def tls_context(self) -> ssl.SSLContext:
@@ -130,7 +138,12 @@ class Connection:
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[Client]:
         """``async with conn.connect() as nc``: a NATS client, closed on the way out."""
-        nc = await rjet.connect(list(self.servers), **self.options())
+        try:
+            nc = await rjet.connect(list(self.servers), **self.options())
+        except rjet.ConnectError as e:
+            if self.context is None:
+                raise
+            raise rjet.ConnectError(f"{e} (settings from nats context {self.context!r})") from e
         try:
             yield nc
         finally:
@@ -166,6 +179,133 @@ _AUTH_OPTIONS: Final[list[Callable[[Callable[..., Any]], Callable[..., Any]]]] =
 ]
 
 
+# ----------------------------------------------------------------- nats contexts (the nats CLI's files)
+
+# Context fields, as the nats CLI writes them (nats-io/jsm.go natscontext, NATS ADR-21): those rjet maps
+# to its options, and those it cannot honour, which it refuses rather than connect elsewhere or as
+# someone else. The rest (description, color_scheme, jetstream_event_prefix) do not change a connection.
+_CONTEXT_STRINGS: Final = ("url", "user", "password", "token", "creds", "nkey", "cert", "key", "ca", "inbox_prefix")
+_CONTEXT_UNSUPPORTED: Final = (
+    "nsc",
+    "jetstream_domain",
+    "jetstream_api_prefix",
+    "user_jwt",
+    "socks_proxy",
+    "windows_cert_store",
+    "windows_cert_match_by",
+    "windows_cert_match",
+    "windows_ca_certs_match",
+)
+_CREDENTIAL_SCHEMES: Final = ("nsc", "op", "env", "data")  # besides file://, for creds and nkey
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NatsContext:
+    """A nats CLI context: its name, its file, and the settings rjet uses from it (the non-empty ones)."""
+
+    name: str
+    path: str
+    settings: dict[str, str]
+    tls_first: bool = False
+
+    def get(self, key: str) -> str | None:
+        """The setting, None when unset or empty (the nats CLI writes every field, empty ones as "")."""
+        return self.settings.get(key) or None
+
+
+def nats_config_dir() -> str:
+    """Where the nats CLI keeps its configuration: ``$XDG_CONFIG_HOME/nats``, else ``~/.config/nats``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "nats")
+
+
+def load_context(name: str | None, *, source: str = "") -> NatsContext | None:
+    """The nats context ``name``, or with None the one selected in ``context.txt`` (None when none is).
+
+    ``source`` says where the name came from, for errors (" (from $NATS_CONTEXT)"). Raises
+    :class:`CliError` for an unknown name (naming the directory searched), an unreadable or
+    malformed file, and settings rjet cannot honour.
+    """
+    base = nats_config_dir()
+    if name is None:
+        selected = os.path.join(base, "context.txt")
+        try:
+            with open(selected, encoding="utf-8") as f:
+                name = f.read().strip()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise CliError(f"cannot read the selected nats context from {selected}: {describe(e)}") from None
+        if not name:
+            return None
+        source = f" (selected in {selected})"
+    directory = os.path.join(base, "context")
+    if ".." in name or os.sep in name or "/" in name:
+        raise CliError(f"nats context name {name!r}{source} is invalid: no '/' or '..'")
+    path = os.path.join(directory, name + ".json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise CliError(f"unknown nats context {name!r}{source}: no {name}.json in {directory}") from None
+    except (OSError, ValueError) as e:
+        raise CliError(f"nats context {name!r}: cannot read {path}: {describe(e)}") from None
+    if not isinstance(raw, dict):
+        raise CliError(f"nats context {name!r}: {path} does not hold a JSON object")
+    for key in _CONTEXT_UNSUPPORTED:
+        if raw.get(key):
+            raise CliError(f"nats context {name!r} ({path}) sets {key!r}, which rjet does not support")
+    settings: dict[str, str] = {}
+    for key in _CONTEXT_STRINGS:
+        value = raw.get(key)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            raise CliError(f"nats context {name!r} ({path}): {key!r} must be a string, not {value!r}")
+        if key in ("creds", "nkey", "cert", "key", "ca"):
+            value = _context_path(name, key, value)
+        settings[key] = value
+    return NatsContext(name, path, settings, tls_first=raw.get("tls_first") is True)
+
+
+def _context_path(name: str, key: str, value: str) -> str:
+    """A file setting as a path: ``file://`` URIs and ``~`` expanded; other credential URIs refused."""
+    scheme, sep, _ = value.partition(":")
+    if sep and scheme.lower() in _CREDENTIAL_SCHEMES:
+        raise CliError(
+            f"nats context {name!r}: {key} {scheme}:... is a credential URI, which rjet does not resolve:"
+            " give a file path"
+        )
+    return os.path.expanduser(value.removeprefix("file://"))
+
+
+def _from_context(
+    nctx: NatsContext, conn: Connection, *, server_given: bool, auth_given: bool, tls_given: bool
+) -> Connection:
+    """``conn`` with what the context sets and the user did not give (command line or environment)."""
+    get = nctx.get
+    changes: dict[str, Any] = {"context": nctx.name}
+    if not server_given:
+        changes["servers"] = _split_servers(get("url") or DEFAULT_SERVER)
+    if not auth_given:
+        # The nats CLI's choice when a context holds several: user, else creds, else nkey; a token too.
+        if get("user"):
+            changes["user"], changes["password"] = get("user"), nctx.settings.get("password", "")
+        elif get("creds"):
+            changes["creds"] = get("creds")
+        elif get("nkey"):
+            changes["nkey"] = get("nkey")
+        if get("token"):
+            changes["token"] = get("token")
+    if not tls_given:
+        changes["tls_ca"] = get("ca")
+        if get("cert") and get("key"):
+            changes["tls_cert"], changes["tls_key"] = get("cert"), get("key")
+    changes["inbox_prefix"] = get("inbox_prefix")
+    changes["tls_first"] = nctx.tls_first
+    return dataclasses.replace(conn, **changes)
+
+
 def connection_options(f: Callable[..., T]) -> Callable[..., T]:
     """Add ``--server`` and the connection options to a command; it receives one ``conn: Connection``."""
     return _connection_options(f, embedded_default=False)
@@ -193,10 +333,27 @@ def _connection_options(f: Callable[..., T], *, embedded_default: bool) -> Calla
         tls_cert: str | None,
         tls_key: str | None,
         connect_timeout: float,
+        context: str | None,
         **kwargs: Any,
     ) -> T:
         servers = _split_servers(server) if server is not None else ()
         conn = Connection(servers, creds, nkey, user, password, token, tls_ca, tls_cert, tls_key, connect_timeout)
+        ctx = click.get_current_context()
+        given = functools.partial(_given, ctx)
+        if embedded_default:
+            # Like $NATS_URL, neither $NATS_CONTEXT nor the selected context replace the embedded server.
+            nctx = load_context(context) if context is not None else None
+        else:
+            source = " (from $NATS_CONTEXT)" if given("context") == "env" else ""
+            nctx = load_context(context, source=source)
+        if nctx is not None:
+            conn = _from_context(
+                nctx,
+                conn,
+                server_given=given("server") is not None,
+                auth_given=any(v is not None for v in (creds, nkey, user, password, token)),
+                tls_given=any(v is not None for v in (tls_ca, tls_cert, tls_key)),
+            )
         return f(*args, conn=conn, **kwargs)
 
     if embedded_default:
@@ -216,10 +373,33 @@ def _connection_options(f: Callable[..., T], *, embedded_default: bool) -> Calla
             metavar="URL[,URL...]",
             help="NATS server URL(s) [env: NATS_URL].",
         )
+    if embedded_default:
+        context_option = click.option(
+            "--context",
+            metavar="NAME",
+            help="Connect with the nats CLI context NAME instead of starting an embedded server.",
+        )
+    else:
+        context_option = click.option(
+            "--context",
+            envvar="NATS_CONTEXT",
+            metavar="NAME",
+            help="The nats CLI context to connect with (default: the selected one) [env: NATS_CONTEXT].",
+        )
     decorated: Any = wrapper
-    for option in reversed([server_option, *_AUTH_OPTIONS]):
+    for option in reversed([server_option, context_option, *_AUTH_OPTIONS]):
         decorated = option(decorated)
     return decorated  # type: ignore[no-any-return]
+
+
+def _given(ctx: click.Context, param: str) -> str | None:
+    """Where the user gave option ``param``: "cli", "env", or None (its default)."""
+    source = ctx.get_parameter_source(param)
+    if source is click.core.ParameterSource.COMMANDLINE:
+        return "cli"
+    if source is click.core.ParameterSource.ENVIRONMENT:
+        return "env"
+    return None
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
