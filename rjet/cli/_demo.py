@@ -36,6 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 import rjet
+from rjet._tasks import cancel_and_wait
 from rjet.cli._common import (
     CliError,
     Connection,
@@ -47,6 +48,7 @@ from rjet.cli._common import (
 )
 from rjet.fate import NEVER, Fate, RandomFate
 from rjet.parallel import Parallel, Summary, shard_name, shard_of
+from rjet.partitions import DEFAULT_PARTITIONS, Partitions
 from rjet.server import EmbeddedServer
 from rjet.testing import KeyOrder
 
@@ -112,6 +114,7 @@ class _Tally:
     violations: int = 0
     misrouted: int = 0  # events of other shards handled by this one
     top: int = 0  # highest sequence handled
+    last: int = 0  # highest sequence inserted for this shard
     done_at: float | None = None
     pending: collections.deque[tuple[int, float]] = dataclasses.field(default_factory=collections.deque)
     rate: collections.deque[tuple[float, int]] = dataclasses.field(default_factory=collections.deque)
@@ -143,6 +146,7 @@ class Checker:
         for seq, fid in zip(seqs, foreign_ids, strict=True):
             t = self.shards[self.shard(fid)]
             t.expected += 1
+            t.last = max(t.last, seq)
             if seq > t.top:
                 t.pending.append((seq, at))
 
@@ -197,17 +201,9 @@ class Checker:
         return sum(t.misrouted for t in self.shards)
 
 
-def _rate(samples: collections.deque[tuple[float, int]], now: float, count: int, window: float = 1.0) -> float:
-    """Events per second over the last ``window`` seconds, from (time, count) samples."""
-    samples.append((now, count))
-    while len(samples) > 2 and now - samples[1][0] >= window:
-        samples.popleft()
-    t0, c0 = samples[0]
-    return (count - c0) / (now - t0) if now > t0 else 0.0
-
-
-def _num(x: float) -> str:
-    return f"{x / 1000:.1f}k" if x >= 10_000 else f"{x:,.0f}"
+def _per_s(count: int, seconds: float) -> str:
+    """An average rate, formatted the same in the live view and the summary (so they agree)."""
+    return f"{count / seconds:,.0f}" if seconds > 0 else "-"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -223,10 +219,16 @@ class DemoConfig:
     seed: int
     keep: bool
     give_up: float = _STALL
+    partitioned: bool = False
+
+    @property
+    def layout(self) -> Partitions | None:
+        """The demo stream's partitions (None: not partitioned)."""
+        return Partitions(DEFAULT_PARTITIONS) if self.partitioned else None
 
 
 class _Demo:
-    def __init__(self, cfg: DemoConfig, console: Console) -> None:
+    def __init__(self, cfg: DemoConfig, console: Console, stream_name: str) -> None:
         self.cfg = cfg
         self.console = console
         self.live = show_progress(console)
@@ -234,11 +236,25 @@ class _Demo:
         self.t_end: float | None = None
         self.insert_done: float | None = None
         self.head = 0  # the last event's sequence
-        self.stream_name = f"rjet_demo_{secrets.token_hex(4)}"
+        self.stream_name = stream_name
+        self.created = False  # whether the demo's stream exists (what --keep keeps)
         self.checker: Checker | None = None
         self.group: Parallel | None = None
-        self._insert_rate: collections.deque[tuple[float, int]] = collections.deque()
-        self._total_rate: collections.deque[tuple[float, int]] = collections.deque()
+
+    # Every rate the demo shows, live and in the summary, is an average since the first insert (t0):
+    # the same numbers in both places, the live ones settling on the summary's at the end.
+
+    def handling_time(self, now: float) -> float:
+        """Seconds from the first insert to the last event handled (or to ``now`` while running)."""
+        return (self.t_end or now) - self.t0
+
+    def insert_time(self, now: float) -> float:
+        """Seconds from the first insert to the last (or to ``now`` while inserting)."""
+        return (self.insert_done or now) - self.t0
+
+    def shard_time(self, t: _Tally, now: float) -> float:
+        """Seconds from the first insert to the shard's last event (or to ``now``)."""
+        return (t.done_at or self.t_end or now) - self.t0
 
     # ----------------------------------------------------------------- the run
 
@@ -246,7 +262,8 @@ class _Demo:
         cfg = self.cfg
         async with conn.connect() as nc:
             js = nc.jetstream()
-            stream = await rjet.Stream.create(js, self.stream_name)
+            stream = await rjet.Stream.create(js, self.stream_name, partitions=cfg.layout.count if cfg.layout else None)
+            self.created = True
             outdir = Path(tempfile.mkdtemp(prefix="rjet-demo-"))
             try:
                 self.checker = Checker(outdir, cfg.workers)
@@ -289,9 +306,7 @@ class _Demo:
             group.stop(force=True)
             raise
         finally:
-            if inserter is not None:
-                inserter.cancel()
-                await asyncio.wait({inserter})
+            await cancel_and_wait([inserter])  # it may swallow one cancellation (rjet/_tasks.py)
             if not task.done():
                 await asyncio.wait({task}, timeout=1.5)
             if not task.done():
@@ -367,9 +382,7 @@ class _Demo:
                 last_progress, last_unique = now, checker.unique
             elif now - last_progress > self.cfg.give_up:
                 if self.t_end is not None:
-                    raise CliError(
-                        f"every event was handled, but the shards' cursors did not reach {self.head} in time"
-                    )
+                    raise CliError("every event was handled, but not every shard's cursor got to its last in time")
                 raise CliError(
                     f"no progress for {self.cfg.give_up:g}s: {checker.unique} of {self.cfg.events} events handled"
                     + (" (every handler call fails: --fate 1)" if self.cfg.fate >= 1 else "")
@@ -377,11 +390,17 @@ class _Demo:
             await asyncio.sleep(_TICK)
 
     def _caught_up(self) -> bool:
-        """Whether every shard has stored a cursor at the last event (it read past the others' events too)."""
-        if self.group is None:
+        """Whether every shard has stored a cursor at the last event it reads: the stream's last (it read
+        past the others' events too), or on a partitioned stream that it can split, its own last."""
+        if self.group is None or self.checker is None:
             return False
-        cursors = [s.cursor for s in self.group.statistics().shards]
-        return all(c.isdigit() and int(c) >= self.head for c in cursors)
+        layout = self.cfg.layout
+        own = layout is not None and layout.divides(self.cfg.workers)
+        for s in self.group.statistics().shards:
+            target = self.checker.shards[s.shard].last if own else self.head
+            if not (s.cursor.isdigit() and int(s.cursor) >= target):
+                return False
+        return True
 
     # ----------------------------------------------------------------- the display
 
@@ -418,16 +437,15 @@ class _Demo:
         now = time.monotonic()
         wall = time.time()
         table = Table.grid(padding=(0, 2))
-        bar = max(10, min(30, self.console.width - 70))
+        bar = max(10, min(30, self.console.width - 70))  # the rest of a row takes about 60 columns
         for justify in ("left", "left", "right", "right", "right"):
             table.add_column(justify=justify)
-        ins_rate = _rate(self._insert_rate, now, checker.inserted)
         table.add_row(
             "inserted",
             ProgressBar(total=cfg.events, completed=checker.inserted, width=bar),
             f"{checker.inserted:,} / {cfg.events:,}",
             "",
-            "done" if self.insert_done is not None else f"{_num(ins_rate)} ev/s",
+            f"{_per_s(checker.inserted, self.insert_time(now))} ev/s",
         )
         lag_events, lag_age = 0, 0.0
         for t in checker.shards:
@@ -439,11 +457,12 @@ class _Demo:
                 ProgressBar(total=max(t.expected, 1), completed=t.handled, width=bar),
                 f"{t.handled:,} / {t.expected:,}",
                 f"lag {len(t.pending):,} ({age:.1f}s)",
-                f"{_num(_rate(t.rate, now, t.handled))} ev/s",
+                f"{_per_s(t.handled, self.shard_time(t, now))} ev/s",
             )
-        total = _rate(self._total_rate, now, checker.unique)
+        took = self.handling_time(now)
         line = Text.assemble(
-            f"handled {checker.unique:,} of {cfg.events:,} · {_num(total)} events/s · {now - self.t0:.1f}s\n",
+            f"handled {checker.unique:,} of {cfg.events:,} in {took:.2f}s:"
+            f" {_per_s(checker.unique, took)} events/s since the first insert\n",
             f"lag {lag_events:,} events ({lag_age:.1f}s) · duplicates {checker.duplicates} · order violations ",
             (str(checker.violations), "bold red" if checker.violations else "bold green"),
         )
@@ -456,8 +475,21 @@ async def _delete(js: JetStreamContext, name: str) -> None:
             await js.delete_stream(what)
 
 
-def _summary(cfg: DemoConfig, demo: _Demo, checker: Checker, summary: Summary | None) -> tuple[Table, list[str], bool]:
-    elapsed = (demo.t_end or time.monotonic()) - demo.t0
+def _stream_line(cfg: DemoConfig) -> str:
+    layout = cfg.layout
+    if layout is None:
+        return "stream: not partitioned: every shard read every event (try --partitioned)"
+    if layout.divides(cfg.workers):
+        return f"stream: partitioned ({layout.count}): each shard read only its own events"
+    return f"stream: partitioned ({layout.count}), but {cfg.workers} shards cannot split it: each read every event"
+
+
+def _summary(
+    cfg: DemoConfig, demo: _Demo, checker: Checker, summary: Summary | None, failure: str | None = None
+) -> tuple[Table, list[str], bool]:
+    """The summary table, the lines under it, and whether the demo passed; ``failure``: why it stopped early."""
+    now = time.monotonic()
+    started = demo.t0 > 0  # the workers ran and inserting began
     table = Table(
         title="rjet demo: summary",
         title_justify="left",
@@ -466,13 +498,14 @@ def _summary(cfg: DemoConfig, demo: _Demo, checker: Checker, summary: Summary | 
         padding=(0, 1),
         collapse_padding=True,
         show_edge=False,
+        pad_edge=False,
     )
+    # On a narrow terminal the one wrappable column's header breaks at its blank; names and numbers stay whole.
     for col in ("shard", "handled", "duplicates", "order violations", "restarts", "cursor", "events/s"):
-        table.add_column(col, justify="left" if col == "shard" else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col == "shard" else "right", no_wrap=col != "order violations")
     stats = {s.shard: s for s in summary.shards} if summary is not None else {}
     for m, t in enumerate(checker.shards):
         s = stats.get(m)
-        took = (t.done_at or demo.t_end or time.monotonic()) - demo.t0
         table.add_row(
             t.name,
             f"{t.handled:,}",
@@ -480,7 +513,7 @@ def _summary(cfg: DemoConfig, demo: _Demo, checker: Checker, summary: Summary | 
             str(t.violations),
             "-" if s is None else str(s.restarts),
             "-" if s is None else s.cursor or "-",
-            f"{t.handled / took:,.0f}" if took > 0 else "-",
+            _per_s(t.handled, demo.shard_time(t, now)) if started else "-",
         )
     table.add_section()
     table.add_row(
@@ -490,18 +523,21 @@ def _summary(cfg: DemoConfig, demo: _Demo, checker: Checker, summary: Summary | 
         str(checker.violations),
         "-" if summary is None else str(sum(s.restarts for s in summary.shards)),
         "",
-        f"{checker.unique / elapsed:,.0f}" if elapsed > 0 else "-",
+        _per_s(checker.unique, demo.handling_time(now)) if started else "-",
     )
-    ins = (demo.insert_done or time.monotonic()) - demo.t0
-    lines = [
-        f"throughput: {checker.unique:,} events handled in {elapsed:.2f}s = {checker.unique / elapsed:,.0f} events/s"
-        f" over {cfg.workers} shard(s); inserted at {checker.inserted / ins:,.0f} events/s"
-        if elapsed > 0 and ins > 0
-        else f"handled {checker.unique:,} events",
-    ]
-    problems = []
+    lines = []
+    if started:
+        took, ins = demo.handling_time(now), demo.insert_time(now)
+        lines += [
+            f"handled {checker.unique:,} events in {took:.2f}s: {_per_s(checker.unique, took)} events/s over"
+            f" {cfg.workers} shard(s)",
+            "  (averages from the first insert to the last event handled, as shown live)",
+            f"inserted {checker.inserted:,} events in {ins:.2f}s: {_per_s(checker.inserted, ins)} events/s",
+        ]
+    lines.append(_stream_line(cfg))
+    problems = [failure] if failure else []
     if checker.unique != cfg.events:
-        problems.append(f"{cfg.events - checker.unique} event(s) not handled")
+        problems.append(f"{cfg.events - checker.unique:,} event(s) not handled")
     if checker.violations:
         problems.append(f"{checker.violations} order violation(s)")
     if checker.misrouted:
@@ -547,8 +583,19 @@ def _summary(cfg: DemoConfig, demo: _Demo, checker: Checker, summary: Summary | 
     metavar="P",
     help="Make each handler call fail with probability P after its work, to show redelivery.",
 )
+@click.option(
+    "--partitioned",
+    is_flag=True,
+    help=f"Use a partitioned stream ({DEFAULT_PARTITIONS} partitions): each shard reads only its own events,"
+    " filtered by the server.",
+)
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the foreign IDs' random order.")
-@click.option("--keep", is_flag=True, help="With --server: keep the demo's stream and cursors (for `rjet status`).")
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Keep the demo's stream and cursors (for `rjet status`); without --server, in the embedded server's"
+    " storage, with the commands to start a server on it.",
+)
 @click.option(
     "--give-up-after",
     "give_up",
@@ -567,6 +614,7 @@ def demo(
     handler_cost: float,
     rate: float,
     fate: float,
+    partitioned: bool,
     seed: int,
     keep: bool,
     give_up: float,
@@ -575,39 +623,88 @@ def demo(
 
     Without --server it starts a nats-server of its own (on a free loopback port, with temporary
     storage) and removes it at the end. It shows live progress on a terminal, checks that each
-    foreign ID's events are handled in order, and ends with a summary. Exit status 0 only when every
-    event was handled and no order was violated.
+    foreign ID's events are handled in order, and ends with a summary, also when it fails. Rates are
+    averages since the first insert, live and in the summary. Exit status 0 only when every event was
+    handled and no order was violated.
     """
-    cfg = DemoConfig(events, keys, workers, handler_cost, rate, fate, seed, keep, give_up)
+    cfg = DemoConfig(events, keys, workers, handler_cost, rate, fate, seed, keep, give_up, partitioned)
     err = stderr_console()
+    d = _Demo(cfg, err, f"rjet_demo_{secrets.token_hex(4)}")
+    name = d.stream_name
     if conn.servers:
-        ok = _run_demo(cfg, conn, err)
+        try:
+            ok = _run_demo(d, conn)
+        finally:
+            if keep and d.created:
+                _say(f"kept stream {name} and its cursors; look at them with:")
+                _say(f"  rjet status {name} --namespace {name} --server {conn.url}", wrap=False)
     else:
-        with EmbeddedServer() as srv:
-            err.print(f"started nats-server at {srv.url} (temporary storage)", highlight=False, soft_wrap=True)
-            ok = _run_demo(cfg, dataclasses.replace(conn, servers=(srv.url,)), err)
+        # --keep keeps the server's storage too: the stream would go with a temporary one.
+        store = tempfile.mkdtemp(prefix="rjet-demo-store-") if keep else None
+        try:
+            with EmbeddedServer(store_dir=store) as srv:
+                err.print(f"started nats-server at {srv.url} ({store or 'temporary storage'})", highlight=False)
+                ok = _run_demo(d, dataclasses.replace(conn, servers=(srv.url,)))
+        finally:
+            if store is not None and not d.created:
+                shutil.rmtree(store, ignore_errors=True)  # nothing in it to keep
+            elif store is not None:
+                _say(
+                    f"kept stream {name} and its cursors in {store}; the demo's nats-server has stopped. To"
+                    " look at them, start one on that storage and ask it:"
+                )
+                _say(f"  rjet server --store-dir {store} &", wrap=False)
+                _say(f"  rjet status {name} --namespace {name}", wrap=False)
     raise click.exceptions.Exit(0 if ok else 1)
 
 
-def _run_demo(cfg: DemoConfig, conn: Connection, err: Console) -> bool:
-    d = _Demo(cfg, err)
-    err.print(
+def _stdout() -> Console:
+    """stdout: as wide as the terminal, or as $COLUMNS says (a pipe without it: wide, not to cut tables)."""
+    return Console() if "COLUMNS" in os.environ else stdout_console()
+
+
+def _say(text: str, *, wrap: bool = True) -> None:
+    """Print a line of the summary on stdout: wrapped at blanks to the terminal's width, or (a command
+    to copy) kept whole."""
+    _stdout().print(text, highlight=False, soft_wrap=not wrap)
+
+
+def _run_demo(d: _Demo, conn: Connection) -> bool:
+    """Run the demo and print its summary; whether it passed. A failure that stopped it early is
+    raised after the summary (as the one-line error)."""
+    cfg = d.cfg
+    layout = cfg.layout
+    d.console.print(
         f"rjet demo: {cfg.events:,} events over {cfg.keys:,} foreign IDs, {cfg.workers} worker(s), handler cost"
-        f" {cfg.cost_us:g}µs, stream {d.stream_name} on {conn.url}",
+        f" {cfg.cost_us:g}µs, stream {d.stream_name}"
+        + (f" ({layout.count} partitions)" if layout else "")
+        + f" on {conn.url}",
         highlight=False,
-        soft_wrap=True,
     )
-    checker, summary = run(d.run(conn))
-    table, lines, ok = _summary(cfg, d, checker, summary)
-    out = stdout_console()
-    out.print(table)
+    failure: CliError | None = None
+    summary: Summary | None = None
+    try:
+        _, summary = run(d.run(conn))
+    except CliError as e:
+        failure = e
+    except KeyboardInterrupt:
+        if d.checker is not None:
+            _print_summary(cfg, d, d.checker, None if d.group is None else d.group.statistics(), "interrupted")
+        raise
+    if d.checker is None:  # it failed before the workers ran: nothing to sum up
+        assert failure is not None
+        raise failure
+    if summary is None and d.group is not None:
+        summary = d.group.statistics()  # where the group got to before the failure
+    ok = _print_summary(cfg, d, d.checker, summary, None if failure is None else failure.format_message())
+    if failure is not None:
+        raise failure
+    return ok
+
+
+def _print_summary(cfg: DemoConfig, d: _Demo, checker: Checker, summary: Summary | None, failure: str | None) -> bool:
+    table, lines, ok = _summary(cfg, d, checker, summary, failure)
+    _stdout().print(table)
     for line in lines:
-        out.print(line, highlight=False, soft_wrap=True)
-    if cfg.keep:
-        out.print(
-            f"kept stream {d.stream_name}; try: rjet status {d.stream_name} --server {conn.url}"
-            f" --namespace {d.stream_name}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        _say(line)
     return ok
