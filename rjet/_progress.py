@@ -295,9 +295,15 @@ class Progress:
 
         Raises :class:`ValueError` if ``seq`` is not above every position given before.
         """
-        self._advance(seq)
+        if seq <= self._last:
+            raise ValueError(f"seq {seq} is not above the last position given, {self._last}")
+        self._last = seq
         restored = self._restored
         at = self._restored_at
+        if at == len(restored):  # nothing restored is left above: the common case, kept short
+            self._queue.append(seq)
+            self._pending.add(seq)
+            return True
         while at < len(restored) and restored[at] < seq:
             at += 1
         if at < len(restored) and restored[at] == seq:

@@ -413,6 +413,44 @@ class StreamClient:
             self._skipped = 0  # the caller moves its cursor to the bad event, or stops
             raise
 
+    def take(self, limit: int) -> list[Event]:
+        """Up to ``limit`` events that :meth:`next_or_skip` would return now, one call after the other,
+        without waiting (a concurrent consumer's reader takes a run of them at once).
+
+        It stops short, leaving the rest to :meth:`next_or_skip`, wherever that one does more than pop
+        and decode: a removed range to report, a frame held for verification, the head of a
+        ``to_head`` read, a pull request to send, an undecodable message (which next_or_skip raises)."""
+        buf = self._buf
+        if not buf or self._gaps:
+            return []
+        marks = self._marks
+        if marks and marks[0][0] <= self._returned:
+            self._pass_marks()
+        s, low, verified, decode = self._session, self._low, self._verified, self._decode
+        head = self._head if self._to_head else None
+        out: list[Event] = []
+        while buf and len(out) < limit:
+            frame = buf[0]
+            sseq = frame[0]
+            if sseq > verified or (head is not None and sseq > head):
+                break
+            if s is None or s.pending <= low:
+                if s is None or self._cfg.max_buffered - len(buf) - s.pending >= low:
+                    break  # a pull is due: next_or_skip sends it
+                if s.pending <= 0:
+                    self._blind = True  # as next_or_skip notes it (no room to ask for more)
+            try:
+                event = decode(*frame)
+            except DecodeError:
+                break  # next_or_skip pops it and raises, in its place
+            buf.popleft()
+            if marks:
+                self._returned = sseq
+            if self._skipped <= sseq:
+                self._skipped = 0
+            out.append(event)
+        return out
+
     def _pass_marks(self) -> None:
         """Count the runs of passed-over events up to the position last handed to the caller."""
         marks, upto = self._marks, self._returned

@@ -269,6 +269,7 @@ async def _keyed(
     await KeyedRun(
         consumer,
         recv=client.next_or_skip if isinstance(client, StreamClient) else client.recv,
+        take=client.take if isinstance(client, StreamClient) else None,
         set_cursor=claim.set_cursor,
         lease=claim,
         exact=isinstance(spec.cursor_store, JetStreamCursorStore),

@@ -11,7 +11,7 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
-from rjet._reader import StreamClient
+from rjet._reader import ReadConfig, StreamClient
 from rjet._wire import FastParser
 from rjet.parallel._shard import key_filter, shard_of
 
@@ -155,3 +155,47 @@ async def test_the_bulk_scanner_counts_each_delivery_once_around_a_lost_message(
     assert bulk == await _feed(stream, gap_at, filt, bulk=False)
     assert bulk[0] == 12
     assert bulk[-1] == (gap_at is not None)  # recovering after the lost message
+
+
+@pytest.mark.parametrize("filt", [None, _SHARD_0_OF_3], ids=["all", "shard"])
+@pytest.mark.parametrize("batch", [7, 2000])
+async def test_taking_runs_of_events_reads_what_one_at_a_time_reads(
+    js: JetStreamContext, name: str, filt: Callable[[str], bool] | None, batch: int
+) -> None:
+    # StreamClient.take (a concurrent consumer's reader) stops wherever next_or_skip does more than
+    # pop and decode: a removed range, an undecodable message, a pull to send (small batches), the head.
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(_KEYS[i % 12], 1, b"") for i in range(120)])
+    await js.publish(f"{name}.events", b"not an event", headers={"reflex_type": "created"})  # 121
+    await stream.insert_many([(_KEYS[i % 12], 2, b"") for i in range(80)])
+    for seq in (40, 41, 42, 150):
+        await js.delete_msg(name, seq)
+    read = ReadConfig(batch=batch, max_buffered=4 * batch, on_removed="skip")
+
+    async def read_all(take: bool) -> list[str]:
+        out = []
+        client = await rjet.Stream(js, name, read=read).stream(to_head=True, key_filter=filt)
+        try:
+            while True:
+                if take and (events := client.take(5)):
+                    out += [e.id for e in events]
+                    continue
+                try:
+                    item = await client.next_or_skip()
+                except rjet.HeadReached:
+                    return out
+                except rjet.DecodeError as e:
+                    out.append(f"undecodable {e.seq}")
+                    continue
+                if isinstance(item, rjet.EventsRemoved):
+                    out.append(f"removed {item.first}..{item.last}")
+                elif isinstance(item, rjet.Event):
+                    out.append(item.id)
+        finally:
+            await client.close()
+
+    one_by_one = await read_all(take=False)
+    if filt is None:  # (a shard's reader passes over the message, its key is another shard's)
+        assert "undecodable 121" in one_by_one
+    assert "removed 40..42" in one_by_one
+    assert one_by_one == await read_all(take=True)
