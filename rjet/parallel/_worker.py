@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 import multiprocess
 
 from rjet._connect import connect
+from rjet._tasks import cancel_and_wait
 from rjet.consumer import Consumer, Handler
 from rjet.cursors import JetStreamCursorStore
 from rjet.deadletter import DeadLetter, DeadLetterStream
@@ -286,8 +287,7 @@ class _Worker:
                 outcome, detail = "fatal", f"{type(e).__name__}: {e}"
             return outcome, detail
         finally:
-            for task in helpers:
-                task.cancel()
+            await cancel_and_wait(helpers)  # the fence watcher's reads may swallow one (rjet/_tasks.py)
             with contextlib.suppress(Exception):
                 await nc.close()
 
