@@ -621,9 +621,12 @@ async def test_cancelling_run_async_stops_gracefully(
     task = asyncio.create_task(p.run_async())
     await wait_for(lambda: p.statistics().handled >= 50, what="progress")
     pids = set(p.worker_pids.values())
+    assert not p.stopping
     task.cancel()
+    await wait_for(lambda: p.stopping, what="the stop to be seen")  # what /readyz reports meanwhile
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert not p.stopping
     await wait_gone(pids)
     handled = [seq for seq, _, _ in read_logs(tmp_path)[0]]
     assert handled == sorted(events)[: len(handled)]

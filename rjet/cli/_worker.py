@@ -271,6 +271,8 @@ async def _run_with_metrics(group: Parallel, to_head: bool, host: str, port: int
     def readyz() -> tuple[bool, str]:
         if running is None or running.done():
             return False, "the group is not running"
+        if group.stopping:
+            return False, "stopping: its workers finish and flush"
         return readiness(group.statistics().shards)
 
     checks = {"/healthz": healthz, "/readyz": readyz}

@@ -258,6 +258,11 @@ class Parallel:
             loop.call_soon_threadsafe(self._request_stop, force)
 
     @property
+    def stopping(self) -> bool:
+        """True from a stop request until the group has stopped (its workers finish and flush)."""
+        return self._running and self._stops > 0
+
+    @property
     def worker_pids(self) -> dict[int, int]:
         """The process ID of each shard's live worker, by shard index."""
         return {m: s.proc.pid for m, s in self._states.items() if s.proc is not None and s.proc.pid is not None}
