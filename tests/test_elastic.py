@@ -283,16 +283,20 @@ def _rows(directory: Path) -> list[tuple[int, str, int, float]]:
     return rows
 
 
-def _start_member(server: EmbeddedServer, name: str, n: int, directory: Path, member: str) -> subprocess.Popen[str]:
+def _start_member(
+    server: EmbeddedServer, name: str, n: int, directory: Path, member: str, *, quiet: bool = True
+) -> subprocess.Popen[str]:
     args = [
-        sys.executable, "-m", "rjet", "worker", name, "elastic_handler:handle", "--name", name, "-n", str(n),
+        sys.executable, "-m", "rjet", "worker", name, "elastic_handler:handle", "--group", name, "-n", str(n),
         "--namespace", name, "--elastic", "--member-id", member, "--heartbeat-interval", "0.2", "--heartbeat-ttl",
-        "1.0", "--flush-interval", "0.2", "-q", "-s", server.url,
+        "1.0", "--flush-interval", "0.2", *(["-q"] if quiet else []), "-s", server.url,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(directory) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # Its own process group: the test kills or stops the member and its worker processes together,
     # as a host going down or freezing would.
-    return subprocess.Popen(args, cwd=directory, env=env, start_new_session=True, text=True)
+    return subprocess.Popen(
+        args, cwd=directory, env=env, start_new_session=True, text=True, stderr=None if quiet else subprocess.PIPE
+    )
 
 
 def _check(rows: list[tuple[int, str, int, float]], events: dict[int, str]) -> int:
@@ -326,6 +330,34 @@ async def _stop_members(*procs: subprocess.Popen[str]) -> None:
             p.send_signal(signal.SIGTERM)
     for p in procs:
         await asyncio.to_thread(p.wait, 30)
+
+
+@pytest.mark.timeout(60)
+async def test_rjet_worker_logs_each_assignment_change_in_one_line(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    (tmp_path / "elastic_handler.py").write_text(textwrap.dedent(_HANDLER.format(dir=str(tmp_path))))
+    await insert(stream, 10, keys=5)
+    a = _start_member(server, name, 2, tmp_path, "a", quiet=False)
+    try:
+        await wait_until(lambda: len(_rows(tmp_path)) == 10, 30, "a handling every event")
+        b = _start_member(server, name, 2, tmp_path, "b")
+        try:
+            await asyncio.sleep(2.0)  # b joins: a hands one shard over
+        finally:
+            b.send_signal(signal.SIGINT)
+            await asyncio.to_thread(b.wait, 30)
+    finally:
+        a.send_signal(signal.SIGINT)
+        _, err = await asyncio.to_thread(a.communicate, timeout=30)
+    changes = [line for line in err.splitlines() if "member a: assignment" in line]
+    assert len(changes) >= 2, err  # all shards alone, then one each with b, then all again
+    assert re.search(
+        r"member a: assignment \[1, 2\] \(\+\[1, 2\] -\[\]\) of n=2 over 1 live member\(s\): a \[1, 2\]", changes[0]
+    )
+    assert re.search(
+        r"assignment \[\d\] \(\+\[\] -\[\d\]\) of n=2 over 2 live member\(s\): a \[\d\]; b \[\d\]", changes[1]
+    )
 
 
 async def _two_members_handling(

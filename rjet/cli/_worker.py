@@ -94,7 +94,7 @@ def imported(spec: str) -> ImportedHandler:
 @click.command()
 @click.argument("stream")
 @click.argument("handler", metavar="MODULE:FUNCTION")
-@click.option("--name", required=True, help="The group's name; shard cursors are NAME_M_of_N.")
+@click.option("--name", "--group", "name", required=True, help="The group's name; shard cursors are NAME_M_of_N.")
 @click.option("-n", "--shards", "n", type=click.IntRange(min=1), required=True, help="Shards in the group (all hosts).")
 @click.option(
     "--shard",

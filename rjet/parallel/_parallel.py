@@ -346,11 +346,18 @@ class Parallel:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
-        log.info(
-            "parallel %r: starting shards %s of n=%d on stream %r",
-            self.name, [m + 1 for m in self.shards], self.n, self.stream,
-            extra={"group": self.name, "n": self.n, "stream": self.stream},
-        )  # fmt: skip
+        if membership is not None:
+            log.info(
+                "parallel %r: joining as member %s (n=%d) on stream %r: the assignment gives it its shards",
+                self.name, membership.member, self.n, self.stream,
+                extra={"group": self.name, "n": self.n, "stream": self.stream, "member": membership.member},
+            )  # fmt: skip
+        else:
+            log.info(
+                "parallel %r: starting shards %s of n=%d on stream %r",
+                self.name, [m + 1 for m in self.shards], self.n, self.stream,
+                extra={"group": self.name, "n": self.n, "stream": self.stream},
+            )  # fmt: skip
         try:
             await self._supervise(to_head, beats)
         finally:
