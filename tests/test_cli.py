@@ -122,27 +122,35 @@ def test_insert_stops_at_a_bad_line(server: EmbeddedServer, name: str) -> None:
     assert "inserted 2 event(s)" in proc.stdout
 
 
-async def test_tail_from_head_with_timeout(server: EmbeddedServer, name: str, js: JetStreamContext) -> None:
-    stream = await rjet.Stream.create(js, name)
-    await stream.insert("old", 1)
+async def follow_then_insert(
+    js: JetStreamContext, stream: rjet.Stream, args: list[str], env: dict[str, str], event: tuple[str, int, bytes]
+) -> tuple[int, bytes, bytes]:
+    """Start ``rjet ARGS`` (a tail that follows), insert ``event`` once its consumer exists (so the
+    event comes after its start), and return its exit status and output."""
     tail = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "rjet", "tail", name, "--from-head", "--json", "--timeout", "1.5", "-s", server.url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_env(),
+        sys.executable, "-m", "rjet", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
     try:
-        for _ in range(200):  # wait until the tail's consumer exists, so "new" is after its head
-            if (await js.stream_info(name)).state.consumer_count:
+        for _ in range(200):
+            if (await js.stream_info(stream.name)).state.consumer_count:
                 break
             await asyncio.sleep(0.05)
-        await stream.insert("new", 2, b"x")
+        await stream.insert(*event)
         out, err = await asyncio.wait_for(tail.communicate(), 20)
     finally:
         if tail.returncode is None:
             tail.kill()
             await tail.wait()
-    assert tail.returncode == 0, err
+    assert tail.returncode is not None
+    return tail.returncode, out, err
+
+
+async def test_tail_from_head_with_timeout(server: EmbeddedServer, name: str, js: JetStreamContext) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert("old", 1)
+    args = ["tail", name, "--from-head", "--json", "--timeout", "1.5", "-s", server.url]
+    code, out, err = await follow_then_insert(js, stream, args, _env(), ("new", 2, b"x"))
+    assert code == 0, err
     assert [(e["foreign_id"], e["type"]) for e in map(json.loads, out.splitlines())] == [("new", 2)]
 
 

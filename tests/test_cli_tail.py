@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from nats.js import JetStreamContext
+from test_cli import follow_then_insert
 
 import rjet
 from rjet.server import EmbeddedServer
@@ -69,22 +70,9 @@ async def test_tail_last_n_then_follows(
 ) -> None:
     stream = await rjet.Stream.create(js, name)
     await stream.insert_many([(f"k{i}", 1, b"") for i in range(5)])
-    tail = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rjet", "tail", name, "--last", "2", "--limit", "3", "-s", server.url,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path),
-    )  # fmt: skip
-    try:
-        for _ in range(200):  # until the tail's consumer exists, so the new event comes after it started
-            if (await js.stream_info(name)).state.consumer_count:
-                break
-            await asyncio.sleep(0.05)
-        await stream.insert("new", 2, b"")
-        out, err = await asyncio.wait_for(tail.communicate(), 20)
-    finally:
-        if tail.returncode is None:
-            tail.kill()
-            await tail.wait()
-    assert tail.returncode == 0, err
+    args = ["tail", name, "--last", "2", "--limit", "3", "-s", server.url]
+    code, out, err = await follow_then_insert(js, stream, args, _env(tmp_path), ("new", 2, b""))
+    assert code == 0, err
     assert [line.split("\t")[0] for line in out.decode().splitlines()] == ["4", "5", "6"]
 
 
