@@ -69,24 +69,31 @@ def sleep_stream(js: JetStreamContext, arun: Arun[Any]) -> rjet.Stream:
     return stream
 
 
+@pytest.fixture(scope="module")
+def sleep_stream_k1(js: JetStreamContext, arun: Arun[Any]) -> rjet.Stream:
+    # K=1 does ~850 events/s: a stream of its own, short enough to time, tells its rate. (Timing K=1
+    # on a part of the big stream, and passing over the rest, counted the rest's time against it.)
+    stream: rjet.Stream = arun(_fill(js, _n(2_000), 1000))
+    return stream
+
+
 _sleep_rates: dict[int, float] = {}
 
 
 @pytest.mark.benchmark(group="concurrency: 1 ms sleep handler, 1,000 keys")
 @pytest.mark.parametrize("k", [1, 16, 64, 256, 1024])
-def test_sleep_handler(benchmark: Any, arun: Arun[Any], sleep_stream: rjet.Stream, k: int) -> None:
-    # K=1 does ~900 events/s: a part of the stream tells its rate. The others run the whole stream
-    # with the handler as it is described (nothing but the sleep).
-    limit = _n(2_000) if k == 1 else _n(50_000)
-
-    async def first_part(fate: rjet.Fate, event: rjet.Event) -> None:
-        if event.id_int <= limit:
-            await asyncio.sleep(0.001)
-
-    fn = first_part if k == 1 else _sleep_1ms
-    handled = _consume(benchmark, arun, sleep_stream, lambda name: rjet.Consumer(name, fn, concurrency=k))
-    assert handled == _n(50_000)
-    rate = record(benchmark, events=limit, k=k)
+def test_sleep_handler(
+    benchmark: Any, arun: Arun[Any], sleep_stream: rjet.Stream, sleep_stream_k1: rjet.Stream, k: int
+) -> None:
+    stream, n = (sleep_stream_k1, _n(2_000)) if k == 1 else (sleep_stream, _n(50_000))
+    # The fastest of 3 rounds for K > 1 (under a second each), as the other throughput figures: one
+    # round of a CPU-bound run on a shared 2-core machine varies by 20%. K=1 sleeps, and varies little.
+    rounds = 1 if k == 1 else 3
+    handled = _consume(
+        benchmark, arun, stream, lambda name: rjet.Consumer(name, _sleep_1ms, concurrency=k), rounds=rounds
+    )
+    assert handled == n
+    rate = record(benchmark, events=n, k=k)
     _sleep_rates[k] = rate
     base = _sleep_rates.get(1)
     if base and rate:
