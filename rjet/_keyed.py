@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
 
 from rjet._progress import Progress, decode_done
@@ -155,7 +155,8 @@ class KeyedRun:
 
     async def run(self) -> NoReturn:
         """Read, schedule and handle until the run ends; raises why it ended (see :func:`rjet.run`)."""
-        workers = [asyncio.create_task(self._work()) for _ in range(self._consumer.concurrency)]
+        work = self._work_loop if self._consumer.batch is None else self._batch_loop
+        workers = [asyncio.create_task(work()) for _ in range(self._consumer.concurrency)]
         saver = asyncio.create_task(self._saver())
         self._halted = asyncio.ensure_future(self._halt.wait())
         self._halted.add_done_callback(lambda _: self._wake_all())  # a reader waiting for room stops too
@@ -194,13 +195,16 @@ class KeyedRun:
 
     # ------------------------------------------------------------------ the reader
 
-    async def _read(self) -> None:
+    async def _read(self) -> None:  # noqa: C901 (the hot path, kept in one piece)
         consumer, progress, stats = self._consumer, self._progress, self._stats
         key_filter = None if self._key_checked else consumer.key_filter
         types, event_filter = consumer.types, consumer.filter
+        filtered = key_filter is not None or types is not None or event_filter is not None
         recv, take, changed = self._recv, self._take, self._changed
         max_waiting, max_bytes = consumer.max_waiting, consumer.max_waiting_bytes
         halted, stopping, closing = self._halt.is_set, self._stopping, self._closing.is_set
+        queues, ready, idle = self._queues, self._ready, self._idle
+        batched = consumer.batch is not None
         clock = time.monotonic
         next_yield = clock() + _YIELD_EVERY
         unchecked = 0  # events read since the done set's size was last looked at
@@ -236,7 +240,7 @@ class KeyedRun:
                 events = (item,)
             for event in events:
                 seq = int(event.id)
-                if (
+                if filtered and (
                     (key_filter is not None and not key_filter(event.foreign_id))
                     or (types is not None and event.type not in types)
                     or (event_filter is not None and not event_filter(event))
@@ -251,44 +255,48 @@ class KeyedRun:
                     continue
                 if self._lag:
                     await self._wait_lag(event)
-                self._enqueue(event)
+                # Queued behind its key's earlier events; its key is ready when it had none.
+                key = event.foreign_id
+                queue = queues.get(key)
+                if queue is None:
+                    queues[key] = deque((event,))
+                    ready.append(key)
+                    if batched:
+                        self._since[key] = self._loop.time()
+                    if idle:
+                        idle.popleft().set_result(None)
+                else:
+                    queue.append(event)
+                    if len(queue) > stats.key_queue_max:
+                        stats.key_queue_max = len(queue)
+                self._waiting += 1
+                self._waiting_bytes += len(event.metadata) + len(key) + _EVENT_OVERHEAD
+                if batched and self._arrivals:
+                    self._arrived()
 
-    def _enqueue(self, event: Event) -> None:
-        """Queue ``event`` behind its key's earlier events; its key is ready when it had none."""
-        key = event.foreign_id
-        queue = self._queues.get(key)
-        if queue is None:
-            self._queues[key] = deque((event,))
-            if self._consumer.batch is not None:
-                self._since[key] = self._loop.time()
-            self._ready.append(key)
-            if self._idle:
-                self._idle.popleft().set_result(None)
-        else:
-            queue.append(event)
-            if len(queue) > self._stats.key_queue_max:
-                self._stats.key_queue_max = len(queue)
-        self._waiting += 1
-        self._waiting_bytes += len(event.metadata) + len(key) + _EVENT_OVERHEAD
-        if self._arrivals:
-            for f in self._arrivals:
-                if not f.done():
-                    f.set_result(None)
-            self._arrivals.clear()
+    def _arrived(self) -> None:
+        """Events were queued: a batch collector waiting for more looks again."""
+        for f in self._arrivals:
+            if not f.done():
+                f.set_result(None)
+        self._arrivals.clear()
 
     async def _pause(self, full: bool) -> None:
         """Wait for room: once a quarter of the queue was taken (``full``), or progress moved (the
         done set at its limit)."""
         self._room = self._loop.create_future()
-        if full:
-            await self._room
-            return
-        self._stats.progress_stalls += 1
-        self._progress_full = True
         try:
-            await self._room
+            if full:
+                await self._room
+                return
+            self._stats.progress_stalls += 1
+            self._progress_full = True
+            try:
+                await self._room
+            finally:
+                self._progress_full = False
         finally:
-            self._progress_full = False
+            self._room = None  # workers look for a waiting reader after every event they take
 
     async def _undecodable(self, e: DecodeError) -> None:
         if self._consumer.dead_letter is None:
@@ -319,112 +327,115 @@ class KeyedRun:
 
     # ------------------------------------------------------------------ the workers
 
-    async def _work(self) -> None:
+    @contextlib.contextmanager
+    def _worker(self) -> Iterator[None]:
+        """How a worker ends. (A context in the worker's loop, not a coroutine around it: every
+        coroutine between the task and the handler costs each suspension a frame to go through.)"""
         try:
-            if self._consumer.batch is None:
-                await self._work_loop()
-            else:
-                await self._batch_loop()
+            yield
         except _Abort:
             pass
         except Exception as e:  # a dead-letter sink failing, a bug: the run ends
             self._fail(e)
 
     async def _work_loop(self) -> None:
-        consumer, progress, stats = self._consumer, self._progress, self._stats
-        queues, ready, idle = self._queues, self._ready, self._idle
-        fn, fate = consumer.fn, consumer.fate
-        direct = self._pool is None and not stats.timing
-        closing = self._closing.is_set
-        create_future = self._loop.create_future
-        lease, monotonic = self._lease, time.monotonic
-        while not closing():
-            if not ready:
-                waiter = create_future()
-                idle.append(waiter)
-                await waiter
-                continue
-            key = ready.popleft()
-            queue = queues[key]
-            event = queue.popleft()
-            self._waiting -= 1
-            self._waiting_bytes -= len(event.metadata) + len(key) + _EVENT_OVERHEAD
-            if self._room is not None:
-                self._taken()
-            if monotonic() >= lease.expires:  # not seen held for a lease: look before handling
-                await lease.confirm()
-                if closing():
-                    return
-            stats.in_flight += 1
-            try:
-                if direct:
-                    # The common case without the retry machinery's frame; a failure goes through it.
-                    try:
-                        await fn(fate, event)  # type: ignore[arg-type, misc]
-                        handled = True
-                    except Exception as e:
-                        handled = await self._handle([event], e)
-                else:
-                    handled = await self._handle([event])
-            finally:
-                stats.in_flight -= 1
-            progress.done(int(event.id))
-            if handled:
-                stats.handled += 1
-                stats.last_event = event
-            if queue:
-                ready.append(key)  # behind the keys that waited meanwhile
-            else:
-                del queues[key]
-                if not queues and self._emptied is not None and not self._emptied.done():
-                    self._emptied.set_result(None)
-            if not self._save_due:  # one wake of the saver per loop turn, however many events finish
-                self._save_due = True
-                if self._saving is not None:
-                    self._saving.set_result(None)
-            if self._progress_full:
-                self._changed()
-
-    async def _batch_loop(self) -> None:
-        progress, stats = self._progress, self._stats
-        queues, ready = self._queues, self._ready
-        batch = self._consumer.batch
-        assert batch is not None
-        closing = self._closing.is_set
-        while not closing():
-            if not ready or self._collecting:
-                waiter = self._loop.create_future()
-                self._idle.append(waiter)
-                await waiter
-                continue
-            keys, events = await self._collect(batch.max_len, batch.max_wait)
-            if time.monotonic() >= self._lease.expires:
-                await self._lease.confirm()
-            if closing():
-                return  # not started: they stay not done, read again by the next run
-            self._waiting -= len(events)
-            self._waiting_bytes -= sum(len(e.metadata) + len(e.foreign_id) + _EVENT_OVERHEAD for e in events)
-            if self._room is not None:
-                self._taken()
-            stats.in_flight += 1
-            try:
-                handled = await self._handle(events)
-            finally:
-                stats.in_flight -= 1
-            for e in events:
-                progress.done(int(e.id))
-            if handled:
-                stats.handled += len(events)
-                stats.last_event = events[-1]
-            for key in keys:
-                if queues[key]:
-                    ready.append(key)
-                    self._since[key] = self._loop.time()
+        with self._worker():
+            consumer, progress, stats = self._consumer, self._progress, self._stats
+            queues, ready, idle = self._queues, self._ready, self._idle
+            fn, fate = consumer.fn, consumer.fate
+            direct = self._pool is None and not stats.timing
+            closing = self._closing.is_set
+            create_future = self._loop.create_future
+            lease, monotonic = self._lease, time.monotonic
+            low = self._low  # a reader waiting for room goes on below it (and the bytes' low mark)
+            while not closing():
+                if not ready:
+                    waiter = create_future()
+                    idle.append(waiter)
+                    await waiter
+                    continue
+                key = ready.popleft()
+                queue = queues[key]
+                event = queue.popleft()
+                self._waiting -= 1
+                self._waiting_bytes -= len(event.metadata) + len(key) + _EVENT_OVERHEAD
+                if self._room is not None and self._waiting <= low:
+                    self._taken()
+                if monotonic() >= lease.expires:  # not seen held for a lease: look before handling
+                    await lease.confirm()
+                    if closing():
+                        return
+                stats.in_flight += 1
+                try:
+                    if direct:
+                        # The common case without the retry machinery's frame; a failure goes through it.
+                        try:
+                            await fn(fate, event)  # type: ignore[arg-type, misc]
+                            handled = True
+                        except Exception as e:
+                            handled = await self._handle([event], e)
+                    else:
+                        handled = await self._handle([event])
+                finally:
+                    stats.in_flight -= 1
+                progress.done(int(event.id))
+                if handled:
+                    stats.handled += 1
+                    stats.last_event = event
+                if queue:
+                    ready.append(key)  # behind the keys that waited meanwhile
                 else:
                     del queues[key]
-            if not queues and self._emptied is not None and not self._emptied.done():
-                self._emptied.set_result(None)
-            self._changed()
+                    if not queues and self._emptied is not None and not self._emptied.done():
+                        self._emptied.set_result(None)
+                if not self._save_due:  # one wake of the saver per loop turn, however many events finish
+                    self._save_due = True
+                    if self._saving is not None:
+                        self._saving.set_result(None)
+                if self._progress_full:
+                    self._changed()
+
+    async def _batch_loop(self) -> None:
+        with self._worker():
+            progress, stats = self._progress, self._stats
+            queues, ready = self._queues, self._ready
+            batch = self._consumer.batch
+            assert batch is not None
+            closing = self._closing.is_set
+            while not closing():
+                if not ready or self._collecting:
+                    waiter = self._loop.create_future()
+                    self._idle.append(waiter)
+                    await waiter
+                    continue
+                keys, events = await self._collect(batch.max_len, batch.max_wait)
+                if time.monotonic() >= self._lease.expires:
+                    await self._lease.confirm()
+                if closing():
+                    return  # not started: they stay not done, read again by the next run
+                self._waiting -= len(events)
+                self._waiting_bytes -= sum(len(e.metadata) + len(e.foreign_id) + _EVENT_OVERHEAD for e in events)
+                if self._room is not None:
+                    self._taken()
+                stats.in_flight += 1
+                try:
+                    handled = await self._handle(events)
+                finally:
+                    stats.in_flight -= 1
+                for e in events:
+                    progress.done(int(e.id))
+                if handled:
+                    stats.handled += len(events)
+                    stats.last_event = events[-1]
+                for key in keys:
+                    if queues[key]:
+                        ready.append(key)
+                        self._since[key] = self._loop.time()
+                    else:
+                        del queues[key]
+                if not queues and self._emptied is not None and not self._emptied.done():
+                    self._emptied.set_result(None)
+                self._changed()
 
     def _taken(self) -> None:
         """Events were taken off the queue: the reader waiting for room goes on below the low mark."""
