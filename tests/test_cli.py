@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -492,6 +493,29 @@ def test_the_demo_checker_sees_order_violations_duplicates_and_misrouted_events(
     (tmp_path / "1-200.log").write_text(f"9 {a}\n")  # shard 1's worker handled a key of shard 0
     checker.poll()
     assert (checker.violations, checker.duplicates, checker.misrouted) == (1, 1, 1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed here")
+async def test_worker_on_uvloop(server: EmbeddedServer, name: str, js: JetStreamContext, tmp_path: Path) -> None:
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(f"key-{i % 3}", 1, b"") for i in range(30)])
+    seen = tmp_path / "loops.txt"
+    (tmp_path / "loop_handler.py").write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio
+            async def handle(fate, event):
+                with open({str(seen)!r}, "a") as f:
+                    f.write(type(asyncio.get_running_loop()).__module__ + "\\n")
+            """
+        )
+    )
+    proc = rjet_cmd(
+        "worker", name, "loop_handler:handle", "--name", "u", "-n", "2", "--namespace", f"ns_{name}"[:60],
+        "--to-head", "--concurrency", "2", "--loop", "uvloop", "-s", server.url, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert seen.read_text().splitlines() == ["uvloop"] * 30
 
 
 async def test_worker_concurrency_and_a_cursor_with_exact_progress(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib.util
 import json
 import logging
 import os
@@ -71,6 +72,11 @@ def read_logs(directory: Path) -> dict[int, list[tuple[int, str, int]]]:
             if len(parts) == 3:  # a worker killed mid-write may leave a partial line
                 rows.append((int(parts[0]), parts[1], int(parts[2])))
     return logs
+
+
+def loops_seen(directory: Path) -> list[str]:
+    """The event loop modules that handlers wrote to ``<dir>/loop-<pid>``, one per process."""
+    return [p.read_text() for p in sorted(directory.glob("loop-*"))]
 
 
 def check_handling(logs: dict[int, list[tuple[int, str, int]]], n: int, events: dict[int, str]) -> int:
@@ -143,6 +149,29 @@ def test_config_errors(server: EmbeddedServer) -> None:
         Parallel("p", 2, logger(Path()), heartbeat_interval=2, heartbeat_ttl=3, **ok)
     assert Parallel("p", 4, logger(Path()), shards=[3, 1], **ok).shards == (1, 3)
     assert ParallelOptions(types=[1, 2]).types == frozenset({1, 2})
+    with pytest.raises(rjet.ConfigError, match="loop is 'asyncio' or 'uvloop', not 'trio'"):
+        Parallel("p", 2, logger(Path()), loop="trio", **ok)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("loop", "module"), [("asyncio", "asyncio.unix_events"), ("uvloop", "uvloop")])
+async def test_workers_run_on_the_event_loop_asked_for(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, loop: str, module: str
+) -> None:
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        with pytest.raises(rjet.ConfigError, match="needs the uvloop package here: pip install uvloop"):
+            group(server, name, 2, logger(tmp_path), loop=loop)
+        pytest.skip("uvloop is not installed here (it is in the dev extra)")
+    events = await insert(stream, 200)
+
+    async def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        (tmp_path / f"loop-{os.getpid()}").write_text(type(asyncio.get_running_loop()).__module__)
+        logger(tmp_path)(fate, event)
+
+    summary = await group(server, name, 2, handle, loop=loop, concurrency=4).run_async(to_head=True)
+    assert summary.handled == len(events)
+    check_handling(read_logs(tmp_path), 2, events)
+    assert loops_seen(tmp_path) == [module, module]  # a file per worker process
 
 
 async def test_a_handler_that_cannot_travel_is_refused_before_anything_starts(server: EmbeddedServer) -> None:

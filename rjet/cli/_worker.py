@@ -122,6 +122,13 @@ def imported(spec: str) -> ImportedHandler:
     " waits and retries. Default: stop with --concurrency 1, retry above.",
 )
 @click.option(
+    "--loop",
+    type=click.Choice(["asyncio", "uvloop"]),
+    default="asyncio",
+    show_default=True,
+    help="Each worker's event loop; uvloop (pip install uvloop) does more with --concurrency and waiting handlers.",
+)
+@click.option(
     "--elastic",
     is_flag=True,
     help="Join the group as a member: the live members share the shards out (no --shard), take over a"
@@ -190,6 +197,7 @@ def worker(
     to_head: bool,
     concurrency: int,
     on_error: str | None,
+    loop: str,
     elastic: bool,
     member_id: str | None,
     max_shards: int | None,
@@ -238,6 +246,7 @@ def worker(
         handler_timing=metrics_port is not None,
         concurrency=concurrency,
         on_error=cast("Literal['stop', 'retry'] | None", on_error),
+        loop=cast("Literal['asyncio', 'uvloop']", loop),
         heartbeat_interval=heartbeat_interval,
         heartbeat_ttl=heartbeat_ttl,
         flush_interval=flush_interval,

@@ -292,6 +292,15 @@ class _Worker:
                 await nc.close()
 
 
+def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The worker's event loop (``ParallelOptions.loop``); None: asyncio's."""
+    if loop == "uvloop":
+        import uvloop  # checked to be there by ParallelOptions
+
+        return uvloop.new_event_loop
+    return None
+
+
 def main(cfg: WorkerConfig, fn: Handler, conn: Connection) -> None:
     """The worker process's entry: consume shard ``cfg.m`` of ``cfg.n`` until done, stopped or fenced."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -305,7 +314,8 @@ def main(cfg: WorkerConfig, fn: Handler, conn: Connection) -> None:
     code = 0
     outcome: Outcome
     try:
-        outcome, detail = asyncio.run(worker.run())
+        with asyncio.Runner(loop_factory=_loop_factory(cfg.options.loop)) as runner:
+            outcome, detail = runner.run(worker.run())
         if outcome == "fenced":
             code = EXIT_FENCED
         elif outcome == "fatal":
