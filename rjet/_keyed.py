@@ -296,7 +296,7 @@ class KeyedRun:
             finally:
                 self._progress_full = False
         finally:
-            self._room = None  # workers look for a waiting reader after every event they take
+            self._room = None  # while it is set, every event a worker takes looks whether the reader may go on
 
     async def _undecodable(self, e: DecodeError) -> None:
         if self._consumer.dead_letter is None:
