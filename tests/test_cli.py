@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -30,6 +29,21 @@ from rjet.testing import KeyOrder, wait_until
 # The commands read no nats CLI context of the machine's: no NATS_* settings, and a config home of
 # their own (an empty one) instead of ~/.config/nats, whose selected context they would use.
 _NO_NATS_CONFIG = tempfile.mkdtemp(prefix="rjet-test-no-nats-config-")
+
+
+def handler_module(directory: Path, module: str, out: Path, line: str, *, wait: float | None = None) -> str:
+    """Writes ``<directory>/<module>.py``: a handler that appends ``line`` (an expression of ``event``)
+    to ``out``, async and sleeping ``wait`` seconds first when ``wait`` is given, plain otherwise.
+    Returns its MODULE:FUNCTION for ``rjet worker``."""
+    head = (
+        "def handle(fate, event):\n"
+        if wait is None
+        else f"async def handle(fate, event):\n    await asyncio.sleep({wait})\n"
+    )
+    (directory / f"{module}.py").write_text(
+        f"import asyncio\n{head}    with open({str(out)!r}, 'a') as f:\n        f.write({line} + '\\n')\n"
+    )
+    return f"{module}:handle"
 
 
 def _env() -> dict[str, str]:
@@ -162,18 +176,10 @@ async def test_worker_run_then_status_and_tail_cursor(
     stream = await rjet.Stream.create(js, name)
     await stream.insert_many([(f"key-{i % 5}", 1, b"") for i in range(20)])
     seen = tmp_path / "seen.txt"
-    (tmp_path / "cli_handler.py").write_text(
-        textwrap.dedent(
-            f"""
-            def handle(fate, event):
-                with open({str(seen)!r}, "a") as f:
-                    f.write(event.id + "\\n")
-            """
-        )
-    )
+    handler = handler_module(tmp_path, "cli_handler", seen, "event.id")
     ns = f"ns_{name}"[:60]
     proc = rjet_cmd(
-        "worker", name, "cli_handler:handle", "--name", "mailer", "-n", "2", "--namespace", ns, "--to-head",
+        "worker", name, handler, "--name", "mailer", "-n", "2", "--namespace", ns, "--to-head",
         "-s", url, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -500,18 +506,9 @@ async def test_worker_on_uvloop(server: EmbeddedServer, name: str, js: JetStream
     stream = await rjet.Stream.create(js, name)
     await stream.insert_many([(f"key-{i % 3}", 1, b"") for i in range(30)])
     seen = tmp_path / "loops.txt"
-    (tmp_path / "loop_handler.py").write_text(
-        textwrap.dedent(
-            f"""
-            import asyncio
-            async def handle(fate, event):
-                with open({str(seen)!r}, "a") as f:
-                    f.write(type(asyncio.get_running_loop()).__module__ + "\\n")
-            """
-        )
-    )
+    handler = handler_module(tmp_path, "loop_handler", seen, "type(asyncio.get_running_loop()).__module__", wait=0)
     proc = rjet_cmd(
-        "worker", name, "loop_handler:handle", "--name", "u", "-n", "2", "--namespace", f"ns_{name}"[:60],
+        "worker", name, handler, "--name", "u", "-n", "2", "--namespace", f"ns_{name}"[:60],
         "--to-head", "--concurrency", "2", "--loop", "uvloop", "-s", server.url, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -524,20 +521,10 @@ async def test_worker_concurrency_and_a_cursor_with_exact_progress(
     stream = await rjet.Stream.create(js, name)
     await stream.insert_many([(f"key-{i % 7}", 1, b"") for i in range(70)])
     seen = tmp_path / "seen.txt"
-    (tmp_path / "conc_handler.py").write_text(
-        textwrap.dedent(
-            f"""
-            import asyncio
-            async def handle(fate, event):
-                await asyncio.sleep(0.001)
-                with open({str(seen)!r}, "a") as f:
-                    f.write(event.id + " " + event.foreign_id + "\\n")
-            """
-        )
-    )
+    handler = handler_module(tmp_path, "conc_handler", seen, 'event.id + " " + event.foreign_id', wait=0.001)
     ns = f"ns_{name}"[:60]
     proc = rjet_cmd(
-        "worker", name, "conc_handler:handle", "--name", "m", "-n", "1", "--namespace", ns, "--to-head",
+        "worker", name, handler, "--name", "m", "-n", "1", "--namespace", ns, "--to-head",
         "--concurrency", "4", "-s", server.url, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -562,7 +549,7 @@ async def test_worker_concurrency_and_a_cursor_with_exact_progress(
     assert "c: 2 event(s) above it done already (exact progress)" in proc.stderr
     proc = rjet_cmd("cursor", "c", "--namespace", ns, "--set", "13", "-s", server.url)
     assert proc.stdout.strip() == "c: 10 -> 13 (dropped the 2 event(s) recorded as done above 10)"
-    proc = rjet_cmd("worker", name, "conc_handler:handle", "--name", "m", "-n", "1", "--namespace", ns,
+    proc = rjet_cmd("worker", name, handler, "--name", "m", "-n", "1", "--namespace", ns,
                     "--concurrency", "0", "-s", server.url, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2
     assert "--concurrency" in proc.stderr
