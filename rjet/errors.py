@@ -61,6 +61,7 @@ __all__ = [
     "StreamRecreated",
     "Tempted",
     "is_expected",
+    "is_permanent",
 ]
 
 
@@ -359,12 +360,60 @@ class CursorStoreError(CursorError):
 
 
 class CursorBucketGone(CursorStoreError):
-    """The cursor bucket, or a claimed cursor's key in it, vanished while in use (deleted, or deleted
-    and created again). Nobody else claimed the cursor: a new run claims it afresh."""
+    """The cursor bucket, or a claimed cursor's key in it, vanished while a runner held the claim
+    (deleted, or deleted and created again). No other runner was seen: this is not a
+    :class:`CursorConflict`. Retrying cannot tell where to go on (starting over would hand the
+    whole stream to the handler again), so ``run_forever`` and Parallel shards stop; the message
+    names the bucket, the last cursor this runner knew, and the ``rjet cursor ... --set`` that
+    goes on from it.
+
+    ``name``: the consumer; ``bucket``; ``cursor``: the last cursor this runner read or wrote
+    ("" when unknown); ``stream``: the identity of the stream it counts in (None when unknown).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: str = "",
+        bucket: str = "",
+        namespace: str | None = None,
+        cursor: str = "",
+        stream: str | None = None,
+    ) -> None:
+        if name:
+            stream_name = stream.partition("@")[0] if stream else "STREAM"
+            move = f"--set {cursor} --stream {stream_name}" if cursor else f"--set N --stream {stream_name}"
+            message += f"; to go on from where this runner was: {_cursor_command(name, namespace, move)}"
+        super().__init__(message)
+        self.name = name
+        self.bucket = bucket
+        self.namespace = namespace
+        self.cursor = cursor
+        self.stream = stream
 
 
 class CursorBucketUnusable(CursorStoreError, ConfigError):
     """The cursor bucket exists with a configuration that cannot keep cursors (a TTL would expire them)."""
+
+
+PERMANENT: tuple[type[RjetError], ...] = (
+    CursorConflict,
+    CursorExpired,
+    CursorAhead,
+    StreamRecreated,
+    InvalidCursor,
+    ConfigError,
+    PermissionDenied,
+    CursorBucketGone,
+)
+"""Errors that running again cannot fix: ``run_forever`` raises them, a Parallel shard ends ``failed``
+(``fenced`` for :class:`CursorConflict`) instead of being restarted."""
+
+
+def is_permanent(err: BaseException) -> bool:
+    """Whether running again cannot fix ``err`` (see :data:`PERMANENT`)."""
+    return isinstance(err, PERMANENT)
 
 
 def is_expected(err: BaseException) -> bool:

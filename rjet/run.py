@@ -20,16 +20,14 @@ from rjet.consumer import Consumer
 from rjet.cursors import CursorStore, FailingCursorStore, JetStreamCursorStore, ProgressSource
 from rjet.deadletter import DeadLetter, DeadLetterRecord, record_for
 from rjet.errors import (
+    PERMANENT,
     ConfigError,
     CursorAhead,
-    CursorConflict,
     CursorError,
     CursorExpired,
     DecodeError,
     EventsRemoved,
     HeadReached,
-    InvalidCursor,
-    PermissionDenied,
     Stopped,
     StreamRecreated,
     Tempted,
@@ -44,9 +42,6 @@ __all__ = ["Spec", "StreamClientLike", "StreamFunc", "run", "run_forever"]
 log = logging.getLogger("rjet.run")
 
 _YIELD_EVERY: Final = 0.01  # seconds of back-to-back events before run yields to the event loop
-
-# Errors that do not go away by retrying; run_forever raises them instead of looping.
-_PERMANENT = (CursorConflict, CursorExpired, CursorAhead, StreamRecreated, InvalidCursor, ConfigError, PermissionDenied)
 
 
 class StreamClientLike(Protocol):
@@ -488,7 +483,7 @@ async def run_forever(
             if spec.to_head:
                 return
             delay = retry_delay
-        except _PERMANENT:
+        except PERMANENT:
             raise
         except Exception as e:
             if stop is not None and stop.is_set():

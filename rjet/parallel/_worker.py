@@ -29,11 +29,8 @@ from rjet.consumer import Consumer, Handler
 from rjet.cursors import JetStreamCursorStore
 from rjet.deadletter import DeadLetter, DeadLetterStream
 from rjet.errors import (
-    ConfigError,
-    CursorAhead,
+    PERMANENT,
     CursorConflict,
-    CursorExpired,
-    InvalidCursor,
     RjetError,
 )
 from rjet.parallel._messages import Finished, Log, Outcome, Progress, Started, Stop, ToParent
@@ -63,7 +60,9 @@ EXIT_UNGUARDED: Final = 5
 """The worker, importing the parent's main module, found that it starts a group at import time (no
 ``if __name__ == "__main__":`` guard): the parent stops with one error naming the fix."""
 
-_FATAL: Final = (CursorExpired, CursorAhead, InvalidCursor, ConfigError)
+# Errors that restarting cannot fix end the shard "failed" (a conflict ends it "fenced"); the same
+# list run_forever raises instead of running again.
+_FATAL: Final = PERMANENT
 
 
 def exit_if_importing_main() -> None:
