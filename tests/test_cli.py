@@ -547,7 +547,7 @@ async def test_worker_concurrency_and_a_cursor_with_exact_progress(
     proc = rjet_cmd("cursor", "c", "--namespace", ns, "-s", server.url)
     assert proc.stdout.strip() == "10"
     assert "c: 2 event(s) above it done already (exact progress)" in proc.stderr
-    proc = rjet_cmd("cursor", "c", "--namespace", ns, "--set", "13", "-s", server.url)
+    proc = rjet_cmd("cursor", "c", "--namespace", ns, "--set", "13", "--stream", name, "-s", server.url)
     assert proc.stdout.strip() == "c: 10 -> 13 (dropped the 2 event(s) recorded as done above 10)"
     proc = rjet_cmd("worker", name, handler, "--name", "m", "-n", "1", "--namespace", ns,
                     "--concurrency", "0", "-s", server.url, cwd=tmp_path)  # fmt: skip

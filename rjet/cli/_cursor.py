@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
 import click
 
 import rjet
 from rjet._progress import decode_done
+from rjet._tool_write import (
+    NeedsStream,
+    check_position,
+    check_stream,
+    stream_name,
+    stream_now,
+    tool_owner,
+    write_record,
+)
 from rjet.cli._common import CliError, Connection, connection_options, run
+from rjet.cursors import CursorRecord
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
 
 
 @click.command()
@@ -19,9 +35,22 @@ from rjet.cli._common import CliError, Connection, connection_options, run
     help="Store a new cursor: a stream sequence, 'first' (just before the stream's first retained event),"
     " 'last' (after every event present now) or 'beginning' (no cursor: from the start).",
 )
-@click.option("--stream", metavar="STREAM", help="The stream that 'first' and 'last' refer to.")
+@click.option(
+    "--stream",
+    metavar="STREAM",
+    help="The stream the cursor counts in: needed for 'first' and 'last', and for SEQ when the stored record"
+    " names no stream.",
+)
+@click.option(
+    "--skip-removed",
+    is_flag=True,
+    help="Accept a SEQ before the stream's first retained event: the cursor is set just before that event and"
+    " the events removed in between are skipped.",
+)
 @connection_options
-def cursor(conn: Connection, name: str, namespace: str, value: str | None, stream: str | None) -> None:
+def cursor(
+    conn: Connection, name: str, namespace: str, value: str | None, stream: str | None, skip_removed: bool
+) -> None:
     """Print consumer NAME's stored cursor, or with --set, move it.
 
     \b
@@ -29,13 +58,26 @@ def cursor(conn: Connection, name: str, namespace: str, value: str | None, strea
     --set first) or rjet.CursorAhead (the stream was recreated: --set beginning). Stop the
     consumer first: one that is running is fenced by the write and stops with CursorConflict.
         rjet cursor billing --namespace shop --set first --stream orders
+
+    \b
+    The new record names the stream it counts in (--stream, or the one the stored record names),
+    so a stream deleted and created again later raises rjet.StreamRecreated. Refused: a stream that
+    does not exist, SEQ past its last sequence, SEQ before its first retained event (unless
+    --skip-removed), and a cursor recorded in another stream (or in an earlier stream of the same
+    name, unless --stream names it).
     """
     if value in ("first", "last") and not stream:
         raise click.UsageError(f"--set {value} needs --stream")
-    click.echo(run(_cursor(conn, name, namespace, value, stream)))
+    if skip_removed and value is None:
+        raise click.UsageError("--skip-removed goes with --set")
+    if value is not None and value not in ("first", "last", "beginning") and not (value.isascii() and value.isdigit()):
+        raise CliError(f"--set {value!r}: give a stream sequence, 'first', 'last' or 'beginning'")
+    click.echo(run(_cursor(conn, name, namespace, value, stream, skip_removed)))
 
 
-async def _cursor(conn: Connection, name: str, namespace: str, value: str | None, stream: str | None) -> str:
+async def _cursor(
+    conn: Connection, name: str, namespace: str, value: str | None, stream: str | None, skip_removed: bool
+) -> str:
     async with conn.connect() as nc:
         js = nc.jetstream()
         if value is None:  # reading never creates: an unknown namespace or cursor is an error
@@ -47,26 +89,66 @@ async def _cursor(conn: Connection, name: str, namespace: str, value: str | None
                 click.echo(f"{name}: {_done_count(record)} event(s) above it done already (exact progress)", err=True)
             return record.cursor or "(none: from the beginning)"
         async with await rjet.JetStreamCursorStore.create(js, namespace) as store:
-            if value == "beginning":
-                new = ""
-            elif value in ("first", "last"):
-                assert stream is not None
-                state = (await rjet.Stream(js, stream).info()).state
-                new = str(max(state.first_seq - 1, 0) if value == "first" else state.last_seq)
-            elif value.isascii() and value.isdigit():
-                new = str(int(value))
-            else:
-                raise CliError(f"--set {value!r}: give a stream sequence, 'first', 'last' or 'beginning'")
-            record = await store.peek_record(name)
-            old = record.cursor if record is not None else ""
-            await store.set_cursor(name, new)
-            await store.flush()
+            notes: list[str] = []
+            build = _builder(js, name, namespace, value, stream, skip_removed, tool_owner("rjet cursor --set"), notes)
+            try:
+                record, written = await write_record(store.kv, store.bucket, name, build)
+            except NeedsStream as e:
+                raise click.UsageError(str(e)) from None
+            old, new = (record.cursor if record is not None else ""), written.cursor
             dropped = (
                 f" (dropped the {_done_count(record)} event(s) recorded as done above {old})"
                 if record and record.done
                 else ""
             )
-            return f"{name}: {old or '(none)'} -> {new or '(none: from the beginning)'}{dropped}"
+            said = "".join(f" ({note})" for note in notes)
+            return f"{name}: {old or '(none)'} -> {new or '(none: from the beginning)'}{dropped}{said}"
+
+
+def _builder(
+    js: JetStreamContext,
+    name: str,
+    namespace: str,
+    value: str,
+    stream: str | None,
+    skip_removed: bool,
+    owner: str,
+    notes: list[str],
+) -> Callable[[CursorRecord | None], Awaitable[CursorRecord]]:
+    """What ``--set value`` writes over the record read (checked anew each time it is read)."""
+
+    async def build(old: CursorRecord | None) -> CursorRecord:
+        notes.clear()
+        recorded = old.stream if old is not None else None
+        target = stream or (stream_name(recorded) if recorded else None)
+        if value == "beginning":  # an empty cursor counts in no stream: it may start the consumer over on another
+            if target is None:
+                return CursorRecord("", None, owner)
+            try:
+                return CursorRecord("", (await stream_now(js, target, f"cursor {name!r} not moved")).identity, owner)
+            except rjet.StreamNotFound:
+                if stream is not None:
+                    raise
+                return CursorRecord("", None, owner)  # the recorded stream is gone: nothing to name
+        if target is None:
+            raise NeedsStream(
+                f"--set {value} needs --stream: cursor {name!r} records no stream it counts in, and a sequence"
+                " means nothing without one"
+            )
+        now = await stream_now(js, target, f"cursor {name!r} not moved")
+        over = f"`rjet cursor {name} --namespace {namespace} --set beginning --stream {now.name}`"
+        notes.append(check_stream(name, recorded, now, named=stream is not None, over=over))
+        if value == "first":
+            n = max(now.first_seq - 1, 0)
+        elif value == "last":
+            n = now.last_seq
+        else:
+            n, skipped = check_position(name, int(value), now, skip_removed=skip_removed, flag="--skip-removed")
+            notes.append(skipped)
+        notes[:] = [note for note in notes if note]
+        return CursorRecord(str(n), now.identity, owner)
+
+    return build
 
 
 def _done_count(record: rjet.CursorRecord) -> int | str:

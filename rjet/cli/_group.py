@@ -18,6 +18,17 @@ from rich.table import Table
 
 import rjet
 from rjet._progress import decode_done
+from rjet._tool_write import (
+    Build,
+    Refused,
+    StreamNow,
+    check_position,
+    check_stream,
+    read_record,
+    stream_now,
+    tool_owner,
+    write_record,
+)
 from rjet.cli._common import CliError, Connection, age, connection_options, run, stdout_console
 from rjet.cursors import RESERVED_PREFIX, CursorRecord, decode_key, kv_keys
 from rjet.parallel import ParallelOptions, shard_name
@@ -158,6 +169,12 @@ def describe_group(conn: Connection, name: str, namespace: str, stream: str, as_
 @click.option("--to-seq", type=click.IntRange(min=1), metavar="SEQ", help="The next event handled is SEQ.")
 @click.option("--to-datetime", metavar="ISO", help="The next event handled is the first stored at or after ISO.")
 @click.option("--shift-by", type=int, metavar="N", help="Move every cursor by N events (negative: handle again).")
+@click.option(
+    "--skip-removed",
+    is_flag=True,
+    help="Accept a position before the stream's first retained event: the cursors are set just before that"
+    " event and the events removed in between are skipped.",
+)
 @click.option("--execute", is_flag=True, help="Write the new cursors (without it: show them, a dry run).")
 @_json
 @connection_options
@@ -171,13 +188,19 @@ def reset_group(
     to_seq: int | None,
     to_datetime: str | None,
     shift_by: int | None,
+    skip_removed: bool,
     execute: bool,
     as_json: bool,
 ) -> None:
     """Move every shard cursor of group NAME at once; a dry run unless --execute.
 
     Refused while any shard of the group runs (stop it everywhere first). Exact progress above the
-    old cursors is dropped. Give exactly one of the --to-* / --shift-by options.
+    old cursors is dropped. Give exactly one of the --to-* / --shift-by options. Each new record
+    names STREAM as it is now (a stream deleted and created again later raises
+    rjet.StreamRecreated). Refused: a position past the stream's last sequence, one before its first
+    retained event (unless --skip-removed; --shift-by stops there when the cursor was not before it
+    already), shard cursors recorded in another stream, and --shift-by of cursors recorded in an
+    earlier stream of the same name.
     """
     given = (to_earliest, to_latest, to_seq is not None, to_datetime is not None, shift_by is not None)
     if sum(given) != 1:
@@ -191,7 +214,7 @@ def reset_group(
         if when.tzinfo is None:
             raise click.UsageError(f"--to-datetime {to_datetime!r}: give a time zone (Z or +01:00)")
     target = _Target(to_earliest, to_latest, to_seq, when, shift_by)
-    plan = run(_reset(conn, name, namespace, stream, target, execute))
+    plan = run(_reset(conn, name, namespace, stream, target, execute, skip_removed))
     if as_json:
         moves = [{"shard": shard, "old": old, "new": new} for shard, old, new in plan]
         click.echo(json.dumps({"group": name, "executed": execute, "cursors": moves}))
@@ -350,40 +373,67 @@ async def _first_at(js: JetStreamContext, stream: str, when: datetime, first: in
 
 
 async def _reset(
-    conn: Connection, name: str, namespace: str, stream: str, target: _Target, execute: bool
+    conn: Connection, name: str, namespace: str, stream: str, target: _Target, execute: bool, skip_removed: bool
 ) -> list[tuple[str, int, int]]:
     async with conn.connect() as nc:
         js = nc.jetstream()
-        state = (await rjet.Stream(js, stream).info()).state
+        now = await stream_now(js, stream, f"group {name!r} not reset")
         kv = await _bucket(js, namespace)
-        g = await _read_group(kv, await _keys(kv), name, namespace, state.last_seq)
+        bucket = _BUCKET_PREFIX + namespace
+        g = await _read_group(kv, await _keys(kv), name, namespace, now.last_seq)
         if not g.shards:
             raise CliError(f"group {name!r}: no current shard count recorded; nothing to reset")
         if execute:
             _refuse_if_running(g, "reset")
         start = None
         if target.earliest:
-            start = state.first_seq
+            start = now.first_seq
         elif target.seq is not None:
             start = target.seq
         elif target.when is not None:
-            start = await _first_at(js, stream, target.when, state.first_seq, state.last_seq)
-        plan = []
+            start = await _first_at(js, stream, target.when, now.first_seq, now.last_seq)
+        over = f"`rjet group delete {name} --namespace {namespace} --execute`, then run it on {now.name!r}"
+        plan, notes = [], []
         for s in g.shards:
+            record, _ = await read_record(kv, s.name, bucket)
+            recreated = check_stream(s.name, record.stream if record else None, now, named=True, over=over)
+            note = ""
             if target.latest:
-                new = state.last_seq
+                new = now.last_seq
             elif target.shift is not None:
-                new = min(max(0, s.cursor + target.shift), state.last_seq)
+                if recreated:
+                    raise Refused(
+                        f"cursor {s.name!r} was recorded in {record.stream if record else None}, an earlier stream"
+                        f" {now.name!r} (deleted and created again since): shifting it means nothing in"
+                        f" {now.identity}; nothing written (give a position: --to-earliest, --to-seq, ...)"
+                    )
+                new = min(max(0, s.cursor + target.shift), now.last_seq)
+                if new < now.first_seq - 1 <= s.cursor:
+                    new = now.first_seq - 1  # replaying: stops at the first retained event, nothing skipped
+                new, note = check_position(s.name, new, now, skip_removed=skip_removed, flag="--skip-removed")
             else:
                 assert start is not None
-                new = max(0, start - 1)
+                new, note = check_position(s.name, max(0, start - 1), now, skip_removed=skip_removed,
+                                           flag="--skip-removed")  # fmt: skip
+            notes += [n for n in (recreated, note) if n and n not in notes]
             plan.append((s.name, s.cursor, new))
+        for n in notes:
+            click.echo(f"rjet: {n}", err=True)
         if execute:
-            async with await rjet.JetStreamCursorStore.bind(js, namespace) as store:
-                for shard, _, new in plan:
-                    await store.set_cursor(shard, str(new) if new else "")
-                await store.flush()
+            owner = tool_owner("rjet group reset")
+            for shard, _, new in plan:
+                await write_record(kv, bucket, shard, _reset_to(shard, new, now, owner, over))
         return plan
+
+
+def _reset_to(shard: str, new: int, now: StreamNow, owner: str, over: str) -> Build:
+    """What ``group reset`` writes over shard ``shard``'s record (its stream checked again as written)."""
+
+    async def build(old: CursorRecord | None) -> CursorRecord:
+        check_stream(shard, old.stream if old else None, now, named=True, over=over)
+        return CursorRecord(str(new) if new else "", now.identity, owner)
+
+    return build
 
 
 async def _delete(conn: Connection, name: str, namespace: str, execute: bool) -> list[str]:

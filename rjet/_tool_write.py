@@ -1,0 +1,180 @@
+"""How operator tools (``rjet cursor --set``, ``rjet group reset``) write a cursor record.
+
+A tool's write keeps the promises a runner's writes keep:
+
+- it names the stream the cursor counts in (``CursorRecord.stream``, the identity ``name@created``
+  that the reader calls ``stream_id``), so a stream deleted and created again after the write
+  raises :class:`rjet.StreamRecreated` instead of being read from the tool's sequence;
+- the position is checked against that stream as it is now: the stream exists, the cursor is not
+  past its last sequence (the consumer would stop with :class:`rjet.CursorAhead`), and one before
+  its first retained event only when the caller accepts that the removed events are skipped;
+- a cursor recorded in one stream is never moved "for" another (a sequence of one stream means
+  nothing in another);
+- it is a compare-and-swap on the revision it read, with an owner that names the tool, so a
+  running consumer's next write fails and its :class:`rjet.CursorConflict` names the tool; a write
+  whose answer was lost is settled by reading the record back (our owner and cursor: applied).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Final
+
+import nats.errors
+import nats.js.errors
+from nats.nuid import NUID
+
+from rjet._reader import _identity
+from rjet.cursors import CursorRecord, encode_key
+from rjet.errors import CursorError, CursorStoreError, StreamNotFound
+from rjet.stream import Stream
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
+
+_STORE_ERRORS: Final = (nats.errors.Error, TimeoutError, OSError)
+_NUID: Final = NUID()
+
+
+class Refused(CursorError):
+    """A tool refused to write a cursor (the message says why); nothing was written."""
+
+
+class NeedsStream(Refused):
+    """A sequence was given for a cursor whose record names no stream, and no stream was named."""
+
+
+def tool_owner(tool: str) -> str:
+    """The owner a tool writes into the records it writes: the tool's name, host, pid and a random
+    part (a running consumer fenced by the write names it in its :class:`rjet.CursorConflict`)."""
+    return f"{tool} ({socket.gethostname()}:{os.getpid()}:{_NUID.next().decode()[-10:]})"
+
+
+def stream_name(identity: str) -> str:
+    """The stream name of an identity ``name@created``."""
+    name, at, _ = identity.rpartition("@")
+    return name if at else identity
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamNow:
+    """A stream as it is now: its name, identity (``name@created``) and retained sequences."""
+
+    name: str
+    identity: str
+    first_seq: int
+    last_seq: int
+
+
+async def stream_now(js: JetStreamContext, name: str, what: str) -> StreamNow:
+    """The stream ``name`` now; :class:`rjet.StreamNotFound` naming it and ``what`` was not done."""
+    try:
+        info = await Stream(js, name).info()
+    except StreamNotFound as e:
+        raise StreamNotFound(name, what) from e
+    return StreamNow(info.config.name or name, _identity(info), info.state.first_seq, info.state.last_seq)
+
+
+def check_stream(cursor: str, recorded: str | None, now: StreamNow, *, named: bool, over: str) -> str:
+    """Whether a cursor recorded in ``recorded`` (an identity, None when unknown) may be set to a
+    sequence of ``now``; ``named``: the caller named the stream itself (not read from the record).
+
+    Refused when the record names another stream. When it names an earlier stream of the same name
+    (deleted and created again), a sequence of the new one is taken only when the stream was named:
+    the number may have been read from the old cursor. ``over``: how to start the consumer over on
+    ``now`` instead. Returns a note for the caller's report ("" for none)."""
+    if recorded is None or recorded == now.identity:
+        return ""
+    old = stream_name(recorded)
+    if old != now.name:
+        raise Refused(
+            f"cursor {cursor!r} counts in stream {old!r} ({recorded}), not in {now.name!r}: a sequence of one"
+            f" stream means nothing in another; nothing written (to start it over on {now.name!r}: {over})"
+        )
+    if not named:
+        raise Refused(
+            f"cursor {cursor!r} was recorded in stream {recorded}, but stream {now.name!r} now is {now.identity}"
+            " (deleted and created again): a sequence of the old stream means nothing in the new one;"
+            f" nothing written (name the stream, --stream {now.name}, to set a sequence of the new one)"
+        )
+    return f"stream {now.name!r} was created again since the cursor was written: it counts in {now.identity} now"
+
+
+def check_position(cursor: str, n: int, now: StreamNow, *, skip_removed: bool, flag: str) -> tuple[int, str]:
+    """The cursor to store for position ``n`` of ``now``, and a note ("" for none).
+
+    ``n`` past the stream's last sequence is refused; one before its first retained event only with
+    ``skip_removed`` (then the cursor is the sequence before the first retained event, and the note
+    says which events are skipped); ``flag`` names the option that sets it."""
+    if n < 0:
+        raise Refused(f"cursor {cursor!r}: {n} is not a stream sequence; nothing written")
+    if n > now.last_seq:
+        raise Refused(
+            f"cursor {cursor!r}: {n} is past the last sequence of stream {now.name!r} ({now.last_seq}): the"
+            " consumer would stop with CursorAhead; nothing written"
+        )
+    before = now.first_seq - 1
+    if n >= before:
+        return n, ""
+    gone = (
+        f"events {n + 1}..{before} were removed from stream {now.name!r} (its first retained sequence is"
+        f" {now.first_seq})"
+    )
+    if not skip_removed:
+        raise Refused(
+            f"cursor {cursor!r}: {gone}: they cannot be handled; nothing written (add {flag} to set the cursor"
+            f" to {before} and skip them, or go on from the first retained event)"
+        )
+    return before, f"{gone}: skipped"
+
+
+async def read_record(kv: KeyValue, name: str, bucket: str) -> tuple[CursorRecord | None, int]:
+    """(record, revision) of cursor ``name``: (None, 0) when it has none, (None, r) for a delete
+    marker at revision r (what a write that creates the key names)."""
+    try:
+        entry = await kv.get(encode_key(name))
+    except nats.js.errors.KeyNotFoundError as e:
+        marker = getattr(getattr(e, "entry", None), "revision", None)
+        return None, marker or 0
+    except _STORE_ERRORS as e:
+        raise CursorStoreError(f"cursor bucket {bucket!r}: cannot read cursor {name!r}: {e!r}") from e
+    assert entry.revision is not None
+    return CursorRecord.decode(entry.value or b""), entry.revision
+
+
+Build = Callable[[CursorRecord | None], Awaitable[CursorRecord]]
+
+
+async def write_record(
+    kv: KeyValue, bucket: str, name: str, build: Build, *, tries: int = 10
+) -> tuple[CursorRecord | None, CursorRecord]:
+    """Replace cursor ``name``'s record with ``await build(old)`` (``old``: the record read, None when
+    none) by a compare-and-swap on the revision read; ``build`` checks and may raise. Read, built and
+    written again when another writer changed it in between. A write that failed or whose answer was
+    lost is settled by reading back: the record built (its owner names this write) means applied.
+    Returns (old, new)."""
+    key = encode_key(name)
+    for _ in range(tries):
+        old, rev = await read_record(kv, name, bucket)
+        new = await build(old)
+        try:
+            await kv.update(key, new.encode(), last=rev)
+            return old, new
+        except nats.js.errors.KeyWrongLastSequenceError:
+            continue  # written by another meanwhile (a running consumer, another tool): read again
+        except _STORE_ERRORS as e:
+            back, back_rev = await read_record(kv, name, bucket)
+            if back == new:
+                return old, new  # ours: applied, its answer lost
+            if back_rev == rev:
+                raise CursorStoreError(
+                    f"cursor bucket {bucket!r}: cannot write cursor {name!r}: {e!r}; nothing written"
+                ) from e
+    raise Refused(
+        f"cursor {name!r} in bucket {bucket!r} changed {tries} times in a row while it was written: is a"
+        " consumer running it? Stop it and try again; nothing written"
+    )
