@@ -19,6 +19,7 @@ __all__ = [
     "FOREIGN_ID_RAW",
     "HEADERS",
     "HELD_BEFORE",
+    "MAX_TYPE",
     "PENDING_KEY",
     "SEQ",
     "SUBJECT",
@@ -26,11 +27,13 @@ __all__ = [
     "TOO_BIG",
     "TYPE_RAW",
     "Frame",
+    "check_type",
     "decode_foreign_id",
     "decode_type",
     "encode_foreign_id",
     "encode_header_block",
     "encode_headers",
+    "foreign_id_of",
     "frame_pattern",
     "header",
     "parse_ack",
@@ -47,6 +50,12 @@ _FOREIGN_ID_B: Final = FOREIGN_ID_HEADER.encode()
 # Everything printable in ASCII except '%' (the escape) and ' ' (NATS strips blanks at the ends).
 _PLAIN: Final = re.compile(r"[!-$&-~]+")
 _SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+MAX_TYPE: Final = 2**63 - 1
+"""The largest event type: reflex's types are Go ints (int64); rjet stores 0..MAX_TYPE."""
+# What Go's strconv.Atoi takes (a sign, ASCII digits; no blanks, no '_'), as bytes or text.
+_INT_B: Final = re.compile(rb"[+-]?[0-9]+")
+_INT_S: Final = re.compile(r"[+-]?[0-9]+")
+_MIN_READ: Final = -(2**63)  # Go reads negative types; rjet never writes them
 
 
 # ----------------------------------------------------------------- rjet's headers, written
@@ -66,6 +75,28 @@ def encode_foreign_id(foreign_id: str) -> str:
         raise InvalidEvent(f"foreign id {foreign_id!r} is not valid Unicode text: {e.reason}") from None
 
 
+def check_type(type: int, what: str = "event type") -> int:
+    """``type`` when rjet may store it as an event type (an int from 0 to :data:`MAX_TYPE`); else
+    :class:`InvalidEvent` naming the value. The one check of every way in: ``insert``,
+    ``insert_many``, ``rjet insert --type`` and its JSON lines."""
+    if type.__class__ is int and 0 <= type <= MAX_TYPE:
+        return type
+    raise InvalidEvent(f"{what} must be an integer from 0 to 2**63-1, not {type!r}")
+
+
+def foreign_id_of(raw: bytes, stream: str, seq: int) -> str:
+    """The foreign ID from the raw bytes of its header value: exact UTF-8 (percent-encoded or not);
+    :class:`DecodeError` naming the message and the bytes that are not UTF-8."""
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start : e.end]
+        raise DecodeError(
+            stream, seq, f"header {FOREIGN_ID_HEADER} {raw!r} is not UTF-8 ({bad!r} at byte {e.start}: {e.reason})"
+        ) from None
+    return decode_foreign_id(value, stream, seq)
+
+
 def decode_foreign_id(value: str, stream: str, seq: int) -> str:
     """Inverse of :func:`encode_foreign_id`; raises :class:`DecodeError` naming the message."""
     if "%" not in value:
@@ -80,9 +111,7 @@ def decode_foreign_id(value: str, stream: str, seq: int) -> str:
 
 def encode_headers(foreign_id: str, type: int, msg_id: str | None = None) -> dict[str, str]:
     """The NATS headers that store an event of ``type`` about ``foreign_id``."""
-    if isinstance(type, bool) or not isinstance(type, int):
-        raise InvalidEvent(f"event type must be an int, not {type!r}")
-    headers = {TYPE_HEADER: str(type), FOREIGN_ID_HEADER: encode_foreign_id(foreign_id)}
+    headers = {TYPE_HEADER: str(check_type(type)), FOREIGN_ID_HEADER: encode_foreign_id(foreign_id)}
     if msg_id is not None:
         headers[MSG_ID_HEADER] = _check_msg_id(msg_id)
     return headers
@@ -96,22 +125,34 @@ def _check_msg_id(msg_id: str) -> str:
 
 def encode_header_block(foreign_id: str, type: int, msg_id: str | None = None) -> bytes:
     """The raw NATS header block for an event, as :func:`encode_headers` lays it out."""
-    if isinstance(type, bool) or not isinstance(type, int):
-        raise InvalidEvent(f"event type must be an int, not {type!r}")
-    block = b"NATS/1.0\r\n%s: %d\r\n%s: %s\r\n" % (_TYPE_B, type, _FOREIGN_ID_B, encode_foreign_id(foreign_id).encode())
+    block = b"NATS/1.0\r\n%s: %d\r\n%s: %s\r\n" % (
+        _TYPE_B, check_type(type), _FOREIGN_ID_B, encode_foreign_id(foreign_id).encode()
+    )  # fmt: skip
     if msg_id is None:
         return block + b"\r\n"
     return block + b"%s: %s\r\n\r\n" % (MSG_ID_HEADER.encode(), _check_msg_id(msg_id).encode())
 
 
-def decode_type(value: str | None, stream: str, seq: int) -> int:
-    """The event type from its header value (0 when absent); :class:`DecodeError` when malformed."""
+def decode_type(value: bytes | str | None, stream: str, seq: int) -> int:
+    """The event type from its header value, as Go rjet reads it (``strconv.Atoi``): 0 when absent
+    or empty; :class:`DecodeError` when not a (signed, ASCII) decimal integer or outside int64."""
     if value is None:
         return 0
-    try:
-        return int(value)
-    except ValueError:
-        raise DecodeError(stream, seq, f"header {TYPE_HEADER} {value!r} is not an integer") from None
+    value = value.strip()
+    if not value:
+        return 0
+    if isinstance(value, bytes):
+        digits = _INT_B.fullmatch(value) is not None
+        shown = value.decode("utf-8", "backslashreplace")
+    else:
+        digits = _INT_S.fullmatch(value) is not None
+        shown = value
+    if not digits:
+        raise DecodeError(stream, seq, f"header {TYPE_HEADER} {shown!r} is not an integer")
+    typ = int(value)
+    if not _MIN_READ <= typ <= MAX_TYPE:
+        raise DecodeError(stream, seq, f"header {TYPE_HEADER} {shown!r} is outside the 64-bit integer range")
+    return typ
 
 
 # ----------------------------------------------------------------- frames, read
@@ -185,9 +226,13 @@ HELD_BEFORE: Final = 8
 # One HMSG frame of a stream client's consumer whose headers start as ``insert`` writes them, after
 # "HMSG <subject> <sid> <reply prefix>" (see frame_pattern): groups 1 the reply's tail
 # (delivered.sseq.cseq.ts.pending[.token]), 2 header size, 3 total size, 4 type (an integer),
-# 5 foreign ID (printable ASCII: plain or percent-encoded; only plain for ``plain=True``).
+# 5 foreign ID (printable ASCII: plain or percent-encoded; only plain for ``plain=True``). Up to 18
+# digits: any of them is an int64 (a longer type goes to decode_type, which checks the range).
 _FRAME_TAIL: Final = (
-    rb"([^ ]+) (\d+) (\d+)\r\nNATS/1\.0\r\n" + TYPE_HEADER.encode() + rb": (-?\d+)\r\n" + FOREIGN_ID_HEADER.encode()
+    rb"([^ ]+) (\d+) (\d+)\r\nNATS/1\.0\r\n"
+    + TYPE_HEADER.encode()
+    + rb": (-?\d{1,18})\r\n"
+    + FOREIGN_ID_HEADER.encode()
 )
 
 

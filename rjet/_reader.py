@@ -43,8 +43,8 @@ from rjet._frames import (
     SEQ,
     TOO_BIG,
     Frame,
-    decode_foreign_id,
     decode_type,
+    foreign_id_of,
     frame_pattern,
     header,
     parse_ack,
@@ -53,7 +53,7 @@ from rjet._frames import (
 from rjet._keyhash import hash_bytes
 from rjet._natsio import api_prefix, api_timeout, connection, subscription_id
 from rjet._tasks import cancel_and_wait
-from rjet._wire import FastParser, fast_parser
+from rjet._wire import FastParser, fast_parser, keep_raw_headers, raw_block
 from rjet.errors import (
     ConfigError,
     ConsumerLost,
@@ -828,8 +828,9 @@ class StreamClient:
 
     async def _on_msg(self, msg: Msg) -> None:
         """The same as :meth:`_on_frame`, for a connection whose parser has no fast lane."""
-        hdr: bytes | None = None
-        if msg.headers is not None:
+        hdr = raw_block(msg.headers)  # as the server sent it (keep_raw_headers), so it decodes as there
+        if hdr is None and msg.headers is not None:
+            # Rebuilt from nats-py's dict: a repeated header's last value, non-UTF-8 bytes as U+FFFD.
             h = dict(msg.headers)
             status = h.pop(_STATUS, "")
             desc = h.pop(_DESCRIPTION, "")
@@ -844,9 +845,9 @@ class StreamClient:
         return self._fid_value(value, sseq)
 
     def _fid_value(self, value: bytes, sseq: int) -> str:
-        if _PERCENT in value or not value:
-            return decode_foreign_id(value.decode("ascii", "replace"), self.stream, sseq)
-        return value.decode("ascii", "replace")
+        if _PERCENT in value or not value or not value.isascii():
+            return foreign_id_of(value, self.stream, sseq)  # exact UTF-8, or DecodeError
+        return value.decode()
 
     def _decode(
         self,
@@ -869,10 +870,11 @@ class StreamClient:
             if hdr is not None:
                 typ_raw, fid_raw = rjet_headers(hdr)
                 if typ_raw is not None:
-                    try:
+                    # Go's strconv.Atoi, within int64, empty as 0 (decode_type); bytes.isdigit is ASCII only.
+                    if typ_raw.isdigit() and len(typ_raw) < 19:
                         typ = int(typ_raw)
-                    except ValueError:
-                        typ = decode_type(typ_raw.decode("utf-8", "replace"), self.stream, sseq)
+                    else:
+                        typ = decode_type(typ_raw, self.stream, sseq)
                 if fid is None:
                     fid = subject.decode("utf-8", "replace") if fid_raw is None else self._fid_value(fid_raw, sseq)
             elif fid is None:
@@ -1099,6 +1101,8 @@ class StreamClient:
         if self._parser is not None:
             self._parser.lanes[self._sid] = self._on_lane_frame
             self._parser.scanners[self._sid] = self._scan
+        else:
+            keep_raw_headers(self._nc)  # _on_msg decodes the raw header block, as the fast lane does
         try:
             await self._create_consumer()
             await self._pull()

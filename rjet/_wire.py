@@ -14,23 +14,33 @@ frames with one compiled pattern) and says where it stopped; frames it leaves go
 
 If the installed nats-py does not look like the one this was written against, :func:`fast_lanes`
 returns None and stream clients use ordinary subscriptions (slower, equally correct).
+
+Those ordinary subscriptions get nats-py's header dict, which keeps the last of a repeated header
+and reads bytes that are not UTF-8 as U+FFFD. So that a message decodes the same way on every path
+(the first ``reflex_type`` wins, as Go's ``Header.Get`` takes it; a foreign ID is exact UTF-8),
+:func:`keep_raw_headers` makes nats-py's header dicts carry the raw block they were parsed from
+(:class:`RawHeaders`), and the reader decodes that. It is not a fast path, so ``RJET_FAST_PATHS=0``
+leaves it on; a nats-py without ``_process_headers`` gets the rebuilt dict (see ``StreamClient._on_msg``).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from nats.errors import ProtocolError
 from nats.protocol import parser as _nats_parser
 
-from rjet._natsio import fast_paths
+from rjet._natsio import attachment, fast_paths
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-__all__ = ["FastParser", "FrameHandler", "Scanner", "fast_lanes", "fast_parser"]
+__all__ = [
+    "FastParser", "FrameHandler", "RawHeaders", "Scanner", "fast_lanes", "fast_parser", "keep_raw_headers", "raw_block",
+]  # fmt: skip
 
 FrameHandler: TypeAlias = Callable[[bytes, bytes, bytes | None, bytes], None]
 """``handler(subject, reply, raw_headers_or_None, payload)``, called synchronously per frame."""
@@ -169,3 +179,39 @@ def fast_parser(nc: Client) -> FastParser | None:
     fast.header_needed, fast.msg_arg = ps.header_needed, ps.msg_arg
     nc._ps = fast
     return fast
+
+
+class RawHeaders(dict[str, str]):
+    """nats-py's header dict of a message, and (``raw``) the ``NATS/1.0`` block it was parsed from,
+    with every repeated header and the exact bytes the dict loses."""
+
+    __slots__ = ("raw",)
+    raw: bytes
+
+
+def keep_raw_headers(nc: Client) -> bool:
+    """Make the header dicts of the messages nats-py delivers on ``nc`` :class:`RawHeaders` (once
+    per connection); False when nats-py has no ``_process_headers`` to wrap."""
+    return attachment(nc, "raw_headers", lambda: _wrap_process_headers(nc))
+
+
+def _wrap_process_headers(nc: Client) -> bool:
+    original = getattr(nc, "_process_headers", None)
+    if original is None or not inspect.iscoroutinefunction(original):
+        return False
+
+    async def process_headers(headers: Any, *args: Any, **kwargs: Any) -> Any:
+        hdr = await original(headers, *args, **kwargs)
+        if type(hdr) is dict and isinstance(headers, bytes | bytearray | memoryview):
+            kept = RawHeaders(hdr)
+            kept.raw = bytes(headers)
+            return kept
+        return hdr
+
+    nc._process_headers = process_headers  # type: ignore[method-assign]
+    return True
+
+
+def raw_block(headers: object) -> bytes | None:
+    """The raw header block a message's header dict was parsed from, when it kept it."""
+    return headers.raw if type(headers) is RawHeaders else None

@@ -12,7 +12,7 @@ from rjet.errors import ConfigError
 from rjet.event import Event
 from rjet.fate import NEVER, Fate
 
-__all__ = ["Batch", "BatchHandler", "Consumer", "Handler"]
+__all__ = ["Batch", "BatchHandler", "Consumer", "Handler", "check_handler"]
 
 Handler: TypeAlias = Callable[[Fate, Event], Awaitable[None] | None]
 """``fn(fate, event)``, a plain function or a coroutine function; raising stops the run."""
@@ -43,6 +43,26 @@ class Batch:
             raise ConfigError(f"Batch: max_len must be an int >= 1, not {self.max_len!r}")
         if not self.max_wait >= 0:
             raise ConfigError(f"Batch: max_wait must be >= 0 seconds, not {self.max_wait!r}")
+
+
+def check_handler(fn: Callable[..., object], *, batch: bool = False, owner: str = "consumer") -> None:
+    """:class:`ConfigError` unless ``fn`` can be called as ``fn(fate, event)`` (``fn(fate, events)``
+    for a batch consumer), sync or async. Defaults, ``*args``, ``functools.partial``, bound methods
+    and callable objects are read from their signature; a callable whose signature cannot be read
+    (some builtins and C callables) is taken on trust."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, None)
+    except TypeError as e:
+        shape = "fn(fate, events)" if batch else "fn(fate, event)"
+        what = getattr(fn, "__qualname__", None) or repr(fn)
+        params = sig.replace(return_annotation=inspect.Signature.empty)
+        raise ConfigError(
+            f"{owner}: handler {what}{params} cannot be called as {shape} ({e}); define [async] def {shape}"
+        ) from None
 
 
 class Consumer:
@@ -104,6 +124,7 @@ class Consumer:
             raise ConfigError(f"consumer name must be a non-empty str, not {name!r}")
         if not callable(fn):
             raise ConfigError(f"consumer {name!r}: handler {fn!r} is not callable")
+        check_handler(fn, batch=batch is not None, owner=f"consumer {name!r}")
         self.name = name
         self.fn = fn
         self.types = frozenset(types) if types is not None else None

@@ -3,12 +3,15 @@
 An event is stored as one JetStream message:
 
 - the stream sequence is the event ID, the stored time its timestamp (both from the server);
-- header :data:`TYPE_HEADER` holds the event type as a decimal integer (the Go original's name);
+- header :data:`TYPE_HEADER` holds the event type as a decimal integer (the Go original's name), from
+  0 to 2**63-1 (Go ints; ``insert`` refuses others);
 - header :data:`FOREIGN_ID_HEADER` holds the foreign ID, percent-encoded (UTF-8) so that any string
   survives NATS header rules (no CR/LF, no leading or trailing blanks);
 - the body is the event's metadata, byte for byte.
 
 Messages that others published without these headers still decode: type 0, foreign ID = subject.
+Every read path decodes a message as Go rjet does (the first of a repeated header; an empty type is
+0; a foreign ID is exact UTF-8 or a ``DecodeError``): see docs/interop.md.
 The encoding and decoding of these headers lives in ``rjet/_frames.py``, with the rest of the wire codec.
 """
 

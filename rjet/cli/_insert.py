@@ -19,7 +19,7 @@ import click
 from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 import rjet
-from rjet._frames import encode_header_block
+from rjet._frames import check_type, encode_header_block
 from rjet.cli._common import (
     EXIT_USAGE,
     CliError,
@@ -37,9 +37,6 @@ if TYPE_CHECKING:
 _BATCH = 1000
 
 T = TypeVar("T")
-
-
-_MAX_TYPE = 2**63 - 1  # reflex's event types are Go ints
 
 
 class _Item(NamedTuple):
@@ -63,7 +60,7 @@ class _OneLineType(click.ParamType):  # type: ignore[type-arg]  # generic from c
     """A parameter type whose bad values are one-line errors naming the option."""
 
     def fail(self, message: str, param: click.Parameter | None = None, ctx: click.Context | None = None) -> NoReturn:
-        flag = param.opts[0] if param is not None and param.opts else self.name
+        flag = max(param.opts, key=len) if param is not None and param.opts else self.name  # --type, not -t
         raise _BadValue(f"{flag}: {message}")
 
 
@@ -125,6 +122,23 @@ class _Count(_OneLineType):
         if not self.lo <= n <= self.hi:
             self.fail(f"{value!r} is not a whole number from {self.lo:,} to {self.hi:,}", param)
         return n
+
+
+class _EventType(_OneLineType):
+    """An event type, as ``insert`` takes it (:func:`rjet._frames.check_type`)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if not isinstance(value, int):
+            try:
+                value = int(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not an integer", param)
+        try:
+            return check_type(value)
+        except rjet.InvalidEvent as e:
+            self.fail(str(e), param)
 
 
 def _duration_text(seconds: float | None) -> str:
@@ -278,7 +292,7 @@ async def _open_stream(js: JetStreamContext, name: str, create: _CreateSpec | No
 @click.command()
 @click.argument("stream")
 @click.argument("foreign_ids", nargs=-1, metavar="[FOREIGN_ID]...")
-@click.option("-t", "--type", "type_", type=int, default=0, show_default=True, help="Event type.")
+@click.option("-t", "--type", "type_", type=_EventType(), default=0, show_default=True, help="Event type.")
 @click.option("-d", "--data", default="", help="Event data (UTF-8 text) for events given as arguments.")
 @click.option(
     "--create",
@@ -344,9 +358,10 @@ def parse_line(line: str, lineno: int, default_type: int) -> _Item | None:
     fid = obj.get("foreign_id")
     if not isinstance(fid, str) or not fid:
         raise CliError(f'{where}: "foreign_id" must be a non-empty string')
-    typ = obj.get("type", default_type)
-    if isinstance(typ, bool) or not isinstance(typ, int) or not 0 <= typ <= _MAX_TYPE:
-        raise CliError(f'{where}: "type" must be an integer from 0 to 2**63-1, not {typ!r}')
+    try:
+        typ = check_type(obj.get("type", default_type), '"type"')
+    except rjet.InvalidEvent as e:
+        raise CliError(f"{where}: {e}") from None
     msg_id = obj.get("msg_id")
     if msg_id is not None and not isinstance(msg_id, str):
         raise CliError(f'{where}: "msg_id" must be a string')

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import click
 import nats.errors
@@ -144,7 +144,7 @@ def _data_text(data: bytes) -> str:
     return text
 
 
-def format_text(event: rjet.Event, subject: str | None = None, headers: dict[str, str] | None = None) -> str:
+def format_text(event: rjet.Event, subject: str | None = None, headers: Headers | None = None) -> str:
     """One tab-separated line: ID, timestamp, type, foreign ID, [subject], [headers], data."""
     fid = event.foreign_id if event.foreign_id.isprintable() else repr(event.foreign_id)
     extra = ""
@@ -155,7 +155,7 @@ def format_text(event: rjet.Event, subject: str | None = None, headers: dict[str
     return f"{event.id}\t{iso(event.timestamp)}\t{event.type}\t{fid}{extra}\t{_data_text(event.metadata)}"
 
 
-def format_json(event: rjet.Event, subject: str | None = None, headers: dict[str, str] | None = None) -> str:
+def format_json(event: rjet.Event, subject: str | None = None, headers: Headers | None = None) -> str:
     """One JSON object, in the shape `rjet insert` reads (it ignores "subject" and "headers")."""
     out: dict[str, Any] = {
         "id": event.id,
@@ -174,15 +174,26 @@ def format_json(event: rjet.Event, subject: str | None = None, headers: dict[str
     return json.dumps(out, ensure_ascii=False)
 
 
-def parse_headers(hdr: bytes | None) -> dict[str, str]:
-    """Raw NATS header bytes (``NATS/1.0\\r\\nKey: value\\r\\n...``) as a dict."""
-    out: dict[str, str] = {}
+Headers: TypeAlias = dict[str, str | list[str]]
+"""A message's headers: a value per name, a list of them (in order) for a name that is repeated."""
+
+
+def parse_headers(hdr: bytes | None) -> Headers:
+    """Raw NATS header bytes (``NATS/1.0\\r\\nKey: value\\r\\n...``) as a dict; every value of a
+    repeated header, as a list (the event took the first, as Go's ``Header.Get`` does)."""
+    out: Headers = {}
     if not hdr:
         return out
     for line in hdr.decode("utf-8", "replace").split("\r\n")[1:]:
         key, sep, value = line.partition(":")
         if sep:
-            out[key.strip()] = value.strip()
+            key, value = key.strip(), value.strip()
+            if key not in out:
+                out[key] = value
+            elif isinstance(seen := out[key], list):
+                seen.append(value)
+            else:
+                out[key] = [seen, value]
     return out
 
 

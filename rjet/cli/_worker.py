@@ -23,6 +23,8 @@ from rjet.cli._common import (
     setup_logging,
     stdout_console,
 )
+from rjet.consumer import check_handler
+from rjet.errors import ConfigError
 from rjet.event import Event
 from rjet.fate import Fate
 from rjet.parallel import Parallel, ShardStats, Summary
@@ -88,6 +90,10 @@ class ImportedAsyncHandler(ImportedHandler):
 def imported(spec: str) -> ImportedHandler:
     """The handler ``spec`` names, as it travels to worker processes (imported here to check it)."""
     fn = load_handler(spec)
+    try:
+        check_handler(fn, owner=spec)  # here, not in every worker (which retries forever)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
     return ImportedAsyncHandler(spec) if inspect.iscoroutinefunction(fn) else ImportedHandler(spec)
 
 
