@@ -44,6 +44,7 @@ from rjet.errors import (
     StreamRecreated,
     Tempted,
     is_expected,
+    is_permanent,
 )
 from rjet.event import Event
 from rjet.fate import ALWAYS, NEVER, Fate, FixedFate, RandomFate
@@ -106,6 +107,7 @@ __all__ = [
     "Tempted",
     "connect",
     "is_expected",
+    "is_permanent",
     "run",
     "run_forever",
 ]

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
 
-__all__ = ["CursorRecord", "CursorStore", "FailingCursorStore", "JetStreamCursorStore", "MemCursorStore"]
+__all__ = ["CursorRecord", "CursorStore", "FailingCursorStore", "JetStreamCursorStore", "MemCursorStore", "runner_id"]
 
 log = logging.getLogger("rjet.cursors")
 
@@ -355,12 +355,13 @@ class JetStreamCursorStore:
         # was not set under.
         self._dirty: dict[str, str | ProgressSource] = {}
         self._written: dict[str, str] = {}  # name -> the cursor this store last read or wrote
+        self._counts_in: dict[str, str] = {}  # name -> the identity of the stream that cursor counts in
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()  # some claim of this store was lost
         self._closed = False
         self._atomic = False  # the bucket takes atomic batches: a flush of many cursors is one request
-        self._owner = _owner_token()  # for writes without a claim (rjet cursor --set)
+        self._owner = runner_id()  # for writes without a claim (rjet cursor --set)
         self._names = kv_names(kv)
         self._nc = connection(self._names.js)
         self._guard = denials(self._nc).guard
@@ -455,53 +456,63 @@ class JetStreamCursorStore:
 
     # ----------------------------------------------------------------- claims
 
-    async def claim(self, name: str, *, after: str | None = None) -> _Claim:
+    async def claim(self, name: str, *, owner: str | None = None, after: str | None = None) -> _Claim:
         """Read and claim the cursor for ``name``; fences every earlier claim of it, this store's too.
 
         The claim's ``cursor`` is what was stored ("" for none) and ``stream`` the identity of the
         stream it was recorded in (None when unknown). ``run`` writes through the claim and
         releases it on the way out.
 
-        ``after``: the owner token of this runner's previous claim (``run_forever`` running again
-        after an error). The cursor is claimed only while that claim's record is still the stored
-        one: when another runner claimed it meanwhile, :class:`rjet.CursorConflict` instead of
-        taking it back (newest wins, and this runner is not the newest).
-        """
-        return await self._claim(name, plain=False, after=after)
+        ``owner``: the identity of the runner that claims (:func:`runner_id`; a new one when None),
+        written into every record of the claim. A runner keeps one identity for its lifetime (every
+        run of one ``run_forever``), so a record carrying it is known to be its own, even one
+        written by a request whose answer was lost.
 
-    async def _claim(self, name: str, *, plain: bool, after: str | None = None) -> _Claim:
+        ``after``: the identity the stored record must carry (``run_forever`` running again after
+        an error passes its own). The cursor is claimed only while the stored record is still this
+        runner's: when another runner claimed it meanwhile, :class:`rjet.CursorConflict` naming
+        that runner instead of taking it back (newest wins, and this runner is not the newest);
+        when the record is gone (the bucket or the key deleted), :class:`rjet.CursorBucketGone`.
+
+        ::
+
+            me = rjet.cursors.runner_id()
+            claim = await store.claim("billing", owner=me)
+            ...  # this run ends on an error; the next run of the same runner:
+            claim = await store.claim("billing", owner=me, after=me)
+        """
+        return await self._claim(name, plain=False, owner=owner, after=after)
+
+    async def _claim(self, name: str, *, plain: bool, owner: str | None = None, after: str | None = None) -> _Claim:
         self._check_open()
         key = encode_key(name)
         async with self._lock:
             if name in self._dirty:
                 await self._flush_locked([name], raise_for=set())  # what an earlier claim left unwritten
-            owner = _owner_token()
+            owner = owner or runner_id()
             for _ in range(10):
                 since = time.monotonic()
                 entry = await self._read_entry(name, key)
                 record = CursorRecord.decode(entry[0]) if entry is not None else CursorRecord()
                 base = entry[1] if entry is not None else 0
-                if after is not None and record.owner != after:
-                    raise CursorConflict(
-                        name,
-                        f"another runner claimed it in bucket {self.bucket!r} while this one was between runs"
-                        f" (owner {record.owner or 'unknown: a tool or an older rjet'}): two runners share this"
-                        " consumer name; this one stops",
-                    )
+                if after is not None:
+                    self._check_still_mine(name, after, record if entry is not None and entry[0] is not None else None)
                 mine = CursorRecord(record.cursor, record.stream, owner, record.done)
                 try:
                     rev = await self._shielded(self._kv.update(key, mine.encode(), last=base))
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue  # another runner wrote it between our read and write: read again
                 except _GONE_ERRORS as e:
-                    raise await self._gone(name, e) from None
+                    raise await self._gone(name, e, last=record) from None
                 except _STORE_ERRORS as e:
-                    # Applied or not? The record says: ours when it carries our owner token.
+                    # Applied or not? A newer revision carrying our identity says it was.
                     back = await self._read(name, key)
-                    if back is None or CursorRecord.decode(back[0]).owner != owner:
-                        if back is None or back[1] == base:
+                    if back is None or back[1] == base:
+                        if back is None and after is None:
                             raise self._store_error(f"cannot claim cursor {name!r}", e) from e
-                        continue
+                        continue  # not applied (or the record vanished): read again
+                    if CursorRecord.decode(back[0]).owner != owner:
+                        continue  # another writer's: read again
                     rev = back[1]
                 claim = _Claim(self, name, owner, rev, record, since)
                 old = self._claims.get(name)
@@ -519,12 +530,26 @@ class JetStreamCursorStore:
                 self._claims[name] = claim
                 self._dirty.pop(name, None)  # set under the older claim meanwhile: not ours to write
                 self._written[name] = record.cursor
+                if record.stream:
+                    self._counts_in[name] = record.stream
                 return claim
         raise CursorConflict(
             name,
             f"another writer changed it 10 times in a row while this runner claimed it (bucket {self.bucket!r});"
             " two runners share the name, or a tool keeps writing it",
         )
+
+    def _check_still_mine(self, name: str, me: str, stored: CursorRecord | None) -> None:
+        """Raise unless ``stored`` (None: no record) is the record of runner ``me``, who held the claim."""
+        if stored is None:
+            raise self._vanished(name, "the bucket was deleted and created again, or the key deleted", None)
+        if stored.owner != me:
+            raise CursorConflict(
+                name,
+                f"another runner claimed it in bucket {self.bucket!r} while this one was between runs"
+                f" (owner {stored.owner or 'unknown: a tool or an older rjet'}): two runners share this"
+                " consumer name; this one stops",
+            )
 
     async def get_cursor(self, name: str) -> str:
         """Read and claim the cursor for ``name`` ("" when none); fences earlier runners of it."""
@@ -699,6 +724,8 @@ class JetStreamCursorStore:
 
     def _wrote(self, name: str, claim: _Claim | None, rev: int, cursor: str, since: float) -> None:
         self._written[name] = cursor
+        if claim is not None and claim.stream:
+            self._counts_in[name] = claim.stream
         if claim is None:
             # A write without a claim becomes this store's claim: its later writes compare-and-swap.
             record = CursorRecord(cursor, None, self._owner)
@@ -816,15 +843,15 @@ class JetStreamCursorStore:
         assert entry.revision is not None
         return entry.value or b"", entry.revision
 
-    async def _gone(self, name: str, cause: BaseException | None = None) -> CursorStoreError:
-        """The error for a cursor whose key is missing: the bucket is gone, unusable, or was emptied."""
+    async def _gone(
+        self, name: str, cause: BaseException | None = None, last: CursorRecord | None = None
+    ) -> CursorStoreError:
+        """The error for a cursor whose key is missing: the bucket is gone, unusable, or was emptied.
+        ``last``: the record this runner last knew, when not its claim's."""
         try:
             info = await self._guard(self._match, self._names.js.stream_info(self._names.stream))
         except nats.js.errors.NotFoundError:
-            return CursorBucketGone(
-                f"cursor bucket {self.bucket!r}: cursor {name!r}: the bucket is gone (deleted while in use);"
-                " create it again (a new JetStreamCursorStore.create does) and the consumer starts afresh"
-            )
+            return self._vanished(name, "the bucket is gone (deleted while in use)", last)
         except _STORE_ERRORS as e:
             return self._store_error(f"cannot read cursor {name!r}", cause or e)
         try:
@@ -833,10 +860,23 @@ class JetStreamCursorStore:
             return e
         if cause is not None:
             return self._store_error(f"cannot write cursor {name!r}", cause)
+        return self._vanished(name, "the bucket was deleted and created again, or the key deleted", last)
+
+    def _vanished(self, name: str, how: str, last: CursorRecord | None) -> CursorBucketGone:
+        """A claimed cursor's record is gone: no other runner was seen, and starting over from the
+        beginning would hand the handler every event again without a word, so the runner stops and
+        says where it was."""
+        cursor = self._written.get(name) or (last.cursor if last is not None else "")
+        stream = self._counts_in.get(name) or (last.stream if last is not None else None)
+        where = f" (its last cursor here: {cursor})" if cursor else ""
         return CursorBucketGone(
-            f"cursor bucket {self.bucket!r}: cursor {name!r} vanished while this runner held it (the bucket"
-            " was deleted and created again, or the key deleted); no other runner claimed it; the next run"
-            " claims it afresh"
+            f"cursor bucket {self.bucket!r}: cursor {name!r}{where} vanished while this runner held it: {how};"
+            " no other runner was seen; this runner stops rather than start over from the stream's beginning",
+            name=name,
+            bucket=self.bucket,
+            namespace=self.namespace,
+            cursor=cursor,
+            stream=stream,
         )
 
     def _check_open(self) -> None:
@@ -887,8 +927,8 @@ def _bucket_match(bucket: str) -> Match:
     return match
 
 
-def _owner_token() -> str:
-    """Who writes: host, pid and a random part (unique per claim)."""
+def runner_id() -> str:
+    """A new runner identity for :meth:`JetStreamCursorStore.claim`: host, pid and a random part."""
     return f"{socket.gethostname()}:{os.getpid()}:{_NUID.next().decode()[-10:]}"
 
 

@@ -17,7 +17,7 @@ from typing import Any, Final, NoReturn, Protocol
 from rjet._keyed import KeyedRun
 from rjet._reader import StreamClient
 from rjet.consumer import Consumer
-from rjet.cursors import CursorStore, FailingCursorStore, JetStreamCursorStore, ProgressSource
+from rjet.cursors import CursorStore, FailingCursorStore, JetStreamCursorStore, ProgressSource, runner_id
 from rjet.deadletter import DeadLetter, DeadLetterRecord, record_for
 from rjet.errors import (
     PERMANENT,
@@ -115,10 +115,13 @@ async def run(spec: Spec, *, stats: ConsumerStats | None = None, stop: asyncio.E
 
 @dataclasses.dataclass(slots=True)
 class _Rerun:
-    """What one run of ``run_forever`` leaves the next: the owner token of its cursor claim, and the
-    event whose handler error ended it (for the log record)."""
+    """What one run of ``run_forever`` leaves the next: the runner's identity (one for every run, so
+    that a claim written by a request whose answer was lost is still known as its own), whether a
+    claim was ever known held (from then on the cursor is claimed again only while the stored
+    record is still this runner's), and the event whose handler error ended it (for the log record)."""
 
-    owner: str | None = None
+    owner: str = dataclasses.field(default_factory=runner_id)
+    held: bool = False
     failed_on: Event | None = None
 
 
@@ -334,12 +337,13 @@ class _PlainClaim:
 
 async def _claim(store: CursorStore, name: str, rerun: _Rerun | None) -> _Claim:
     if isinstance(store, JetStreamCursorStore):
-        # Running again (run_forever, after an error): only while the last claim is still the
-        # stored one. Another runner that claimed meanwhile is newer; taking the cursor back would
+        if rerun is None:
+            return await store.claim(name)
+        # Running again (run_forever, after an error): only while the stored record is still this
+        # runner's. Another runner that claimed meanwhile is newer; taking the cursor back would
         # hand this one events that runner already handled.
-        claim = await store.claim(name, after=rerun.owner if rerun is not None else None)
-        if rerun is not None:
-            rerun.owner = claim.owner
+        claim = await store.claim(name, owner=rerun.owner, after=rerun.owner if rerun.held else None)
+        rerun.held = True
         return claim
     return _PlainClaim(store, name, await store.get_cursor(name))
 

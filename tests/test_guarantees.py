@@ -257,7 +257,45 @@ async def test_a_deleted_bucket_is_named_as_such_not_as_another_runner(js: JetSt
     await second.set_cursor("5")
     with pytest.raises(rjet.CursorBucketGone, match="vanished while this runner held it"):
         await second.flush()
-    assert await third.get_cursor("c") == ""  # a new claim starts afresh
+    assert await third.get_cursor("c") == ""  # a new claim (a runner that never held one) starts afresh
+
+
+@pytest.mark.parametrize("what", ["bucket", "key"])
+async def test_run_forever_stops_with_a_named_error_when_its_cursor_record_vanishes(
+    js: JetStreamContext, stream: rjet.Stream, what: str
+) -> None:
+    """Neither "another runner" (none was seen) nor a silent start from the beginning (the whole stream
+    handled again): a named, permanent error that says where the runner was and how to go on."""
+    await stream.insert_many([(f"k{i % 5}", 1, b"") for i in range(40)])
+    store = await rjet.JetStreamCursorStore.create(js, stream.name, flush_interval=0.0)
+    seen: list[int] = []
+    gone = asyncio.Event()
+
+    async def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        seen.append(event.id_int)
+        if event.id_int == 20:
+            await store.flush()
+            if what == "bucket":  # deleted and created again
+                await js.delete_key_value(store.bucket)
+                await js.create_key_value(bucket=store.bucket)
+            else:
+                await store.kv.delete(encode_key("c"))
+            gone.set()
+            raise RuntimeError("a transient error: run_forever runs again, and finds the record gone")
+
+    spec = rjet.Spec(stream.stream, store, rjet.Consumer("c", handle))
+    with pytest.raises(rjet.CursorBucketGone) as caught:  # was: CursorConflict "owner unknown"
+        await asyncio.wait_for(rjet.run_forever(spec, retry_delay=0.01, max_backoff=0.05), 10)
+    err = caught.value
+    assert gone.is_set()
+    assert seen == list(range(1, 21))  # nothing handled again from the beginning
+    assert (err.name, err.bucket, err.cursor) == ("c", store.bucket, "19")
+    assert err.stream is not None
+    assert err.stream.startswith(f"{stream.name}@")
+    assert "vanished while this runner held it" in str(err)
+    assert f"`rjet cursor c --namespace {stream.name} --set 19 --stream {stream.name}`" in str(err)
+    assert rjet.is_permanent(err)
+    assert not isinstance(err, rjet.CursorConflict)
 
 
 async def test_a_bucket_with_a_ttl_is_refused_at_open(js: JetStreamContext, name: str) -> None:

@@ -50,14 +50,23 @@ def cluster() -> Iterator[list[EmbeddedServer]]:
 
 
 class CuttingProxy:
-    """Forwards 127.0.0.1:<port> to a server; :meth:`cut` drops every open connection at once."""
+    """Forwards 127.0.0.1:<port> to a server; :meth:`cut` drops every open connection at once.
+
+    :meth:`lose_answer_to` makes a lost answer on purpose: the next client frame that contains a
+    marker reaches the server (which applies it), and nothing the server sends comes back for a
+    while (so that a read-back fails too), as when a leader steps down after applying a write.
+    """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self.cuts = 0
+        self.lost_answers = 0
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
+        self._marker: bytes | None = None
+        self._outage = 0.0
+        self._mute_until = 0.0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -67,11 +76,22 @@ class CuttingProxy:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def lose_answer_to(self, marker: bytes, outage: float) -> None:
+        """Lose the answer to the next client frame containing ``marker``, and every other answer for
+        ``outage`` seconds."""
+        self._marker, self._outage = marker, outage
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool) -> None:
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                if not upstream and loop.time() < self._mute_until:
+                    continue  # the answer is lost
                 writer.write(data)
                 await writer.drain()
+                if upstream and self._marker is not None and self._marker in data:
+                    self._marker, self._mute_until = None, loop.time() + self._outage
+                    self.lost_answers += 1
         writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -82,7 +102,7 @@ class CuttingProxy:
             return
         self._writers |= {writer, up_writer}
         try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False))
         finally:
             self._writers -= {writer, up_writer}
 

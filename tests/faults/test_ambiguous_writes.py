@@ -68,3 +68,44 @@ async def test_cursor_writes_cut_mid_flight_never_fence_their_runner(
         await direct.close()
         with contextlib.suppress(OSError, asyncio.CancelledError):
             await cut_conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_a_claim_applied_with_its_answer_lost_is_still_its_runners_own(
+    own_server: EmbeddedServer, proxy: CuttingProxy
+) -> None:
+    """run_forever's next run claims the cursor; the claim is applied, its answer lost, and the read-back
+    fails too (what a leader step-down or a lost node does): that run ends on a store error. The run
+    after it finds a record written by this very runner, which is its own, not another runner's."""
+    direct = await rjet.connect(own_server.url)
+    cut_conn = await rjet.connect(proxy.url, reconnect_time_wait=0.05)
+    try:
+        stream = await rjet.Stream.create(direct.jetstream(), "claims")
+        await stream.insert_many([(f"k{i % 7}", 1, b"") for i in range(50)])
+        js = cut_conn.jetstream(timeout=1.0)
+        reader = rjet.Stream(js, "claims", read=FAST)
+        seen: list[int] = []
+        errors: list[str] = []
+        loop = asyncio.get_running_loop()
+
+        def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+            seen.append(event.id_int)
+            if event.id_int == 20 and not errors:
+                errors.append("once")
+                # After this run has flushed and released its claim (it waits out a 1 s backoff), the
+                # next write of the cursor's key is the next run's claim.
+                loop.call_later(0.5, proxy.lose_answer_to, b"$KV.rjet_cursors_ns.c ", 2.5)
+                raise RuntimeError("a transient error: this run ends, run_forever runs again")
+
+        async with await rjet.JetStreamCursorStore.create(js, "ns", flush_interval=0.0) as store:
+            spec = rjet.Spec(reader.stream, store, rjet.Consumer("c", handle), to_head=True)
+            await asyncio.wait_for(rjet.run_forever(spec, retry_delay=0.05, max_backoff=1.0), 40)  # was: CursorConflict
+        assert proxy.lost_answers == 1
+        assert sorted(set(seen)) == list(range(1, 51))
+        check = await rjet.JetStreamCursorStore.create(direct.jetstream(), "ns")
+        assert await check.peek("c") == "50"
+    finally:
+        await direct.close()
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await cut_conn.close()
