@@ -7,6 +7,11 @@ timeout (5 s) and ends as a bare timeout, saying nothing of permissions. nats-py
 connection, and :meth:`Denials.guard` races a call against the violations of the subjects it uses,
 so the call fails at once with :class:`rjet.PermissionDenied` naming the subject.
 
+A refused subscription to the inbox that nats-py's requests wait on (``_INBOX.<id>.*``, made at
+the connection's first request; the user lacks ``subscribe: _INBOX.>``) fails every request waiting
+on it, guarded or not, with ``PermissionDenied("subscription", "_INBOX.<id>.*")``; the next request
+subscribes again, so it is refused again at once (or works, once the permission is granted).
+
 nats-py lower-cases the ``-ERR`` text, so a match compares lower-cased subjects and gives back the
 subject as the caller spelled the part it knows (the prefix); the rest stays as reported.
 """
@@ -15,16 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import re
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from rjet._natsio import attachment, chain_error_callback
+from rjet._natsio import attachment, chain_error_callback, fail_requests, request_inbox
 from rjet.errors import PermissionDenied
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-__all__ = ["Denials", "denials", "starts"]
+__all__ = ["Denials", "denials", "exactly", "starts"]
 
 _VIOLATION: Final = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.IGNORECASE)
 _T = TypeVar("_T")
@@ -35,15 +41,21 @@ Match = Callable[[str], str | None]
 class Denials:
     """The permission violations of one connection, matched to who waits on them."""
 
-    def __init__(self) -> None:
+    def __init__(self, nc: Client | None = None) -> None:
         self._watchers: dict[int, tuple[Match, Callable[[PermissionDenied], None]]] = {}
         self._next = 0
+        self._nc = weakref.ref(nc) if nc is not None else None  # the Denials is kept with nc: no cycle
 
     def on_error(self, err: BaseException) -> None:
         found = _VIOLATION.search(str(err))
         if found is None:
             return
         op, reported = found.group(1).lower(), found.group(2).lower()
+        nc = self._nc() if self._nc is not None else None
+        if op == "subscription" and nc is not None:
+            inbox = request_inbox(nc)
+            if inbox is not None and inbox.lower() == reported:
+                fail_requests(nc, lambda: PermissionDenied(op, inbox))
         for match, callback in list(self._watchers.values()):
             subject = match(reported)
             if subject is not None:
@@ -92,7 +104,7 @@ def denials(nc: Client) -> Denials:
     with the connection, so it lives and dies with it)."""
 
     def make() -> Denials:
-        made = Denials()
+        made = Denials(nc)
         chain_error_callback(nc, made.on_error)
         return made
 
@@ -110,3 +122,9 @@ def starts(*prefixes: str) -> Match:
         return None
 
     return match
+
+
+def exactly(*subjects: str) -> Match:
+    """A match for exactly ``subjects`` (a KV key's subject, say, where a prefix would take in longer keys)."""
+    spelled = {s.lower(): s for s in subjects}
+    return spelled.get

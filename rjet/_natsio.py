@@ -5,7 +5,9 @@ buffer (``_send_command``, ``_flush_pending``), its parser object (``_ps``, swap
 :class:`rjet._wire.FastParser`), its error callback (``_error_cb``, chained by
 :mod:`rjet._denials`), a subscription's ID (``_id``), a JetStream context's API prefix, timeout and
 connection (``_prefix``, ``_timeout``, ``_nc``) and a KV bucket's names (``_name``, ``_stream``,
-``_pre``, ``_js``). This module is the only one that touches them (ruff's SLF001 checks that).
+``_pre``, ``_js``) and its request inbox (``_resp_sub_prefix``, ``_resp_map``, ``_subs``: failed at
+once when the server refuses to subscribe to it). This module is the only one that touches them
+(ruff's SLF001 checks that).
 
 :func:`fast_paths` decides, once per connection, whether the fast paths may be used: nats-py is a
 version rjet was tested against and has what they need. When it says no (or ``RJET_FAST_PATHS=0``
@@ -16,6 +18,8 @@ a time: slower, same results.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import os
 from importlib.metadata import version
@@ -36,10 +40,12 @@ __all__ = [
     "attachment",
     "chain_error_callback",
     "connection",
+    "fail_requests",
     "fast_paths",
     "header_dict",
     "hpub",
     "kv_names",
+    "request_inbox",
     "send_raw",
     "subscription_id",
 ]
@@ -150,6 +156,39 @@ def chain_error_callback(nc: Client, before: Callable[[Exception], None]) -> Non
         await previous(err)
 
     nc._error_cb = error_cb
+
+
+def request_inbox(nc: Client) -> str | None:
+    """The subject of the subscription that ``nc.request`` waits on for every answer
+    (``_INBOX.<id>.*``), or None before the connection's first request."""
+    prefix = getattr(nc, "_resp_sub_prefix", None)
+    return prefix.decode() + "*" if prefix else None
+
+
+_dropping: set[asyncio.Task[None]] = set()  # unsubscriptions under way (a reference keeps each task alive)
+
+
+def fail_requests(nc: Client, error: Callable[[], BaseException]) -> None:
+    """Fail every request waiting on ``nc``'s request inbox with ``error()``, and let the next request
+    subscribe to a new inbox: the server refused this one, so no answer would ever come (each request
+    would wait out its timeout), and a refusal is told once, when the subscription is made."""
+    for future in list(getattr(nc, "_resp_map", {}).values()):
+        if not future.done():
+            future.set_exception(error())
+    subject = request_inbox(nc)
+    if subject is None:
+        return
+    nc._resp_sub_prefix = None
+    for sub in list(getattr(nc, "_subs", {}).values()):
+        if sub.subject == subject:
+            task = asyncio.ensure_future(_unsubscribe(sub))
+            _dropping.add(task)
+            task.add_done_callback(_dropping.discard)
+
+
+async def _unsubscribe(sub: Subscription) -> None:
+    with contextlib.suppress(Exception):  # a closed or draining connection drops it anyway
+        await sub.unsubscribe()
 
 
 def header_dict(header_block: bytes) -> dict[str, Any]:

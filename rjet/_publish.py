@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Final
 
 from nats.aio.msg import Msg
 
+from rjet._denials import denials, starts
 from rjet._natsio import fast_paths, header_dict, send_raw, subscription_id
 from rjet._wire import fast_lanes
-from rjet.errors import InsertError, StreamNotFound
+from rjet.errors import InsertError, PermissionDenied, StreamNotFound
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -55,6 +56,7 @@ async def publish_many(
     received = 0
     wanted = 0
     arrived = asyncio.Event()
+    refused: list[PermissionDenied] = []  # the server refused the subscription to the acks' inbox
     inbox = nc.new_inbox()
     reply_to = inbox.encode()
     cut = len(inbox) + 1
@@ -71,7 +73,16 @@ async def publish_many(
     async def on_msg(msg: Msg) -> None:
         on_frame(msg.subject.encode(), b"", None, msg.data)
 
-    sub = await nc.subscribe(inbox + ".*", cb=on_msg)
+    def on_refused(err: PermissionDenied) -> None:
+        refused.append(err)
+        arrived.set()
+
+    unwatch = denials(nc).watch(starts(inbox), on_refused)
+    try:
+        sub = await nc.subscribe(inbox + ".*", cb=on_msg)
+    except BaseException:
+        unwatch()
+        raise
     sid = subscription_id(sub)
     lanes = fast_lanes(nc)
     if lanes is not None:
@@ -83,7 +94,7 @@ async def publish_many(
             wanted = max(0, start - _WINDOW)
             if received < wanted:
                 arrived.clear()
-                await _wait(arrived, timeout, acks, stream, foreign_ids)
+                await _wait(arrived, timeout, acks, stream, foreign_ids, refused)
             end = min(start + _WINDOW, n)
             if not raw:  # the plain path: one nats-py publish per event
                 for i in range(start, end):
@@ -101,19 +112,26 @@ async def publish_many(
         wanted = n
         if received < n:
             arrived.clear()
-            await _wait(arrived, timeout, acks, stream, foreign_ids)
+            await _wait(arrived, timeout, acks, stream, foreign_ids, refused)
         return _sequences(acks, n, stream, foreign_ids)
     finally:
+        unwatch()
         if lanes is not None:
             lanes.pop(sid, None)
         await sub.unsubscribe()
 
 
 async def _wait(
-    arrived: asyncio.Event, timeout: float, acks: list[bytes | None], stream: str, foreign_ids: Sequence[str]
+    arrived: asyncio.Event,
+    timeout: float,
+    acks: list[bytes | None],
+    stream: str,
+    foreign_ids: Sequence[str],
+    refused: list[PermissionDenied],
 ) -> None:
     try:
-        await asyncio.wait_for(arrived.wait(), timeout)
+        if not refused:
+            await asyncio.wait_for(arrived.wait(), timeout)
     except TimeoutError:
         missing = next(i for i, a in enumerate(acks) if a is None)
         _sequences(acks, missing, stream, foreign_ids)  # an earlier error explains more than a timeout
@@ -124,6 +142,8 @@ async def _wait(
             f"no acknowledgement within {timeout:g}s: it may or may not be stored, and so may later ones",
             stored=missing,
         ) from None
+    if refused:  # no ack will come: the server refused to deliver them
+        raise refused[0]
 
 
 def _sequences(acks: list[bytes | None], upto: int, stream: str, foreign_ids: Sequence[str]) -> list[int]:

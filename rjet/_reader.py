@@ -1168,10 +1168,10 @@ class StreamClient:
             with contextlib.suppress(nats.errors.Error):
                 await self._sub.unsubscribe()
         if session is not None:
-            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
-                await self._nc.request(
-                    f"{api_prefix(self._js)}.CONSUMER.DELETE.{self.stream}.{session.name.decode()}", b"", timeout=1.0
-                )
+            # Without the permission to delete it, the consumer is reaped after inactive_threshold.
+            subject = f"{api_prefix(self._js)}.CONSUMER.DELETE.{self.stream}.{session.name.decode()}"
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError, PermissionDenied):
+                await self._denials.guard(starts(subject), self._nc.request(subject, b"", timeout=1.0))
 
     def __aiter__(self) -> Self:
         return self

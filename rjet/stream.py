@@ -134,11 +134,13 @@ class Stream:
             config = api.StreamConfig(name=name, **wanted)
         except TypeError as e:
             raise ConfigError(f"stream {name!r}: unknown stream option: {e}") from None
+        jsapi = api_prefix(js)
+        guard, info_match = denials(connection(js)).guard, starts(f"{jsapi}.STREAM.INFO.{name}")
         try:
-            info = await js.stream_info(name)
+            info = await guard(info_match, js.stream_info(name))
         except nats.js.errors.NotFoundError:
             try:
-                info = await js.add_stream(config)
+                info = await guard(starts(f"{jsapi}.STREAM.CREATE.{name}"), js.add_stream(config))
             except nats.js.errors.APIError as e:
                 # Lost a race with another creator: fall through to the compatibility check.
                 if e.err_code != 10058:  # stream name already in use
@@ -146,7 +148,7 @@ class Stream:
                         f"stream {name!r}: the server refused to create it: {e.description} (error {e.err_code})",
                         stream=name,
                     ) from e
-                info = await js.stream_info(name)
+                info = await guard(info_match, js.stream_info(name))
             else:
                 stream._bind(info)
                 return stream

@@ -414,6 +414,22 @@ async def test_a_second_runner_of_the_same_shards_fences_the_first(
     assert "already run by another group" in caplog.text
 
 
+@pytest.mark.timeout(60)
+async def test_a_shard_whose_stream_was_recreated_fails_for_good(
+    server: EmbeddedServer, js: JetStreamContext, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    await insert(stream, 40)
+    await group(server, name, 2, logger(tmp_path)).run_async(to_head=True)
+    await js.delete_stream(name)
+    await insert(await rjet.Stream.create(js, name), 80)  # longer than the old cursors: only the identity tells
+    with pytest.raises(ShardsFailed) as failed:
+        # Not restarted with backoff for ever: running again cannot make the cursors count in the new stream.
+        await asyncio.wait_for(group(server, name, 2, logger(tmp_path)).run_async(to_head=True), 20)
+    assert [(s.state, s.restarts) for s in failed.value.summary.shards] == [("failed", 0), ("failed", 0)]
+    assert all(why.startswith("failed: StreamRecreated") for why in failed.value.failures.values())
+    assert failed.value.fenced == frozenset()
+
+
 # ----------------------------------------------------------------- resharding
 
 

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Final
 import xxhash
 
 from rjet.cursors import kv_keys
-from rjet.parallel._reshard import _KV_ERRORS, META_PREFIX, _get, _kv_error, _live
+from rjet.errors import PermissionDenied
+from rjet.parallel._reshard import _KV_ERRORS, META_PREFIX, _get, _kv_error, _live, guarded_put
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -169,8 +170,8 @@ class Membership:
             "ttl": self.ttl,
         }
         try:
-            await self.kv.put(self._key, json.dumps(body).encode())
-        except _KV_ERRORS as e:
+            await guarded_put(self.kv, self._key, json.dumps(body).encode())
+        except (*_KV_ERRORS, PermissionDenied) as e:  # a refusal is named at once; the member retries it
             raise _kv_error(f"cannot write the lease of member {self.member!r}", e) from e
 
     async def members(self) -> list[Member]:

@@ -40,9 +40,11 @@ from typing import TYPE_CHECKING, Any, Final
 import nats.errors
 import nats.js.errors
 
+from rjet._denials import denials, exactly
+from rjet._natsio import connection, kv_names
 from rjet._progress import decode_done, encode_done
 from rjet.cursors import RESERVED_PREFIX, CursorRecord, decode_key, encode_key, kv_keys
-from rjet.errors import CursorStoreError
+from rjet.errors import CursorStoreError, PermissionDenied
 from rjet.parallel._errors import ParallelError, ReshardRefused
 from rjet.parallel._shard import shard_name
 from rjet.stream import parse_cursor
@@ -230,6 +232,14 @@ async def heartbeats(kv: KeyValue, keys: Iterable[str]) -> dict[str, list[_Beat]
     return found
 
 
+async def guarded_put(kv: KeyValue, key: str, value: bytes) -> int:
+    """``kv.put(key, value)``, or :class:`rjet.PermissionDenied` naming the key's subject as soon as
+    the server refuses the write (a heartbeat or lease write the user may not make)."""
+    names = kv_names(kv)
+    subject = names.prefix + key
+    return await denials(connection(names.js)).guard(exactly(subject), kv.put(key, value))
+
+
 class Heartbeats:
     """The heartbeats of one group's shards: :meth:`beat` writes them, :meth:`run` keeps them fresh.
 
@@ -270,10 +280,12 @@ class Heartbeats:
         value = json.dumps(beat).encode()
         shards = sorted(self._shards)
         revs = await asyncio.gather(
-            *(self.kv.put(_hb_key(self.name, m, self.n, self.group), value) for m in shards),
+            *(guarded_put(self.kv, _hb_key(self.name, m, self.n, self.group), value) for m in shards),
             return_exceptions=True,
         )
         for m, rev in zip(shards, revs, strict=True):
+            if isinstance(rev, PermissionDenied):
+                raise rev
             if isinstance(rev, BaseException):
                 raise _kv_error("cannot write a heartbeat", rev) from rev
             if m in self._shards:
@@ -287,6 +299,8 @@ class Heartbeats:
                 await self.beat()
             except CursorStoreError as e:
                 log.warning("parallel %r: %s (retrying)", self.name, e)
+            except PermissionDenied as e:  # taken away mid-run: said loudly, retried (it may be granted again)
+                log.error("parallel %r: cannot write a heartbeat: %s (retrying)", self.name, e)
 
     def drop(self, m: int) -> None:
         """Stop writing shard ``m``'s heartbeat (another runner owns the shard now)."""

@@ -319,6 +319,12 @@ def main(cfg: WorkerConfig, fn: Handler, conn: Connection) -> None:
             code = EXIT_FENCED
         elif outcome == "fatal":
             code = EXIT_FATAL
+    except CursorConflict as e:  # in set-up, before run_forever: classified as run() classifies it
+        log.error("shard %r stopped for good: %s", cfg.shard, e)
+        outcome, detail, code = "fenced", str(e), EXIT_FENCED
+    except _FATAL as e:  # a PermissionDenied while opening the cursor store, say: a restart cannot fix it
+        log.error("shard %r stopped for good: %s", cfg.shard, e, exc_info=e)
+        outcome, detail, code = "fatal", f"{type(e).__name__}: {e}", EXIT_FATAL
     except RjetError as e:
         log.error("shard %r: worker failed: %s", cfg.shard, e, exc_info=e)
         outcome, detail, code = "crashed", f"{type(e).__name__}: {e}", EXIT_CRASH
