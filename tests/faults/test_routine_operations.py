@@ -63,6 +63,7 @@ async def test_leader_step_downs_of_stream_and_bucket_never_fence_a_parallel_gro
         group = Parallel(
             "g", 2, logger(tmp_path, delay=0.0003), servers=[n.url for n in cluster], stream="steps", namespace="steps",
             flush_interval=0.05, restart_delay=0.1, retry_delay=0.05, max_backoff=0.5, on_start=remember_shard,
+            fate=rjet.RandomFate(0.01, seed=3),  # a re-claim every ~100 events: some meet a step-down
         )  # fmt: skip
         run = asyncio.create_task(group.run_async(to_head=True))
         stepdowns = 0
