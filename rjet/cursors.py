@@ -139,9 +139,10 @@ async def _allow_atomic(js: JetStreamContext, config: api.StreamConfig) -> bool:
     False when not possible. Never applied to a bucket that existed before."""
     try:
         config.allow_atomic = True
-        await js.update_stream(config)
+        # A user who may not update streams is refused at once (not after the API timeout).
+        await denials(connection(js)).guard(_bucket_match((config.name or "KV_")[3:]), js.update_stream(config))
         return True
-    except (nats.errors.Error, TimeoutError, OSError) as e:
+    except (nats.errors.Error, TimeoutError, OSError, PermissionDenied) as e:
         log.info("stream %r: no atomic batches (%r); cursor flushes send one request per cursor", config.name, e)
         return False
 
@@ -154,7 +155,10 @@ async def kv_keys(kv: KeyValue) -> list[str]:
     """
     names = kv_names(kv)
     prefix = names.prefix
-    info = await names.js.stream_info(names.stream, subjects_filter=prefix + ">")
+    guard = denials(connection(names.js)).guard
+    info = await guard(
+        _bucket_match(names.stream[3:]), names.js.stream_info(names.stream, subjects_filter=prefix + ">")
+    )
     return [subject[len(prefix) :] for subject in info.state.subjects or {}]
 
 
