@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Final
 import xxhash
 
 from rjet.cursors import kv_keys
-from rjet.errors import PermissionDenied
-from rjet.parallel._reshard import _KV_ERRORS, META_PREFIX, _get, _kv_error, _live, guarded_put
+from rjet.errors import CursorStoreError, PermissionDenied
+from rjet.parallel._reshard import _KV_ERRORS, META_PREFIX, _get, _kv_error, _live, _token, guarded_put, lease_prefix
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -122,11 +122,7 @@ class Member:
     since: float  # wall time the member started
     seen_ago: float  # seconds since the lease last changed, by this reader's monotonic clock
     live: bool
-
-
-def _token(text: str) -> str:
-    """``text`` as one KV key token (no dots: a group's name may have them)."""
-    return base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode().rstrip("=")
+    n: int | None = None  # the shard count it runs (None in leases written before leases named it)
 
 
 def _untoken(token: str) -> str:
@@ -139,18 +135,28 @@ def _member_key(name: str, member: str) -> str:
 
 def member_prefix(name: str) -> str:
     """The start of every lease key of ``name``'s members."""
-    return f"{_MEMBER}{_token(name)}."
+    return lease_prefix(name)
 
 
 class Membership:
     """This process's membership of ``name``'s elastic group: its lease, and its view of the others."""
 
     def __init__(
-        self, kv: KeyValue, name: str, member: str, *, ttl: float, max_shards: int | None, static: bool
+        self,
+        kv: KeyValue,
+        name: str,
+        member: str,
+        *,
+        ttl: float,
+        max_shards: int | None,
+        static: bool,
+        n: int | None = None,
     ) -> None:
         self.kv = kv
         self.name = name
         self.member = member
+        self.n = n  # the shard count this member runs: its lease holds the group record for it
+        self._stopped = False
         self.ttl = ttl
         self.max_shards = max_shards
         self.static = static  # a stable member_id: the lease outlives a graceful stop
@@ -168,6 +174,8 @@ class Membership:
             "since": self._since,
             "time": time.time(),
             "ttl": self.ttl,
+            "n": self.n,
+            **({"stopped": True} if self._stopped else {}),
         }
         try:
             await guarded_put(self.kv, self._key, json.dumps(body).encode())
@@ -198,18 +206,20 @@ class Membership:
                 cap = body.get("max_shards")
                 info = (str(body.get("host", "?")), int(body.get("pid", 0)), cap if isinstance(cap, int) else None)
                 since = float(body.get("since", 0.0))
+                n = body.get("n")
             except (ValueError, KeyError, TypeError):
                 continue  # not a lease rjet wrote
             ago = now - last[1]
             live = key == self._key or ago < self.ttl
-            out.append(Member(member, info[0], info[1], info[2], since, ago, live))
+            out.append(Member(member, info[0], info[1], info[2], since, ago, live, n if isinstance(n, int) else None))
         for key in set(self._seen) - set(entries):
             del self._seen[key]
         return sorted(out, key=lambda m: m.member)
 
     async def view(self, n: int) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
-        """(this member's shards, the whole assignment), by this process's view of the live members."""
-        live = [m for m in await self.members() if m.live]
+        """(this member's shards, the whole assignment), by this process's view of the live members
+        (those of another ``n``, refused or about to be, are no members of this ``n``)."""
+        live = [m for m in await self.members() if m.live and m.n in (None, n)]
         caps = {m.member: m.max_shards for m in live}
         caps[self.member] = self.max_shards
         whole = assign(caps, n, caps)
@@ -219,6 +229,17 @@ class Membership:
         """Delete this member's lease (a graceful stop of a member without a stable id). Never raises."""
         with contextlib.suppress(*_KV_ERRORS):
             await self.kv.delete(self._key)
+
+    async def release(self) -> None:
+        """A graceful stop: delete the lease, so that the others rebalance now, not after the TTL; or,
+        with a stable id, mark it stopped: the others keep its shards for it until the TTL, but it no
+        longer holds the group record for its ``n``, so a reshard need not wait. Never raises."""
+        if not self.static:
+            await self.leave()
+            return
+        self._stopped = True
+        with contextlib.suppress(CursorStoreError):
+            await self.beat()
 
 
 async def members(kv: KeyValue, name: str, ttl: float) -> list[Member]:

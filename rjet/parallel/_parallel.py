@@ -27,10 +27,10 @@ from rjet.consumer import Handler
 from rjet.cursors import JetStreamCursorStore
 from rjet.errors import ConfigError, CursorStoreError, RjetError, Stopped
 from rjet.parallel._elastic import Membership, busy_shards, default_member_id
-from rjet.parallel._errors import ShardsFailed
+from rjet.parallel._errors import ReshardRefused, ShardsFailed
 from rjet.parallel._messages import Finished, Log, Progress, Started, Stop, ToParent
 from rjet.parallel._options import ParallelOptions
-from rjet.parallel._reshard import Heartbeats, ReshardReport, prepare
+from rjet.parallel._reshard import Heartbeats, ReshardReport, prepare, recorded_n
 from rjet.parallel._results import ShardStats, Summary
 from rjet.parallel._shard import check_n, log_fields, shard_name
 from rjet.parallel._worker import (
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from multiprocess.context import SpawnContext, SpawnProcess
     from nats.aio.client import Client
     from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
 
 __all__ = ["Parallel", "ParallelOptions", "ShardStats", "Summary"]
 
@@ -187,6 +188,7 @@ class Parallel:
         self._letting_go: frozenset[int] = frozenset()  # elastic: shards the assignment gives to others
         self._chores: set[asyncio.Task[None]] = set()
         self._unguarded = False  # a worker found the main module starting a group at import time
+        self._superseded = ""  # another n took the group record over while this group ran
 
     # ----------------------------------------------------------------- public surface
 
@@ -233,6 +235,7 @@ class Parallel:
         self._stops = 0
         self._forced = ""
         self._unguarded = False
+        self._superseded = ""
         self._states = {m: _Shard(m, shard_name(self.name, m, self.n)) for m in self.shards}
         self.reshard = None
         try:
@@ -322,24 +325,12 @@ class Parallel:
             store.kv, self.name, self.n, fixed, group, interval=o.heartbeat_interval, ttl=o.heartbeat_ttl,
             member=self.member,
         )  # fmt: skip
-        await beats.beat()
-        try:
-            self.reshard = await prepare(
-                store.kv, self.name, self.n, group=beats.group, ttl=o.heartbeat_ttl, shards=fixed
-            )
-        except BaseException:
-            await beats.clear()
-            raise
+        membership = await self._hold(store, beats)
         loop = asyncio.get_running_loop()
         beat_task = loop.create_task(beats.run())
-        membership: Membership | None = None
+        watch_task = loop.create_task(self._watch(store.kv))
         coordinator: asyncio.Task[None] | None = None
-        if o.elastic:
-            assert self.member is not None
-            membership = Membership(
-                store.kv, self.name, self.member, ttl=o.heartbeat_ttl, max_shards=o.max_shards,
-                static=o.member_id is not None,
-            )  # fmt: skip
+        if membership is not None:
             coordinator = loop.create_task(self._coordinate(membership, beats))
         installed: list[signal.Signals] = []
         if handle_signals:
@@ -363,9 +354,9 @@ class Parallel:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
-            await cancel_and_wait((beat_task, coordinator))
-            if membership is not None and not membership.static:
-                await membership.leave()  # the others rebalance now, not after the TTL
+            await cancel_and_wait((beat_task, watch_task, coordinator))
+            if membership is not None:
+                await membership.release()
             self._kill_all(reap=True)  # only workers left behind by an error are still there
             await asyncio.gather(*self._chores, return_exceptions=True)
             await beats.clear()
@@ -375,6 +366,8 @@ class Parallel:
                 ' again when imported: put the code that starts it under `if __name__ == "__main__":`'
             )
         await self._final_cursors(store)
+        if self._superseded:
+            raise ReshardRefused(self._superseded, {})
         summary = self.statistics()
         failures = {s.m: f"{s.state}: {s.detail}" for s in self._states.values() if s.state in ("fenced", "failed")}
         if failures:
@@ -398,6 +391,53 @@ class Parallel:
                 s.cursor = await asyncio.wait_for(store.peek(s.name), 5.0)
 
         await asyncio.gather(*(peek(s) for s in self._states.values()))
+
+    async def _hold(self, store: JetStreamCursorStore, beats: Heartbeats) -> Membership | None:
+        """Make this group live (its shard heartbeats, or an elastic member's lease naming ``n``),
+        then take the group record for ``n`` and make the cursors ready (:func:`prepare`): the
+        order that lets exactly one ``n`` of the group run. Returns the elastic membership."""
+        o = self.options
+        membership: Membership | None = None
+        if o.elastic:
+            assert self.member is not None
+            membership = Membership(
+                store.kv, self.name, self.member, ttl=o.heartbeat_ttl, max_shards=o.max_shards,
+                static=o.member_id is not None, n=self.n,
+            )  # fmt: skip
+        await beats.beat()
+        try:
+            if membership is not None:
+                await membership.beat()
+            self.reshard = await prepare(
+                store.kv, self.name, self.n, group=beats.group, ttl=o.heartbeat_ttl, shards=beats.shards,
+                member=self.member,
+            )  # fmt: skip
+        except BaseException:
+            await beats.clear()
+            if membership is not None:
+                await membership.leave()  # refused: this member holds nothing, whatever its id
+            raise
+        return membership
+
+    async def _watch(self, kv: KeyValue) -> None:
+        """Stop the group if the group record comes to name another ``n``: a group of that ``n`` took
+        it over because this one looked gone (paused or cut off past ``heartbeat_ttl``)."""
+        while not self._stops:
+            await asyncio.sleep(self.options.heartbeat_interval)
+            try:
+                n = await recorded_n(kv, self.name)
+            except CursorStoreError as e:
+                log.warning("parallel %r: %s (retrying)", self.name, e)
+                continue
+            if n is not None and n != self.n:
+                self._superseded = (
+                    f"parallel {self.name!r}: n={n} took the group over while this group of n={self.n} looked"
+                    f" gone (no heartbeat or lease for {self.options.heartbeat_ttl:g}s); it stopped. One n runs"
+                    f" at a time: stop n={n} first to run n={self.n} again"
+                )
+                log.error("%s", self._superseded)
+                self._request_stop(False)
+                return
 
     async def _coordinate(self, membership: Membership, beats: Heartbeats) -> None:
         """An elastic member's loop: keep the lease fresh, and work out which shards to run."""

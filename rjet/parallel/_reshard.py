@@ -7,8 +7,9 @@ under keys that start with ``_rjet.`` (a prefix rjet reserves):
   runs, rewritten every ``heartbeat_interval`` seconds and deleted on a clean stop. A shard is
   *running* while a heartbeat of it is younger than ``heartbeat_ttl`` (wall clocks of the hosts are
   compared: keep them in sync). Heartbeats left by groups that died are deleted once they are old.
-- ``_rjet.gen.<name>``: the generation record, which ``n`` is current, and the cursor a reshard
-  seeded. It is written with compare-and-swap, so two groups that start at once agree.
+- ``_rjet.gen.<name>``: the group record: which ``n`` runs (is current), the cursor a reshard
+  seeded, and the group that last confirmed it. Every group, fixed or elastic, writes it with
+  compare-and-swap before any of its workers starts, so two groups that start at once agree.
 
 Why seeding from the minimum is safe: shard ``m`` of an old generation of ``n'`` shards handled every
 event of its keys up to its cursor, and skipped only other shards' events. So every event up to
@@ -18,19 +19,28 @@ handled again (at-least-once). With cursors of several old generations, each giv
 the highest is used. A missing old cursor counts as "" (nothing handled), so the bound falls to the
 start of the stream for that generation: correct, if costly.
 
-A reshard is refused while any shard of another ``n`` of the same name is running. Every group writes
-its heartbeats *before* it looks at the others', so two groups of different ``n`` that start at once
-both see each other and both refuse, rather than both going ahead.
+One ``n`` at a time. The record names the ``n`` that runs; it is *held* while a holder of that ``n``
+is live: a fresh shard heartbeat of it, or a fresh lease (``_rjet.member.<name>.<member>``) of an
+elastic member that runs it and has not stopped. A group of another ``n`` is refused while the
+record is held, and takes it over (compare-and-swap on its revision) once every holder stopped (a
+graceful stop deletes heartbeats and leases, or marks a stable member's lease stopped) or died (its
+heartbeats and leases are then ``heartbeat_ttl`` old). Every group makes itself live (heartbeats, or
+its lease) *before* it reads the record, and every group rewrites the record, even when it names
+its own ``n``: of two groups of different ``n`` starting at once, the second compare-and-swap fails,
+and the one that made it reads the record again and finds the winner live. So exactly one ``n``
+goes ahead, never both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
 import logging
 import os
+import random
 import re
 import socket
 import time
@@ -52,7 +62,7 @@ from rjet.stream import parse_cursor
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-__all__ = ["META_PREFIX", "Heartbeats", "ReshardReport", "heartbeats", "prepare"]
+__all__ = ["META_PREFIX", "Heartbeats", "ReshardReport", "heartbeats", "lease_prefix", "prepare", "recorded_n"]
 
 log = logging.getLogger("rjet.parallel")
 
@@ -61,9 +71,10 @@ META_PREFIX: Final = RESERVED_PREFIX
 
 _HB: Final = META_PREFIX + "hb."
 _GEN: Final = META_PREFIX + "gen."
+_MEMBER: Final = META_PREFIX + "member."
 _SHARD_RE: Final = re.compile(r"^(\d+)_of_(\d+)$")
 _KV_ERRORS: Final = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
-_ATTEMPTS: Final = 10
+_ATTEMPTS: Final = 30  # members of one n starting at once take turns at the record
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,6 +118,16 @@ class ReshardReport:
 
 def _gen_key(name: str) -> str:
     return _GEN + encode_key(name)
+
+
+def _token(text: str) -> str:
+    """``text`` as one KV key token (no dots: a group's name may have them)."""
+    return base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode().rstrip("=")
+
+
+def lease_prefix(name: str) -> str:
+    """The start of every lease key of ``name``'s elastic members (``rjet/parallel/_elastic.py``)."""
+    return f"{_MEMBER}{_token(name)}."
 
 
 def _hb_key(name: str, m: int, n: int, group: str) -> str:
@@ -193,8 +214,45 @@ async def _read_beat(kv: KeyValue, key: str, m: int, n: int, now: float) -> tupl
     return beat, got[1]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Lease:
+    """An elastic member's lease as a holder of the group record: fresh, not stopped, with its ``n``."""
+
+    member: str
+    n: int
+    host: str
+    pid: int
+    age: float
+
+    def describe(self) -> str:
+        return f"member {self.member} (host {self.host}, pid {self.pid}, lease {self.age:.1f}s ago)"
+
+
+async def _live_leases(kv: KeyValue, keys: Iterable[str], name: str, ttl: float) -> list[_Lease]:
+    """The leases of ``name``'s elastic members that hold an ``n``: written by this rjet (they name
+    their ``n``), younger than their TTL (the member's own, or ``ttl`` if longer), not marked stopped."""
+    now = time.time()
+    prefix = lease_prefix(name)
+    out = []
+    for key in keys:
+        if not key.startswith(prefix) or (got := await _get(kv, key)) is None:
+            continue
+        try:
+            body = json.loads(got[0])
+            n, age = body.get("n"), now - float(body["time"])
+            lease = _Lease(str(body["member"]), int(n), str(body.get("host", "?")), int(body.get("pid", 0)), age)
+            limit = max(ttl, float(body.get("ttl") or 0.0))
+        except (ValueError, KeyError, TypeError):
+            continue  # not a lease, or one that names no n (written before leases did)
+        if age < limit and not body.get("stopped"):
+            out.append(lease)
+    return out
+
+
 async def _live(kv: KeyValue, keys: Iterable[str], name: str, ttl: float) -> list[_Beat]:
-    """Every fresh heartbeat of ``name``'s shards, of any group and any n; deletes long-dead ones."""
+    """Every fresh heartbeat of ``name``'s shards, of any group and any n; deletes long-dead ones.
+
+    A heartbeat is fresh while younger than ``ttl``, or than its group's own TTL if that is longer."""
     now = time.time()
     beats = []
     dead = max(60.0, 10 * ttl)
@@ -203,7 +261,7 @@ async def _live(kv: KeyValue, keys: Iterable[str], name: str, ttl: float) -> lis
         if mn is None or (got := await _read_beat(kv, key, *mn, now)) is None:
             continue
         beat, revision = got
-        if beat.age < ttl:
+        if beat.age < max(ttl, beat.ttl or 0.0):
             beats.append(beat)
         elif beat.age > dead:
             with contextlib.suppress(*_KV_ERRORS):
@@ -333,23 +391,30 @@ class Heartbeats:
         )
 
 
-async def _read_state(
-    kv: KeyValue, name: str, n: int, group: str, ttl: float
-) -> tuple[
-    list[_Beat],
-    tuple[bytes, int] | None,
-    dict[int, dict[int, tuple[str, int]]],
-    set[str | None],
-    dict[int, dict[int, str]],
-]:
-    """What a reshard decides on: other groups' live heartbeats, the generation record, every
-    generation's cursors (cursor, revision) by shard, the streams the old cursors count in, and the
-    old cursors' exact progress (their ``done``, by generation and shard)."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class _State:
+    """What :func:`prepare` decides on, read in this order: the group record (its value and
+    revision), then other groups' fresh heartbeats and the fresh leases of elastic members that hold
+    an ``n``, then every generation's cursors (cursor, revision by shard), the streams the old cursors
+    count in, and the old cursors' exact progress (their ``done``, by generation and shard)."""
+
+    record: tuple[bytes, int] | None
+    beats: list[_Beat]
+    leases: list[_Lease]
+    generations: dict[int, dict[int, tuple[str, int]]]
+    streams: set[str | None]
+    dones: dict[int, dict[int, str]]
+
+
+async def _read_state(kv: KeyValue, name: str, n: int, group: str, ttl: float) -> _State:
+    # The record first: a holder makes itself live before it writes the record, so whoever wrote the
+    # record read here is live in the keys listed after it.
     pattern = re.compile(rf"^{re.escape(name)}_(\d+)_of_(\d+)$")
     try:
+        record = await _get(kv, _gen_key(name))
         keys = await _keys(kv)
         beats = [b for b in await _live(kv, keys, name, ttl) if b.group != group]
-        record = await _get(kv, _gen_key(name))
+        leases = await _live_leases(kv, keys, name, ttl)
         generations: dict[int, dict[int, tuple[str, int]]] = {}
         dones: dict[int, dict[int, str]] = {}
         streams: set[str | None] = set()
@@ -366,34 +431,66 @@ async def _read_state(
                 streams.add(stored.stream)
     except _KV_ERRORS as e:
         raise _kv_error(f"cannot read the cursors of {name!r}", e) from e
-    return beats, record, generations, streams, dones
+    return _State(record, beats, leases, generations, streams, dones)
+
+
+def _refusal(name: str, n: int, held: int, beats: list[_Beat], leases: list[_Lease], ttl: float) -> ReshardRefused:
+    """Why a group of ``n`` cannot start: the record names ``held``, and these holders of it are live."""
+    running = {shard_name(name, b.m, b.n): b.describe(name) for b in beats}
+    running.update({f"member {lease.member}": lease.describe() for lease in leases})
+    return ReshardRefused(
+        f"parallel {name!r}: cannot start with n={n}: the group runs with n={held}"
+        f" ({'; '.join(running.values())}); one n runs at a time. Stop every shard and member of n={held}"
+        f" first, then start n={n}: it reshards (a group that died counts as running until its heartbeats"
+        f" and leases are {ttl:g}s old). `rjet group describe {name} --namespace NS --stream STREAM` shows who"
+        " runs it",
+        running,
+    )
 
 
 async def prepare(
-    kv: KeyValue, name: str, n: int, *, group: str, ttl: float, shards: Iterable[int] = ()
+    kv: KeyValue,
+    name: str,
+    n: int,
+    *,
+    group: str,
+    ttl: float,
+    shards: Iterable[int] = (),
+    member: str | None = None,
 ) -> ReshardReport | None:
-    """Make the cursors of ``name``'s ``n`` shards ready to run, resharding when ``n`` changed.
+    """Take the group record for ``n`` and make the cursors of ``name``'s ``n`` shards ready to run,
+    resharding when ``n`` changed.
 
-    Call it after this group's heartbeats are written. Returns what a reshard did, or None when
-    there was nothing to reshard. Raises :class:`ReshardRefused` when shards of another ``n`` run.
-    Warns (and goes on) when another group runs some of ``shards`` with the same ``n``: the cursor
-    store fences the older runner.
+    Call it after this group made itself live: its shard heartbeats written (a fixed group), or its
+    lease naming ``n`` (an elastic ``member``). Returns what a reshard did, or None when there was
+    nothing to reshard. Raises :class:`ReshardRefused`, naming the ``n`` that runs and who runs it,
+    when the record names another ``n`` with a live holder. Warns (and goes on) when another group
+    runs some of ``shards`` with the same ``n``: the cursor store fences the older runner.
     """
-    for _ in range(_ATTEMPTS):
-        beats, record, generations, streams, dones = await _read_state(kv, name, n, group, ttl)
-
-        others = [b for b in beats if b.n != n]
-        if others:
-            running = {shard_name(name, b.m, b.n): b.describe(name) for b in others}
-            raise ReshardRefused(
-                f"parallel {name!r}: cannot start with n={n}: shards of n="
-                f"{'/'.join(str(x) for x in sorted({b.n for b in others}))} of the same name are running: "
-                f"{'; '.join(b.describe(name) for b in others)}. Stop them first (a group that died counts"
-                f" as running until its heartbeat is {ttl:g}s old)",
-                running,
-            )
+    for attempt in range(_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(random.uniform(0.0, 0.02 * min(attempt, 5)))  # others of this n take turns
+        state = await _read_state(kv, name, n, group, ttl)
+        recorded = _decode_record(state.record, name)
+        if recorded is not None and int(recorded["n"]) != n:
+            held = int(recorded["n"])
+            beats = [b for b in state.beats if b.n == held]
+            leases = [lease for lease in state.leases if lease.n == held]
+            if beats or leases:
+                raise _refusal(name, n, held, beats, leases, ttl)
+        generations, current = state.generations, state.generations.pop(n, {})
+        step = plan(name, n, recorded, generations, current, state.streams, now=time.time(), dones=state.dones)
+        # Written on every start, even when it names this n already: of two groups of different n that
+        # start at once, the one whose compare-and-swap comes second reads the record again.
+        body = dict(step.record if step.record is not None else recorded or {})
+        body["holder"] = {"group": group, "member": member, "host": socket.gethostname(), "pid": os.getpid()}
+        body["held_at"] = time.time()
+        if not await _write_record(kv, name, state.record, body):
+            continue  # another process changed the record first: read again
+        if step.todo and not await _seed(kv, name, n, step.todo, step.seed, current):
+            continue
         mine = set(shards)
-        for b in beats:
+        for b in state.beats:
             if b.n == n and b.m in mine:
                 log.warning(
                     "parallel %r: %s is already run by another group; starting it anyway: the newest runner"
@@ -401,12 +498,6 @@ async def prepare(
                     name,
                     b.describe(name),
                 )
-        current = generations.pop(n, {})
-        step = plan(name, n, _decode_record(record, name), generations, current, streams, now=time.time(), dones=dones)
-        if step.record is not None and not await _write_record(kv, name, record, step.record):
-            continue  # another process changed the record first: read again
-        if step.todo and not await _seed(kv, name, n, step.todo, step.seed, current):
-            continue
         if step.report is not None:
             log.warning("%s", step.report.describe())
         elif step.todo:
@@ -424,6 +515,16 @@ async def prepare(
         f"parallel {name!r}: could not settle the cursors of n={n} after {_ATTEMPTS} attempts: other"
         " processes keep changing them"
     )
+
+
+async def recorded_n(kv: KeyValue, name: str) -> int | None:
+    """The ``n`` the group record of ``name`` names (None when there is none, or it is unreadable)."""
+    try:
+        got = await _get(kv, _gen_key(name))
+    except _KV_ERRORS as e:
+        raise _kv_error(f"cannot read the group record of {name!r}", e) from e
+    state = _decode_record(got, name)
+    return None if state is None else int(state["n"])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
