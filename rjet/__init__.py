@@ -49,6 +49,7 @@ from rjet.errors import (
 from rjet.event import Event
 from rjet.fate import ALWAYS, NEVER, Fate, FixedFate, RandomFate
 from rjet.partitions import Partitions
+from rjet.retry import RetryPolicy
 from rjet.run import Spec, StreamClientLike, StreamFunc, run, run_forever
 from rjet.stats import ConsumerStats, StatsSnapshot
 from rjet.stream import Stream
@@ -92,6 +93,7 @@ __all__ = [
     "PermissionDenied",
     "RandomFate",
     "ReadConfig",
+    "RetryPolicy",
     "RjetError",
     "Spec",
     "StatsSnapshot",

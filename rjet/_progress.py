@@ -384,3 +384,10 @@ class Progress:
         # Restored entries not reached are above every read seq, so above every done one.
         top = self._restored[-1] if restored_left else self._max_done
         return done_size_bound(top - self.watermark, count)
+
+    def read_size_bound(self) -> int:
+        """An upper bound, in O(1), on the encoded length of the done entries reading reached: the done
+        set less the restored entries not reached yet (those only ever shrink, and were stored once).
+        A reader that bounds this never waits on entries it has not read."""
+        count = len(self._done)
+        return done_size_bound(self._max_done - self.watermark, count) if count else 0

@@ -11,6 +11,7 @@ from rjet.deadletter import DeadLetter
 from rjet.errors import ConfigError
 from rjet.event import Event
 from rjet.fate import NEVER, Fate
+from rjet.retry import RetryPolicy
 
 __all__ = ["Batch", "BatchHandler", "Consumer", "Handler", "check_handler"]
 
@@ -83,9 +84,12 @@ class Consumer:
     - ``batch``: a :class:`Batch`: ``fn`` takes ``(fate, events)``, a list.
     - ``on_error``: ``"stop"`` (reflex's strictness: the first handler error ends the run once the
       calls in flight are done; ``run`` raises it) or ``"retry"`` (only the failing foreign ID waits:
-      its event is tried again with backoff, other keys go on; with ``dead_letter``, after its
-      attempts the event is recorded and its key moves on). Default: ``"stop"`` with
-      ``concurrency=1``, ``"retry"`` above.
+      its event gets a due time and is tried again then, no worker waits for it, other keys go on;
+      with ``dead_letter``, after its attempts the event is recorded and its key moves on). Default:
+      ``"stop"`` with ``concurrency=1``, ``"retry"`` above.
+    - ``retry``: a :class:`rjet.RetryPolicy`: the backoff between attempts and the attempts before
+      the dead-letter hand-off. Default: the ``dead_letter``'s, else ``RetryPolicy()`` (0.5 s
+      doubling to 30 s, 5 attempts). Given with a ``dead_letter``, it replaces the dead letter's.
     - ``max_waiting`` / ``max_waiting_bytes``: events read but not yet handed to the handler, at most
       (a hot key whose events pile up slows reading down; default ``max(1024, 8 * concurrency)``
       events and 32 MiB).
@@ -101,7 +105,7 @@ class Consumer:
 
     __slots__ = (
         "_async", "batch", "concurrency", "dead_letter", "fate", "filter", "fn", "key_filter", "max_waiting",
-        "max_waiting_bytes", "name", "on_error", "types",
+        "max_waiting_bytes", "name", "on_error", "retry", "types",
     )  # fmt: skip
 
     def __init__(
@@ -119,6 +123,7 @@ class Consumer:
         on_error: Literal["stop", "retry"] | None = None,
         max_waiting: int | None = None,
         max_waiting_bytes: int = 32 * 1024 * 1024,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"consumer name must be a non-empty str, not {name!r}")
@@ -133,7 +138,16 @@ class Consumer:
         self.fate = fate
         if dead_letter is not None and not isinstance(dead_letter, DeadLetter):
             raise ConfigError(f"consumer {name!r}: dead_letter must be an rjet.DeadLetter, not {dead_letter!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"consumer {name!r}: retry must be an rjet.RetryPolicy, not {retry!r}")
+        if retry is None:
+            retry = dead_letter.retry if dead_letter is not None else RetryPolicy()
+        elif dead_letter is not None:  # one schedule: the dead letter's attempts and backoff are the policy's
+            dead_letter = dataclasses.replace(
+                dead_letter, attempts=retry.attempts, backoff=retry.backoff, max_backoff=retry.max_backoff
+            )
         self.dead_letter = dead_letter
+        self.retry = retry
         if type(concurrency) is not int or concurrency < 1:
             raise ConfigError(f"consumer {name!r}: concurrency must be an int >= 1, not {concurrency!r}")
         self.concurrency = concurrency

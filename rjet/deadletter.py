@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from rjet.errors import ConfigError
+from rjet.retry import ATTEMPTS, BACKOFF, MAX_BACKOFF, RetryPolicy
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -94,12 +95,15 @@ DeadLetterSink: TypeAlias = Callable[[DeadLetterRecord], Awaitable[None]]
 @dataclasses.dataclass(frozen=True, slots=True)
 class DeadLetter:
     """Try a failing event ``attempts`` times (``backoff`` seconds between tries, doubling up to
-    ``max_backoff``), then hand it to ``sink`` and move on."""
+    ``max_backoff``: the :class:`rjet.RetryPolicy` defaults), then hand it to ``sink`` and move on.
+
+    A consumer given a ``retry`` policy as well takes ``attempts``, ``backoff`` and ``max_backoff``
+    from that policy."""
 
     sink: DeadLetterSink
-    attempts: int = 5
-    backoff: float = 0.5
-    max_backoff: float = 30.0
+    attempts: int = ATTEMPTS
+    backoff: float = BACKOFF
+    max_backoff: float = MAX_BACKOFF
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -109,9 +113,14 @@ class DeadLetter:
         if not callable(self.sink):
             raise ConfigError(f"DeadLetter: sink {self.sink!r} is not callable")
 
+    @property
+    def retry(self) -> RetryPolicy:
+        """Its attempts and backoff, as a :class:`rjet.RetryPolicy`."""
+        return RetryPolicy(self.backoff, self.max_backoff, self.attempts)
+
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+        return self.retry.delay(attempt)
 
 
 class DeadLetterStream:

@@ -389,15 +389,17 @@ async def _retry_or_bury(
     stream: str,
     stats: ConsumerStats,
 ) -> bool:
-    """Retry ``event``; True when a retry succeeded, False when it was recorded as a dead letter."""
+    """Retry ``event`` on the consumer's :class:`rjet.RetryPolicy` (folded into its dead letter); True
+    when a retry succeeded, False when it was recorded as a dead letter."""
+    policy = dead_letter.retry
     attempt = 1
-    while attempt < dead_letter.attempts:
+    while not policy.gives_up(attempt):
         log.warning(
             "consumer %r: event %s (foreign id %r) failed (attempt %d of %d): %r",
-            name, event.id, event.foreign_id, attempt, dead_letter.attempts, error,
-            extra={**_event_fields(name, stream, event), "attempt": attempt, "attempts": dead_letter.attempts},
+            name, event.id, event.foreign_id, attempt, policy.attempts, error,
+            extra={**_event_fields(name, stream, event), "attempt": attempt, "attempts": policy.attempts},
         )  # fmt: skip
-        await asyncio.sleep(dead_letter.delay(attempt))
+        await asyncio.sleep(policy.delay(attempt))
         attempt += 1
         try:
             return await consume(event)
@@ -498,7 +500,11 @@ async def run_forever(
                 delay = retry_delay
             else:
                 progressed = stats.handled > handled_before
-                backoff = min(1.0, max_backoff) if progressed or not backoff else min(backoff * 2, max_backoff)
+                # The consumer's RetryPolicy: its first delay once a run made progress, doubling up
+                # to its max_backoff (or max_backoff here, when lower).
+                policy = spec.consumer.retry
+                backoff = policy.backoff if progressed or not backoff else backoff * 2
+                backoff = min(backoff, policy.max_backoff, max_backoff)
                 delay = backoff
                 log.error("consumer %r failed; running again in %.1fs", name, delay, exc_info=e, extra=fields)
         if stop is None:

@@ -13,6 +13,7 @@ from rjet.consumer import Batch
 from rjet.errors import ConfigError
 from rjet.event import Event
 from rjet.fate import NEVER, Fate
+from rjet.retry import MAX_BACKOFF
 
 __all__ = ["ParallelOptions"]
 
@@ -50,7 +51,8 @@ class ParallelOptions:
 
     - ``flush_interval``: seconds between cursor writes of each shard.
     - ``retry_delay``, ``max_backoff``: a handler error stops the shard's run, which retries the same
-      event after a backoff (1 s doubling to ``max_backoff``); expected errors after ``retry_delay``.
+      event after a backoff (:class:`rjet.RetryPolicy`'s: 0.5 s doubling to ``max_backoff``, 30 s by
+      default); expected errors after ``retry_delay``.
     - ``restart_delay``, ``max_restart_delay``, ``restart_reset``: a worker that dies is restarted
       after ``restart_delay`` seconds, doubling on each crash up to ``max_restart_delay``; the delay
       starts over once a worker lived ``restart_reset`` seconds.
@@ -90,7 +92,7 @@ class ParallelOptions:
     on_error: Literal["stop", "retry"] | None = None
     flush_interval: float = 1.0
     retry_delay: float = 0.1
-    max_backoff: float = 60.0
+    max_backoff: float = MAX_BACKOFF
     restart_delay: float = 0.5
     max_restart_delay: float = 30.0
     restart_reset: float = 30.0
