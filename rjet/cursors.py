@@ -61,6 +61,7 @@ _GONE_ERRORS: Final = (
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.NotFoundError,
 )
+_STREAM_NAME_IN_USE: Final = 10058  # JetStream's error code: a stream of that name exists, configured otherwise
 _MAX_BATCH: Final = 1000  # the server's default limit on the messages of one atomic batch
 _NUID: Final = NUID()
 
@@ -426,11 +427,18 @@ class JetStreamCursorStore:
                         f"cursor namespace {namespace!r} does not exist (no bucket {bucket!r} on the server);"
                         " check the name (`rjet status` lists the consumers of a namespace)"
                     ) from None
-                kv = await guard(
-                    match,
-                    js.create_key_value(bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=replicas),
-                )
-                created = True
+                try:
+                    kv = await guard(
+                        match,
+                        js.create_key_value(bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=replicas),
+                    )
+                    created = True
+                except nats.js.errors.BadRequestError as e:
+                    if e.err_code != _STREAM_NAME_IN_USE:
+                        raise
+                    # Another store created it a moment ago (and turned on atomic batches, so its
+                    # config differs from ours): use that one, as if it had been there first.
+                    kv = await guard(match, js.key_value(bucket))
             info = await guard(match, js.stream_info(f"KV_{bucket}"))
         except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
             raise CursorStoreError(
