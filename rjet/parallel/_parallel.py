@@ -23,7 +23,7 @@ from multiprocess.reduction import ForkingPickler
 
 from rjet._connect import connect
 from rjet._tasks import cancel_and_wait
-from rjet.consumer import Handler
+from rjet.consumer import Handler, check_handler
 from rjet.cursors import JetStreamCursorStore
 from rjet.errors import ConfigError, CursorStoreError, RjetError, Stopped
 from rjet.parallel._elastic import Membership, busy_shards, default_member_id
@@ -160,6 +160,8 @@ class Parallel:
             self.options = ParallelOptions(**options)
         except TypeError as e:
             raise ConfigError(f"Parallel {name!r}: {e} (see rjet.parallel.ParallelOptions)") from None
+        # Checked here, before any worker starts, as each worker's Consumer would check it.
+        check_handler(fn, batch=self.options.batch is not None, owner=f"Parallel {name!r}")
         shards = tuple(range(n)) if self.options.shards is None else tuple(self.options.shards)
         self.member: str | None = None
         if self.options.elastic:
