@@ -322,6 +322,10 @@ class _Claim:
             self.released = True
             if self._store._claims.get(self.name) is self:  # noqa: SLF001
                 del self._store._claims[self.name]  # noqa: SLF001
+                # What this claim could not write is dropped, never written without the claim (a
+                # plain put, under the store's own owner, would overwrite whoever holds the cursor
+                # now, and fence this runner's next run): those events are handled again.
+                self._store._dirty.pop(self.name, None)  # noqa: SLF001
 
 
 class JetStreamCursorStore:

@@ -308,7 +308,7 @@ async def test_worker_serves_prometheus_metrics(
         ["insert", "s", "a"],
         ["tail", "s"],
         ["status", "s"],
-        ["worker", "s", "json:dumps", "--name", "w", "-n", "1", "--namespace", "ns"],
+        ["worker", "s", "operator:add", "--name", "w", "-n", "1", "--namespace", "ns"],
     ],
     ids=lambda a: a[0],
 )

@@ -72,12 +72,15 @@ async def test_cursor_writes_cut_mid_flight_never_fence_their_runner(
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("lost", [0.5, 0.0], ids=["the next run's claim", "the last cursor write of the failing run"])
 async def test_a_claim_applied_with_its_answer_lost_is_still_its_runners_own(
-    own_server: EmbeddedServer, proxy: CuttingProxy
+    own_server: EmbeddedServer, proxy: CuttingProxy, lost: float
 ) -> None:
-    """run_forever's next run claims the cursor; the claim is applied, its answer lost, and the read-back
-    fails too (what a leader step-down or a lost node does): that run ends on a store error. The run
-    after it finds a record written by this very runner, which is its own, not another runner's."""
+    """A write of run_forever's runner is applied, its answer lost, and the read-back fails too (what a
+    leader step-down or a lost node does): the run ends on a store error. The next run finds a record
+    written by this very runner, which is its own, not another runner's. Either write: the next run's
+    claim, or a cursor write of the run that fails (which must never be written again later without
+    its claim, under another owner)."""
     direct = await rjet.connect(own_server.url)
     cut_conn = await rjet.connect(proxy.url, reconnect_time_wait=0.05)
     try:
@@ -93,12 +96,14 @@ async def test_a_claim_applied_with_its_answer_lost_is_still_its_runners_own(
             seen.append(event.id_int)
             if event.id_int == 20 and not errors:
                 errors.append("once")
-                # After this run has flushed and released its claim (it waits out a 1 s backoff), the
-                # next write of the cursor's key is the next run's claim.
-                loop.call_later(0.5, proxy.lose_answer_to, b"$KV.rjet_cursors_ns.c ", 2.5)
+                # After 0.5 s this run has flushed and released its claim (it waits out a 1 s backoff):
+                # the next write of the cursor's key is the next run's claim. At once: it is this
+                # run's last cursor write.
+                loop.call_later(lost, proxy.lose_answer_to, b"$KV.rjet_cursors_ns.c ", 2.5)
                 raise RuntimeError("a transient error: this run ends, run_forever runs again")
 
-        async with await rjet.JetStreamCursorStore.create(js, "ns", flush_interval=0.0) as store:
+        # Cursors are written when a run ends: the failing run's last write is its release's flush.
+        async with await rjet.JetStreamCursorStore.create(js, "ns", flush_interval=3600) as store:
             spec = rjet.Spec(reader.stream, store, rjet.Consumer("c", handle), to_head=True)
             await asyncio.wait_for(rjet.run_forever(spec, retry_delay=0.05, max_backoff=1.0), 40)  # was: CursorConflict
         assert proxy.lost_answers == 1
