@@ -24,13 +24,23 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from rjet._natsio import attachment, chain_error_callback, fail_requests, request_inbox
+from rjet._natsio import (
+    api_prefix,
+    attachment,
+    chain_error_callback,
+    connection,
+    fail_requests,
+    kv_names,
+    request_inbox,
+)
 from rjet.errors import PermissionDenied
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
+    from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
 
-__all__ = ["Denials", "denials", "exactly", "starts"]
+__all__ = ["Denials", "api_requests", "denials", "either", "exactly", "guard_api", "guard_kv", "starts"]
 
 _VIOLATION: Final = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.IGNORECASE)
 _T = TypeVar("_T")
@@ -128,3 +138,58 @@ def exactly(*subjects: str) -> Match:
     """A match for exactly ``subjects`` (a KV key's subject, say, where a prefix would take in longer keys)."""
     spelled = {s.lower(): s for s in subjects}
     return spelled.get
+
+
+_STREAM_OPS: Final = tuple(
+    f"{kind}.{op}"
+    for kind, ops in (
+        ("STREAM", "INFO CREATE UPDATE DELETE PURGE MSG.GET MSG.DELETE SNAPSHOT RESTORE LEADER.STEPDOWN PEER.REMOVE"),
+        ("DIRECT", "GET"),
+        ("CONSUMER", "CREATE DURABLE.CREATE INFO DELETE NAMES LIST MSG.NEXT LEADER.STEPDOWN PAUSE UNPIN"),
+    )
+    for op in ops.split()
+)
+"""The JetStream API operations whose subject names a stream next: ``<prefix>.<OP>.<stream>[.<more>]``."""
+
+
+def api_requests(prefix: str, stream: str) -> Match:
+    """A match for the JetStream API requests about ``stream`` (``<prefix>.<OP>.<stream>[.<more>]``:
+    its info, message and direct gets, consumer operations...), whatever the operation; ``prefix`` is
+    the API prefix (``$JS.API``, or a domain's)."""
+    spelled = [(f"{prefix}.{op}.{stream}".lower(), f"{prefix}.{op}.{stream}") for op in _STREAM_OPS]
+
+    def match(reported: str) -> str | None:
+        for low, subject in spelled:
+            if reported == low or reported.startswith(low + "."):
+                return subject + reported[len(low) :]
+        return None
+
+    return match
+
+
+def either(*matches: Match) -> Match:
+    """A match for what any of ``matches`` accepts (the first that does spells it)."""
+
+    def match(reported: str) -> str | None:
+        for one in matches:
+            if (subject := one(reported)) is not None:
+                return subject
+        return None
+
+    return match
+
+
+async def guard_api(js: JetStreamContext, stream: str, call: Awaitable[_T]) -> _T:
+    """``await call``, a JetStream API request about ``stream`` (its info, a message get, a consumer
+    create...), or :class:`rjet.PermissionDenied` naming the subject as soon as the server refuses it."""
+    return await denials(connection(js)).guard(api_requests(api_prefix(js), stream), call)
+
+
+async def guard_kv(kv: KeyValue, call: Awaitable[_T], *keys: str) -> _T:
+    """``await call``, a request about ``kv``'s bucket (a read, or a write of ``keys``), or
+    :class:`rjet.PermissionDenied` naming the subject as soon as the server refuses it. A write is
+    matched by its key's subject only: a refused write of another key on the connection is not its."""
+    names = kv_names(kv)
+    reads = api_requests(api_prefix(names.js), names.stream)  # info, message and direct gets
+    match = either(reads, exactly(*(names.prefix + key for key in keys))) if keys else reads
+    return await denials(connection(names.js)).guard(match, call)

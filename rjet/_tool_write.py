@@ -27,6 +27,7 @@ import nats.errors
 import nats.js.errors
 from nats.nuid import NUID
 
+from rjet._denials import guard_kv
 from rjet._reader import _identity
 from rjet.cursors import CursorRecord, encode_key
 from rjet.errors import CursorError, CursorStoreError, StreamNotFound
@@ -136,7 +137,7 @@ async def read_record(kv: KeyValue, name: str, bucket: str) -> tuple[CursorRecor
     """(record, revision) of cursor ``name``: (None, 0) when it has none, (None, r) for a delete
     marker at revision r (what a write that creates the key names)."""
     try:
-        entry = await kv.get(encode_key(name))
+        entry = await guard_kv(kv, kv.get(encode_key(name)))  # a refused read is named at once
     except nats.js.errors.KeyNotFoundError as e:
         marker = getattr(getattr(e, "entry", None), "revision", None)
         return None, marker or 0
@@ -162,7 +163,7 @@ async def write_record(
         old, rev = await read_record(kv, name, bucket)
         new = await build(old)
         try:
-            await kv.update(key, new.encode(), last=rev)
+            await guard_kv(kv, kv.update(key, new.encode(), last=rev), key)  # refused: not applied, raised
             return old, new
         except nats.js.errors.KeyWrongLastSequenceError:
             continue  # written by another meanwhile (a running consumer, another tool): read again

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -12,6 +17,7 @@ import pytest
 import rjet
 from rjet.parallel import Parallel, ShardsFailed
 from rjet.server import EmbeddedServer
+from rjet.testing import wait_until
 
 
 def noop(fate: rjet.Fate, event: rjet.Event) -> None:
@@ -82,15 +88,28 @@ def guarded(tmp_path: Path) -> Iterator[EmbeddedServer]:
         _user("no_info", [s for s in CONSUMER if s != f"$JS.API.STREAM.INFO.{STREAM}"]),
         _user("no_inbox", [*CONSUMER, *INSERTER], subscribe=f"{STREAM}.>"),  # no _INBOX.>: no request can be answered
         _user("no_heartbeat", CONSUMER, deny=[f"$KV.rjet_cursors_{NS}._rjet.hb.>"]),
+        _user("no_group_record", CONSUMER, deny=[f"$KV.rjet_cursors_{NS}._rjet.gen.>"]),
+        _user("no_lease", CONSUMER, deny=[f"$KV.rjet_cursors_{NS}._rjet.member.>"]),
+        # May read the stream's messages and list streams (what `rjet status` adds), not the bucket's keys.
+        _user("no_kv_read", [*(s for s in CONSUMER if "MSG.GET" not in s), *STATUS]),
+        _user("no_list", [*CONSUMER, *STATUS[:1]]),
+        _user("reader", [*CONSUMER, *STATUS]),  # the documented set of the command-line tools that read
     ]
     conf = tmp_path / "perm.conf"
+    _write_accounts(conf, users)
+    with EmbeddedServer(extra_args=["-c", str(conf)]) as srv:
+        yield srv
+
+
+STATUS = [f"$JS.API.STREAM.MSG.GET.{STREAM}", "$JS.API.STREAM.LIST"]  # what `rjet status` asks beyond a consumer
+
+
+def _write_accounts(conf: Path, users: Sequence[str]) -> None:
     conf.write_text(
         "accounts {\n  APP {\n    jetstream: enabled\n    users: [\n      "
         + "\n      ".join(users)
         + "\n    ]\n  }\n}\n"
     )
-    with EmbeddedServer(extra_args=["-c", str(conf)]) as srv:
-        yield srv
 
 
 async def _as(srv: EmbeddedServer, user: str) -> rjet.Stream:
@@ -220,3 +239,122 @@ async def test_a_shard_refused_a_permission_in_its_set_up_fails_for_good(guarded
         "PermissionDenied" in why and "$JS.API.STREAM.INFO.permdlq" in why for why in failed.value.failures.values()
     )
     await admin.close()
+
+
+async def _operator_made(srv: EmbeddedServer) -> None:
+    """The stream with one event, and the cursor bucket with cursor ``c`` = 1, made by the admin."""
+    admin = await rjet.connect(srv.url, user="admin", password="pw")
+    await (await rjet.Stream.create(admin.jetstream(), STREAM)).insert("k", 1)
+    async with await rjet.JetStreamCursorStore.create(admin.jetstream(), NS) as store:
+        await store.set_cursor("c", "1")
+    await admin.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_parallel_group_refused_its_records_names_the_subject_at_once(guarded: EmbeddedServer) -> None:
+    await _operator_made(guarded)
+    for user, subject, elastic in (
+        ("no_group_record", r"publish to '\$KV\.rjet_cursors_permns\._rjet\.gen\.g'", False),
+        ("no_kv_read", r"publish to '\$JS\.API\.STREAM\.MSG\.GET\.KV_rjet_cursors_permns'", False),
+        ("no_lease", r"publish to '\$KV\.rjet_cursors_permns\._rjet\.member\.", True),
+    ):
+        group = Parallel(
+            "g", 2, noop, servers=guarded.url, stream=STREAM, namespace=NS, elastic=elastic,
+            connect_options={"user": user, "password": "pw"},
+        )  # fmt: skip
+        t0 = time.monotonic()
+        with pytest.raises(rjet.PermissionDenied, match=subject):
+            # was: CursorStoreError "cannot write the generation record" / "cannot read the cursors":
+            # TimeoutError() after 5 s; a refused lease: CursorStoreError after 5 s (the lease's delete)
+            await group.run_async(to_head=not elastic)
+        assert time.monotonic() - t0 < 3.0, user
+
+
+@pytest.fixture
+def reloadable(tmp_path: Path) -> Iterator[tuple[EmbeddedServer, Path]]:
+    """A server whose user ``app`` holds the consumer's set until the test rewrites its config
+    (``_deny_app``), and the config's path."""
+    conf = tmp_path / "reload.conf"
+    _write_accounts(conf, ["{user: admin, password: pw}", _user("app", CONSUMER)])
+    with EmbeddedServer(extra_args=["-c", str(conf)]) as srv:
+        yield srv, conf
+
+
+def _deny_app(srv: EmbeddedServer, conf: Path, subjects: Sequence[str]) -> None:
+    """Take ``subjects`` away from ``app``, now: the server reloads its config (SIGHUP), and applies it
+    to the connections it has."""
+    _write_accounts(conf, ["{user: admin, password: pw}", _user("app", CONSUMER, deny=subjects)])
+    assert srv.pid is not None
+    os.kill(srv.pid, signal.SIGHUP)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("elastic", [True, False], ids=["elastic lease", "fixed heartbeats"])
+async def test_a_group_whose_lease_or_heartbeat_is_refused_mid_run_stops_with_the_error(
+    reloadable: tuple[EmbeddedServer, Path], elastic: bool
+) -> None:
+    srv, conf = reloadable
+    await _operator_made(srv)
+    group = Parallel(
+        "g", 2, noop, servers=srv.url, stream=STREAM, namespace=NS, elastic=elastic,
+        connect_options={"user": "app", "password": "pw"}, heartbeat_interval=0.2, heartbeat_ttl=2.0,
+    )  # fmt: skip
+    running = asyncio.ensure_future(group.run_async())
+    try:
+        await wait_until(lambda: [s.state for s in group.statistics().shards] == ["running"] * 2, 30, "both shards")
+        _deny_app(srv, conf, [f"$KV.rjet_cursors_{NS}._rjet.{'member' if elastic else 'hb'}.>"])
+        t0 = time.monotonic()
+        what = "member" if elastic else r"hb\.\d_of_2"
+        with pytest.raises(rjet.PermissionDenied, match=rf"publish to '\$KV\.rjet_cursors_permns\._rjet\.{what}\."):
+            # was: "cannot write the lease ... (retrying)" / "cannot write a heartbeat ... (retrying)", for ever
+            await asyncio.wait_for(asyncio.shield(running), 10)
+        assert time.monotonic() - t0 < 3.0
+        assert [s.state for s in group.statistics().shards] == ["stopped", "stopped"]  # gracefully
+        assert group.worker_pids == {}
+    finally:
+        if not running.done():
+            group.stop(force=True)
+            await asyncio.wait([running], timeout=10)
+
+
+def _rjet_as(srv: EmbeddedServer, home: Path, user: str, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    env["XDG_CONFIG_HOME"] = str(home)  # an empty one: no nats CLI context of the machine's
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "rjet", *args, "--server", srv.url, "--user", user, "--password", "pw"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_the_command_line_tools_name_a_refused_subject_at_once(guarded: EmbeddedServer, tmp_path: Path) -> None:
+    await _operator_made(guarded)
+    ok, startup = _rjet_as(guarded, tmp_path, "admin", "cursor", "c", "--namespace", NS)  # a command's own time
+    assert (ok.returncode, ok.stdout.strip()) == (0, "1"), ok.stderr
+    # The reading tools need the set docs/reliability.md documents, and nothing more.
+    for args in (["status", STREAM], ["cursor", "c", "--namespace", NS], ["group", "list", "--namespace", NS]):
+        ok, _ = _rjet_as(guarded, tmp_path, "reader", *args)
+        assert ok.returncode == 0, (args, ok.stderr)
+    kv_read = r"publish to '\$JS\.API\.STREAM\.MSG\.GET\.KV_rjet_cursors_permns'"
+    for user, args, subject in (
+        # a user who may not read the cursor bucket (was: "cannot read cursor 'c': TimeoutError()" after 5 s
+        # from `cursor --set`, "the NATS server did not answer in time" from `group describe`)
+        ("no_kv_read", ["cursor", "c", "--namespace", NS], kv_read),
+        ("no_kv_read", ["cursor", "c", "--namespace", NS, "--set", "1", "--stream", STREAM], kv_read),
+        ("no_kv_read", ["status", STREAM, "--namespace", NS], kv_read),
+        ("no_kv_read", ["group", "describe", "g", "--namespace", NS, "--stream", STREAM], kv_read),
+        # a consumer's set: no message gets of the stream, no stream listing (was: a timeout after 5 s)
+        ("consumer", ["status", STREAM, "--namespace", NS], r"publish to '\$JS\.API\.STREAM\.MSG\.GET\.perm'"),
+        ("no_list", ["status", STREAM], r"publish to '\$JS\.API\.STREAM\.LIST'"),
+    ):
+        proc, took = _rjet_as(guarded, tmp_path, user, *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert len(lines) == 1, (args, proc.stderr)
+        assert lines[0].startswith("rjet: error: permission denied: "), (args, proc.stderr)
+        assert re.search(subject, lines[0]), (args, lines[0])
+        assert took < startup + 2.0, (args, took, startup)  # was: 5 s more (the API timeout)

@@ -36,6 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 import rjet
+from rjet._denials import guard_api
 from rjet._tasks import cancel_and_wait
 from rjet.cli._common import (
     CliError,
@@ -471,8 +472,9 @@ class _Demo:
 
 async def _delete(js: JetStreamContext, name: str) -> None:
     for what in (name, f"KV_rjet_cursors_{name}"):
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError):
-            await js.delete_stream(what)
+        # A refused delete is given up at once (PermissionDenied), not after the API timeout.
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError, rjet.PermissionDenied):
+            await guard_api(js, what, js.delete_stream(what))
 
 
 def _stream_line(cfg: DemoConfig) -> str:

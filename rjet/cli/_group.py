@@ -17,6 +17,7 @@ import nats.js.errors
 from rich.table import Table
 
 import rjet
+from rjet._denials import guard_api, guard_kv
 from rjet._progress import decode_done
 from rjet._tool_write import (
     Build,
@@ -246,7 +247,7 @@ def delete_group(conn: Connection, name: str, namespace: str, execute: bool) -> 
 async def _bucket(js: JetStreamContext, namespace: str) -> KeyValue:
     bucket = _BUCKET_PREFIX + namespace
     try:
-        return await js.key_value(bucket)
+        return await guard_api(js, "KV_" + bucket, js.key_value(bucket))
     except nats.js.errors.BucketNotFoundError:
         raise CliError(f"cursor namespace {namespace!r} not found (no KV bucket {bucket!r})") from None
 
@@ -268,7 +269,7 @@ def _shard_keys(keys: list[str]) -> dict[str, dict[int, dict[int, str]]]:
 
 async def _current_n(kv: KeyValue, name: str, generations: dict[int, dict[int, str]]) -> int | None:
     try:
-        entry = await kv.get(_gen_key(name))
+        entry = await guard_kv(kv, kv.get(_gen_key(name)))
         return int(json.loads(entry.value or b"{}")["n"])
     except (nats.js.errors.KeyNotFoundError, ValueError, KeyError, TypeError):
         return max(generations) if len(generations) == 1 else None
@@ -289,7 +290,7 @@ async def _read_group(kv: KeyValue, keys: list[str], name: str, namespace: str, 
         record = CursorRecord()
         if key is not None:
             with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                record = CursorRecord.decode((await kv.get(key)).value)
+                record = CursorRecord.decode((await guard_kv(kv, kv.get(key))).value)
         cursor = int(record.cursor) if record.cursor.isdigit() else 0
         try:
             done = len(decode_done(cursor, record.done or ""))
@@ -311,7 +312,7 @@ async def _keys(kv: KeyValue) -> list[str]:
 
     async def alive(key: str) -> bool:
         try:
-            await kv.get(key)
+            await guard_kv(kv, kv.get(key))
         except nats.js.errors.KeyNotFoundError:
             return False
         return True
@@ -360,7 +361,7 @@ async def _first_at(js: JetStreamContext, stream: str, when: datetime, first: in
     while lo < hi:
         mid = (lo + hi) // 2
         try:
-            msg = await js.get_msg(stream, seq=mid, subject=">", next=True)
+            msg = await guard_api(js, stream, js.get_msg(stream, seq=mid, subject=">", next=True))
         except nats.js.errors.NotFoundError:
             hi = mid
             continue
@@ -448,7 +449,7 @@ async def _delete(conn: Connection, name: str, namespace: str, execute: bool) ->
         meta = [k for k in keys if k == _gen_key(name) or _parse_hb_key(k, name) or k.startswith(leases)]
         doomed = sorted(mine) + sorted(meta)
         if execute:
-            await asyncio.gather(*(kv.purge(k) for k in doomed))
+            await asyncio.gather(*(guard_kv(kv, kv.purge(k), k) for k in doomed))
         return doomed
 
 

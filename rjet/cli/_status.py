@@ -19,6 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 import rjet
+from rjet._denials import denials, exactly, guard_api
+from rjet._natsio import api_prefix, connection
 from rjet.cli._common import CliError, Connection, age, connection_options, iso, run, stdout_console
 from rjet.cursors import encode_key, kv_keys
 from rjet.parallel import ParallelOptions
@@ -115,7 +117,8 @@ async def _namespaces(js: JetStreamContext) -> list[str]:
     found: list[str] = []
     offset = 0
     while True:
-        page = await js.streams_info(offset)
+        listing = f"{api_prefix(js)}.STREAM.LIST"
+        page = await denials(connection(js)).guard(exactly(listing), js.streams_info(offset))
         if not page:
             return sorted(found)
         offset += len(page)
@@ -125,7 +128,7 @@ async def _namespaces(js: JetStreamContext) -> list[str]:
 
 async def _msg_time(js: JetStreamContext, stream: str, **kwargs: Any) -> float | None:
     try:
-        msg = await js.get_msg(stream, **kwargs)
+        msg = await guard_api(js, stream, js.get_msg(stream, **kwargs))
     except nats.js.errors.NotFoundError:
         return None
     return msg.time.timestamp() if msg.time else None
@@ -136,7 +139,7 @@ async def _rows(
 ) -> list[Row]:
     bucket = _BUCKET_PREFIX + namespace
     try:
-        kv = await js.key_value(bucket)
+        kv = await guard_api(js, "KV_" + bucket, js.key_value(bucket))
     except nats.js.errors.BucketNotFoundError:
         raise CliError(f"cursor namespace {namespace!r} not found (no KV bucket {bucket!r})") from None
     store = rjet.JetStreamCursorStore(kv, namespace)
@@ -194,7 +197,7 @@ class MemberRow:
 
 async def _members(js: JetStreamContext, namespace: str) -> list[MemberRow]:
     try:
-        kv = await js.key_value(_BUCKET_PREFIX + namespace)
+        kv = await guard_api(js, "KV_" + _BUCKET_PREFIX + namespace, js.key_value(_BUCKET_PREFIX + namespace))
     except nats.js.errors.BucketNotFoundError:
         return []
     keys = await kv_keys(kv)

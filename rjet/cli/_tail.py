@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import sys
@@ -18,6 +19,7 @@ import nats.js.errors
 from nats.js import api
 
 import rjet
+from rjet._denials import guard_api
 from rjet._reader import StreamClient
 from rjet.cli._common import Connection, connection_options, iso, run
 from rjet.cli._group import _first_at
@@ -293,11 +295,12 @@ async def _count_from(js: JetStreamContext, name: str, seq: int) -> int:
         mem_storage=True,
         inactive_threshold=10.0,
     )
-    info = await js.add_consumer(name, config)
+    info = await guard_api(js, name, js.add_consumer(name, config))
     try:
         return info.num_pending or 0
     finally:
-        await js.delete_consumer(name, info.name)
+        with contextlib.suppress(rjet.PermissionDenied):  # not to be deleted: reaped after inactive_threshold
+            await guard_api(js, name, js.delete_consumer(name, info.name))
 
 
 async def _undecodable(js: JetStreamContext, name: str, err: rjet.DecodeError) -> str:
@@ -306,8 +309,8 @@ async def _undecodable(js: JetStreamContext, name: str, err: rjet.DecodeError) -
     where = f"message {err.seq}"
     preview = ""
     try:
-        msg = await js.get_msg(name, err.seq)
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+        msg = await guard_api(js, name, js.get_msg(name, err.seq))
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError, rjet.PermissionDenied) as e:
         where += f" (cannot read it back: {type(e).__name__})"
     else:
         data = msg.data or b""

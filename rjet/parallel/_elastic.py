@@ -33,9 +33,19 @@ from typing import TYPE_CHECKING, Final
 
 import xxhash
 
+from rjet._denials import guard_kv
 from rjet.cursors import kv_keys
 from rjet.errors import CursorStoreError, PermissionDenied
-from rjet.parallel._reshard import _KV_ERRORS, META_PREFIX, _get, _kv_error, _live, _token, guarded_put, lease_prefix
+from rjet.parallel._reshard import (
+    _KV_ERRORS,
+    META_PREFIX,
+    _get,
+    _kv_error,
+    _live,
+    _token,
+    guarded_put,
+    lease_prefix,
+)
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -179,7 +189,7 @@ class Membership:
         }
         try:
             await guarded_put(self.kv, self._key, json.dumps(body).encode())
-        except (*_KV_ERRORS, PermissionDenied) as e:  # a refusal is named at once; the member retries it
+        except _KV_ERRORS as e:  # a PermissionDenied goes as it is: retrying cannot fix it
             raise _kv_error(f"cannot write the lease of member {self.member!r}", e) from e
 
     async def members(self) -> list[Member]:
@@ -227,8 +237,8 @@ class Membership:
 
     async def leave(self) -> None:
         """Delete this member's lease (a graceful stop of a member without a stable id). Never raises."""
-        with contextlib.suppress(*_KV_ERRORS):
-            await self.kv.delete(self._key)
+        with contextlib.suppress(*_KV_ERRORS, PermissionDenied):  # refused: given up at once, the lease expires
+            await guard_kv(self.kv, self.kv.delete(self._key), self._key)
 
     async def release(self) -> None:
         """A graceful stop: delete the lease, so that the others rebalance now, not after the TTL; or,
@@ -238,7 +248,7 @@ class Membership:
             await self.leave()
             return
         self._stopped = True
-        with contextlib.suppress(CursorStoreError):
+        with contextlib.suppress(CursorStoreError, PermissionDenied):
             await self.beat()
 
 

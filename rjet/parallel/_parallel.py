@@ -22,10 +22,11 @@ import multiprocess
 from multiprocess.reduction import ForkingPickler
 
 from rjet._connect import connect
+from rjet._denials import guard_api
 from rjet._tasks import cancel_and_wait
 from rjet.consumer import Handler, check_handler
 from rjet.cursors import JetStreamCursorStore
-from rjet.errors import ConfigError, CursorStoreError, RjetError, Stopped
+from rjet.errors import ConfigError, CursorStoreError, PermissionDenied, RjetError, Stopped, is_permanent
 from rjet.parallel._elastic import Membership, busy_shards, default_member_id
 from rjet.parallel._errors import ReshardRefused, ShardsFailed
 from rjet.parallel._messages import Finished, Log, Progress, Started, Stop, ToParent
@@ -191,6 +192,7 @@ class Parallel:
         self._chores: set[asyncio.Task[None]] = set()
         self._unguarded = False  # a worker found the main module starting a group at import time
         self._superseded = ""  # another n took the group record over while this group ran
+        self._fatal: BaseException | None = None  # what ended one of the group's own loops: the group stops with it
 
     # ----------------------------------------------------------------- public surface
 
@@ -204,7 +206,10 @@ class Parallel:
         Raises :class:`rjet.parallel.ReshardRefused` when ``n`` changed while shards of the old ``n``
         run, :class:`rjet.parallel.ShardsFailed` when shards stopped for good (fenced out by another
         runner of the same shard, or a permanent error such as an expired cursor), and
-        :class:`rjet.StreamNotFound` / :class:`rjet.ConnectError` before starting any worker.
+        :class:`rjet.StreamNotFound` / :class:`rjet.ConnectError` before starting any worker, and
+        :class:`rjet.PermissionDenied` naming the subject when the group's own requests are refused
+        (its heartbeats, lease or group record: at once before any worker starts; later, once its
+        workers have stopped gracefully).
         """
         exit_if_importing_main()
         in_main = threading.current_thread() is threading.main_thread()
@@ -238,6 +243,7 @@ class Parallel:
         self._forced = ""
         self._unguarded = False
         self._superseded = ""
+        self._fatal = None
         self._states = {m: _Shard(m, shard_name(self.name, m, self.n)) for m in self.shards}
         self.reshard = None
         try:
@@ -314,7 +320,8 @@ class Parallel:
         o = self.options
         replicas = o.cursor_replicas or info.config.num_replicas or 1
         store = await _open_store(js, self.namespace, replicas)
-        bucket = await js.stream_info(f"KV_{store.bucket}")
+        bucket_stream = f"KV_{store.bucket}"
+        bucket = await guard_api(js, bucket_stream, js.stream_info(bucket_stream))
         if (bucket.config.num_replicas or 1) < (info.config.num_replicas or 1):
             log.warning(
                 "parallel %r: cursor bucket %r has %d replica(s), fewer than stream %r's %d: losing a node"
@@ -329,11 +336,7 @@ class Parallel:
         )  # fmt: skip
         membership = await self._hold(store, beats)
         loop = asyncio.get_running_loop()
-        beat_task = loop.create_task(beats.run())
-        watch_task = loop.create_task(self._watch(store.kv))
-        coordinator: asyncio.Task[None] | None = None
-        if membership is not None:
-            coordinator = loop.create_task(self._coordinate(membership, beats))
+        loops = self._start_loops(store.kv, beats, membership)
         installed: list[signal.Signals] = []
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -356,7 +359,7 @@ class Parallel:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
-            await cancel_and_wait((beat_task, watch_task, coordinator))
+            await cancel_and_wait(loops)
             if membership is not None:
                 await membership.release()
             self._kill_all(reap=True)  # only workers left behind by an error are still there
@@ -367,6 +370,8 @@ class Parallel:
                 f"Parallel {self.name!r}: the worker processes import your main module, which starts the group"
                 ' again when imported: put the code that starts it under `if __name__ == "__main__":`'
             )
+        if self._fatal is not None:
+            raise self._fatal
         await self._final_cursors(store)
         if self._superseded:
             raise ReshardRefused(self._superseded, {})
@@ -386,6 +391,34 @@ class Parallel:
             {s.name: s.cursor for s in summary.shards},
         )
         return summary
+
+    def _start_loops(self, kv: KeyValue, beats: Heartbeats, membership: Membership | None) -> list[asyncio.Task[None]]:
+        """The group's own loops: its heartbeats, the watch of its record, an elastic member's
+        coordination. Each retries what retrying can fix; whatever else ends one ends the group."""
+        loop = asyncio.get_running_loop()
+        loops = [loop.create_task(beats.run()), loop.create_task(self._watch(kv))]
+        if membership is not None:
+            loops.append(loop.create_task(self._coordinate(membership, beats)))
+        for task in loops:
+            task.add_done_callback(self._loop_ended)
+        return loops
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """One of the group's own loops (heartbeats, the record's watch, an elastic member's
+        coordination) ended: by an error (a PermissionDenied, say), the group stops gracefully and
+        :meth:`run_async` raises it."""
+        if not task.cancelled() and (e := task.exception()) is not None:
+            self._fail(e)
+
+    def _fail(self, err: BaseException) -> None:
+        """Stop the group gracefully because of ``err`` (retrying cannot fix it): :meth:`run_async`
+        raises it once every worker stopped."""
+        if self._fatal is not None:
+            return
+        self._fatal = err
+        log.error("parallel %r: stopping: %s", self.name, err, exc_info=None if is_permanent(err) else err)
+        if not self._stops:
+            self._request_stop(False)
 
     async def _final_cursors(self, store: JetStreamCursorStore) -> None:
         async def peek(s: _Shard) -> None:
@@ -429,6 +462,8 @@ class Parallel:
             try:
                 n = await recorded_n(kv, self.name)
             except CursorStoreError as e:
+                if is_permanent(e):
+                    raise
                 log.warning("parallel %r: %s (retrying)", self.name, e)
                 continue
             if n is not None and n != self.n:
@@ -453,7 +488,9 @@ class Parallel:
                 await membership.beat()
                 mine, whole = await membership.view(self.n)
                 busy = await busy_shards(membership.kv, self.name, self.n, beats.group, o.heartbeat_ttl)
-            except CursorStoreError as e:
+            except CursorStoreError as e:  # a PermissionDenied is no CursorStoreError: it ends the group
+                if is_permanent(e):
+                    raise
                 log.warning("parallel %r: member %s: %s (retrying)", self.name, membership.member, e)
             else:
                 if mine != previous:
@@ -506,7 +543,12 @@ class Parallel:
     async def _take(self, s: _Shard, beats: Heartbeats) -> None:
         try:
             await beats.add(s.m)
-        except CursorStoreError as e:
+        except (CursorStoreError, PermissionDenied) as e:
+            if is_permanent(e):  # the shard's heartbeat refused, say: this member cannot run it
+                beats.drop(s.m)
+                s.state = "elsewhere"
+                self._fail(e)
+                return
             log.warning(
                 "parallel %r: member %s cannot take %s yet: %s", self.name, self.member, s.name, e,
                 extra=log_fields(self.name, s.m, self.n, self.member),

@@ -50,11 +50,11 @@ from typing import TYPE_CHECKING, Any, Final
 import nats.errors
 import nats.js.errors
 
-from rjet._denials import denials, exactly
+from rjet._denials import denials, exactly, guard_kv
 from rjet._natsio import connection, kv_names
 from rjet._progress import decode_done, encode_done
 from rjet.cursors import RESERVED_PREFIX, CursorRecord, decode_key, encode_key, kv_keys
-from rjet.errors import CursorStoreError, PermissionDenied
+from rjet.errors import CursorStoreError, PermissionDenied, is_permanent
 from rjet.parallel._errors import ParallelError, ReshardRefused
 from rjet.parallel._shard import shard_name
 from rjet.stream import parse_cursor
@@ -169,7 +169,7 @@ async def _keys(kv: KeyValue) -> list[str]:
 
 async def _get(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
     try:
-        entry = await kv.get(key)
+        entry = await guard_kv(kv, kv.get(key))
     except nats.js.errors.KeyNotFoundError:
         return None
     assert entry.revision is not None
@@ -264,8 +264,8 @@ async def _live(kv: KeyValue, keys: Iterable[str], name: str, ttl: float) -> lis
         if beat.age < max(ttl, beat.ttl or 0.0):
             beats.append(beat)
         elif beat.age > dead:
-            with contextlib.suppress(*_KV_ERRORS):
-                await kv.delete(key, last=revision)
+            with contextlib.suppress(*_KV_ERRORS, PermissionDenied):
+                await guard_kv(kv, kv.delete(key, last=revision), key)
     return beats
 
 
@@ -350,15 +350,17 @@ class Heartbeats:
                 self._revs[m] = rev
 
     async def run(self) -> None:
-        """Beat every ``interval`` seconds until cancelled; failures are logged, not raised."""
+        """Beat every ``interval`` seconds until cancelled; failures are logged and retried, except
+        those retrying cannot fix (:func:`rjet.is_permanent`: a :class:`rjet.PermissionDenied`
+        taken away mid-run), which end it: the group then stops with that error."""
         while True:
             await asyncio.sleep(self.interval)
             try:
                 await self.beat()
             except CursorStoreError as e:
+                if is_permanent(e):
+                    raise
                 log.warning("parallel %r: %s (retrying)", self.name, e)
-            except PermissionDenied as e:  # taken away mid-run: said loudly, retried (it may be granted again)
-                log.error("parallel %r: cannot write a heartbeat: %s (retrying)", self.name, e)
 
     def drop(self, m: int) -> None:
         """Stop writing shard ``m``'s heartbeat (another runner owns the shard now)."""
@@ -374,8 +376,9 @@ class Heartbeats:
         sees at once that this group let it go. Never raises (a heartbeat left behind goes stale)."""
         self._shards.discard(m)
         if self._revs.pop(m, None) is not None:
-            with contextlib.suppress(*_KV_ERRORS):
-                await self.kv.delete(_hb_key(self.name, m, self.n, self.group))
+            key = _hb_key(self.name, m, self.n, self.group)
+            with contextlib.suppress(*_KV_ERRORS, PermissionDenied):
+                await guard_kv(self.kv, self.kv.delete(key), key)
 
     @property
     def shards(self) -> frozenset[int]:
@@ -386,9 +389,9 @@ class Heartbeats:
         """Delete this group's heartbeats. Never raises (a heartbeat left behind goes stale)."""
         written, self._revs = list(self._revs), {}
         self._shards.clear()
-        await asyncio.gather(
-            *(self.kv.delete(_hb_key(self.name, m, self.n, self.group)) for m in written), return_exceptions=True
-        )
+        keys = [_hb_key(self.name, m, self.n, self.group) for m in written]
+        # Guarded: a refused delete is given up at once, not after the API timeout.
+        await asyncio.gather(*(guard_kv(self.kv, self.kv.delete(key), key) for key in keys), return_exceptions=True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -654,11 +657,12 @@ def _best_bound(name: str, generations: Mapping[int, Mapping[int, tuple[str, int
 async def _write_record(kv: KeyValue, name: str, record: tuple[bytes, int] | None, body: Mapping[str, Any]) -> bool:
     """Compare-and-swap the generation record; False when another process changed it first."""
     value = json.dumps(body).encode()
+    key = _gen_key(name)
     try:
         if record is None:
-            await kv.create(_gen_key(name), value)
+            await guard_kv(kv, kv.create(key, value), key)
         else:
-            await kv.update(_gen_key(name), value, last=record[1])
+            await guard_kv(kv, kv.update(key, value, last=record[1]), key)
     except nats.js.errors.KeyWrongLastSequenceError:
         return False
     except _KV_ERRORS as e:
@@ -674,14 +678,16 @@ async def _seed(
     async def one(m: int) -> None:
         key = encode_key(shard_name(name, m, n))
         if m in current:
-            await kv.update(key, seed.encode(), last=current[m][1])
+            await guard_kv(kv, kv.update(key, seed.encode(), last=current[m][1]), key)
         else:
-            await kv.create(key, seed.encode())
+            await guard_kv(kv, kv.create(key, seed.encode()), key)
 
     results = await asyncio.gather(*(one(m) for m in todo), return_exceptions=True)
     for r in results:
         if isinstance(r, nats.js.errors.KeyWrongLastSequenceError):
             return False
+        if isinstance(r, PermissionDenied):
+            raise r
         if isinstance(r, BaseException):
             raise _kv_error(f"cannot seed the cursors of {name!r}", r) from r
     return True
