@@ -141,7 +141,9 @@ class KeyedRun:
         self._halt = halt
         self._stopping = stopping  # the stop request itself: set before the run's guard sets `halt`
         # The claim lost (set by the cursor store's flush, before the run's guard sets `halt`).
-        self._lost: Callable[[], bool] = (lambda: lease.lost is not None) if hasattr(lease, "lost") else _never
+        self._has_lost = hasattr(lease, "lost")
+        lost = (lambda: lease.lost is not None) if self._has_lost else _never  # type: ignore[attr-defined]
+        self._lost: Callable[[], bool] = lost
         self._failed = failed
         self._bury = bury
         self._record_removed = record_removed
@@ -417,7 +419,7 @@ class KeyedRun:
             queues, ready, idle, due = self._queues, self._ready, self._idle, self._due
             fn, fate = consumer.fn, consumer.fate
             direct = self._pool is None and not stats.timing
-            gated = self._gated
+            gated, stopping, has_lost = self._gated, self._stopping, self._has_lost
             create_future = self._loop.create_future
             lease, monotonic = self._lease, time.monotonic
             low = self._low  # a reader waiting for room goes on below it (and the bytes' low mark)
@@ -444,7 +446,8 @@ class KeyedRun:
                     continue
                 if monotonic() >= lease.expires:  # not seen held for a lease: look before handling
                     await lease.confirm()
-                if gated():
+                # _gated(), spelled out: it is looked at before every call.
+                if self._closing or stopping() or (has_lost and lease.lost is not None):  # type: ignore[attr-defined]
                     return  # not started: it stays not done, read again by the next run
                 stats.in_flight += 1
                 try:

@@ -8,10 +8,13 @@ healthy calls in flight beside failing keys, batches in flight, events of other 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from nats.js import JetStreamContext
@@ -19,6 +22,8 @@ from nats.js import JetStreamContext
 import rjet
 import rjet._keyed
 from rjet._progress import decode_done
+from rjet.parallel import Parallel
+from rjet.server import EmbeddedServer
 from rjet.testing import KeyOrder, wait_until
 
 # ------------------------------------------------------------------ 1. a stop ends a to_head run
@@ -69,6 +74,43 @@ async def test_a_stop_ends_a_to_head_run_whose_key_is_retrying(stream: rjet.Stre
     with pytest.raises(rjet.Stopped):
         await asyncio.wait_for(task, 5)
     assert store.cursors.get("c", "") == ""  # never past the failing event
+
+
+def _appender(directory: Path) -> Callable[[rjet.Fate, rjet.Event], None]:
+    """A sync handler taking 20 ms that appends ``<seq>`` to its process's file."""
+
+    def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        time.sleep(0.02)
+        with open(directory / f"calls-{os.getpid()}.log", "a") as f:
+            f.write(f"{event.id}\n")
+
+    return handle
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_a_parallel_group_run_to_head_stops_on_request(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    # What `rjet worker --to-head` and SIGTERM do: each shard has ~1,000 events read and queued
+    # (5 s of work at K=4) when the stop comes; it must stop well within stop_timeout, not drain.
+    await stream.insert_many([(f"k{i % 200}", 1, b"") for i in range(2000)])
+    group = Parallel(
+        name, 2, _appender(tmp_path), servers=server.url, stream=name, namespace=name, concurrency=4,
+        stop_timeout=4.0, flush_interval=0.2,
+    )  # fmt: skip
+    task = asyncio.create_task(group.run_async(to_head=True))
+
+    def calls() -> int:
+        return sum(len(p.read_text().splitlines()) for p in tmp_path.glob("calls-*.log"))
+
+    await wait_until(lambda: calls() >= 40, 30, what="both shards handling")
+    t0 = time.monotonic()
+    group.stop()
+    summary = await asyncio.wait_for(task, 30)
+    assert time.monotonic() - t0 < 3.0
+    assert [s.state for s in summary.shards] == ["stopped", "stopped"], summary
+    assert calls() < 1000
 
 
 # ------------------------------------------------------------------ 2. no call starts after a stop
