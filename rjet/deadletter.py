@@ -17,10 +17,11 @@ Errors injected by fate (:class:`rjet.Tempted`) are never dead-lettered.
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -30,10 +31,11 @@ from rjet.retry import ATTEMPTS, BACKOFF, MAX_BACKOFF, RetryPolicy
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
+    from rjet.errors import DecodeError
     from rjet.event import Event
     from rjet.stream import Stream
 
-__all__ = ["DeadLetter", "DeadLetterRecord", "DeadLetterSink", "DeadLetterStream"]
+__all__ = ["DeadLetter", "DeadLetterRecord", "DeadLetterSink", "DeadLetterStream", "StoredDeadLetter"]
 
 log = logging.getLogger("rjet.deadletter")
 
@@ -86,6 +88,12 @@ class DeadLetterRecord:
             body["error"] = self.error[: max(0, len(self.error) - over)] + " [cut]"
             out = json.dumps(body).encode()
         return out
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> DeadLetterRecord:
+        """The record :meth:`to_json` wrote; ``ValueError`` for anything else. A record stored without
+        its metadata comes back with empty metadata (:class:`StoredDeadLetter` says how much was left out)."""
+        return _parse_record(data)[0]
 
 
 DeadLetterSink: TypeAlias = Callable[[DeadLetterRecord], Awaitable[None]]
@@ -155,6 +163,64 @@ class DeadLetterStream:
         await self.stream.insert(fid, typ, record.to_json(room), msg_id=msg_id)
         self.recorded += 1
 
+    async def get(self, seq: int) -> StoredDeadLetter | None:
+        """The dead letter stored at sequence ``seq``, None when there is none (never stored, or
+        removed since). :class:`rjet.StreamNotFound` when the stream does not exist,
+        :class:`rjet.DecodeError` when the message there is not a dead-letter record."""
+        import nats.js.errors
+
+        from rjet._denials import guard_api
+        from rjet.errors import StreamNotFound
+
+        js, name = self.stream.js, self.stream.name
+        try:
+            msg = await guard_api(js, name, js.get_msg(name, seq))
+        except nats.js.errors.NotFoundError as e:
+            if e.err_code == _STREAM_NOT_FOUND:
+                raise StreamNotFound(name) from None
+            return None
+        return StoredDeadLetter.parse(name, seq, msg.data or b"")
+
+    async def records(
+        self, after: int = 0, *, on_invalid: Callable[[DecodeError], None] | None = None
+    ) -> AsyncGenerator[StoredDeadLetter, None]:
+        """The dead letters stored after sequence ``after`` (from the first one still there), in
+        order, up to the last one present when reading starts.
+
+        A message that is not a dead-letter record (not an rjet event, or not a record's JSON) raises
+        :class:`rjet.DecodeError`; given ``on_invalid``, it is handed the error instead and reading goes
+        on. Records removed from this stream (its limits, a purge) are passed over.
+        """
+        import dataclasses as dc
+
+        from rjet.errors import DecodeError, HeadReached
+        from rjet.stream import Stream
+
+        state = (await self.stream.info()).state
+        if not state.messages or after >= state.last_seq:
+            return
+        after = max(after, state.first_seq - 1)
+        view = Stream(self.stream.js, self.stream.name, read=dc.replace(self.stream.read, on_removed="skip"))
+        async with await view.stream(str(after) if after else "", to_head=True) as client:
+            while True:
+                try:
+                    event = await client.recv()
+                except HeadReached:
+                    return
+                except DecodeError as e:
+                    if on_invalid is None:
+                        raise
+                    on_invalid(e)  # the reader has passed it
+                    continue
+                try:
+                    letter = StoredDeadLetter.parse(self.stream.name, event.id_int, event.metadata)
+                except DecodeError as e:
+                    if on_invalid is None:
+                        raise
+                    on_invalid(e)
+                    continue
+                yield letter
+
 
 def record_for(
     consumer: str, stream: str, event_id: str, event: Event | None, error: BaseException, attempts: int
@@ -163,3 +229,96 @@ def record_for(
     return DeadLetterRecord(
         consumer, stream, event_id, event, f"{type(error).__name__}: {error}", attempts, datetime.now(UTC)
     )
+
+
+_STREAM_NOT_FOUND = 10059  # JetStream's error code for "stream not found" (10037 is "no message found")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredDeadLetter:
+    """A dead letter read back from a :class:`DeadLetterStream`: its sequence there and its record.
+
+    ``metadata_omitted`` is the size of the event's metadata when the record was stored without it
+    (it did not fit a message): the record's event then has empty metadata, and the original is
+    still in the source stream at sequence ``record.event_id`` unless removed since. None otherwise.
+    """
+
+    seq: int
+    record: DeadLetterRecord
+    metadata_omitted: int | None = None
+
+    @property
+    def removed(self) -> tuple[int, int] | None:
+        """``(first, last)`` when the record stands for a range of events removed from the source
+        stream before the consumer read them (``event_id`` ``first..last``), else None."""
+        first, sep, last = self.record.event_id.partition("..")
+        return (int(first), int(last)) if sep else None
+
+    @property
+    def source_seq(self) -> int | None:
+        """The event's sequence in the source stream (None for a removed range)."""
+        return None if self.removed else int(self.record.event_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored record as a JSON-ready dict (:meth:`DeadLetterRecord.to_json`'s fields), after
+        ``"seq"`` (this sequence), with ``"metadata": null`` and ``"metadata_omitted"`` when left out."""
+        body: dict[str, Any] = {"seq": self.seq, **json.loads(self.record.to_json())}
+        if self.metadata_omitted is not None:
+            body["metadata"] = None
+            body["metadata_omitted"] = self.metadata_omitted
+        return body
+
+    @classmethod
+    def parse(cls, stream: str, seq: int, data: bytes | str) -> StoredDeadLetter:
+        """The dead letter stored at ``seq`` of ``stream`` with body ``data``;
+        :class:`rjet.DecodeError` naming the message when ``data`` is not a dead-letter record."""
+        from rjet.errors import DecodeError
+
+        try:
+            record, omitted = _parse_record(data)
+            letter = cls(seq, record, omitted)
+            letter.source_seq  # noqa: B018 (checks event_id: a sequence or a range)
+        except ValueError as e:
+            raise DecodeError(stream, seq, f"not a dead-letter record ({e})") from None
+        return letter
+
+
+def _parse_record(data: bytes | str) -> tuple[DeadLetterRecord, int | None]:
+    """(record, size of the metadata left out or None) from :meth:`DeadLetterRecord.to_json`'s output."""
+    from rjet.event import Event
+
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ValueError("not a JSON object")
+
+    def field(key: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+        value = body.get(key)
+        if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)):
+            return value
+        raise ValueError(f"{key!r} is {value!r}")
+
+    try:
+        event = None
+        if field("type", int, optional=True) is not None:
+            metadata = field("metadata", str, optional=True)
+            omitted = field("metadata_omitted", int, optional=True)
+            if metadata is None and omitted is None:
+                raise ValueError("'metadata' is None")
+            event = Event(
+                field("event_id", str),
+                body["type"],
+                field("foreign_id", str),
+                datetime.fromisoformat(field("timestamp", str)),
+                base64.b64decode(metadata, validate=True) if metadata is not None else b"",
+            )
+        at = datetime.fromisoformat(field("at", str))
+        record = DeadLetterRecord(
+            field("consumer", str), field("stream", str), field("event_id", str), event, field("error", str),
+            field("attempts", int), at,
+        )  # fmt: skip
+    except (ValueError, TypeError, binascii.Error) as e:
+        raise ValueError(str(e)) from None
+    return record, (body.get("metadata_omitted") if event is not None and body.get("metadata") is None else None)

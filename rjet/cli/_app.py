@@ -10,6 +10,7 @@ import rjet
 from rjet.cli._bench import bench
 from rjet.cli._common import EXIT_INTERRUPTED, USER_ERRORS, CliError, describe, setup_logging
 from rjet.cli._cursor import cursor
+from rjet.cli._deadletters import deadletters
 from rjet.cli._demo import demo
 from rjet.cli._group import group
 from rjet.cli._insert import insert
@@ -49,7 +50,7 @@ def cli(verbose: int, log_json: bool) -> None:
     setup_logging(verbose, log_json)
 
 
-for _command in (demo, insert, tail, status, cursor, group, worker, server, bench):
+for _command in (demo, insert, tail, status, cursor, group, deadletters, worker, server, bench):
     cli.add_command(_command)
 
 
