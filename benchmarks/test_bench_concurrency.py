@@ -8,6 +8,10 @@
   per-event overhead.
 - ``batch``: a sink job writing into another JetStream stream, 100 events per ``insert_many``
   against one ``insert`` per event.
+- ``batch-waiting``: ``Batch(max_len=100, max_wait=0.5)`` over 24,000 waiting events, a 2 ms handler,
+  K=1 and K=8 (full batches go at once: K=8 at least as fast as K=1).
+- ``failing``: the 1 ms sleep handler at K=256 with 1% of the keys always failing, beside the same
+  with none (a failing key holds no slot).
 
 Event counts scale with ``RJET_BENCH_EVENTS`` (100,000 by default: the figures below are for that).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -204,3 +209,79 @@ def test_batch_sink(benchmark: Any, js: JetStreamContext, arun: Arun[Any], mode:
     assert handled == n
     assert arun(sink.info()).state.messages == n
     record(benchmark, events=n, mode=mode)
+
+
+@pytest.fixture(scope="module")
+def waiting_stream(js: JetStreamContext, arun: Arun[Any]) -> rjet.Stream:
+    stream: rjet.Stream = arun(_fill(js, _n(24_000), 1000))
+    return stream
+
+
+_batch_rates: dict[int, float] = {}
+
+
+@pytest.mark.benchmark(group="concurrency: Batch(100, max_wait=0.5), 24,000 waiting events, 2 ms handler")
+@pytest.mark.parametrize("k", [1, 8])
+def test_batch_waiting(benchmark: Any, arun: Arun[Any], waiting_stream: rjet.Stream, k: int) -> None:
+    n = _n(24_000)
+
+    async def handle(fate: rjet.Fate, events: list[rjet.Event]) -> None:
+        await asyncio.sleep(0.002)
+
+    def make(name: str) -> rjet.Consumer:
+        return rjet.Consumer(name, handle, concurrency=k, batch=rjet.Batch(max_len=100, max_wait=0.5))
+
+    handled = _consume(benchmark, arun, waiting_stream, make, rounds=3)
+    assert handled == n
+    rate = record(benchmark, events=n, k=k)
+    _batch_rates[k] = rate
+    base = _batch_rates.get(1)
+    if k > 1 and base and rate:
+        benchmark.extra_info["vs_k1"] = round(rate / base, 2)
+        target(benchmark, f"Batch(100) over 24,000 waiting events: K={k} at least as fast as K=1", rate >= base)
+
+
+_failing_rates: dict[str, float] = {}
+
+
+@pytest.mark.benchmark(group="concurrency: 1 ms sleep handler, K=256, failing keys")
+@pytest.mark.parametrize("failing", ["none", "1%"])
+def test_failing_keys(benchmark: Any, arun: Arun[Any], sleep_stream: rjet.Stream, failing: str) -> None:
+    """The healthy keys' events of the sleep stream, with 10 of its 1,000 keys always failing (their
+    events wait to retry; the run is stopped once every healthy event is handled) or none."""
+    n = _n(50_000)
+    bad = {f"user-{i}" for i in range(10)} if failing == "1%" else set()
+    healthy = sum(1 for i in range(n) if f"user-{i % 1000}" not in bad)
+    state: dict[str, Any] = {}
+
+    def setup() -> None:
+        state["stop"] = asyncio.Event()
+        state["handled"] = 0
+
+    async def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        if event.foreign_id in bad:
+            raise RuntimeError("a failing key")
+        await asyncio.sleep(0.001)
+        state["handled"] += 1
+        if state["handled"] == healthy:
+            state["stop"].set()
+
+    async def consume() -> None:
+        consumer = rjet.Consumer(unique_name("bench_fail_c"), handle, concurrency=256)
+        spec = rjet.Spec(sleep_stream.stream, rjet.MemCursorStore(), consumer)
+        with contextlib.suppress(rjet.Stopped):
+            await asyncio.wait_for(rjet.run(spec, stop=state["stop"]), 120)
+
+    logger = logging.getLogger("rjet.run")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # one warning per retry
+    try:
+        benchmark.pedantic(lambda: arun(consume()), setup=setup, rounds=3, warmup_rounds=0)
+    finally:
+        logger.setLevel(level)
+    assert state["handled"] == healthy
+    rate = record(benchmark, events=healthy, failing=failing)
+    _failing_rates[failing] = rate
+    base = _failing_rates.get("none")
+    if failing != "none" and base and rate:
+        benchmark.extra_info["vs_none"] = round(rate / base, 2)
