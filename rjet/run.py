@@ -219,7 +219,9 @@ async def _run(  # noqa: C901 (the run loop)
                         if rerun is not None:
                             rerun.failed_on = event
                         raise
-                    handled = await _retry_or_bury(consume, event, e, dead_letter, name, stream_name, stats)
+                    handled = await _retry_or_bury(
+                        consume, event, e, dead_letter, name, stream_name, stats, halt, stopping
+                    )
                 if timing:
                     stats.observe(time.perf_counter() - t0)
                 await set_cursor(event.id)
@@ -388,9 +390,12 @@ async def _retry_or_bury(
     name: str,
     stream: str,
     stats: ConsumerStats,
+    halt: asyncio.Event,
+    stopping: Callable[[], bool],
 ) -> bool:
     """Retry ``event`` on the consumer's :class:`rjet.RetryPolicy` (folded into its dead letter); True
-    when a retry succeeded, False when it was recorded as a dead letter."""
+    when a retry succeeded, False when it was recorded as a dead letter. A stop (or a lost claim)
+    while it waits ends the wait, and no retry starts: :class:`rjet.Stopped`, the cursor before it."""
     policy = dead_letter.retry
     attempt = 1
     while not policy.gives_up(attempt):
@@ -399,7 +404,10 @@ async def _retry_or_bury(
             name, event.id, event.foreign_id, attempt, policy.attempts, error,
             extra={**_event_fields(name, stream, event), "attempt": attempt, "attempts": policy.attempts},
         )  # fmt: skip
-        await asyncio.sleep(policy.delay(attempt))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(halt.wait(), policy.delay(attempt))
+        if halt.is_set() or stopping():
+            raise Stopped(f"consumer {name!r}: stopped on request while event {event.id} waited for its retry")
         attempt += 1
         try:
             return await consume(event)
@@ -463,16 +471,18 @@ async def run_forever(
     spec: Spec,
     *,
     retry_delay: float = 0.1,
-    max_backoff: float = 60.0,
+    max_backoff: float | None = None,
     stats: ConsumerStats | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run ``spec`` again and again, as reflex's RunForever does; stop by cancelling the task.
 
     Expected errors (fate's, a stopped client) retry after ``retry_delay``; others are logged with
-    their event and retry with exponential backoff up to ``max_backoff`` seconds. Errors that
-    retrying cannot fix (:class:`rjet.CursorConflict`, :class:`rjet.CursorExpired`,
-    :class:`rjet.CursorAhead`, :class:`rjet.InvalidCursor`, :class:`rjet.ConfigError`) are raised.
+    their event and retry after the consumer's :class:`rjet.RetryPolicy` delays (0.5 s doubling to
+    30 s by default), capped at ``max_backoff`` seconds when given. Errors that retrying cannot fix
+    (:data:`rjet.errors.PERMANENT`: :class:`rjet.CursorConflict`, :class:`rjet.CursorExpired`,
+    :class:`rjet.CursorAhead`, :class:`rjet.StreamRecreated`, :class:`rjet.CursorBucketGone`,
+    :class:`rjet.InvalidCursor`, :class:`rjet.PermissionDenied`, :class:`rjet.ConfigError`) are raised.
     With ``spec.to_head`` it returns once the head is reached. ``stats`` accumulates over every run.
     Setting ``stop`` ends it gracefully (see :func:`run`): it returns once the cursor is flushed.
     """
@@ -504,7 +514,7 @@ async def run_forever(
                 # to its max_backoff (or max_backoff here, when lower).
                 policy = spec.consumer.retry
                 backoff = policy.backoff if progressed or not backoff else backoff * 2
-                backoff = min(backoff, policy.max_backoff, max_backoff)
+                backoff = min(backoff, policy.max_backoff, math.inf if max_backoff is None else max_backoff)
                 delay = backoff
                 log.error("consumer %r failed; running again in %.1fs", name, delay, exc_info=e, extra=fields)
         if stop is None:

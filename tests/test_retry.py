@@ -8,9 +8,11 @@ import itertools
 import time
 
 import pytest
+from nats.js import JetStreamContext
 
 import rjet
-from rjet.parallel import ParallelOptions
+from rjet.parallel import Parallel, ParallelOptions
+from rjet.server import EmbeddedServer
 from rjet.testing import wait_until
 
 
@@ -116,3 +118,48 @@ async def test_run_forever_backs_off_on_the_consumers_policy(stream: rjet.Stream
     gaps = [b - a for a, b in itertools.pairwise(times)][:3]
     for gap, want in zip(gaps, [0.05, 0.1, 0.1], strict=True):
         assert want - 0.005 <= gap < want + 0.15
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_a_stop_ends_the_wait_for_a_retry_and_no_retry_starts(stream: rjet.Stream, concurrency: int) -> None:
+    await stream.insert_many([("bad", 1, b"")])
+    calls: list[str] = []
+    stop = asyncio.Event()
+
+    async def sink(record: rjet.DeadLetterRecord) -> None:
+        raise AssertionError("nothing is buried: the run was stopped before its attempts ran out")
+
+    async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        calls.append(event.id)
+        asyncio.get_running_loop().call_later(0.2, stop.set)
+        raise RuntimeError("poison")
+
+    policy = rjet.RetryPolicy(backoff=30, attempts=3)
+    consumer = rjet.Consumer("c", fn, concurrency=concurrency, dead_letter=rjet.DeadLetter(sink), retry=policy)
+    store = rjet.MemCursorStore()
+    started = time.monotonic()
+    with pytest.raises(rjet.Stopped):  # was (concurrency 1): the 30 s wait, then a retry call
+        await asyncio.wait_for(rjet.run(rjet.Spec(stream.stream, store, consumer), stop=stop), 10)
+    assert time.monotonic() - started < 5
+    assert calls == ["1"]
+    assert store.cursors.get("c", "") in ("", "0")
+
+
+def _always_fails(fate: rjet.Fate, event: rjet.Event) -> None:
+    raise RuntimeError("poison")
+
+
+@pytest.mark.slow
+async def test_a_parallel_group_takes_a_retry_policy(server: EmbeddedServer, js: JetStreamContext, name: str) -> None:
+    with pytest.raises(rjet.ConfigError, match=r"retry must be an rjet\.RetryPolicy"):
+        ParallelOptions(retry=3)  # type: ignore[arg-type]
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([("k", 1, b"")] * 2)
+    group = Parallel(
+        name, 1, _always_fails, servers=server.url, stream=name, namespace=name, dead_letters=f"{name}_dl",
+        retry=rjet.RetryPolicy(backoff=0.01, attempts=2),
+    )  # fmt: skip
+    summary = await asyncio.wait_for(group.run_async(to_head=True), 30)
+    assert summary.shards[0].cursor == "2"
+    records = [r.record async for r in (await rjet.DeadLetterStream.create(js, f"{name}_dl")).records()]
+    assert [(r.event_id, r.attempts) for r in records] == [("1", 2), ("2", 2)]  # the group's policy, not 5

@@ -13,7 +13,7 @@ from rjet.consumer import Batch
 from rjet.errors import ConfigError
 from rjet.event import Event
 from rjet.fate import NEVER, Fate
-from rjet.retry import MAX_BACKOFF
+from rjet.retry import MAX_BACKOFF, RetryPolicy
 
 __all__ = ["ParallelOptions"]
 
@@ -43,6 +43,8 @@ class ParallelOptions:
       event whose handler fails ``dead_letter_attempts`` times is recorded there and skipped
       (:class:`rjet.DeadLetter`). Default: none, retry forever.
     - ``handler_timing``: measure every handler call for the latency histogram (``ShardStats.live``).
+    - ``retry``: the :class:`rjet.RetryPolicy` of each worker's consumer (its per-key retries, its
+      dead letters' attempts and backoff, and its runs' backoff), as for :class:`rjet.Consumer`.
     - ``concurrency``, ``batch``, ``on_error``: as for :class:`rjet.Consumer`, in each worker: up to
       ``concurrency`` handler calls in flight per shard, one at a time per foreign ID, with exact
       progress stored in the shard's cursor.
@@ -90,6 +92,7 @@ class ParallelOptions:
     concurrency: int = 1
     batch: Batch | None = None
     on_error: Literal["stop", "retry"] | None = None
+    retry: RetryPolicy | None = None
     flush_interval: float = 1.0
     retry_delay: float = 0.1
     max_backoff: float = MAX_BACKOFF
@@ -153,6 +156,8 @@ class ParallelOptions:
             raise ConfigError(f"Parallel: concurrency must be an int >= 1, not {self.concurrency!r}")
         if self.batch is not None and not isinstance(self.batch, Batch):
             raise ConfigError(f"Parallel: batch must be an rjet.Batch, not {self.batch!r}")
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(f"Parallel: retry must be an rjet.RetryPolicy, not {self.retry!r}")
         if self.on_error not in (None, "stop", "retry"):
             raise ConfigError(f"Parallel: on_error is 'stop' or 'retry', not {self.on_error!r}")
 

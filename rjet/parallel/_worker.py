@@ -261,6 +261,7 @@ class _Worker:
                 concurrency=cfg.options.concurrency,
                 batch=cfg.options.batch,
                 on_error=cfg.options.on_error,
+                retry=cfg.options.retry,
             )
             spec = Spec(stream.stream, store, consumer, to_head=cfg.to_head, lag=cfg.options.lag)
             self.link.send(Started(os.getpid()))
