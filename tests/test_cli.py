@@ -724,3 +724,34 @@ async def test_status_lists_only_this_stream_s_cursors_and_never_cuts_a_name(
     assert "_1_of_2" in proc.stdout  # the part that tells the shards apart is shown, wrapped if need be
     assert "_2_of_2" in proc.stdout
     assert "other_reader" not in proc.stdout  # it reads another stream: no fake lag here
+
+
+async def test_worker_to_head_with_concurrency_stops_on_sigterm(
+    server: EmbeddedServer, name: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    """A SIGTERM while a to-head run drains its queue stops it gracefully: no call starts after it
+    (was: every queued call still ran, "not stopped within 8.0s: killing the workers", exit 1)."""
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(f"key-{i % 50}", 1, b"") for i in range(500)])  # read at once: the run drains
+    seen = tmp_path / "seen.txt"
+    handler = handler_module(tmp_path, "drain_handler", seen, "event.id", wait=0.2)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rjet", "worker", name, handler, "--name", "d", "-n", "1", "--namespace",
+        f"ns_{name}"[:60], "--to-head", "--concurrency", "8", "-s", server.url,
+        cwd=tmp_path, env=_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await wait_until(lambda: seen.exists() and len(seen.read_text().splitlines()) >= 16, 30, "calls started")
+        proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        _, raw_err = await asyncio.wait_for(proc.communicate(), 30)
+        took = time.monotonic() - stopped
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    err = raw_err.decode()
+    assert proc.returncode == 0, err
+    assert "killing the workers" not in err
+    assert took < 5, f"stopped after {took:.1f}s"
+    assert len(seen.read_text().splitlines()) < 100  # not the whole queue: 500 events at 8 x 5 a second
