@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 import rjet
-from rjet import _frames
+from rjet._nats import frames as _frames
 from rjet._reader import _Session
 from rjet.event import Event
 

@@ -19,7 +19,7 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
-from rjet._frames import encode_headers
+from rjet._nats.frames import encode_headers
 
 from ._support import ROUNDS, Arun, EventTuple, ratio, record, target, unique_name
 

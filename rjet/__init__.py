@@ -13,7 +13,7 @@
         await rjet.run_forever(rjet.Spec(stream.stream, cursors, consumer))
 """
 
-from rjet._connect import connect
+from rjet._nats.connect import connect
 from rjet._reader import ReadConfig, StreamClient
 from rjet.consumer import Batch, BatchHandler, Consumer, Handler
 from rjet.cursors import CursorRecord, CursorStore, FailingCursorStore, JetStreamCursorStore, MemCursorStore

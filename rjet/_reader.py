@@ -35,8 +35,10 @@ import nats.js.errors
 from nats.js import api
 from nats.nuid import NUID
 
-from rjet._denials import denials, starts
-from rjet._frames import (
+from rjet._keyhash import hash_bytes
+from rjet._nats.client import api_prefix, api_timeout, connection, subscription_id
+from rjet._nats.denials import denials, starts
+from rjet._nats.frames import (
     COMPLETED,
     HELD_BEFORE,
     PENDING_KEY,
@@ -50,10 +52,8 @@ from rjet._frames import (
     parse_ack,
     rjet_headers,
 )
-from rjet._keyhash import hash_bytes
-from rjet._natsio import api_prefix, api_timeout, connection, subscription_id
+from rjet._nats.parser import FastParser, fast_parser, keep_raw_headers, raw_block
 from rjet._tasks import cancel_and_wait
-from rjet._wire import FastParser, fast_parser, keep_raw_headers, raw_block
 from rjet.errors import (
     ConfigError,
     ConsumerLost,
@@ -111,7 +111,7 @@ class ReadConfig:
     - ``inactive_threshold``: the server deletes the ephemeral consumer after this many idle seconds.
     - ``recover_timeout``: how long the client keeps trying to recreate a lost consumer (server down,
       connection cut) before ``recv()`` raises :class:`rjet.ConsumerLost`.
-    - ``fast_lane``: read frames straight off nats-py's parser (see ``rjet/_wire.py``); False uses
+    - ``fast_lane``: read frames straight off nats-py's parser (see ``rjet/_nats/parser.py``); False uses
       an ordinary nats-py subscription (about half the speed, same results).
     - ``on_removed``: what a range of events removed from the stream ahead of the reader does
       (retention limits, a purge, a delete). ``"raise"`` (the default): :class:`rjet.EventsRemoved`
@@ -554,7 +554,7 @@ class StreamClient:
 
     def _scan(self, buf: bytearray, pos: int, size: int) -> int:
         """Takes the current consumer's complete frames from ``buf[pos:size]`` in one go, as long as
-        they are laid out as ``insert`` writes them (the ``Scanner`` of ``rjet/_wire.py``).
+        they are laid out as ``insert`` writes them (the ``Scanner`` of ``rjet/_nats/parser.py``).
 
         The same as :meth:`_on_frame` per frame: :meth:`_take_runs` takes the frames the key filter
         keeps, :meth:`_pass_run` each run of those it passes over. A sequence jump sends the frames

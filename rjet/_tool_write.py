@@ -27,7 +27,7 @@ import nats.errors
 import nats.js.errors
 from nats.nuid import NUID
 
-from rjet._denials import guard_kv
+from rjet._nats.denials import guard_kv
 from rjet._reader import _identity
 from rjet.cursors import CursorRecord, encode_key
 from rjet.errors import CursorError, CursorStoreError, StreamNotFound

@@ -27,9 +27,9 @@ import nats.js.errors
 from nats.js import api
 from nats.nuid import NUID
 
-from rjet._denials import Match, denials
-from rjet._natsio import api_timeout, connection, fast_paths, hpub, kv_names, send_raw
-from rjet._publish import ack_seq
+from rjet._nats.client import api_timeout, connection, fast_paths, hpub, kv_names, send_raw
+from rjet._nats.denials import Match, denials
+from rjet._nats.publish import ack_seq
 from rjet.errors import (
     ConfigError,
     CursorBucketGone,
@@ -454,7 +454,7 @@ class JetStreamCursorStore:
             raise CursorStoreError(f"cursor bucket {bucket!r}: cannot open: {e!r}") from e
         _check_bucket_config(bucket, info.config)
         store = cls(kv, namespace, flush_interval=flush_interval)
-        # Atomic batches are sent as raw frames: a fast path (rjet/_natsio.py).
+        # Atomic batches are sent as raw frames: a fast path (rjet/_nats/client.py).
         atomic = bool(info.config.allow_atomic) or (created and await _allow_atomic(js, info.config))
         store._atomic = atomic and fast_paths(store._nc)
         return store

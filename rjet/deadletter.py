@@ -152,8 +152,8 @@ class DeadLetterStream:
 
     async def __call__(self, record: DeadLetterRecord) -> None:
         """Store ``record``; raises when the stream does not acknowledge it."""
-        from rjet._frames import encode_header_block
-        from rjet._natsio import connection
+        from rjet._nats.client import connection
+        from rjet._nats.frames import encode_header_block
 
         fid = record.event.foreign_id if record.event else f"{record.stream}:{record.event_id}"
         typ = record.event.type if record.event else 0
@@ -169,7 +169,7 @@ class DeadLetterStream:
         :class:`rjet.DecodeError` when the message there is not a dead-letter record."""
         import nats.js.errors
 
-        from rjet._denials import guard_api
+        from rjet._nats.denials import guard_api
         from rjet.errors import StreamNotFound
 
         js, name = self.stream.js, self.stream.name

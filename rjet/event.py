@@ -12,7 +12,7 @@ An event is stored as one JetStream message:
 Messages that others published without these headers still decode: type 0, foreign ID = subject.
 Every read path decodes a message as Go rjet does (the first of a repeated header; an empty type is
 0; a foreign ID is exact UTF-8 or a ``DecodeError``): see docs/interop.md.
-The encoding and decoding of these headers lives in ``rjet/_frames.py``, with the rest of the wire codec.
+The encoding and decoding of these headers lives in ``rjet/_nats/frames.py``, with the rest of the wire codec.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from rjet._denials import denials, starts
-from rjet._frames import encode_header_block, encode_headers
-from rjet._natsio import api_prefix, api_timeout, connection
-from rjet._publish import Outgoing, ack_error, ack_seq, publish_many
+from rjet._nats.client import api_prefix, api_timeout, connection
+from rjet._nats.denials import denials, starts
+from rjet._nats.frames import encode_header_block, encode_headers
+from rjet._nats.publish import Outgoing, ack_error, ack_seq, publish_many
 from rjet._reader import ReadConfig, StreamClient
 from rjet.errors import (
     ConfigError,

@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if any(part in item.nodeid for part in _SLOW_FILES):
             item.add_marker(pytest.mark.slow)
-    # RJET_FAST_PATHS=0 runs the suite on nats-py's plain paths (rjet/_natsio.py); the tests of a
+    # RJET_FAST_PATHS=0 runs the suite on nats-py's plain paths (rjet/_nats/client.py); the tests of a
     # fast path itself do not apply there.
     if os.environ.get("RJET_FAST_PATHS", "1") == "0":
         skip = pytest.mark.skip(reason="checks a fast path; RJET_FAST_PATHS=0")

@@ -13,7 +13,7 @@ Ctx = tuple[asyncio.AbstractEventLoop, rjet.Stream]
 
 
 foreign_ids = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=300)
-types = st.integers(min_value=0, max_value=2**63 - 1)  # what insert takes (rjet._frames.check_type)
+types = st.integers(min_value=0, max_value=2**63 - 1)  # what insert takes (rjet._nats.frames.check_type)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

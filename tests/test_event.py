@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rjet
-from rjet._frames import decode_foreign_id, decode_type, encode_foreign_id, encode_headers, parse_ack
+from rjet._nats.frames import decode_foreign_id, decode_type, encode_foreign_id, encode_headers, parse_ack
 from rjet.event import FOREIGN_ID_HEADER, TYPE_HEADER, timestamp_from_ns
 
 # Any text that is valid Unicode (no lone surrogates), at least one character.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rjet._frames import PENDING_KEY, encode_foreign_id, encode_header_block, frame_pattern, header, rjet_headers
+from rjet._nats.frames import PENDING_KEY, encode_foreign_id, encode_header_block, frame_pattern, header, rjet_headers
 
 
 def test_a_header_is_found_by_its_name_and_stripped() -> None:

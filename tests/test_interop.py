@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 import rjet
-from rjet._natsio import hpub
+from rjet._nats.client import hpub
 from rjet.server import EmbeddedServer
 
 LANES = pytest.mark.parametrize("fast_lane", [True, False], ids=["fast", "nats-py"])

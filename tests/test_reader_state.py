@@ -11,8 +11,8 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
+from rjet._nats.parser import FastParser
 from rjet._reader import ReadConfig, StreamClient
-from rjet._wire import FastParser
 from rjet.parallel._shard import key_filter, shard_of
 
 LANES = pytest.mark.parametrize("fast_lane", [True, False], ids=["fast-lane", "subscription"])

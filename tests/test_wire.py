@@ -16,8 +16,8 @@ from nats.js import JetStreamContext
 from nats.protocol.parser import Parser
 
 import rjet
+from rjet._nats.parser import FastParser, fast_lanes
 from rjet._reader import StreamClient
-from rjet._wire import FastParser, fast_lanes
 from rjet.parallel._shard import key_filter, shard_of
 
 

@@ -16,8 +16,8 @@ import click
 import nats.js.errors
 
 import rjet
-from rjet._denials import guard_api
-from rjet._frames import decode_type, foreign_id_of, rjet_headers
+from rjet._nats.denials import guard_api
+from rjet._nats.frames import decode_type, foreign_id_of, rjet_headers
 from rjet.cli._common import CliError, Connection, age, connection_options, iso, one_line, run
 from rjet.deadletter import DeadLetterStream, StoredDeadLetter
 

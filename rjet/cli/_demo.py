@@ -36,7 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 import rjet
-from rjet._denials import guard_api
+from rjet._nats.denials import guard_api
 from rjet._tasks import cancel_and_wait
 from rjet.cli._common import (
     CliError,

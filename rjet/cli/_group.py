@@ -17,7 +17,7 @@ import nats.js.errors
 from rich.table import Table
 
 import rjet
-from rjet._denials import guard_api, guard_kv
+from rjet._nats.denials import guard_api, guard_kv
 from rjet._progress import decode_done
 from rjet._tool_write import (
     Build,

@@ -19,8 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 import rjet
-from rjet._denials import denials, exactly, guard_api
-from rjet._natsio import api_prefix, connection
+from rjet._nats.client import api_prefix, connection
+from rjet._nats.denials import denials, exactly, guard_api
 from rjet.cli._common import CliError, Connection, age, connection_options, iso, run, stdout_console
 from rjet.cursors import encode_key, kv_keys
 from rjet.parallel import ParallelOptions

@@ -19,7 +19,7 @@ import nats.js.errors
 from nats.js import api
 
 import rjet
-from rjet._denials import guard_api
+from rjet._nats.denials import guard_api
 from rjet._reader import StreamClient
 from rjet.cli._common import Connection, connection_options, iso, run
 from rjet.cli._group import _first_at

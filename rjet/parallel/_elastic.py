@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Final
 
 import xxhash
 
-from rjet._denials import guard_kv
+from rjet._nats.denials import guard_kv
 from rjet.cursors import kv_keys
 from rjet.errors import CursorStoreError, PermissionDenied
 from rjet.parallel._reshard import (

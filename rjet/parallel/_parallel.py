@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Final
 import multiprocess
 from multiprocess.reduction import ForkingPickler
 
-from rjet._connect import connect
-from rjet._denials import guard_api
+from rjet._nats.connect import connect
+from rjet._nats.denials import guard_api
 from rjet._tasks import cancel_and_wait
 from rjet.consumer import Handler, check_handler
 from rjet.cursors import JetStreamCursorStore

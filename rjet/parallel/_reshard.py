@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Any, Final
 import nats.errors
 import nats.js.errors
 
-from rjet._denials import denials, exactly, guard_kv
-from rjet._natsio import connection, kv_names
+from rjet._nats.client import connection, kv_names
+from rjet._nats.denials import denials, exactly, guard_kv
 from rjet._progress import decode_done, encode_done
 from rjet.cursors import RESERVED_PREFIX, CursorRecord, decode_key, encode_key, kv_keys
 from rjet.errors import CursorStoreError, PermissionDenied, is_permanent

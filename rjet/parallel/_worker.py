@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import multiprocess
 
-from rjet._connect import connect
+from rjet._nats.connect import connect
 from rjet._tasks import cancel_and_wait
 from rjet.consumer import Consumer, Handler
 from rjet.cursors import JetStreamCursorStore

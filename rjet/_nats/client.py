@@ -1,13 +1,12 @@
-"""Every use of nats-py's private internals, in one place, behind one probe.
+"""The seam: nats-py's private attributes read and written behind accessors, and one probe.
 
-rjet's fast paths stand on a few things nats-py does not promise: the connection's raw outgoing
-buffer (``_send_command``, ``_flush_pending``), its parser object (``_ps``, swapped for
-:class:`rjet._wire.FastParser`), its error callback (``_error_cb``, chained by
-:mod:`rjet._denials`), a subscription's ID (``_id``), a JetStream context's API prefix, timeout and
-connection (``_prefix``, ``_timeout``, ``_nc``) and a KV bucket's names (``_name``, ``_stream``,
-``_pre``, ``_js``) and its request inbox (``_resp_sub_prefix``, ``_resp_map``, ``_subs``: failed at
-once when the server refuses to subscribe to it). This module is the only one that touches them
-(ruff's SLF001 checks that).
+Every use of a nats-py internal outside the protocol parser (:mod:`rjet._nats.parser`) goes through
+this module: the connection's outgoing buffer (``_send_command``, ``_flush_pending``) and error
+callback (``_error_cb``, chained by :mod:`rjet._nats.denials`), a subscription's ID (``_id``), a
+JetStream context's API prefix, timeout and connection (``_prefix``, ``_timeout``, ``_nc``), a KV
+bucket's names (``_name``, ``_stream``, ``_pre``, ``_js``) and its request inbox
+(``_resp_sub_prefix``, ``_resp_map``, ``_subs``: failed at once when the server refuses to subscribe
+to it). :mod:`rjet._nats` lists them all, with the parser's, and says why.
 
 :func:`fast_paths` decides, once per connection, whether the fast paths may be used: nats-py is a
 version rjet was tested against and has what they need. When it says no (or ``RJET_FAST_PATHS=0``

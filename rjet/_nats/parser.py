@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 from nats.errors import ProtocolError
 from nats.protocol import parser as _nats_parser
 
-from rjet._natsio import attachment, fast_paths
+from rjet._nats.client import attachment, fast_paths
 
 if TYPE_CHECKING:
     from nats.aio.client import Client

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Final
 
 from nats.aio.msg import Msg
 
-from rjet._denials import denials, starts
-from rjet._natsio import fast_paths, header_dict, send_raw, subscription_id
-from rjet._wire import fast_lanes
+from rjet._nats.client import fast_paths, header_dict, send_raw, subscription_id
+from rjet._nats.denials import denials, starts
+from rjet._nats.parser import fast_lanes
 from rjet.errors import InsertError, PermissionDenied, StreamNotFound
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from rjet._natsio import (
+from rjet._nats.client import (
     api_prefix,
     attachment,
     chain_error_callback,
