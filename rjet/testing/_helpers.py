@@ -1,21 +1,4 @@
-"""Helpers for testing code built on rjet, and for testing what rjet lets users plug in.
-
-- :func:`wait_until`: wait for a condition with a deadline, instead of sleeping a guessed time.
-- :class:`KeyOrder`: the per-key order check of at-least-once handling (what ``rjet demo`` checks):
-  feed it every handled ``(sequence, key)``; it counts duplicates (redeliveries) and order violations.
-- :func:`check_cursor_store`: the conformance check of the :class:`rjet.CursorStore` protocol; run it
-  over your own store (``await check_cursor_store(make_store)``) in your tests.
-
-::
-
-    from rjet.testing import KeyOrder, check_cursor_store, wait_until
-
-    order = KeyOrder()
-    consumer = rjet.Consumer("c", lambda fate, e: order.record(e.id_int, e.foreign_id))
-    ...
-    await wait_until(lambda: order.handled == 1000, timeout=30, what="every event handled")
-    order.check()  # AssertionError naming the first violation, if any
-"""
+"""The small helpers of :mod:`rjet.testing`: :func:`wait_until`, :class:`KeyOrder`, :func:`check_cursor_store`."""
 
 from __future__ import annotations
 
