@@ -22,7 +22,8 @@ from nats.js import JetStreamContext
 
 import rjet
 from rjet._progress import Progress
-from rjet.parallel._reshard import Heartbeats, _hb_key
+from rjet.parallel._keys import heartbeat_key
+from rjet.parallel._reshard import Heartbeats
 from rjet.server import EmbeddedServer
 from rjet.testing import KeyOrder, wait_until
 
@@ -223,12 +224,12 @@ async def test_status_shows_which_host_and_pid_run_each_shard(
     # heartbeat without its ttl, as written before ttl was stored: judged by the default 10 s); and a
     # group that beats slowly, with a ttl of its own that its 30 s old heartbeat is still within.
     await Heartbeats(kv, "mailer", 2, [0], "live-group", interval=1.0, ttl=5.0).beat()
-    assert json.loads((await kv.get(_hb_key("mailer", 0, 2, "live-group"))).value or b"")["ttl"] == 5.0
+    assert json.loads((await kv.get(heartbeat_key("mailer", 0, 2, "live-group"))).value or b"")["ttl"] == 5.0
     old = time.time() - 30
     dead = {"group": "dead-group", "host": "old-host", "pid": 4242, "n": 2, "time": old}
     slow = {"group": "slow-group", "host": "far-host", "pid": 77, "n": 2, "time": old - 1, "ttl": 120.0}
-    await kv.put(_hb_key("mailer", 0, 2, "dead-group"), json.dumps(dead).encode())
-    await kv.put(_hb_key("mailer", 1, 2, "slow-group"), json.dumps(slow).encode())
+    await kv.put(heartbeat_key("mailer", 0, 2, "dead-group"), json.dumps(dead).encode())
+    await kv.put(heartbeat_key("mailer", 1, 2, "slow-group"), json.dumps(slow).encode())
 
     proc = rjet_cmd("status", name, "--namespace", ns, "--json", "-s", server.url)
     assert proc.returncode == 0, proc.stderr

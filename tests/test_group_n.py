@@ -16,7 +16,8 @@ from test_parallel import check_handling, group, insert, logger, read_logs, reme
 import rjet
 from rjet.parallel import Parallel, ReshardRefused, Summary
 from rjet.parallel._elastic import Membership
-from rjet.parallel._reshard import _gen_key, prepare
+from rjet.parallel._keys import generation_key
+from rjet.parallel._reshard import prepare
 from rjet.server import EmbeddedServer
 from rjet.testing import wait_until
 
@@ -181,6 +182,6 @@ async def test_a_group_whose_record_another_n_took_over_stops(
     task = asyncio.create_task(fixed.run_async())
     await wait_until(lambda: handled(tmp_path) == set(events), 30, "n=2 handling every event")
     store = await rjet.JetStreamCursorStore.create(js, name)
-    await store.kv.put(_gen_key(name), b'{"n": 3, "seed": "", "fresh_from": 0}')
+    await store.kv.put(generation_key(name), b'{"n": 3, "seed": "", "fresh_from": 0}')
     with pytest.raises(ReshardRefused, match="n=3 took the group over while this group of n=2 looked gone"):
         await asyncio.wait_for(task, 10)

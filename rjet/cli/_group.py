@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import re
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -31,18 +30,18 @@ from rjet._tool_write import (
     write_record,
 )
 from rjet.cli._common import CliError, Connection, age, connection_options, run, stdout_console
-from rjet.cursors import RESERVED_PREFIX, CursorRecord, decode_key, kv_keys
-from rjet.parallel import ParallelOptions, shard_name
-from rjet.parallel._elastic import Member, group_names, member_prefix, members
-from rjet.parallel._reshard import _gen_key, _parse_hb_key, heartbeats
+from rjet.cursors import CursorRecord, kv_keys
+from rjet.parallel import shard_name
+from rjet.parallel._elastic import Member, group_names, members
+from rjet.parallel._keys import DEFAULT_TTL, decode_record, generation_key, is_group_record, parse_shard_cursor
+from rjet.parallel._reshard import heartbeats
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
 
 _BUCKET_PREFIX: Final = "rjet_cursors_"
-_TTL: Final = ParallelOptions().heartbeat_ttl  # for heartbeats and leases that do not carry their own
-_SHARD_RE: Final = re.compile(r"^(.+)_(\d+)_of_(\d+)$")
+_TTL: Final = DEFAULT_TTL  # for heartbeats and leases that do not carry their own
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -256,21 +255,16 @@ def _shard_keys(keys: list[str]) -> dict[str, dict[int, dict[int, str]]]:
     """group name -> n -> m (0-based) -> KV key, for every shard cursor among ``keys``."""
     out: dict[str, dict[int, dict[int, str]]] = {}
     for key in keys:
-        if key.startswith(RESERVED_PREFIX):
-            continue
-        match = _SHARD_RE.match(decode_key(key))
-        if match is None:
-            continue
-        name, m, n = match.group(1), int(match.group(2)) - 1, int(match.group(3))
-        if 0 <= m < n:
+        if (shard := parse_shard_cursor(key)) is not None:
+            name, m, n = shard
             out.setdefault(name, {}).setdefault(n, {})[m] = key
     return out
 
 
 async def _current_n(kv: KeyValue, name: str, generations: dict[int, dict[int, str]]) -> int | None:
     try:
-        entry = await guard_kv(kv, kv.get(_gen_key(name)))
-        return int(json.loads(entry.value or b"{}")["n"])
+        entry = await guard_kv(kv, kv.get(generation_key(name)))
+        return int((decode_record(entry.value) or {})["n"])
     except (nats.js.errors.KeyNotFoundError, ValueError, KeyError, TypeError):
         return max(generations) if len(generations) == 1 else None
 
@@ -445,8 +439,7 @@ async def _delete(conn: Connection, name: str, namespace: str, execute: bool) ->
         if execute:
             _refuse_if_running(g, "delete")
         mine = [k for gen in _shard_keys(keys).get(name, {}).values() for k in gen.values()]
-        leases = member_prefix(name)
-        meta = [k for k in keys if k == _gen_key(name) or _parse_hb_key(k, name) or k.startswith(leases)]
+        meta = [k for k in keys if is_group_record(k, name)]
         doomed = sorted(mine) + sorted(meta)
         if execute:
             await asyncio.gather(*(guard_kv(kv, kv.purge(k), k) for k in doomed))

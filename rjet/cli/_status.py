@@ -23,8 +23,8 @@ from rjet._nats.client import api_prefix, connection
 from rjet._nats.denials import denials, exactly, guard_api
 from rjet.cli._common import CliError, Connection, age, connection_options, iso, run, stdout_console
 from rjet.cursors import encode_key, kv_keys
-from rjet.parallel import ParallelOptions
 from rjet.parallel._elastic import group_names, members
+from rjet.parallel._keys import DEFAULT_TTL
 from rjet.parallel._reshard import heartbeats
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 _BUCKET_PREFIX: Final = "rjet_cursors_"
 _KV_STREAM_PREFIX: Final = "KV_" + _BUCKET_PREFIX
-_HEARTBEAT_TTL: Final = ParallelOptions().heartbeat_ttl  # for heartbeats that do not carry their own
+_HEARTBEAT_TTL: Final = DEFAULT_TTL  # for heartbeats that do not carry their own
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

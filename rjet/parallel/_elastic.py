@@ -1,12 +1,13 @@
 """Elastic groups: members with leases in the cursor bucket, and a pure assignment of shards to them.
 
 Every member of an elastic :class:`rjet.parallel.Parallel` group writes its lease,
-``_rjet.member.<name>.<member id>``, every ``heartbeat_interval`` seconds. A member counts as live
-while its lease keeps changing: each member notes, by its own monotonic clock, when it last saw
-another's lease revision move, and counts it gone once that is ``heartbeat_ttl`` seconds ago (no
-comparison of clocks across hosts). A member that stops gracefully deletes its lease, so the others
-rebalance at once; one with a stable ``member_id`` keeps it (static membership, as Kafka's
-``group.instance.id``): a restart within the TTL finds its shards still its own, and nothing moves.
+``_rjet.member.<name>.<member id>`` (``rjet/parallel/_keys.py``), every ``heartbeat_interval``
+seconds. A member counts as live while its lease keeps changing: each member notes, by its own
+monotonic clock, when it last saw another's lease revision move, and counts it gone once that is
+``heartbeat_ttl`` seconds ago (no comparison of clocks across hosts). A member that stops gracefully
+deletes its lease, so the others rebalance at once; one with a stable ``member_id`` keeps it (static
+membership, as Kafka's ``group.instance.id``): a restart within the TTL finds its shards still its
+own, and nothing moves.
 
 :func:`assign` is a pure function of the live member ids and ``n``: every member computes the same
 answer without a leader. A shard changes hands only through its cursor's claim and the shard
@@ -20,32 +21,32 @@ once two views in a row agree.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import json
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import xxhash
 
 from rjet._nats.denials import guard_kv
 from rjet.cursors import kv_keys
 from rjet.errors import CursorStoreError, PermissionDenied
-from rjet.parallel._reshard import (
-    _KV_ERRORS,
-    META_PREFIX,
-    _get,
-    _kv_error,
-    _live,
-    _token,
+from rjet.parallel._keys import (
+    KV_ERRORS,
+    Lease,
+    fresh,
+    get,
     guarded_put,
+    kv_error,
+    lease_group,
+    lease_key,
     lease_prefix,
 )
+from rjet.parallel._reshard import live_heartbeats
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -57,11 +58,8 @@ __all__ = [
     "busy_shards",
     "default_member_id",
     "group_names",
-    "member_prefix",
     "members",
 ]
-
-_MEMBER: Final = META_PREFIX + "member."
 
 
 def default_member_id() -> str:
@@ -135,19 +133,6 @@ class Member:
     n: int | None = None  # the shard count it runs (None in leases written before leases named it)
 
 
-def _untoken(token: str) -> str:
-    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("utf-8", "surrogatepass")
-
-
-def _member_key(name: str, member: str) -> str:
-    return f"{_MEMBER}{_token(name)}.{_token(member)}"
-
-
-def member_prefix(name: str) -> str:
-    """The start of every lease key of ``name``'s members."""
-    return lease_prefix(name)
-
-
 class Membership:
     """This process's membership of ``name``'s elastic group: its lease, and its view of the others."""
 
@@ -170,36 +155,29 @@ class Membership:
         self.ttl = ttl
         self.max_shards = max_shards
         self.static = static  # a stable member_id: the lease outlives a graceful stop
-        self._key = _member_key(name, member)
+        self._key = lease_key(name, member)
         self._since = time.time()
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (revision, monotonic time it was first seen)
 
     async def beat(self) -> None:
         """Write this member's lease now."""
-        body = {
-            "member": self.member,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "max_shards": self.max_shards,
-            "since": self._since,
-            "time": time.time(),
-            "ttl": self.ttl,
-            "n": self.n,
-            **({"stopped": True} if self._stopped else {}),
-        }
+        lease = Lease(
+            self.member, socket.gethostname(), os.getpid(), self.max_shards, self._since, time.time(), self.ttl,
+            self.n, self._stopped,
+        )  # fmt: skip
         try:
-            await guarded_put(self.kv, self._key, json.dumps(body).encode())
-        except _KV_ERRORS as e:  # a PermissionDenied goes as it is: retrying cannot fix it
-            raise _kv_error(f"cannot write the lease of member {self.member!r}", e) from e
+            await guarded_put(self.kv, self._key, lease.encode())
+        except KV_ERRORS as e:  # a PermissionDenied goes as it is: retrying cannot fix it
+            raise kv_error(f"cannot write the lease of member {self.member!r}", e) from e
 
     async def members(self) -> list[Member]:
         """Every member whose lease is stored, live or not, by this process's view."""
-        prefix = member_prefix(self.name)
+        prefix = lease_prefix(self.name)
         try:
             keys = [k for k in await kv_keys(self.kv) if k.startswith(prefix)]
-            entries = {k: await _get(self.kv, k) for k in keys}
-        except _KV_ERRORS as e:
-            raise _kv_error(f"cannot read the members of {self.name!r}", e) from e
+            entries = {k: await get(self.kv, k) for k in keys}
+        except KV_ERRORS as e:
+            raise kv_error(f"cannot read the members of {self.name!r}", e) from e
         now = time.monotonic()
         out = []
         for key, got in entries.items():
@@ -210,18 +188,12 @@ class Membership:
             last = self._seen.get(key)
             if last is None or last[0] != rev:
                 self._seen[key] = last = (rev, now)
-            try:
-                body = json.loads(value)
-                member = str(body["member"])
-                cap = body.get("max_shards")
-                info = (str(body.get("host", "?")), int(body.get("pid", 0)), cap if isinstance(cap, int) else None)
-                since = float(body.get("since", 0.0))
-                n = body.get("n")
-            except (ValueError, KeyError, TypeError):
+            lease = Lease.decode(value)
+            if lease is None:
                 continue  # not a lease rjet wrote
             ago = now - last[1]
             live = key == self._key or ago < self.ttl
-            out.append(Member(member, info[0], info[1], info[2], since, ago, live, n if isinstance(n, int) else None))
+            out.append(Member(lease.member, lease.host, lease.pid, lease.max_shards, lease.since, ago, live, lease.n))
         for key in set(self._seen) - set(entries):
             del self._seen[key]
         return sorted(out, key=lambda m: m.member)
@@ -237,7 +209,7 @@ class Membership:
 
     async def leave(self) -> None:
         """Delete this member's lease (a graceful stop of a member without a stable id). Never raises."""
-        with contextlib.suppress(*_KV_ERRORS, PermissionDenied):  # refused: given up at once, the lease expires
+        with contextlib.suppress(*KV_ERRORS, PermissionDenied):  # refused: given up at once, the lease expires
             await guard_kv(self.kv, self.kv.delete(self._key), self._key)
 
     async def release(self) -> None:
@@ -255,42 +227,32 @@ class Membership:
 async def members(kv: KeyValue, name: str, ttl: float) -> list[Member]:
     """The leases of ``name``'s elastic group as stored (for ``rjet status``: ``seen_ago`` is then the
     lease's age by its own wall-clock time, since one read cannot see it change; ``live`` judges it by
-    the TTL the member wrote, else ``ttl``)."""
-    prefix = member_prefix(name)
+    :func:`fresh`: the TTL the member wrote, else ``ttl``)."""
+    prefix = lease_prefix(name)
     out = []
     now = time.time()
     for key in await kv_keys(kv):
-        if not key.startswith(prefix) or (got := await _get(kv, key)) is None:
+        if not key.startswith(prefix) or (got := await get(kv, key)) is None:
             continue
-        try:
-            body = json.loads(got[0])
-            ago = max(0.0, now - float(body["time"]))
-            cap = body.get("max_shards")
-            limit = float(body.get("ttl") or ttl)
-            out.append(
-                Member(str(body["member"]), str(body.get("host", "?")), int(body.get("pid", 0)),
-                       cap if isinstance(cap, int) else None, float(body.get("since", 0.0)), ago, ago < limit)
-            )  # fmt: skip
-        except (ValueError, KeyError, TypeError):
+        lease = Lease.decode(got[0])
+        if lease is None or lease.time is None:
             continue
+        ago = max(0.0, now - lease.time)
+        out.append(
+            Member(lease.member, lease.host, lease.pid, lease.max_shards, lease.since, ago, fresh(ago, lease.ttl, ttl))
+        )
     return sorted(out, key=lambda m: m.member)
 
 
 def group_names(keys: Iterable[str]) -> set[str]:
     """The names of the elastic groups with a lease among a bucket's ``keys``."""
-    names = set()
-    for key in keys:
-        if key.startswith(_MEMBER):
-            token, _, _ = key[len(_MEMBER) :].partition(".")
-            with contextlib.suppress(ValueError):
-                names.add(_untoken(token))
-    return names
+    return {name for key in keys if (name := lease_group(key)) is not None}
 
 
 async def busy_shards(kv: KeyValue, name: str, n: int, group: str, ttl: float) -> set[int]:
     """The shards of ``name``/``n`` with a fresh heartbeat of another group: not free to start."""
     try:
-        beats = await _live(kv, await kv_keys(kv), name, ttl)
-    except _KV_ERRORS as e:
-        raise _kv_error(f"cannot read the heartbeats of {name!r}", e) from e
+        beats = await live_heartbeats(kv, await kv_keys(kv), name, ttl)
+    except KV_ERRORS as e:
+        raise kv_error(f"cannot read the heartbeats of {name!r}", e) from e
     return {b.m for b in beats if b.n == n and b.group != group}

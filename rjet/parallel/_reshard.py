@@ -1,7 +1,8 @@
 """Liveness (heartbeats) and resharding: what lets ``n`` change without loss and without a full replay.
 
 Everything lives in the namespace's cursor bucket (``rjet_cursors_<namespace>``), next to the cursors,
-under keys that start with ``_rjet.`` (a prefix rjet reserves):
+under keys that start with ``_rjet.`` (a prefix rjet reserves; the layout and the encodings are in
+``rjet/parallel/_keys.py``):
 
 - ``_rjet.hb.<m+1>_of_<n>.<group>.<name>``: a heartbeat per shard a group (one ``Parallel.run``)
   runs, rewritten every ``heartbeat_interval`` seconds and deleted on a clean stop. A shard is
@@ -34,46 +35,49 @@ goes ahead, never both.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import random
-import re
 import socket
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-import nats.errors
 import nats.js.errors
 
-from rjet._nats.client import connection, kv_names
-from rjet._nats.denials import denials, exactly, guard_kv
+from rjet._nats.denials import guard_kv
 from rjet._progress import decode_done, encode_done
-from rjet.cursors import RESERVED_PREFIX, CursorRecord, decode_key, encode_key, kv_keys
+from rjet.cursors import CursorRecord, encode_key, kv_keys
 from rjet.errors import CursorStoreError, PermissionDenied, is_permanent
 from rjet.parallel._errors import ParallelError, ReshardRefused
+from rjet.parallel._keys import (
+    KV_ERRORS,
+    Heartbeat,
+    Lease,
+    decode_record,
+    encode_record,
+    fresh,
+    generation_key,
+    get,
+    guarded_put,
+    heartbeat_key,
+    kv_error,
+    lease_prefix,
+    parse_heartbeat_key,
+    parse_shard_cursor,
+)
 from rjet.parallel._shard import shard_name
 from rjet.stream import parse_cursor
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-__all__ = ["META_PREFIX", "Heartbeats", "ReshardReport", "heartbeats", "lease_prefix", "prepare", "recorded_n"]
+__all__ = ["Heartbeats", "ReshardReport", "heartbeats", "live_heartbeats", "prepare", "recorded_n"]
 
 log = logging.getLogger("rjet.parallel")
 
-META_PREFIX: Final = RESERVED_PREFIX
-"""Keys in a cursor bucket that start with this belong to rjet itself (heartbeats, generations)."""
-
-_HB: Final = META_PREFIX + "hb."
-_GEN: Final = META_PREFIX + "gen."
-_MEMBER: Final = META_PREFIX + "member."
-_SHARD_RE: Final = re.compile(r"^(\d+)_of_(\d+)$")
-_KV_ERRORS: Final = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 _ATTEMPTS: Final = 30  # members of one n starting at once take turns at the record
 
 
@@ -116,70 +120,6 @@ class ReshardReport:
         )
 
 
-def _gen_key(name: str) -> str:
-    return _GEN + encode_key(name)
-
-
-def _token(text: str) -> str:
-    """``text`` as one KV key token (no dots: a group's name may have them)."""
-    return base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode().rstrip("=")
-
-
-def lease_prefix(name: str) -> str:
-    """The start of every lease key of ``name``'s elastic members (``rjet/parallel/_elastic.py``)."""
-    return f"{_MEMBER}{_token(name)}."
-
-
-def _hb_key(name: str, m: int, n: int, group: str) -> str:
-    return f"{_HB}{m + 1}_of_{n}.{group}.{encode_key(name)}"
-
-
-def _hb_parts(key: str) -> tuple[str, int, int] | None:
-    """(encoded name, m, n) of a heartbeat key, or None."""
-    if not key.startswith(_HB):
-        return None
-    shard, _, rest = key[len(_HB) :].partition(".")
-    _, _, encoded = rest.partition(".")
-    match = _SHARD_RE.match(shard)
-    if match is None or not encoded:
-        return None
-    m, n = int(match.group(1)) - 1, int(match.group(2))
-    return (encoded, m, n) if 0 <= m < n else None
-
-
-def _parse_hb_key(key: str, name: str) -> tuple[int, int] | None:
-    """(m, n) of a heartbeat key of ``name``, or None."""
-    parts = _hb_parts(key)
-    return None if parts is None or parts[0] != encode_key(name) else parts[1:]
-
-
-def _parse_cursor_key(key: str, pattern: re.Pattern[str]) -> tuple[int, int] | None:
-    if key.startswith(META_PREFIX):
-        return None
-    match = pattern.match(decode_key(key))
-    if match is None:
-        return None
-    m, n = int(match.group(1)) - 1, int(match.group(2))
-    return (m, n) if 0 <= m < n else None
-
-
-async def _keys(kv: KeyValue) -> list[str]:
-    return await kv_keys(kv)
-
-
-async def _get(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
-    try:
-        entry = await guard_kv(kv, kv.get(key))
-    except nats.js.errors.KeyNotFoundError:
-        return None
-    assert entry.revision is not None
-    return entry.value or b"", entry.revision
-
-
-def _kv_error(what: str, err: BaseException) -> CursorStoreError:
-    return CursorStoreError(f"parallel: {what}: {err!r}")
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Beat:
     m: int
@@ -197,21 +137,10 @@ class _Beat:
 
 async def _read_beat(kv: KeyValue, key: str, m: int, n: int, now: float) -> tuple[_Beat, int] | None:
     """The heartbeat stored at ``key`` and its revision; None when gone or not one rjet wrote."""
-    got = await _get(kv, key)
-    if got is None:
+    got = await get(kv, key)
+    if got is None or (hb := Heartbeat.decode(got[0])) is None:
         return None
-    try:
-        info = json.loads(got[0])
-        age = now - float(info["time"])
-        ttl = None if info.get("ttl") is None else float(info["ttl"])
-        member = info.get("member")
-        beat = _Beat(
-            m, n, str(info["group"]), str(info.get("host", "?")), int(info.get("pid", 0)), age, ttl,
-            member if isinstance(member, str) else None,
-        )  # fmt: skip
-    except (ValueError, KeyError, TypeError):
-        return None
-    return beat, got[1]
+    return _Beat(m, n, hb.group, hb.host, hb.pid, now - hb.time, hb.ttl, hb.member), got[1]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -230,41 +159,37 @@ class _Lease:
 
 async def _live_leases(kv: KeyValue, keys: Iterable[str], name: str, ttl: float) -> list[_Lease]:
     """The leases of ``name``'s elastic members that hold an ``n``: written by this rjet (they name
-    their ``n``), younger than their TTL (the member's own, or ``ttl`` if longer), not marked stopped."""
+    their ``n``), fresh (:func:`fresh`, cautious: within ``ttl`` too), not marked stopped."""
     now = time.time()
     prefix = lease_prefix(name)
     out = []
     for key in keys:
-        if not key.startswith(prefix) or (got := await _get(kv, key)) is None:
+        if not key.startswith(prefix) or (got := await get(kv, key)) is None:
             continue
-        try:
-            body = json.loads(got[0])
-            n, age = body.get("n"), now - float(body["time"])
-            lease = _Lease(str(body["member"]), int(n), str(body.get("host", "?")), int(body.get("pid", 0)), age)
-            limit = max(ttl, float(body.get("ttl") or 0.0))
-        except (ValueError, KeyError, TypeError):
+        lease = Lease.decode(got[0])
+        if lease is None or lease.n is None or lease.time is None:
             continue  # not a lease, or one that names no n (written before leases did)
-        if age < limit and not body.get("stopped"):
-            out.append(lease)
+        age = now - lease.time
+        if fresh(age, lease.ttl, ttl, cautious=True) and not lease.stopped:
+            out.append(_Lease(lease.member, lease.n, lease.host, lease.pid, age))
     return out
 
 
-async def _live(kv: KeyValue, keys: Iterable[str], name: str, ttl: float) -> list[_Beat]:
-    """Every fresh heartbeat of ``name``'s shards, of any group and any n; deletes long-dead ones.
-
-    A heartbeat is fresh while younger than ``ttl``, or than its group's own TTL if that is longer."""
+async def live_heartbeats(kv: KeyValue, keys: Iterable[str], name: str, ttl: float) -> list[_Beat]:
+    """Every fresh heartbeat of ``name``'s shards (:func:`fresh`, cautious: within ``ttl`` too), of
+    any group and any n; deletes long-dead ones."""
     now = time.time()
     beats = []
     dead = max(60.0, 10 * ttl)
     for key in keys:
-        mn = _parse_hb_key(key, name)
-        if mn is None or (got := await _read_beat(kv, key, *mn, now)) is None:
+        parsed = parse_heartbeat_key(key)
+        if parsed is None or parsed[0] != name or (got := await _read_beat(kv, key, *parsed[1:], now)) is None:
             continue
         beat, revision = got
-        if beat.age < max(ttl, beat.ttl or 0.0):
+        if fresh(beat.age, beat.ttl, ttl, cautious=True):
             beats.append(beat)
         elif beat.age > dead:
-            with contextlib.suppress(*_KV_ERRORS, PermissionDenied):
+            with contextlib.suppress(*KV_ERRORS, PermissionDenied):
                 await guard_kv(kv, kv.delete(key, last=revision), key)
     return beats
 
@@ -274,12 +199,12 @@ async def heartbeats(kv: KeyValue, keys: Iterable[str]) -> dict[str, list[_Beat]
     now = time.time()
     shards: list[tuple[str, str, int, int]] = []  # (key, shard's cursor name, m, n)
     for key in keys:
-        parts = _hb_parts(key)
-        if parts is None:
+        parsed = parse_heartbeat_key(key)
+        if parsed is None:
             continue
-        encoded, m, n = parts
+        name, m, n = parsed
         try:
-            shards.append((key, shard_name(decode_key(encoded), m, n), m, n))
+            shards.append((key, shard_name(name, m, n), m, n))
         except ValueError:  # not a key rjet wrote
             continue
     beats = await asyncio.gather(*(_read_beat(kv, key, m, n, now) for key, _, m, n in shards))
@@ -288,14 +213,6 @@ async def heartbeats(kv: KeyValue, keys: Iterable[str]) -> dict[str, list[_Beat]
         if got is not None:
             found.setdefault(shard, []).append(got[0])
     return found
-
-
-async def guarded_put(kv: KeyValue, key: str, value: bytes) -> int:
-    """``kv.put(key, value)``, or :class:`rjet.PermissionDenied` naming the key's subject as soon as
-    the server refuses the write (a heartbeat or lease write the user may not make)."""
-    names = kv_names(kv)
-    subject = names.prefix + key
-    return await denials(connection(names.js)).guard(exactly(subject), kv.put(key, value))
 
 
 class Heartbeats:
@@ -330,22 +247,17 @@ class Heartbeats:
 
     async def beat(self) -> None:
         """Write every heartbeat of the group now."""
-        beat = {"group": self.group, "host": self._host, "pid": os.getpid(), "n": self.n, "time": time.time()}
-        if self.ttl is not None:
-            beat["ttl"] = self.ttl
-        if self.member is not None:
-            beat["member"] = self.member
-        value = json.dumps(beat).encode()
+        value = Heartbeat(self.group, self._host, os.getpid(), self.n, time.time(), self.ttl, self.member).encode()
         shards = sorted(self._shards)
         revs = await asyncio.gather(
-            *(guarded_put(self.kv, _hb_key(self.name, m, self.n, self.group), value) for m in shards),
+            *(guarded_put(self.kv, heartbeat_key(self.name, m, self.n, self.group), value) for m in shards),
             return_exceptions=True,
         )
         for m, rev in zip(shards, revs, strict=True):
             if isinstance(rev, PermissionDenied):
                 raise rev
             if isinstance(rev, BaseException):
-                raise _kv_error("cannot write a heartbeat", rev) from rev
+                raise kv_error("cannot write a heartbeat", rev) from rev
             if m in self._shards:
                 self._revs[m] = rev
 
@@ -376,8 +288,8 @@ class Heartbeats:
         sees at once that this group let it go. Never raises (a heartbeat left behind goes stale)."""
         self._shards.discard(m)
         if self._revs.pop(m, None) is not None:
-            key = _hb_key(self.name, m, self.n, self.group)
-            with contextlib.suppress(*_KV_ERRORS, PermissionDenied):
+            key = heartbeat_key(self.name, m, self.n, self.group)
+            with contextlib.suppress(*KV_ERRORS, PermissionDenied):
                 await guard_kv(self.kv, self.kv.delete(key), key)
 
     @property
@@ -389,7 +301,7 @@ class Heartbeats:
         """Delete this group's heartbeats. Never raises (a heartbeat left behind goes stale)."""
         written, self._revs = list(self._revs), {}
         self._shards.clear()
-        keys = [_hb_key(self.name, m, self.n, self.group) for m in written]
+        keys = [heartbeat_key(self.name, m, self.n, self.group) for m in written]
         # Guarded: a refused delete is given up at once, not after the API timeout.
         await asyncio.gather(*(guard_kv(self.kv, self.kv.delete(key), key) for key in keys), return_exceptions=True)
 
@@ -412,28 +324,28 @@ class _State:
 async def _read_state(kv: KeyValue, name: str, n: int, group: str, ttl: float) -> _State:
     # The record first: a holder makes itself live before it writes the record, so whoever wrote the
     # record read here is live in the keys listed after it.
-    pattern = re.compile(rf"^{re.escape(name)}_(\d+)_of_(\d+)$")
     try:
-        record = await _get(kv, _gen_key(name))
-        keys = await _keys(kv)
-        beats = [b for b in await _live(kv, keys, name, ttl) if b.group != group]
+        record = await get(kv, generation_key(name))
+        keys = await kv_keys(kv)
+        beats = [b for b in await live_heartbeats(kv, keys, name, ttl) if b.group != group]
         leases = await _live_leases(kv, keys, name, ttl)
         generations: dict[int, dict[int, tuple[str, int]]] = {}
         dones: dict[int, dict[int, str]] = {}
         streams: set[str | None] = set()
         for key in keys:
-            mn = _parse_cursor_key(key, pattern)
-            got = await _get(kv, key) if mn is not None else None
-            if mn is None or got is None:
+            shard = parse_shard_cursor(key)
+            got = await get(kv, key) if shard is not None and shard[0] == name else None
+            if shard is None or got is None:
                 continue
+            mn = shard[1:]
             stored = CursorRecord.decode(got[0])
             generations.setdefault(mn[1], {})[mn[0]] = (stored.cursor, got[1])
             if stored.done:
                 dones.setdefault(mn[1], {})[mn[0]] = stored.done
             if mn[1] != n:
                 streams.add(stored.stream)
-    except _KV_ERRORS as e:
-        raise _kv_error(f"cannot read the cursors of {name!r}", e) from e
+    except KV_ERRORS as e:
+        raise kv_error(f"cannot read the cursors of {name!r}", e) from e
     return _State(record, beats, leases, generations, streams, dones)
 
 
@@ -523,9 +435,9 @@ async def prepare(
 async def recorded_n(kv: KeyValue, name: str) -> int | None:
     """The ``n`` the group record of ``name`` names (None when there is none, or it is unreadable)."""
     try:
-        got = await _get(kv, _gen_key(name))
-    except _KV_ERRORS as e:
-        raise _kv_error(f"cannot read the group record of {name!r}", e) from e
+        got = await get(kv, generation_key(name))
+    except KV_ERRORS as e:
+        raise kv_error(f"cannot read the group record of {name!r}", e) from e
     state = _decode_record(got, name)
     return None if state is None else int(state["n"])
 
@@ -604,12 +516,10 @@ def _decode_record(record: tuple[bytes, int] | None, name: str) -> dict[str, Any
     if record is None or not record[0]:
         return None
     try:
-        state = json.loads(record[0])
-        int(state["n"])
-    except (ValueError, KeyError, TypeError):
+        return decode_record(record[0])
+    except ValueError:
         log.warning("parallel %r: ignoring an unreadable generation record %r", name, record[0][:200])
         return None
-    return dict(state)
 
 
 def _carried_done(
@@ -656,8 +566,8 @@ def _best_bound(name: str, generations: Mapping[int, Mapping[int, tuple[str, int
 
 async def _write_record(kv: KeyValue, name: str, record: tuple[bytes, int] | None, body: Mapping[str, Any]) -> bool:
     """Compare-and-swap the generation record; False when another process changed it first."""
-    value = json.dumps(body).encode()
-    key = _gen_key(name)
+    value = encode_record(body)
+    key = generation_key(name)
     try:
         if record is None:
             await guard_kv(kv, kv.create(key, value), key)
@@ -665,8 +575,8 @@ async def _write_record(kv: KeyValue, name: str, record: tuple[bytes, int] | Non
             await guard_kv(kv, kv.update(key, value, last=record[1]), key)
     except nats.js.errors.KeyWrongLastSequenceError:
         return False
-    except _KV_ERRORS as e:
-        raise _kv_error(f"cannot write the generation record of {name!r}", e) from e
+    except KV_ERRORS as e:
+        raise kv_error(f"cannot write the generation record of {name!r}", e) from e
     return True
 
 
@@ -689,5 +599,5 @@ async def _seed(
         if isinstance(r, PermissionDenied):
             raise r
         if isinstance(r, BaseException):
-            raise _kv_error(f"cannot seed the cursors of {name!r}", r) from r
+            raise kv_error(f"cannot seed the cursors of {name!r}", r) from r
     return True
