@@ -46,7 +46,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from rjet._progress import Progress, decode_done
 from rjet._tasks import cancel_and_wait
@@ -56,7 +56,7 @@ from rjet.event import Event
 
 if TYPE_CHECKING:
     from rjet.consumer import Consumer
-    from rjet.cursors import ProgressSource
+    from rjet.cursors import Claim, ProgressSource
     from rjet.fate import Fate
     from rjet.stats import ConsumerStats
 
@@ -72,15 +72,6 @@ _YIELD_EVERY: Final = 0.01
 # Events the reader takes from the stream client in one call at most: the done set's size and the
 # byte bound are looked at between calls, so this is how far past them a run of events may go.
 _TAKE: Final = 64
-
-
-class _Lease(Protocol):
-    """The claim's lease: until when it is known held, and how to look again (see ``claim_lease``).
-    A claim with a ``lost`` attribute (not None once lost) is looked at before every call too."""
-
-    expires: float
-
-    async def confirm(self) -> None: ...
 
 
 class _Abort(Exception):
@@ -99,10 +90,6 @@ class _Retry:
         self.timer: asyncio.TimerHandle | None = None
 
 
-def _never() -> bool:
-    return False
-
-
 class KeyedRun:
     """One run of a concurrent consumer (see the module docstring); :meth:`run` never returns."""
 
@@ -113,7 +100,7 @@ class KeyedRun:
         recv: Callable[[], Awaitable[Event | int | EventsRemoved]],
         take: Callable[[int], list[Event]] | None = None,
         set_cursor: Callable[[str | ProgressSource], Awaitable[None]],
-        lease: _Lease,
+        lease: Claim,
         exact: bool,
         cursor: str,
         done: str | None,
@@ -141,9 +128,7 @@ class KeyedRun:
         self._halt = halt
         self._stopping = stopping  # the stop request itself: set before the run's guard sets `halt`
         # The claim lost (set by the cursor store's flush, before the run's guard sets `halt`).
-        self._has_lost = hasattr(lease, "lost")
-        lost = (lambda: lease.lost is not None) if self._has_lost else _never  # type: ignore[attr-defined]
-        self._lost: Callable[[], bool] = lost
+        self._lost: Callable[[], bool] = lambda: lease.lost is not None
         self._failed = failed
         self._bury = bury
         self._record_removed = record_removed
@@ -419,7 +404,7 @@ class KeyedRun:
             queues, ready, idle, due = self._queues, self._ready, self._idle, self._due
             fn, fate = consumer.fn, consumer.fate
             direct = self._pool is None and not stats.timing
-            gated, stopping, has_lost = self._gated, self._stopping, self._has_lost
+            gated, stopping = self._gated, self._stopping
             create_future = self._loop.create_future
             lease, monotonic = self._lease, time.monotonic
             low = self._low  # a reader waiting for room goes on below it (and the bytes' low mark)
@@ -447,7 +432,7 @@ class KeyedRun:
                 if monotonic() >= lease.expires:  # not seen held for a lease: look before handling
                     await lease.confirm()
                 # _gated(), spelled out: it is looked at before every call.
-                if self._closing or stopping() or (has_lost and lease.lost is not None):  # type: ignore[attr-defined]
+                if self._closing or stopping() or lease.lost is not None:
                     return  # not started: it stays not done, read again by the next run
                 stats.in_flight += 1
                 try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import inspect
 import logging
 import math
@@ -17,7 +16,7 @@ from typing import Any, Final, NoReturn, Protocol
 from rjet._keyed import KeyedRun
 from rjet._reader import StreamClient
 from rjet.consumer import Consumer
-from rjet.cursors import CursorStore, FailingCursorStore, JetStreamCursorStore, ProgressSource, runner_id
+from rjet.cursors import Claim, CursorStore, JetStreamCursorStore, capabilities, claim_cursor, runner_id
 from rjet.deadletter import DeadLetter, DeadLetterRecord, record_for
 from rjet.errors import (
     PERMANENT,
@@ -246,7 +245,7 @@ async def _run(  # noqa: C901 (the run loop)
 async def _keyed(
     spec: Spec,
     client: StreamClientLike,
-    claim: _Claim,
+    claim: Claim,
     stats: ConsumerStats,
     halt: asyncio.Event,
     stop: asyncio.Event | None,
@@ -272,7 +271,7 @@ async def _keyed(
         take=client.take if isinstance(client, StreamClient) else None,
         set_cursor=claim.set_cursor,
         lease=claim,
-        exact=isinstance(spec.cursor_store, JetStreamCursorStore),
+        exact=capabilities(spec.cursor_store).exact_progress,
         cursor=claim.cursor,
         done=claim.done,
         stats=stats,
@@ -288,69 +287,18 @@ async def _keyed(
     ).run()
 
 
-class _Claim(Protocol):
-    """A runner's hold on its cursor (what :meth:`rjet.JetStreamCursorStore.claim` returns)."""
-
-    cursor: str
-    stream: str | None
-    done: str | None  # exact progress stored with the cursor (concurrent consumers)
-    expires: float  # monotonic time until which the claim is known held (inf: no lease)
-
-    async def set_cursor(self, cursor: str | ProgressSource) -> None: ...
-
-    async def wait_lost(self) -> None: ...
-
-    async def confirm(self) -> None: ...
-
-    async def release(self) -> None: ...
-
-    def check(self) -> None: ...
+async def _claim(store: CursorStore, name: str, rerun: _Rerun | None) -> Claim:
+    if rerun is None:
+        return await claim_cursor(store, name, owner=runner_id())
+    # Running again (run_forever, after an error): only while the stored record is still this
+    # runner's. Another runner that claimed meanwhile is newer; taking the cursor back would hand
+    # this one events that runner already handled.
+    claim = await claim_cursor(store, name, owner=rerun.owner, after=rerun.owner if rerun.held else None)
+    rerun.held = True
+    return claim
 
 
-class _PlainClaim:
-    """A :class:`CursorStore` without claims, seen through the claim interface."""
-
-    __slots__ = ("_store", "cursor", "done", "expires", "set_cursor", "stream")
-
-    def __init__(self, store: CursorStore, name: str, cursor: str) -> None:
-        self._store = store
-        self.cursor = cursor
-        self.stream: str | None = None
-        self.done: str | None = None
-        self.expires = math.inf
-        self.set_cursor = functools.partial(store.set_cursor, name)
-
-    async def wait_lost(self) -> None:
-        # A store that can fail in the background says so; others never do.
-        if isinstance(self._store, FailingCursorStore):
-            await self._store.wait_failed()
-        else:
-            await asyncio.get_running_loop().create_future()
-
-    async def confirm(self) -> None:
-        pass
-
-    async def release(self) -> None:
-        await self._store.flush()
-
-    def check(self) -> None:
-        pass
-
-
-async def _claim(store: CursorStore, name: str, rerun: _Rerun | None) -> _Claim:
-    if isinstance(store, JetStreamCursorStore):
-        if rerun is None:
-            return await store.claim(name)
-        # Running again (run_forever, after an error): only while the stored record is still this
-        # runner's. Another runner that claimed meanwhile is newer; taking the cursor back would
-        # hand this one events that runner already handled.
-        claim = await store.claim(name, owner=rerun.owner, after=rerun.owner if rerun.held else None)
-        rerun.held = True
-        return claim
-    return _PlainClaim(store, name, await store.get_cursor(name))
-
-
-async def _open(spec: Spec, claim: _Claim, cursor: str, name: str, store: CursorStore) -> StreamClientLike:
+async def _open(spec: Spec, claim: Claim, cursor: str, name: str, store: CursorStore) -> StreamClientLike:
     """Open the stream after ``cursor``; a stream function that checks identities is told the one
     the cursor was recorded in."""
     func = spec.stream_func

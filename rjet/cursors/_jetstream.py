@@ -1,35 +1,26 @@
-"""Cursor stores: where a consumer's progress (the ID of the last event it handled) is kept.
-
-:class:`CursorStore` is the interface ``run`` needs; :class:`MemCursorStore` keeps cursors in memory
-(tests, throwaway consumers); :class:`JetStreamCursorStore` keeps them in a JetStream KV bucket,
-buffered, and fences out a second runner of the same consumer name.
-"""
+"""JetStreamCursorStore: cursors in a JetStream KV bucket, buffered, fenced by claims."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import dataclasses
-import functools
-import json
 import logging
-import math
-import os
 import re
-import socket
 import time
 from collections.abc import Awaitable
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Final, Self
 
 import nats.errors
 import nats.js.errors
-from nats.js import api
 from nats.nuid import NUID
 
 from rjet._nats.client import api_timeout, connection, fast_paths, hpub, kv_names, send_raw
-from rjet._nats.denials import Match, denials
+from rjet._nats.denials import denials
 from rjet._nats.publish import ack_seq
+from rjet.cursors._bucket import _BUCKET_PREFIX, allow_atomic, bucket_match, check_bucket_config, kv_keys, open_bucket
+from rjet.cursors._jetstream_claim import JetStreamClaim, pair
+from rjet.cursors._protocol import Capabilities, ProgressSource, runner_id
+from rjet.cursors._record import RESERVED_PREFIX, CursorRecord, decode_key, encode_key
 from rjet.errors import (
     ConfigError,
     CursorBucketGone,
@@ -44,16 +35,11 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
 
-__all__ = ["CursorRecord", "CursorStore", "FailingCursorStore", "JetStreamCursorStore", "MemCursorStore", "runner_id"]
+__all__ = ["JetStreamCursorStore", "kv_keys"]
 
 log = logging.getLogger("rjet.cursors")
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
-_KEY_RE: Final = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
-_ENCODED: Final = "_b64."  # prefix of encoded keys; names that start with it are encoded too
-RESERVED_PREFIX: Final = "_rjet."
-"""KV keys rjet keeps beside cursors (sharding's heartbeats and records); never a cursor's key."""
-_BUCKET_PREFIX: Final = "rjet_cursors_"
 _STORE_ERRORS: Final = (nats.errors.Error, TimeoutError, OSError)
 # What a write or read gets when the bucket's stream does not exist.
 _GONE_ERRORS: Final = (
@@ -61,271 +47,8 @@ _GONE_ERRORS: Final = (
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.NotFoundError,
 )
-_STREAM_NAME_IN_USE: Final = 10058  # JetStream's error code: a stream of that name exists, configured otherwise
 _MAX_BATCH: Final = 1000  # the server's default limit on the messages of one atomic batch
 _NUID: Final = NUID()
-
-
-@runtime_checkable
-class CursorStore(Protocol):
-    """Keeps a cursor (an event ID, "" for none) per consumer name.
-
-    ``set_cursor`` may buffer; ``flush`` writes what is buffered. ``run`` calls ``get_cursor`` once
-    at start, ``set_cursor`` after each handled event, and ``flush`` on the way out.
-    """
-
-    async def get_cursor(self, name: str) -> str:
-        """The cursor for ``name``, or "" when there is none."""
-        ...
-
-    async def set_cursor(self, name: str, cursor: str) -> None:
-        """Record ``cursor`` for ``name`` (may be buffered until :meth:`flush`)."""
-        ...
-
-    async def flush(self) -> None:
-        """Write every buffered cursor."""
-        ...
-
-
-@runtime_checkable
-class FailingCursorStore(CursorStore, Protocol):
-    """A :class:`CursorStore` that can fail in the background (a buffered write refused, the bucket
-    gone): ``run`` stops as soon as :meth:`wait_failed` returns, not at the next event."""
-
-    async def wait_failed(self) -> None:
-        """Return once the store has failed; what failed is raised by the next call."""
-        ...
-
-
-class MemCursorStore:
-    """An in-memory :class:`CursorStore` (lost when the process ends).
-
-    >>> store = MemCursorStore({"audit": "41"})
-    """
-
-    def __init__(self, cursors: dict[str, str] | None = None) -> None:
-        self.cursors: dict[str, str] = dict(cursors or {})
-
-    async def get_cursor(self, name: str) -> str:
-        """The cursor for ``name``, or ""."""
-        return self.cursors.get(name, "")
-
-    async def set_cursor(self, name: str, cursor: str) -> None:
-        """Record ``cursor`` for ``name``."""
-        self.cursors[name] = cursor
-
-    async def flush(self) -> None:
-        """Nothing to write."""
-
-
-def encode_key(name: str) -> str:
-    """The KV key for cursor ``name``: itself when it is a valid key, else a reversible encoding."""
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"cursor name must be a non-empty str, not {name!r}")
-    if _KEY_RE.match(name) and not name.startswith((_ENCODED, RESERVED_PREFIX)):
-        return name
-    return _ENCODED + base64.urlsafe_b64encode(name.encode("utf-8", "surrogatepass")).decode().rstrip("=")
-
-
-def decode_key(key: str) -> str:
-    """Inverse of :func:`encode_key`."""
-    if not key.startswith(_ENCODED):
-        return key
-    raw = key[len(_ENCODED) :]
-    return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("utf-8", "surrogatepass")
-
-
-async def _allow_atomic(js: JetStreamContext, config: api.StreamConfig) -> bool:
-    """Turn on atomic batch publishing for a bucket this store just created (nats-server 2.12+);
-    False when not possible. Never applied to a bucket that existed before."""
-    try:
-        config.allow_atomic = True
-        # A user who may not update streams is refused at once (not after the API timeout).
-        await denials(connection(js)).guard(_bucket_match((config.name or "KV_")[3:]), js.update_stream(config))
-        return True
-    except (nats.errors.Error, TimeoutError, OSError, PermissionDenied) as e:
-        log.info("stream %r: no atomic batches (%r); cursor flushes send one request per cursor", config.name, e)
-        return False
-
-
-async def kv_keys(kv: KeyValue) -> list[str]:
-    """Every key in a KV bucket, from one stream-info request.
-
-    (nats-py's ``KeyValue.keys()`` reads them through a watcher that can stop early and return
-    none; the stream's per-subject state is exact.) Deleted keys keep a marker and are listed.
-    """
-    names = kv_names(kv)
-    prefix = names.prefix
-    guard = denials(connection(names.js)).guard
-    info = await guard(
-        _bucket_match(names.stream[3:]), names.js.stream_info(names.stream, subjects_filter=prefix + ">")
-    )
-    return [subject[len(prefix) :] for subject in info.state.subjects or {}]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CursorRecord:
-    """What a cursor's KV key holds: the cursor, the stream it counts in, the claim that wrote it, and
-    the events done above the cursor.
-
-    Stored as JSON, ``{"v":1,"cursor":"42","done":"r...","stream":"orders@2026-12-01T15:04:05.123456+00:00",
-    "owner":"host:pid:token"}`` (``done``, ``stream`` and ``owner`` may be missing). ``done`` is the
-    exact progress of a consumer with ``concurrency`` > 1: the stream sequences above ``cursor`` that
-    were handled already, encoded relative to it (``rjet/_progress.py`` documents the encoding); a
-    reader that does not know the field hands those events to its handler again, which
-    at-least-once allows. A bare decimal (what rjet 0.1 and hand-written tools store) is a cursor
-    alone, with no stream recorded and no owner.
-    """
-
-    cursor: str = ""
-    stream: str | None = None
-    owner: str | None = None
-    done: str | None = None
-
-    def encode(self) -> bytes:
-        """The stored form."""
-        c = self.cursor
-        # A flush encodes one record per cursor: a decimal needs no JSON escaping, and the rest of a
-        # record (the claim's stream and owner) is the same for every write of the claim.
-        head = b'{"v":1,"cursor":"%s"' % c.encode() if c.isdigit() or not c else b'{"v":1,"cursor":' + _json(c)
-        if self.done:
-            head += b',"done":' + _json(self.done)
-        return head + _record_tail(self.stream, self.owner)
-
-    @classmethod
-    def decode(cls, raw: bytes | None) -> CursorRecord:
-        """The record in ``raw``; a value that is neither form is kept as the cursor (``run`` then
-        raises :class:`rjet.InvalidCursor` naming the consumer)."""
-        if not raw or raw.isdigit():
-            return cls((raw or b"").decode())
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = None
-        if not isinstance(body, dict) or body.get("v") != 1 or not isinstance(body.get("cursor"), str):
-            return cls(raw.decode("utf-8", "replace"))
-        stream, owner, done = body.get("stream"), body.get("owner"), body.get("done")
-        return cls(
-            body["cursor"],
-            stream if isinstance(stream, str) else None,
-            owner if isinstance(owner, str) else None,
-            done if isinstance(done, str) and done else None,
-        )
-
-
-def _json(value: str) -> bytes:
-    return json.dumps(value).encode()
-
-
-class ProgressSource(Protocol):
-    """What a claim's ``set_cursor`` also takes: the cursor and its exact progress, read at flush time."""
-
-    def snapshot(self) -> tuple[str, str]:
-        """``(cursor, done)``: the cursor and the encoded events done above it ("" for none)."""
-        ...
-
-
-def _pair(value: str | ProgressSource) -> tuple[str, str | None]:
-    """(cursor, done) of a buffered cursor write."""
-    if isinstance(value, str):
-        return value, None
-    cursor, done = value.snapshot()
-    return cursor, done or None
-
-
-@functools.lru_cache(maxsize=1024)
-def _record_tail(stream: str | None, owner: str | None) -> bytes:
-    return (
-        (f',"stream":{json.dumps(stream)}' if stream else "").encode()
-        + (f',"owner":{json.dumps(owner)}' if owner else "").encode()
-        + b"}"
-    )
-
-
-class _Claim:
-    """One runner's hold on one cursor through a :class:`JetStreamCursorStore` (see its ``claim``).
-
-    ``owner`` is written into every record, so a read-back tells this claim's writes from anyone
-    else's; ``rev`` is the revision of the last record this claim wrote (the next compare-and-swap).
-    """
-
-    __slots__ = (
-        "_store", "cursor", "done", "expires", "key", "lost", "lost_event", "name", "owner", "plain", "released",
-        "rev", "stream",
-    )  # fmt: skip
-
-    def __init__(
-        self, store: JetStreamCursorStore, name: str, owner: str, rev: int, record: CursorRecord, since: float
-    ) -> None:
-        self._store = store
-        self.name = name
-        self.key = encode_key(name)
-        self.owner = owner
-        self.rev = rev
-        self.cursor = record.cursor  # as read at claim time
-        self.done = record.done  # the exact progress stored with it (see CursorRecord), when any
-        self.stream = record.stream  # the identity of the stream the cursor counts in, when known
-        self.lost: RjetError | None = None
-        self.lost_event = asyncio.Event()
-        self.released = False
-        self.plain = False  # taken by get_cursor (the plain CursorStore protocol), not by a runner's claim()
-        # Until when this claim is known to be held (monotonic clock): see JetStreamCursorStore's claim_lease.
-        self.expires = math.inf if store.claim_lease is None else 0.0
-        store._renew(self, since)  # noqa: SLF001
-
-    def lose(self, err: RjetError) -> None:
-        if self.lost is None:
-            self.lost = err
-            self.lost_event.set()
-            self._store._lost.set()  # noqa: SLF001
-
-    def check(self) -> None:
-        if self.lost is not None:
-            raise self.lost
-
-    async def set_cursor(self, cursor: str | ProgressSource) -> None:
-        """Buffer ``cursor``; written by the store's next flush as a compare-and-swap of this claim.
-
-        ``cursor`` may be a :class:`ProgressSource` instead: the flush then writes what its
-        ``snapshot()`` says at that time, ``(cursor, done)`` (a concurrent runner marks its progress
-        changed at no cost per event, and each flush encodes it once).
-        """
-        store = self._store
-        if self.lost is not None or self.released or store._closed:  # noqa: SLF001
-            store._check_open()  # noqa: SLF001
-            self.check()
-            raise CursorStoreError(f"cursor {self.name!r}: this claim was released; claim the cursor again")
-        store._dirty[self.name] = cursor  # noqa: SLF001
-        if store._flusher is None:  # noqa: SLF001
-            store._start_flusher()  # noqa: SLF001
-
-    async def flush(self) -> None:
-        """Write this claim's buffered cursor now; raises this claim's failure (not another cursor's)."""
-        await self._store._flush_names([self.name], raise_for={self.name})  # noqa: SLF001
-
-    async def wait_lost(self) -> None:
-        """Return once the claim is lost (another runner took it, its key vanished, a write failed)."""
-        await self.lost_event.wait()
-
-    async def confirm(self) -> None:
-        """Read the record back: raises the claim's loss (:class:`rjet.CursorConflict`, say) when another
-        runner holds it now; otherwise the claim is known held for another ``claim_lease`` seconds."""
-        if not await self._store.check_claim(self.name):
-            self.check()
-
-    async def release(self) -> None:
-        """Flush and stop holding: the store forgets this claim (the next :meth:`claim` starts afresh)."""
-        try:
-            if self.lost is None:
-                await self.flush()
-        finally:
-            self.released = True
-            if self._store._claims.get(self.name) is self:  # noqa: SLF001
-                del self._store._claims[self.name]  # noqa: SLF001
-                # What this claim could not write is dropped, never written without the claim (a
-                # plain put, under the store's own owner, would overwrite whoever holds the cursor
-                # now, and fence this runner's next run): those events are handled again.
-                self._store._dirty.pop(self.name, None)  # noqa: SLF001
 
 
 class JetStreamCursorStore:
@@ -351,6 +74,9 @@ class JetStreamCursorStore:
             await rjet.run(rjet.Spec(stream.stream, cursors, consumer))
     """
 
+    capabilities: Final = Capabilities(fencing=True, exact_progress=True)
+    """Claims fence other runners; a claim keeps exact progress above the cursor."""
+
     def __init__(
         self, kv: KeyValue, namespace: str, *, flush_interval: float = 1.0, claim_lease: float | None = None
     ) -> None:
@@ -358,7 +84,7 @@ class JetStreamCursorStore:
         self.flush_interval = flush_interval
         self.claim_lease = claim_lease
         self._kv = kv
-        self._claims: dict[str, _Claim] = {}  # name -> the claim this store holds on it now
+        self._claims: dict[str, JetStreamClaim] = {}  # name -> the claim this store holds on it now
         # name -> cursor to write, under this store's claim on the name (or, with none, a plain put).
         # A new claim drops what an older one left, so a cursor is never written under a claim it
         # was not set under.
@@ -374,7 +100,7 @@ class JetStreamCursorStore:
         self._names = kv_names(kv)
         self._nc = connection(self._names.js)
         self._guard = denials(self._nc).guard
-        self._match = _bucket_match(self.bucket)
+        self._match = bucket_match(self.bucket)
         self.flushes = 0
         self.settled = 0  # writes whose failure or lost answer a read-back showed to be this store's own
 
@@ -419,43 +145,10 @@ class JetStreamCursorStore:
             raise ConfigError(f"cursor namespace {namespace!r} is invalid: use letters, digits, '_' and '-' only")
         if flush_interval < 0:
             raise ConfigError(f"flush_interval must be >= 0, not {flush_interval}")
-        bucket = _BUCKET_PREFIX + namespace
-        created = False
-        guard, match = denials(connection(js)).guard, _bucket_match(bucket)
-        try:
-            try:
-                kv = await guard(match, js.key_value(bucket))
-            except nats.js.errors.BucketNotFoundError:
-                if not create:
-                    raise CursorStoreError(
-                        f"cursor namespace {namespace!r} does not exist (no bucket {bucket!r} on the server);"
-                        " check the name (`rjet status` lists the consumers of a namespace)"
-                    ) from None
-                try:
-                    kv = await guard(
-                        match,
-                        js.create_key_value(bucket=bucket, history=1, storage=api.StorageType.FILE, replicas=replicas),
-                    )
-                    created = True
-                except nats.js.errors.BadRequestError as e:
-                    if e.err_code != _STREAM_NAME_IN_USE:
-                        raise
-                    # Another store created it a moment ago (and turned on atomic batches, so its
-                    # config differs from ours): use that one, as if it had been there first.
-                    kv = await guard(match, js.key_value(bucket))
-            info = await guard(match, js.stream_info(f"KV_{bucket}"))
-        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
-            raise CursorStoreError(
-                f"cursor bucket {bucket!r}: JetStream is not enabled on the server (nats-server -js)"
-            ) from None
-        except nats.js.errors.APIError as e:
-            raise CursorStoreError(f"cursor bucket {bucket!r}: cannot open: {e.description} ({e.err_code})") from e
-        except _STORE_ERRORS as e:
-            raise CursorStoreError(f"cursor bucket {bucket!r}: cannot open: {e!r}") from e
-        _check_bucket_config(bucket, info.config)
+        kv, info, created = await open_bucket(js, _BUCKET_PREFIX + namespace, namespace, replicas, create=create)
         store = cls(kv, namespace, flush_interval=flush_interval)
         # Atomic batches are sent as raw frames: a fast path (rjet/_nats/client.py).
-        atomic = bool(info.config.allow_atomic) or (created and await _allow_atomic(js, info.config))
+        atomic = bool(info.config.allow_atomic) or (created and await allow_atomic(js, info.config))
         store._atomic = atomic and fast_paths(store._nc)
         return store
 
@@ -472,7 +165,7 @@ class JetStreamCursorStore:
 
     # ----------------------------------------------------------------- claims
 
-    async def claim(self, name: str, *, owner: str | None = None, after: str | None = None) -> _Claim:
+    async def claim(self, name: str, *, owner: str | None = None, after: str | None = None) -> JetStreamClaim:
         """Read and claim the cursor for ``name``; fences every earlier claim of it, this store's too.
 
         The claim's ``cursor`` is what was stored ("" for none) and ``stream`` the identity of the
@@ -499,7 +192,9 @@ class JetStreamCursorStore:
         """
         return await self._claim(name, plain=False, owner=owner, after=after)
 
-    async def _claim(self, name: str, *, plain: bool, owner: str | None = None, after: str | None = None) -> _Claim:
+    async def _claim(
+        self, name: str, *, plain: bool, owner: str | None = None, after: str | None = None
+    ) -> JetStreamClaim:
         self._check_open()
         key = encode_key(name)
         async with self._lock:
@@ -530,7 +225,7 @@ class JetStreamCursorStore:
                     if CursorRecord.decode(back[0]).owner != owner:
                         continue  # another writer's: read again
                     rev = back[1]
-                claim = _Claim(self, name, owner, rev, record, since)
+                claim = JetStreamClaim(self, name, owner, rev, record, since)
                 old = self._claims.get(name)
                 # A claim of get_cursor's is the caller's own, taken again; one of claim()'s is a
                 # runner that another runner now fences.
@@ -663,7 +358,7 @@ class JetStreamCursorStore:
             dirty = {n: self._dirty.pop(n) for n in names if n in self._dirty}
         claims = self._claims
         # A lost claim writes nothing more.
-        batch = {n: (c, _pair(v)) for n, v in dirty.items() if (c := claims.get(n)) is None or c.lost is None}
+        batch = {n: (c, pair(v)) for n, v in dirty.items() if (c := claims.get(n)) is None or c.lost is None}
         if not batch:
             return
         try:
@@ -693,7 +388,7 @@ class JetStreamCursorStore:
         if first is not None:
             raise first if isinstance(first, RjetError) else self._store_error("cannot write cursors", first)
 
-    async def _write(self, name: str, claim: _Claim | None, pair: tuple[str, str | None]) -> None:
+    async def _write(self, name: str, claim: JetStreamClaim | None, pair: tuple[str, str | None]) -> None:
         """One cursor's write: a compare-and-swap under ``claim`` (a plain put without one), settled by
         reading the record back when it failed or its answer was lost."""
         key = encode_key(name)
@@ -738,26 +433,26 @@ class JetStreamCursorStore:
                 return
         raise self._store_error(f"cannot write cursor {name!r}", error)
 
-    def _wrote(self, name: str, claim: _Claim | None, rev: int, cursor: str, since: float) -> None:
+    def _wrote(self, name: str, claim: JetStreamClaim | None, rev: int, cursor: str, since: float) -> None:
         self._written[name] = cursor
         if claim is not None and claim.stream:
             self._counts_in[name] = claim.stream
         if claim is None:
             # A write without a claim becomes this store's claim: its later writes compare-and-swap.
             record = CursorRecord(cursor, None, self._owner)
-            claim = self._claims[name] = _Claim(self, name, self._owner, rev, record, since)
+            claim = self._claims[name] = JetStreamClaim(self, name, self._owner, rev, record, since)
             claim.plain = True
         claim.rev = max(claim.rev, rev)
         self._renew(claim, since)
 
-    def _renew(self, claim: _Claim, since: float) -> None:
+    def _renew(self, claim: JetStreamClaim, since: float) -> None:
         """``claim`` was seen held by a request sent at ``since`` (monotonic): a write it made, or a
         read-back with its owner token. The lease counts from the request, not from its answer: an
         answer that waited out a pause of this process proves nothing about the pause."""
         if self.claim_lease is not None:
             claim.expires = max(claim.expires, since + self.claim_lease)
 
-    async def _write_batch(self, batch: dict[str, tuple[_Claim | None, tuple[str, str | None]]]) -> bool:
+    async def _write_batch(self, batch: dict[str, tuple[JetStreamClaim | None, tuple[str, str | None]]]) -> bool:
         """Write every cursor of ``batch`` as one atomic JetStream batch: one request, one ack, each
         message a compare-and-swap on its key. False (nothing known to be written) when the server
         refused it or its answer was lost; the caller then writes them one by one, which settles
@@ -772,7 +467,7 @@ class JetStreamCursorStore:
             items.append((name, claim, encode_key(name), cursor, CursorRecord(cursor, stream, owner, done).encode()))
         last = len(items)
 
-        def headers(i: int, claim: _Claim | None) -> dict[str, str]:
+        def headers(i: int, claim: JetStreamClaim | None) -> dict[str, str]:
             h = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
             if claim is not None:
                 h["Nats-Expected-Last-Subject-Sequence"] = str(claim.rev)
@@ -871,7 +566,7 @@ class JetStreamCursorStore:
         except _STORE_ERRORS as e:
             return self._store_error(f"cannot read cursor {name!r}", cause or e)
         try:
-            _check_bucket_config(self.bucket, info.config)
+            check_bucket_config(self.bucket, info.config)
         except CursorBucketUnusable as e:
             return e
         if cause is not None:
@@ -924,33 +619,3 @@ class JetStreamCursorStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
-
-
-def _bucket_match(bucket: str) -> Match:
-    """Subjects of a bucket's reads and writes (``$KV.<bucket>.<key>``, and the API subjects of
-    stream ``KV_<bucket>``: info, direct and message gets)."""
-    stream, writes = f"KV_{bucket}", f"$KV.{bucket}."
-    low_stream, low_writes = stream.lower(), writes.lower()
-
-    def match(reported: str) -> str | None:
-        if reported.startswith(low_writes):
-            return writes + reported[len(writes) :]
-        head, dot, tail = reported.partition(f".{low_stream}")
-        if dot and (not tail or tail.startswith(".")):
-            return head.upper() + f".{stream}" + tail  # $JS.API.<OP...>.KV_<bucket>[.<subject>]
-        return None
-
-    return match
-
-
-def runner_id() -> str:
-    """A new runner identity for :meth:`JetStreamCursorStore.claim`: host, pid and a random part."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_NUID.next().decode()[-10:]}"
-
-
-def _check_bucket_config(bucket: str, config: api.StreamConfig) -> None:
-    if config.max_age:
-        raise CursorBucketUnusable(
-            f"cursor bucket {bucket!r} has a TTL of {config.max_age:g}s: cursors would expire and their"
-            " consumers start over; use a bucket without a TTL (delete this one, or pick another namespace)"
-        )
