@@ -13,6 +13,8 @@ A tool's write keeps the promises a runner's writes keep:
 - it is a compare-and-swap on the revision it read, with an owner that names the tool, so a
   running consumer's next write fails and its :class:`rjet.CursorConflict` names the tool; a write
   whose answer was lost is settled by reading the record back (our owner and cursor: applied).
+
+:mod:`rjet.parallel.admin` (``set_cursor``, ``reset_group``) is the public face of these writes.
 """
 
 from __future__ import annotations
@@ -148,6 +150,66 @@ async def read_record(kv: KeyValue, name: str, bucket: str) -> tuple[CursorRecor
 
 
 Build = Callable[[CursorRecord | None], Awaitable[CursorRecord]]
+"""What a tool writes over the record it read (None: none), checked anew each time it is read."""
+
+
+def set_to(
+    js: JetStreamContext,
+    name: str,
+    namespace: str,
+    value: str,
+    stream: str | None,
+    *,
+    skip_removed: bool,
+    owner: str,
+    notes: list[str],
+) -> Build:
+    """What ``rjet cursor --set value`` writes: ``value`` is a stream sequence, ``first``, ``last`` or
+    ``beginning``; ``stream`` the stream named by the caller (else the one the record names).
+    ``notes`` gets what the caller should be told (the last build's)."""
+
+    async def build(old: CursorRecord | None) -> CursorRecord:
+        notes.clear()
+        recorded = old.stream if old is not None else None
+        target = stream or (stream_name(recorded) if recorded else None)
+        if value == "beginning":  # an empty cursor counts in no stream: it may start the consumer over on another
+            if target is None:
+                return CursorRecord("", None, owner)
+            try:
+                return CursorRecord("", (await stream_now(js, target, f"cursor {name!r} not moved")).identity, owner)
+            except StreamNotFound:
+                if stream is not None:
+                    raise
+                return CursorRecord("", None, owner)  # the recorded stream is gone: nothing to name
+        if target is None:
+            raise NeedsStream(
+                f"--set {value} needs --stream: cursor {name!r} records no stream it counts in, and a sequence"
+                " means nothing without one"
+            )
+        now = await stream_now(js, target, f"cursor {name!r} not moved")
+        over = f"`rjet cursor {name} --namespace {namespace} --set beginning --stream {now.name}`"
+        notes.append(check_stream(name, recorded, now, named=stream is not None, over=over))
+        if value == "first":
+            n = max(now.first_seq - 1, 0)
+        elif value == "last":
+            n = now.last_seq
+        else:
+            n, skipped = check_position(name, int(value), now, skip_removed=skip_removed, flag="--skip-removed")
+            notes.append(skipped)
+        notes[:] = [note for note in notes if note]
+        return CursorRecord(str(n), now.identity, owner)
+
+    return build
+
+
+def reset_to(shard: str, new: int, now: StreamNow, owner: str, over: str) -> Build:
+    """What ``rjet group reset`` writes over shard ``shard``'s record (its stream checked again as written)."""
+
+    async def build(old: CursorRecord | None) -> CursorRecord:
+        check_stream(shard, old.stream if old else None, now, named=True, over=over)
+        return CursorRecord(str(new) if new else "", now.identity, owner)
+
+    return build
 
 
 async def write_record(

@@ -27,17 +27,17 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
-from rjet.cursors import kv_keys
 from rjet.parallel import (
     Parallel,
     ParallelOptions,
     ReshardRefused,
     ShardsFailed,
     Summary,
+    admin,
     shard_name,
     shard_of,
 )
-from rjet.parallel._reshard import Heartbeats, heartbeats, prepare
+from rjet.parallel._reshard import Heartbeats, prepare
 from rjet.server import EmbeddedServer
 from rjet.testing import wait_until
 
@@ -287,15 +287,15 @@ async def test_a_killed_worker_is_restarted_and_resumes_from_its_cursor(
     task = asyncio.create_task(p.run_async(to_head=True))
     await wait_for(lambda: p.statistics().shard(0).handled >= 200, what="progress on shard 0")
     # While it runs, each shard's heartbeat names this host, this (the supervising) process and the ttl.
-    kv = await js.key_value(f"rjet_cursors_{name}")
-    beats = await heartbeats(kv, await kv_keys(kv))
+    store = await admin.open_namespace(js, name)
+    beats = await admin.heartbeats(store)
     assert {shard: [(b.host, b.pid, b.ttl) for b in found] for shard, found in beats.items()} == {
         shard_name(name, m, n): [(socket.gethostname(), os.getpid(), 3.0)] for m in range(n)
     }
     victim = p.worker_pids[0]
     os.kill(victim, signal.SIGKILL)
     summary = await task
-    assert await heartbeats(kv, await kv_keys(kv)) == {}  # a clean stop deletes them
+    assert await admin.heartbeats(store) == {}  # a clean stop deletes them
 
     logs = read_logs(tmp_path)
     check_handling(logs, n, events)

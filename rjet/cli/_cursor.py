@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
-
 import click
 
 import rjet
-from rjet._progress import decode_done
-from rjet._tool_write import (
-    NeedsStream,
-    check_position,
-    check_stream,
-    stream_name,
-    stream_now,
-    tool_owner,
-    write_record,
-)
 from rjet.cli._common import CliError, Connection, connection_options, run
-from rjet.cursors import CursorRecord
-
-if TYPE_CHECKING:
-    from nats.js import JetStreamContext
+from rjet.parallel import admin
 
 
 @click.command()
@@ -89,71 +73,21 @@ async def _cursor(
                 click.echo(f"{name}: {_done_count(record)} event(s) above it done already (exact progress)", err=True)
             return record.cursor or "(none: from the beginning)"
         async with await rjet.JetStreamCursorStore.create(js, namespace) as store:
-            notes: list[str] = []
-            build = _builder(js, name, namespace, value, stream, skip_removed, tool_owner("rjet cursor --set"), notes)
             try:
-                record, written = await write_record(store.kv, store.bucket, name, build)
-            except NeedsStream as e:
+                change = await admin.set_cursor(store, name, value, stream=stream, skip_removed=skip_removed)
+            except admin.NeedsStream as e:
                 raise click.UsageError(str(e)) from None
-            old, new = (record.cursor if record is not None else ""), written.cursor
+            old, new = (change.old.cursor if change.old is not None else ""), change.new.cursor
             dropped = (
-                f" (dropped the {_done_count(record)} event(s) recorded as done above {old})"
-                if record and record.done
+                f" (dropped the {_done_count(change.old)} event(s) recorded as done above {old})"
+                if change.old and change.old.done
                 else ""
             )
-            said = "".join(f" ({note})" for note in notes)
+            said = "".join(f" ({note})" for note in change.notes)
             return f"{name}: {old or '(none)'} -> {new or '(none: from the beginning)'}{dropped}{said}"
-
-
-def _builder(
-    js: JetStreamContext,
-    name: str,
-    namespace: str,
-    value: str,
-    stream: str | None,
-    skip_removed: bool,
-    owner: str,
-    notes: list[str],
-) -> Callable[[CursorRecord | None], Awaitable[CursorRecord]]:
-    """What ``--set value`` writes over the record read (checked anew each time it is read)."""
-
-    async def build(old: CursorRecord | None) -> CursorRecord:
-        notes.clear()
-        recorded = old.stream if old is not None else None
-        target = stream or (stream_name(recorded) if recorded else None)
-        if value == "beginning":  # an empty cursor counts in no stream: it may start the consumer over on another
-            if target is None:
-                return CursorRecord("", None, owner)
-            try:
-                return CursorRecord("", (await stream_now(js, target, f"cursor {name!r} not moved")).identity, owner)
-            except rjet.StreamNotFound:
-                if stream is not None:
-                    raise
-                return CursorRecord("", None, owner)  # the recorded stream is gone: nothing to name
-        if target is None:
-            raise NeedsStream(
-                f"--set {value} needs --stream: cursor {name!r} records no stream it counts in, and a sequence"
-                " means nothing without one"
-            )
-        now = await stream_now(js, target, f"cursor {name!r} not moved")
-        over = f"`rjet cursor {name} --namespace {namespace} --set beginning --stream {now.name}`"
-        notes.append(check_stream(name, recorded, now, named=stream is not None, over=over))
-        if value == "first":
-            n = max(now.first_seq - 1, 0)
-        elif value == "last":
-            n = now.last_seq
-        else:
-            n, skipped = check_position(name, int(value), now, skip_removed=skip_removed, flag="--skip-removed")
-            notes.append(skipped)
-        notes[:] = [note for note in notes if note]
-        return CursorRecord(str(n), now.identity, owner)
-
-    return build
 
 
 def _done_count(record: rjet.CursorRecord) -> int | str:
     """How many events ``record`` holds as done above its cursor ("?" when unreadable)."""
-    try:
-        return len(decode_done(int(record.cursor or 0), record.done or ""))
-    except ValueError:
-        return "?"
+    count = admin.done_count(record)
+    return "?" if count is None else count

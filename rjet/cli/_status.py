@@ -5,34 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fnmatch
 import json
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import click
-import nats.js.errors
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-import rjet
-from rjet._nats.client import api_prefix, connection
-from rjet._nats.denials import denials, exactly, guard_api
-from rjet.cli._common import CliError, Connection, age, connection_options, iso, run, stdout_console
-from rjet.cursors import encode_key, kv_keys
-from rjet.parallel._elastic import group_names, members
-from rjet.parallel._keys import DEFAULT_TTL
-from rjet.parallel._reshard import heartbeats
+from rjet.cli._common import Connection, age, connection_options, iso, run, stdout_console
+from rjet.parallel import admin
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
-
-_BUCKET_PREFIX: Final = "rjet_cursors_"
-_KV_STREAM_PREFIX: Final = "KV_" + _BUCKET_PREFIX
-_HEARTBEAT_TTL: Final = DEFAULT_TTL  # for heartbeats that do not carry their own
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,72 +101,11 @@ def status(
         # Ctrl-C is how a watch ends, not a failure.
 
 
-async def _namespaces(js: JetStreamContext) -> list[str]:
-    found: list[str] = []
-    offset = 0
-    while True:
-        listing = f"{api_prefix(js)}.STREAM.LIST"
-        page = await denials(connection(js)).guard(exactly(listing), js.streams_info(offset))
-        if not page:
-            return sorted(found)
-        offset += len(page)
-        names = [i.config.name or "" for i in page]
-        found += [n[len(_KV_STREAM_PREFIX) :] for n in names if n.startswith(_KV_STREAM_PREFIX)]
-
-
-async def _msg_time(js: JetStreamContext, stream: str, **kwargs: Any) -> float | None:
-    try:
-        msg = await guard_api(js, stream, js.get_msg(stream, **kwargs))
-    except nats.js.errors.NotFoundError:
-        return None
-    return msg.time.timestamp() if msg.time else None
-
-
-async def _rows(
-    js: JetStreamContext, stream: str, namespace: str, pattern: str | None, first: int, last: int
-) -> list[Row]:
-    bucket = _BUCKET_PREFIX + namespace
-    try:
-        kv = await guard_api(js, "KV_" + bucket, js.key_value(bucket))
-    except nats.js.errors.BucketNotFoundError:
-        raise CliError(f"cursor namespace {namespace!r} not found (no KV bucket {bucket!r})") from None
-    store = rjet.JetStreamCursorStore(kv, namespace)
-    cursors = await store.cursors()
-    # A cursor recorded in another stream is not this stream's consumer: its "lag" here would be fake.
-    records = dict(zip(cursors, await asyncio.gather(*(store.peek_record(n) for n in cursors)), strict=True))
-    cursors = {
-        n: v
-        for n, v in cursors.items()
-        if (r := records[n]) is None or r.stream is None or r.stream.split("@")[0] == stream
-    }
-    beats = await heartbeats(kv, await kv_keys(kv))
-    now = time.time()
-
-    async def row(name: str, value: str) -> Row | None:
-        if value and not (value.isascii() and value.isdigit()):
-            return None  # not a cursor: someone else's key (cursors() leaves out rjet's own records)
-        cursor = int(value or 0)
-        written = await _msg_time(js, "KV_" + bucket, subject=f"$KV.{bucket}.{encode_key(name)}")
-        idle = None if written is None else now - written
-        if cursor > last:
-            return Row(namespace, name, cursor, None, None, idle, "ahead of the stream: another stream's cursor?")
-        lag = last - cursor
-        if not lag:
-            return Row(namespace, name, cursor, 0, 0.0, idle)
-        if cursor + 1 < first:
-            return Row(namespace, name, cursor, lag, None, idle, f"expired: events {cursor + 1}..{first - 1} are gone")
-        oldest = await _msg_time(js, stream, seq=cursor + 1, subject=">", next=True)
-        return Row(namespace, name, cursor, lag, None if oldest is None else max(0.0, now - oldest), idle)
-
-    def runners(name: str) -> tuple[Runner, ...]:
-        found = sorted(beats.get(name, ()), key=lambda b: b.age)
-        return tuple(
-            Runner(b.host, b.pid, b.group, round(b.age, 1), b.age >= (b.ttl or _HEARTBEAT_TTL), b.member) for b in found
-        )
-
-    picked = [(n, v) for n, v in sorted(cursors.items()) if pattern is None or fnmatch.fnmatchcase(n, pattern)]
-    rows = await asyncio.gather(*(row(n, v) for n, v in picked))
-    return [dataclasses.replace(r, runners=runners(r.name)) for r in rows if r is not None]
+def _row(c: admin.ConsumerInfo) -> Row:
+    runners = tuple(
+        Runner(r.host, r.pid, r.run_id, round(r.age, 1), not r.live, r.member) for r in c.runners
+    )  # freshest first
+    return Row(c.namespace, c.name, c.cursor, c.lag_events, c.lag_seconds, c.idle_seconds, c.note, runners)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -195,22 +122,8 @@ class MemberRow:
     shards: tuple[str, ...]
 
 
-async def _members(js: JetStreamContext, namespace: str) -> list[MemberRow]:
-    try:
-        kv = await guard_api(js, "KV_" + _BUCKET_PREFIX + namespace, js.key_value(_BUCKET_PREFIX + namespace))
-    except nats.js.errors.BucketNotFoundError:
-        return []
-    keys = await kv_keys(kv)
-    beats = await heartbeats(kv, keys)
-    out = []
-    for group in sorted(group_names(keys)):
-        for m in await members(kv, group, _HEARTBEAT_TTL):
-            runs = sorted(
-                shard for shard, found in beats.items()
-                if any(b.member == m.member and b.age < (b.ttl or _HEARTBEAT_TTL) for b in found)
-            )  # fmt: skip
-            out.append(MemberRow(namespace, group, m.member, m.host, m.pid, round(m.seen_ago, 1), m.live, tuple(runs)))
-    return out
+def _member_row(namespace: str, m: admin.MemberInfo) -> MemberRow:
+    return MemberRow(namespace, m.group, m.member, m.host, m.pid, round(m.age, 1), m.live, m.shards)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -228,13 +141,14 @@ class View:
 
 
 async def _look(js: JetStreamContext, name: str, namespaces: tuple[str, ...], pattern: str | None) -> View:
-    info = await rjet.Stream(js, name).info()
-    first, last = info.state.first_seq, info.state.last_seq
-    last_insert = await _msg_time(js, name, seq=last) if last else None
-    nss = tuple(namespaces) or tuple(await _namespaces(js))
-    rows = [r for ns in nss for r in await _rows(js, name, ns, pattern, first, last)]
-    member_rows = [m for ns in nss for m in await _members(js, ns)]
-    return View(name, info.state.messages, first, last, last_insert, nss, tuple(rows), tuple(member_rows))
+    state = await admin.stream_state(js, name)
+    nss = tuple(namespaces) or tuple(await admin.namespaces(js))
+    stores = [await admin.open_namespace(js, ns) for ns in nss]
+    rows = [_row(c) for store in stores for c in await admin.consumers(store, state, pattern=pattern)]
+    members = [_member_row(store.namespace, m) for store in stores for m in await admin.members(store)]
+    return View(
+        state.name, state.events, state.first_seq, state.last_seq, state.last_stored, nss, tuple(rows), tuple(members)
+    )
 
 
 async def _status(

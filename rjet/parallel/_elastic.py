@@ -38,11 +38,9 @@ from rjet.errors import CursorStoreError, PermissionDenied
 from rjet.parallel._keys import (
     KV_ERRORS,
     Lease,
-    fresh,
     get,
     guarded_put,
     kv_error,
-    lease_group,
     lease_key,
     lease_prefix,
 )
@@ -57,8 +55,6 @@ __all__ = [
     "assign",
     "busy_shards",
     "default_member_id",
-    "group_names",
-    "members",
 ]
 
 
@@ -222,31 +218,6 @@ class Membership:
         self._stopped = True
         with contextlib.suppress(CursorStoreError, PermissionDenied):
             await self.beat()
-
-
-async def members(kv: KeyValue, name: str, ttl: float) -> list[Member]:
-    """The leases of ``name``'s elastic group as stored (for ``rjet status``: ``seen_ago`` is then the
-    lease's age by its own wall-clock time, since one read cannot see it change; ``live`` judges it by
-    :func:`fresh`: the TTL the member wrote, else ``ttl``)."""
-    prefix = lease_prefix(name)
-    out = []
-    now = time.time()
-    for key in await kv_keys(kv):
-        if not key.startswith(prefix) or (got := await get(kv, key)) is None:
-            continue
-        lease = Lease.decode(got[0])
-        if lease is None or lease.time is None:
-            continue
-        ago = max(0.0, now - lease.time)
-        out.append(
-            Member(lease.member, lease.host, lease.pid, lease.max_shards, lease.since, ago, fresh(ago, lease.ttl, ttl))
-        )
-    return sorted(out, key=lambda m: m.member)
-
-
-def group_names(keys: Iterable[str]) -> set[str]:
-    """The names of the elastic groups with a lease among a bucket's ``keys``."""
-    return {name for key in keys if (name := lease_group(key)) is not None}
 
 
 async def busy_shards(kv: KeyValue, name: str, n: int, group: str, ttl: float) -> set[int]:

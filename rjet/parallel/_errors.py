@@ -3,9 +3,14 @@
 ::
 
     RjetError
-    └── ParallelError          something about a sharded group of workers
-        ├── ReshardRefused     n changed while shards of another n still run
-        └── ShardsFailed       shards stopped for good (fenced by another runner, or a permanent error)
+    ├── ParallelError          something about a sharded group of workers
+    │   ├── ReshardRefused     n changed while shards of another n still run
+    │   ├── ShardsFailed       shards stopped for good (fenced by another runner, or a permanent error)
+    │   ├── GroupNotFound      admin: nothing of the group in the namespace
+    │   └── GroupRunning       admin: a change refused while a shard of the group runs
+    └── CursorError
+        └── CursorStoreError
+            └── NamespaceNotFound  admin: a cursor namespace without a bucket
 """
 
 from __future__ import annotations
@@ -13,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from rjet.errors import RjetError
+from rjet.errors import CursorStoreError, RjetError
 
 if TYPE_CHECKING:
     from rjet.parallel._results import Summary
 
-__all__ = ["ParallelError", "ReshardRefused", "ShardsFailed"]
+__all__ = ["GroupNotFound", "GroupRunning", "NamespaceNotFound", "ParallelError", "ReshardRefused", "ShardsFailed"]
 
 
 class ParallelError(RjetError):
@@ -53,3 +58,15 @@ class ShardsFailed(ParallelError):
         self.failures = dict(failures)
         self.fenced = fenced
         self.summary = summary
+
+
+class GroupNotFound(ParallelError):
+    """No shard cursor, group record or member lease of the group in the namespace."""
+
+
+class GroupRunning(ParallelError):
+    """A change to a group refused because one of its shards runs (a live heartbeat)."""
+
+
+class NamespaceNotFound(CursorStoreError):
+    """A cursor namespace that has no bucket on the server."""

@@ -74,7 +74,7 @@ from rjet.stream import parse_cursor
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-__all__ = ["Heartbeats", "ReshardReport", "heartbeats", "live_heartbeats", "prepare", "recorded_n"]
+__all__ = ["Heartbeats", "ReshardReport", "live_heartbeats", "prepare", "recorded_n"]
 
 log = logging.getLogger("rjet.parallel")
 
@@ -192,27 +192,6 @@ async def live_heartbeats(kv: KeyValue, keys: Iterable[str], name: str, ttl: flo
             with contextlib.suppress(*KV_ERRORS, PermissionDenied):
                 await guard_kv(kv, kv.delete(key, last=revision), key)
     return beats
-
-
-async def heartbeats(kv: KeyValue, keys: Iterable[str]) -> dict[str, list[_Beat]]:
-    """Every heartbeat among a cursor bucket's ``keys``, fresh or stale, by its shard's cursor name."""
-    now = time.time()
-    shards: list[tuple[str, str, int, int]] = []  # (key, shard's cursor name, m, n)
-    for key in keys:
-        parsed = parse_heartbeat_key(key)
-        if parsed is None:
-            continue
-        name, m, n = parsed
-        try:
-            shards.append((key, shard_name(name, m, n), m, n))
-        except ValueError:  # not a key rjet wrote
-            continue
-    beats = await asyncio.gather(*(_read_beat(kv, key, m, n, now) for key, _, m, n in shards))
-    found: dict[str, list[_Beat]] = {}
-    for (_, shard, _, _), got in zip(shards, beats, strict=True):
-        if got is not None:
-            found.setdefault(shard, []).append(got[0])
-    return found
 
 
 class Heartbeats:
