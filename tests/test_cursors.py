@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 
 import rjet
 from rjet.cursors import decode_key, encode_key
-from rjet.testing import check_cursor_store, wait_until
+from rjet.testing import wait_until
 
 StoreFactory = Callable[[], Awaitable[rjet.CursorStore]]
 
@@ -253,23 +253,6 @@ async def test_a_conflict_inside_a_batch_names_its_cursor_and_writes_the_others(
         assert await first.peek("a") == "9"
         assert await first.peek("c") == "9"
         assert await first.peek("b") == ""
-
-
-async def test_every_store_passes_the_conformance_check(make_store: StoreFactory) -> None:
-    await check_cursor_store(make_store)
-
-
-async def test_the_conformance_check_finds_a_store_that_forgets(js: JetStreamContext, name: str) -> None:
-    class Forgetful(rjet.MemCursorStore):
-        async def flush(self) -> None:
-            self.cursors.clear()
-
-    with pytest.raises(AssertionError, match="a new store read ''"):
-        await check_cursor_store(lambda: _ready(Forgetful()))
-
-
-async def _ready(store: rjet.CursorStore) -> rjet.CursorStore:
-    return store
 
 
 @given(

@@ -1,4 +1,4 @@
-"""rjet.testing's MemoryStream, FakeClock and IdentityCursorStore, used as a handler test would use
+"""rjet.testing's MemoryStream and FakeClock (with rjet.MemCursorStore), used as a handler test would use
 them: no nats-server, no real seconds. (How faithful MemoryStream is to the real stream is checked in
 test_stream_conformance.py.)"""
 
@@ -15,7 +15,6 @@ import pytest
 import rjet
 from rjet.testing import (
     FakeClock,
-    IdentityCursorStore,
     KeyOrder,
     MemoryDeadLetterStream,
     MemoryStream,
@@ -153,14 +152,16 @@ async def test_a_cursor_before_the_first_retained_event_is_expired_at_open() -> 
     assert [e.id_int for e in seen] == [6, 7, 8, 9, 10]  # no cursor: from the first event still there
 
 
-async def test_a_recreated_stream_is_not_read_as_the_old_one_through_an_identity_cursor_store() -> None:
+async def test_a_recreated_stream_is_not_read_as_the_old_one_through_a_mem_cursor_store() -> None:
     ms = MemoryStream("orders")
     await ms.insert_many([("k", 1, b"")] * 3)
-    cursors = IdentityCursorStore()
+    cursors = rjet.MemCursorStore()
     seen, fn = recorder()
     spec = rjet.Spec(ms.stream, cursors, rjet.Consumer("c", fn), to_head=True)
     await run_to_head(spec)
-    assert cursors.streams["c"] == ms.stream_id
+    record = cursors.record("c")
+    assert record is not None
+    assert (record.cursor, record.stream) == ("3", ms.stream_id)  # the stream the cursor counts in
     old = ms.stream_id
     await ms.recreate()
     await ms.insert_many([("k", 1, b"")] * 5)
@@ -168,11 +169,18 @@ async def test_a_recreated_stream_is_not_read_as_the_old_one_through_an_identity
         await rjet.run(spec)
     assert (caught.value.cursor, caught.value.recorded, caught.value.current) == (3, old, ms.stream_id)
     assert "rjet cursor c --set beginning" in str(caught.value)
-    # A plain MemCursorStore keeps no stream with a cursor, as with the real stream: it reads on.
+    # A cursor set by hand counts in no particular stream (as `rjet cursor --set` writes it): read on.
     plain = rjet.MemCursorStore({"c": "3"})
     seen.clear()
     await run_to_head(rjet.Spec(ms.stream, plain, rjet.Consumer("c", fn), to_head=True))
     assert [e.id_int for e in seen] == [4, 5]
+    await cursors.set_cursor("c", "")  # moved on purpose: from the beginning of the new stream
+    seen.clear()
+    await run_to_head(spec)
+    assert [e.id_int for e in seen] == [1, 2, 3, 4, 5]
+    record = cursors.record("c")
+    assert record is not None
+    assert (record.cursor, record.stream) == ("5", ms.stream_id)
 
 
 async def test_a_reader_open_while_the_stream_is_recreated_delivers_what_it_fetched_then_stops() -> None:

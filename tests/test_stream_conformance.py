@@ -12,7 +12,7 @@ from nats.js import JetStreamContext
 
 import rjet
 from rjet.deadletter import DeadLetterSink
-from rjet.testing import ConformingStream, FakeClock, IdentityCursorStore, MemoryStream, check_stream
+from rjet.testing import ConformingStream, FakeClock, MemoryStream, check_stream
 from rjet.testing._conformance import transcripts
 
 _names = itertools.count(1)
@@ -25,7 +25,6 @@ class RealStream:
     def __init__(self, js: JetStreamContext, stream: rjet.Stream) -> None:
         self.js = js
         self.real = stream
-        self._checked = IdentityCursorStore.checking(stream.stream)
 
     @property
     def name(self) -> str:
@@ -49,11 +48,9 @@ class RealStream:
         stream_id: str | None = None,
         key_filter: Callable[[str], bool] | None = None,
     ) -> rjet.StreamClient:
-        client = await self._checked(
+        return await self.real.stream(
             after, from_head=from_head, to_head=to_head, stream_id=stream_id, key_filter=key_filter
         )
-        assert isinstance(client, rjet.StreamClient)
-        return client
 
     async def remove_through(self, seq: int) -> None:
         await self.js.purge_stream(self.name, seq=seq + 1)

@@ -227,16 +227,12 @@ run late -> CursorExpired: stream '<stream>': cursor 1 has expired: the stream's
   handled [], cursor '1'
 run ahead -> CursorAhead: stream '<stream>': cursor 9 is past the stream's last sequence 6; was the stream recreated? Move the cursor on purpose to go on (`rjet cursor ahead --set beginning`)
   handled [], cursor '9'
-run plain2 -> HeadReached: stream '<other>': head reached (every event up to sequence 3 delivered)
-  handled ['1', '2', '3'], cursor '3'
-run tracked -> HeadReached: stream '<other>': head reached (every event up to sequence 3 delivered)
+run again -> HeadReached: stream '<other>': head reached (every event up to sequence 3 delivered)
   handled ['1', '2', '3'], cursor '3'
 recreated
-run plain2 -> HeadReached: stream '<other>': head reached (every event up to sequence 5 delivered)
-  handled ['4', '5'], cursor '5'
-run tracked -> StreamRecreated: stream '<other>': cursor 3 was recorded in stream <id1>, but the stream now is <id2> (deleted and created again): its sequences are not the old ones; move the cursor on purpose to go on (`rjet cursor tracked --set beginning`)
+run again -> StreamRecreated: stream '<other>': cursor 3 was recorded in stream <id1>, but the stream now is <id2> (deleted and created again): its sequences are not the old ones; move the cursor on purpose to go on (`rjet cursor again --set beginning`)
   handled [], cursor '3'
-run tracked -> HeadReached: stream '<other>': head reached (every event up to sequence 5 delivered)
+run again -> HeadReached: stream '<other>': head reached (every event up to sequence 5 delivered)
   handled ['1', '2', '3', '4', '5'], cursor '5'
 """
     ),

@@ -1,4 +1,4 @@
-"""The small helpers of :mod:`rjet.testing`: :func:`wait_until`, :class:`KeyOrder`, :func:`check_cursor_store`."""
+"""The small helpers of :mod:`rjet.testing`: :func:`wait_until`, :class:`KeyOrder`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import typing
 if typing.TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Hashable
 
-    from rjet.cursors import CursorStore
-
-__all__ = ["KeyOrder", "check_cursor_store", "wait_until"]
+__all__ = ["KeyOrder", "wait_until"]
 
 
 async def wait_until(
@@ -78,36 +76,3 @@ class KeyOrder:
             )
         if expected is not None and (gone := self.missing(expected)):
             raise AssertionError(f"{len(gone)} event(s) never handled; first: {gone[:10]}")
-
-
-async def check_cursor_store(make_store: Callable[[], Awaitable[CursorStore]]) -> None:
-    """The :class:`rjet.CursorStore` contract, checked against ``make_store()``; ``AssertionError``
-    naming the broken rule.
-
-    ``make_store`` opens a store over the same backing storage each time (two calls stand for two
-    processes, or a restart). It should start empty of the names used here (``_conformance.*``).
-    """
-    first = await make_store()
-    name = "_conformance.a"
-    odd = "_conformance ü/ key*"
-    got = await first.get_cursor(name)
-    assert got == "", f"get_cursor of a name never set returned {got!r}, not ''"
-    await first.set_cursor(name, "5")
-    await first.set_cursor(name, "7")  # the last value set is the one kept
-    await first.set_cursor(odd, "3")
-    await first.flush()
-    await first.flush()  # a flush with nothing buffered is fine
-    second = await make_store()
-    got = await second.get_cursor(name)
-    assert got == "7", f"a new store read {got!r} for a flushed cursor, not '7'"
-    got = await second.get_cursor(odd)
-    assert got == "3", f"a name with spaces, '/', '*' and non-ASCII read back {got!r}, not '3'"
-    await second.set_cursor(name, "")
-    await second.flush()
-    third = await make_store()
-    got = await third.get_cursor(name)
-    assert got == "", f"a cursor set back to '' read back {got!r}"
-    for store in (first, second, third):
-        close = getattr(store, "close", None)
-        if close is not None:
-            await close()

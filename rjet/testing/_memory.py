@@ -21,19 +21,16 @@ real stream on a nats-server):
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import dataclasses
 import logging
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from rjet._nats.frames import encode_header_block, encode_headers
 from rjet._reader import ReadConfig, StreamClient
-from rjet.cursors import MemCursorStore
 from rjet.errors import (
     ConfigError,
     CursorAhead,
@@ -49,9 +46,8 @@ from rjet.stream import _NAME_RE, _as_bytes, parse_cursor
 
 if TYPE_CHECKING:
     from rjet.deadletter import DeadLetterRecord
-    from rjet.run import StreamClientLike, StreamFunc
 
-__all__ = ["IdentityCursorStore", "MemoryDeadLetterStream", "MemoryStream", "MemoryStreamClient"]
+__all__ = ["MemoryDeadLetterStream", "MemoryStream", "MemoryStreamClient"]
 
 log = logging.getLogger("rjet.testing")
 
@@ -254,14 +250,9 @@ class MemoryStream:
         arguments, the same errors: :class:`rjet.InvalidCursor`, :class:`rjet.CursorAhead`,
         :class:`rjet.CursorExpired`, :class:`rjet.StreamRecreated`)."""
         start = parse_cursor(after, f"stream {self.name!r}")
-        opening = _opening_for(after)
-        if stream_id is None and opening is not None:
-            stream_id = opening.recorded
         client = MemoryStreamClient(
             self, after=start, from_head=from_head, to_head=to_head, stream_id=stream_id, key_filter=key_filter
         )
-        if opening is not None:
-            opening.opened = client.stream_id
         await asyncio.sleep(0)
         return client
 
@@ -551,98 +542,3 @@ class MemoryDeadLetterStream:
         room = self.stream.max_payload - len(encode_header_block(fid, typ, msg_id))
         await self.stream.insert(fid, typ, record.to_json(room), msg_id=msg_id)
         self.recorded += 1
-
-
-# ----------------------------------------------------------------- cursors that know their stream
-
-
-@dataclasses.dataclass(slots=True)
-class _Opening:
-    """A cursor just read by ``run`` (through an :class:`IdentityCursorStore`), about to be opened."""
-
-    store: IdentityCursorStore
-    name: str
-    cursor: str
-    recorded: str | None  # the identity of the stream the cursor was recorded in
-    opened: str | None = None  # the identity of the stream the reader opened
-    fresh: bool = True  # until a stream is opened, or the task that read the cursor yields to the loop
-
-    def expire(self) -> None:
-        self.fresh = False
-
-
-# run reads a cursor and opens the stream after it in one task, without yielding to the event loop in
-# between: what get_cursor sets here, the stream function opened next sees (and nothing later does).
-_opening: contextvars.ContextVar[_Opening | None] = contextvars.ContextVar("rjet_testing_opening", default=None)
-
-
-def _opening_for(after: str) -> _Opening | None:
-    opening = _opening.get()
-    if opening is None or not opening.fresh or opening.cursor != after:
-        return None
-    opening.fresh = False  # one stream opened per cursor read, whether it opens or raises
-    return opening
-
-
-class IdentityCursorStore(MemCursorStore):
-    """A :class:`rjet.MemCursorStore` that records which stream each cursor counts in (its
-    ``stream_id``), as :class:`rjet.JetStreamCursorStore` does, so that ``run`` over a stream deleted
-    and created again raises :class:`rjet.StreamRecreated` (a plain ``MemCursorStore`` does not know:
-    with the real stream as with :class:`MemoryStream`, it reads the new stream after the old cursor,
-    or raises :class:`rjet.CursorAhead`).
-
-    ``streams`` maps consumer names to identities. How it works without a change to ``run``:
-    ``get_cursor`` notes, in a context variable, which consumer's cursor it read and where that
-    cursor was recorded; the stream function ``run`` calls next, in the same task, passes that as
-    ``stream_id`` and notes the identity of the stream it opened, which ``set_cursor`` records with
-    the next cursor. :meth:`MemoryStream.stream` does this itself; wrap another stream function
-    (a real :meth:`rjet.Stream.stream`) with :meth:`checking`. A cursor set outside a run forgets its
-    stream (as a cursor moved by hand to a place in no particular stream).
-    """
-
-    def __init__(self, cursors: dict[str, str] | None = None) -> None:
-        super().__init__(cursors)
-        self.streams: dict[str, str] = {}
-
-    async def get_cursor(self, name: str) -> str:
-        """The cursor for ``name``, or "" (and, for the stream opened next, where it was recorded)."""
-        cursor = await super().get_cursor(name)
-        opening = _Opening(self, name, cursor, self.streams.get(name))
-        _opening.set(opening)
-        asyncio.get_running_loop().call_soon(opening.expire)
-        return cursor
-
-    async def set_cursor(self, name: str, cursor: str) -> None:
-        """Record ``cursor`` for ``name``, with the stream the current run reads."""
-        await super().set_cursor(name, cursor)
-        opening = _opening.get()
-        if opening is not None and opening.store is self and opening.name == name and opening.opened:
-            self.streams[name] = opening.opened
-        else:
-            self.streams.pop(name, None)
-
-    @staticmethod
-    def checking(stream_func: StreamFunc) -> StreamFunc:
-        """``stream_func`` (a real :meth:`rjet.Stream.stream`, say), told the stream a cursor read
-        from an :class:`IdentityCursorStore` was recorded in, and noting the one it opened."""
-
-        async def stream(
-            after: str = "",
-            *,
-            from_head: bool = False,
-            to_head: bool = False,
-            key_filter: Callable[[str], bool] | None = None,
-            stream_id: str | None = None,
-        ) -> StreamClientLike:
-            opening = _opening_for(after)
-            if stream_id is None and opening is not None and after:
-                stream_id = opening.recorded
-            extra: dict[str, Any] = {"key_filter": key_filter} if key_filter is not None else {}
-            if stream_id is not None:
-                extra["stream_id"] = stream_id
-            client = await stream_func(after, from_head=from_head, to_head=to_head, **extra)
-            if opening is not None:
-                opening.opened = getattr(client, "stream_id", None) or None
-            return client
-
-        return stream
