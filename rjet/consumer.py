@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from rjet.deadletter import DeadLetter
 from rjet.errors import ConfigError
@@ -46,7 +47,9 @@ class Batch:
             raise ConfigError(f"Batch: max_wait must be >= 0 seconds, not {self.max_wait!r}")
 
 
-def check_handler(fn: Callable[..., object], *, batch: bool = False, owner: str = "consumer") -> None:
+def check_handler(
+    fn: Callable[..., object], *, batch: bool = False, owner: str = "consumer", transactional: bool = False
+) -> None:
     """:class:`ConfigError` unless ``fn`` can be called as ``fn(fate, event)`` (``fn(fate, events)``
     for a batch consumer), sync or async. Defaults, ``*args``, ``functools.partial``, bound methods
     and callable objects are read from their signature; a callable whose signature cannot be read
@@ -56,9 +59,10 @@ def check_handler(fn: Callable[..., object], *, batch: bool = False, owner: str 
     except (TypeError, ValueError):
         return
     try:
-        sig.bind(None, None)
+        sig.bind(*[None] * (3 if transactional else 2))
     except TypeError as e:
-        shape = "fn(fate, events)" if batch else "fn(fate, event)"
+        shape = "fn(fate, events" if batch else "fn(fate, event"
+        shape += ", tx)" if transactional else ")"
         what = getattr(fn, "__qualname__", None) or repr(fn)
         params = sig.replace(return_annotation=inspect.Signature.empty)
         raise ConfigError(
@@ -76,6 +80,11 @@ class Consumer:
     - ``fate``: what ``fn`` receives to inject errors on purpose (default :data:`rjet.fate.NEVER`).
     - ``dead_letter``: a :class:`rjet.DeadLetter` policy: after that many failed attempts an event
       is recorded and skipped instead of blocking the consumer (off by default: retry forever).
+    - ``transactional``: ``fn(fate, event, tx)`` (``fn(fate, events, tx)`` with a batch), async: ``tx``
+      is the database connection of a store whose claims are transactional (:class:`rjet.sql.SqlCursorStore`)
+      inside an open transaction; rjet records the event as done in it and commits, so the handler's
+      writes and the consumer's progress commit together (exactly-once effects). Any other store is a
+      :class:`rjet.ConfigError` when ``run`` starts.
     - ``concurrency``: up to this many handler calls in flight at once, with every event of one
       foreign ID handled one at a time, in stream order (default 1: one event at a time). The cursor
       stays the low watermark and the events done above it are stored with it (exact progress), so
@@ -105,7 +114,7 @@ class Consumer:
 
     __slots__ = (
         "_async", "batch", "concurrency", "dead_letter", "fate", "filter", "fn", "key_filter", "max_waiting",
-        "max_waiting_bytes", "name", "on_error", "retry", "types",
+        "max_waiting_bytes", "name", "on_error", "retry", "transactional", "types",
     )  # fmt: skip
 
     def __init__(
@@ -124,12 +133,19 @@ class Consumer:
         max_waiting: int | None = None,
         max_waiting_bytes: int = 32 * 1024 * 1024,
         retry: RetryPolicy | None = None,
+        transactional: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"consumer name must be a non-empty str, not {name!r}")
         if not callable(fn):
             raise ConfigError(f"consumer {name!r}: handler {fn!r} is not callable")
-        check_handler(fn, batch=batch is not None, owner=f"consumer {name!r}")
+        check_handler(fn, batch=batch is not None, owner=f"consumer {name!r}", transactional=transactional)
+        if transactional and not inspect.iscoroutinefunction(fn):
+            raise ConfigError(
+                f"consumer {name!r}: a transactional handler is async: async def fn(fate, event, tx) (its tx,"
+                " an aiosqlite or psycopg connection, is awaited)"
+            )
+        self.transactional = transactional
         self.name = name
         self.fn = fn
         self.types = frozenset(types) if types is not None else None
@@ -164,6 +180,32 @@ class Consumer:
         self.max_waiting = max_waiting
         self.max_waiting_bytes = max_waiting_bytes
         self._async = inspect.iscoroutinefunction(fn)
+
+    def in_transactions(
+        self, transact: Callable[[list[int], Callable[[Any], Awaitable[object]], bool], Awaitable[None]]
+    ) -> Consumer:
+        """This consumer with its transactional handler bound: each call runs ``fn(fate, event, tx)``
+        (or ``fn(fate, events, tx)``) inside ``transact(seqs, call, sequential)``, which begins the
+        transaction, records the events as done in it and commits (what ``run`` does with a store
+        whose claims are transactional)."""
+        fn: Any = self.fn
+        sequential = self.sequential
+        if self.batch is not None:
+
+            async def call_batch(fate: Fate, events: list[Event]) -> None:
+                await transact([e.id_int for e in events], lambda tx: fn(fate, events, tx), sequential)
+
+            bound: Any = call_batch
+        else:
+
+            async def call_one(fate: Fate, event: Event) -> None:
+                await transact([event.id_int], lambda tx: fn(fate, event, tx), sequential)
+
+            bound = call_one
+        clone = copy.copy(self)
+        clone.fn = bound
+        clone._async = True  # noqa: SLF001 (a copy of this very class)
+        return clone
 
     @property
     def sequential(self) -> bool:

@@ -11,12 +11,20 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, Final, NoReturn, Protocol
+from typing import Any, Final, NoReturn, Protocol, cast
 
 from rjet._keyed import KeyedRun
 from rjet._reader import StreamClient
 from rjet.consumer import Consumer
-from rjet.cursors import Claim, CursorStore, JetStreamCursorStore, capabilities, claim_cursor, runner_id
+from rjet.cursors import (
+    Claim,
+    CursorStore,
+    JetStreamCursorStore,
+    TransactionalClaim,
+    capabilities,
+    claim_cursor,
+    runner_id,
+)
 from rjet.deadletter import DeadLetter, DeadLetterRecord, record_for
 from rjet.errors import (
     PERMANENT,
@@ -130,7 +138,18 @@ async def _run(  # noqa: C901 (the run loop)
     name = spec.consumer.name
     store = spec.cursor_store
     stats.runs += 1
+    if spec.consumer.transactional and not capabilities(store).transactional:
+        raise ConfigError(
+            f"consumer {name!r} is transactional, and its cursor store ({type(store).__name__}) cannot commit a"
+            " handler's writes with the event's progress: use rjet.sql.SqlCursorStore"
+        )
     claim = await _claim(store, name, rerun)
+    if spec.consumer.transactional:
+        # The handler's own writes and the event's progress commit in one transaction of the claim's.
+        transact = cast("TransactionalClaim", claim).transact
+        spec = dataclasses.replace(
+            spec, consumer=spec.consumer.in_transactions(lambda seqs, call, seq: transact(seqs, call, sequential=seq))
+        )
     try:
         cursor = claim.cursor
         parse_cursor(cursor, f"consumer {name!r}")

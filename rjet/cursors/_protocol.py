@@ -21,7 +21,8 @@ import functools
 import math
 import os
 import socket
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from nats.nuid import NUID
 
@@ -34,6 +35,7 @@ __all__ = [
     "CursorStore",
     "FailingCursorStore",
     "ProgressSource",
+    "TransactionalClaim",
     "claim_cursor",
     "runner_id",
 ]
@@ -137,6 +139,18 @@ class Claim(Protocol):
 
     def check(self) -> None:
         """Raise the claim's loss, when it was lost."""
+        ...
+
+
+class TransactionalClaim(Claim, Protocol):
+    """The claim of a store whose capabilities say ``transactional``."""
+
+    async def transact(
+        self, seqs: Sequence[int], call: Callable[[Any], Awaitable[object]], *, sequential: bool
+    ) -> None:
+        """Run ``call(tx)`` in a transaction that records ``seqs`` as done (``sequential``: the last
+        one as the cursor) and commits only while the claim is held; raises what ``call`` raises
+        (rolled back), or the claim's loss (nothing committed)."""
         ...
 
 

@@ -1,0 +1,435 @@
+"""SqlCursorStore: cursors in the application's own database, and transactions that commit a
+handler's effects together with the event's progress (exactly-once effects)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, Final, Self
+
+from rjet._progress import decode_done, encode_done
+from rjet.cursors import Capabilities, ProgressSource, runner_id
+from rjet.errors import ConfigError, CursorBucketGone, CursorConflict, CursorStoreError, RjetError
+from rjet.sql._backends import Backend, backend_for, store_error
+from rjet.sql._schema import migrate
+
+__all__ = ["SqlClaim", "SqlCursorStore"]
+
+log = logging.getLogger("rjet.sql")
+
+_ROW: Final = "SELECT cursor, done, stream, owner FROM rjet_cursors WHERE name = ?"
+# A flush never moves a cursor back: a transaction of a newer event may have committed meanwhile.
+_ADVANCE: Final = (
+    "UPDATE rjet_cursors SET done = CASE WHEN cursor IS NULL OR cursor <= ? THEN ? ELSE done END,"
+    " cursor = CASE WHEN cursor IS NULL OR cursor <= ? THEN ? ELSE cursor END,"
+    " stream = COALESCE(?, stream) WHERE name = ? AND owner = ?"
+)
+
+
+def _text(cursor: int | None) -> str:
+    return "" if cursor is None or cursor == 0 else str(cursor)
+
+
+class SqlCursorStore:
+    """A :class:`rjet.cursors.ClaimingCursorStore` in SQLite or PostgreSQL, and the only store that
+    can run a ``Consumer(..., transactional=True)``: its handler ``fn(fate, event, tx)`` gets ``tx``,
+    the driver's own connection inside an open transaction, and the event's progress is written in
+    that same transaction, fenced by the claim. A crash can neither lose an event nor apply it twice.
+
+    ::
+
+        async with await rjet.sql.SqlCursorStore.open("sqlite:///app.db") as cursors:
+            async def bill(fate, event, tx):
+                await tx.execute("INSERT INTO bills (id) VALUES (?)", (event.id,))
+
+            consumer = rjet.Consumer("billing", bill, transactional=True)
+            await rjet.run(rjet.Spec(stream.stream, cursors, consumer))
+
+    URLs: ``sqlite:///PATH`` (the standard library's sqlite3 through aiosqlite; WAL,
+    ``synchronous=FULL``), ``postgresql://user:pw@host/db`` (psycopg 3, ``pip install 'rjet[postgres]'``).
+    The tables (``rjet_schema``, ``rjet_cursors``, ``rjet_done``; see ``rjet/sql/_schema.py``) are
+    created when absent and migrated from older versions. ``pool_size`` bounds the connections
+    (one per transaction in flight: at least a consumer's ``concurrency``). ``set_cursor`` through a
+    claim is buffered and written every ``flush_interval`` seconds and on :meth:`close`.
+    """
+
+    capabilities: Final = Capabilities(fencing=True, exact_progress=True, transactional=True)
+
+    def __init__(self, backend: Backend, *, flush_interval: float = 1.0, pool_size: int = 16) -> None:
+        if flush_interval < 0:
+            raise ConfigError(f"flush_interval must be >= 0, not {flush_interval}")
+        if type(pool_size) is not int or pool_size < 1:
+            raise ConfigError(f"pool_size must be an int >= 1, not {pool_size!r}")
+        self.backend = backend
+        self.flush_interval = flush_interval
+        self._errors = backend.errors()
+        self._idle: list[Any] = []
+        self._slots = asyncio.Semaphore(pool_size)
+        self._claims: dict[str, SqlClaim] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, url: str, *, flush_interval: float = 1.0, pool_size: int = 16) -> Self:
+        """Connect to ``url`` and create (or migrate) the tables; errors name the database."""
+        store = cls(backend_for(url), flush_interval=flush_interval, pool_size=pool_size)
+        async with store._connection("open the database") as conn:
+            await migrate(store.backend, conn)
+        return store
+
+    # ----------------------------------------------------------------- connections
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, what: str) -> AsyncIterator[Any]:
+        """A pooled connection; one that failed is closed, not pooled again."""
+        if self._closed:
+            raise CursorStoreError(f"{self.backend.kind} cursor store at {self.backend.where}: the store is closed")
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                try:
+                    conn = await self.backend.connect()
+                except self._errors as e:
+                    raise store_error(self.backend, f"cannot {what}", e) from e
+            ok = False
+            try:
+                yield conn
+                ok = True
+            finally:
+                if ok and not self._closed:
+                    self._idle.append(conn)
+                else:
+                    with contextlib.suppress(Exception):
+                        await self.backend.close(conn)
+
+    async def _run(self, what: str, work: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``work(conn)`` in a transaction of its own; driver errors as :class:`rjet.CursorStoreError`."""
+        b = self.backend
+        try:
+            async with self._connection(what) as conn:
+                await b.begin(conn)
+                try:
+                    result = await work(conn)
+                    await b.commit(conn)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await b.rollback(conn)
+                    raise
+                return result
+        except self._errors as e:
+            raise store_error(b, f"cannot {what}", e) from e
+
+    # ----------------------------------------------------------------- CursorStore
+
+    async def get_cursor(self, name: str) -> str:
+        """The cursor for ``name`` ("" when none), without claiming it."""
+        row = await self._run(f"read cursor {name!r}", lambda c: self.backend.fetchall(c, _ROW, (name,)))
+        return _text(row[0][0]) if row else ""
+
+    async def set_cursor(self, name: str, cursor: str) -> None:
+        """Write ``cursor`` for ``name`` now, without a claim (a running consumer of it is fenced)."""
+        value = int(cursor) if cursor else None
+
+        async def work(conn: Any) -> None:
+            b = self.backend
+            if not await b.execute(
+                conn, "UPDATE rjet_cursors SET cursor = ?, done = '', owner = NULL WHERE name = ?", (value, name)
+            ):
+                await b.execute(conn, "INSERT INTO rjet_cursors (name, cursor) VALUES (?, ?)", (name, value))
+            await b.execute(conn, "DELETE FROM rjet_done WHERE name = ?", (name,))
+
+        await self._run(f"write cursor {name!r}", work)
+
+    async def flush(self) -> None:
+        """Write what every claim has buffered."""
+        for claim in list(self._claims.values()):
+            await claim.flush()
+
+    async def peek(self, name: str) -> str:
+        """The stored cursor for ``name`` ("" when none)."""
+        return await self.get_cursor(name)
+
+    # ----------------------------------------------------------------- claims
+
+    async def claim(self, name: str, *, owner: str | None = None, after: str | None = None) -> SqlClaim:
+        """Claim ``name`` (see :meth:`rjet.cursors.ClaimingCursorStore.claim`): the row is written with
+        ``owner`` in one transaction that read it; events committed above the watermark come back as
+        the claim's ``done``."""
+        me = owner or runner_id()
+        b = self.backend
+        lock = " FOR UPDATE" if b.kind == "postgresql" else ""
+
+        async def work(conn: Any) -> tuple[int | None, str, str | None, set[int]]:
+            rows = await b.fetchall(conn, _ROW + lock, (name,))
+            if after is not None:
+                if not rows:
+                    raise self._vanished(name, None, None)
+                if rows[0][3] != after:
+                    raise CursorConflict(
+                        name,
+                        f"another runner claimed it in {b.kind} cursor store at {b.where} while this one was"
+                        f" between runs (owner {rows[0][3] or 'unknown: a write without a claim'}): two runners"
+                        " share this consumer name; this one stops",
+                    )
+            if rows:
+                cursor, done, stream = rows[0][0], rows[0][1] or "", rows[0][2]
+                await b.execute(conn, "UPDATE rjet_cursors SET owner = ? WHERE name = ?", (me, name))
+            else:
+                cursor, done, stream = None, "", None
+                await b.execute(conn, "INSERT INTO rjet_cursors (name, owner) VALUES (?, ?)", (name, me))
+            committed = await b.fetchall(
+                conn, "SELECT seq FROM rjet_done WHERE name = ? AND seq > ?", (name, cursor or 0)
+            )
+            return cursor, done, stream, {int(r[0]) for r in committed}
+
+        try:
+            cursor, done, stream, committed = await self._run(f"claim cursor {name!r}", work)
+        except CursorStoreError:
+            # Applied or not? The row says: ours when it carries this runner's identity.
+            rows = await self._run(f"read cursor {name!r}", lambda c: b.fetchall(c, _ROW, (name,)))
+            if not rows or rows[0][3] != me:
+                raise
+            cursor, done, stream, committed = rows[0][0], rows[0][1] or "", rows[0][2], set()
+        base = cursor or 0
+        merged = (set(decode_done(base, done)) | committed) if (done or committed) else set()
+        claim = SqlClaim(self, name, me, _text(cursor), encode_done(base, merged) or None, stream)
+        old = self._claims.get(name)
+        if old is not None:
+            old.lose(CursorConflict(name, f"another runner claimed it through the same store (owner {me})"))
+        self._claims[name] = claim
+        return claim
+
+    def _vanished(self, name: str, cursor: str | None, stream: str | None) -> CursorBucketGone:
+        b = self.backend
+        return CursorBucketGone(
+            f"{b.kind} cursor store at {b.where}: cursor {name!r}"
+            f"{f' (its last cursor here: {cursor})' if cursor else ''} vanished while this runner held it (its"
+            " row deleted); no other runner was seen; this runner stops rather than start over from the"
+            " stream's beginning",
+            name=name,
+            bucket=b.where,
+            cursor=cursor or "",
+            stream=stream,
+        )
+
+    async def _why_not_mine(self, claim: SqlClaim) -> RjetError:
+        """Why ``claim``'s row is not its own any more: another owner, or no row."""
+        rows = await self._run(f"read cursor {claim.name!r}", lambda c: self.backend.fetchall(c, _ROW, (claim.name,)))
+        if not rows:
+            return self._vanished(claim.name, claim.written, claim.stream)
+        b = self.backend
+        return CursorConflict(
+            claim.name,
+            f"another runner claimed it in {b.kind} cursor store at {b.where} (owner"
+            f" {rows[0][3] or 'unknown: a write without a claim'}): two runners share this consumer name;"
+            " this one stops",
+        )
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None and not self._closed:
+            self._flusher = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        try:
+            while not self._closed and any(c.dirty for c in self._claims.values()):
+                await asyncio.sleep(self.flush_interval)
+                for claim in list(self._claims.values()):
+                    try:
+                        await claim.flush()
+                    except RjetError as e:
+                        log.error("%s: background flush failed: %s", self.backend.where, e)
+        finally:
+            self._flusher = None
+
+    async def close(self) -> None:
+        """Flush, stop the flusher and close every connection. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            await self.flush()
+        finally:
+            self._closed = True
+            if self._flusher is not None:
+                self._flusher.cancel()
+                await asyncio.wait([self._flusher])
+            idle, self._idle = self._idle, []
+            for conn in idle:
+                with contextlib.suppress(Exception):
+                    await self.backend.close(conn)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class SqlClaim:
+    """A runner's hold on one cursor of a :class:`SqlCursorStore` (a :class:`rjet.cursors.Claim`)."""
+
+    def __init__(
+        self, store: SqlCursorStore, name: str, owner: str, cursor: str, done: str | None, stream: str | None
+    ) -> None:
+        self._store = store
+        self.name = name
+        self.owner = owner
+        self.cursor = cursor
+        self.done = done
+        self.stream = stream
+        self.written = cursor
+        self.expires = math.inf
+        self.lost: RjetError | None = None
+        self._lost = asyncio.Event()
+        self._pending: str | ProgressSource | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def dirty(self) -> bool:
+        return self._pending is not None and self.lost is None
+
+    def lose(self, err: RjetError) -> None:
+        if self.lost is None:
+            self.lost = err
+            self._lost.set()
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise self.lost
+
+    async def set_cursor(self, cursor: str | ProgressSource) -> None:
+        """Buffer ``cursor`` (or a progress source, read when written)."""
+        self.check()
+        self._pending = cursor
+        self._store._start_flusher()  # noqa: SLF001
+
+    async def flush(self) -> None:
+        """Write what is buffered: never moving the cursor back, fenced by the claim."""
+        async with self._lock:
+            pending, self._pending = self._pending, None
+            if pending is None or self.lost is not None:
+                return
+            cursor, done = (pending, "") if isinstance(pending, str) else pending.snapshot()
+            seq = int(cursor) if cursor else 0
+            store, b = self._store, self._store.backend
+
+            async def work(conn: Any) -> int:
+                n = await b.execute(
+                    conn, _ADVANCE, (seq, done or "", seq, seq or None, self.stream, self.name, self.owner)
+                )
+                if n:
+                    await b.execute(conn, "DELETE FROM rjet_done WHERE name = ? AND seq <= ?", (self.name, seq))
+                return n
+
+            try:
+                written = await store._run(f"write cursor {self.name!r}", work)  # noqa: SLF001
+            except CursorStoreError:
+                if self._pending is None:
+                    self._pending = pending  # tried again at the next flush
+                raise
+            if not written:
+                err = await store._why_not_mine(self)  # noqa: SLF001
+                self.lose(err)
+                raise err
+            self.written = cursor
+
+    async def transact(
+        self, seqs: Sequence[int], call: Callable[[Any], Awaitable[object]], *, sequential: bool
+    ) -> None:
+        """Run ``call(tx)`` in a transaction that also records ``seqs`` as done (``sequential``: the
+        last of them as the cursor; else one ``rjet_done`` row each) and commits only while this
+        claim holds the cursor. A handler error rolls everything back; a lost claim commits nothing."""
+        self.check()
+        store, b = self._store, self._store.backend
+        async with store._connection(f"handle events {seqs[0]}..{seqs[-1]}") as conn:  # noqa: SLF001
+            try:
+                await b.begin(conn)
+            except store._errors as e:  # noqa: SLF001
+                raise store_error(b, "cannot begin a transaction", e) from e
+            try:
+                await call(conn)
+                if not b.in_transaction(conn):
+                    raise ConfigError(
+                        f"consumer {self.name!r}: the handler committed or rolled back tx itself; rjet commits it"
+                        " (with the event's progress) when the handler returns, and rolls it back when it raises"
+                    )
+                try:
+                    held = await self._record(conn, seqs, sequential)
+                except store._errors as e:  # noqa: SLF001
+                    raise self._failed(store_error(b, f"cannot record events {seqs[0]}..{seqs[-1]} as done", e)) from e
+                if not held:
+                    await b.rollback(conn)
+                    err = await store._why_not_mine(self)  # noqa: SLF001
+                    self.lose(err)
+                    raise err
+                try:
+                    await b.commit(conn)
+                except store._errors as e:  # noqa: SLF001
+                    # Applied or not: the next claim reads the database's answer.
+                    raise self._failed(
+                        store_error(b, f"the commit of events {seqs[0]}..{seqs[-1]} may or may not be applied", e)
+                    ) from e
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await b.rollback(conn)
+                raise
+
+    async def _record(self, conn: Any, seqs: Sequence[int], sequential: bool) -> bool:
+        b = self._store.backend
+        if sequential:
+            last = max(seqs)
+            n = await b.execute(
+                conn,
+                "UPDATE rjet_cursors SET cursor = ?, done = '', stream = COALESCE(?, stream)"
+                " WHERE name = ? AND owner = ? AND (cursor IS NULL OR cursor < ?)",
+                (last, self.stream, self.name, self.owner, last),
+            )
+            if n:
+                return True
+            rows = await b.fetchall(conn, _ROW, (self.name,))
+            if rows and rows[0][3] == self.owner:  # held, and the cursor is at or past the event already
+                raise CursorStoreError(
+                    f"{b.kind} cursor store at {b.where}: cursor {self.name!r} is at {rows[0][0]}, at or past"
+                    f" event {last}: it was handled already; nothing committed"
+                )
+            return False
+        else:
+            await b.executemany(
+                conn,
+                "INSERT INTO rjet_done (name, seq) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                [(self.name, s) for s in seqs],
+            )
+        rows = await b.fetchall(
+            conn, "SELECT 1 FROM rjet_cursors WHERE name = ? AND owner = ?" + b.lock_clause(), (self.name, self.owner)
+        )
+        return bool(rows)
+
+    def _failed(self, err: CursorStoreError) -> CursorStoreError:
+        self.lose(err)
+        return err
+
+    async def wait_lost(self) -> None:
+        await self._lost.wait()
+
+    async def confirm(self) -> None:
+        if self.lost is None:
+            rows = await self._store._run(  # noqa: SLF001
+                f"read cursor {self.name!r}", lambda c: self._store.backend.fetchall(c, _ROW, (self.name,))
+            )
+            if not rows or rows[0][3] != self.owner:
+                self.lose(await self._store._why_not_mine(self))  # noqa: SLF001
+        self.check()
+
+    async def release(self) -> None:
+        try:
+            if self.lost is None:
+                await self.flush()
+        finally:
+            if self._store._claims.get(self.name) is self:  # noqa: SLF001
+                del self._store._claims[self.name]  # noqa: SLF001
+            self._pending = None
