@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, cast
 
 from rjet.deadletter import DeadLetter
 from rjet.errors import ConfigError
@@ -21,6 +21,12 @@ Handler: TypeAlias = Callable[[Fate, Event], Awaitable[None] | None]
 
 BatchHandler: TypeAlias = Callable[[Fate, list[Event]], Awaitable[None] | None]
 """``fn(fate, events)``: the handler of a consumer with a :class:`Batch`."""
+
+TransactionalHandler: TypeAlias = Callable[[Fate, Event, Any], Awaitable[None]]
+"""``async fn(fate, event, tx)``: the handler of a ``Consumer(..., transactional=True)``."""
+
+TransactionalBatchHandler: TypeAlias = Callable[[Fate, list[Event], Any], Awaitable[None]]
+"""``async fn(fate, events, tx)``: the handler of a transactional consumer with a :class:`Batch`."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,7 +126,7 @@ class Consumer:
     def __init__(
         self,
         name: str,
-        fn: Handler | BatchHandler,
+        fn: Handler | BatchHandler | TransactionalHandler | TransactionalBatchHandler,
         *,
         types: Iterable[int] | None = None,
         filter: Callable[[Event], bool] | None = None,
@@ -147,7 +153,8 @@ class Consumer:
             )
         self.transactional = transactional
         self.name = name
-        self.fn = fn
+        # A transactional fn takes tx too: run binds it (in_transactions) before anything calls it.
+        self.fn: Handler | BatchHandler = cast("Handler | BatchHandler", fn)
         self.types = frozenset(types) if types is not None else None
         self.filter = filter
         self.key_filter = key_filter
