@@ -22,8 +22,8 @@ from nats.js import JetStreamContext
 
 import rjet
 from rjet._progress import Progress
+from rjet.parallel._heartbeats import Heartbeats
 from rjet.parallel._keys import heartbeat_key
-from rjet.parallel._reshard import Heartbeats
 from rjet.server import EmbeddedServer
 from rjet.testing import KeyOrder, wait_until
 

@@ -28,8 +28,8 @@ from nats.js import JetStreamContext
 
 import rjet
 from rjet.parallel import (
+    ConsumerOptions,
     Parallel,
-    ParallelOptions,
     ReshardRefused,
     ShardsFailed,
     Summary,
@@ -37,7 +37,8 @@ from rjet.parallel import (
     shard_name,
     shard_of,
 )
-from rjet.parallel._reshard import Heartbeats, prepare
+from rjet.parallel._heartbeats import Heartbeats
+from rjet.parallel._reshard import prepare
 from rjet.server import EmbeddedServer
 from rjet.testing import wait_until
 
@@ -137,8 +138,8 @@ def test_config_errors(server: EmbeddedServer) -> None:
         Parallel("p", 0, logger(Path()), **ok)
     with pytest.raises(rjet.ConfigError, match="not callable"):
         Parallel("p", 2, "nope", **ok)  # type: ignore[arg-type]
-    with pytest.raises(rjet.ConfigError, match="unexpected keyword argument 'bogus'"):
-        Parallel("p", 2, logger(Path()), bogus=1, **ok)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):  # a keyword of its own each
+        Parallel("p", 2, logger(Path()), bogus=1, **ok)  # type: ignore[call-arg]
     with pytest.raises(rjet.ConfigError, match="shard index"):
         Parallel("p", 2, logger(Path()), shards=[2], **ok)
     with pytest.raises(rjet.ConfigError, match="distinct"):
@@ -148,9 +149,32 @@ def test_config_errors(server: EmbeddedServer) -> None:
     with pytest.raises(rjet.ConfigError, match="heartbeat_ttl"):
         Parallel("p", 2, logger(Path()), heartbeat_interval=2, heartbeat_ttl=3, **ok)
     assert Parallel("p", 4, logger(Path()), shards=[3, 1], **ok).shards == (1, 3)
-    assert ParallelOptions(types=[1, 2]).types == frozenset({1, 2})
+    assert ConsumerOptions(types=[1, 2]).types == frozenset({1, 2})
     with pytest.raises(rjet.ConfigError, match="loop is 'asyncio' or 'uvloop', not 'trio'"):
-        Parallel("p", 2, logger(Path()), loop="trio", **ok)
+        Parallel("p", 2, logger(Path()), loop="trio", **ok)  # type: ignore[arg-type]
+
+
+def test_every_consumer_option_reaches_each_shard_s_consumer() -> None:
+    policy = rjet.RetryPolicy(backoff=0.2, max_backoff=1.0, attempts=3)
+    ok: dict[str, Any] = {"servers": "nats://127.0.0.1:1", "stream": "s", "namespace": "ns"}
+    p = Parallel(
+        "p", 2, logger(Path()), types=[1], concurrency=8, on_error="retry", retry=policy, max_waiting=64,
+        max_waiting_bytes=4096, dead_letters="dl", heartbeat_ttl=30, stop_timeout=5, **ok,
+    )  # fmt: skip
+
+    async def sink(record: rjet.DeadLetterRecord) -> None: ...
+
+    c = p.options.consumer.consumer("p_1_of_2", p.fn, sink=sink)
+    assert (c.types, c.concurrency, c.on_error, c.max_waiting, c.max_waiting_bytes) == (
+        frozenset({1}), 8, "retry", 64, 4096,
+    )  # fmt: skip
+    assert c.dead_letter is not None
+    assert (c.retry, c.dead_letter.retry) == (policy, policy)  # the dead letters' tries and backoff too
+    assert (p.options.heartbeats.ttl, p.options.supervision.stop_timeout, p.options.elastic) == (30, 5, None)
+    with pytest.raises(rjet.ConfigError, match="Parallel: max_waiting and max_waiting_bytes must be >= 1"):
+        Parallel("p", 2, logger(Path()), max_waiting=0, **ok)
+    with pytest.raises(rjet.ConfigError, match="Parallel: dead_letter_attempts must be an int >= 1"):
+        Parallel("p", 2, logger(Path()), dead_letters="dl", dead_letter_attempts=0, **ok)
 
 
 @pytest.mark.timeout(60)

@@ -11,7 +11,7 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
-from rjet.parallel import Parallel, ParallelOptions
+from rjet.parallel import ConsumerOptions, Parallel, WorkerOptions
 from rjet.server import EmbeddedServer
 from rjet.testing import wait_until
 
@@ -24,7 +24,7 @@ def test_one_set_of_defaults() -> None:
     async def sink(record: rjet.DeadLetterRecord) -> None: ...
 
     assert rjet.DeadLetter(sink).retry == policy
-    assert ParallelOptions().max_backoff == policy.max_backoff
+    assert WorkerOptions().max_backoff == policy.max_backoff
 
     def fn(fate: rjet.Fate, event: rjet.Event) -> None: ...
 
@@ -152,7 +152,7 @@ def _always_fails(fate: rjet.Fate, event: rjet.Event) -> None:
 @pytest.mark.slow
 async def test_a_parallel_group_takes_a_retry_policy(server: EmbeddedServer, js: JetStreamContext, name: str) -> None:
     with pytest.raises(rjet.ConfigError, match=r"retry must be an rjet\.RetryPolicy"):
-        ParallelOptions(retry=3)  # type: ignore[arg-type]
+        ConsumerOptions(retry=3)  # type: ignore[arg-type]
     stream = await rjet.Stream.create(js, name)
     await stream.insert_many([("k", 1, b"")] * 2)
     group = Parallel(

@@ -8,7 +8,7 @@ import inspect
 import logging
 import os
 import sys
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import click
 from rich.console import Console
@@ -202,8 +202,8 @@ def worker(
     types: tuple[int, ...],
     to_head: bool,
     concurrency: int,
-    on_error: str | None,
-    loop: str,
+    on_error: Literal["stop", "retry"] | None,
+    loop: Literal["asyncio", "uvloop"],
     elastic: bool,
     member_id: str | None,
     max_shards: int | None,
@@ -251,12 +251,14 @@ def worker(
         stop_timeout=stop_timeout,
         handler_timing=metrics_port is not None,
         concurrency=concurrency,
-        on_error=cast("Literal['stop', 'retry'] | None", on_error),
-        loop=cast("Literal['asyncio', 'uvloop']", loop),
+        on_error=on_error,
+        loop=loop,
         heartbeat_interval=heartbeat_interval,
         heartbeat_ttl=heartbeat_ttl,
         flush_interval=flush_interval,
-        **({"elastic": True, "member_id": member_id, "max_shards": max_shards} if elastic else {}),
+        elastic=elastic,
+        member_id=member_id,
+        max_shards=max_shards,
     )
     if metrics_port is None:
         summary = group.run(to_head=to_head)

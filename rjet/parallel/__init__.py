@@ -16,13 +16,24 @@ with its own cursor ``shard_name(name, m, n)``. See ``docs/sharding.md``.
 """
 
 from rjet.parallel._errors import ParallelError, ReshardRefused, ShardsFailed
-from rjet.parallel._options import ParallelOptions
+from rjet.parallel._options import (
+    ConsumerOptions,
+    ElasticOptions,
+    HeartbeatOptions,
+    ParallelOptions,
+    SupervisionOptions,
+    TargetOptions,
+    WorkerOptions,
+)
 from rjet.parallel._parallel import Parallel
 from rjet.parallel._reshard import ReshardReport
 from rjet.parallel._results import ShardStats, Summary
 from rjet.parallel._shard import shard_name, shard_of
 
 __all__ = [
+    "ConsumerOptions",
+    "ElasticOptions",
+    "HeartbeatOptions",
     "Parallel",
     "ParallelError",
     "ParallelOptions",
@@ -31,6 +42,9 @@ __all__ = [
     "ShardStats",
     "ShardsFailed",
     "Summary",
+    "SupervisionOptions",
+    "TargetOptions",
+    "WorkerOptions",
     "shard_name",
     "shard_of",
 ]

@@ -35,6 +35,7 @@ import xxhash
 from rjet._nats.denials import guard_kv
 from rjet.cursors import kv_keys
 from rjet.errors import CursorStoreError, PermissionDenied
+from rjet.parallel._heartbeats import live_heartbeats
 from rjet.parallel._keys import (
     KV_ERRORS,
     Lease,
@@ -44,7 +45,6 @@ from rjet.parallel._keys import (
     lease_key,
     lease_prefix,
 )
-from rjet.parallel._reshard import live_heartbeats
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue

@@ -25,9 +25,9 @@ import multiprocess
 
 from rjet._nats.connect import connect
 from rjet._tasks import cancel_and_wait
-from rjet.consumer import Consumer, Handler
+from rjet.consumer import Handler
 from rjet.cursors import JetStreamCursorStore
-from rjet.deadletter import DeadLetter, DeadLetterStream
+from rjet.deadletter import DeadLetterStream
 from rjet.errors import (
     PERMANENT,
     CursorConflict,
@@ -169,7 +169,7 @@ class _Worker:
         self.cfg = cfg
         self.fn = fn
         self.link = link
-        self.stats = ConsumerStats(cfg.shard, timing=cfg.options.handler_timing)
+        self.stats = ConsumerStats(cfg.shard, timing=cfg.options.worker.handler_timing)
         self.stop = asyncio.Event()
         self.store: JetStreamCursorStore | None = None
 
@@ -228,13 +228,14 @@ class _Worker:
         nc = await connect(list(cfg.servers), **connect_options(cfg.connect_options))
         helpers: list[asyncio.Task[None]] = []
         try:
-            js = nc.jetstream(**cfg.options.jetstream_options())
+            js = nc.jetstream(**cfg.options.target.jetstream_options())
             # A worker paused or cut off past its group's heartbeat TTL may have lost its shard to
             # another runner (an elastic member that took over): it looks before its next event.
+            work = cfg.options.worker
             store = self.store = await JetStreamCursorStore.create(
-                js, cfg.namespace, flush_interval=cfg.options.flush_interval, claim_lease=cfg.options.heartbeat_ttl / 2
+                js, cfg.namespace, flush_interval=work.flush_interval, claim_lease=cfg.options.heartbeats.ttl / 2
             )
-            stream = Stream(js, cfg.stream, read=cfg.options.read)
+            stream = Stream(js, cfg.stream, read=work.read)
             view = await stream.shard(cfg.m, cfg.n)
             if view is not None:
                 # A partitioned stream: the server sends only this shard's events. The key filter
@@ -242,28 +243,14 @@ class _Worker:
                 # by the wrong shard.
                 stream = view
             log.debug("shard %r: reading %s", cfg.shard, "its partitions only" if view else "the whole stream")
-            if cfg.options.on_start is not None:
-                result = cfg.options.on_start(cfg.m)
+            if work.on_start is not None:
+                result = work.on_start(cfg.m)
                 if result is not None and inspect.isawaitable(result):
                     await result
-            dead_letter = None
-            if cfg.options.dead_letters:
-                sink = await DeadLetterStream.create(js, cfg.options.dead_letters)
-                dead_letter = DeadLetter(sink, attempts=cfg.options.dead_letter_attempts)
-            consumer = Consumer(
-                cfg.shard,
-                self.fn,
-                types=cfg.options.types,
-                filter=cfg.options.filter,
-                key_filter=self.key_filter(),
-                fate=cfg.options.fate,
-                dead_letter=dead_letter,
-                concurrency=cfg.options.concurrency,
-                batch=cfg.options.batch,
-                on_error=cfg.options.on_error,
-                retry=cfg.options.retry,
-            )
-            spec = Spec(stream.stream, store, consumer, to_head=cfg.to_head, lag=cfg.options.lag)
+            dead_letters = cfg.options.consumer.dead_letters
+            sink = await DeadLetterStream.create(js, dead_letters) if dead_letters else None
+            consumer = cfg.options.consumer.consumer(cfg.shard, self.fn, key_filter=self.key_filter(), sink=sink)
+            spec = Spec(stream.stream, store, consumer, to_head=cfg.to_head, lag=work.lag)
             self.link.send(Started(os.getpid()))
             helpers = [loop.create_task(self._report()), loop.create_task(self._watch_fence(store))]
             outcome: Outcome = "done"
@@ -271,8 +258,8 @@ class _Worker:
             try:
                 await run_forever(
                     spec,
-                    retry_delay=cfg.options.retry_delay,
-                    max_backoff=cfg.options.max_backoff,
+                    retry_delay=work.retry_delay,
+                    max_backoff=work.max_backoff,
                     stats=self.stats,
                     stop=self.stop,
                 )
@@ -293,9 +280,9 @@ class _Worker:
 
 
 def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The worker's event loop (``ParallelOptions.loop``); None: asyncio's."""
+    """The worker's event loop (``WorkerOptions.loop``); None: asyncio's."""
     if loop == "uvloop":
-        import uvloop  # checked to be there by ParallelOptions
+        import uvloop  # checked to be there by WorkerOptions
 
         return uvloop.new_event_loop
     return None
@@ -314,7 +301,7 @@ def main(cfg: WorkerConfig, fn: Handler, conn: Connection) -> None:
     code = 0
     outcome: Outcome
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(cfg.options.loop)) as runner:
+        with asyncio.Runner(loop_factory=_loop_factory(cfg.options.worker.loop)) as runner:
             outcome, detail = runner.run(worker.run())
         if outcome == "fenced":
             code = EXIT_FENCED
