@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import inspect
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, Final, NoReturn, Protocol, cast
+from typing import Final, NoReturn, Protocol, cast
 
 from rjet._keyed import KeyedRun
-from rjet._reader import StreamClient
 from rjet.consumer import Consumer
 from rjet.cursors import (
     Claim,
@@ -52,9 +50,35 @@ _YIELD_EVERY: Final = 0.01  # seconds of back-to-back events before run yields t
 
 
 class StreamClientLike(Protocol):
-    """What ``run`` needs from a stream client (:class:`rjet.StreamClient` is one)."""
+    """What ``run`` needs from a stream client: :class:`rjet.StreamClient` and
+    :class:`rjet.testing.MemoryStreamClient` are ones. ``run`` uses every member, whatever the class;
+    a client of your own with nothing more to say than ``recv`` and ``close`` gives the rest as
+    the defaults below say.
+
+    - ``stream``: the stream's name, for dead letters and log records (default ``""``).
+    - ``stream_id``: which stream it reads (:attr:`rjet.StreamClient.stream_id`), recorded with every
+      cursor written from then on (default ``None``: cursors keep the stream they recorded).
+    - ``key_filter``: the foreign-ID filter the client applies itself; when it is the consumer's own,
+      ``run`` does not filter by key again (default ``None``: ``run`` applies the consumer's).
+    - ``next_or_skip()``: the next event, or a position the client passed over (an int: the cursor
+      moves there), or a range removed under ``on_removed="skip"`` (default ``return await self.recv()``).
+    - ``take(limit)``: up to ``limit`` events ready now, without waiting (default ``return []``).
+    """
+
+    @property
+    def stream(self) -> str: ...
+
+    @property
+    def stream_id(self) -> str | None: ...
+
+    @property
+    def key_filter(self) -> Callable[[str], bool] | None: ...
 
     async def recv(self) -> Event: ...
+
+    async def next_or_skip(self) -> Event | int | EventsRemoved: ...
+
+    def take(self, limit: int) -> list[Event]: ...
 
     async def close(self) -> None: ...
 
@@ -63,9 +87,11 @@ class StreamFunc(Protocol):
     """``await stream_func(after, from_head=..., to_head=..., key_filter=..., stream_id=...)`` opens a
     stream client. :meth:`rjet.Stream.stream` is one.
 
-    ``key_filter`` (the consumer's, when it has one) and ``stream_id`` (the stream the cursor was
-    recorded in) are passed only to a function that takes them; one that does not gets its events
-    key-filtered by ``run`` instead, and no identity check.
+    ``run`` always passes ``key_filter`` (the consumer's, or None) and ``stream_id`` (the stream the
+    cursor was recorded in, or None), so a stream function must take both; one that has no use for
+    them takes ``**kwargs`` (a client that does not apply the key filter says so with its own
+    ``key_filter`` None, and ``run`` filters by key itself). One that does not take them is a
+    :class:`rjet.ConfigError`.
     """
 
     async def __call__(
@@ -144,6 +170,7 @@ async def _run(  # noqa: C901 (the run loop)
             " handler's writes with the event's progress: use rjet.sql.SqlCursorStore"
         )
     claim = await _claim(store, name, rerun)
+    opened = False  # a run that could not open its stream leaves no new record behind
     if spec.consumer.transactional:
         # The handler's own writes and the event's progress commit in one transaction of the claim's.
         transact = cast("TransactionalClaim", claim).transact
@@ -155,7 +182,8 @@ async def _run(  # noqa: C901 (the run loop)
         parse_cursor(cursor, f"consumer {name!r}")
         lag = spec.lag.total_seconds() if isinstance(spec.lag, timedelta) else (spec.lag or 0.0)
         client = await _open(spec, claim, cursor, name, store)
-        if isinstance(client, StreamClient):
+        opened = True
+        if client.stream_id is not None:
             claim.stream = client.stream_id  # every cursor written from now on names this stream
         stats.track(client)
         # A claim that is lost (another runner took it, its key vanished) or a stop request ends the
@@ -171,14 +199,12 @@ async def _run(  # noqa: C901 (the run loop)
             consumer = spec.consumer
             consume = consumer.consume
             set_cursor = claim.set_cursor
-            recv: Callable[[], Awaitable[Event | int | EventsRemoved]] = client.recv
-            if isinstance(client, StreamClient):
-                recv = client.next_or_skip  # one coroutine less per event than recv()
-                if consumer.key_filter is not None and client.key_filter is consumer.key_filter:
-                    # The reader passed over other keys before decoding them (and says how far).
-                    consume = consumer.consume_key_passed
+            recv = client.next_or_skip  # one coroutine less per event than recv()
+            if consumer.key_filter is not None and client.key_filter is consumer.key_filter:
+                # The reader passed over other keys before decoding them (and says how far).
+                consume = consumer.consume_key_passed
             dead_letter = consumer.dead_letter
-            stream_name = client.stream if isinstance(client, StreamClient) else ""
+            stream_name = client.stream
             timing = stats.timing
             clock = time.monotonic
             halted = halt.is_set
@@ -256,7 +282,7 @@ async def _run(  # noqa: C901 (the run loop)
             await client.close()
     finally:
         try:
-            await claim.release()  # flushes
+            await claim.release(forget_new=not opened)  # flushes
         finally:
             claim.check()  # a lost claim is why the run ended, whatever else it saw on the way
 
@@ -273,7 +299,7 @@ async def _keyed(
     """The run of a concurrent consumer (``rjet/_keyed.py``)."""
     consumer, name = spec.consumer, spec.consumer.name
     dead_letter = consumer.dead_letter
-    stream_name = client.stream if isinstance(client, StreamClient) else ""
+    stream_name = client.stream
     lag = spec.lag.total_seconds() if isinstance(spec.lag, timedelta) else (spec.lag or 0.0)
 
     async def bury(record: DeadLetterRecord, error: Exception) -> None:
@@ -286,8 +312,8 @@ async def _keyed(
 
     await KeyedRun(
         consumer,
-        recv=client.next_or_skip if isinstance(client, StreamClient) else client.recv,
-        take=client.take if isinstance(client, StreamClient) else None,
+        recv=client.next_or_skip,
+        take=client.take,
         set_cursor=claim.set_cursor,
         lease=claim,
         exact=capabilities(spec.cursor_store).exact_progress,
@@ -295,8 +321,7 @@ async def _keyed(
         done=claim.done,
         stats=stats,
         stream=stream_name,
-        key_checked=consumer.key_filter is None
-        or (isinstance(client, StreamClient) and client.key_filter is consumer.key_filter),
+        key_checked=consumer.key_filter is None or client.key_filter is consumer.key_filter,
         lag=lag,
         halt=halt,
         stopping=stop.is_set if stop is not None else halt.is_set,
@@ -318,30 +343,30 @@ async def _claim(store: CursorStore, name: str, rerun: _Rerun | None) -> Claim:
 
 
 async def _open(spec: Spec, claim: Claim, cursor: str, name: str, store: CursorStore) -> StreamClientLike:
-    """Open the stream after ``cursor``; a stream function that checks identities is told the one
-    the cursor was recorded in."""
+    """Open the stream after ``cursor``, telling the stream function the consumer's key filter and the
+    stream the cursor was recorded in."""
     func = spec.stream_func
-    extra: dict[str, Any] = {}
-    takes = _parameters(func)
-    if cursor and claim.stream is not None and "stream_id" in takes:
-        extra["stream_id"] = claim.stream
-    if spec.consumer.key_filter is not None and "key_filter" in takes:
-        extra["key_filter"] = spec.consumer.key_filter
+    stream_id = claim.stream if cursor else None
     try:
-        return await func(cursor, from_head=spec.from_head, to_head=spec.to_head, **extra)
+        opening = func(
+            cursor,
+            from_head=spec.from_head,
+            to_head=spec.to_head,
+            key_filter=spec.consumer.key_filter,
+            stream_id=stream_id,
+        )
+    except TypeError as e:
+        # An async function's arguments are bound when it is called, before its body runs.
+        if "key_filter" not in str(e) and "stream_id" not in str(e):
+            raise
+        raise ConfigError(
+            f"consumer {name!r}: the stream function {func!r} does not take key_filter and stream_id; run passes"
+            " both (rjet.StreamFunc): take them, or **kwargs"
+        ) from e
+    try:
+        return await opening
     except (CursorExpired, StreamRecreated, CursorAhead) as e:
         raise _with_hint(e, name, store) from None
-
-
-def _parameters(func: object) -> frozenset[str]:
-    """The keyword parameters ``func`` takes (every optional one, when it takes ``**kwargs``)."""
-    try:
-        params = inspect.signature(func).parameters  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return frozenset()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return frozenset({"stream_id", "key_filter"})
-    return frozenset(params)
 
 
 def _with_hint(err: CursorExpired | StreamRecreated | CursorAhead, name: str, store: CursorStore) -> CursorError:

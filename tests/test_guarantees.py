@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from nats.js import JetStreamContext
@@ -461,3 +462,32 @@ async def test_no_handler_call_starts_after_stop_with_a_sync_handler(stream: rje
             rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", slow)), stop=stop), 10
         )
     assert [t for t in starts if t > stopped_at[0]] == []  # was: one or two more calls after the stop
+
+
+async def test_a_run_that_cannot_open_its_stream_leaves_no_cursor_record(
+    js: JetStreamContext, name: str, tmp_path: Path
+) -> None:
+    """A run against a missing stream used to leave an empty cursor record behind (listed by `rjet status`
+    under every stream); now only a run that read something leaves a record."""
+    from rjet.sql import SqlCursorStore
+
+    missing = rjet.Stream(js, f"{name}_missing")
+    consumer = rjet.Consumer("c", lambda f, e: None)
+    async with (
+        await rjet.JetStreamCursorStore.create(js, name) as jetstream,
+        await SqlCursorStore.open(f"sqlite:///{tmp_path / 'c.db'}") as sql,
+    ):
+        mem = rjet.MemCursorStore()
+        for store in (jetstream, sql, mem):
+            with pytest.raises(rjet.StreamNotFound):
+                await rjet.run(rjet.Spec(missing.stream, store, consumer))
+        assert await jetstream.peek_record("c") is None
+        assert await jetstream.cursors() == {}
+        assert await sql.peek("c") == ""
+        assert mem.record("c") is None
+        # A cursor that was there stays, as it was.
+        await (claim := await jetstream.claim("c")).set_cursor("7")
+        await claim.release()
+        with pytest.raises(rjet.StreamNotFound):
+            await rjet.run(rjet.Spec(missing.stream, jetstream, consumer))
+        assert await jetstream.peek("c") == "7"

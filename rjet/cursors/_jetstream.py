@@ -226,6 +226,8 @@ class JetStreamCursorStore:
                         continue  # another writer's: read again
                     rev = back[1]
                 claim = JetStreamClaim(self, name, owner, rev, record, since)
+                if entry is None or entry[0] is None:
+                    claim.created = rev
                 old = self._claims.get(name)
                 # A claim of get_cursor's is the caller's own, taken again; one of claim()'s is a
                 # runner that another runner now fences.
@@ -261,6 +263,13 @@ class JetStreamCursorStore:
                 f" (owner {stored.owner or 'unknown: a tool or an older rjet'}): two runners share this"
                 " consumer name; this one stops",
             )
+
+    async def _forget(self, claim: JetStreamClaim) -> None:
+        """Delete the record ``claim`` created, unless anyone wrote it since (then it stays)."""
+        try:
+            await self._guard(self._match, self._kv.delete(encode_key(claim.name), last=claim.rev))
+        except (*_STORE_ERRORS, PermissionDenied) as e:
+            log.debug("cursor bucket %r: left the new record of %r (%r)", self.bucket, claim.name, e)
 
     async def get_cursor(self, name: str) -> str:
         """Read and claim the cursor for ``name`` ("" when none); fences earlier runners of it."""

@@ -33,7 +33,7 @@ class JetStreamClaim:
     """
 
     __slots__ = (
-        "_store", "cursor", "done", "expires", "key", "lost", "lost_event", "name", "owner", "plain", "released",
+        "_store", "created", "cursor", "done", "expires", "key", "lost", "lost_event", "name", "owner", "plain", "released",
         "rev", "stream",
     )  # fmt: skip
 
@@ -51,6 +51,7 @@ class JetStreamClaim:
         self.lost: RjetError | None = None
         self.lost_event = asyncio.Event()
         self.released = False
+        self.created = 0  # the revision of the record this claim created (0: one was there already)
         self.plain = False  # taken by get_cursor (the plain CursorStore protocol), not by a runner's claim()
         # Until when this claim is known to be held (monotonic clock): see JetStreamCursorStore's claim_lease.
         self.expires = math.inf if store.claim_lease is None else 0.0
@@ -96,11 +97,14 @@ class JetStreamClaim:
         if not await self._store.check_claim(self.name):
             self.check()
 
-    async def release(self) -> None:
-        """Flush and stop holding: the store forgets this claim (the next :meth:`claim` starts afresh)."""
+    async def release(self, *, forget_new: bool = False) -> None:
+        """Flush and stop holding: the store forgets this claim (the next :meth:`claim` starts afresh).
+        ``forget_new``: remove the record this claim created, when it wrote nothing since."""
         try:
             if self.lost is None:
                 await self.flush()
+                if forget_new and self.created and self.rev == self.created:
+                    await self._store._forget(self)  # noqa: SLF001
         finally:
             self.released = True
             if self._store._claims.get(self.name) is self:  # noqa: SLF001

@@ -174,10 +174,12 @@ class _MemClaim:
     async def confirm(self) -> None:
         self._store._holds(self)  # noqa: SLF001
 
-    async def release(self) -> None:
+    async def release(self, *, forget_new: bool = False) -> None:
         try:
             if self.lost is None:
                 await self.flush()
+                if forget_new and not self.present and self.name not in self._store._written:  # noqa: SLF001
+                    self._store._meta.pop(self.name, None)  # noqa: SLF001
         finally:
             if self._store._claims.get(self.name) is self:  # noqa: SLF001
                 del self._store._claims[self.name]  # noqa: SLF001

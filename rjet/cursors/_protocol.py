@@ -133,8 +133,12 @@ class Claim(Protocol):
         """Look whether the claim is still held (read it back): raise its loss, or renew its lease."""
         ...
 
-    async def release(self) -> None:
-        """Flush and stop holding it (safe after a loss: then nothing is written)."""
+    async def release(self, *, forget_new: bool = False) -> None:
+        """Flush and stop holding it (safe after a loss: then nothing is written).
+
+        ``forget_new``: the run ended before it read anything (its stream could not be opened): a
+        record this claim created, where none was, is removed rather than left behind as an empty
+        cursor that tools would list."""
         ...
 
     def check(self) -> None:
@@ -208,7 +212,7 @@ class _PlainClaim:
     async def confirm(self) -> None:
         pass
 
-    async def release(self) -> None:
+    async def release(self, *, forget_new: bool = False) -> None:
         await self._store.flush()
 
     def check(self) -> None:

@@ -425,10 +425,20 @@ class SqlClaim:
                 self.lose(await self._store._why_not_mine(self))  # noqa: SLF001
         self.check()
 
-    async def release(self) -> None:
+    async def release(self, *, forget_new: bool = False) -> None:
         try:
             if self.lost is None:
                 await self.flush()
+                if forget_new and not self.written:  # the row this claim made, still empty: not left behind
+                    await self._store._run(  # noqa: SLF001
+                        f"forget cursor {self.name!r}",
+                        lambda c: self._store.backend.execute(
+                            c,
+                            "DELETE FROM rjet_cursors WHERE name = ? AND owner = ? AND cursor IS NULL"
+                            " AND NOT EXISTS (SELECT 1 FROM rjet_done WHERE rjet_done.name = rjet_cursors.name)",
+                            (self.name, self.owner),
+                        ),
+                    )
         finally:
             if self._store._claims.get(self.name) is self:  # noqa: SLF001
                 del self._store._claims[self.name]  # noqa: SLF001
