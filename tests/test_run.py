@@ -329,13 +329,15 @@ async def test_other_keys_never_reach_the_handler_though_the_stream_func_awaits_
     await stream.insert_many([(f"k{i}", 1, b"") for i in range(200)])
 
     async def slow_open(
-        after: str = "", *, from_head: bool = False, to_head: bool = False, key_filter: object = None
+        after: str = "", *, from_head: bool = False, to_head: bool = False, key_filter: object = None, **_: object
     ) -> rjet.StreamClient:
         client = await stream.stream(after, from_head=from_head, to_head=to_head, key_filter=key_filter)  # type: ignore[arg-type]
         await asyncio.sleep(0.05)  # frames arrive meanwhile (was: buffered unfiltered, then handled)
         return client
 
-    async def plain_open(after: str = "", *, from_head: bool = False, to_head: bool = False) -> rjet.StreamClient:
+    async def plain_open(
+        after: str = "", *, from_head: bool = False, to_head: bool = False, **_: object
+    ) -> rjet.StreamClient:
         return await stream.stream(after, from_head=from_head, to_head=to_head)  # run filters by key itself
 
     for open_ in (slow_open, plain_open):
@@ -347,3 +349,14 @@ async def test_other_keys_never_reach_the_handler_though_the_stream_func_awaits_
         consumer = rjet.Consumer("c", record, key_filter=lambda fid: fid.endswith("7"))
         await run_to_head(rjet.Spec(open_, rjet.MemCursorStore(), consumer, to_head=True))  # type: ignore[arg-type]
         assert seen == [f"k{i}" for i in range(200) if i % 10 == 7], open_.__name__
+
+
+async def test_a_stream_function_that_does_not_take_key_filter_and_stream_id_is_a_config_error(
+    stream: rjet.Stream,
+) -> None:
+    async def narrow(after: str = "", *, from_head: bool = False, to_head: bool = False) -> rjet.StreamClient:
+        raise AssertionError("never called with what run passes")
+
+    spec = rjet.Spec(narrow, rjet.MemCursorStore(), rjet.Consumer("c", lambda f, e: None))  # type: ignore[arg-type]
+    with pytest.raises(rjet.ConfigError, match="does not take key_filter and stream_id"):
+        await rjet.run(spec)
