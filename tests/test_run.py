@@ -347,7 +347,7 @@ async def test_other_keys_never_reach_the_handler_though_the_stream_func_awaits_
             seen.append(e.foreign_id)
 
         consumer = rjet.Consumer("c", record, key_filter=lambda fid: fid.endswith("7"))
-        await run_to_head(rjet.Spec(open_, rjet.MemCursorStore(), consumer, to_head=True))  # type: ignore[arg-type]
+        await run_to_head(rjet.Spec(open_, rjet.MemCursorStore(), consumer, to_head=True))
         assert seen == [f"k{i}" for i in range(200) if i % 10 == 7], open_.__name__
 
 
