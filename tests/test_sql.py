@@ -1,47 +1,53 @@
-"""rjet.sql: cursors in SQLite, and transactional consumers whose writes commit with their progress."""
+"""rjet.sql: cursors in SQLite and PostgreSQL (a real server: tests/sql_fixtures.py), and
+transactional consumers whose writes commit with their progress. Each test runs on both databases."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from sql_fixtures import PASSWORD, PostgresServer, SqlDb, free_port, postgres_server, sql_db
 
 import rjet
 from rjet.sql import SqlCursorStore
-from rjet.testing import KeyOrder
+from rjet.sql._backends import backend_for
+from rjet.testing import KeyOrder, check_cursor_store
+
+__all__ = ["postgres_server", "sql_db"]  # the fixtures, imported for pytest
 
 
-def _rows(path: Path) -> list[tuple[int, str]]:
-    with sqlite3.connect(path) as db:
-        return [(int(a), str(b)) for a, b in db.execute("SELECT seq, fid FROM effects ORDER BY rowid")]
-
-
-async def _store(path: Path, **options: Any) -> SqlCursorStore:
-    store = await SqlCursorStore.open(f"sqlite:///{path}", **options)
-    with sqlite3.connect(path) as db:
-        db.execute("CREATE TABLE IF NOT EXISTS effects (seq INTEGER, fid TEXT)")
+async def _store(db: SqlDb, **options: Any) -> SqlCursorStore:
+    store = await SqlCursorStore.open(db.url, **options)
+    db.create_effects()
     return store
 
 
-async def _effect(tx: Any, event: rjet.Event) -> None:
-    await tx.execute("INSERT INTO effects (seq, fid) VALUES (?, ?)", (event.id_int, event.foreign_id))
+def _effect(db: SqlDb) -> Any:
+    insert = db.sql("INSERT INTO effects (seq, fid) VALUES (?, ?)")
+
+    async def effect(tx: Any, event: rjet.Event) -> None:
+        await tx.execute(insert, (event.id_int, event.foreign_id))
+
+    return effect
 
 
 @pytest.mark.parametrize(
     ("concurrency", "batch"), [(1, None), (8, None), (1, rjet.Batch(10, max_wait=0.01)), (4, rjet.Batch(10, 0.01))]
 )
 async def test_each_event_is_applied_exactly_once_with_its_progress(
-    stream: rjet.Stream, tmp_path: Path, concurrency: int, batch: rjet.Batch | None
+    stream: rjet.Stream, sql_db: SqlDb, concurrency: int, batch: rjet.Batch | None
 ) -> None:
     await stream.insert_many([(f"k{i % 13}", 1, b"") for i in range(300)])
-    db = tmp_path / "app.db"
     failed: set[int] = set()
+    effect = _effect(sql_db)
 
     async def one(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
-        await _effect(tx, event)
+        await effect(tx, event)
         if event.id_int % 37 == 0 and event.id_int not in failed:  # wrote, then failed: rolled back
             failed.add(event.id_int)
             raise RuntimeError("after its write")
@@ -51,14 +57,15 @@ async def test_each_event_is_applied_exactly_once_with_its_progress(
             await one(fate, event, tx)
 
     fn = many if batch else one
-    async with await _store(db) as store:
+    async with await _store(sql_db) as store:
         consumer = rjet.Consumer(
             "c", fn, transactional=True, concurrency=concurrency, batch=batch, retry=rjet.RetryPolicy(backoff=0.01)
         )
         spec = rjet.Spec(stream.stream, store, consumer, to_head=True)
         await asyncio.wait_for(rjet.run_forever(spec, retry_delay=0.01), 60)
         assert await store.peek("c") == "300"
-    rows = _rows(db)
+    assert failed == {37 * i for i in range(1, 9)}
+    rows = sql_db.effects()
     assert sorted(seq for seq, _ in rows) == list(range(1, 301))  # each once: no duplicate, no gap
     order = KeyOrder()
     for seq, fid in rows:
@@ -66,56 +73,67 @@ async def test_each_event_is_applied_exactly_once_with_its_progress(
     order.check(range(1, 301))  # each key's rows in stream order
 
 
-async def test_a_restart_resumes_after_what_was_committed(stream: rjet.Stream, tmp_path: Path) -> None:
+async def test_a_restart_resumes_after_what_was_committed(stream: rjet.Stream, sql_db: SqlDb) -> None:
     """A run cancelled mid-way (as a killed process would be) and run again: each event once."""
     await stream.insert_many([(f"k{i % 7}", 1, b"") for i in range(400)])
-    db = tmp_path / "app.db"
+    effect = _effect(sql_db)
 
     async def slow(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
-        await _effect(tx, event)
+        await effect(tx, event)
         await asyncio.sleep(0.001)
 
     for concurrency in (1, 8):
         name = f"c{concurrency}"
         for _ in range(4):
-            async with await _store(db, flush_interval=3600) as store:
+            async with await _store(sql_db, flush_interval=3600) as store:
                 consumer = rjet.Consumer(name, slow, transactional=True, concurrency=concurrency)
                 task = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, consumer)))
                 await asyncio.sleep(0.15)
                 task.cancel()  # no flush of the buffered cursor: only what the transactions committed counts
                 with pytest.raises(asyncio.CancelledError):
                     await task
-        async with await _store(db) as store:
+        async with await _store(sql_db) as store:
             consumer = rjet.Consumer(name, slow, transactional=True, concurrency=concurrency)
             with pytest.raises(rjet.HeadReached):
                 await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
-    rows = _rows(db)
+    rows = sql_db.effects()
     assert sorted(seq for seq, _ in rows) == sorted(list(range(1, 401)) * 2)  # once per consumer
 
 
-async def test_a_runner_that_lost_its_claim_commits_nothing(stream: rjet.Stream, tmp_path: Path) -> None:
+async def test_a_runner_that_lost_its_claim_commits_nothing(stream: rjet.Stream, sql_db: SqlDb) -> None:
     """The fence is checked inside the transaction: once another runner claimed the cursor (a member
     paused past its lease, say), the old runner's transactions commit nothing, and its run stops."""
     await stream.insert_many([("k", 1, b"")] * 20)
-    db = tmp_path / "app.db"
-    async with await _store(db) as first, await _store(db) as second:
-        old = await first.claim("c")
-        await old.transact([1], lambda tx: tx.execute("INSERT INTO effects VALUES (1, 'k')"), sequential=True)
-        await second.claim("c")  # taken over between two transactions
-        with pytest.raises(rjet.CursorConflict, match="another runner claimed it"):
-            await old.transact([2], lambda tx: tx.execute("INSERT INTO effects VALUES (2, 'k')"), sequential=True)
-        assert old.lost is not None
-        assert [seq for seq, _ in _rows(db)] == [1]
-        assert await second.peek("c") == "1"
+    async with await _store(sql_db) as first, await _store(sql_db) as second:
+        for sequential in (True, False):
+            old = await first.claim("c")
+            seq = len(sql_db.effects()) + 1
+            await old.transact([seq], _insert(seq), sequential=True)
+            await second.claim("c")  # taken over between two transactions
+            with pytest.raises(rjet.CursorConflict, match="another runner claimed it"):
+                await old.transact([seq + 1], _insert(seq + 1), sequential=sequential)
+            assert old.lost is not None
+            assert [s for s, _ in sql_db.effects()] == list(range(1, seq + 1))
+            assert await second.peek("c") == str(seq)
+
+
+def _insert(seq: int) -> Any:
+    async def insert(tx: Any) -> None:
+        await tx.execute(f"INSERT INTO effects (seq, fid) VALUES ({seq}, 'k')")
+
+    return insert
 
 
 async def test_transactional_needs_a_store_that_can_and_a_handler_that_leaves_tx_alone(
-    stream: rjet.Stream, tmp_path: Path
+    stream: rjet.Stream, sql_db: SqlDb
 ) -> None:
     await stream.insert_many([("k", 1, b"")])
 
     async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
         await tx.commit()
+
+    async def rolls_back(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await tx.rollback()
 
     consumer = rjet.Consumer("c", handle, transactional=True)
     with pytest.raises(rjet.ConfigError, match=r"cannot commit a handler's writes.*SqlCursorStore"):
@@ -123,24 +141,29 @@ async def test_transactional_needs_a_store_that_can_and_a_handler_that_leaves_tx
     with pytest.raises(rjet.ConfigError, match=r"cannot be called as fn\(fate, event, tx\)"):
         rjet.Consumer("c", lambda f, e: None, transactional=True)
     with pytest.raises(rjet.ConfigError, match="a transactional handler is async"):
-        rjet.Consumer("c", lambda f, e, tx: None, transactional=True)
-    async with await _store(tmp_path / "app.db") as store:
+        rjet.Consumer("c", lambda f, e, tx: None, transactional=True)  # type: ignore[arg-type]
+    async with await _store(sql_db) as store:
         with pytest.raises(rjet.ConfigError, match="committed or rolled back tx itself"):
             await rjet.run(rjet.Spec(stream.stream, store, consumer))
+        with pytest.raises(rjet.ConfigError, match="committed or rolled back tx itself"):
+            await rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("d", rolls_back, transactional=True)))
         assert await store.peek("c") == ""
+        assert await store.peek("d") == ""
 
 
-async def test_bad_databases_are_one_line_errors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
+async def test_bad_sqlite_files_are_one_line_errors(sql_db: SqlDb, tmp_path: Path) -> None:
     with pytest.raises(rjet.ConfigError, match="unsupported database URL"):
         await SqlCursorStore.open("mysql://x/y")
     with pytest.raises(rjet.ConfigError, match="names no file"):
         await SqlCursorStore.open("sqlite:///:memory:")
-    with pytest.raises(rjet.CursorStoreError, match=r"sqlite cursor store at .*missing/app.db: cannot open"):
+    with pytest.raises(rjet.CursorStoreError, match=r"sqlite cursor store at .*missing/app.db: cannot open") as e:
         await SqlCursorStore.open(f"sqlite:///{tmp_path}/missing/app.db")
+    assert "\n" not in str(e.value)
     readonly = tmp_path / "ro.db"
     sqlite3.connect(readonly).close()
     readonly.chmod(0o444)
-    if not _writable(readonly):
+    if not _writable(readonly):  # root writes a file whatever its mode
         with pytest.raises(rjet.CursorStoreError, match="readonly"):
             await SqlCursorStore.open(f"sqlite:///{readonly}")
 
@@ -155,25 +178,74 @@ def _writable(path: Path) -> bool:
         return False
 
 
-async def test_a_missing_table_in_the_handlers_sql_is_the_handlers_error(stream: rjet.Stream, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sql_db", ["postgresql"], indirect=True)
+async def test_bad_postgresql_servers_are_one_line_errors_without_the_password(
+    sql_db: SqlDb, postgres_server: PostgresServer, stream: rjet.Stream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    database = sql_db.url.rsplit("/", 1)[1]
+    port = free_port()  # nothing listens there
+    messages: list[str] = []
+    with pytest.raises(rjet.CursorStoreError, match=rf"postgresql cursor store at 127\.0\.0\.1:{port}/") as e:
+        await SqlCursorStore.open(postgres_server.url(database, port=port))
+    messages.append(str(e.value))
+    assert "cannot open the database" in str(e.value)
+    with pytest.raises(rjet.CursorStoreError, match="password authentication failed") as e:
+        await SqlCursorStore.open(postgres_server.url(database, password=PASSWORD + "-wrong"))
+    messages.append(str(e.value))
+    with pytest.raises(rjet.CursorStoreError, match='database "nosuch" does not exist') as e:
+        await SqlCursorStore.open(postgres_server.url("nosuch"))
+    messages.append(str(e.value))
+    with pytest.raises(rjet.ConfigError) as c:
+        await SqlCursorStore.open(postgres_server.url(database, port=99999))
+    messages.append(str(c.value))
+    # A run that cannot reach its store: run_forever logs its retries.
+    await stream.insert_many([("k", 1, b"")])
+    store = SqlCursorStore(backend_for(postgres_server.url(database, port=port)))  # opens nothing yet
+
+    async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        pass
+
+    spec = rjet.Spec(stream.stream, store, rjet.Consumer("c", handle, transactional=True))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(rjet.run_forever(spec, retry_delay=0.05), 0.5)
+    await store.close()
+    for message in messages:
+        assert "\n" not in message, message
+        assert PASSWORD not in message, message
+    assert caplog.records, "run_forever logged nothing of its failed runs"
+    assert PASSWORD not in caplog.text
+    for record in caplog.records:
+        assert PASSWORD not in record.getMessage()
+        assert not record.exc_info or PASSWORD not in repr(record.exc_info[1])
+
+
+async def test_a_missing_table_in_the_handlers_sql_is_the_handlers_error(stream: rjet.Stream, sql_db: SqlDb) -> None:
     await stream.insert_many([("k", 1, b"")])
 
     async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
         await tx.execute("INSERT INTO nosuch (x) VALUES (1)")
 
-    async with await _store(tmp_path / "app.db") as store:
-        with pytest.raises(sqlite3.OperationalError, match="no such table: nosuch") as caught:
+    error: type[Exception] = sqlite3.OperationalError if sql_db.kind == "sqlite" else psycopg.errors.UndefinedTable
+    match = "no such table: nosuch" if sql_db.kind == "sqlite" else 'relation "nosuch" does not exist'
+    async with await _store(sql_db) as store:
+        with pytest.raises(error, match=match) as caught:
             await rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("c", handle, transactional=True)))
         assert "its cursor stays before it" in "".join(caught.value.__notes__)
         assert await store.peek("c") == ""
 
 
-async def test_the_tables_are_versioned(tmp_path: Path) -> None:
-    db = tmp_path / "app.db"
-    async with await SqlCursorStore.open(f"sqlite:///{db}"):
+async def test_the_tables_are_versioned(sql_db: SqlDb) -> None:
+    async with await SqlCursorStore.open(sql_db.url):
         pass
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT version FROM rjet_schema").fetchall() == [(1,)]
-        conn.execute("UPDATE rjet_schema SET version = 99")
-    with pytest.raises(rjet.CursorStoreError, match="version 99, newer than this rjet knows"):
-        await SqlCursorStore.open(f"sqlite:///{db}")
+    async with await SqlCursorStore.open(sql_db.url):  # opened again: nothing to migrate
+        pass
+    assert sql_db.query("SELECT version FROM rjet_schema") == [(1,)]
+    sql_db.query("UPDATE rjet_schema SET version = 99")
+    with pytest.raises(rjet.CursorStoreError, match="version 99, newer than this rjet knows") as e:
+        await SqlCursorStore.open(sql_db.url)
+    assert "\n" not in str(e.value)
+
+
+async def test_the_store_keeps_the_cursor_store_contract(sql_db: SqlDb) -> None:
+    await check_cursor_store(lambda: SqlCursorStore.open(sql_db.url, flush_interval=0.05))

@@ -126,7 +126,11 @@ class _Postgres:
     def __init__(self, url: str) -> None:
         self.url = url
         parts = urllib.parse.urlsplit(url)
-        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
+        try:
+            port = parts.port
+        except ValueError as e:  # never the URL itself in the message: it may carry a password
+            raise ConfigError(f"rjet.sql: bad PostgreSQL URL {url.split('@')[-1]!r}: {e}") from None
+        self.where = f"{parts.hostname or 'localhost'}:{port or 5432}{parts.path or '/'}"
 
     async def connect(self) -> Any:
         try:

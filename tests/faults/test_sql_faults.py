@@ -1,0 +1,306 @@
+"""rjet.sql under faults, on real servers and processes: PostgreSQL restarted under a running
+consumer, a paused runner ("zombie") whose claim is taken over, and worker processes SIGKILLed at
+random points. In each, the user's table holds each event exactly once, each key's rows in stream
+order. (Slow: every test under tests/faults/ is.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from sql_fixtures import PASSWORD, PostgresServer, SqlDb, postgres_server, sql_db
+
+import rjet
+from rjet.server import EmbeddedServer
+from rjet.sql import SqlCursorStore
+from rjet.testing import KeyOrder
+
+__all__ = ["postgres_server", "sql_db"]  # the fixtures, imported for pytest
+
+WORKER = Path(__file__).with_name("sql_worker.py")
+
+
+def check_exactly_once(db: SqlDb, count: int) -> list[tuple[int, str]]:
+    """The table holds events 1..count once each, each key's rows in stream order."""
+    rows = db.effects()
+    seqs = sorted(seq for seq, _ in rows)
+    duplicates = len(seqs) - len(set(seqs))
+    assert duplicates == 0, f"{duplicates} events applied twice"
+    assert seqs == list(range(1, count + 1)), f"missing: {sorted(set(range(1, count + 1)) - set(seqs))[:10]}"
+    order = KeyOrder()
+    for seq, fid in rows:
+        order.record(seq, fid)
+    order.check(range(1, count + 1))
+    return rows
+
+
+class Counter:
+    """Counts the rows of ``effects`` on a connection of its own (held open: polled often)."""
+
+    def __init__(self, db: SqlDb) -> None:
+        self.db = db
+        self._sqlite: sqlite3.Connection | None = None
+        self._pg: psycopg.AsyncConnection[Any] | None = None
+
+    async def count(self) -> int:
+        if self.db.kind == "sqlite":
+            if self._sqlite is None:
+                self._sqlite = sqlite3.connect(self.db.path or "", timeout=30)
+            return int(self._sqlite.execute("SELECT count(*) FROM effects").fetchone()[0])
+        if self._pg is None:
+            self._pg = await psycopg.AsyncConnection.connect(self.db.url, autocommit=True)
+        cursor = await self._pg.execute("SELECT count(*) FROM effects")
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+        if self._pg is not None:
+            await self._pg.close()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, free to be stopped and started."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def nats_stream(server: EmbeddedServer, name: str) -> AsyncIterator[rjet.Stream]:
+    nc = await rjet.connect(server.url)
+    try:
+        yield await rjet.Stream.create(nc.jetstream(), name)
+    finally:
+        await nc.close()
+
+
+async def insert(stream: rjet.Stream, count: int, keys: int) -> None:
+    for start in range(0, count, 5000):
+        await stream.insert_many([(f"k{i % keys}", 1, b"") for i in range(start, min(count, start + 5000))])
+
+
+# ----------------------------------------------------------------- PostgreSQL restarted
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("concurrency", [1, 8])
+async def test_postgresql_restarted_mid_run(
+    nats_stream: rjet.Stream, own_postgres: PostgresServer, concurrency: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server stopped as by a crash (``pg_ctl -m immediate``) twice under run_forever, and
+    started again: the run goes on, each event once, each key's rows in stream order; what it logs
+    meanwhile never shows the URL's password."""
+    caplog.set_level(logging.INFO)
+    count = 4000
+    await insert(nats_stream, count, keys=100)
+    db = SqlDb("postgresql", own_postgres.create_database())
+    db.create_effects()
+    effect = db.sql("INSERT INTO effects (seq, fid) VALUES (?, ?)")
+
+    async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await tx.execute(effect, (event.id_int, event.foreign_id))
+
+    counter = Counter(db)
+    async with await SqlCursorStore.open(db.url, flush_interval=0.05) as store:
+        consumer = rjet.Consumer("c", handle, transactional=True, concurrency=concurrency)
+        spec = rjet.Spec(nats_stream.stream, store, consumer, to_head=True)
+        task = asyncio.create_task(rjet.run_forever(spec, retry_delay=0.05, max_backoff=0.5))
+        try:
+            for mark in (count // 4, count // 2):
+                while await counter.count() < mark:
+                    assert not task.done(), task
+                    await asyncio.sleep(0.01)
+                await counter.close()
+                counter = Counter(db)
+                await asyncio.to_thread(own_postgres.stop, "immediate")
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(own_postgres.start)
+            await asyncio.wait_for(task, 90)
+        finally:
+            task.cancel()
+            await counter.close()
+        assert await store.peek("c") == str(count)
+    check_exactly_once(db, count)
+    failures = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert failures, "no run failed: the restarts went unnoticed"
+    assert PASSWORD not in caplog.text
+    print(f"K={concurrency}: {count} events, 2 server restarts, {len(failures)} failures logged")
+
+
+# ----------------------------------------------------------------- the zombie
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("concurrency", "holds_row"), [(1, False), (8, False), (1, True)], ids=["K1", "K8", "K1-holding-the-row"]
+)
+@pytest.mark.parametrize("sql_db", ["postgresql"], indirect=True)
+async def test_a_paused_runner_commits_nothing_after_a_takeover(
+    nats_stream: rjet.Stream, sql_db: SqlDb, concurrency: int, holds_row: bool
+) -> None:
+    """The first runner pauses inside its handlers, each holding a transaction open (as a process
+    SIGSTOPped past its lease would); a second runner claims the cursor and runs to the head; the
+    first resumes: it commits nothing more, and its run stops with CursorConflict.
+
+    Paused inside the handler, the first holds no lock on the cursor's row: the takeover goes
+    through at once. ``holds_row``: the handler read the row ``FOR SHARE`` first (as rjet's own
+    fence read does at the end of every transaction): the takeover waits for the first's
+    transaction, which then commits before it, and nothing after."""
+    count = 300
+    await insert(nats_stream, count, keys=20)
+    sql_db.create_effects()
+    effect = sql_db.sql("INSERT INTO effects (seq, fid, who) VALUES (?, ?, ?)")
+    resume = asyncio.Event()
+    paused: list[int] = []
+    pause_at = 60
+
+    async def first_handler(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await tx.execute(effect, (event.id_int, event.foreign_id, "first"))
+        if event.id_int >= pause_at:
+            if holds_row:
+                await tx.execute("SELECT 1 FROM rjet_cursors WHERE name = 'c' FOR SHARE")
+            paused.append(event.id_int)
+            await resume.wait()
+
+    second_started = asyncio.Event()
+
+    async def second_handler(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        second_started.set()
+        await tx.execute(effect, (event.id_int, event.foreign_id, "second"))
+
+    def first_rows() -> int:
+        return int(sql_db.query("SELECT count(*) FROM effects WHERE who = 'first'")[0][0])
+
+    async with (
+        await SqlCursorStore.open(sql_db.url, flush_interval=0.05) as one,
+        await SqlCursorStore.open(sql_db.url, flush_interval=0.05) as two,
+    ):
+        first = asyncio.create_task(
+            rjet.run(rjet.Spec(nats_stream.stream, one, rjet.Consumer("c", first_handler, transactional=True,
+                                                                      concurrency=concurrency)))
+        )  # fmt: skip
+        while len(paused) < concurrency:  # every slot paused, each inside an open transaction
+            assert not first.done(), first
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        before = first_rows()
+        owner = sql_db.query("SELECT owner FROM rjet_cursors WHERE name = 'c'")
+        second = asyncio.create_task(
+            rjet.run(rjet.Spec(nats_stream.stream, two, rjet.Consumer("c", second_handler, transactional=True,
+                                                                      concurrency=concurrency), to_head=True))
+        )  # fmt: skip
+        if holds_row:
+            await asyncio.sleep(0.5)
+            assert not second_started.is_set(), "the takeover did not wait for the transaction holding the row"
+            assert sql_db.query("SELECT owner FROM rjet_cursors WHERE name = 'c'") == owner, "taken over already"
+            resume.set()  # the first commits what it holds, then loses the claim
+            await asyncio.wait_for(second_started.wait(), 10)
+            before = first_rows()  # the takeover is done: the first commits nothing from here on
+        with pytest.raises(rjet.HeadReached):
+            await asyncio.wait_for(second, 30)
+        assert first_rows() == before
+        resume.set()
+        with pytest.raises(rjet.CursorConflict, match="another runner claimed it"):
+            await asyncio.wait_for(first, 10)
+        assert first_rows() == before, "the paused runner committed after the takeover"
+    rows = check_exactly_once(sql_db, count)
+    assert len(rows) - before == int(sql_db.query("SELECT count(*) FROM effects WHERE who = 'second'")[0][0])
+    print(f"first committed {before} rows before the takeover, 0 after; paused at {sorted(paused)}")
+
+
+# ----------------------------------------------------------------- worker processes SIGKILLed
+
+KILLS = 20  # at random points of the run, spread over it by the table's row count
+EARLY_KILLS = 3  # and more in the first 0.6 s of a start (imports, the store's open) or just after it
+
+
+async def _spawn(nats_url: str, stream: str, db: SqlDb, concurrency: int, batch: int) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(WORKER), nats_url, stream, db.url, str(concurrency), str(batch),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(
+    ("concurrency", "batch", "count"),
+    [(1, 0, 5000), (8, 0, 5000), (8, 50, 20_000)],
+    ids=["K1", "K8", "K8-batch50"],
+)
+@pytest.mark.parametrize("sql_db", ["sqlite", "postgresql"], indirect=True)
+async def test_worker_sigkilled_at_random_points(
+    server: EmbeddedServer,
+    nats_stream: rjet.Stream,
+    name: str,
+    sql_db: SqlDb,
+    concurrency: int,
+    batch: int,
+    count: int,
+) -> None:
+    """A worker process over ``count`` events on 1,000 keys, SIGKILLed at 23 random points and
+    started again until it reaches the head: each event exactly once, each key's rows in order."""
+    await insert(nats_stream, count, keys=1000)
+    sql_db.create_effects()
+    rng = random.Random()
+    early = set(rng.sample(range(10), EARLY_KILLS))  # while much is left: none lets the worker finish
+    counter = Counter(sql_db)
+    at: list[str] = []  # where each kill landed: the rows committed then ("early": by time)
+    try:
+        for attempt in range(KILLS + EARLY_KILLS):
+            # Each kill a random number of rows after the start (on average count/30: the 20 kills
+            # spread over two thirds of the run), and always before the last row.
+            start = await counter.count()
+            left = count - start
+            target = start + min(left - 1, rng.randint(1, count // 15))
+            proc = await _spawn(server.url, name, sql_db, concurrency, batch)
+            try:
+                if attempt in early or left < 2:  # before its store is open, or just after: in the claim
+                    assert proc.stdout is not None
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.stdout.readline(), rng.uniform(0, 0.6))
+                        await asyncio.sleep(rng.uniform(0, 0.02))
+                    at.append("early")
+                else:
+                    while (n := await counter.count()) < target:
+                        assert proc.returncode is None, f"the worker exited ({proc.returncode}) before row {target}"
+                        await asyncio.sleep(0.005)
+                    await asyncio.sleep(rng.uniform(0, 0.01))
+                    at.append(str(n))
+            finally:
+                await _kill(proc)
+            assert proc.returncode == -9, f"the worker exited by itself ({proc.returncode})"
+        proc = await _spawn(server.url, name, sql_db, concurrency, batch)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 90)
+        finally:
+            await _kill(proc)
+        assert proc.returncode == 0
+        assert out.split() == [b"ready", b"head"]
+    finally:
+        await counter.close()
+    check_exactly_once(sql_db, count)
+    assert sum(a != "early" for a in at) >= KILLS
+    async with await SqlCursorStore.open(sql_db.url) as store:
+        assert await store.peek("c") == str(count)
+    print(f"{sql_db.kind} K={concurrency} batch={batch}: {count} events, {len(at)} SIGKILLs at rows {' '.join(at)}")
