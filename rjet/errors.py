@@ -190,19 +190,26 @@ class InvalidCursor(CursorError, ValueError):
         self.cursor = cursor
 
 
-def _cursor_command(consumer: str | None, namespace: str | None, move: str) -> str:
-    """The ``rjet cursor`` command line that moves the cursor; NAME and NS stand for what is unknown."""
-    if consumer is None:
-        return f"`rjet cursor NAME --namespace {namespace or 'NS'} {move}`"
-    # A consumer known without a namespace keeps its cursors in a store of another kind.
-    return f"`rjet cursor {consumer}{f' --namespace {namespace}' if namespace else ''} {move}`"
+def _go_on(consumer: str | None, namespace: str | None, where: str) -> str:
+    """What to do about a cursor that cannot go on by itself, in library terms: move it on purpose,
+    ``where`` (the command line renders the same move as an ``rjet cursor`` hint from the fields)."""
+    whose = ""
+    if consumer is not None:
+        whose = f" of consumer {consumer!r}" + (f" (cursor namespace {namespace!r})" if namespace else "")
+    return f"move the cursor{whose} on purpose to go on: {where}"
 
 
 class CursorExpired(CursorError):
     """The events right after the cursor are no longer in the stream (expired or purged).
 
-    ``consumer`` and ``namespace`` name the consumer and its cursor namespace where the raiser knew
-    them (the hint then gives the real command line); :meth:`named` fills them in.
+    The fields say what happened and which move goes on: ``stream`` (its name), ``cursor``,
+    ``first_seq`` (the stream's first retained sequence), ``move`` (``"first"``: the cursor moved on
+    purpose to just before the first retained event; what :func:`rjet.parallel.admin.set_cursor`
+    and ``rjet cursor --set`` take), and ``consumer`` and ``namespace``, the consumer and its cursor
+    namespace where the raiser knew them (:meth:`named` fills them in; ``namespace`` stays None for
+    a store without one). The message says it in words; the ``rjet`` command line renders the move
+    as a hint, ``rjet cursor NAME --namespace NS --set first --stream STREAM``. ``hint``: more
+    advice from the raiser, added to the message.
     """
 
     def __init__(
@@ -215,11 +222,11 @@ class CursorExpired(CursorError):
         consumer: str | None = None,
         namespace: str | None = None,
     ) -> None:
-        move = f"--set first --stream {stream}"
+        where = f"to the first retained event, sequence {first_seq}"
         super().__init__(
             f"stream {stream!r}: cursor {cursor} has expired: the stream's first retained sequence is"
-            f" {first_seq}, so events {cursor + 1}..{first_seq - 1} are gone; move the cursor on purpose"
-            f" to go on ({hint or _cursor_command(consumer, namespace, move)})"
+            f" {first_seq}, so events {cursor + 1}..{first_seq - 1} are gone; {_go_on(consumer, namespace, where)}"
+            + (f" ({hint})" if hint else "")
         )
         self.stream = stream
         self.cursor = cursor
@@ -227,9 +234,10 @@ class CursorExpired(CursorError):
         self.hint = hint
         self.consumer = consumer
         self.namespace = namespace
+        self.move = "first"
 
     def named(self, consumer: str, namespace: str | None) -> CursorExpired:
-        """This error again, naming ``consumer`` (and its cursor ``namespace``) in its hint."""
+        """This error again, naming ``consumer`` (and its cursor ``namespace``)."""
         return CursorExpired(self.stream, self.cursor, self.first_seq, consumer=consumer, namespace=namespace)
 
 
@@ -241,6 +249,10 @@ class EventsRemoved(CursorExpired):
     it would have delivered (``certain``); a reader with subject filters knows only that the stream
     removed those sequences while events of its own were waiting (``certain`` is False: some of
     them may have belonged to other subjects). See docs/reliability.md.
+
+    ``move`` is ``str(last)``: the cursor moved on purpose past the hole goes on (command line:
+    ``rjet cursor NAME --namespace NS --set LAST --stream STREAM``); the other fields as for
+    :class:`CursorExpired`.
     """
 
     def __init__(
@@ -254,7 +266,7 @@ class EventsRemoved(CursorExpired):
         consumer: str | None = None,
         namespace: str | None = None,
     ) -> None:
-        move = f"--set {last} --stream {stream}"
+        where = f"to sequence {last}, past the removed events"
         CursorError.__init__(
             self,
             f"stream {stream!r}: events {first}..{last} were removed (retention limits, a purge or a delete)"
@@ -264,8 +276,8 @@ class EventsRemoved(CursorExpired):
                 if certain
                 else ", while events for its subject filter were waiting (some may have been other subjects')"
             )
-            + f"; every event before {first} was delivered, none after {last}; move the cursor on purpose to go"
-            f" on ({hint or _cursor_command(consumer, namespace, move)})",
+            + f"; every event before {first} was delivered, none after {last}; {_go_on(consumer, namespace, where)}"
+            + (f" ({hint})" if hint else ""),
         )
         self.stream = stream
         self.cursor = first - 1
@@ -276,9 +288,10 @@ class EventsRemoved(CursorExpired):
         self.hint = hint
         self.consumer = consumer
         self.namespace = namespace
+        self.move = str(last)
 
     def named(self, consumer: str, namespace: str | None) -> EventsRemoved:
-        """This error again, naming ``consumer`` (and its cursor ``namespace``) in its hint."""
+        """This error again, naming ``consumer`` (and its cursor ``namespace``)."""
         return EventsRemoved(
             self.stream, self.first, self.last, certain=self.certain, consumer=consumer, namespace=namespace
         )
@@ -287,8 +300,9 @@ class EventsRemoved(CursorExpired):
 class StreamRecreated(CursorError):
     """The cursor was recorded in another stream of the same name (deleted and created again since).
 
-    ``recorded`` and ``current`` are the two streams' identities (name and creation time);
-    ``consumer`` and ``namespace`` as for :class:`CursorExpired`.
+    ``recorded`` and ``current`` are the two streams' identities (name and creation time); ``move``
+    is ``"beginning"`` (no cursor: the new stream from its first event; command line: ``rjet cursor
+    NAME --namespace NS --set beginning``); the other fields as for :class:`CursorExpired`.
     """
 
     def __init__(
@@ -302,10 +316,11 @@ class StreamRecreated(CursorError):
         consumer: str | None = None,
         namespace: str | None = None,
     ) -> None:
+        where = "to the beginning (no cursor: the new stream from its first event)"
         super().__init__(
             f"stream {stream!r}: cursor {cursor} was recorded in stream {recorded}, but the stream now is"
-            f" {current} (deleted and created again): its sequences are not the old ones; move the cursor"
-            f" on purpose to go on ({hint or _cursor_command(consumer, namespace, '--set beginning')})"
+            f" {current} (deleted and created again): its sequences are not the old ones;"
+            f" {_go_on(consumer, namespace, where)}" + (f" ({hint})" if hint else "")
         )
         self.stream = stream
         self.cursor = cursor
@@ -314,9 +329,10 @@ class StreamRecreated(CursorError):
         self.hint = hint
         self.consumer = consumer
         self.namespace = namespace
+        self.move = "beginning"
 
     def named(self, consumer: str, namespace: str | None) -> StreamRecreated:
-        """This error again, naming ``consumer`` (and its cursor ``namespace``) in its hint."""
+        """This error again, naming ``consumer`` (and its cursor ``namespace``)."""
         return StreamRecreated(
             self.stream, self.cursor, self.recorded, self.current, consumer=consumer, namespace=namespace
         )
@@ -325,25 +341,27 @@ class StreamRecreated(CursorError):
 class CursorAhead(CursorError):
     """The cursor is past the stream's last sequence (was the stream deleted and created again?).
 
-    ``consumer`` and ``namespace`` as for :class:`CursorExpired`.
+    ``last_seq`` is the stream's last sequence; ``move`` is ``"beginning"`` (no cursor; command line:
+    ``rjet cursor NAME --namespace NS --set beginning``); the other fields as for :class:`CursorExpired`.
     """
 
     def __init__(
         self, stream: str, cursor: int, last_seq: int, *, consumer: str | None = None, namespace: str | None = None
     ) -> None:
+        where = "to the beginning (no cursor: the stream from its first event)"
         super().__init__(
             f"stream {stream!r}: cursor {cursor} is past the stream's last sequence {last_seq};"
-            f" was the stream recreated? Move the cursor on purpose to go on"
-            f" ({_cursor_command(consumer, namespace, '--set beginning')})"
+            f" was the stream recreated? M{_go_on(consumer, namespace, where)[1:]}"
         )
         self.stream = stream
         self.cursor = cursor
         self.last_seq = last_seq
         self.consumer = consumer
         self.namespace = namespace
+        self.move = "beginning"
 
     def named(self, consumer: str, namespace: str | None) -> CursorAhead:
-        """This error again, naming ``consumer`` (and its cursor ``namespace``) in its hint."""
+        """This error again, naming ``consumer`` (and its cursor ``namespace``)."""
         return CursorAhead(self.stream, self.cursor, self.last_seq, consumer=consumer, namespace=namespace)
 
 
@@ -364,11 +382,15 @@ class CursorBucketGone(CursorStoreError):
     (deleted, or deleted and created again). No other runner was seen: this is not a
     :class:`CursorConflict`. Retrying cannot tell where to go on (starting over would hand the
     whole stream to the handler again), so ``run_forever`` and Parallel shards stop; the message
-    names the bucket, the last cursor this runner knew, and the ``rjet cursor ... --set`` that
-    goes on from it.
+    names the bucket and the last cursor this runner knew, and says to move the cursor there on
+    purpose to go on.
 
-    ``name``: the consumer; ``bucket``; ``cursor``: the last cursor this runner read or wrote
-    ("" when unknown); ``stream``: the identity of the stream it counts in (None when unknown).
+    ``name``: the consumer; ``bucket``: where the store keeps it (a bucket, a database);
+    ``namespace``: its cursor namespace (None for a store without one); ``cursor``: the last cursor
+    this runner read or wrote ("" when unknown); ``stream``: the identity of the stream it counts in
+    (None when unknown); ``move``: the move that goes on from there, ``cursor`` ("" when unknown).
+    The ``rjet`` command line renders it as a hint, ``rjet cursor NAME --namespace NS --set CURSOR
+    --stream STREAM``.
     """
 
     def __init__(
@@ -382,15 +404,20 @@ class CursorBucketGone(CursorStoreError):
         stream: str | None = None,
     ) -> None:
         if name:
-            stream_name = stream.partition("@")[0] if stream else "STREAM"
-            move = f"--set {cursor} --stream {stream_name}" if cursor else f"--set N --stream {stream_name}"
-            message += f"; to go on from where this runner was: {_cursor_command(name, namespace, move)}"
+            stream_name = f" of stream {stream.partition('@')[0]!r}" if stream else ""
+            where = (
+                f"to sequence {cursor}{stream_name}, where this runner was"
+                if cursor
+                else f"to the last event this runner handled{stream_name}"
+            )
+            message += f"; {_go_on(name, namespace, where)}"
         super().__init__(message)
         self.name = name
         self.bucket = bucket
         self.namespace = namespace
         self.cursor = cursor
         self.stream = stream
+        self.move = cursor
 
 
 class CursorBucketUnusable(CursorStoreError, ConfigError):

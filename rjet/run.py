@@ -17,7 +17,6 @@ from rjet.consumer import Consumer
 from rjet.cursors import (
     Claim,
     CursorStore,
-    JetStreamCursorStore,
     TransactionalClaim,
     capabilities,
     claim_cursor,
@@ -370,8 +369,10 @@ async def _open(spec: Spec, claim: Claim, cursor: str, name: str, store: CursorS
 
 
 def _with_hint(err: CursorExpired | StreamRecreated | CursorAhead, name: str, store: CursorStore) -> CursorError:
-    """``err`` again, its hint naming this consumer's real command line."""
-    return err.named(name, store.namespace if isinstance(store, JetStreamCursorStore) else None)
+    """``err`` again, naming this consumer and, where its store names one (the optional ``namespace``
+    of :class:`rjet.cursors.CursorStore`), its cursor namespace: the data a hint is made of."""
+    namespace = getattr(store, "namespace", None)
+    return err.named(name, namespace if isinstance(namespace, str) else None)
 
 
 async def _retry_or_bury(

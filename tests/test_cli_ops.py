@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from test_cli import _env, _free_port, rjet_cmd
 
 import rjet
-from rjet.cli._common import JsonFormatter
+from rjet.cli._common import JsonFormatter, cursor_hint
 from rjet.cli._worker import readiness
 from rjet.parallel import ShardStats, shard_of
 from rjet.parallel._reshard import _carried_done
@@ -171,19 +171,21 @@ async def test_hints_name_the_real_consumer_and_shards_count_from_1(
     line = proc.stderr.splitlines()[-1]  # after the shard's own error log
     assert line.startswith("rjet: error: "), proc.stderr
     assert "stopped for good: x_1_of_1: failed: CursorAhead" in line  # was "shard 0: failed"
-    assert f"(`rjet cursor x_1_of_1 --namespace {ns} --set beginning`)" in line  # was NAME, NS
+    # The shard's error crossed a process as text: it names the shard's consumer and namespace in words.
+    assert f"Move the cursor of consumer 'x_1_of_1' (cursor namespace {ns!r}) on purpose to go on" in line
 
-    # Expired by a purge, through the library: the hint names the consumer and namespace too.
+    # Expired by a purge, through the library: the error carries the consumer and namespace too.
     await stream.insert_many([("k", 1, b"")] * 2)
     await js.purge_stream(name, keep=1)
     async with await rjet.JetStreamCursorStore.create(js, ns) as store:
         await store.set_cursor("billing", "2")
         with pytest.raises(rjet.CursorExpired) as expired:
             await rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("billing", lambda f, e: None)))
-    assert (expired.value.consumer, expired.value.namespace) == ("billing", ns)
-    assert f"`rjet cursor billing --namespace {ns} --set first --stream {name}`" in str(expired.value)
-    # Where the raiser knows neither, the placeholders stay.
-    assert "`rjet cursor NAME --namespace NS --set 9 --stream s`" in str(rjet.EventsRemoved("s", 3, 9))
+    assert (expired.value.consumer, expired.value.namespace, expired.value.move) == ("billing", ns, "first")
+    assert "rjet cursor" not in str(expired.value)  # the command line renders the hint from the fields
+    assert cursor_hint(expired.value) == f"rjet cursor billing --namespace {ns} --set first --stream {name}"
+    # Where the raiser knows neither, the command line puts placeholders.
+    assert cursor_hint(rjet.EventsRemoved("s", 3, 9)) == "rjet cursor NAME --namespace NS --set 9 --stream s"
 
 
 def test_log_lines_of_reshards_and_the_json_formatter(caplog: pytest.LogCaptureFixture) -> None:

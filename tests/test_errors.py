@@ -1,13 +1,18 @@
-"""The error tree: every exported error survives pickling with its message, fields and notes."""
+"""The error tree: every exported error survives pickling with its message, fields and notes; cursor
+errors say what to do in words and carry the data, and the command line renders the hint from it."""
 
 from __future__ import annotations
 
 import pickle
 
+import click
 import pytest
+from click.testing import CliRunner
 
 import rjet
 import rjet.parallel
+from rjet.cli._app import _Group
+from rjet.cli._common import CliError, cursor_hint
 from rjet.parallel import Summary
 
 SAMPLES: list[Exception] = [
@@ -60,3 +65,110 @@ def test_every_error_round_trips_through_pickle(err: Exception) -> None:
     assert back.args == err.args
     assert vars(back) == vars(err)  # every field, and the notes
     assert back.__notes__ == ["rjet: a note added on the way"]
+
+
+# Every error that says how to move a cursor on purpose, as raised with nothing known of the consumer,
+# and as ``run`` raises it (named) for a store with a namespace, and for one without.
+Movable = rjet.CursorExpired | rjet.StreamRecreated | rjet.CursorAhead
+MOVES: list[tuple[Movable, str, str | None]] = [
+    (rjet.CursorExpired("orders", 2, 10), "first", "orders"),
+    (rjet.EventsRemoved("orders", 3, 9, certain=False), "9", "orders"),
+    (rjet.StreamRecreated("orders", 4, "orders@a", "orders@b"), "beginning", None),
+    (rjet.CursorAhead("orders", 12, 3), "beginning", None),
+]
+
+
+def _named(err: Movable, consumer: str, namespace: str | None) -> Movable:
+    return err.named(consumer, namespace)
+
+
+@pytest.mark.parametrize(("err", "move", "stream"), MOVES, ids=lambda e: type(e).__name__)
+def test_cursor_errors_say_the_move_in_words_and_carry_it_as_data(err: Movable, move: str, stream: str | None) -> None:
+    for e in (err, _named(err, "billing", "shop"), _named(err, "billing", None)):
+        text = str(e)
+        assert "rjet cursor" not in text
+        assert "--set" not in text
+        assert "--namespace" not in text
+        assert "on purpose to go on: to " in text
+        assert e.move == move
+        assert e.stream == "orders"
+        back = pickle.loads(pickle.dumps(e))
+        assert vars(back) == vars(e)
+        assert (back.consumer, back.namespace, back.move) == (e.consumer, e.namespace, move)
+    assert (err.consumer, err.namespace) == (None, None)
+    named = _named(err, "billing", "shop")
+    assert type(named) is type(err)
+    assert (named.consumer, named.namespace) == ("billing", "shop")
+    assert "of consumer 'billing' (cursor namespace 'shop')" in str(named)
+    where = f" --stream {stream}" if stream else ""
+    assert cursor_hint(named) == f"rjet cursor billing --namespace shop --set {move}{where}"
+    assert cursor_hint(err) == f"rjet cursor NAME --namespace NS --set {move}{where}"
+    assert cursor_hint(_named(err, "billing", None)) is None  # a store rjet cursor cannot address
+
+
+def test_the_fields_of_each_cursor_error() -> None:
+    expired = rjet.CursorExpired("orders", 2, 10)
+    assert (expired.stream, expired.cursor, expired.first_seq) == ("orders", 2, 10)
+    assert str(expired).endswith("on purpose to go on: to the first retained event, sequence 10")
+    removed = rjet.EventsRemoved("orders", 3, 9)
+    assert (removed.first, removed.last, removed.cursor, removed.first_seq, removed.certain) == (3, 9, 2, 10, True)
+    assert str(removed).endswith("on purpose to go on: to sequence 9, past the removed events")
+    recreated = rjet.StreamRecreated("orders", 4, "orders@a", "orders@b", hint="more advice")
+    assert (recreated.cursor, recreated.recorded, recreated.current) == (4, "orders@a", "orders@b")
+    assert str(recreated).endswith("to the beginning (no cursor: the new stream from its first event) (more advice)")
+    ahead = rjet.CursorAhead("orders", 12, 3).named("Billing", "shop")
+    assert (ahead.cursor, ahead.last_seq) == (12, 3)
+    assert "Move the cursor of consumer 'Billing' (cursor namespace 'shop') on purpose" in str(ahead)
+
+
+def test_a_vanished_cursor_bucket_says_where_the_runner_was_and_the_command_line_renders_it() -> None:
+    gone = rjet.CursorBucketGone(
+        "cursor bucket 'rjet_cursors_shop': cursor 'c' vanished",
+        name="c",
+        bucket="rjet_cursors_shop",
+        namespace="shop",
+        cursor="19",
+        stream="orders@2024",
+    )
+    assert "rjet cursor" not in str(gone)
+    assert str(gone).endswith(
+        "move the cursor of consumer 'c' (cursor namespace 'shop') on purpose to go on:"
+        " to sequence 19 of stream 'orders', where this runner was"
+    )
+    assert (gone.name, gone.bucket, gone.namespace, gone.cursor, gone.stream, gone.move) == (
+        "c", "rjet_cursors_shop", "shop", "19", "orders@2024", "19",
+    )  # fmt: skip
+    back = pickle.loads(pickle.dumps(gone))
+    assert (str(back), vars(back)) == (str(gone), vars(gone))
+    assert cursor_hint(gone) == "rjet cursor c --namespace shop --set 19 --stream orders"
+    unknown = rjet.CursorBucketGone("gone", name="c", namespace="shop")
+    assert unknown.move == ""
+    assert str(unknown).endswith("to the last event this runner handled")
+    assert cursor_hint(unknown) == "rjet cursor c --namespace shop --set SEQ --stream STREAM"
+    assert cursor_hint(rjet.CursorBucketGone("gone", name="c", bucket="sqlite at x.db")) is None  # no namespace
+    assert cursor_hint(rjet.CursorBucketGone("gone")) is None
+    assert cursor_hint(rjet.CursorConflict("c", "another runner")) is None
+    assert cursor_hint(ValueError("x")) is None
+
+
+def test_the_command_line_shows_the_error_then_the_hint() -> None:
+    group = _Group()
+
+    @group.command()
+    def boom() -> None:
+        raise rjet.CursorExpired("orders", 2, 10).named("billing", "shop")
+
+    @group.command()
+    def other() -> None:
+        raise rjet.CursorConflict("c", "another runner")
+
+    result = CliRunner().invoke(group, ["boom"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "rjet: error: " + str(rjet.CursorExpired("orders", 2, 10).named("billing", "shop")),
+        "rjet: hint: rjet cursor billing --namespace shop --set first --stream orders",
+    ]
+    result = CliRunner().invoke(group, ["other"])
+    assert result.stderr.splitlines() == ["rjet: error: cursor 'c': another runner"]  # no hint
+    assert isinstance(CliError("x"), click.ClickException)
+    assert CliError("x").hint is None

@@ -58,7 +58,8 @@ async def test_retention_ahead_of_a_running_reader_is_an_error_not_a_skip(js: Je
     assert 50 < err.first <= err.last < 10_100  # a hole after what the reader had fetched
     assert int(store.cursors["c"]) == err.first - 1
     assert isinstance(err, rjet.CursorExpired)
-    assert "rjet cursor c --set" in str(err)
+    assert (err.consumer, err.move) == ("c", str(err.last))
+    assert f"move the cursor of consumer 'c' on purpose to go on: to sequence {err.last}" in str(err)
 
 
 async def test_a_purge_mid_run_is_an_error_with_the_missing_range(js: JetStreamContext, name: str) -> None:
@@ -151,7 +152,7 @@ async def test_a_recreated_stream_is_not_read_as_the_old_one(js: JetStreamContex
         await js.delete_stream(name)
         stream = await rjet.Stream.create(js, name)
         await stream.insert_many([("k", 1, b"")] * 8)  # longer than the old cursor: CursorAhead cannot see it
-        with pytest.raises(rjet.StreamRecreated, match=f"rjet cursor c --namespace {name} --set beginning"):
+        with pytest.raises(rjet.StreamRecreated, match=f"cursor of consumer 'c' \\(cursor namespace '{name}'\\)"):
             await asyncio.wait_for(rjet.run_forever(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn))), 10)
         assert seen == [1, 2, 3, 4, 5]
 
@@ -294,7 +295,9 @@ async def test_run_forever_stops_with_a_named_error_when_its_cursor_record_vanis
     assert err.stream is not None
     assert err.stream.startswith(f"{stream.name}@")
     assert "vanished while this runner held it" in str(err)
-    assert f"`rjet cursor c --namespace {stream.name} --set 19 --stream {stream.name}`" in str(err)
+    assert (err.namespace, err.move) == (stream.name, "19")
+    assert f"to sequence 19 of stream {stream.name!r}, where this runner was" in str(err)
+    assert "rjet cursor" not in str(err)
     assert rjet.is_permanent(err)
     assert not isinstance(err, rjet.CursorConflict)
 

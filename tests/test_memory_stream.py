@@ -135,7 +135,8 @@ async def test_events_removed_ahead_of_a_running_consumer_stop_it_where_the_real
     assert (caught.value.first, caught.value.last, caught.value.certain) == (5, 7, True)
     assert seen == [1, 2, 3, 4]
     assert store.cursors["c"] == "4"
-    assert "rjet cursor c --set 7 --stream orders" in str(caught.value)
+    assert (caught.value.consumer, caught.value.namespace, caught.value.move) == ("c", None, "7")
+    assert "move the cursor of consumer 'c' on purpose to go on: to sequence 7" in str(caught.value)
 
 
 async def test_a_cursor_before_the_first_retained_event_is_expired_at_open() -> None:
@@ -146,7 +147,8 @@ async def test_a_cursor_before_the_first_retained_event_is_expired_at_open() -> 
     with pytest.raises(rjet.CursorExpired) as caught:
         await rjet.run(rjet.Spec(ms.stream, rjet.MemCursorStore({"c": "2"}), rjet.Consumer("c", fn)))
     assert (caught.value.cursor, caught.value.first_seq) == (2, 6)
-    assert "rjet cursor c --set first --stream orders" in str(caught.value)
+    assert (caught.value.consumer, caught.value.move) == ("c", "first")
+    assert "move the cursor of consumer 'c' on purpose to go on: to the first retained event" in str(caught.value)
     assert seen == []
     await run_to_head(rjet.Spec(ms.stream, rjet.MemCursorStore(), rjet.Consumer("new", fn), to_head=True))
     assert [e.id_int for e in seen] == [6, 7, 8, 9, 10]  # no cursor: from the first event still there
@@ -168,7 +170,8 @@ async def test_a_recreated_stream_is_not_read_as_the_old_one_through_a_mem_curso
     with pytest.raises(rjet.StreamRecreated) as caught:
         await rjet.run(spec)
     assert (caught.value.cursor, caught.value.recorded, caught.value.current) == (3, old, ms.stream_id)
-    assert "rjet cursor c --set beginning" in str(caught.value)
+    assert (caught.value.consumer, caught.value.move) == ("c", "beginning")
+    assert "move the cursor of consumer 'c' on purpose to go on: to the beginning" in str(caught.value)
     # A cursor set by hand counts in no particular stream (as `rjet cursor --set` writes it): read on.
     plain = rjet.MemCursorStore({"c": "3"})
     seen.clear()

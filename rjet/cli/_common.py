@@ -38,15 +38,19 @@ EXIT_INTERRUPTED: Final = 130
 
 
 class CliError(click.ClickException):
-    """A failure the user can act on: shown as one line ``rjet: error: ...``, exit status 1."""
+    """A failure the user can act on: shown as one line ``rjet: error: ...``, exit status 1; with a
+    ``hint`` (a command line that goes on), a second line ``rjet: hint: ...``."""
 
     exit_code = EXIT_ERROR
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(one_line(message))
+        self.hint = hint
 
     def show(self, file: Any = None) -> None:
         click.echo(f"rjet: error: {self.format_message()}", err=True)
+        if self.hint:
+            click.echo(f"rjet: hint: {self.hint}", err=True)
 
 
 class CliInterrupted(CliError):
@@ -68,6 +72,30 @@ def describe(err: BaseException) -> str:
         return "the NATS server did not answer in time"
     text = str(err) or type(err).__name__
     return one_line(text)
+
+
+def cursor_hint(err: BaseException) -> str | None:
+    """The ``rjet cursor`` command line that makes the move a cursor error names, or None.
+
+    Rendered from the error's fields (its ``move``, ``stream``, ``consumer`` or ``name``,
+    ``namespace``); NAME, NS, SEQ and STREAM stand for what the raiser did not know. None for other
+    errors, and for a consumer whose store has no namespace (``rjet cursor`` cannot address it).
+    """
+    if isinstance(err, rjet.CursorBucketGone):
+        if not err.name:
+            return None
+        consumer: str | None = err.name
+        stream: str | None = err.stream.partition("@")[0] if err.stream else None
+    elif isinstance(err, rjet.CursorExpired | rjet.StreamRecreated | rjet.CursorAhead):
+        consumer, stream = err.consumer, err.stream
+    else:
+        return None
+    namespace = err.namespace
+    if consumer is not None and not namespace:
+        return None
+    move = err.move or "SEQ"
+    where = "" if move == "beginning" else f" --stream {stream or 'STREAM'}"
+    return f"rjet cursor {consumer or 'NAME'} --namespace {namespace or 'NS'} --set {move}{where}"
 
 
 # Errors that are about the environment (server, stream, files), not bugs: one line, exit 1.
@@ -409,7 +437,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     except BrokenPipeError:
         raise  # a closed stdout (`rjet tail ... | head`): click exits quietly
     except USER_ERRORS as e:
-        raise CliError(describe(e)) from e
+        raise CliError(describe(e), hint=cursor_hint(e)) from e
 
 
 def stdout_console() -> Console:

@@ -68,6 +68,9 @@ class JetStreamCursorStore:
     cursor is fenced on its own: losing one does not stop the others. Use :meth:`peek` to read a
     cursor without claiming it.
 
+    ``namespace`` names the store for the ``rjet`` command line (``rjet cursor --namespace``; the
+    optional ``namespace`` of :class:`CursorStore`); ``bucket`` is ``rjet_cursors_<namespace>``.
+
     ::
 
         async with await JetStreamCursorStore.create(js, "billing") as cursors:

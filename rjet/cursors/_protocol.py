@@ -50,6 +50,12 @@ class CursorStore(Protocol):
     ``set_cursor`` may buffer; ``flush`` writes what is buffered. ``run`` calls ``get_cursor`` once
     at start, ``set_cursor`` after each handled event, and ``flush`` on the way out (a store that is
     also a :class:`ClaimingCursorStore` is used through its claims instead).
+
+    Optional: stores that the ``rjet`` command line can address name their namespace, a ``str``
+    attribute ``namespace`` (:class:`rjet.JetStreamCursorStore`'s, ``rjet cursor --namespace``).
+    ``run`` puts it, with the consumer's name, in the cursor errors it raises
+    (:class:`rjet.CursorExpired` and the others' ``namespace``), from which the command line
+    renders its ``rjet cursor`` hint; a store without one leaves it None.
     """
 
     async def get_cursor(self, name: str) -> str:

@@ -59,7 +59,7 @@ open to_head -> open, head 11
         r"""
 empty: open to_head -> open, head 0
   recv -> HeadReached: stream '<stream>': head reached (every event up to sequence 0 delivered)
-empty: open after 1 -> CursorAhead: stream '<stream>': cursor 1 is past the stream's last sequence 0; was the stream recreated? Move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set beginning`)
+empty: open after 1 -> CursorAhead: stream '<stream>': cursor 1 is past the stream's last sequence 0; was the stream recreated? Move the cursor on purpose to go on: to the beginning (no cursor: the stream from its first event)
 open after '' to_head -> open, head 5
   event 1 type=1 fid='a' data=b'1'
   event 2 type=1 fid='b' data=b'2'
@@ -74,7 +74,7 @@ open after 2 to_head -> open, head 5
   recv -> HeadReached: stream '<stream>': head reached (every event up to sequence 5 delivered)
 open after 5 to_head -> open, head 5
   recv -> HeadReached: stream '<stream>': head reached (every event up to sequence 5 delivered)
-open after 6 -> CursorAhead: stream '<stream>': cursor 6 is past the stream's last sequence 5; was the stream recreated? Move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set beginning`)
+open after 6 -> CursorAhead: stream '<stream>': cursor 6 is past the stream's last sequence 5; was the stream recreated? Move the cursor on purpose to go on: to the beginning (no cursor: the stream from its first event)
 open after x -> InvalidCursor: stream '<stream>': cursor 'x' is not a stream sequence (a decimal integer >= 0)
 open after -1 -> InvalidCursor: stream '<stream>': cursor '-1' is not a stream sequence (a decimal integer >= 0)
 open after 1.0 -> InvalidCursor: stream '<stream>': cursor '1.0' is not a stream sequence (a decimal integer >= 0)
@@ -107,23 +107,23 @@ removed through 3
 open after '' to_head -> open, head 10
   event 4 type=1 fid='k' data=b''
   event 5 type=1 fid='k' data=b''
-open after 2 -> CursorExpired: stream '<stream>': cursor 2 has expired: the stream's first retained sequence is 4, so events 3..3 are gone; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set first --stream <stream>`)
-open after 1 -> CursorExpired: stream '<stream>': cursor 1 has expired: the stream's first retained sequence is 4, so events 2..3 are gone; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set first --stream <stream>`)
+open after 2 -> CursorExpired: stream '<stream>': cursor 2 has expired: the stream's first retained sequence is 4, so events 3..3 are gone; move the cursor on purpose to go on: to the first retained event, sequence 4
+open after 1 -> CursorExpired: stream '<stream>': cursor 1 has expired: the stream's first retained sequence is 4, so events 2..3 are gone; move the cursor on purpose to go on: to the first retained event, sequence 4
 open after 3 to_head -> open, head 10
   event 4 type=1 fid='k' data=b''
 removed through 2 (again: nothing)
-open after 2 -> CursorExpired: stream '<stream>': cursor 2 has expired: the stream's first retained sequence is 4, so events 3..3 are gone; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set first --stream <stream>`)
+open after 2 -> CursorExpired: stream '<stream>': cursor 2 has expired: the stream's first retained sequence is 4, so events 3..3 are gone; move the cursor on purpose to go on: to the first retained event, sequence 4
 removed through 10 (all)
 open after '' to_head -> open, head 10
   recv -> HeadReached: stream '<stream>': head reached (every event up to sequence 10 delivered)
-open after 9 -> CursorExpired: stream '<stream>': cursor 9 has expired: the stream's first retained sequence is 11, so events 10..10 are gone; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set first --stream <stream>`)
+open after 9 -> CursorExpired: stream '<stream>': cursor 9 has expired: the stream's first retained sequence is 11, so events 10..10 are gone; move the cursor on purpose to go on: to the first retained event, sequence 11
 open after 10 to_head -> open, head 10
   recv -> HeadReached: stream '<stream>': head reached (every event up to sequence 10 delivered)
 insert -> 11
 removed through 20 (past the end)
-open after 11 -> CursorExpired: stream '<stream>': cursor 11 has expired: the stream's first retained sequence is 21, so events 12..20 are gone; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set first --stream <stream>`)
+open after 11 -> CursorExpired: stream '<stream>': cursor 11 has expired: the stream's first retained sequence is 21, so events 12..20 are gone; move the cursor on purpose to go on: to the first retained event, sequence 21
 open after 20 -> open, head 20
-open after 21 -> CursorAhead: stream '<stream>': cursor 21 is past the stream's last sequence 20; was the stream recreated? Move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set beginning`)
+open after 21 -> CursorAhead: stream '<stream>': cursor 21 is past the stream's last sequence 20; was the stream recreated? Move the cursor on purpose to go on: to the beginning (no cursor: the stream from its first event)
 insert -> 21
 insert_once d -> (22, True)
 removed through 22
@@ -140,9 +140,9 @@ open after '' -> open, head 10
 removed through 6
   event 2 type=1 fid='k' data=b''
   event 3 type=1 fid='k' data=b''
-  recv -> EventsRemoved: stream '<stream>': events 4..6 were removed (retention limits, a purge or a delete) before this reader got to them; every event before 4 was delivered, none after 6; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set 6 --stream <stream>`)
-  recv -> EventsRemoved: stream '<stream>': events 4..6 were removed (retention limits, a purge or a delete) before this reader got to them; every event before 4 was delivered, none after 6; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set 6 --stream <stream>`)
-open after 3 -> CursorExpired: stream '<stream>': cursor 3 has expired: the stream's first retained sequence is 7, so events 4..6 are gone; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set first --stream <stream>`)
+  recv -> EventsRemoved: stream '<stream>': events 4..6 were removed (retention limits, a purge or a delete) before this reader got to them; every event before 4 was delivered, none after 6; move the cursor on purpose to go on: to sequence 6, past the removed events
+  recv -> EventsRemoved: stream '<stream>': events 4..6 were removed (retention limits, a purge or a delete) before this reader got to them; every event before 4 was delivered, none after 6; move the cursor on purpose to go on: to sequence 6, past the removed events
+open after 3 -> CursorExpired: stream '<stream>': cursor 3 has expired: the stream's first retained sequence is 7, so events 4..6 are gone; move the cursor on purpose to go on: to the first retained event, sequence 7
 open after 6 to_head -> open, head 10
   event 7 type=1 fid='k' data=b''
   event 8 type=1 fid='k' data=b''
@@ -160,7 +160,7 @@ removed through 6
   event 8 type=1 fid='k' data=b''
   event 9 type=1 fid='k' data=b''
   event 10 type=1 fid='k' data=b''
-open after 3 -> CursorExpired: stream '<stream>': cursor 3 has expired: the stream's first retained sequence is 7, so events 4..6 are gone; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set first --stream <stream>`)
+open after 3 -> CursorExpired: stream '<stream>': cursor 3 has expired: the stream's first retained sequence is 7, so events 4..6 are gone; move the cursor on purpose to go on: to the first retained event, sequence 7
 open after 6 to_head -> open, head 10
   event 7 type=1 fid='k' data=b''
   event 8 type=1 fid='k' data=b''
@@ -184,7 +184,7 @@ removed through 10
   event 2 type=1 fid='k' data=b''
   waits (nothing within 0.3s)
 insert -> 11
-  recv -> EventsRemoved: stream '<stream>': events 3..10 were removed (retention limits, a purge or a delete) before this reader got to them; every event before 3 was delivered, none after 10; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set 10 --stream <stream>`)
+  recv -> EventsRemoved: stream '<stream>': events 3..10 were removed (retention limits, a purge or a delete) before this reader got to them; every event before 3 was delivered, none after 10; move the cursor on purpose to go on: to sequence 10, past the removed events
 """
     ),
     "recreate": _lines(
@@ -193,10 +193,10 @@ insert_once r -> (4, True)
 open to_head -> open, head 4
   stream_id <id1>
 recreated
-open after 4 -> CursorAhead: stream '<stream>': cursor 4 is past the stream's last sequence 0; was the stream recreated? Move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set beginning`)
-open after 4 in the old stream -> StreamRecreated: stream '<stream>': cursor 4 was recorded in stream <id1>, but the stream now is <id2> (deleted and created again): its sequences are not the old ones; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set beginning`)
+open after 4 -> CursorAhead: stream '<stream>': cursor 4 is past the stream's last sequence 0; was the stream recreated? Move the cursor on purpose to go on: to the beginning (no cursor: the stream from its first event)
+open after 4 in the old stream -> StreamRecreated: stream '<stream>': cursor 4 was recorded in stream <id1>, but the stream now is <id2> (deleted and created again): its sequences are not the old ones; move the cursor on purpose to go on: to the beginning (no cursor: the new stream from its first event)
 insert_once r (a new stream forgets) -> (1, True)
-open after 4 in the old stream -> StreamRecreated: stream '<stream>': cursor 4 was recorded in stream <id1>, but the stream now is <id2> (deleted and created again): its sequences are not the old ones; move the cursor on purpose to go on (`rjet cursor NAME --namespace NS --set beginning`)
+open after 4 in the old stream -> StreamRecreated: stream '<stream>': cursor 4 was recorded in stream <id1>, but the stream now is <id2> (deleted and created again): its sequences are not the old ones; move the cursor on purpose to go on: to the beginning (no cursor: the new stream from its first event)
 open after 4 (no stream_id: no check) -> open, head 6
   stream_id <id2>
   event 5 type=2 fid='k' data=b'new'
@@ -223,14 +223,14 @@ run conc -> HeadReached: stream '<stream>': head reached (every event up to sequ
 run batch -> HeadReached: stream '<stream>': head reached (every event up to sequence 6 delivered)
   handled ['1', '2', '3', '4', '5', '6'], cursor '6'
 removed through 3
-run late -> CursorExpired: stream '<stream>': cursor 1 has expired: the stream's first retained sequence is 4, so events 2..3 are gone; move the cursor on purpose to go on (`rjet cursor late --set first --stream <stream>`)
+run late -> CursorExpired: stream '<stream>': cursor 1 has expired: the stream's first retained sequence is 4, so events 2..3 are gone; move the cursor of consumer 'late' on purpose to go on: to the first retained event, sequence 4
   handled [], cursor '1'
-run ahead -> CursorAhead: stream '<stream>': cursor 9 is past the stream's last sequence 6; was the stream recreated? Move the cursor on purpose to go on (`rjet cursor ahead --set beginning`)
+run ahead -> CursorAhead: stream '<stream>': cursor 9 is past the stream's last sequence 6; was the stream recreated? Move the cursor of consumer 'ahead' on purpose to go on: to the beginning (no cursor: the stream from its first event)
   handled [], cursor '9'
 run again -> HeadReached: stream '<other>': head reached (every event up to sequence 3 delivered)
   handled ['1', '2', '3'], cursor '3'
 recreated
-run again -> StreamRecreated: stream '<other>': cursor 3 was recorded in stream <id1>, but the stream now is <id2> (deleted and created again): its sequences are not the old ones; move the cursor on purpose to go on (`rjet cursor again --set beginning`)
+run again -> StreamRecreated: stream '<other>': cursor 3 was recorded in stream <id1>, but the stream now is <id2> (deleted and created again): its sequences are not the old ones; move the cursor of consumer 'again' on purpose to go on: to the beginning (no cursor: the new stream from its first event)
   handled [], cursor '3'
 run again -> HeadReached: stream '<other>': head reached (every event up to sequence 5 delivered)
   handled ['1', '2', '3', '4', '5'], cursor '5'
