@@ -10,7 +10,7 @@ rjet's reader has decoded two kinds of input over time, and this module follows 
   bytes held before]])``, with
   ``parse_ack(reply: bytes)`` (the header block rebuilt byte for byte as nats-py published it): the
   reader's frame-by-frame path;
-- and, where the reader has one, its bulk scanner (``StreamClient._scan``) over the frames as the
+- and, where the reader has one, its bulk scanner (``Intake.scan``) over the frames as the
   socket delivers them: ``test_rjet_scan_and_decode``, the per-event cost of the path reads take now.
 
 Baselines: nats-py's ``Msg.metadata`` parse of the reply subject (memo cleared before each round),
@@ -34,8 +34,8 @@ from nats.js import JetStreamContext, api
 
 import rjet
 from rjet._nats import frames as _frames
-from rjet._reader import _Session
 from rjet.event import Event
+from rjet.reader._session import Session
 
 from ._support import EVENTS, Arun, ratio, record
 
@@ -250,10 +250,8 @@ def _parse_any(f: Frame) -> tuple[Any, int, int, int, int]:
 def test_rjet_scan_and_decode(
     benchmark: Any, filled: rjet.Stream, frames: list[Frame], arun: Arun[Any], figures: dict[str, float]
 ) -> None:
-    """rjet, the path reads take: the bulk scanner over the frames as the socket delivers them
-    (HMSG control lines, header blocks, bodies), then ``_decode`` of every event it buffered."""
-    if not hasattr(rjet.StreamClient, "_scan"):
-        pytest.skip("this rjet's reader has no bulk scanner")
+    """rjet, the path reads take: the bulk scan (``rjet/reader/_scan.py``) over the frames as the socket
+    delivers them (HMSG control lines, header blocks, bodies), then ``_decode`` of every event it buffered."""
 
     async def open_client() -> rjet.StreamClient:
         client = await filled.stream("", to_head=True)
@@ -268,26 +266,34 @@ def test_rjet_scan_and_decode(
     wire = bytearray(
         b"".join(
             b"HMSG %s %d %s %d %d\r\n%s%s\r\n"
-            % (f.subject, client._sid, f.reply, len(f.headers), len(f.headers) + len(f.data), f.headers, f.data)
+            % (
+                f.subject,
+                client._sessions.sid,
+                f.reply,
+                len(f.headers),
+                len(f.headers) + len(f.data),
+                f.headers,
+                f.data,
+            )
             for f in frames
         )
     )
 
     def setup() -> None:
-        client._buf.clear()
-        client._last, client._key_filter = 0, None
-        session = client._session = _Session(consumer, b"", "")
+        client._state.buf.clear()
+        client._state.last = 0
+        session = client._state.session = Session(consumer, b"", "")
         session.cseq, session.prefix = cseq0, prefix
-        session.pattern = _frames.frame_pattern(client._sid, prefix)
-        session.plain = _frames.frame_pattern(client._sid, prefix, plain=True)
+        session.pattern = _frames.frame_pattern(client._sessions.sid, prefix)
+        session.plain = _frames.frame_pattern(client._sessions.sid, prefix, plain=True)
 
     def run() -> None:
-        assert client._scan(wire, 0, len(wire)) == len(wire)
+        assert client._intake.scan(wire, 0, len(wire)) == len(wire)
         decode = client._decode
-        for frame in client._buf:
+        for frame in client._state.buf:
             decode(*frame)
 
     benchmark.pedantic(run, setup=setup, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    assert len(client._buf) == MSGS
+    assert len(client._state.buf) == MSGS
     rate = record(benchmark, events=MSGS, figures=figures, key="decode_rjet_scan", input="wire bytes")
     ratio(benchmark, figures, rate, "decode_natspy_frame", "natspy_frame_to_msg")

@@ -14,7 +14,6 @@
 """
 
 from rjet._nats.connect import connect
-from rjet._reader import ReadConfig, StreamClient
 from rjet.consumer import Batch, BatchHandler, Consumer, Handler
 from rjet.cursors import CursorRecord, CursorStore, FailingCursorStore, JetStreamCursorStore, MemCursorStore
 from rjet.deadletter import DeadLetter, DeadLetterRecord, DeadLetterStream
@@ -49,6 +48,7 @@ from rjet.errors import (
 from rjet.event import Event
 from rjet.fate import ALWAYS, NEVER, Fate, FixedFate, RandomFate
 from rjet.partitions import Partitions
+from rjet.reader import ReadConfig, ShardFilter, StreamClient
 from rjet.retry import RetryPolicy
 from rjet.run import Spec, StreamClientLike, StreamFunc, run, run_forever
 from rjet.stats import ConsumerStats, StatsSnapshot
@@ -95,6 +95,7 @@ __all__ = [
     "ReadConfig",
     "RetryPolicy",
     "RjetError",
+    "ShardFilter",
     "Spec",
     "StatsSnapshot",
     "Stopped",

@@ -24,7 +24,6 @@ from rjet._nats.client import api_prefix, api_timeout, connection
 from rjet._nats.denials import denials, starts
 from rjet._nats.frames import encode_header_block, encode_headers
 from rjet._nats.publish import Outgoing, ack_error, ack_seq, publish_many
-from rjet._reader import ReadConfig, StreamClient
 from rjet.errors import (
     ConfigError,
     InsertError,
@@ -35,6 +34,7 @@ from rjet.errors import (
     StreamNotFound,
 )
 from rjet.partitions import DEFAULT_PARTITIONS, METADATA_KEY, Partitions
+from rjet.reader import ReadConfig, StreamClient
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -336,7 +336,8 @@ class Stream:
         (and ``async for`` end) once every event present at open has been delivered.
 
         ``key_filter(foreign_id)`` passes over the events it rejects before decoding them (sharding):
-        ``recv`` never returns them.
+        ``recv`` never returns them. A :class:`rjet.reader.ShardFilter` (what :mod:`rjet.parallel`
+        workers use) is recognised, and hashed on the raw header bytes.
 
         ``stream_id`` is the identity of the stream ``after`` was recorded in (``StreamClient.stream_id``
         of an earlier client; ``run`` passes what the cursor store recorded): a stream deleted and
@@ -347,11 +348,10 @@ class Stream:
         :class:`rjet.CursorAhead` when ``after`` is past the stream's end. While reading,
         :class:`rjet.EventsRemoved` when events are removed (retention, a purge) before it gets to them.
         """
-        start = parse_cursor(after, f"stream {self.name!r}")
-        client = StreamClient(
+        return await StreamClient.open(
             self.js,
             self.name,
-            after=start,
+            after=parse_cursor(after, f"stream {self.name!r}"),
             from_head=from_head,
             to_head=to_head,
             filter_subjects=self.filter_subjects,
@@ -359,8 +359,6 @@ class Stream:
             stream_id=stream_id,
             key_filter=key_filter,
         )
-        await client._open()  # noqa: SLF001 (Stream is the client's factory)
-        return client
 
     @property
     def _nc(self) -> Client:

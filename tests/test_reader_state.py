@@ -12,8 +12,8 @@ from nats.js import JetStreamContext
 
 import rjet
 from rjet._nats.parser import FastParser
-from rjet._reader import ReadConfig, StreamClient
 from rjet.parallel._shard import key_filter, shard_of
+from rjet.reader import ReadConfig, StreamClient
 
 LANES = pytest.mark.parametrize("fast_lane", [True, False], ids=["fast-lane", "subscription"])
 HDR = b"NATS/1.0\r\nreflex_type: 1\r\nrjet_foreign_id: k\r\n\r\n"
@@ -25,7 +25,7 @@ def _reply(stream: str, consumer: bytes, sseq: int, cseq: int, pending: int = 0)
 
 async def _next_session(client: StreamClient, old: object) -> None:
     for _ in range(500):
-        if client._session is not None and client._session is not old:
+        if client._state.session is not None and client._state.session is not old:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the client never created its next consumer")
@@ -39,54 +39,56 @@ async def test_a_recovery_swaps_the_whole_session_and_the_old_consumers_frames_a
     await stream.insert_many([(f"k{i}", 1, b"x") for i in range(20)])
     async with await stream.stream() as client:
         got = [(await asyncio.wait_for(client.recv(), 5)).id_int for _ in range(5)]
-        old = client._session
+        old = client._state.session
         assert old is not None
         assert old.cseq == client.last_sequence  # this consumer sent every frame so far
-        last, held = client.last_sequence, len(client._buf)
+        last, held = client.last_sequence, len(client._state.buf)
 
-        client._recover("a test")
-        assert client._session is None  # dropped at once: nothing of the old consumer's is taken now
+        client._sessions.recover("a test")
+        assert client._state.session is None  # dropped at once: nothing of the old consumer's is taken now
 
         def stale_frames() -> None:
             """What the old consumer might still have in flight: a delivery, a status."""
-            client._on_frame(b"subject", _reply(name, old.name, last + 1, old.cseq + 1), HDR, b"stale")
-            client._on_frame(old.deliver, b"", b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 7\r\n\r\n", b"")
+            client._intake.on_frame(b"subject", _reply(name, old.name, last + 1, old.cseq + 1), HDR, b"stale")
+            client._intake.on_frame(
+                old.deliver, b"", b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 7\r\n\r\n", b""
+            )
 
         stale_frames()
-        assert (client.last_sequence, len(client._buf)) == (last, held)
+        assert (client.last_sequence, len(client._state.buf)) == (last, held)
 
         await _next_session(client, old)
-        new = client._session
+        new = client._state.session
         assert new is not None
         assert new.name != old.name
         assert new.deliver != old.deliver  # another inbox subject: the old one's statuses do not match
         assert new.next_subject != old.next_subject
         assert new.requests is not old.requests
-        state = (client.last_sequence, len(client._buf), new.cseq, new.pending, client._frames)
+        state = (client.last_sequence, len(client._state.buf), new.cseq, new.pending, new.frames)
         stale_frames()  # and still ignored once the new consumer's session is in
-        assert (client.last_sequence, len(client._buf), new.cseq, new.pending, client._frames) == state
+        assert (client.last_sequence, len(client._state.buf), new.cseq, new.pending, new.frames) == state
 
         got += [(await asyncio.wait_for(client.recv(), 5)).id_int for _ in range(15)]
-        assert client._session is new
+        assert client._state.session is new
         assert new.cseq == 20 - last  # its consumer sequence counts its own deliveries from 1
         assert (client.recoveries, client.last_sequence) == (1, 20)  # the stream's state carried on
     assert got == list(range(1, 21))
-    assert client._session is None  # dropped on close, and its consumer deleted (a lost one the server reaps)
+    assert client._state.session is None  # dropped on close, and its consumer deleted (a lost one the server reaps)
     assert [c.name.encode() for c in await js.consumers_info(name)] == [old.name]
 
 
 async def test_each_consumer_starts_a_session_of_its_own(stream: rjet.Stream) -> None:
     async with await stream.stream() as client:
-        first = client._session
+        first = client._state.session
         assert first is not None
         assert (first.cseq, first.pattern) == (0, None)  # no frame yet
         await stream.insert("k", 1, b"one")
         assert (await asyncio.wait_for(client.recv(), 5)).metadata == b"one"
-        assert client._session is first
+        assert client._state.session is first
         assert first.cseq == 1
-        client._recover("a test")
+        client._sessions.recover("a test")
         await _next_session(client, first)
-        second = client._session
+        second = client._state.session
         assert second is not None
         assert (second.cseq, second.pattern, second.prefix) == (0, None, b"")
         await stream.insert("k", 1, b"two")
@@ -102,7 +104,7 @@ _KEYS = [f"user-{i}" for i in range(12)]
 
 
 def _wire(client: StreamClient, gap_at: int | None, count: int = 12) -> bytes:
-    session = client._session
+    session = client._state.session
     assert session is not None
     out = []
     cseq = 0
@@ -111,7 +113,7 @@ def _wire(client: StreamClient, gap_at: int | None, count: int = 12) -> bytes:
         hdr = b"NATS/1.0\r\nreflex_type: 1\r\nrjet_foreign_id: %s\r\n\r\n" % _KEYS[i].encode()
         reply = _reply(client.stream, session.name, i + 1, cseq, count - i - 1)
         body = b"x%d" % i
-        sid = client._sid
+        sid = client._sessions.sid
         out.append(
             b"HMSG %s.e %d %s %d %d\r\n%s%s\r\n"
             % (client.stream.encode(), sid, reply, len(hdr), len(hdr) + len(body), hdr, body)
@@ -124,19 +126,19 @@ async def _feed(
 ) -> tuple[object, ...]:
     client = await stream.stream(key_filter=filt)
     try:
-        parser = FastParser(client._nc)
-        parser.lanes[client._sid] = client._on_lane_frame
+        parser = FastParser(client._sessions._nc)
+        parser.lanes[client._sessions.sid] = client._intake.on_lane_frame
         if bulk:
-            parser.scanners[client._sid] = client._scan
-        stats = client._nc.stats
+            parser.scanners[client._sessions.sid] = client._intake.scan
+        stats = client._sessions._nc.stats
         before = stats["in_msgs"]
         await parser.parse(_wire(client, gap_at))  # lane frames only: nothing else runs meanwhile
         return (
             stats["in_msgs"] - before,
-            [frame[0] for frame in client._buf],
+            [frame[0] for frame in client._state.buf],
             client.last_sequence,
             client.skipped,
-            client._session is None,
+            client._state.session is None,
         )
     finally:
         await client.close()

@@ -8,10 +8,10 @@ import pytest
 from nats.js import JetStreamContext, api
 
 import rjet
-import rjet._reader
-from rjet._reader import _Requests
+import rjet.reader._session
 from rjet.parallel import shard_of
 from rjet.parallel._shard import key_filter
+from rjet.reader._session import Requests
 from rjet.server import EmbeddedServer
 
 
@@ -190,13 +190,13 @@ async def test_a_consumer_named_like_its_stream_still_reads_every_event_in_order
         def next(self) -> bytearray:
             return bytearray(name.encode())
 
-    monkeypatch.setattr(rjet._reader, "NUID", SameName)
+    monkeypatch.setattr(rjet.reader._session, "NUID", SameName)
     stream = await rjet.Stream.create(js, name)
     await stream.insert_many([(f"k{i}", 1, b"x") for i in range(300)])
     async with await stream.stream(to_head=True) as client:
         assert [e.id async for e in client] == [str(i) for i in range(1, 301)]
-        assert client._session is not None
-        assert client._session.name == name.encode()
+        assert client._state.session is not None
+        assert client._state.session.name == name.encode()
 
 
 def test_read_config_refuses_settings_that_cannot_work() -> None:
@@ -270,12 +270,12 @@ def test_pull_requests_are_accounted_oldest_first() -> None:
     a status (408 expired, 409 the next message would pass max_bytes) and confirms that a request with
     max_bytes got its whole batch with a 409 too. Arguments: messages delivered, bytes held, budget,
     messages owed, the new request's share of the budget."""
-    r = _Requests()
+    r = Requests()
     for owed in (0, 10, 20, 30):  # shares keep requests pipelined while the budget lasts
         assert r.max_bytes(0, 100, 1000, owed, 225) == 225
         r.add(10, 225)
     assert r.max_bytes(0, 100, 1000, 40, 225) == -1  # nothing left: wait
-    r = _Requests()
+    r = Requests()
     assert r.max_bytes(0, 0, 1000, 0, 1000) == 1000
     r.add(10, 600)
     r.add(10, 400)
@@ -453,3 +453,31 @@ async def test_nats_py_statistics_count_every_delivery(
         assert len(got) == (mine if shard else 1000)
     finally:
         await nc.close()
+
+
+# ------------------------------------------------------------------ opening, and what a client keeps
+
+
+async def test_a_client_opens_in_one_step_and_one_not_opened_says_so(js: JetStreamContext, stream: rjet.Stream) -> None:
+    await stream.insert_many([("a", 1, b"x"), ("b", 2, b"y")])
+    async with await rjet.StreamClient.open(js, stream.name, after=1, to_head=True) as client:
+        assert [(e.id, e.foreign_id) async for e in client] == [("2", "b")]
+        assert client.stream_id.startswith(f"{stream.name}@")
+    unopened = rjet.StreamClient(js, stream.name, config=rjet.ReadConfig())
+    with pytest.raises(rjet.ConfigError, match=r"not open: use `await StreamClient\.open"):
+        await unopened.recv()
+    await unopened.close()
+
+
+@pytest.mark.parametrize("fast_lane", [True, False], ids=["fast-lane", "subscription"])
+async def test_keep_raw_keeps_each_events_subject_and_headers(js: JetStreamContext, name: str, fast_lane: bool) -> None:
+    await rjet.Stream.create(js, name)
+    await js.publish(f"{name}.other", b"plain", headers={"reflex_type": "3", "X-Extra": "1"})
+    stream = rjet.Stream(js, name, read=rjet.ReadConfig(keep_raw=True, fast_lane=fast_lane))
+    await stream.insert_many([(f"k{i}", 1, b"") for i in range(300)])  # runs the bulk scan would take
+    async with await stream.stream(to_head=True) as client:
+        seen = [(e.id_int, client.last_subject, client.last_headers) async for e in client]
+    assert len(seen) == 301
+    assert seen[0] == (1, f"{name}.other", b"NATS/1.0\r\nreflex_type: 3\r\nX-Extra: 1\r\n\r\n")
+    assert all(subject == f"{name}.events" for _, subject, _ in seen[1:])
+    assert all(hdr is not None and b"rjet_foreign_id: k%d\r\n" % (seq - 2) in hdr for seq, _, hdr in seen[1:])

@@ -17,8 +17,8 @@ from nats.protocol.parser import Parser
 
 import rjet
 from rjet._nats.parser import FastParser, fast_lanes
-from rjet._reader import StreamClient
 from rjet.parallel._shard import key_filter, shard_of
+from rjet.reader import StreamClient
 
 
 async def read_all(stream: rjet.Stream, after: str = "") -> list[rjet.Event]:
@@ -103,8 +103,8 @@ async def test_the_reader_takes_both_reply_subject_forms(stream: rjet.Stream) ->
     async with await stream.stream() as client:
         first = await asyncio.wait_for(client.recv(), 5)
         assert first.metadata == b"real"
-        assert client._session is not None
-        consumer = client._session.name
+        assert client._state.session is not None
+        consumer = client._state.session.name
         hdr = b"NATS/1.0\r\nreflex_type: 7\r\nrjet_foreign_id: v2-key\r\n\r\n"
         for seq, cseq in ((2, 2), (3, 3)):
             reply = b"$JS.ACK.hub.ACCOUNTHASH.%s.%s.1.%d.%d.1700000000000000000.0.abc" % (
@@ -113,7 +113,7 @@ async def test_the_reader_takes_both_reply_subject_forms(stream: rjet.Stream) ->
                 seq,
                 cseq,
             )
-            client._on_frame(b"subject", reply, hdr, b"v2")
+            client._intake.on_frame(b"subject", reply, hdr, b"v2")
         got = [await asyncio.wait_for(client.recv(), 5) for _ in range(2)]
     assert [(e.id, e.type, e.foreign_id, e.metadata) for e in got] == [
         ("2", 7, "v2-key", b"v2"),
@@ -162,10 +162,10 @@ _filters: list[Callable[[str], bool] | None] = [
 
 
 def _wire_bytes(client: StreamClient, frames: list[_Frame], v2: bool) -> bytes:
-    session = client._session
+    session = client._state.session
     assert session is not None
     consumer = session.name
-    stream, sid = client.stream.encode(), client._sid
+    stream, sid = client.stream.encode(), client._sessions.sid
     out, sseq, cseq = [], 0, 0
     for i, f in enumerate(frames):
         if f.kind == "heartbeat":
@@ -186,7 +186,7 @@ def _wire_bytes(client: StreamClient, frames: list[_Frame], v2: bool) -> bytes:
 
 def _outcome(client: StreamClient) -> tuple[object, ...]:
     events: list[object] = []
-    for frame in client._buf:
+    for frame in client._state.buf:
         try:
             e = client._decode(*frame)
             events.append((e.id, e.type, e.foreign_id, e.timestamp, e.metadata))
@@ -194,13 +194,13 @@ def _outcome(client: StreamClient) -> tuple[object, ...]:
             events.append(str(err))
     return (
         events,
-        client._last,
-        client._session.cseq if client._session is not None else None,
+        client._state.last,
+        client._state.session.cseq if client._state.session is not None else None,
         client.skipped,
-        client._skipped,
-        client._session is None,  # recovering after a gap
-        client._caught_up,
-        client._server_pending,
+        client._state.skipped_at,
+        client._state.session is None,  # recovering after a gap
+        client._state.caught_up,
+        client._state.server_pending,
         client.buffered_bytes,
     )
 
@@ -210,10 +210,10 @@ async def _feed(
 ) -> tuple[object, ...]:
     client = await stream.stream(key_filter=_filters[which])
     try:
-        parser = FastParser(client._nc)
-        parser.lanes[client._sid] = client._on_frame
+        parser = FastParser(client._sessions._nc)
+        parser.lanes[client._sessions.sid] = client._intake.on_frame
         if bulk:
-            parser.scanners[client._sid] = client._scan
+            parser.scanners[client._sessions.sid] = client._intake.scan
         data = _wire_bytes(client, frames, v2)
         at = 0
         for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
@@ -261,19 +261,28 @@ def test_a_gap_among_the_last_passed_over_frames_is_found(
     assert bulk == loop.run_until_complete(_feed(stream, frames, cuts, which, False, bulk=False))
 
 
-async def test_only_a_well_formed_shard_filter_is_hashed_by_the_reader(stream: rjet.Stream) -> None:
+async def test_only_a_shard_filter_is_hashed_by_the_reader(stream: rjet.Stream) -> None:
+    """The reader recognises rjet.ShardFilter by its type: any other callable is called per event,
+    whatever attributes it has (the reader once took an ``xxh3_shard`` attribute at its word)."""
+
     class Claims:
-        def __init__(self, shard: object) -> None:
-            self.xxh3_shard = shard
+        xxh3_shard = (0, 3)
 
         def __call__(self, fid: str) -> bool:
             return True
 
+    class Narrower(rjet.ShardFilter):  # a subclass may decide otherwise: called, not hashed
+        def __call__(self, fid: str) -> bool:
+            return False
+
     async with await stream.stream(key_filter=key_filter(1, 3)) as client:
-        assert client._shard == (1, 3)
-    for bogus in [(3, 3), (-1, 2), ("0", 2), (0,), [0, 2], None]:
-        async with await stream.stream(key_filter=Claims(bogus)) as client:
-            assert client._shard is None, bogus
+        assert client._intake._shard == (1, 3)
+    async with await stream.stream(key_filter=rjet.ShardFilter(2, 5)) as client:
+        assert client._intake._shard == (2, 5)
+    others: list[Callable[[str], bool]] = [Claims(), Narrower(0, 3), lambda fid: True]
+    for other in others:
+        async with await stream.stream(key_filter=other) as client:
+            assert client._intake._shard is None, other
 
 
 # The fast lane against nats-py's own parser: the same bytes, cut anywhere, give the same calls.

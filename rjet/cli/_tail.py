@@ -20,7 +20,6 @@ from nats.js import api
 
 import rjet
 from rjet._nats.denials import guard_api
-from rjet._reader import StreamClient
 from rjet.cli._common import Connection, connection_options, iso, run
 from rjet.cli._group import _first_at
 from rjet.stream import parse_cursor
@@ -199,54 +198,15 @@ def parse_headers(hdr: bytes | None) -> Headers:
     return out
 
 
-class _RawClient(StreamClient):
-    """A stream client that keeps the subject and headers of the event it returned last.
-
-    Only for ``--subject``/``--headers``, and always without the fast lane, whose frames carry
-    neither; every other tail reads through the plain :class:`StreamClient`, untouched.
-    """
-
-    subject = ""
-    headers: bytes | None = None
-
-    def _decode(
-        self,
-        sseq: int,
-        ts: int,
-        subject: bytes,
-        hdr: bytes | None,
-        data: bytes,
-        fid: str | None,
-        typ_value: bytes | None,
-        fid_value: bytes | None,
-        _held: int,
-    ) -> rjet.Event:
-        event = super()._decode(sseq, ts, subject, hdr, data, fid, typ_value, fid_value, _held)
-        self.subject = subject.decode("utf-8", "replace")
-        self.headers = hdr
-        return event
-
-
 async def _open(
     js: JetStreamContext, name: str, after: int, from_head: bool, to_head: bool, fids: frozenset[str], raw: bool
-) -> StreamClient:
+) -> rjet.StreamClient:
     key_filter: Callable[[str], bool] | None = fids.__contains__ if fids else None
-    if not raw:
-        return await rjet.Stream(js, name, read=_READ).stream(
-            str(after), from_head=from_head, to_head=to_head, key_filter=key_filter
-        )
-    client = _RawClient(
-        js,
-        name,
-        after=after,
-        from_head=from_head,
-        to_head=to_head,
-        filter_subjects=(),
-        config=dataclasses.replace(_READ, fast_lane=False),
-        key_filter=key_filter,
+    # --subject/--headers: the client keeps each event's subject and header block (ReadConfig.keep_raw).
+    read = dataclasses.replace(_READ, keep_raw=True) if raw else _READ
+    return await rjet.Stream(js, name, read=read).stream(
+        str(after), from_head=from_head, to_head=to_head, key_filter=key_filter
     )
-    await client._open()  # noqa: SLF001 (what Stream.stream does, with the client that keeps subjects)
-    return client
 
 
 async def _start_after(js: JetStreamContext, name: str, start: _Start) -> int:
@@ -345,7 +305,6 @@ async def _tail(
                 raise
             raise e.named(start.consumer, start.namespace) from None  # its hint: the real command line
         async with client:
-            raw = client if isinstance(client, _RawClient) else None
             printed = 0
             flushed = time.monotonic()
             loop = asyncio.get_running_loop()
@@ -371,14 +330,14 @@ async def _tail(
                     continue
                 if types and event.type not in types:
                     continue
-                if raw is None:
+                if not show.raw:
                     out.write(fmt(event) + "\n")
                 else:
                     out.write(
                         fmt(
                             event,
-                            raw.subject if show.subject else None,
-                            parse_headers(raw.headers) if show.headers else None,
+                            client.last_subject if show.subject else None,
+                            parse_headers(client.last_headers) if show.headers else None,
                         )
                         + "\n"
                     )

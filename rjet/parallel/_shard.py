@@ -7,10 +7,11 @@ host, in every version of rjet, puts a foreign ID in the same shard. The test ve
 
 from __future__ import annotations
 
-from rjet._keyhash import hash_bytes, key_hash
+from rjet._keyhash import key_hash
 from rjet.errors import ConfigError
+from rjet.reader import ShardFilter
 
-__all__ = ["ShardKeyFilter", "check_n", "key_filter", "log_fields", "shard_name", "shard_of"]
+__all__ = ["check_n", "key_filter", "log_fields", "shard_name", "shard_of"]
 
 
 def check_n(n: object, what: str = "n") -> int:
@@ -54,33 +55,8 @@ def log_fields(name: str, m: int, n: int, member: str | None = None) -> dict[str
     return fields
 
 
-class ShardKeyFilter:
-    """``filter(foreign_id) -> bool``: whether a foreign ID belongs to shard ``m`` of ``n``.
-
-    Its ``xxh3_shard`` attribute, ``(m, n)``, tells the stream client that the filter is exactly
-    ``shard_of(foreign_id, n) == m``, so it hashes the raw header value of a plain foreign ID itself
-    instead of decoding a string and calling the filter (the hot path of a worker passing over other
-    shards' events).
-    """
-
-    __slots__ = ("m", "n")
-
-    def __init__(self, m: int, n: int) -> None:
-        shard_name("x", m, n)
-        self.m = m
-        self.n = n
-
-    @property
-    def xxh3_shard(self) -> tuple[int, int]:
-        return self.m, self.n
-
-    def __call__(self, foreign_id: str) -> bool:
-        return hash_bytes(foreign_id.encode("utf-8")) % self.n == self.m  # key_hash, inlined
-
-    def __repr__(self) -> str:
-        return f"ShardKeyFilter(m={self.m}, n={self.n})"
-
-
-def key_filter(m: int, n: int) -> ShardKeyFilter:
-    """``filter(foreign_id) -> bool``: whether a foreign ID belongs to shard ``m`` of ``n`` (the hot path)."""
-    return ShardKeyFilter(m, n)
+def key_filter(m: int, n: int) -> ShardFilter:
+    """``filter(foreign_id) -> bool``: whether a foreign ID belongs to shard ``m`` of ``n``; a
+    :class:`rjet.ShardFilter`, which the stream client recognises and hashes on raw header bytes."""
+    shard_name("x", m, n)  # the same checks, and errors, as a shard's name
+    return ShardFilter(m, n)
