@@ -33,8 +33,8 @@ class JetStreamClaim:
     """
 
     __slots__ = (
-        "_store", "created", "cursor", "done", "expires", "key", "lost", "lost_event", "name", "owner", "plain", "released",
-        "rev", "stream",
+        "_store", "created", "cursor", "done", "expires", "key", "lost", "lost_event", "name", "owner", "plain",
+        "released", "rev", "stream",
     )  # fmt: skip
 
     def __init__(
