@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from nats.js import JetStreamContext, api
@@ -481,3 +482,71 @@ async def test_keep_raw_keeps_each_events_subject_and_headers(js: JetStreamConte
     assert seen[0] == (1, f"{name}.other", b"NATS/1.0\r\nreflex_type: 3\r\nX-Extra: 1\r\n\r\n")
     assert all(subject == f"{name}.events" for _, subject, _ in seen[1:])
     assert all(hdr is not None and b"rjet_foreign_id: k%d\r\n" % (seq - 2) in hdr for seq, _, hdr in seen[1:])
+
+
+# ------------------------------------------------------------------ a to_head reader's tail removed
+
+
+TAIL_READ = rjet.ReadConfig(batch=1, max_buffered=1, heartbeat=0.2, expires=1.0)
+
+
+async def _remove_tail(js: JetStreamContext, name: str, how: str, after: int, last: int) -> None:
+    if how == "purge":
+        await js.purge_stream(name)
+    else:
+        for seq in range(after + 1, last + 1):
+            await js.delete_msg(name, seq)
+
+
+@pytest.mark.parametrize("how", ["purge", "delete"])
+@pytest.mark.parametrize("filtered", [False, True], ids=["unfiltered", "filtered"])
+async def test_a_to_head_reader_whose_remaining_events_are_removed_raises_without_waiting_for_an_insert(
+    js: JetStreamContext, name: str, how: str, filtered: bool
+) -> None:
+    # Old code: no frame came after the removal, so the reader waited until the next insert (here,
+    # for ever) and only then raised EventsRemoved.
+    await rjet.Stream.create(js, name)
+    stream = rjet.Stream(js, name, read=TAIL_READ, filter_subjects=[f"{name}.>"] if filtered else None)
+    await stream.insert_many([(f"k{i}", 1, b"") for i in range(10)])
+    got: list[int] = []
+    async with await stream.stream(to_head=True) as client:
+        got.append((await asyncio.wait_for(client.recv(), 5)).id_int)  # one more may be on its way
+        await _remove_tail(js, name, how, 2, 10)
+
+        async def read_on() -> None:
+            while True:
+                got.append((await asyncio.wait_for(client.recv(), 5)).id_int)
+
+        with pytest.raises(rjet.EventsRemoved) as caught:
+            await read_on()
+    assert got in ([1], [1, 2])
+    assert (caught.value.first, caught.value.last, caught.value.certain) == (got[-1] + 1, 10, not filtered)
+
+
+async def test_run_to_head_ends_once_its_tail_is_purged(js: JetStreamContext, name: str) -> None:
+    # As reported: rjet.run(to_head=True) hung after its tail was purged.
+    stream = await rjet.Stream.create(js, name, read=TAIL_READ)
+    await stream.insert_many([(f"k{i}", 1, b"") for i in range(10)])
+    seen: list[int] = []
+
+    async def purge_at_3(fate: rjet.Fate, event: rjet.Event) -> None:
+        seen.append(event.id_int)
+        if len(seen) == 3:  # handling its third event, the run purges the stream
+            await js.purge_stream(name)
+
+    store = rjet.MemCursorStore()
+    spec = rjet.Spec(stream.stream, store, rjet.Consumer("c", purge_at_3), to_head=True)
+    with pytest.raises(rjet.EventsRemoved) as caught:
+        await asyncio.wait_for(rjet.run(spec), 10)
+    assert caught.value.last == 10
+    assert seen in ([1, 2, 3], [1, 2, 3, 4])
+    assert store.cursors == {"c": str(seen[-1])}
+
+    skipping = rjet.Stream(js, name, read=dataclasses.replace(TAIL_READ, on_removed="skip"))
+    await skipping.insert_many([(f"k{i}", 1, b"") for i in range(5)])  # 11..15
+    stats = rjet.ConsumerStats("d")
+    skip_spec = rjet.Spec(skipping.stream, rjet.MemCursorStore(), rjet.Consumer("d", purge_at_3), to_head=True)
+    seen.clear()
+    await asyncio.wait_for(rjet.run_forever(skip_spec, stats=stats), 10)  # returns at the head
+    assert seen in ([11, 12, 13], [11, 12, 13, 14])
+    assert stats.snapshot().removed == 15 - seen[-1]

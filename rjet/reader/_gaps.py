@@ -6,6 +6,9 @@
   and a pull request stayed open since; otherwise frames are held above :attr:`GapCheck.verified`
   until the stream's first sequence, asked for after they arrived, says whether anything was removed
   under them (:meth:`GapCheck.settle`, the verification task).
+- A ``to_head`` reader that waits, short of its head, for events the server said were coming, asks
+  its consumer once it has been quiet for a whole heartbeat: events removed from the stream's tail
+  send no frame that would show a jump (:meth:`GapCheck.tick`).
 
 A removed range ends the reader (:class:`rjet.EventsRemoved`, once every event before it was handed
 over) or, under ``ReadConfig(on_removed="skip")``, is logged, counted and handed over in its place.
@@ -25,7 +28,7 @@ import nats.js.errors
 
 from rjet._nats.client import api_prefix, api_timeout, connection
 from rjet._nats.denials import denials, starts
-from rjet.errors import EventsRemoved
+from rjet.errors import EventsRemoved, PermissionDenied
 from rjet.reader._session import FINAL_ERRORS, stream_info
 
 if TYPE_CHECKING:
@@ -80,6 +83,7 @@ class GapCheck:
         self._checking: asyncio.Task[None] | None = None
         self._verify_now = asyncio.Event()
         self._checked_at = 0.0  # loop time of the last check the verification made
+        self._quiet_at = -1  # the last sequence a waiting to_head reader had at the watchdog's last tick
 
     def tasks(self) -> list[asyncio.Task[None]]:
         """Its task running now."""
@@ -182,3 +186,61 @@ class GapCheck:
         if found is None or b'"error"' in reply.data[:16]:
             return (await stream_info(self._js, self._stream)).state.first_seq  # raises what the server said
         return int(found.group(1))
+
+    def tick(self) -> None:
+        """Each heartbeat (the watchdog): a ``to_head`` reader that waits with nothing buffered, short
+        of its head though the server has not said it caught up, asks its consumer whether anything is
+        left for it once it has been quiet for a whole heartbeat."""
+        st = self._state
+        if not (
+            st.to_head
+            and st.waiter is not None
+            and not st.caught_up
+            and st.last < st.head
+            and not st.buf
+            and not st.skipped_at
+            and not self.ranges
+            and st.error is None
+        ):
+            self._quiet_at = -1
+        elif self._quiet_at != st.last:
+            self._quiet_at = st.last
+        elif self._checking is None:
+            self._checking = self._loop.create_task(self._check_tail())
+
+    async def _check_tail(self) -> None:
+        """Events up to the head removed from the stream's tail send no frame: when the consumer has
+        nothing left for the reader and sent it nothing it has not taken, they are gone. (Its answer
+        comes on the connection after any frame it sent before it, so those have been taken then.)"""
+        st = self._state
+        s = st.session
+        try:
+            if s is None:
+                return
+            subject = f"{api_prefix(self._js)}.CONSUMER.INFO.{self._stream}.{s.name.decode()}"
+            try:
+                info = await self._denials.guard(starts(subject), self._js.consumer_info(self._stream, s.name.decode()))
+            except (*_REQUEST_ERRORS, PermissionDenied) as e:
+                log.debug("stream %r: cannot ask the consumer what is left (%r)", self._stream, e)
+                return
+            # Its consumer sequence counts what it sent (its stream sequence moves past a purge too).
+            sent = info.delivered.consumer_seq if info.delivered is not None else None
+            if (
+                st.session is not s
+                or st.closed
+                or st.error is not None
+                or st.buf
+                or st.caught_up
+                or st.last >= st.head
+                or info.num_pending
+                or sent != s.cseq
+            ):
+                return
+            gap = EventsRemoved(self._stream, st.last + 1, st.head, certain=not self.filtered)
+            if self.removed(gap):  # skipped: read on past it, to the head
+                st.last = st.head
+                if self.filtered:
+                    self.verified = max(self.verified, st.head)
+        finally:
+            if self._checking is asyncio.current_task():
+                self._checking = None

@@ -410,6 +410,7 @@ class Sessions:
                 self.recover(f"no message or heartbeat for {3 * hb:g}s")
             elif s.pending == 0:
                 await self.pull()
+            self._gaps.tick()
 
     # ----------------------------------------------------------------- close
 
