@@ -11,7 +11,7 @@ from nats.js import JetStreamContext
 from test_cli import _one_line_error, rjet_cmd
 
 import rjet
-from rjet._reader import _identity
+from rjet.reader import stream_identity as _identity
 from rjet.server import EmbeddedServer
 from rjet.testing import wait_until
 

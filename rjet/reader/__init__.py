@@ -36,5 +36,6 @@ Public here: :class:`ReadConfig`, :class:`StreamClient`, :class:`ShardFilter`.
 from rjet.reader._client import StreamClient
 from rjet.reader._config import ReadConfig
 from rjet.reader._filter import ShardFilter
+from rjet.reader._session import identity as stream_identity
 
-__all__ = ["ReadConfig", "ShardFilter", "StreamClient"]
+__all__ = ["ReadConfig", "ShardFilter", "StreamClient", "stream_identity"]

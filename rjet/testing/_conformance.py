@@ -22,13 +22,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
-from rjet._reader import ReadConfig, StreamClient
 from rjet.consumer import Batch, Consumer
 from rjet.cursors import MemCursorStore
 from rjet.deadletter import DeadLetter, DeadLetterSink
 from rjet.errors import EventsRemoved, HeadReached, RjetError, Tempted
 from rjet.event import Event
 from rjet.fate import Fate
+from rjet.reader import ReadConfig, StreamClient
 from rjet.retry import RetryPolicy
 from rjet.run import Spec, run, run_forever
 

@@ -30,7 +30,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
 from rjet._nats.frames import encode_header_block, encode_headers
-from rjet._reader import ReadConfig, StreamClient
 from rjet.errors import (
     ConfigError,
     CursorAhead,
@@ -42,6 +41,7 @@ from rjet.errors import (
     StreamRecreated,
 )
 from rjet.event import Event
+from rjet.reader import ReadConfig, StreamClient
 from rjet.stream import _NAME_RE, _as_bytes, parse_cursor
 
 if TYPE_CHECKING:
