@@ -91,10 +91,10 @@ class _Sqlite:
         return bool(conn.in_transaction)
 
     async def execute(self, conn: Any, sql: str, params: Params = ()) -> int:
+        # The cursor is not closed: closing is one more round trip to the connection's thread, and
+        # sqlite3 finalises the statement when the cursor goes (its rowcount is read here, no trip).
         cursor = await conn.execute(sql, tuple(params))
-        count = cursor.rowcount
-        await cursor.close()
-        return int(count)
+        return int(cursor.rowcount)
 
     async def executemany(self, conn: Any, sql: str, rows: Sequence[Params]) -> None:
         await conn.executemany(sql, [tuple(r) for r in rows])
