@@ -7,7 +7,7 @@ event that a reader does not ask for. :meth:`ConsumerStats.snapshot` returns a f
 
 ::
 
-    stats = ConsumerStats("mailer", timing=True)
+    stats = ConsumerStats("mailer", timing=True)  # the name is optional
     task = asyncio.create_task(rjet.run_forever(spec, stats=stats))
     ...
     print(stats.snapshot())
@@ -79,6 +79,7 @@ class StatsSnapshot:
 class ConsumerStats:
     """Mutable counters that ``run`` keeps for one consumer; see :class:`StatsSnapshot`.
 
+    ``name`` (optional) is what the snapshots and the Prometheus labels call the consumer.
     ``timing=True`` also measures every handler call (two clock reads per event) for the latency
     histogram.
     """
@@ -105,7 +106,7 @@ class ConsumerStats:
         "timing",
     )
 
-    def __init__(self, name: str, *, timing: bool = False) -> None:
+    def __init__(self, name: str = "", *, timing: bool = False) -> None:
         self.name = name
         self.timing = timing
         self.handled = 0

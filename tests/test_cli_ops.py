@@ -21,7 +21,7 @@ from test_cli import _env, _free_port, rjet_cmd
 import rjet
 from rjet.cli._common import JsonFormatter, cursor_hint
 from rjet.cli._worker import readiness
-from rjet.parallel import ShardStats, shard_of
+from rjet.parallel import ShardStats, admin, shard_of
 from rjet.parallel._reshard import _carried_done
 from rjet.server import EmbeddedServer
 from rjet.stats import ConsumerStats
@@ -65,7 +65,8 @@ async def test_status_watch_prints_one_json_document_per_look_until_ctrl_c(
     await stream.insert_many([("k", 1, b"")] * 3)
     ns = f"ns_{name}"[:60]
     async with await rjet.JetStreamCursorStore.create(js, ns) as store:
-        await store.set_cursor("mailer", "2")
+        await store.set_cursor("tool", "1")  # a record that names no stream: listed apart
+    await admin.set_cursor(await admin.open_namespace(js, ns), "mailer", "2", stream=name)
     proc = await _spawn("status", name, "--namespace", ns, "--watch", "0.2", "--json", "-s", server.url)
     try:
         assert proc.stdout is not None
@@ -82,6 +83,7 @@ async def test_status_watch_prints_one_json_document_per_look_until_ctrl_c(
     assert (first["stream"], first["events"], first["last_seq"]) == (name, 3, 3)
     assert [(c["name"], c["cursor"], c["lag_events"]) for c in first["consumers"]] == [("mailer", 2, 1)]
     assert [(c["name"], c["lag_events"]) for c in later["consumers"]] == [("mailer", 2)]
+    assert [(c["name"], c["cursor"], c["lag_events"]) for c in later["no_stream"]] == [("tool", 1, None)]
     assert later["time"] > first["time"]
     for line in out.splitlines():  # whatever came after: whole documents, one per line
         assert set(json.loads(line)) == set(first)

@@ -9,6 +9,13 @@ from rjet.cli._common import CliError, Connection, connection_options, run
 from rjet.parallel import admin
 
 
+def _check_set(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A usage error (exit status 2) for anything but a stream sequence, first, last or beginning."""
+    if value is None or value in ("first", "last", "beginning") or (value.isascii() and value.isdigit()):
+        return value
+    raise click.BadParameter(f"{value!r}: give a stream sequence, 'first', 'last' or 'beginning'", ctx, param)
+
+
 @click.command()
 @click.argument("name")
 @click.option("--namespace", required=True, metavar="NS", help="Cursor namespace (KV bucket rjet_cursors_NS).")
@@ -16,6 +23,7 @@ from rjet.parallel import admin
     "--set",
     "value",
     metavar="SEQ|first|last|beginning",
+    callback=_check_set,
     help="Store a new cursor: a stream sequence, 'first' (just before the stream's first retained event),"
     " 'last' (after every event present now) or 'beginning' (no cursor: from the start).",
 )
@@ -37,25 +45,25 @@ def cursor(
 ) -> None:
     """Print consumer NAME's stored cursor, or with --set, move it.
 
-    \b
-    Moving a cursor is how to go on after rjet.CursorExpired (events after the cursor expired:
-    --set first) or rjet.CursorAhead (the stream was recreated: --set beginning). Stop the
-    consumer first: one that is running is fenced by the write and stops with CursorConflict.
-        rjet cursor billing --namespace shop --set first --stream orders
+    Moving a cursor is how to go on after rjet.CursorExpired (events after the
+    cursor expired: --set first) or rjet.CursorAhead (the stream was recreated:
+    --set beginning). Stop the consumer first: one that is running is fenced by
+    the write and stops with CursorConflict.
 
     \b
-    The new record names the stream it counts in (--stream, or the one the stored record names),
-    so a stream deleted and created again later raises rjet.StreamRecreated. Refused: a stream that
-    does not exist, SEQ past its last sequence, SEQ before its first retained event (unless
-    --skip-removed), and a cursor recorded in another stream (or in an earlier stream of the same
+        rjet cursor billing --namespace shop --set first --stream orders
+
+    The new record names the stream it counts in (--stream, or the one the
+    stored record names), so a stream deleted and created again later raises
+    rjet.StreamRecreated. Refused: a stream that does not exist, SEQ past its
+    last sequence, SEQ before its first retained event (unless --skip-removed),
+    and a cursor recorded in another stream (or in an earlier stream of the same
     name, unless --stream names it).
     """
     if value in ("first", "last") and not stream:
         raise click.UsageError(f"--set {value} needs --stream")
     if skip_removed and value is None:
         raise click.UsageError("--skip-removed goes with --set")
-    if value is not None and value not in ("first", "last", "beginning") and not (value.isascii() and value.isdigit()):
-        raise CliError(f"--set {value!r}: give a stream sequence, 'first', 'last' or 'beginning'")
     click.echo(run(_cursor(conn, name, namespace, value, stream, skip_removed)))
 
 

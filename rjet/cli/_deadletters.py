@@ -42,11 +42,13 @@ def deadletters() -> None:
 
     \b
         rjet deadletters list orders_dlq
-        rjet deadletters list orders_dlq --consumer billing --since 2026-12-01T08:00:00Z --json
+        rjet deadletters list orders_dlq --consumer billing --json \\
+            --since 2026-12-01T08:00:00Z
         rjet deadletters show orders_dlq 3
         rjet deadletters replay orders_dlq 3 5-9 --dry-run
         rjet deadletters replay orders_dlq --consumer billing
-        rjet deadletters replay orders_dlq --consumer billing --to-stream billing_retry --create
+        rjet deadletters replay orders_dlq --consumer billing \\
+            --to-stream billing_retry --create
     """
 
 
@@ -99,7 +101,6 @@ def list_letters(
     """STREAM's dead letters, one line each: SEQ, when recorded (UTC), consumer, the event
     (source stream:sequence), attempts, error (cut to fit 80 columns).
 
-    \b
     SEQ is the dead letter's sequence in STREAM, what `show` and `replay` take. A range of events
     removed before the consumer read them shows as stream:first..last, with 0 attempts. With --json
     each line is the full record: seq, consumer, stream, event_id, type, foreign_id, timestamp (the
@@ -191,7 +192,6 @@ def show(conn: Connection, stream: str, seq: int, as_json: bool) -> None:
     """Dead letter SEQ of STREAM in full: the consumer, the event (stream, sequence, type, foreign
     ID, time, data), the attempts, the whole error, and when it was recorded.
 
-    \b
     Data that was too large to store in the record is looked up in the source stream: the output
     says whether that stream still holds it (then `replay` takes it from there) or it is lost.
     """
@@ -367,7 +367,6 @@ def replay(
     """Insert dead letters of STREAM again: into the stream they came from (every consumer of it
     reads them again), or with --to-stream into a stream of one consumer's own.
 
-    \b
     Select by SEQ (as `list` shows it; ranges A-B, commas), --all, or --consumer NAME (with SEQs:
     those of NAME among them). Each event is inserted with its type, foreign ID and data: from the
     record, or, for a record stored without its data (too large), from the source stream at its

@@ -9,10 +9,10 @@ from datetime import datetime
 from typing import Any
 
 import click
-from rich.table import Table
 
 from rjet import StreamNotFound
 from rjet.cli._common import Connection, age, connection_options, run, stdout_console
+from rjet.cli._layout import expired_line, member_line, table, width, wrap
 from rjet.parallel import admin
 
 _first_at = admin.sequence_at  # what rjet/cli/_tail.py imports from here
@@ -20,13 +20,16 @@ _first_at = admin.sequence_at  # what rjet/cli/_tail.py imports from here
 
 @click.group()
 def group() -> None:
-    """List, describe, reset and delete the cursors of Parallel groups (sharded consumers).
+    """List, describe, reset, prune and delete the cursors of Parallel groups (sharded consumers).
 
     \b
         rjet group list --namespace shop
         rjet group describe billing --namespace shop --stream orders
-        rjet group reset billing --namespace shop --stream orders --to-datetime 2026-12-01T08:00:00Z
-        rjet group reset billing --namespace shop --stream orders --shift-by -1000 --execute
+        rjet group reset billing --namespace shop --stream orders \\
+            --to-datetime 2026-12-01T08:00:00Z
+        rjet group reset billing --namespace shop --stream orders \\
+            --shift-by -1000 --execute
+        rjet group prune billing --namespace shop --execute
         rjet group delete billing --namespace shop --execute
     """
 
@@ -51,16 +54,13 @@ def list_groups(conn: Connection, namespace: str, as_json: bool) -> None:
     if not found:
         click.echo(f"no Parallel group in namespace {namespace!r}")
         return
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("group", "n", "old n", "members", "running"):
-        table.add_column(col)
-    for g in found:
-        live = [m.member for m in g.live_members]
-        table.add_row(
-            g.name, str(g.n or "?"), ",".join(map(str, g.old_generations)) or "-", ", ".join(live) or "-",
-            "yes" if g.running else "no",
-        )  # fmt: skip
-    stdout_console().print(table)
+    rows = [
+        [g.name, str(g.n or "?"), ",".join(map(str, g.old_generations)) or "-", "yes" if g.running else "no",
+         _members(g)]
+        for g in found
+    ]  # fmt: skip
+    headers = ("group", "n", "old n", "running", "members")
+    _echo(table(headers, rows, width(), right=(False, True, False, False, False), details=1), bold=1)
 
 
 @group.command("describe")
@@ -75,31 +75,25 @@ def describe_group(conn: Connection, name: str, namespace: str, stream: str, as_
     if as_json:
         click.echo(json.dumps(_group_json(g)))
         return
-    console = stdout_console()
+    limit = width()
     total = "?" if g.lag_events is None else f"{g.lag_events:,}"
-    console.print(
-        f"group [bold]{g.name}[/] in {g.namespace}: n={g.n or '?'}, lag {total} event(s)"
-        + (f"; old generations n={','.join(map(str, g.old_generations))}" if g.old_generations else ""),
-        highlight=False,
-        soft_wrap=True,
+    head = f"group {g.name} in {g.namespace}: n={g.n or '?'}, lag {total} event(s)" + (
+        f"; old generations n={','.join(map(str, g.old_generations))}" if g.old_generations else ""
     )
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col, justify in [("shard", "left"), ("cursor", "right"), ("done above", "right"), ("lag", "right"),
-                         ("running on", "left")]:  # fmt: skip
-        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for s in g.shards:
-        lag = "?" if s.lag_events is None else f"{s.lag_events:,}"
-        table.add_row(
-            s.name, str(s.cursor), str(s.done_above or "-"), lag, ", ".join(r.where for r in s.running_on) or "-"
-        )
-    console.print(table)
+    _echo(wrap(head, limit))
+    rows = [
+        [s.name, str(s.cursor), str(s.done_above or "-"), "?" if s.lag_events is None else f"{s.lag_events:,}",
+         running_on(s.runners)]
+        for s in g.shards
+    ]  # fmt: skip
+    headers = ("shard", "cursor", "done above", "lag", "running on")
+    _echo(table(headers, rows, limit, right=(False, True, True, True, False), details=1), bold=1)
     for m in g.members:
-        state = "live" if m.live else "expired"
-        console.print(
-            f"member {m.member} on {m.host} pid {m.pid}: lease renewed {age(m.age)} ago ({state})",
-            highlight=False,
-            soft_wrap=True,
-        )
+        if m.state != "expired":
+            _echo(wrap(member_line(m.member, m.host, m.pid, m.state, age(m.age), age(m.ttl), m.shards), limit))
+    expired = [(m.member, m.host, m.pid, age(m.age)) for m in g.members if m.state == "expired"]
+    if expired:
+        _echo(wrap(expired_line(g.name, g.namespace, expired), limit))
 
 
 @group.command("reset")
@@ -168,6 +162,25 @@ def reset_group(
     click.echo(f"{len(plan.moves)} cursor(s) " + ("moved" if execute else "would move (a dry run: add --execute)"))
 
 
+@group.command("prune")
+@click.argument("name")
+@_namespace
+@click.option("--execute", is_flag=True, help="Delete (without it: list what would go, a dry run).")
+@connection_options
+def prune_group(conn: Connection, name: str, namespace: str, execute: bool) -> None:
+    """Delete group NAME's expired member leases and stale heartbeats.
+
+    What members that were killed (or stopped with a stable id and did not come back) left behind:
+    the group ignores them, and the views list them until they go. Each is read again before it is
+    deleted: one written since (its member came back) stays. Cursors and the group record are kept;
+    the group may be running.
+    """
+    keys = run(_prune(conn, name, namespace, execute))
+    for key in keys:
+        click.echo(key)
+    click.echo(f"{len(keys)} key(s) " + ("deleted" if execute else "would be deleted (a dry run: add --execute)"))
+
+
 @group.command("delete")
 @click.argument("name")
 @_namespace
@@ -218,22 +231,51 @@ async def _reset(
         return await admin.reset_group(store, name, stream, target, execute=execute, skip_removed=skip_removed)
 
 
+async def _prune(conn: Connection, name: str, namespace: str, execute: bool) -> tuple[str, ...]:
+    async with conn.connect() as nc:
+        store = await admin.open_namespace(nc.jetstream(), namespace)
+        return await admin.prune_group(store, name, execute=execute)
+
+
 async def _delete(conn: Connection, name: str, namespace: str, execute: bool) -> tuple[str, ...]:
     async with conn.connect() as nc:
         store = await admin.open_namespace(nc.jetstream(), namespace)
         return await admin.delete_group(store, name, execute=execute)
 
 
+def _members(g: admin.GroupInfo) -> str:
+    """The members column of ``group list``: the live ones, the stopped ones marked, the expired counted."""
+    names = [m.member + (" (stopped)" if m.state == "stopped" else "") for m in g.members if m.state != "expired"]
+    expired = sum(m.state == "expired" for m in g.members)
+    return (", ".join(names) or "-") + (f" (+{expired} expired)" if expired else "")
+
+
+def _echo(lines: list[str], *, bold: int = 0) -> None:
+    console = stdout_console()
+    for i, line in enumerate(lines):
+        console.print(line, style="bold" if i < bold else "", soft_wrap=True, highlight=False, markup=False)
+
+
+def running_on(runners: tuple[admin.RunnerInfo, ...]) -> str:
+    """Who runs a shard, as ``rjet status`` says it too: the live heartbeats, then the stale ones marked."""
+    live = [r.where for r in runners if r.live]
+    stale = [f"{r.where} (stale: heartbeat {age(r.age)} ago)" for r in runners if not r.live]
+    return ", ".join(live + stale) or "-"
+
+
 def _group_json(g: admin.GroupInfo) -> dict[str, Any]:
     now = time.time()
     shards = [
         {"name": s.name, "m": s.m + 1, "n": s.n, "cursor": s.cursor, "done_above": s.done_above,
-         "lag_events": s.lag_events, "running_on": [r.where for r in s.running_on]}
+         "lag_events": s.lag_events, "running_on": [r.where for r in s.running_on],
+         "runners": [{"host": r.host, "pid": r.pid, "group": r.run_id, "heartbeat_seconds_ago": round(r.age, 1),
+                      "stale": not r.live, "member": r.member} for r in s.runners]}
         for s in g.shards
     ]  # fmt: skip
     members = [
         {"member": m.member, "host": m.host, "pid": m.pid, "max_shards": m.max_shards, "since": m.since,
-         "seen_ago": m.age, "live": m.live, "n": m.n, "at": now}
+         "seen_ago": m.age, "live": m.live, "state": m.state, "shards": list(m.shards), "ttl": m.ttl, "n": m.n,
+         "at": now}
         for m in g.members
     ]  # fmt: skip
     return {

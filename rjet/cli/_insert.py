@@ -314,23 +314,34 @@ def insert(
 ) -> None:
     """Insert events into STREAM: one per FOREIGN_ID argument, or JSON lines from stdin.
 
-    \b
     With FOREIGN_ID arguments, each gets an event of --type with --data:
-        rjet insert orders order-17 order-18 --type 1 --data '{"total": 12}'
-    Without, each stdin line is a JSON object (blank lines are skipped):
-        {"foreign_id": "order-17", "type": 1, "data": "text or any JSON value"}
-    "type" defaults to --type; "data" is stored as UTF-8 text when it is a string and as compact
-    JSON otherwise; "data_b64" gives binary data instead; "msg_id" makes the insert idempotent
-    within the stream's duplicate window. Other keys (such as "id" and "timestamp" from
-    `rjet tail --json`) are ignored, so `rjet tail A --json --to-head | rjet insert B` copies a stream.
-
-    Prints how many events were inserted and their first and last sequence (event ID).
 
     \b
-    --create with stream options makes the stream they describe, for example the partitioned
-    layout that `rjet worker` groups read with server-side filtering:
+        rjet insert orders order-17 order-18 --type 1 --data '{"total": 12}'
+
+    Without, each stdin line is a JSON object (blank lines are skipped):
+
+    \b
+        {"foreign_id": "order-17", "type": 1, "data": "text or any JSON value"}
+
+    "type" defaults to --type; "data" is stored as UTF-8 text when it is a
+    string and as compact JSON otherwise; "data_b64" gives binary data instead;
+    "msg_id" makes the insert idempotent within the stream's duplicate window.
+    Other keys (such as "id" and "timestamp" from `rjet tail --json`) are
+    ignored, so `rjet tail A --json --to-head | rjet insert B` copies a stream.
+
+    Prints how many events were inserted and their first and last sequence
+    (event ID).
+
+    --create with stream options makes the stream they describe, for example the
+    partitioned layout that `rjet worker` groups read with server-side
+    filtering:
+
+    \b
         rjet insert orders --create --partitions 720 --max-age 7d order-17
-    A stream that exists already must have the options given (an error names each difference).
+
+    A stream that exists already must have the options given (an error names
+    each difference).
     """
     spec = _CreateSpec.of(create, stream_options)
     if foreign_ids:

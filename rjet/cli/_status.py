@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import click
-from rich.console import Console, Group, RenderableType
+from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from rjet.cli._common import Connection, age, connection_options, iso, run, stdout_console
+from rjet.cli._layout import expired_line, member_line, table, width, wrap
 from rjet.parallel import admin
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class Row:
     idle_seconds: float | None  # time since the cursor was last written
     note: str = ""
     runners: tuple[Runner, ...] = ()  # groups whose heartbeat for this shard is still stored
+    recorded_in: str | None = None  # the stream (name@created) its record names; None: names none
 
 
 @click.command()
@@ -79,19 +81,25 @@ def status(
     """Show each consumer's cursor on STREAM, its lag, its last activity, and where each shard runs.
 
     \b
-    cursor         the ID of the last event the consumer handled (its stored cursor)
-    lag            events in STREAM after the cursor, and the age of the oldest of them
-    last activity  when the cursor was last stored (stores write at most every second or
-                   so, and only when it moves: a caught-up consumer with nothing to do
-                   looks quiet)
-    running on     for a Parallel shard, the host and pid of each group whose heartbeat for it
-                   is stored (the pid of the process running Parallel.run); a heartbeat older
-                   than the group's heartbeat_ttl is marked stale: that group stopped without
-                   a clean shutdown, or its host's clock is off
-    Cursors are read, never claimed: running consumers are not disturbed. A cursor namespace is not
-    tied to a stream, so use --namespace to leave out consumers of other streams.
-    With --watch it looks again every few seconds until Ctrl-C (exit status 0); with --json too,
-    each look is one JSON document on one line ("consumers" and "members" lists).
+    cursor         the ID of the last event the consumer handled
+    lag            events in STREAM after the cursor, and the age of the oldest
+    last activity  when the cursor was last stored (at most every second or so,
+                   and only when it moves: a caught-up consumer looks quiet)
+    running on     for a Parallel shard: the host and pid (of Parallel.run) of
+                   each group whose heartbeat for it is stored; one older than
+                   the group's heartbeat_ttl is marked stale (that group
+                   stopped without a clean shutdown, or its host's clock is off)
+
+    Only the cursors recorded in STREAM are shown, and, listed apart, those
+    whose record names no stream (written by a tool or an older rjet), with how
+    to name it. Cursors are read, never claimed: running consumers are not
+    disturbed. The members of the elastic groups shown come after them: live,
+    stopped, and the expired leases of members gone (rjet group prune).
+
+    The view fits the terminal's width ($COLUMNS, else 80 in a pipe): a name too
+    long for its column gets a line of its own. With --watch it looks again
+    every few seconds until Ctrl-C (exit status 0); with --json too, each look
+    is one JSON document on one line ("consumers", "no_stream" and "members").
     """
     try:
         run(_status(conn, stream, namespaces, pattern, as_json, watch))
@@ -105,7 +113,9 @@ def _row(c: admin.ConsumerInfo) -> Row:
     runners = tuple(
         Runner(r.host, r.pid, r.run_id, round(r.age, 1), not r.live, r.member) for r in c.runners
     )  # freshest first
-    return Row(c.namespace, c.name, c.cursor, c.lag_events, c.lag_seconds, c.idle_seconds, c.note, runners)
+    return Row(
+        c.namespace, c.name, c.cursor, c.lag_events, c.lag_seconds, c.idle_seconds, c.note, runners, c.recorded_in
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,10 +130,12 @@ class MemberRow:
     lease_seconds_ago: float
     live: bool
     shards: tuple[str, ...]
+    state: str  # live, stopped (gracefully, with a stable id: its shards wait for it) or expired
+    ttl: float  # the lease's
 
 
 def _member_row(namespace: str, m: admin.MemberInfo) -> MemberRow:
-    return MemberRow(namespace, m.group, m.member, m.host, m.pid, round(m.age, 1), m.live, m.shards)
+    return MemberRow(namespace, m.group, m.member, m.host, m.pid, round(m.age, 1), m.live, m.shards, m.state, m.ttl)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,19 +148,33 @@ class View:
     last_seq: int
     last_insert: float | None  # when the last event was stored (seconds since the epoch)
     namespaces: tuple[str, ...]
-    rows: tuple[Row, ...]
-    members: tuple[MemberRow, ...]
+    rows: tuple[Row, ...]  # the cursors recorded in this stream
+    unknown: tuple[Row, ...]  # the cursors whose record names no stream: they may count in any
+    members: tuple[MemberRow, ...]  # of the elastic groups with a cursor among rows or unknown
 
 
 async def _look(js: JetStreamContext, name: str, namespaces: tuple[str, ...], pattern: str | None) -> View:
     state = await admin.stream_state(js, name)
     nss = tuple(namespaces) or tuple(await admin.namespaces(js))
-    stores = [await admin.open_namespace(js, ns) for ns in nss]
-    rows = [_row(c) for store in stores for c in await admin.consumers(store, state, pattern=pattern)]
-    members = [_member_row(store.namespace, m) for store in stores for m in await admin.members(store)]
+    rows: list[Row] = []
+    members: list[MemberRow] = []
+    for ns in nss:
+        store = await admin.open_namespace(js, ns)
+        found = [_row(c) for c in await admin.consumers(store, state, pattern=pattern)]
+        rows += found
+        members += [_member_row(ns, m) for m in await admin.members(store) if _shard_of(m.group, found)]
+    placed = tuple(r for r in rows if r.recorded_in is not None)
+    unknown = tuple(r for r in rows if r.recorded_in is None)
     return View(
-        state.name, state.events, state.first_seq, state.last_seq, state.last_stored, nss, tuple(rows), tuple(members)
-    )
+        state.name, state.events, state.first_seq, state.last_seq, state.last_stored, nss, placed, unknown,
+        tuple(members),
+    )  # fmt: skip
+
+
+def _shard_of(group: str, rows: list[Row]) -> bool:
+    """Whether a row is the cursor of a shard of ``group`` (``<group>_<m>_of_<n>``)."""
+    shard = re.compile(re.escape(group) + r"_\d+_of_\d+")
+    return any(shard.fullmatch(r.name) for r in rows)
 
 
 async def _status(
@@ -194,8 +220,10 @@ async def _watch(
 
 
 def _json_lines(view: View) -> list[str]:
-    """Without --watch: one JSON object per consumer, then one per elastic group member."""
+    """Without --watch: one JSON object per consumer of the stream, one per cursor that names no
+    stream ("stream" null, no lag), then one per elastic group member."""
     lines = [json.dumps({"stream": view.stream, "last_seq": view.last_seq, **dataclasses.asdict(r)}) for r in view.rows]
+    lines += [json.dumps({"stream": None, "last_seq": None, **dataclasses.asdict(r)}) for r in view.unknown]
     # Lines of their own kind: they have "member", not "cursor".
     lines += [json.dumps({"stream": view.stream, **dataclasses.asdict(m)}) for m in view.members]
     return lines
@@ -210,61 +238,111 @@ def _document(view: View) -> dict[str, Any]:
         "first_seq": view.first_seq,
         "last_seq": view.last_seq,
         "consumers": [dataclasses.asdict(r) for r in view.rows],
+        "no_stream": [dataclasses.asdict(r) for r in view.unknown],
         "members": [dataclasses.asdict(m) for m in view.members],
     }
 
 
-def _print(console: Console, view: Group) -> None:
-    for part in view.renderables:
-        # Lines of text are printed whole (a terminal wraps them), not broken at the console's width.
-        console.print(part, soft_wrap=isinstance(part, Text))
+def _print(console: Console, view: Text) -> None:
+    # Laid out for the width already (names whole, no trailing spaces): printed as is.
+    console.print(view, soft_wrap=True, highlight=False)
 
 
-def _render(view: View, *, watching: float | None = None) -> Group:
+_HEADERS: Final = ("consumer", "cursor", "lag (events)", "lag (time)", "last activity", "running on", "")
+_RIGHT: Final = (False, True, True, True, True, False, False)
+
+
+def _render(view: View, *, watching: float | None = None, columns: int | None = None) -> Text:
+    """The view as lines of at most ``columns`` (the terminal's width, else $COLUMNS, else 80)."""
+    limit = columns or width()
     since = "" if view.last_insert is None else f", last insert {age(time.time() - view.last_insert)} ago"
-    head = Text(f"stream {view.stream}: {view.events} event(s), sequences {view.first_seq}..{view.last_seq}{since}")
-    head.stylize("bold", len("stream "), len("stream ") + len(view.stream))
-    parts: list[RenderableType] = [head]
+    head = f"stream {view.stream}: {view.events} event(s), sequences {view.first_seq}..{view.last_seq}{since}"
+    out = Text()
+    _lines(out, wrap(head, limit), bold=(len("stream "), len("stream ") + len(view.stream)))
     if watching is not None:
-        parts.append(Text(f"every {watching:g}s, at {datetime.now().strftime('%H:%M:%S')}; Ctrl-C ends", style="dim"))
+        when = f"every {watching:g}s, at {datetime.now().strftime('%H:%M:%S')}; Ctrl-C ends"
+        _lines(out, wrap(when, limit), style="dim")
     if not view.rows:
         where = ", ".join(view.namespaces) if view.namespaces else "any namespace"
-        parts.append(Text(f"no consumer cursors in {where}"))
-        return Group(*parts)
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col, justify in [
-        ("namespace", "left"),
-        ("consumer", "left"),
-        ("cursor", "right"),
-        ("lag (events)", "right"),
-        ("lag (time)", "right"),
-        ("last activity", "right"),
-        ("running on", "left"),
-        ("", "left"),
-    ]:
-        # Names wrap rather than end in "…": billing_1… and billing_2… would be the same shard to a reader.
-        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for r in view.rows:
-        table.add_row(
-            r.namespace,
-            r.name,
-            str(r.cursor),
-            "-" if r.lag_events is None else str(r.lag_events),
-            age(r.lag_seconds),
-            "-" if r.idle_seconds is None else f"{age(r.idle_seconds)} ago",
-            ", ".join(map(_where, r.runners)) or "-",
-            r.note,
+        _lines(out, wrap(f"no consumer cursors of stream {view.stream} in {where}", limit))
+    for ns, rows in _by_namespace(view.rows):
+        cells = [
+            [
+                r.name, str(r.cursor), "-" if r.lag_events is None else str(r.lag_events), age(r.lag_seconds),
+                "-" if r.idle_seconds is None else f"{age(r.idle_seconds)} ago",
+                _running(r.runners), r.note,
+            ]
+            for r in rows
+        ]  # fmt: skip
+        _table(out, f"namespace {ns}:", table(_HEADERS, cells, limit, right=_RIGHT, details=2))
+    for line in _member_lines(view.members, limit):
+        _lines(out, [line])
+    if view.unknown:
+        _lines(out, [""])
+        said = (
+            f"{len(view.unknown)} cursor(s) name no stream (written by a tool, or by an older rjet): they may"
+            " count in any, so no lag is shown. To name one's stream: rjet cursor NAME --namespace NS --set SEQ"
+            " --stream STREAM (a consumer's next cursor write names it too)."
         )
-    parts.append(table)
-    for mr in view.members:
-        lease = f"lease renewed {age(mr.lease_seconds_ago)} ago" + ("" if mr.live else " (expired)")
-        parts.append(
-            Text(
-                f"elastic group {mr.group} ({mr.namespace}): member {mr.member} on {mr.host} pid {mr.pid}, {lease};"
-                f" runs {', '.join(mr.shards) or 'no shard'}"
-            )
-        )
-    return Group(*parts)
+        _lines(out, wrap(said, limit, hang=0))
+        for ns, rows in _by_namespace(view.unknown):
+            cells = [
+                [r.name, str(r.cursor), "-" if r.idle_seconds is None else f"{age(r.idle_seconds)} ago",
+                 _running(r.runners)]
+                for r in rows
+            ]  # fmt: skip
+            headers = ("consumer", "cursor", "last activity", "running on")
+            _table(out, f"namespace {ns}:", table(headers, cells, limit, right=(False, True, True, False), details=1))
+    out.rstrip()
+    return out
+
+
+def _by_namespace(rows: tuple[Row, ...]) -> list[tuple[str, list[Row]]]:
+    found: dict[str, list[Row]] = {}
+    for r in rows:
+        found.setdefault(r.namespace, []).append(r)
+    return list(found.items())
+
+
+def _lines(out: Text, lines: list[str], *, style: str = "", bold: tuple[int, int] | None = None) -> None:
+    for line in lines:
+        start = len(out)
+        out.append(line + "\n", style=style)
+        if bold is not None:
+            out.stylize("bold", start + bold[0], start + bold[1])
+            bold = None
+
+
+def _table(out: Text, title: str, lines: list[str]) -> None:
+    _lines(out, [title])
+    _lines(out, lines[:1], style="bold")
+    _lines(out, lines[1:])
+
+
+def _member_lines(members: tuple[MemberRow, ...], limit: int) -> list[str]:
+    """Per elastic group: a line per live or stopped member, then its expired leases in one line."""
+    out: list[str] = []
+    groups: dict[tuple[str, str], list[MemberRow]] = {}
+    for m in members:
+        groups.setdefault((m.namespace, m.group), []).append(m)
+    for (ns, group), ms in groups.items():
+        current = [m for m in ms if m.state != "expired"]
+        expired = [m for m in ms if m.state == "expired"]
+        counts = f"{len(current)} member(s)" if current else "no member"
+        counts += f", {len(expired)} expired lease(s)" if expired else ""
+        out += wrap(f"elastic group {group} (namespace {ns}): {counts}", limit)
+        for m in current:
+            line = member_line(m.member, m.host, m.pid, m.state, age(m.lease_seconds_ago), age(m.ttl), m.shards)
+            out += wrap(line, limit, indent=2)
+        if expired:
+            line = expired_line(group, ns, [(m.member, m.host, m.pid, age(m.lease_seconds_ago)) for m in expired])
+            out += wrap(line, limit, indent=2)
+    return out
+
+
+def _running(runners: tuple[Runner, ...]) -> str:
+    """Who runs a shard, as ``rjet group describe`` says it too: live heartbeats, then stale ones marked."""
+    return ", ".join([_where(r) for r in runners if not r.stale] + [_where(r) for r in runners if r.stale]) or "-"
 
 
 def _where(r: Runner) -> str:

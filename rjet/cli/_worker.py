@@ -217,15 +217,21 @@ def worker(
 ) -> None:
     """Consume STREAM with shards of a Parallel group, one process each, calling MODULE:FUNCTION.
 
+    FUNCTION is called as function(fate, event), plain or async, one event at a
+    time per shard (up to --concurrency K at a time) and in stream order per
+    foreign ID; raising stops the shard's run, which retries the event (with
+    --on-error retry only that foreign ID waits). The current directory is on
+    the import path. Run the same NAME and -n on every host, each with its own
+    --shard range:
+
     \b
-    FUNCTION is called as function(fate, event), plain or async, one event at a time per shard
-    (up to --concurrency K at a time) and in stream order per foreign ID; raising stops the shard's
-    run, which retries the event (with --on-error retry only that foreign ID waits).
-    The current directory is on the import path. Run the same NAME and -n on every host, each
-    with its own --shard range:
-        host A:  rjet worker orders billing:on_order --name billing -n 4 --shard 1-2 --namespace shop
-        host B:  rjet worker orders billing:on_order --name billing -n 4 --shard 3-4 --namespace shop
-    Stops gracefully on SIGINT or SIGTERM (a second one forces) and prints a summary.
+        host A:  rjet worker orders billing:on_order --name billing -n 4 \\
+                     --shard 1-2 --namespace shop
+        host B:  rjet worker orders billing:on_order --name billing -n 4 \\
+                     --shard 3-4 --namespace shop
+
+    Stops gracefully on SIGINT or SIGTERM (a second one forces) and prints a
+    summary.
     """
     parent = ctx.find_root().params
     if not quiet:

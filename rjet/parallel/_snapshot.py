@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConsumerInfo", "CursorChange", "CursorMove", "GroupInfo", "MemberInfo", "ResetPlan", "ResetTarget", "RunnerInfo",
-    "ShardInfo", "Snapshot", "StreamState", "done_count", "snapshot",
+    "ShardInfo", "Snapshot", "StreamState", "done_count", "expired", "snapshot",
 ]  # fmt: skip
 
 
@@ -76,6 +76,16 @@ class MemberInfo:
     live: bool
     stopped: bool
     shards: tuple[str, ...]
+    ttl: float = DEFAULT_TTL  # the lease's own TTL: how long it counts as live after it was written
+
+    @property
+    def state(self) -> str:
+        """``live``; ``stopped`` (a member with a stable id that stopped gracefully: the group keeps its
+        shards for it until its lease expires); or ``expired`` (gone: the group ignores the lease,
+        which stays stored until the member comes back or ``rjet group prune`` removes it)."""
+        if not self.live:
+            return "expired"
+        return "stopped" if self.stopped else "live"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,13 +146,17 @@ class StreamState:
     first_seq: int
     last_seq: int
     last_stored: float | None  # seconds since the epoch; None when empty
+    identity: str | None = None  # name@created, what cursor records name (None: not known)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ConsumerInfo:
     """A cursor of a stream's consumer (a shard's too): lag in events (None when the cursor is past
-    the stream's end) and in time (the age of the oldest event after it; 0 when caught up; None when
-    unknown), seconds since it was written, a note, and the shard's heartbeats."""
+    the stream's end, or counts in no known stream) and in time (the age of the oldest event after
+    it; 0 when caught up; None when unknown), seconds since it was written, a note, the shard's
+    heartbeats, and the stream its record names (``recorded_in``: ``name@created``; None for a record
+    that names none: written by a tool such as ``JetStreamCursorStore.set_cursor``, or by an older
+    rjet, so it may count in any stream and its lag is not computed)."""
 
     namespace: str
     name: str
@@ -152,6 +166,7 @@ class ConsumerInfo:
     idle_seconds: float | None
     note: str = ""
     runners: tuple[RunnerInfo, ...] = ()
+    recorded_in: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -247,10 +262,14 @@ class Snapshot:
             live = fresh(age, lease.ttl)
             info = MemberInfo(
                 name, lease.member, lease.host, lease.pid, lease.max_shards, lease.since, lease.n, age, live,
-                lease.stopped, runs,
+                lease.stopped, runs, lease.ttl or DEFAULT_TTL,
             )  # fmt: skip
             out.append(info)
         return sorted(out, key=lambda m: (m.group, m.member))
+
+    def expired_keys(self, name: str) -> list[str]:
+        """The keys of group ``name``'s expired member leases and stale heartbeats, sorted."""
+        return sorted(key for key, value in self.values.items() if expired(key, value, self.now, name))
 
     def generations(self) -> dict[str, dict[int, dict[int, str]]]:
         """group name -> n -> m -> the shard cursor's key."""
@@ -303,6 +322,17 @@ async def snapshot(store: JetStreamCursorStore, *, cursors: bool = True) -> Snap
     got = await asyncio.gather(*(get(kv, k) for k in keys))
     values = {k: v[0] for k, v in zip(keys, got, strict=True) if v is not None}
     return Snapshot(store.namespace, values, time.time())
+
+
+def expired(key: str, value: bytes, now: float, group: str) -> bool:
+    """Whether ``key`` is a heartbeat or member lease of ``group`` that is no longer live at ``now``."""
+    if (parsed := parse_heartbeat_key(key)) is not None:
+        hb = Heartbeat.decode(value)
+        return parsed[0] == group and hb is not None and not fresh(now - hb.time, hb.ttl)
+    if lease_group(key) == group:
+        lease = Lease.decode(value)
+        return lease is not None and lease.time is not None and not fresh(max(0.0, now - lease.time), lease.ttl)
+    return False
 
 
 def done_count(record: CursorRecord) -> int | None:

@@ -1,6 +1,7 @@
 """Look at and change what consumers and :class:`rjet.parallel.Parallel` groups keep in a cursor
 namespace: cursors, groups, their shards, heartbeats and elastic members; reset or delete a group,
-move one cursor. ``rjet group``, ``rjet status`` and ``rjet cursor`` are views over these functions.
+remove what its dead members left (prune), move one cursor. ``rjet group``, ``rjet status`` and
+``rjet cursor`` are views over these functions.
 
 Every function reads the namespace's bucket once (one listing, then its values) and derives what it
 returns from that one read, so the views agree: a heartbeat or lease is live by one rule (younger
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -42,6 +44,7 @@ from rjet._tool_write import (
     read_record,
     reset_to,
     set_to,
+    stream_name,
     stream_now,
     tool_owner,
     write_record,
@@ -49,7 +52,7 @@ from rjet._tool_write import (
 from rjet.cursors import CursorRecord, JetStreamCursorStore, decode_key, encode_key
 from rjet.errors import ConfigError
 from rjet.parallel._errors import GroupNotFound, GroupRunning, NamespaceNotFound
-from rjet.parallel._keys import DEFAULT_TTL, PREFIX, is_group_record
+from rjet.parallel._keys import DEFAULT_TTL, PREFIX, get, is_group_record
 from rjet.parallel._snapshot import (
     ConsumerInfo,
     CursorChange,
@@ -62,8 +65,10 @@ from rjet.parallel._snapshot import (
     ShardInfo,
     StreamState,
     done_count,
+    expired,
     snapshot,
 )
+from rjet.reader import stream_identity as _identity
 from rjet.stream import Stream
 
 if TYPE_CHECKING:
@@ -73,7 +78,7 @@ __all__ = [
     "DEFAULT_TTL", "ConsumerInfo", "CursorChange", "CursorMove", "GroupInfo", "GroupNotFound", "GroupRunning",
     "MemberInfo", "NamespaceNotFound", "NeedsStream", "Refused", "ResetPlan", "ResetTarget", "RunnerInfo",
     "ShardInfo", "StreamState", "consumers", "delete_group", "describe_group", "done_count", "heartbeats",
-    "list_groups", "members", "namespaces", "open_namespace", "reset_group", "sequence_at", "set_cursor",
+    "list_groups", "members", "namespaces", "open_namespace", "prune_group", "reset_group", "sequence_at", "set_cursor",
     "stream_state",
 ]  # fmt: skip
 
@@ -122,7 +127,7 @@ async def stream_state(js: JetStreamContext, name: str) -> StreamState:
     info = await Stream(js, name).info()
     first, last = info.state.first_seq, info.state.last_seq
     last_stored = await _stored_at(js, name, seq=last) if last else None
-    return StreamState(info.config.name or name, info.state.messages, first, last, last_stored)
+    return StreamState(info.config.name or name, info.state.messages, first, last, last_stored, _identity(info))
 
 
 async def heartbeats(store: JetStreamCursorStore) -> dict[str, tuple[RunnerInfo, ...]]:
@@ -152,7 +157,10 @@ async def consumers(
     store: JetStreamCursorStore, stream: StreamState, *, pattern: str | None = None
 ) -> list[ConsumerInfo]:
     """The cursors of ``stream``'s consumers in the namespace, by name (``pattern``: a glob of the
-    names to keep). A cursor recorded in another stream is left out: its lag here would be fake."""
+    names to keep), and the cursors whose record names no stream (``recorded_in`` None: they may
+    count in any stream, so their lag is not computed; a view lists them apart). A cursor recorded
+    in another stream is left out: its lag here would be fake; one recorded in an earlier stream of
+    the same name (deleted and created again) is kept, without lag, with a note that says so."""
     snap = await snapshot(store)
     runners = snap.runners()
     js = kv_names(store.kv).js
@@ -166,25 +174,31 @@ async def consumers(
         written = await _stored_at(js, "KV_" + bucket, subject=f"$KV.{bucket}.{encode_key(name)}")
         idle = None if written is None else snap.now - written
         shard = runners.get(name, ())
+        here = record.stream
+        if here is None:
+            return ConsumerInfo(snap.namespace, name, cursor, None, None, idle, "", shard, None)
+        if stream.identity is not None and here != stream.identity:
+            note = f"recorded in an earlier stream {stream.name!r} ({here}), deleted and created again since"
+            return ConsumerInfo(snap.namespace, name, cursor, None, None, idle, note, shard, here)
         if cursor > stream.last_seq:
-            note = "ahead of the stream: another stream's cursor?"
-            return ConsumerInfo(snap.namespace, name, cursor, None, None, idle, note, shard)
+            note = f"past the stream's last sequence {stream.last_seq}"
+            return ConsumerInfo(snap.namespace, name, cursor, None, None, idle, note, shard, here)
         lag = stream.last_seq - cursor
         if not lag:
-            return ConsumerInfo(snap.namespace, name, cursor, 0, 0.0, idle, runners=shard)
+            return ConsumerInfo(snap.namespace, name, cursor, 0, 0.0, idle, "", shard, here)
         if cursor + 1 < stream.first_seq:
             note = f"expired: events {cursor + 1}..{stream.first_seq - 1} are gone"
-            return ConsumerInfo(snap.namespace, name, cursor, lag, None, idle, note, shard)
+            return ConsumerInfo(snap.namespace, name, cursor, lag, None, idle, note, shard, here)
         oldest = await _stored_at(js, stream.name, seq=cursor + 1, subject=">", next=True)
         lag_seconds = None if oldest is None else max(0.0, snap.now - oldest)
-        return ConsumerInfo(snap.namespace, name, cursor, lag, lag_seconds, idle, runners=shard)
+        return ConsumerInfo(snap.namespace, name, cursor, lag, lag_seconds, idle, "", shard, here)
 
     picked = []
     for key, value in sorted(snap.values.items(), key=lambda kv: decode_key(kv[0])):
         if key.startswith(PREFIX):
             continue
         name, record = decode_key(key), CursorRecord.decode(value)
-        if record.stream is not None and record.stream.split("@")[0] != stream.name:
+        if record.stream is not None and stream_name(record.stream) != stream.name:
             continue
         if pattern is None or fnmatch.fnmatchcase(name, pattern):
             picked.append((name, record))
@@ -301,6 +315,33 @@ async def delete_group(store: JetStreamCursorStore, name: str, *, execute: bool 
     if execute:
         await asyncio.gather(*(guard_kv(store.kv, store.kv.purge(k), k) for k in doomed))
     return doomed
+
+
+async def prune_group(store: JetStreamCursorStore, name: str, *, execute: bool = False) -> tuple[str, ...]:
+    """The keys of group ``name``'s expired member leases and stale heartbeats: what members that
+    stopped without a clean shutdown (killed, their host lost) or with a stable id left behind. The
+    group ignores them; views list them until they go. Deleted with ``execute`` only, each after
+    reading it again: one written again since (its member came back) is live and stays. Cursors and
+    the group record are never touched; a running group need not stop."""
+    snap = await snapshot(store)
+    snap.group(name, None)  # GroupNotFound
+    doomed = snap.expired_keys(name)
+    if not execute:
+        return tuple(doomed)
+
+    async def drop(key: str) -> str | None:
+        got = await get(store.kv, key)
+        if got is None or not expired(key, got[0], time.time(), name):
+            return None
+        try:
+            await guard_kv(store.kv, store.kv.delete(key, last=got[1]), key)
+        except nats.js.errors.BadRequestError as e:
+            if isinstance(e, nats.js.errors.KeyWrongLastSequenceError) or e.err_code in (10071, 10164):
+                return None  # written again meanwhile: live
+            raise
+        return key
+
+    return tuple(k for k in await asyncio.gather(*(drop(k) for k in doomed)) if k is not None)
 
 
 async def set_cursor(
