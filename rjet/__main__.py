@@ -14,7 +14,8 @@ def main() -> None:
         if missing not in ("click", "rich"):
             raise
         print(
-            f"rjet: the command line needs the 'cli' extra ({missing} is missing): pip install 'rjet[cli]'",
+            f"rjet: the command line needs the 'cli' extra ({missing} is missing): pip install 'rjet[cli]'"
+            " (in a checkout: pip install -e '.[cli]')",
             file=sys.stderr,
         )
         sys.exit(2)

@@ -142,7 +142,10 @@ async def run(spec: Spec, *, stats: ConsumerStats | None = None, stop: asyncio.E
     finish and its cursor advance, flushes, and raises :class:`rjet.Stopped`. (Cancelling the task
     interrupts the handler wherever it awaits.)
     """
-    await _run(spec, stats or ConsumerStats(spec.consumer.name), stop)
+    stats = stats or ConsumerStats(spec.consumer.name)
+    if not stats.name:  # ConsumerStats() without a name: it is this consumer's
+        stats.name = spec.consumer.name
+    await _run(spec, stats, stop)
 
 
 @dataclasses.dataclass(slots=True)
@@ -482,6 +485,8 @@ async def run_forever(
     backoff = 0.0
     name = spec.consumer.name
     stats = stats or ConsumerStats(name)
+    if not stats.name:
+        stats.name = name
     rerun = _Rerun()
     while True:
         handled_before = stats.handled

@@ -424,6 +424,7 @@ def test_console_script_and_missing_extra() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "rjet: the command line needs the 'cli' extra (rich is missing): pip install 'rjet[cli]'"
+        " (in a checkout: pip install -e '.[cli]')"
     )
 
 
@@ -756,3 +757,10 @@ async def test_worker_to_head_with_concurrency_stops_on_sigterm(
     assert "killing the workers" not in err
     assert took < 5, f"stopped after {took:.1f}s"
     assert len(seen.read_text().splitlines()) < 100  # not the whole queue: 500 events at 8 x 5 a second
+
+
+def test_a_server_url_of_another_scheme_is_named() -> None:
+    proc = rjet_cmd("status", "s", "-s", "http://127.0.0.1:8222")
+    assert proc.returncode == 2
+    assert "http:// is not a NATS URL scheme: use nats://, tls://, ws:// or wss://" in proc.stderr
+    assert "Name or service not known" not in proc.stderr

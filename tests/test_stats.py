@@ -118,3 +118,15 @@ async def test_concurrent_consumers_report_hot_keys_and_exact_progress(stream: r
     assert 'rjet_handlers_in_flight{consumer="c"} 0.0' in body
     assert 'rjet_events_already_done_total{consumer="c"} 0.0' in body
     assert 'rjet_progress_stalls_total{consumer="c"} 0.0' in body
+
+
+async def test_stats_without_a_name_take_the_consumers(stream: rjet.Stream) -> None:
+    await stream.insert_many([("k", 1, b"")])
+    stats = rjet.ConsumerStats()
+    with pytest.raises(rjet.HeadReached):
+        await rjet.run(
+            rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", lambda f, e: None), to_head=True),
+            stats=stats,
+        )
+    assert stats.snapshot().name == "c"
+    assert stats.snapshot().handled == 1

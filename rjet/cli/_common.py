@@ -184,6 +184,13 @@ def _split_servers(value: str) -> tuple[str, ...]:
     servers = tuple(s.strip() for s in value.split(",") if s.strip())
     if not servers:
         raise click.BadParameter("give at least one server URL", param_hint="--server")
+    for s in servers:
+        scheme, sep, _ = s.partition("://")
+        if sep and scheme.lower() not in ("nats", "tls", "ws", "wss"):
+            raise click.BadParameter(
+                f"{s!r}: {scheme}:// is not a NATS URL scheme: use nats://, tls://, ws:// or wss://",
+                param_hint="--server",
+            )
     return servers
 
 
