@@ -247,7 +247,7 @@ async def test_the_views_fit_80_columns_in_a_pipe_and_a_terminal(
 
 @pytest.mark.parametrize(
     "command",
-    [["insert"], ["status"], ["cursor"], ["group"], ["group", "reset"], ["group", "prune"], ["worker"],
+    [["insert"], ["tail"], ["status"], ["cursor"], ["group"], ["group", "reset"], ["group", "prune"], ["worker"],
      ["deadletters"], ["deadletters", "list"], ["deadletters", "replay"], ["demo"], ["server"], ["bench"]],
     ids=" ".join,
 )  # fmt: skip

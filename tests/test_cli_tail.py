@@ -87,6 +87,21 @@ async def test_tail_last_counts_events_and_passes_a_deleted_one(
     assert "skipping events 5..5" in proc.stderr
 
 
+async def test_tail_last_with_filters_counts_matching_events(
+    server: EmbeddedServer, name: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    """--last 3 --type 1 shows the last three events of type 1 (was: it counted the stream's last three
+    events, none of type 1, and printed nothing)."""
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([("a", 1, b"")] * 5 + [("b", 2, b"")] * 40)  # type 1 at 1..5
+    proc = _rjet("tail", name, "--to-head", "--last", "3", "--type", "1", "-s", server.url, config_home=tmp_path)
+    assert _ids(proc) == [3, 4, 5]
+    proc = _rjet("tail", name, "--to-head", "--last", "2", "--foreign-id", "a", "-s", server.url, config_home=tmp_path)
+    assert _ids(proc) == [4, 5]
+    proc = _rjet("tail", name, "--to-head", "--last", "9", "--type", "1", "-s", server.url, config_home=tmp_path)
+    assert _ids(proc) == [1, 2, 3, 4, 5]  # fewer match than asked: all of them
+
+
 def test_tail_conflicting_positions_are_a_usage_error(tmp_path: Path) -> None:
     proc = _rjet("tail", "s", "--last", "3", "--since", "2026-01-01T00:00:00Z", config_home=tmp_path)
     assert proc.returncode == 2

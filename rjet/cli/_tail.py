@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import json
@@ -21,7 +22,7 @@ from nats.js import api
 import rjet
 from rjet._nats.denials import guard_api
 from rjet.cli._common import Connection, connection_options, iso, run
-from rjet.cli._group import _first_at
+from rjet.parallel.admin import sequence_at
 from rjet.stream import parse_cursor
 
 if TYPE_CHECKING:
@@ -46,7 +47,12 @@ _READ: Final = rjet.ReadConfig(on_removed="skip")
 )
 @click.option("--namespace", metavar="NS", help="Cursor namespace of --cursor.")
 @click.option("--since", metavar="DATETIME", help="Start at the first event stored at or after this ISO 8601 time.")
-@click.option("--last", type=click.IntRange(min=1), metavar="N", help="Start with the stream's last N events.")
+@click.option(
+    "--last",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Start with the stream's last N events (with --type or --foreign-id: the last N that match).",
+)
 @click.option("--to-head", is_flag=True, help="Stop after the events present at start.")
 @click.option("-n", "--limit", type=click.IntRange(min=1), help="Stop after this many events (printed ones).")
 @click.option(
@@ -81,14 +87,15 @@ def tail(
 ) -> None:
     """Print STREAM's events in order: from the start, after a cursor, from a time, the last N, or only new ones.
 
-    \b
     Text lines are tab-separated: ID, timestamp (UTC), type, foreign ID, [subject], [headers as a
     JSON object], data. Data is shown as text when it is UTF-8 (control characters escaped), else
     as base64:... With --json each line is {"id", "timestamp", "type", "foreign_id", ["subject"],
     ["headers"], "data"}, with "data_b64" instead of "data" for binary data.
+
     --type and --foreign-id keep the events that match any of their values, both when both are
     given. A message that is not an rjet event (a malformed rjet header) is reported on stderr
     with its sequence, subject, reason and the start of its data, and tail goes on.
+
     Without --to-head, --limit or --timeout it follows the stream until Ctrl-C.
     """
     positions = (bool(after), from_head, consumer is not None, since is not None, last is not None)
@@ -229,7 +236,32 @@ async def _start_after(js: JetStreamContext, name: str, start: _Start) -> int:
     if start.last is not None:
         return await _last_n(js, name, start.last, first, last, state.messages, state.num_deleted or 0)
     assert start.since is not None
-    return await _first_at(js, name, start.since, first, last) - 1
+    return await sequence_at(js, name, start.since, first, last) - 1
+
+
+async def _last_matching(
+    js: JetStreamContext, name: str, n: int, after: int, types: frozenset[int], fids: frozenset[str]
+) -> int:
+    """The sequence after which the stream holds its last ``n`` events that match the filters: read
+    back in windows growing 4 times from the last ``n`` events (``after``) until ``n`` matched or the
+    stream's beginning was read."""
+    info = (await rjet.Stream(js, name).info()).state
+    first, last = info.first_seq, info.last_seq
+    window = max(last - after, n)
+    while True:
+        start = max(first - 1, last - window)
+        seqs: collections.deque[int] = collections.deque(maxlen=n)
+        async with await _open(js, name, start, False, True, fids, False) as client:
+            with contextlib.suppress(rjet.HeadReached):
+                while True:
+                    event = await client.recv()
+                    if event.id_int > last:
+                        break
+                    if not types or event.type in types:
+                        seqs.append(event.id_int)
+        if len(seqs) == n or start <= first - 1:
+            return seqs[0] - 1 if seqs else last
+        window *= 4
 
 
 async def _last_n(js: JetStreamContext, name: str, n: int, first: int, last: int, stored: int, deleted: int) -> int:
@@ -298,6 +330,8 @@ async def _tail(
     async with conn.connect() as nc:
         js = nc.jetstream()
         after = await _start_after(js, name, start)
+        if start.last is not None and (types or fids):
+            after = await _last_matching(js, name, start.last, after, types, fids)
         try:
             client = await _open(js, name, after, start.from_head, to_head, fids, show.raw)
         except (rjet.CursorExpired, rjet.StreamRecreated, rjet.CursorAhead) as e:
