@@ -69,11 +69,11 @@ class ImportedHandler:
         self.spec = state["spec"]
         self._fn = None
 
-    def __call__(self, fate: Fate, event: Event) -> Any:
+    def __call__(self, fate: Fate, event: Event, *tx: Any) -> Any:
         fn = self._fn
         if fn is None:
             fn = self._fn = load_handler(self.spec)
-        return fn(fate, event)
+        return fn(fate, event, *tx)
 
     def __repr__(self) -> str:
         return f"ImportedHandler({self.spec!r})"
@@ -83,17 +83,22 @@ class ImportedAsyncHandler(ImportedHandler):
     """An :class:`ImportedHandler` whose function is a coroutine function (so that a concurrent
     consumer awaits it on the event loop instead of calling it in a thread)."""
 
-    async def __call__(self, fate: Fate, event: Event) -> Any:
-        return await super().__call__(fate, event)
+    async def __call__(self, fate: Fate, event: Event, *tx: Any) -> Any:
+        return await super().__call__(fate, event, *tx)
 
 
-def imported(spec: str) -> ImportedHandler:
-    """The handler ``spec`` names, as it travels to worker processes (imported here to check it)."""
+def imported(spec: str, *, transactional: bool = False) -> Any:
+    """The handler ``spec`` names, as it travels to worker processes (imported here to check it);
+    ``transactional``: ``async def function(fate, event, tx)``, passed on as a coroutine function."""
     fn = load_handler(spec)
     try:
-        check_handler(fn, owner=spec)  # here, not in every worker (which retries forever)
+        check_handler(fn, owner=spec, transactional=transactional)  # here, not in every worker (which retries forever)
     except ConfigError as e:
         raise CliError(str(e)) from None
+    if transactional:
+        if not inspect.iscoroutinefunction(fn):
+            raise CliError(f"handler {spec!r}: --transactional needs async def function(fate, event, tx)")
+        return ImportedAsyncHandler(spec).__call__
     return ImportedAsyncHandler(spec) if inspect.iscoroutinefunction(fn) else ImportedHandler(spec)
 
 
@@ -110,6 +115,18 @@ def imported(spec: str) -> ImportedHandler:
     help="Run only these shards, numbered 1..N as in the cursor names (repeatable; e.g. 1-4); default: all.",
 )
 @click.option("--namespace", required=True, metavar="NS", help="Cursor namespace (KV bucket rjet_cursors_NS).")
+@click.option(
+    "--cursors",
+    metavar="URL",
+    help="Keep the shard cursors in this SQL database (sqlite:///PATH, postgresql://USER:PW@HOST/DB) instead of"
+    " the namespace's bucket, which keeps the heartbeats, leases and group record.",
+)
+@click.option(
+    "--transactional",
+    is_flag=True,
+    help="FUNCTION is async def function(fate, event, tx): what it writes through tx commits with the shard's"
+    " progress, in one transaction (needs --cursors).",
+)
 @click.option("--type", "types", type=int, multiple=True, help="Handle only events of this type (repeatable).")
 @click.option("--to-head", is_flag=True, help="Stop once the events present at start are handled.")
 @click.option(
@@ -199,6 +216,8 @@ def worker(
     n: int,
     only: tuple[str, ...],
     namespace: str,
+    cursors: str | None,
+    transactional: bool,
     types: tuple[int, ...],
     to_head: bool,
     concurrency: int,
@@ -240,6 +259,8 @@ def worker(
         raise click.UsageError("--elastic assigns the shards itself: give --elastic or --shard, not both")
     if not elastic and (member_id or max_shards):
         raise click.UsageError("--member-id and --max-shards need --elastic")
+    if transactional and not cursors:
+        raise click.UsageError("--transactional needs --cursors URL (the database its transactions run in)")
     shards = None if elastic else parse_shards(only, n)
     cwd = os.getcwd()
     if cwd not in sys.path:
@@ -247,10 +268,12 @@ def worker(
     group = Parallel(
         name,
         n,
-        imported(handler),
+        imported(handler, transactional=transactional),
         servers=list(conn.servers),
         stream=stream,
         namespace=namespace,
+        cursors=cursors,
+        transactional=transactional,
         connect_options=conn.options,
         shards=shards,
         types=types or None,

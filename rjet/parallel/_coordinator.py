@@ -22,6 +22,7 @@ from rjet.parallel._elastic import Membership, busy_shards
 from rjet.parallel._messages import Stop
 from rjet.parallel._reshard import ReshardReport, prepare, recorded_n
 from rjet.parallel._shard import log_fields
+from rjet.parallel._sql import prepare as prepare_sql
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from rjet.parallel._heartbeats import Heartbeats
     from rjet.parallel._options import ParallelOptions
     from rjet.parallel._supervisor import ShardProcess, Supervisor
+    from rjet.sql import SqlCursorStore
 
 __all__ = ["Coordinator", "hold", "watch_record"]
 
@@ -36,12 +38,19 @@ log = logging.getLogger("rjet.parallel")
 
 
 async def hold(
-    kv: KeyValue, name: str, n: int, beats: Heartbeats, options: ParallelOptions, member: str | None
+    kv: KeyValue,
+    name: str,
+    n: int,
+    beats: Heartbeats,
+    options: ParallelOptions,
+    member: str | None,
+    cursors: SqlCursorStore | None = None,
 ) -> tuple[Membership | None, ReshardReport | None]:
     """Make this run live (its shard heartbeats, or ``member``'s lease naming ``n``), then take the
-    group record for ``n`` and make the cursors ready (:func:`rjet.parallel._reshard.prepare`).
-    Returns the elastic membership (None for fixed shards) and what a reshard did. On any error it
-    leaves nothing behind: heartbeats cleared, lease deleted."""
+    group record for ``n`` and make the cursors ready (:func:`rjet.parallel._reshard.prepare`; with
+    ``cursors``, the group's SQL store, :func:`rjet.parallel._sql.prepare`). Returns the elastic
+    membership (None for fixed shards) and what a reshard did. On any error it leaves nothing behind:
+    heartbeats cleared, lease deleted."""
     ttl = options.heartbeats.ttl
     membership: Membership | None = None
     if options.elastic is not None:
@@ -54,7 +63,12 @@ async def hold(
     try:
         if membership is not None:
             await membership.beat()
-        report = await prepare(kv, name, n, group=beats.group, ttl=ttl, shards=beats.shards, member=member)
+        if cursors is not None:
+            report = await prepare_sql(
+                kv, cursors, name, n, group=beats.group, ttl=ttl, shards=beats.shards, member=member
+            )
+        else:
+            report = await prepare(kv, name, n, group=beats.group, ttl=ttl, shards=beats.shards, member=member)
     except BaseException:
         await beats.clear()
         if membership is not None:

@@ -8,7 +8,8 @@ where it is made, bundled in :class:`ParallelOptions`, which travels to every wo
 - :class:`SupervisionOptions`: how the parent restarts and stops workers;
 - :class:`HeartbeatOptions`: how often the group's liveness is written and how long it lasts;
 - :class:`ElasticOptions`: an elastic member's id and cap (None for a group of fixed shards);
-- :class:`TargetOptions`: which shards, and where (cursor bucket replicas, JetStream domain or prefix).
+- :class:`TargetOptions`: which shards, and where (cursor bucket replicas, JetStream domain or prefix,
+  or the shard cursors in an SQL database).
 
 ``Parallel(...)`` takes every field as a keyword of its own (``Parallel(..., concurrency=8,
 heartbeat_ttl=30)``) and builds these; ``group.options`` is what it built.
@@ -19,20 +20,23 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeAlias
 
-from rjet._reader import ReadConfig
-from rjet.consumer import Batch, Consumer, Handler
+from rjet.consumer import Batch, BatchHandler, Consumer, Handler, TransactionalBatchHandler, TransactionalHandler
 from rjet.deadletter import DeadLetter, DeadLetterSink
 from rjet.errors import ConfigError
 from rjet.event import Event
 from rjet.fate import NEVER, Fate
+from rjet.reader import ReadConfig
 from rjet.retry import MAX_BACKOFF, RetryPolicy
 
 __all__ = [
-    "ConsumerOptions", "ElasticOptions", "HeartbeatOptions", "ParallelOptions", "SupervisionOptions",
+    "ConsumerOptions", "ElasticOptions", "GroupHandler", "HeartbeatOptions", "ParallelOptions", "SupervisionOptions",
     "TargetOptions", "WorkerOptions",
 ]  # fmt: skip
+
+GroupHandler: TypeAlias = Handler | BatchHandler | TransactionalHandler | TransactionalBatchHandler
+"""A group's handler: whatever :class:`rjet.Consumer` takes (its options say which shape)."""
 
 _WAITING_BYTES: Final = 32 * 1024 * 1024  # rjet.Consumer's default max_waiting_bytes
 
@@ -48,6 +52,10 @@ def _placeholder(fate: Fate, event: Any) -> None:
     """The handler of the consumer made to check the options (the real one is checked apart)."""
 
 
+async def _tx_placeholder(fate: Fate, event: Any, tx: Any) -> None:
+    """:func:`_placeholder` of a transactional consumer."""
+
+
 async def _no_sink(record: Any) -> None:
     """The dead-letter sink of the consumer made to check the options (workers open the real one)."""
 
@@ -59,7 +67,9 @@ class ConsumerOptions:
     as for :class:`rjet.Consumer` (and checked by it); ``dead_letters`` names a stream for dead
     letters (created when missing; each worker opens its own sink), recorded after
     ``dead_letter_attempts`` tries, or after ``retry.attempts`` when ``retry`` is given, which also
-    sets their backoff. Its key filter is the shard's.
+    sets their backoff. ``transactional``: the handler is ``async fn(fate, event, tx)`` and commits
+    with the shard's progress (the group's cursors in SQL: ``TargetOptions.cursors``). Its key filter
+    is the shard's.
     """
 
     types: Iterable[int] | None = None
@@ -73,8 +83,11 @@ class ConsumerOptions:
     retry: RetryPolicy | None = None
     max_waiting: int | None = None
     max_waiting_bytes: int = _WAITING_BYTES
+    transactional: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.transactional, bool):
+            raise ConfigError(f"Parallel: transactional must be True or False, not {self.transactional!r}")
         if self.types is not None:
             object.__setattr__(self, "types", frozenset(self.types))
         if self.filter is not None and not callable(self.filter):
@@ -85,26 +98,36 @@ class ConsumerOptions:
         if type(attempts) is not int or attempts < 1:
             raise ConfigError(f"Parallel: dead_letter_attempts must be an int >= 1, not {attempts!r}")
         try:  # the consumer's own checks, once, here: not in every worker, which would retry forever
-            self.consumer("Parallel", _placeholder, sink=_no_sink if self.dead_letters else None)
+            placeholder = _tx_placeholder if self.transactional else _placeholder
+            self.consumer("Parallel", placeholder, sink=_no_sink if self.dead_letters else None)
         except ConfigError as e:
             raise ConfigError("Parallel: " + str(e).removeprefix("consumer 'Parallel': ")) from None
 
     def consumer(
         self,
         name: str,
-        fn: Handler,
+        fn: GroupHandler,
         *,
         key_filter: Callable[[str], bool] | None = None,
         sink: DeadLetterSink | None = None,
+        handled: Callable[[Event], bool] | None = None,
     ) -> Consumer:
         """The consumer ``name`` with these options, ``fn`` and ``key_filter``, its dead letters
-        going to ``sink`` (None: none)."""
+        going to ``sink`` (None: none); ``handled(event)``: an event an earlier shard count of the
+        group handled already, skipped (a reshard's exactness, ``rjet/parallel/_sql.py``)."""
         dead_letter = None if sink is None else DeadLetter(sink, attempts=self.dead_letter_attempts)
+        wanted = self.filter
+        if handled is not None:
+            own = self.filter
+
+            def wanted(event: Event) -> bool:
+                return not handled(event) and (own is None or own(event))
+
         return Consumer(
             name,
             fn,
             types=self.types,
-            filter=self.filter,
+            filter=wanted,
             key_filter=key_filter,
             fate=self.fate,
             dead_letter=dead_letter,
@@ -114,6 +137,7 @@ class ConsumerOptions:
             max_waiting=self.max_waiting,
             max_waiting_bytes=self.max_waiting_bytes,
             retry=self.retry,
+            transactional=self.transactional,
         )
 
 
@@ -210,18 +234,38 @@ class ElasticOptions:
             raise ConfigError(f"Parallel: max_shards must be an int >= 1, not {self.max_shards!r}")
 
 
+def _check_url(url: object) -> None:
+    """A ConfigError (naming no password) unless ``url`` is a database URL :class:`rjet.sql.SqlCursorStore`
+    opens, with its driver installed here."""
+    from rjet.sql._backends import backend_for  # rjet.sql imports no part of rjet.parallel
+
+    try:
+        backend = backend_for(url)  # type: ignore[arg-type]  # checked there
+    except ConfigError as e:
+        raise ConfigError("Parallel: cursors: " + str(e).removeprefix("rjet.sql: ")) from None
+    if backend.kind == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        raise ConfigError("Parallel: cursors: postgresql:// needs psycopg 3: pip install 'rjet[postgres]'")
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class TargetOptions:
     """Which shards this group runs (``shards``: 0-based indexes; None: all, or for an elastic member
     those the assignment gives it) and where: ``cursor_replicas`` of the cursor bucket when the group
-    creates it (default: the stream's); ``js_domain`` or ``js_api_prefix`` of the JetStream it uses."""
+    creates it (default: the stream's); ``js_domain`` or ``js_api_prefix`` of the JetStream it uses;
+    ``cursors``: the URL of an SQL database (``sqlite:///PATH``, ``postgresql://...``) that keeps the
+    shard cursors instead of the bucket (each worker opens its own :class:`rjet.sql.SqlCursorStore`;
+    heartbeats, leases and the group record stay in the bucket). The URL is checked here; the
+    database when the group starts."""
 
     shards: Sequence[int] | None = None
     cursor_replicas: int | None = None
     js_domain: str | None = None
     js_api_prefix: str | None = None
+    cursors: str | None = None
 
     def __post_init__(self) -> None:
+        if self.cursors is not None:
+            _check_url(self.cursors)
         if self.shards is not None:
             if isinstance(self.shards, int | str):
                 raise ConfigError(f"Parallel: shards is a list of shard indexes, not {self.shards!r}")
@@ -255,4 +299,9 @@ class ParallelOptions:
         if self.elastic is not None and self.target.shards is not None:
             raise ConfigError(
                 "Parallel: an elastic group assigns its shards itself: give elastic=True or shards, not both"
+            )
+        if self.consumer.transactional and self.target.cursors is None:
+            raise ConfigError(
+                "Parallel: transactional=True commits each event with its shard's cursor in one SQL transaction:"
+                ' give the database too, cursors="sqlite:///PATH" or cursors="postgresql://..."'
             )

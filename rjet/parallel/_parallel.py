@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import re
 import signal
@@ -23,9 +24,8 @@ from multiprocess.reduction import ForkingPickler
 
 from rjet._nats.connect import connect
 from rjet._nats.denials import guard_api
-from rjet._reader import ReadConfig
 from rjet._tasks import cancel_and_wait
-from rjet.consumer import Batch, Handler, check_handler
+from rjet.consumer import Batch, check_handler
 from rjet.cursors import JetStreamCursorStore
 from rjet.errors import ConfigError, CursorStoreError, RjetError, Stopped
 from rjet.event import Event
@@ -37,6 +37,7 @@ from rjet.parallel._heartbeats import Heartbeats
 from rjet.parallel._options import (
     ConsumerOptions,
     ElasticOptions,
+    GroupHandler,
     HeartbeatOptions,
     ParallelOptions,
     SupervisionOptions,
@@ -48,7 +49,9 @@ from rjet.parallel._results import Summary
 from rjet.parallel._shard import check_n, shard_name
 from rjet.parallel._supervisor import Supervisor
 from rjet.parallel._worker import ConnectOptions, WorkerConfig, connect_options, exit_if_importing_main
+from rjet.reader import ReadConfig
 from rjet.retry import RetryPolicy
+from rjet.sql import SqlCursorStore
 from rjet.stream import Stream
 
 if TYPE_CHECKING:
@@ -87,10 +90,12 @@ class Parallel:
 
     - what runs (:class:`TargetOptions`, :class:`ElasticOptions`): ``shards`` (0-based; default all),
       or ``elastic=True`` with ``member_id`` and ``max_shards``; ``cursor_replicas``, ``js_domain``,
-      ``js_api_prefix``;
+      ``js_api_prefix``; ``cursors``, a database URL (``"sqlite:///PATH"``, ``"postgresql://..."``)
+      that keeps the shard cursors instead of the bucket (docs/sharding.md "SQL cursors");
     - each shard's :class:`rjet.Consumer` (:class:`ConsumerOptions`): ``types``, ``filter``, ``fate``,
       ``dead_letters``, ``dead_letter_attempts``, ``concurrency``, ``batch``, ``on_error``, ``retry``,
-      ``max_waiting``, ``max_waiting_bytes``;
+      ``max_waiting``, ``max_waiting_bytes``, ``transactional`` (with ``cursors``: the handler is
+      ``async fn(fate, event, tx)``, its writes committed with the shard's progress);
     - each worker process (:class:`WorkerOptions`): ``read``, ``lag``, ``flush_interval``,
       ``retry_delay``, ``max_backoff``, ``handler_timing``, ``on_start``, ``loop``;
     - supervision (:class:`SupervisionOptions`): ``restart_delay``, ``max_restart_delay``,
@@ -116,7 +121,7 @@ class Parallel:
         self,
         name: str,
         n: int,
-        fn: Handler,
+        fn: GroupHandler,
         *,
         servers: str | Sequence[str],
         stream: str,
@@ -154,6 +159,8 @@ class Parallel:
         cursor_replicas: int | None = None,
         js_domain: str | None = None,
         js_api_prefix: str | None = None,
+        cursors: str | None = None,
+        transactional: bool = False,
     ) -> None:
         check_n(n)
         if not isinstance(name, str) or not name:
@@ -174,7 +181,7 @@ class Parallel:
             consumer=ConsumerOptions(
                 types=types, filter=filter, fate=fate, dead_letters=dead_letters,
                 dead_letter_attempts=dead_letter_attempts, concurrency=concurrency, batch=batch, on_error=on_error,
-                retry=retry, max_waiting=max_waiting, max_waiting_bytes=max_waiting_bytes,
+                retry=retry, max_waiting=max_waiting, max_waiting_bytes=max_waiting_bytes, transactional=transactional,
             ),
             worker=WorkerOptions(
                 read=read, lag=lag, flush_interval=flush_interval, retry_delay=retry_delay, max_backoff=max_backoff,
@@ -187,11 +194,17 @@ class Parallel:
             heartbeats=HeartbeatOptions(interval=heartbeat_interval, ttl=heartbeat_ttl),
             elastic=ElasticOptions(member_id=member_id, max_shards=max_shards) if elastic else None,
             target=TargetOptions(
-                shards=shards, cursor_replicas=cursor_replicas, js_domain=js_domain, js_api_prefix=js_api_prefix
+                shards=shards, cursor_replicas=cursor_replicas, js_domain=js_domain, js_api_prefix=js_api_prefix,
+                cursors=cursors,
             ),
         )  # fmt: skip
         # The handler's shape, checked here as each worker's Consumer would check it.
-        check_handler(fn, batch=batch is not None, owner=f"Parallel {name!r}")
+        check_handler(fn, batch=batch is not None, owner=f"Parallel {name!r}", transactional=transactional)
+        if transactional and not inspect.iscoroutinefunction(fn):
+            raise ConfigError(
+                f"Parallel {name!r}: a transactional handler is async: async def fn(fate, event, tx) (its tx,"
+                " an aiosqlite or psycopg connection, is awaited)"
+            )
         chosen = tuple(range(n)) if self.options.target.shards is None else tuple(self.options.target.shards)
         if not chosen or len(set(chosen)) != len(chosen):
             raise ConfigError(f"Parallel {name!r}: shards must be distinct shard indexes, not {chosen!r}")
@@ -337,12 +350,24 @@ class Parallel:
                 ", ".join(map(str, stream.partitions.shard_counts()[:16])),
             )  # fmt: skip
         store = await self._open_store(js, info)
+        # The shard cursors in SQL: the group record, heartbeats and leases stay in the bucket.
+        cursors = None if o.target.cursors is None else await SqlCursorStore.open(o.target.cursors)
+        try:
+            return await self._hold_and_run(store, cursors, to_head, handle_signals)
+        finally:
+            if cursors is not None:
+                await cursors.close()
+
+    async def _hold_and_run(
+        self, store: JetStreamCursorStore, cursors: SqlCursorStore | None, to_head: bool, handle_signals: bool
+    ) -> Summary:
+        o = self.options
         fixed = () if o.elastic is not None else self.shards  # an elastic member beats only the shards it takes
         beats = Heartbeats(
             store.kv, self.name, self.n, fixed, uuid.uuid4().hex, interval=o.heartbeats.interval,
             ttl=o.heartbeats.ttl, member=self.member,
         )  # fmt: skip
-        membership, self.reshard = await hold(store.kv, self.name, self.n, beats, o, self.member)
+        membership, self.reshard = await hold(store.kv, self.name, self.n, beats, o, self.member, cursors)
         loop = asyncio.get_running_loop()
         loops = self._start_loops(store.kv, beats, membership)
         installed: list[signal.Signals] = []
@@ -362,7 +387,7 @@ class Parallel:
             self._sup.kill_all(reap=True)  # only workers left behind by an error are still there
             await self._sup.settle()
             await beats.clear()
-        return await self._outcome(store, to_head)
+        return await self._outcome(cursors or store, to_head)
 
     def _log_start(self, membership: Membership | None) -> None:
         if membership is not None:
@@ -378,7 +403,7 @@ class Parallel:
                 extra={"group": self.name, "n": self.n, "stream": self.stream},
             )  # fmt: skip
 
-    async def _outcome(self, store: JetStreamCursorStore, to_head: bool) -> Summary:
+    async def _outcome(self, store: JetStreamCursorStore | SqlCursorStore, to_head: bool) -> Summary:
         """The summary of a run that ended, or the error that ended it."""
         sup = self._sup
         if sup.unguarded:
@@ -433,7 +458,7 @@ class Parallel:
         if not task.cancelled() and (e := task.exception()) is not None:
             self._sup.fail(e)
 
-    async def _final_cursors(self, store: JetStreamCursorStore) -> None:
+    async def _final_cursors(self, store: JetStreamCursorStore | SqlCursorStore) -> None:
         async def peek(m: int, name: str) -> None:
             with contextlib.suppress(RjetError, TimeoutError):
                 self._sup.states[m].cursor = await asyncio.wait_for(store.peek(name), 5.0)

@@ -71,7 +71,10 @@ from rjet.stream import parse_cursor
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-__all__ = ["ReshardReport", "plan", "prepare", "recorded_n"]
+__all__ = [
+    "ReshardReport", "best_bound", "decode_group_record", "plan", "prepare", "read_holders", "recorded_n", "refusal",
+    "write_record",
+]  # fmt: skip
 
 log = logging.getLogger("rjet.parallel")
 
@@ -99,6 +102,9 @@ class ReshardReport:
     old_cursors: Mapping[str, str]
     seeded: tuple[str, ...]
     done_carried: int = 0
+    exact: bool = False
+    """The group's cursors are in SQL (``rjet/parallel/_sql.py``): the new shards skip every event an
+    old shard handled, by the old cursors, which stay in place (nothing is handled twice)."""
 
     def describe(self) -> str:
         """One line that says what was done, for logs and for people."""
@@ -112,8 +118,12 @@ class ReshardReport:
                 if self.done_carried
                 else ""
             )
-            + " other events after it that old shards already handled are handled again (at-least-once);"
-            " the old cursors are left in place"
+            + (
+                " events after it that old shards handled already are skipped (by the old cursors);"
+                if self.exact
+                else " other events after it that old shards already handled are handled again (at-least-once);"
+            )
+            + " the old cursors are left in place"
         )
 
 
@@ -164,14 +174,23 @@ class _State:
     dones: dict[int, dict[int, str]]
 
 
-async def _read_state(kv: KeyValue, name: str, n: int, group: str, ttl: float) -> _State:
+async def read_holders(
+    kv: KeyValue, name: str, group: str, ttl: float
+) -> tuple[tuple[bytes, int] | None, list[str], list[Beat], list[_Lease]]:
+    """The group record (value, revision), every key of the bucket, other groups' fresh heartbeats of
+    ``name``, and the fresh leases of its elastic members that hold an ``n``: read in this order."""
     # The record first: a holder makes itself live before it writes the record, so whoever wrote the
     # record read here is live in the keys listed after it.
+    record = await get(kv, generation_key(name))
+    keys = await kv_keys(kv)
+    beats = [b for b in await live_heartbeats(kv, keys, name, ttl) if b.group != group]
+    leases = await _live_leases(kv, keys, name, ttl)
+    return record, keys, beats, leases
+
+
+async def _read_state(kv: KeyValue, name: str, n: int, group: str, ttl: float) -> _State:
     try:
-        record = await get(kv, generation_key(name))
-        keys = await kv_keys(kv)
-        beats = [b for b in await live_heartbeats(kv, keys, name, ttl) if b.group != group]
-        leases = await _live_leases(kv, keys, name, ttl)
+        record, keys, beats, leases = await read_holders(kv, name, group, ttl)
         generations: dict[int, dict[int, tuple[str, int]]] = {}
         dones: dict[int, dict[int, str]] = {}
         streams: set[str | None] = set()
@@ -192,7 +211,7 @@ async def _read_state(kv: KeyValue, name: str, n: int, group: str, ttl: float) -
     return _State(record, beats, leases, generations, streams, dones)
 
 
-def _refusal(name: str, n: int, held: int, beats: list[Beat], leases: list[_Lease], ttl: float) -> ReshardRefused:
+def refusal(name: str, n: int, held: int, beats: list[Beat], leases: list[_Lease], ttl: float) -> ReshardRefused:
     """Why a group of ``n`` cannot start: the record names ``held``, and these holders of it are live."""
     running = {shard_name(name, b.m, b.n): b.describe(name) for b in beats}
     running.update({f"member {lease.member}": lease.describe() for lease in leases})
@@ -229,13 +248,13 @@ async def prepare(
         if attempt:
             await asyncio.sleep(random.uniform(0.0, 0.02 * min(attempt, 5)))  # others of this n take turns
         state = await _read_state(kv, name, n, group, ttl)
-        recorded = _decode_record(state.record, name)
+        recorded = decode_group_record(state.record, name)
         if recorded is not None and int(recorded["n"]) != n:
             held = int(recorded["n"])
             beats = [b for b in state.beats if b.n == held]
             leases = [lease for lease in state.leases if lease.n == held]
             if beats or leases:
-                raise _refusal(name, n, held, beats, leases, ttl)
+                raise refusal(name, n, held, beats, leases, ttl)
         generations, current = state.generations, state.generations.pop(n, {})
         step = plan(name, n, recorded, generations, current, state.streams, now=time.time(), dones=state.dones)
         # Written on every start, even when it names this n already: of two groups of different n that
@@ -243,7 +262,7 @@ async def prepare(
         body = dict(step.record if step.record is not None else recorded or {})
         body["holder"] = {"group": group, "member": member, "host": socket.gethostname(), "pid": os.getpid()}
         body["held_at"] = time.time()
-        if not await _write_record(kv, name, state.record, body):
+        if not await write_record(kv, name, state.record, body):
             continue  # another process changed the record first: read again
         if step.todo and not await _seed(kv, name, n, step.todo, step.seed, current):
             continue
@@ -281,7 +300,7 @@ async def recorded_n(kv: KeyValue, name: str) -> int | None:
         got = await get(kv, generation_key(name))
     except KV_ERRORS as e:
         raise kv_error(f"cannot read the group record of {name!r}", e) from e
-    state = _decode_record(got, name)
+    state = decode_group_record(got, name)
     return None if state is None else int(state["n"])
 
 
@@ -322,7 +341,7 @@ def plan(
     if state is None and not generations:
         # A first run: record n, so that a later change of n is recognised.
         return Plan({"n": n, "seed": "", "fresh_from": 0}, (), CursorRecord(), None)
-    seed, source = _best_bound(name, generations)
+    seed, source = best_bound(name, generations)
     if state is None:
         # No record but cursors of other n (made before rjet recorded generations): keep the
         # current shards' cursors that exist, and seed the missing ones.
@@ -355,7 +374,7 @@ def plan(
     return Plan(body, todo, record, report)
 
 
-def _decode_record(record: tuple[bytes, int] | None, name: str) -> dict[str, Any] | None:
+def decode_group_record(record: tuple[bytes, int] | None, name: str) -> dict[str, Any] | None:
     if record is None or not record[0]:
         return None
     try:
@@ -393,7 +412,7 @@ def _carried_done(
         return "", 0
 
 
-def _best_bound(name: str, generations: Mapping[int, Mapping[int, tuple[str, int]]]) -> tuple[str, int | None]:
+def best_bound(name: str, generations: Mapping[int, Mapping[int, tuple[str, int]]]) -> tuple[str, int | None]:
     """The highest, over old generations, of the lowest cursor of the generation ("" is 0)."""
     best: tuple[int, int | None] = (0, None)
     for g, cursors in sorted(generations.items()):
@@ -407,7 +426,7 @@ def _best_bound(name: str, generations: Mapping[int, Mapping[int, tuple[str, int
     return (str(best[0]) if best[0] else "", best[1])
 
 
-async def _write_record(kv: KeyValue, name: str, record: tuple[bytes, int] | None, body: Mapping[str, Any]) -> bool:
+async def write_record(kv: KeyValue, name: str, record: tuple[bytes, int] | None, body: Mapping[str, Any]) -> bool:
     """Compare-and-swap the generation record; False when another process changed it first."""
     value = encode_record(body)
     key = generation_key(name)

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import multiprocess
 
-from rjet.consumer import Handler
 from rjet.errors import is_permanent
 from rjet.parallel._messages import Finished, Log, Progress, Started, Stop, ToParent
+from rjet.parallel._options import GroupHandler
 from rjet.parallel._results import ShardStats
 from rjet.parallel._shard import log_fields, shard_name
 from rjet.parallel._worker import EXIT_FATAL, EXIT_FENCED, EXIT_UNGUARDED, WorkerConfig
@@ -102,7 +102,7 @@ class Supervisor:
         name: str,
         n: int,
         shards: Iterable[int],
-        fn: Handler,
+        fn: GroupHandler,
         config: Callable[[int, bool], WorkerConfig],
         options: SupervisionOptions,
         *,

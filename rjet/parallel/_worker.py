@@ -25,8 +25,7 @@ import multiprocess
 
 from rjet._nats.connect import connect
 from rjet._tasks import cancel_and_wait
-from rjet.consumer import Handler
-from rjet.cursors import JetStreamCursorStore
+from rjet.cursors import Capabilities, Claim, JetStreamCursorStore
 from rjet.deadletter import DeadLetterStream
 from rjet.errors import (
     PERMANENT,
@@ -34,14 +33,17 @@ from rjet.errors import (
     RjetError,
 )
 from rjet.parallel._messages import Finished, Log, Outcome, Progress, Started, Stop, ToParent
-from rjet.parallel._options import ParallelOptions
+from rjet.parallel._options import GroupHandler, ParallelOptions
 from rjet.parallel._shard import key_filter, log_fields, shard_name
+from rjet.parallel._sql import Handled, handled_before
 from rjet.run import Spec, run_forever
+from rjet.sql import SqlCursorStore
 from rjet.stats import ConsumerStats
 from rjet.stream import Stream
 
 if TYPE_CHECKING:
     from multiprocess.connection import Connection
+    from nats.js import JetStreamContext
 
 __all__ = [
     "EXIT_CRASH", "EXIT_FATAL", "EXIT_FENCED", "EXIT_UNGUARDED", "ConnectOptions", "WorkerConfig",
@@ -164,14 +166,43 @@ class _Forward(logging.Handler):
             self.handleError(record)
 
 
+class _Watched:
+    """The shard's cursor store as ``run`` sees it, keeping the claim ``run`` holds, which the fence
+    watch confirms (the claim protocol: any claiming store). ``namespace`` is the store's own (run
+    names it in cursor errors), when it has one."""
+
+    def __init__(self, store: JetStreamCursorStore | SqlCursorStore) -> None:
+        self.store = store
+        self.held: Claim | None = None
+        self.namespace = getattr(store, "namespace", None)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.store.capabilities
+
+    async def claim(self, name: str, *, owner: str | None = None, after: str | None = None) -> Claim:
+        claim: Claim = await self.store.claim(name, owner=owner, after=after)
+        self.held = claim
+        return claim
+
+    async def get_cursor(self, name: str) -> str:
+        return await self.store.get_cursor(name)
+
+    async def set_cursor(self, name: str, cursor: str) -> None:
+        await self.store.set_cursor(name, cursor)
+
+    async def flush(self) -> None:
+        await self.store.flush()
+
+
 class _Worker:
-    def __init__(self, cfg: WorkerConfig, fn: Handler, link: _Link) -> None:
+    def __init__(self, cfg: WorkerConfig, fn: GroupHandler, link: _Link) -> None:
         self.cfg = cfg
         self.fn = fn
         self.link = link
         self.stats = ConsumerStats(cfg.shard, timing=cfg.options.worker.handler_timing)
         self.stop = asyncio.Event()
-        self.store: JetStreamCursorStore | None = None
+        self.store: JetStreamCursorStore | SqlCursorStore | None = None
 
     @property
     def handled(self) -> int:
@@ -210,15 +241,35 @@ class _Worker:
             flushes = self.store.flushes if self.store is not None else 0
             self.link.send(Progress(snap.handled, snap.skipped, self.cursor(), snap, flushes))
 
-    async def _watch_fence(self, store: JetStreamCursorStore) -> None:
-        # The store notices a second runner at its next write; this notices it while idle too.
+    async def _watch_fence(self, watched: _Watched) -> None:
+        # The store notices a second runner at its next write; this notices it while idle too:
+        # confirming a lost claim makes it lost, and run stops with CursorConflict.
         while True:
             await asyncio.sleep(self.cfg.fence_interval)
+            claim = watched.held
+            if claim is None or claim.lost is not None:
+                continue
             try:
-                if not await store.check_claim(self.cfg.shard):
-                    return  # the store has failed: run stops with CursorConflict
+                await claim.confirm()
             except RjetError as e:
+                if claim.lost is not None:
+                    return
                 log.debug("shard %r: cannot check the cursor claim: %s", self.cfg.shard, e)
+
+    async def _open_store(self, js: JetStreamContext) -> JetStreamCursorStore | SqlCursorStore:
+        """The shard's cursor store: the group's SQL database, or the namespace's bucket."""
+        cfg = self.cfg
+        work = cfg.options.worker
+        if cfg.options.target.cursors is not None:
+            pool = max(16, cfg.options.consumer.concurrency + 2)  # a transaction per handler call in flight
+            return await SqlCursorStore.open(
+                cfg.options.target.cursors, flush_interval=work.flush_interval, pool_size=pool
+            )
+        # A worker paused or cut off past its group's heartbeat TTL may have lost its shard to
+        # another runner (an elastic member that took over): it looks before its next event.
+        return await JetStreamCursorStore.create(
+            js, cfg.namespace, flush_interval=work.flush_interval, claim_lease=cfg.options.heartbeats.ttl / 2
+        )
 
     async def run(self) -> tuple[Outcome, str]:
         cfg = self.cfg
@@ -229,12 +280,14 @@ class _Worker:
         helpers: list[asyncio.Task[None]] = []
         try:
             js = nc.jetstream(**cfg.options.target.jetstream_options())
-            # A worker paused or cut off past its group's heartbeat TTL may have lost its shard to
-            # another runner (an elastic member that took over): it looks before its next event.
             work = cfg.options.worker
-            store = self.store = await JetStreamCursorStore.create(
-                js, cfg.namespace, flush_interval=work.flush_interval, claim_lease=cfg.options.heartbeats.ttl / 2
-            )
+            store = self.store = await self._open_store(js)
+            watched = _Watched(store)
+            handled: Handled | None = None
+            if isinstance(store, SqlCursorStore):  # exact across a reshard: what old shards handled is skipped
+                handled = await handled_before(store, cfg.name, cfg.m, cfg.n)
+                if handled is not None:
+                    log.info("shard %r: skips the events an earlier n handled (%r)", cfg.shard, handled)
             stream = Stream(js, cfg.stream, read=work.read)
             view = await stream.shard(cfg.m, cfg.n)
             if view is not None:
@@ -249,10 +302,12 @@ class _Worker:
                     await result
             dead_letters = cfg.options.consumer.dead_letters
             sink = await DeadLetterStream.create(js, dead_letters) if dead_letters else None
-            consumer = cfg.options.consumer.consumer(cfg.shard, self.fn, key_filter=self.key_filter(), sink=sink)
-            spec = Spec(stream.stream, store, consumer, to_head=cfg.to_head, lag=work.lag)
+            consumer = cfg.options.consumer.consumer(
+                cfg.shard, self.fn, key_filter=self.key_filter(), sink=sink, handled=handled
+            )
+            spec = Spec(stream.stream, watched, consumer, to_head=cfg.to_head, lag=work.lag)
             self.link.send(Started(os.getpid()))
-            helpers = [loop.create_task(self._report()), loop.create_task(self._watch_fence(store))]
+            helpers = [loop.create_task(self._report()), loop.create_task(self._watch_fence(watched))]
             outcome: Outcome = "done"
             detail = ""
             try:
@@ -275,6 +330,9 @@ class _Worker:
             return outcome, detail
         finally:
             await cancel_and_wait(helpers)  # the fence watcher's reads may swallow one (rjet/_tasks.py)
+            if isinstance(self.store, SqlCursorStore):  # its connections (flushed by run already)
+                with contextlib.suppress(Exception):
+                    await self.store.close()
             with contextlib.suppress(Exception):
                 await nc.close()
 
@@ -288,7 +346,7 @@ def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return None
 
 
-def main(cfg: WorkerConfig, fn: Handler, conn: Connection) -> None:
+def main(cfg: WorkerConfig, fn: GroupHandler, conn: Connection) -> None:
     """The worker process's entry: consume shard ``cfg.m`` of ``cfg.n`` until done, stopped or fenced."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     link = _Link(conn)

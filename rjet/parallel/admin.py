@@ -68,11 +68,14 @@ from rjet.parallel._snapshot import (
     expired,
     snapshot,
 )
+from rjet.parallel._sql import in_sql, sql_snapshot
 from rjet.reader import stream_identity as _identity
 from rjet.stream import Stream
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
+
+    from rjet.sql import SqlCursorStore
 
 __all__ = [
     "DEFAULT_TTL", "ConsumerInfo", "CursorChange", "CursorMove", "GroupInfo", "GroupNotFound", "GroupRunning",
@@ -141,27 +144,47 @@ async def members(store: JetStreamCursorStore, group: str | None = None) -> list
     return snap.members(snap.runners(), group)
 
 
-async def list_groups(store: JetStreamCursorStore) -> list[GroupInfo]:
-    """Every group with shard cursors or member leases in the namespace (without lag), by name."""
-    snap = await snapshot(store)
+async def list_groups(store: JetStreamCursorStore, *, cursors: SqlCursorStore | None = None) -> list[GroupInfo]:
+    """Every group with shard cursors or member leases in the namespace (without lag), by name.
+    ``cursors``: the SQL store of groups that keep their shard cursors there (``Parallel(...,
+    cursors=URL)``), read instead of the bucket's cursors (so for every other view below)."""
+    snap = await sql_snapshot(store, cursors)
     return [snap.group(name, None) for name in snap.group_names()]
 
 
-async def describe_group(store: JetStreamCursorStore, name: str, *, stream: StreamState | None = None) -> GroupInfo:
+async def describe_group(
+    store: JetStreamCursorStore,
+    name: str,
+    *,
+    stream: StreamState | None = None,
+    cursors: SqlCursorStore | None = None,
+) -> GroupInfo:
     """Group ``name``: its shards (with their lag in ``stream``, when given), heartbeats and members;
-    :class:`GroupNotFound` when the namespace has nothing of it."""
-    return (await snapshot(store)).group(name, None if stream is None else stream.last_seq)
+    :class:`GroupNotFound` when the namespace has nothing of it, or when its shard cursors are in an
+    SQL database and ``cursors`` is not that database's store."""
+    snap = await sql_snapshot(store, cursors)
+    if cursors is None and in_sql(snap, name):
+        raise GroupNotFound(
+            f"group {name!r} keeps its shard cursors in an SQL database, not in namespace {store.namespace!r}:"
+            " give its URL (--cursors URL; admin: cursors=SqlCursorStore)"
+        )
+    return snap.group(name, None if stream is None else stream.last_seq)
 
 
 async def consumers(
-    store: JetStreamCursorStore, stream: StreamState, *, pattern: str | None = None
+    store: JetStreamCursorStore,
+    stream: StreamState,
+    *,
+    pattern: str | None = None,
+    cursors: SqlCursorStore | None = None,
 ) -> list[ConsumerInfo]:
     """The cursors of ``stream``'s consumers in the namespace, by name (``pattern``: a glob of the
     names to keep), and the cursors whose record names no stream (``recorded_in`` None: they may
     count in any stream, so their lag is not computed; a view lists them apart). A cursor recorded
     in another stream is left out: its lag here would be fake; one recorded in an earlier stream of
-    the same name (deleted and created again) is kept, without lag, with a note that says so."""
-    snap = await snapshot(store)
+    the same name (deleted and created again) is kept, without lag, with a note that says so. With
+    ``cursors`` (an SQL store), its cursors instead of the bucket's (their idle time unknown: None)."""
+    snap = await sql_snapshot(store, cursors)
     runners = snap.runners()
     js = kv_names(store.kv).js
     bucket = store.bucket
@@ -171,7 +194,9 @@ async def consumers(
         if value and not (value.isascii() and value.isdigit()):
             return None  # not a cursor: someone else's key
         cursor = int(value or 0)
-        written = await _stored_at(js, "KV_" + bucket, subject=f"$KV.{bucket}.{encode_key(name)}")
+        written = None
+        if cursors is None:
+            written = await _stored_at(js, "KV_" + bucket, subject=f"$KV.{bucket}.{encode_key(name)}")
         idle = None if written is None else snap.now - written
         shard = runners.get(name, ())
         here = record.stream

@@ -7,12 +7,12 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final, Self
 
 from rjet._progress import decode_done, encode_done
-from rjet.cursors import Capabilities, ProgressSource, runner_id
+from rjet.cursors import RESERVED_PREFIX, Capabilities, CursorRecord, ProgressSource, runner_id
 from rjet.errors import ConfigError, CursorBucketGone, CursorConflict, CursorStoreError, RjetError
 from rjet.sql._backends import Backend, backend_for, store_error
 from rjet.sql._schema import migrate
@@ -32,6 +32,18 @@ _ADVANCE: Final = (
 
 def _text(cursor: int | None) -> str:
     return "" if cursor is None or cursor == 0 else str(cursor)
+
+
+def _like(prefix: str) -> str:
+    """A LIKE pattern (escape ``!``) for the names that start with ``prefix``."""
+    return prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+
+
+def _merged(cursor: int | None, done: str, committed: set[int]) -> str | None:
+    """The done set of a row (its ``done`` text) with the ``rjet_done`` rows above its cursor, encoded."""
+    base = cursor or 0
+    merged = (set(decode_done(base, done)) | committed) if (done or committed) else set()
+    return encode_done(base, merged) or None
 
 
 class SqlCursorStore:
@@ -72,6 +84,9 @@ class SqlCursorStore:
         self._claims: dict[str, SqlClaim] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        self._written: dict[str, str] = {}  # name -> the cursor last read by a claim or written
+        self.flushes = 0
+        """Cursor writes by flushes so far (as :attr:`rjet.JetStreamCursorStore.flushes`)."""
 
     @classmethod
     async def open(cls, url: str, *, flush_interval: float = 1.0, pool_size: int = 16) -> Self:
@@ -153,6 +168,93 @@ class SqlCursorStore:
         """The stored cursor for ``name`` ("" when none)."""
         return await self.get_cursor(name)
 
+    async def peek_record(self, name: str) -> CursorRecord | None:
+        """The stored row of ``name`` as a :class:`rjet.CursorRecord` (its ``done`` with the events a
+        transactional consumer committed above the cursor), without claiming it; None when none."""
+        return (await self.records(prefix=name)).get(name)
+
+    async def records(self, *, prefix: str = "") -> dict[str, CursorRecord]:
+        """Every stored cursor whose name starts with ``prefix``, by name, as :class:`rjet.CursorRecord`
+        (cursor, stream, owner, and ``done``: the exact progress above the cursor, ``rjet_done``'s rows
+        included), without claiming any. Names under rjet's reserved prefix (``_rjet.``) are left out
+        unless ``prefix`` is one of them."""
+
+        async def work(conn: Any) -> dict[str, CursorRecord]:
+            b = self.backend
+            rows = await b.fetchall(
+                conn, "SELECT name, cursor, done, stream, owner FROM rjet_cursors WHERE name LIKE ? ESCAPE '!'",
+                (_like(prefix),),
+            )  # fmt: skip
+            committed: dict[str, set[int]] = {}
+            for name, seq in await b.fetchall(
+                conn,
+                "SELECT d.name, d.seq FROM rjet_done d JOIN rjet_cursors c ON c.name = d.name"
+                " WHERE d.name LIKE ? ESCAPE '!' AND d.seq > COALESCE(c.cursor, 0)",
+                (_like(prefix),),
+            ):
+                committed.setdefault(name, set()).add(int(seq))
+            return {
+                name: CursorRecord(_text(c), stream, owner, _merged(c, done or "", committed.get(name, set())))
+                for name, c, done, stream, owner in rows
+                if name.startswith(prefix)  # SQLite's LIKE ignores case
+                and (prefix.startswith(RESERVED_PREFIX) or not name.startswith(RESERVED_PREFIX))
+            }
+
+        found: dict[str, CursorRecord] = await self._run("list cursors", work)
+        return found
+
+    async def cursors(self) -> dict[str, str]:
+        """Every stored cursor, by name, without claiming any (as :meth:`rjet.JetStreamCursorStore.cursors`)."""
+        return {name: record.cursor for name, record in (await self.records()).items()}
+
+    def last_written(self, name: str) -> str | None:
+        """The cursor this store last read (claiming it) or wrote for ``name`` (None: neither)."""
+        return self._written.get(name)
+
+    async def rewrite(
+        self, prefixes: Sequence[str], change: Callable[[dict[str, CursorRecord]], Mapping[str, CursorRecord]]
+    ) -> dict[str, CursorRecord]:
+        """Change several cursors at once, in one transaction that holds them: read every row whose
+        name starts with one of ``prefixes`` (as :meth:`records` reads them, reserved names included;
+        the first prefix is made a row when none starts with it, so that two callers take turns), call
+        ``change(rows)``, and write what it returns: each name's new cursor, ``done``, stream and owner
+        (None clears it: whoever held the claim is fenced, and the next claim takes it), a row made
+        where there is none. Returns what was read. What ``Parallel`` reshards a group with."""
+        b = self.backend
+        lock = " FOR UPDATE" if b.kind == "postgresql" else ""  # SQLite: BEGIN IMMEDIATE holds the file
+
+        async def work(conn: Any) -> dict[str, CursorRecord]:
+            await b.execute(conn, "INSERT INTO rjet_cursors (name) VALUES (?) ON CONFLICT DO NOTHING", (prefixes[0],))
+            where = " OR ".join("name LIKE ? ESCAPE '!'" for _ in prefixes)
+            rows = await b.fetchall(
+                conn, f"SELECT name, cursor, done, stream, owner FROM rjet_cursors WHERE {where}{lock}",
+                [_like(p) for p in prefixes],
+            )  # fmt: skip
+            read: dict[str, CursorRecord] = {}
+            for name, cursor, done, stream, owner in rows:
+                if not name.startswith(tuple(prefixes)):  # SQLite's LIKE ignores case
+                    continue
+                committed = await b.fetchall(
+                    conn, "SELECT seq FROM rjet_done WHERE name = ? AND seq > ?", (name, cursor or 0)
+                )
+                merged = _merged(cursor, done or "", {int(r[0]) for r in committed})
+                read[name] = CursorRecord(_text(cursor), stream, owner, merged)
+            for name, record in change(dict(read)).items():
+                value = int(record.cursor) if record.cursor else None
+                params = (value, record.done or "", record.stream, record.owner, name)
+                if not await b.execute(
+                    conn, "UPDATE rjet_cursors SET cursor = ?, done = ?, stream = ?, owner = ? WHERE name = ?", params
+                ):
+                    await b.execute(
+                        conn, "INSERT INTO rjet_cursors (cursor, done, stream, owner, name) VALUES (?, ?, ?, ?, ?)",
+                        params,
+                    )  # fmt: skip
+                await b.execute(conn, "DELETE FROM rjet_done WHERE name = ? AND seq <= ?", (name, value or 0))
+            return read
+
+        read: dict[str, CursorRecord] = await self._run("rewrite cursors", work)
+        return read
+
     # ----------------------------------------------------------------- claims
 
     async def claim(self, name: str, *, owner: str | None = None, after: str | None = None) -> SqlClaim:
@@ -201,6 +303,7 @@ class SqlCursorStore:
         if old is not None:
             old.lose(CursorConflict(name, f"another runner claimed it through the same store (owner {me})"))
         self._claims[name] = claim
+        self._written[name] = claim.cursor
         return claim
 
     def _vanished(self, name: str, cursor: str | None, stream: str | None) -> CursorBucketGone:
@@ -337,6 +440,9 @@ class SqlClaim:
                 self.lose(err)
                 raise err
             self.written = cursor
+            store.flushes += 1
+            if int(store._written.get(self.name) or 0) < seq:  # noqa: SLF001
+                store._written[self.name] = cursor  # noqa: SLF001
 
     async def transact(
         self, seqs: Sequence[int], call: Callable[[Any], Awaitable[object]], *, sequential: bool
@@ -374,6 +480,8 @@ class SqlClaim:
                     raise self._failed(
                         store_error(b, f"the commit of events {seqs[0]}..{seqs[-1]} may or may not be applied", e)
                     ) from e
+                if sequential and int(store._written.get(self.name) or 0) < max(seqs):  # noqa: SLF001
+                    store._written[self.name] = str(max(seqs))  # noqa: SLF001
             except BaseException:
                 with contextlib.suppress(Exception):
                     await b.rollback(conn)
