@@ -214,6 +214,21 @@ class Consumer:
         clone._async = True  # noqa: SLF001 (a copy of this very class)
         return clone
 
+    def traced(self, stream: str) -> Consumer:
+        """This consumer with each handler call inside an OpenTelemetry ``process`` span (``rjet.otel``),
+        or itself when tracing is off (what ``run`` does once per run)."""
+        from rjet import otel
+        from rjet.reader import ShardFilter
+
+        kf = self.key_filter
+        shard = f"{kf.m}/{kf.n}" if isinstance(kf, ShardFilter) else None
+        fn = otel.traced(self, stream, shard)
+        if fn is None:
+            return self
+        clone = copy.copy(self)
+        clone.fn = fn
+        return clone
+
     @property
     def sequential(self) -> bool:
         """Whether ``run`` handles one event at a time, stopping at the first error (the defaults)."""

@@ -59,6 +59,9 @@ class Event:
     metadata: bytes = b""
     # The datetime, once built (or given); not an __init__ field, so dataclasses.replace leaves it out.
     _timestamp: datetime | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
+    # The W3C trace headers the message carried; left unset (not even None) by the reader's fast path,
+    # so that an event without them costs nothing: read it through ``trace``.
+    _trace: dict[str, str] | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     def __init__(
         self,
@@ -69,9 +72,10 @@ class Event:
         metadata: bytes = b"",
         *,
         timestamp_us: int | None = None,
+        trace: dict[str, str] | None = None,
     ) -> None:
         """``Event(id, type, foreign_id, timestamp, metadata)`` with an aware datetime, or
-        ``timestamp_us=`` instead of ``timestamp``."""
+        ``timestamp_us=`` instead of ``timestamp``; ``trace``: see :attr:`trace`."""
         if timestamp is not None:
             if timestamp.tzinfo is None:
                 raise InvalidEvent(f"event timestamp {timestamp!r} has no time zone (rjet's are UTC)")
@@ -85,6 +89,27 @@ class Event:
         setattr_(self, "timestamp_us", timestamp_us)
         setattr_(self, "metadata", metadata)
         setattr_(self, "_timestamp", timestamp)
+        setattr_(self, "_trace", trace)
+
+    @property
+    def trace(self) -> dict[str, str] | None:
+        """The trace context the event's message carried: its W3C headers, ``{"traceparent": ...}``
+        (with ``"tracestate"`` when it had one), as ``insert`` writes them with tracing on; None
+        when it carried none. A carrier for OpenTelemetry: ``opentelemetry.propagate.extract(event.trace)``
+        gives the inserting span's context, to link to by hand (``run`` makes the handler's span its child)."""
+        try:
+            return self._trace
+        except AttributeError:  # the reader's fast path leaves it unset
+            return None
+
+    def __getstate__(self) -> list[object]:
+        return [self.id, self.type, self.foreign_id, self.timestamp_us, self.metadata, self._timestamp, self.trace]
+
+    def __setstate__(self, state: list[object]) -> None:
+        for name, value in zip(
+            ("id", "type", "foreign_id", "timestamp_us", "metadata", "_timestamp", "_trace"), state, strict=False
+        ):
+            object.__setattr__(self, name, value)
 
     @property
     def timestamp(self) -> datetime:
@@ -114,6 +139,9 @@ class Event:
     def is_type(self, *types: int) -> bool:
         """Whether the event's type is one of ``types``."""
         return self.type in types
+
+
+_STATE: Final = ("id", "type", "foreign_id", "timestamp_us", "metadata", "_timestamp", "_trace")
 
 
 def timestamp_from_ns(ns: int) -> datetime:

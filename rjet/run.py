@@ -187,6 +187,8 @@ async def _run(  # noqa: C901 (the run loop)
         opened = True
         if client.stream_id is not None:
             claim.stream = client.stream_id  # every cursor written from now on names this stream
+        if (traced := spec.consumer.traced(client.stream)) is not spec.consumer:  # OpenTelemetry spans
+            spec = dataclasses.replace(spec, consumer=traced)
         stats.track(client)
         # A claim that is lost (another runner took it, its key vanished) or a stop request ends the
         # run now, not when the next event arrives: closing the client ends recv(); and no handler

@@ -20,6 +20,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from rjet import otel as _otel
 from rjet._nats.client import api_prefix, api_timeout, connection
 from rjet._nats.denials import denials, starts
 from rjet._nats.frames import encode_header_block, encode_headers
@@ -257,10 +258,22 @@ class Stream:
         return await self._insert(foreign_id, type, data, msg_id)
 
     async def _insert(self, foreign_id: str, type: int, data: bytes, msg_id: str | None) -> tuple[int, bool]:
+        tracing = _otel.sending(self.name, 1)
+        if tracing is None:
+            return await self._insert_traced(foreign_id, type, data, msg_id, None)
+        with tracing as carrier:
+            return await self._insert_traced(foreign_id, type, data, msg_id, carrier)
+
+    async def _insert_traced(
+        self, foreign_id: str, type: int, data: bytes, msg_id: str | None, trace: dict[str, str] | None
+    ) -> tuple[int, bool]:
         headers = encode_headers(foreign_id, type, msg_id)
+        if trace:  # first: rjet's readers take a message with them off their bulk scan, which skips them
+            headers = {**trace, **headers}
         data = _as_bytes(data)
         # Headers count against max_payload too; a frame over it makes the server close the connection.
-        if len(data) + len(encode_header_block(foreign_id, type, msg_id)) > self._nc.max_payload:
+        extra = len(_otel.header_lines(trace)) if trace else 0
+        if len(data) + len(encode_header_block(foreign_id, type, msg_id)) + extra > self._nc.max_payload:
             raise self._too_large(0, foreign_id, data)
         subject = await self._insert_subject()
         if self._partitions is not None:
@@ -300,6 +313,20 @@ class Stream:
             items.append((item[0], item[1], _as_bytes(item[2])))
             msg_ids.append(item[3] if len(item) > 3 else None)
         prefix = await self._insert_subject()
+        tracing = _otel.sending(self.name, len(items)) if items else None
+        if tracing is None:
+            return await self._insert_many(items, msg_ids, prefix, timeout, b"")
+        with tracing as carrier:
+            return await self._insert_many(items, msg_ids, prefix, timeout, _otel.header_lines(carrier))
+
+    async def _insert_many(
+        self,
+        items: list[tuple[str, int, bytes]],
+        msg_ids: list[str | None],
+        prefix: str,
+        timeout: float | None,
+        trace: bytes,
+    ) -> list[int]:
         layout = self._partitions
         limit = self._nc.max_payload
         outgoing: list[Outgoing] = []
@@ -308,6 +335,8 @@ class Stream:
                 hdr = encode_header_block(fid, typ, msg_ids[i])
             except InvalidEvent as e:
                 raise InvalidEvent(f"stream {self.name!r}: event #{i}: {e}") from None
+            if trace:  # first, as in insert
+                hdr = hdr[:10] + trace + hdr[10:]
             if len(hdr) + len(data) > limit:
                 raise self._too_large(i, fid, data)
             outgoing.append((layout.subject(prefix, fid) if layout else prefix, hdr, data))

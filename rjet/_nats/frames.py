@@ -38,6 +38,7 @@ __all__ = [
     "header",
     "parse_ack",
     "rjet_headers",
+    "trace_headers",
 ]
 
 PENDING_KEY: Final = b"\r\nNats-Pending-Messages:"
@@ -204,6 +205,23 @@ def rjet_headers(hdr: bytes) -> tuple[bytes | None, bytes | None]:
         if hdr.startswith(_FID_PREFIX, i + 2):
             return hdr[_T:i].strip(), hdr[j : hdr.find(b"\r\n", j)].strip()
     return header(hdr, _TYPE_KEY), header(hdr, _FOREIGN_ID_KEY)
+
+
+_TRACEPARENT_KEY: Final = b"\r\ntraceparent:"
+_TRACESTATE_KEY: Final = b"\r\ntracestate:"
+
+
+def trace_headers(hdr: bytes) -> dict[str, str] | None:
+    """The W3C trace headers in raw NATS header bytes (``traceparent``, and ``tracestate`` when
+    present), or None without a ``traceparent``."""
+    parent = header(hdr, _TRACEPARENT_KEY)
+    if parent is None:
+        return None
+    out = {"traceparent": parent.decode("ascii", "replace")}
+    state = header(hdr, _TRACESTATE_KEY)
+    if state is not None:
+        out["tracestate"] = state.decode("ascii", "replace")
+    return out
 
 
 # A buffered message: stream sequence, stored time (ns), subject, raw headers or None, body, the

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final, TypeAlias
 
-from rjet._nats.frames import decode_type, foreign_id_of, rjet_headers
+from rjet._nats.frames import decode_type, foreign_id_of, rjet_headers, trace_headers
 from rjet.event import Event
 
 __all__ = ["MAKE", "PERCENT", "Decode", "decoder", "fid_value", "foreign_id"]
@@ -22,7 +22,10 @@ _set_id, _set_type, _set_fid, _set_us, _set_ts, _set_data = (
     Event.__dict__[f].__set__ for f in ("id", "type", "foreign_id", "timestamp_us", "_timestamp", "metadata")
 )
 # Event(...) through the frozen dataclass's __init__ costs twice as much as setting the slots directly
-# (its __init__ calls object.__setattr__ per field); the result is the same.
+# (its __init__ calls object.__setattr__ per field); the result is the same. The trace slot is left
+# unset (Event.trace reads it as None) but for a message that carried a trace header.
+_set_trace = Event.__dict__["_trace"].__set__
+_TRACEPARENT: Final = b"traceparent:"
 MAKE: Final = (_new, _set_id, _set_type, _set_fid, _set_us, _set_ts, _set_data)
 
 Decode: TypeAlias = Callable[
@@ -60,6 +63,7 @@ def decoder(stream: str) -> Decode:
         fid_value_: bytes | None,
         _held: int,
     ) -> Event:
+        traced = False
         if typ_value is not None and fid_value_ is not None:  # taken by the scan: digits, printable ASCII
             typ = int(typ_value)
             if fid is None:
@@ -67,6 +71,8 @@ def decoder(stream: str) -> Decode:
         else:
             typ = 0
             if hdr is not None:
+                # insert writes trace headers first, which keeps a traced message off the bulk scan.
+                traced = _TRACEPARENT in hdr
                 typ_raw, fid_raw = rjet_headers(hdr)
                 if typ_raw is not None:
                     # Go's strconv.Atoi, within int64, empty as 0 (decode_type); bytes.isdigit is ASCII only.
@@ -85,6 +91,8 @@ def decoder(stream: str) -> Decode:
         _set_us(event, ts // 1000)
         _set_ts(event, None)  # the datetime is built when a handler asks for it
         _set_data(event, data)
+        if traced:
+            _set_trace(event, trace_headers(hdr))  # type: ignore[arg-type]  # traced: hdr is bytes
         return event
 
     return decode
