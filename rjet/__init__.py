@@ -47,6 +47,7 @@ from rjet.errors import (
 )
 from rjet.event import Event
 from rjet.fate import ALWAYS, NEVER, Fate, FixedFate, RandomFate
+from rjet.otel import use_tracer_provider
 from rjet.partitions import Partitions
 from rjet.reader import ReadConfig, ShardFilter, StreamClient
 from rjet.retry import RetryPolicy
@@ -113,6 +114,7 @@ __all__ = [
     "is_permanent",
     "run",
     "run_forever",
+    "use_tracer_provider",
 ]
 
 __version__ = "0.1.0"
