@@ -5,6 +5,8 @@ once, per key in stream order, across a restart and a reshard."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 from sql_fixtures import SqlDb, postgres_server, sql_db
+from test_cli import rjet_cmd
 from test_parallel import insert, remember_shard
 
 import rjet
@@ -108,6 +111,7 @@ def test_handled_skips_what_an_old_shard_handled() -> None:
 # ----------------------------------------------------------------- a group on SQLite
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_a_group_with_sql_cursors_handles_each_event_once_and_resumes(
     server: EmbeddedServer, stream: rjet.Stream, js: JetStreamContext, name: str, tmp_path: Path
@@ -144,6 +148,53 @@ async def test_a_group_with_sql_cursors_handles_each_event_once_and_resumes(
     check_rows(db, events | more)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_the_command_line_runs_and_shows_a_group_with_sql_cursors(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    db = sqlite_db(tmp_path)
+    events = await insert(stream, 300)
+    (tmp_path / "sql_handler.py").write_text(
+        "import os\n"
+        "async def handle(fate, event, tx):\n"
+        "    await tx.execute('INSERT INTO effects (seq, fid, who) VALUES (?, ?, ?)',"
+        " (event.id_int, event.foreign_id, f'cli:{os.getpid()}'))\n"
+    )
+    common = ("--namespace", name, "-s", server.url)
+    run = ("worker", name, "sql_handler:handle", "--group", name, "-n", "2", "--to-head", "-q", *common)
+    refused = await asyncio.to_thread(rjet_cmd, *run, "--transactional", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "--transactional needs --cursors URL" in refused.stderr
+    done = await asyncio.to_thread(rjet_cmd, *run, "--cursors", db.url, "--transactional", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    check_rows(db, events)
+
+    describe = ("group", "describe", name, "--stream", name, "--json", *common)
+    shown = await asyncio.to_thread(rjet_cmd, *describe, "--cursors", db.url)
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)
+    assert [(s["name"], s["cursor"], s["lag_events"]) for s in doc["shards"]] == [
+        (shard_name(name, m, 2), max(events), 0) for m in range(2)
+    ]
+    without = await asyncio.to_thread(rjet_cmd, *describe)
+    assert without.returncode == 1
+    assert "keeps its shard cursors in an SQL database" in without.stderr
+    assert "--cursors URL" in without.stderr
+    listed = await asyncio.to_thread(rjet_cmd, "group", "list", "--json", *common, "--cursors", db.url)
+    assert [json.loads(line)["group"] for line in listed.stdout.splitlines()] == [name]
+
+    status = await asyncio.to_thread(rjet_cmd, "status", name, "--json", *common, "--cursors", db.url)
+    assert status.returncode == 0, status.stderr
+    consumers = [json.loads(line) for line in status.stdout.splitlines()]
+    assert {(c["name"], c["cursor"], c["lag_events"]) for c in consumers if "cursor" in c} == {
+        (shard_name(name, m, 2), max(events), 0) for m in range(2)
+    }
+    one = await asyncio.to_thread(rjet_cmd, "cursor", shard_name(name, 0, 2), "--cursors", db.url, "-s", server.url)
+    assert (one.returncode, one.stdout.strip()) == (0, str(max(events)))
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_a_reshard_from_2_to_3_seeds_from_the_sql_cursors_and_handles_nothing_twice(
     server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
@@ -178,6 +229,7 @@ async def test_a_reshard_from_2_to_3_seeds_from_the_sql_cursors_and_handles_noth
     assert (await group(server, name, 3, db).run_async(to_head=True)).reshard is None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("sql_db", ["postgresql"], indirect=True)
 async def test_a_group_on_postgresql(server: EmbeddedServer, stream: rjet.Stream, name: str, sql_db: SqlDb) -> None:

@@ -7,6 +7,7 @@ import click
 import rjet
 from rjet.cli._common import CliError, Connection, connection_options, run
 from rjet.parallel import admin
+from rjet.sql import SqlCursorStore
 
 
 def _check_set(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -18,7 +19,12 @@ def _check_set(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 @click.command()
 @click.argument("name")
-@click.option("--namespace", required=True, metavar="NS", help="Cursor namespace (KV bucket rjet_cursors_NS).")
+@click.option("--namespace", metavar="NS", help="Cursor namespace (KV bucket rjet_cursors_NS).")
+@click.option(
+    "--cursors",
+    metavar="URL",
+    help="Read it from this SQL database instead (sqlite:///PATH, postgresql://...; no --namespace).",
+)
 @click.option(
     "--set",
     "value",
@@ -41,7 +47,13 @@ def _check_set(ctx: click.Context, param: click.Parameter, value: str | None) ->
 )
 @connection_options
 def cursor(
-    conn: Connection, name: str, namespace: str, value: str | None, stream: str | None, skip_removed: bool
+    conn: Connection,
+    name: str,
+    namespace: str | None,
+    cursors: str | None,
+    value: str | None,
+    stream: str | None,
+    skip_removed: bool,
 ) -> None:
     """Print consumer NAME's stored cursor, or with --set, move it.
 
@@ -60,6 +72,13 @@ def cursor(
     and a cursor recorded in another stream (or in an earlier stream of the same
     name, unless --stream names it).
     """
+    if cursors is not None:
+        if namespace is not None or value is not None:
+            raise click.UsageError("--cursors URL reads a cursor: without --namespace, without --set")
+        click.echo(run(_sql_cursor(name, cursors)))
+        return
+    if namespace is None:
+        raise click.UsageError("Missing option '--namespace' (or --cursors URL).")
     if value in ("first", "last") and not stream:
         raise click.UsageError(f"--set {value} needs --stream")
     if skip_removed and value is None:
@@ -93,6 +112,16 @@ async def _cursor(
             )
             said = "".join(f" ({note})" for note in change.notes)
             return f"{name}: {old or '(none)'} -> {new or '(none: from the beginning)'}{dropped}{said}"
+
+
+async def _sql_cursor(name: str, url: str) -> str:
+    async with await SqlCursorStore.open(url) as store:
+        record = await store.peek_record(name)
+    if record is None:
+        raise CliError(f"no cursor {name!r} in {url.split('@')[-1]}")
+    if record.done:  # on stderr: stdout stays the cursor alone, for scripts
+        click.echo(f"{name}: {_done_count(record)} event(s) above it done already (exact progress)", err=True)
+    return record.cursor or "(none: from the beginning)"
 
 
 def _done_count(record: rjet.CursorRecord) -> int | str:

@@ -3,6 +3,7 @@ them at once (what ``kafka-consumer-groups`` does for Kafka). A view over :mod:`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from datetime import datetime
@@ -14,6 +15,7 @@ from rjet import StreamNotFound
 from rjet.cli._common import Connection, age, connection_options, run, stdout_console
 from rjet.cli._layout import expired_line, member_line, table, width, wrap
 from rjet.parallel import admin
+from rjet.sql import SqlCursorStore
 
 _first_at = admin.sequence_at  # what rjet/cli/_tail.py imports from here
 
@@ -38,15 +40,21 @@ _namespace = click.option(
     "--namespace", required=True, metavar="NS", help="Cursor namespace (KV bucket rjet_cursors_NS)."
 )
 _json = click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+_cursors = click.option(
+    "--cursors",
+    metavar="URL",
+    help="The SQL database that keeps the shard cursors (a group run with --cursors URL) instead of the bucket.",
+)
 
 
 @group.command("list")
 @_namespace
 @_json
+@_cursors
 @connection_options
-def list_groups(conn: Connection, namespace: str, as_json: bool) -> None:
+def list_groups(conn: Connection, namespace: str, as_json: bool, cursors: str | None) -> None:
     """The groups with cursors in NAMESPACE: shard count, generations, members, whether they run."""
-    found = run(_list(conn, namespace))
+    found = run(_list(conn, namespace, cursors))
     if as_json:
         for g in found:
             click.echo(json.dumps(_group_json(g)))
@@ -68,10 +76,13 @@ def list_groups(conn: Connection, namespace: str, as_json: bool) -> None:
 @_namespace
 @click.option("--stream", required=True, metavar="STREAM", help="The stream the group reads (for the lag).")
 @_json
+@_cursors
 @connection_options
-def describe_group(conn: Connection, name: str, namespace: str, stream: str, as_json: bool) -> None:
+def describe_group(
+    conn: Connection, name: str, namespace: str, stream: str, as_json: bool, cursors: str | None
+) -> None:
     """Group NAME's shards (cursor, lag, who runs them), its total lag, and its members."""
-    g = run(_describe(conn, name, namespace, stream))
+    g = run(_describe(conn, name, namespace, stream, cursors))
     if as_json:
         click.echo(json.dumps(_group_json(g)))
         return
@@ -200,16 +211,20 @@ def delete_group(conn: Connection, name: str, namespace: str, execute: bool) -> 
 # ----------------------------------------------------------------- the views
 
 
-async def _list(conn: Connection, namespace: str) -> list[admin.GroupInfo]:
-    async with conn.connect() as nc:
-        return await admin.list_groups(await admin.open_namespace(nc.jetstream(), namespace))
+async def _list(conn: Connection, namespace: str, url: str | None) -> list[admin.GroupInfo]:
+    async with conn.connect() as nc, contextlib.AsyncExitStack() as stack:
+        store = await admin.open_namespace(nc.jetstream(), namespace)
+        cursors = await stack.enter_async_context(await SqlCursorStore.open(url)) if url else None
+        return await admin.list_groups(store, cursors=cursors)
 
 
-async def _describe(conn: Connection, name: str, namespace: str, stream: str) -> admin.GroupInfo:
-    async with conn.connect() as nc:
+async def _describe(conn: Connection, name: str, namespace: str, stream: str, url: str | None) -> admin.GroupInfo:
+    async with conn.connect() as nc, contextlib.AsyncExitStack() as stack:
         js = nc.jetstream()
         state = await admin.stream_state(js, stream)
-        return await admin.describe_group(await admin.open_namespace(js, namespace), name, stream=state)
+        store = await admin.open_namespace(js, namespace)
+        cursors = await stack.enter_async_context(await SqlCursorStore.open(url)) if url else None
+        return await admin.describe_group(store, name, stream=state, cursors=cursors)
 
 
 async def _reset(

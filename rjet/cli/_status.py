@@ -4,6 +4,7 @@ which host runs each shard, from the heartbeats ``rjet.parallel`` keeps beside t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -19,6 +20,7 @@ from rich.text import Text
 from rjet.cli._common import Connection, age, connection_options, iso, run, stdout_console
 from rjet.cli._layout import expired_line, member_line, table, width, wrap
 from rjet.parallel import admin
+from rjet.sql import SqlCursorStore
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -74,9 +76,20 @@ class Row:
     metavar="[SECONDS]",
     help="Look again every SECONDS (default 2) until Ctrl-C: redrawn in place on a terminal.",
 )
+@click.option(
+    "--cursors",
+    metavar="URL",
+    help="Read the cursors of --namespace NS from this SQL database (a group run with --cursors URL).",
+)
 @connection_options
 def status(
-    conn: Connection, stream: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool, watch: float | None
+    conn: Connection,
+    stream: str,
+    namespaces: tuple[str, ...],
+    pattern: str | None,
+    as_json: bool,
+    watch: float | None,
+    cursors: str | None,
 ) -> None:
     """Show each consumer's cursor on STREAM, its lag, its last activity, and where each shard runs.
 
@@ -101,8 +114,10 @@ def status(
     every few seconds until Ctrl-C (exit status 0); with --json too, each look
     is one JSON document on one line ("consumers", "no_stream" and "members").
     """
+    if cursors is not None and len(namespaces) != 1:
+        raise click.UsageError("--cursors URL goes with one --namespace NS: the namespace whose cursors it keeps")
     try:
-        run(_status(conn, stream, namespaces, pattern, as_json, watch))
+        run(_status(conn, stream, namespaces, pattern, as_json, watch, cursors=cursors))
     except KeyboardInterrupt:
         if watch is None:
             raise
@@ -153,14 +168,20 @@ class View:
     members: tuple[MemberRow, ...]  # of the elastic groups with a cursor among rows or unknown
 
 
-async def _look(js: JetStreamContext, name: str, namespaces: tuple[str, ...], pattern: str | None) -> View:
+async def _look(
+    js: JetStreamContext,
+    name: str,
+    namespaces: tuple[str, ...],
+    pattern: str | None,
+    cursors: SqlCursorStore | None = None,
+) -> View:
     state = await admin.stream_state(js, name)
     nss = tuple(namespaces) or tuple(await admin.namespaces(js))
     rows: list[Row] = []
     members: list[MemberRow] = []
     for ns in nss:
         store = await admin.open_namespace(js, ns)
-        found = [_row(c) for c in await admin.consumers(store, state, pattern=pattern)]
+        found = [_row(c) for c in await admin.consumers(store, state, pattern=pattern, cursors=cursors)]
         rows += found
         members += [_member_row(ns, m) for m in await admin.members(store) if _shard_of(m.group, found)]
     placed = tuple(r for r in rows if r.recorded_in is not None)
@@ -178,23 +199,37 @@ def _shard_of(group: str, rows: list[Row]) -> bool:
 
 
 async def _status(
-    conn: Connection, name: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool, watch: float | None
+    conn: Connection,
+    name: str,
+    namespaces: tuple[str, ...],
+    pattern: str | None,
+    as_json: bool,
+    watch: float | None,
+    *,
+    cursors: str | None = None,
 ) -> None:
-    async with conn.connect() as nc:
+    async with conn.connect() as nc, contextlib.AsyncExitStack() as stack:
         js = nc.jetstream()
+        sql = await stack.enter_async_context(await SqlCursorStore.open(cursors)) if cursors else None
         if watch is None:
-            view = await _look(js, name, namespaces, pattern)
+            view = await _look(js, name, namespaces, pattern, sql)
             if as_json:
                 for line in _json_lines(view):
                     click.echo(line)
             else:
                 _print(stdout_console(), _render(view))
             return
-        await _watch(js, name, namespaces, pattern, as_json, watch)
+        await _watch(js, name, namespaces, pattern, as_json, watch, sql)
 
 
 async def _watch(
-    js: JetStreamContext, name: str, namespaces: tuple[str, ...], pattern: str | None, as_json: bool, every: float
+    js: JetStreamContext,
+    name: str,
+    namespaces: tuple[str, ...],
+    pattern: str | None,
+    as_json: bool,
+    every: float,
+    cursors: SqlCursorStore | None = None,
 ) -> None:
     """Look again every ``every`` seconds until interrupted: a view redrawn in place on a terminal,
     one view after another elsewhere, or one JSON document per look (``--json``)."""
@@ -205,7 +240,7 @@ async def _watch(
             live.start()
         while True:
             started = time.monotonic()
-            view = await _look(js, name, namespaces, pattern)
+            view = await _look(js, name, namespaces, pattern, cursors)
             if as_json:
                 click.echo(json.dumps(_document(view)))
             elif live is not None:
