@@ -21,7 +21,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from nats.js import JetStreamContext
@@ -211,9 +211,9 @@ async def test_a_handler_that_cannot_travel_is_refused_before_anything_starts(se
 
 def test_a_handler_of_the_wrong_shape_is_refused_when_the_group_is_built(server: EmbeddedServer) -> None:
     with pytest.raises(rjet.ConfigError, match=r"Parallel 'p': handler .* cannot be called as fn\(fate, event\)"):
-        Parallel("p", 2, lambda event: None, servers=server.url, stream="s", namespace="ns")  # type: ignore[arg-type]
+        Parallel("p", 2, cast(Any, lambda event: None), servers=server.url, stream="s", namespace="ns")
     with pytest.raises(rjet.ConfigError, match=r"cannot be called as fn\(fate, events\)"):
-        Parallel("p", 2, lambda: None, servers=server.url, stream="s", namespace="ns", batch=rjet.Batch(10))  # type: ignore[arg-type]
+        Parallel("p", 2, cast(Any, lambda: None), servers=server.url, stream="s", namespace="ns", batch=rjet.Batch(10))
 
 
 async def test_a_missing_stream_fails_before_any_worker_starts(server: EmbeddedServer, name: str) -> None:
