@@ -260,6 +260,7 @@ async def prepare(
         # Written on every start, even when it names this n already: of two groups of different n that
         # start at once, the one whose compare-and-swap comes second reads the record again.
         body = dict(step.record if step.record is not None else recorded or {})
+        body.pop("cursors", None)  # the shard cursors are in this bucket (not in SQL: rjet/parallel/_sql.py)
         body["holder"] = {"group": group, "member": member, "host": socket.gethostname(), "pid": os.getpid()}
         body["held_at"] = time.time()
         if not await write_record(kv, name, state.record, body):

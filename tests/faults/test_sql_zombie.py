@@ -1,5 +1,6 @@
 """A zombie member of an elastic group whose shard cursors are in PostgreSQL: the member and its worker
-processes SIGSTOPped past their lease while the other member takes their shards over, then SIGCONTed.
+processes SIGSTOPped past their lease while the other member takes their shards over (frozen at a
+moment they hold no cursor row's lock, which would make the takeover wait), then SIGCONTed.
 Its workers commit nothing after the takeover (each transaction commits only while its claim holds,
 and the takeover's claim replaced it), and the table holds each event exactly once. (Slow: every
 test under tests/faults/ is.)"""
@@ -92,6 +93,14 @@ async def test_a_member_paused_past_its_lease_commits_nothing_after_the_takeover
         found = sql_db.query("SELECT name, owner FROM rjet_cursors WHERE owner IS NOT NULL")
         return {str(n): int(str(o).split(":")[1]) for n, o in found if str(o).count(":") >= 2}
 
+    def holding_a_cursor_row() -> bool:
+        """Whether a session has sat in a transaction that updated a cursor row for 0.2 s (frozen)."""
+        held = sql_db.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'"
+            " AND starts_with(query, 'UPDATE rjet_cursors') AND state_change < now() - interval '200 milliseconds'"
+        )
+        return bool(held[0][0])
+
     a = _start_member(server, name, tmp_path, "a", sql_db.url)
     b = _start_member(server, name, tmp_path, "b", sql_db.url)
     try:
@@ -101,8 +110,21 @@ async def test_a_member_paused_past_its_lease_commits_nothing_after_the_takeover
         zombies = _in_group(a.pid, set(owners().values()))  # a's workers, each holding a shard cursor
         a_shards = {k for k, pid in owners().items() if pid in zombies}
 
-        os.killpg(a.pid, signal.SIGSTOP)  # a and its workers freeze, transactions in flight and all
-        stopped_at = time.monotonic()
+        # a and its workers freeze, transactions in flight and all; but not one that holds a shard
+        # cursor's row (a transaction between its cursor's UPDATE and its COMMIT): PostgreSQL makes the
+        # takeover's claim wait for it, so no takeover happens while a is frozen there (its commit then
+        # comes first, and the takeover after). Frozen in such a window, a is woken and frozen again.
+        tries = 0
+        while tries < 30:
+            tries += 1
+            os.killpg(a.pid, signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            await asyncio.sleep(0.3)
+            if not holding_a_cursor_row():
+                break
+            os.killpg(a.pid, signal.SIGCONT)
+            await asyncio.sleep(0.05)
+        assert not holding_a_cursor_row(), "a was frozen holding a cursor's row lock 30 times in a row"
         # b takes a's shards over once a's lease is a TTL (1 s) old: its workers claim the cursors.
         await wait_until(
             lambda: all(owners().get(k) not in zombies for k in a_shards), 60, "b claiming a's shard cursors"
@@ -139,6 +161,7 @@ async def test_a_member_paused_past_its_lease_commits_nothing_after_the_takeover
     order.check(sorted(events))
     assert {shard_name(name, m, N) for m in taken} == a_shards
     print(
-        f"zombie: a's {len(zombies)} worker(s) held {sorted(a_shards)}; taken over {taken_after:.1f}s after the"
+        f"zombie: a's {len(zombies)} worker(s) held {sorted(a_shards)}; frozen at try {tries}; taken over"
+        f" {taken_after:.1f}s after the"
         f" SIGSTOP; they committed {committed_by_zombies} rows before it and 0 after; {COUNT} events, each once"
     )
