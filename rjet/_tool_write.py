@@ -30,9 +30,9 @@ import nats.js.errors
 from nats.nuid import NUID
 
 from rjet._nats.denials import guard_kv
-from rjet._reader import _identity
 from rjet.cursors import CursorRecord, encode_key
 from rjet.errors import CursorError, CursorStoreError, StreamNotFound
+from rjet.reader import stream_identity as _identity
 from rjet.stream import Stream
 
 if TYPE_CHECKING:
