@@ -19,7 +19,7 @@ from test_parallel import insert, remember_shard
 
 import rjet
 from rjet.parallel import Parallel, admin, shard_name, shard_of
-from rjet.parallel._sql import Handled
+from rjet.parallel._sql import Handled, prepare
 from rjet.server import EmbeddedServer
 from rjet.sql import SqlCursorStore
 from rjet.testing import KeyOrder
@@ -106,6 +106,45 @@ def test_handled_skips_what_an_old_shard_handled() -> None:
     assert handled.top == 20
     assert [handled(event(s, keys[0])) for s in (10, 11, 15)] == [True, False, False]
     assert [handled(event(s, keys[1])) for s in (15, 20, 21)] == [True, True, False]
+
+
+async def test_members_resharding_at_once_seed_once_and_a_later_start_rewinds_nothing(
+    js: JetStreamContext, name: str, sql_db: SqlDb
+) -> None:
+    kv = (await rjet.JetStreamCursorStore.create(js, name)).kv
+    async with await SqlCursorStore.open(sql_db.url) as store:
+
+        async def write(cursor_name: str, cursor: str) -> None:
+            claim = await store.claim(cursor_name)
+            await claim.set_cursor(cursor)
+            await claim.release()
+
+        assert await prepare(kv, store, name, 2, group="g", ttl=5.0) is None  # a first run: nothing to seed
+        await write(shard_name(name, 0, 2), "100")
+        await write(shard_name(name, 1, 2), "90")
+        results = await asyncio.gather(*(prepare(kv, store, name, 4, group=g, ttl=5.0, member=g) for g in "abc"))
+        reports = [r for r in results if r is not None]
+        assert len(reports) == 1  # one of them seeded, once
+        assert (reports[0].seed, reports[0].source_n, reports[0].exact) == ("90", 2, True)
+        rows = await store.records(prefix=name + "_")
+        assert {k: (r.cursor, r.owner) for k, r in rows.items()} == {
+            **{shard_name(name, m, 4): ("90", None) for m in range(4)},
+            shard_name(name, 0, 2): ("100", None),  # the old cursors stay, their owners cleared: fenced
+            shard_name(name, 1, 2): ("90", None),
+        }
+        # A worker of n=4 runs; another member starting later seeds nothing over it.
+        held = await store.claim(shard_name(name, 0, 4))
+        await held.set_cursor("95")
+        await held.flush()
+        assert await prepare(kv, store, name, 4, group="d", ttl=5.0, member="d") is None
+        await held.confirm()  # still held: not fenced
+        assert await store.peek(shard_name(name, 0, 4)) == "95"
+        await held.release()
+        # Back to n=2: seeded from n=4 (lowest 90); an old cursor above the seed is kept, never moved back.
+        report = await prepare(kv, store, name, 2, group="e", ttl=5.0)
+        assert report is not None
+        assert (report.seed, report.source_n) == ("90", 4)
+        assert [await store.peek(shard_name(name, m, 2)) for m in range(2)] == ["100", "90"]
 
 
 # ----------------------------------------------------------------- a group on SQLite
