@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -461,6 +462,17 @@ def stderr_console() -> Console:
 def show_progress(console: Console) -> bool:
     """Whether to draw live progress: only on a terminal (quiet in pipes, files and CI logs)."""
     return console.is_terminal and not console.is_dumb_terminal
+
+
+def data_text(data: bytes) -> str:
+    """Data as text when it is UTF-8 (control characters escaped), else ``base64:...``."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(data).decode()
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text
 
 
 def iso(ts: datetime) -> str:

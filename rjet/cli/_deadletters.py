@@ -18,7 +18,7 @@ import nats.js.errors
 import rjet
 from rjet._nats.denials import guard_api
 from rjet._nats.frames import decode_type, foreign_id_of, rjet_headers
-from rjet.cli._common import CliError, Connection, age, connection_options, iso, one_line, run
+from rjet.cli._common import CliError, Connection, age, connection_options, data_text, iso, one_line, run
 from rjet.deadletter import DeadLetterStream, StoredDeadLetter
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ def _show_lines(stream: str, letter: StoredDeadLetter, source: _Source | None) -
             ("stored", iso(e.timestamp)),
         ]
         if letter.metadata_omitted is None:
-            lines.append(("data", f"({len(e.metadata)} bytes) {_data_text(e.metadata)}"))
+            lines.append(("data", f"({len(e.metadata)} bytes) {data_text(e.metadata)}"))
         else:
             where = f"not in the record ({letter.metadata_omitted} bytes, too large): "
             if source is not None and source.event is not None:
@@ -247,17 +247,6 @@ def _show_lines(stream: str, letter: StoredDeadLetter, source: _Source | None) -
         ("recorded", f"{iso(r.at)} ({age((datetime.now(UTC) - r.at).total_seconds())} ago)"),
     ]
     return lines
-
-
-def _data_text(data: bytes) -> str:
-    """Data as text when it is UTF-8 (control characters escaped), else ``base64:...``."""
-    try:
-        text = data.decode()
-    except UnicodeDecodeError:
-        return "base64:" + base64.b64encode(data).decode()
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return text
 
 
 # ----------------------------------------------------------------- the source event of a record without its data

@@ -21,7 +21,7 @@ from nats.js import api
 
 import rjet
 from rjet._nats.denials import guard_api
-from rjet.cli._common import Connection, connection_options, iso, run
+from rjet.cli._common import Connection, connection_options, data_text, iso, run
 from rjet.parallel.admin import sequence_at
 from rjet.stream import parse_cursor
 
@@ -142,16 +142,6 @@ class _Show:
         return self.subject or self.headers
 
 
-def _data_text(data: bytes) -> str:
-    try:
-        text = data.decode()
-    except UnicodeDecodeError:
-        return "base64:" + base64.b64encode(data).decode()
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return text
-
-
 def format_text(event: rjet.Event, subject: str | None = None, headers: Headers | None = None) -> str:
     """One tab-separated line: ID, timestamp, type, foreign ID, [subject], [headers], data."""
     fid = event.foreign_id if event.foreign_id.isprintable() else repr(event.foreign_id)
@@ -160,7 +150,7 @@ def format_text(event: rjet.Event, subject: str | None = None, headers: Headers 
         extra += f"\t{subject}"
     if headers is not None:
         extra += "\t" + json.dumps(headers, ensure_ascii=True, separators=(",", ":"))
-    return f"{event.id}\t{iso(event.timestamp)}\t{event.type}\t{fid}{extra}\t{_data_text(event.metadata)}"
+    return f"{event.id}\t{iso(event.timestamp)}\t{event.type}\t{fid}{extra}\t{data_text(event.metadata)}"
 
 
 def format_json(event: rjet.Event, subject: str | None = None, headers: Headers | None = None) -> str:
@@ -306,7 +296,7 @@ async def _undecodable(js: JetStreamContext, name: str, err: rjet.DecodeError) -
         where += f" (cannot read it back: {type(e).__name__})"
     else:
         data = msg.data or b""
-        text = _data_text(data)
+        text = data_text(data)
         if len(text) > _PREVIEW:
             text = text[:_PREVIEW] + "..."
         where += f" on subject {msg.subject!r}"
