@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import Awaitable
@@ -47,6 +48,7 @@ _GONE_ERRORS: Final = (
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.NotFoundError,
 )
+_CLAIM_TRIES: Final = 50  # compare-and-swap rounds a claim tries against a running writer
 _MAX_BATCH: Final = 1000  # the server's default limit on the messages of one atomic batch
 _NUID: Final = NUID()
 
@@ -204,7 +206,9 @@ class JetStreamCursorStore:
             if name in self._dirty:
                 await self._flush_locked([name], raise_for=set())  # what an earlier claim left unwritten
             owner = owner or runner_id()
-            for _ in range(10):
+            for attempt in range(_CLAIM_TRIES):
+                if attempt:  # a runner that writes every few ms wins every race without a pause
+                    await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 10)))
                 since = time.monotonic()
                 entry = await self._read_entry(name, key)
                 record = CursorRecord.decode(entry[0]) if entry is not None else CursorRecord()
@@ -251,7 +255,8 @@ class JetStreamCursorStore:
                 return claim
         raise CursorConflict(
             name,
-            f"another writer changed it 10 times in a row while this runner claimed it (bucket {self.bucket!r});"
+            f"another writer changed it {_CLAIM_TRIES} times in a row while this runner claimed it (bucket"
+            f" {self.bucket!r});"
             " two runners share the name, or a tool keeps writing it",
         )
 
