@@ -4,6 +4,7 @@ transactional consumers whose writes commit with their progress. Each test runs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from pathlib import Path
@@ -170,7 +171,7 @@ async def test_bad_sqlite_files_are_one_line_errors(sql_db: SqlDb, tmp_path: Pat
 
 def _writable(path: Path) -> bool:
     try:
-        with sqlite3.connect(path) as db:
+        with contextlib.closing(sqlite3.connect(path)) as db, db:  # closed: sqlite3's `with` only commits
             db.execute("CREATE TABLE probe (x)")
             db.execute("DROP TABLE probe")
         return True
