@@ -287,6 +287,8 @@ async def _run(  # noqa: C901 (the run loop)
     finally:
         try:
             await claim.release(forget_new=not opened)  # flushes
+            if rerun is not None and claim.forgotten:
+                rerun.held = False  # its record is gone on purpose: the next run claims afresh
         finally:
             claim.check()  # a lost claim is why the run ended, whatever else it saw on the way
 

@@ -494,3 +494,23 @@ async def test_a_run_that_cannot_open_its_stream_leaves_no_cursor_record(
         with pytest.raises(rjet.StreamNotFound):
             await rjet.run(rjet.Spec(missing.stream, jetstream, consumer))
         assert await jetstream.peek("c") == "7"
+
+
+async def test_run_forever_goes_on_once_its_missing_stream_appears(js: JetStreamContext, name: str) -> None:
+    """A run that cannot open its stream removes the record its claim created; the next run claims
+    afresh (was: it looked for its own record, found none, and stopped with CursorBucketGone)."""
+    seen: list[int] = []
+
+    def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        seen.append(event.id_int)
+
+    async with await rjet.JetStreamCursorStore.create(js, name) as store:
+        spec = rjet.Spec(rjet.Stream(js, name).stream, store, rjet.Consumer("c", handle), to_head=True)
+        task = asyncio.create_task(rjet.run_forever(spec, retry_delay=0.05, max_backoff=0.1))
+        await asyncio.sleep(0.5)  # several runs find no stream
+        assert not task.done()
+        stream = await rjet.Stream.create(js, name)
+        await stream.insert_many([("k", 1, b"")] * 3)
+        await asyncio.wait_for(task, 10)
+        assert seen == [1, 2, 3]
+        assert await store.peek("c") == "3"

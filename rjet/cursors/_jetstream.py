@@ -272,12 +272,14 @@ class JetStreamCursorStore:
                 " consumer name; this one stops",
             )
 
-    async def _forget(self, claim: JetStreamClaim) -> None:
+    async def _forget(self, claim: JetStreamClaim) -> bool:
         """Delete the record ``claim`` created, unless anyone wrote it since (then it stays)."""
         try:
             await self._guard(self._match, self._kv.delete(encode_key(claim.name), last=claim.rev))
         except (*_STORE_ERRORS, PermissionDenied) as e:
             log.debug("cursor bucket %r: left the new record of %r (%r)", self.bucket, claim.name, e)
+            return False
+        return True
 
     async def get_cursor(self, name: str) -> str:
         """Read and claim the cursor for ``name`` ("" when none); fences earlier runners of it."""

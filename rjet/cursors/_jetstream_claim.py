@@ -33,7 +33,8 @@ class JetStreamClaim:
     """
 
     __slots__ = (
-        "_store", "created", "cursor", "done", "expires", "key", "lost", "lost_event", "name", "owner", "plain",
+        "_store", "created", "cursor", "done", "expires", "forgotten", "key", "lost", "lost_event", "name", "owner",
+        "plain",
         "released", "rev", "stream",
     )  # fmt: skip
 
@@ -52,6 +53,7 @@ class JetStreamClaim:
         self.lost_event = asyncio.Event()
         self.released = False
         self.created = 0  # the revision of the record this claim created (0: one was there already)
+        self.forgotten = False
         self.plain = False  # taken by get_cursor (the plain CursorStore protocol), not by a runner's claim()
         # Until when this claim is known to be held (monotonic clock): see JetStreamCursorStore's claim_lease.
         self.expires = math.inf if store.claim_lease is None else 0.0
@@ -104,7 +106,7 @@ class JetStreamClaim:
             if self.lost is None:
                 await self.flush()
                 if forget_new and self.created and self.rev == self.created:
-                    await self._store._forget(self)  # noqa: SLF001
+                    self.forgotten = await self._store._forget(self)  # noqa: SLF001
         finally:
             self.released = True
             if self._store._claims.get(self.name) is self:  # noqa: SLF001

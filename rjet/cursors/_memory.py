@@ -116,8 +116,21 @@ class MemCursorStore:
 class _MemClaim:
     """A runner's hold on one cursor of a :class:`MemCursorStore`."""
 
-    __slots__ = ("_pending", "_store", "cursor", "done", "expires", "lost", "lost_event", "name", "owner",
-                 "present", "stream", "written")  # fmt: skip
+    __slots__ = (
+        "_pending",
+        "_store",
+        "cursor",
+        "done",
+        "expires",
+        "forgotten",
+        "lost",
+        "lost_event",
+        "name",
+        "owner",
+        "present",
+        "stream",
+        "written",
+    )  # fmt: skip
 
     def __init__(self, store: MemCursorStore, name: str, owner: str, record: CursorRecord) -> None:
         self._store = store
@@ -132,6 +145,7 @@ class _MemClaim:
         self.lost_event = asyncio.Event()
         self._pending: ProgressSource | None = None
         self.present = False  # a cursor is stored: one missing now vanished under this claim
+        self.forgotten = False
 
     def lose(self, err: RjetError) -> None:
         if self.lost is None:
@@ -179,7 +193,7 @@ class _MemClaim:
             if self.lost is None:
                 await self.flush()
                 if forget_new and not self.present and self.name not in self._store._written:  # noqa: SLF001
-                    self._store._meta.pop(self.name, None)  # noqa: SLF001
+                    self.forgotten = self._store._meta.pop(self.name, None) is not None  # noqa: SLF001
         finally:
             if self._store._claims.get(self.name) is self:  # noqa: SLF001
                 del self._store._claims[self.name]  # noqa: SLF001

@@ -122,6 +122,8 @@ class Claim(Protocol):
     expires: float
     lost: RjetError | None
     """Why the claim was lost (another runner took it, its record vanished, a write failed); None while held."""
+    forgotten: bool
+    """Whether :meth:`release` removed the record this claim had created (``forget_new``)."""
 
     async def set_cursor(self, cursor: str | ProgressSource) -> None:
         """Record ``cursor`` (or a progress source, read when written); may be buffered."""
@@ -193,7 +195,7 @@ class _PlainClaim:
     """A :class:`CursorStore` without claims, seen through the :class:`Claim` interface: no fencing,
     watermark-only progress, no stream identity."""
 
-    __slots__ = ("_store", "cursor", "done", "expires", "lost", "owner", "set_cursor", "stream")
+    __slots__ = ("_store", "cursor", "done", "expires", "forgotten", "lost", "owner", "set_cursor", "stream")
 
     def __init__(self, store: CursorStore, name: str, cursor: str, owner: str) -> None:
         self._store = store
@@ -203,6 +205,7 @@ class _PlainClaim:
         self.owner = owner
         self.expires = math.inf
         self.lost: RjetError | None = None  # a failing store's error is raised by its next call
+        self.forgotten = False
         self.set_cursor = functools.partial(store.set_cursor, name)
 
     async def flush(self) -> None:

@@ -388,6 +388,7 @@ class SqlClaim:
         self.written = cursor
         self.expires = math.inf
         self.lost: RjetError | None = None
+        self.forgotten = False
         self._lost = asyncio.Event()
         self._pending: str | ProgressSource | None = None
         self._lock = asyncio.Lock()
@@ -538,14 +539,16 @@ class SqlClaim:
             if self.lost is None:
                 await self.flush()
                 if forget_new and not self.written:  # the row this claim made, still empty: not left behind
-                    await self._store._run(  # noqa: SLF001
-                        f"forget cursor {self.name!r}",
-                        lambda c: self._store.backend.execute(
-                            c,
-                            "DELETE FROM rjet_cursors WHERE name = ? AND owner = ? AND cursor IS NULL"
-                            " AND NOT EXISTS (SELECT 1 FROM rjet_done WHERE rjet_done.name = rjet_cursors.name)",
-                            (self.name, self.owner),
-                        ),
+                    self.forgotten = bool(
+                        await self._store._run(  # noqa: SLF001
+                            f"forget cursor {self.name!r}",
+                            lambda c: self._store.backend.execute(
+                                c,
+                                "DELETE FROM rjet_cursors WHERE name = ? AND owner = ? AND cursor IS NULL"
+                                " AND NOT EXISTS (SELECT 1 FROM rjet_done WHERE rjet_done.name = rjet_cursors.name)",
+                                (self.name, self.owner),
+                            ),
+                        )
                     )
         finally:
             if self._store._claims.get(self.name) is self:  # noqa: SLF001

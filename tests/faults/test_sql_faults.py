@@ -300,7 +300,8 @@ async def test_worker_sigkilled_at_random_points(
     finally:
         await counter.close()
     check_exactly_once(sql_db, count)
-    assert sum(a != "early" for a in at) >= KILLS
+    # Every one a SIGKILL (returncode -9 above); near the end a kill may land in the claim instead.
+    assert len(at) == KILLS + EARLY_KILLS >= 20
     async with await SqlCursorStore.open(sql_db.url) as store:
         assert await store.peek("c") == str(count)
     print(f"{sql_db.kind} K={concurrency} batch={batch}: {count} events, {len(at)} SIGKILLs at rows {' '.join(at)}")
