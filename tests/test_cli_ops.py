@@ -160,21 +160,27 @@ async def test_hints_name_the_real_consumer_and_shards_count_from_1(
     server: EmbeddedServer, name: str, js: JetStreamContext, tmp_path: Path
 ) -> None:
     stream = await rjet.Stream.create(js, name)
-    await stream.insert_many([("k", 1, b"")] * 3)
+    await stream.insert_many([("k", 1, b"")] * 5)
+    await js.purge_stream(name, keep=1)  # events 1..4 removed
     ns = f"ns_{name}"[:60]
     async with await rjet.JetStreamCursorStore.create(js, ns) as store:
-        await store.set_cursor("x_1_of_1", "50")  # past the end: was the stream recreated?
+        await store.set_cursor("x_1_of_2", "2")  # in the removed range: events 3..4 are gone
+        await store.set_cursor("x_2_of_2", "50")  # past the end: was the stream recreated?
     (tmp_path / "noop.py").write_text("def handle(fate, event):\n    pass\n")
     proc = rjet_cmd(
-        "worker", name, "noop:handle", "--name", "x", "-n", "1", "--namespace", ns, "--to-head", "-q",
+        "worker", name, "noop:handle", "--name", "x", "-n", "2", "--namespace", ns, "--to-head", "-q",
         "-s", server.url, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 1
-    line = proc.stderr.splitlines()[-1]  # after the shard's own error log
+    *_, line, first_hint, second_hint = proc.stderr.splitlines()  # after the shards' own error logs
     assert line.startswith("rjet: error: "), proc.stderr
-    assert "stopped for good: x_1_of_1: failed: CursorAhead" in line  # was "shard 0: failed"
-    # The shard's error crossed a process as text: it names the shard's consumer and namespace in words.
-    assert f"Move the cursor of consumer 'x_1_of_1' (cursor namespace {ns!r}) on purpose to go on" in line
+    assert "stopped for good: x_1_of_2: failed: CursorExpired" in line  # was "shard 0: failed"
+    assert "; x_2_of_2: failed: CursorAhead" in line
+    # The shards' errors in words name each shard's consumer and namespace...
+    assert f"Move the cursor of consumer 'x_2_of_2' (cursor namespace {ns!r}) on purpose to go on" in line
+    # ... and each crossed its process as data: one hint per failed shard, rendered from its fields.
+    assert first_hint == f"rjet: hint: rjet cursor x_1_of_2 --namespace {ns} --set first --stream {name}"
+    assert second_hint == f"rjet: hint: rjet cursor x_2_of_2 --namespace {ns} --set beginning"
 
     # Expired by a purge, through the library: the error carries the consumer and namespace too.
     await stream.insert_many([("k", 1, b"")] * 2)

@@ -4,6 +4,7 @@ errors say what to do in words and carry the data, and the command line renders 
 from __future__ import annotations
 
 import pickle
+import threading
 
 import click
 import pytest
@@ -12,8 +13,9 @@ from click.testing import CliRunner
 import rjet
 import rjet.parallel
 from rjet.cli._app import _Group
-from rjet.cli._common import CliError, cursor_hint
-from rjet.parallel import Summary
+from rjet.cli._common import CliError, cursor_hint, error_hints
+from rjet.parallel import ShardsFailed, Summary
+from rjet.parallel._messages import pack_error, unpack_error
 
 SAMPLES: list[Exception] = [
     rjet.RjetError("root"),
@@ -171,4 +173,77 @@ def test_the_command_line_shows_the_error_then_the_hint() -> None:
     result = CliRunner().invoke(group, ["other"])
     assert result.stderr.splitlines() == ["rjet: error: cursor 'c': another runner"]  # no hint
     assert isinstance(CliError("x"), click.ClickException)
-    assert CliError("x").hint is None
+    assert CliError("x").hints == ()
+
+
+def _failed_shards() -> ShardsFailed:
+    """Shards 1 and 3 of g (n=3) failed on cursor errors, shard 2 fenced; shard 3's error first, as
+    errors may arrive in any order."""
+    expired = rjet.CursorExpired("orders", 2, 10).named("g_3_of_3", "shop")
+    gone = rjet.CursorBucketGone("gone", name="g_1_of_3", namespace="shop", cursor="19", stream="orders@2024")
+    conflict = rjet.CursorConflict("g_2_of_3", "another runner")
+    errors: dict[int, BaseException] = {2: expired, 0: gone, 1: conflict}
+    failures = {m: f"failed: {e}" for m, e in errors.items()}
+    return ShardsFailed(failures, frozenset({1}), Summary("g", 3, ()), errors=errors)
+
+
+def test_shards_failed_carries_each_shard_s_error_through_pickle() -> None:
+    failed = _failed_shards()
+    back = pickle.loads(pickle.dumps(failed))
+    assert (str(back), back.failures, back.fenced, back.summary) == (
+        str(failed), failed.failures, failed.fenced, failed.summary,
+    )  # fmt: skip
+    assert sorted(back.errors) == [0, 1, 2]
+    for m, err in failed.errors.items():  # errors compare by identity: compare what they carry
+        assert (type(back.errors[m]), str(back.errors[m]), vars(back.errors[m])) == (type(err), str(err), vars(err))
+    # Without errors (a shard whose error could not travel), the text is all there is.
+    assert ShardsFailed({0: "failed: x"}, frozenset(), Summary("g", 1, ())).errors == {}
+
+
+def test_an_error_that_cannot_travel_leaves_its_text_only() -> None:
+    gone = rjet.CursorBucketGone("gone", name="c", namespace="shop", cursor="19")
+    back = unpack_error(pack_error(gone))
+    assert isinstance(back, rjet.CursorBucketGone)
+    assert vars(back) == vars(gone)
+    assert pack_error(None) == b""
+    assert unpack_error(b"") is None
+    unpicklable = rjet.ConfigError("holds a lock")
+    unpicklable.lock = threading.Lock()  # type: ignore[attr-defined]
+    assert pack_error(unpicklable) == b""
+    # Pickled in the worker, but not to be rebuilt in the parent (a class it cannot import, say).
+    assert unpack_error(pickle.dumps(_Unloadable())) is None
+    assert unpack_error(pickle.dumps("not an error")) is None
+
+
+class _Unloadable(Exception):
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_refuse, ())
+
+
+def _refuse() -> None:
+    raise ImportError("no such module here")
+
+
+def test_the_command_line_shows_one_hint_per_failed_shard_from_its_error() -> None:
+    failed = _failed_shards()
+    assert error_hints(failed) == (  # in shard order; none for the fenced shard (no move goes on)
+        "rjet cursor g_1_of_3 --namespace shop --set 19 --stream orders",
+        "rjet cursor g_3_of_3 --namespace shop --set first --stream orders",
+    )
+    assert error_hints(ShardsFailed({0: "failed: x"}, frozenset(), Summary("g", 1, ()))) == ()
+    assert error_hints(rjet.CursorAhead("s", 9, 3)) == ("rjet cursor NAME --namespace NS --set beginning",)
+    assert error_hints(ValueError("x")) == ()
+
+    group = _Group()
+
+    @group.command()
+    def shards() -> None:
+        raise failed
+
+    result = CliRunner().invoke(group, ["shards"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"rjet: error: {failed}",
+        "rjet: hint: rjet cursor g_1_of_3 --namespace shop --set 19 --stream orders",
+        "rjet: hint: rjet cursor g_3_of_3 --namespace shop --set first --stream orders",
+    ]

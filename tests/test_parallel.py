@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -435,6 +436,9 @@ async def test_a_second_runner_of_the_same_shards_fences_the_first(
 
     assert failed.value.fenced == frozenset({0, 1})
     assert all(s.state == "fenced" and s.restarts == 0 for s in failed.value.summary.shards)
+    # The error itself crossed from each worker process, with its fields.
+    conflicts = {m: e.name for m, e in failed.value.errors.items() if isinstance(e, rjet.CursorConflict)}
+    assert conflicts == {m: shard_name(name, m, n) for m in range(n)}
     assert all(s.state == "done" for s in new_summary.shards)
     # Between them, the groups lost nothing; each handled its keys in order.
     old_logs, new_logs = read_logs(tmp_path / "old"), read_logs(tmp_path / "new")
@@ -459,6 +463,33 @@ async def test_a_shard_whose_stream_was_recreated_fails_for_good(
     assert [(s.state, s.restarts) for s in failed.value.summary.shards] == [("failed", 0), ("failed", 0)]
     assert all(why.startswith("failed: StreamRecreated") for why in failed.value.failures.values())
     assert failed.value.fenced == frozenset()
+    for m, err in failed.value.errors.items():  # the data the command line renders its hints from
+        assert isinstance(err, rjet.StreamRecreated)
+        assert (err.consumer, err.namespace, err.stream, err.move) == (shard_name(name, m, 2), name, name, "beginning")
+    assert sorted(failed.value.errors) == [0, 1]
+
+
+class _HoldsALock(rjet.ConfigError):
+    """A permanent error that cannot be pickled."""
+
+    def __init__(self) -> None:
+        super().__init__("refused by the handler")
+        self.lock = threading.Lock()
+
+
+def _refuse(fate: rjet.Fate, event: rjet.Event) -> None:
+    raise _HoldsALock
+
+
+@pytest.mark.timeout(60)
+async def test_a_shard_error_that_cannot_be_pickled_reaches_the_parent_as_text(
+    server: EmbeddedServer, stream: rjet.Stream, name: str
+) -> None:
+    await insert(stream, 3)
+    with pytest.raises(ShardsFailed) as failed:
+        await asyncio.wait_for(group(server, name, 1, _refuse).run_async(to_head=True), 20)
+    assert failed.value.failures == {0: "failed: _HoldsALock: refused by the handler"}
+    assert failed.value.errors == {}
 
 
 # ----------------------------------------------------------------- resharding

@@ -42,7 +42,16 @@ async def test_a_shard_whose_cursor_bucket_is_recreated_ends_failed_naming_it(
     [(_, failure)] = caught.value.failures.items()
     assert failure.startswith("failed: CursorBucketGone"), failure  # was: "fenced: CursorConflict ... owner unknown"
     assert "vanished while this runner held it" in failure
-    assert "on purpose to go on: to sequence " in failure  # where it was, in words (the command line renders the hint)
+    assert "on purpose to go on: to sequence " in failure  # where it was, in words
     assert not caught.value.fenced
+    # The error itself, with the data the command line renders its hint from.
+    gone = caught.value.errors[0]
+    assert isinstance(gone, rjet.CursorBucketGone)
+    assert (gone.name, gone.namespace, gone.bucket) == (f"{name}_1_of_1", name, bucket)
+    assert gone.stream is not None
+    assert gone.stream.partition("@")[0] == name
+    assert int(gone.cursor) >= 1
+    assert gone.move == gone.cursor
+    assert f"to sequence {gone.cursor} " in failure
     seqs = [seq for rows in read_logs(tmp_path).values() for seq, _, _ in rows]
     assert seqs.count(1) == 1  # never started over from the beginning

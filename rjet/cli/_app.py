@@ -8,7 +8,7 @@ import click
 
 import rjet
 from rjet.cli._bench import bench
-from rjet.cli._common import EXIT_INTERRUPTED, USER_ERRORS, CliError, cursor_hint, describe, setup_logging
+from rjet.cli._common import EXIT_INTERRUPTED, USER_ERRORS, CliError, describe, error_hints, setup_logging
 from rjet.cli._cursor import cursor
 from rjet.cli._deadletters import deadletters
 from rjet.cli._demo import demo
@@ -34,7 +34,7 @@ class _Group(click.Group):
         except BrokenPipeError:
             raise  # click handles a closed stdout (`rjet tail ... | head`)
         except USER_ERRORS as e:
-            raise CliError(describe(e), hint=cursor_hint(e)) from e
+            raise CliError(describe(e), hints=error_hints(e)) from e
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -14,7 +14,7 @@ import os
 import re
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -25,6 +25,7 @@ import nats.js.errors
 from rich.console import Console
 
 import rjet
+from rjet.parallel import ShardsFailed
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -39,19 +40,19 @@ EXIT_INTERRUPTED: Final = 130
 
 
 class CliError(click.ClickException):
-    """A failure the user can act on: shown as one line ``rjet: error: ...``, exit status 1; with a
-    ``hint`` (a command line that goes on), a second line ``rjet: hint: ...``."""
+    """A failure the user can act on: shown as one line ``rjet: error: ...``, exit status 1; with
+    ``hints`` (command lines that go on, :func:`error_hints`), a line ``rjet: hint: ...`` for each."""
 
     exit_code = EXIT_ERROR
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hints: Sequence[str] = ()) -> None:
         super().__init__(one_line(message))
-        self.hint = hint
+        self.hints = tuple(hints)
 
     def show(self, file: Any = None) -> None:
         click.echo(f"rjet: error: {self.format_message()}", err=True)
-        if self.hint:
-            click.echo(f"rjet: hint: {self.hint}", err=True)
+        for hint in self.hints:
+            click.echo(f"rjet: hint: {hint}", err=True)
 
 
 class CliInterrupted(CliError):
@@ -97,6 +98,17 @@ def cursor_hint(err: BaseException) -> str | None:
     move = err.move or "SEQ"
     where = "" if move == "beginning" else f" --stream {stream or 'STREAM'}"
     return f"rjet cursor {consumer or 'NAME'} --namespace {namespace or 'NS'} --set {move}{where}"
+
+
+def error_hints(err: BaseException) -> tuple[str, ...]:
+    """The command lines that go on from ``err``: its :func:`cursor_hint`; for a
+    :class:`rjet.parallel.ShardsFailed`, that of each failed shard's error (in shard order), from
+    the error the shard's process raised."""
+    if isinstance(err, ShardsFailed):
+        hints = (cursor_hint(e) for _, e in sorted(err.errors.items()))
+        return tuple(h for h in hints if h is not None)
+    hint = cursor_hint(err)
+    return () if hint is None else (hint,)
 
 
 # Errors that are about the environment (server, stream, files), not bugs: one line, exit 1.
@@ -445,7 +457,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     except BrokenPipeError:
         raise  # a closed stdout (`rjet tail ... | head`): click exits quietly
     except USER_ERRORS as e:
-        raise CliError(describe(e), hint=cursor_hint(e)) from e
+        raise CliError(describe(e), hints=error_hints(e)) from e
 
 
 def stdout_console() -> Console:

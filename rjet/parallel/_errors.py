@@ -45,17 +45,28 @@ class ShardsFailed(ParallelError):
     """One or more shards stopped for good; the others ran on until they were done or stopped.
 
     ``failures`` maps each such shard index (0-based, as in ``Parallel(shards=...)``; the message
-    names the shards, ``name_M_of_N``) to why; ``fenced`` holds the shards that another runner of the
-    same shard fenced out through the cursor store (that runner, the newest, goes on); ``summary`` is
-    what the group did.
+    names the shards, ``name_M_of_N``) to why, in words; ``errors`` maps them to the error itself, as
+    the shard's worker process raised it, with its fields (a :class:`rjet.CursorBucketGone`,
+    :class:`rjet.CursorExpired`, :class:`rjet.CursorConflict`...): every shard of ``failures`` whose
+    error could cross from its process (an error that cannot be pickled is in ``failures`` only).
+    ``fenced`` holds the shards that another runner of the same shard fenced out through the cursor
+    store (that runner, the newest, goes on); ``summary`` is what the group did.
     """
 
-    def __init__(self, failures: Mapping[int, str], fenced: frozenset[int], summary: Summary) -> None:
+    def __init__(
+        self,
+        failures: Mapping[int, str],
+        fenced: frozenset[int],
+        summary: Summary,
+        *,
+        errors: Mapping[int, BaseException] | None = None,
+    ) -> None:
         # Numbered 1..n, as in the shards' names and in `rjet worker --shard`.
         name, n = summary.name, summary.n
         lines = "; ".join(f"{name}_{m + 1}_of_{n}: {why}" for m, why in sorted(failures.items()))
         super().__init__(f"parallel {summary.name!r}: {len(failures)} shard(s) stopped for good: {lines}")
         self.failures = dict(failures)
+        self.errors = dict(errors or {})
         self.fenced = fenced
         self.summary = summary
 

@@ -421,7 +421,8 @@ class Parallel:
                     if s.state in ("fenced", "failed")}  # fmt: skip
         if failures:
             fenced = frozenset(s.shard for s in summary.shards if s.state == "fenced")
-            raise ShardsFailed(failures, fenced, summary)
+            errors = {m: e for m in failures if (e := sup.states[m].error) is not None}
+            raise ShardsFailed(failures, fenced, summary, errors=errors)
         if sup.forced:
             raise Stopped(f"parallel {self.name!r}: {sup.forced}; shards killed mid-way resume from their last flush")
         log.info(

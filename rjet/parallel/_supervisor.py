@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 import multiprocess
 
 from rjet.errors import is_permanent
-from rjet.parallel._messages import Finished, Log, Progress, Started, Stop, ToParent
+from rjet.parallel._messages import Finished, Log, Progress, Started, Stop, ToParent, unpack_error
 from rjet.parallel._options import GroupHandler
 from rjet.parallel._results import ShardStats
 from rjet.parallel._shard import log_fields, shard_name
@@ -70,6 +70,7 @@ class ShardProcess:
         self.flushes = 0
         self.outcome: str | None = None
         self.detail = ""
+        self.error: BaseException | None = None  # what ended its last worker, when it could travel
         self.leaving = False  # elastic: the worker was asked to stop because the shard moves elsewhere
 
     def stats(self) -> ShardStats:
@@ -253,7 +254,7 @@ class Supervisor:
             proc.start()
         child.close()
         s.proc, s.conn = proc, parent
-        s.state, s.outcome, s.detail = "starting", None, ""
+        s.state, s.outcome, s.detail, s.error = "starting", None, "", None
         s.started_at = asyncio.get_running_loop().time()
         log.debug(
             "parallel %r: started worker of %s (pid %s)", self.name, s.name, proc.pid,
@@ -304,6 +305,7 @@ class Supervisor:
                     s.state = "running"
             case Finished():
                 s.outcome, s.detail, s.handled, s.skipped = msg.outcome, msg.detail, msg.handled, msg.skipped
+                s.error = unpack_error(msg.error)
                 s.cursor = msg.cursor or s.cursor
             case _:
                 log.error("parallel %r: %s sent a message of no known kind: %r", self.name, s.name, msg)

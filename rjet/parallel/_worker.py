@@ -32,7 +32,7 @@ from rjet.errors import (
     CursorConflict,
     RjetError,
 )
-from rjet.parallel._messages import Finished, Log, Outcome, Progress, Started, Stop, ToParent
+from rjet.parallel._messages import Finished, Log, Outcome, Progress, Started, Stop, ToParent, pack_error
 from rjet.parallel._options import GroupHandler, ParallelOptions
 from rjet.parallel._shard import key_filter, log_fields, shard_name
 from rjet.parallel._sql import Handled, handled_before
@@ -271,7 +271,8 @@ class _Worker:
             js, cfg.namespace, flush_interval=work.flush_interval, claim_lease=cfg.options.heartbeats.ttl / 2
         )
 
-    async def run(self) -> tuple[Outcome, str]:
+    async def run(self) -> tuple[Outcome, BaseException | None]:
+        """Consume until done, stopped, fenced or failed: the outcome and the error that ended it."""
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
@@ -308,8 +309,6 @@ class _Worker:
             spec = Spec(stream.stream, watched, consumer, to_head=cfg.to_head, lag=work.lag)
             self.link.send(Started(os.getpid()))
             helpers = [loop.create_task(self._report()), loop.create_task(self._watch_fence(watched))]
-            outcome: Outcome = "done"
-            detail = ""
             try:
                 await run_forever(
                     spec,
@@ -318,16 +317,15 @@ class _Worker:
                     stats=self.stats,
                     stop=self.stop,
                 )
-                if self.stop.is_set():
-                    outcome = "stopped"
+                outcome: Outcome = "stopped" if self.stop.is_set() else "done"
                 await store.close()
             except CursorConflict as e:
                 log.error("shard %r stopped for good: %s", cfg.shard, e)
-                return "fenced", str(e)
+                return "fenced", e
             except _FATAL as e:
                 log.error("shard %r stopped for good: %s", cfg.shard, e, exc_info=e)
-                outcome, detail = "fatal", f"{type(e).__name__}: {e}"
-            return outcome, detail
+                return "fatal", e
+            return outcome, None
         finally:
             await cancel_and_wait(helpers)  # the fence watcher's reads may swallow one (rjet/_tasks.py)
             if isinstance(self.store, SqlCursorStore):  # its connections (flushed by run already)
@@ -356,28 +354,30 @@ def main(cfg: WorkerConfig, fn: GroupHandler, conn: Connection) -> None:
     root.addHandler(_Forward(link, f"rjet:{cfg.shard}", log_fields(cfg.name, cfg.m, cfg.n)))
     root.setLevel(cfg.log_level)
     worker = _Worker(cfg, fn, link)
-    code = 0
     outcome: Outcome
+    error: BaseException | None
     try:
         with asyncio.Runner(loop_factory=_loop_factory(cfg.options.worker.loop)) as runner:
-            outcome, detail = runner.run(worker.run())
-        if outcome == "fenced":
-            code = EXIT_FENCED
-        elif outcome == "fatal":
-            code = EXIT_FATAL
+            outcome, error = runner.run(worker.run())
     except CursorConflict as e:  # in set-up, before run_forever: classified as run() classifies it
         log.error("shard %r stopped for good: %s", cfg.shard, e)
-        outcome, detail, code = "fenced", str(e), EXIT_FENCED
+        outcome, error = "fenced", e
     except _FATAL as e:  # a PermissionDenied while opening the cursor store, say: a restart cannot fix it
         log.error("shard %r stopped for good: %s", cfg.shard, e, exc_info=e)
-        outcome, detail, code = "fatal", f"{type(e).__name__}: {e}", EXIT_FATAL
+        outcome, error = "fatal", e
     except RjetError as e:
         log.error("shard %r: worker failed: %s", cfg.shard, e, exc_info=e)
-        outcome, detail, code = "crashed", f"{type(e).__name__}: {e}", EXIT_CRASH
+        outcome, error = "crashed", e
     except BaseException as e:
         log.error("shard %r: worker crashed", cfg.shard, exc_info=e)
-        outcome, detail, code = "crashed", f"{type(e).__name__}: {e}", EXIT_CRASH
-    link.send(Finished(outcome, detail, worker.handled, worker.skipped, worker.cursor()))
+        outcome, error = "crashed", e
+    code = {"fenced": EXIT_FENCED, "fatal": EXIT_FATAL, "crashed": EXIT_CRASH}.get(outcome, 0)
+    detail = ""
+    if isinstance(error, CursorConflict):  # its text says it all; the parent's log line says "fenced out"
+        detail = str(error)
+    elif error is not None:
+        detail = f"{type(error).__name__}: {error}"
+    link.send(Finished(outcome, detail, worker.handled, worker.skipped, worker.cursor(), pack_error(error)))
     with contextlib.suppress(OSError):
         conn.close()
     sys.exit(code)
