@@ -212,14 +212,19 @@ class SqlCursorStore:
         return self._written.get(name)
 
     async def rewrite(
-        self, prefixes: Sequence[str], change: Callable[[dict[str, CursorRecord]], Mapping[str, CursorRecord]]
+        self,
+        prefixes: Sequence[str],
+        change: Callable[[dict[str, CursorRecord]], Mapping[str, CursorRecord | None]],
     ) -> dict[str, CursorRecord]:
         """Change several cursors at once, in one transaction that holds them: read every row whose
         name starts with one of ``prefixes`` (as :meth:`records` reads them, reserved names included;
         the first prefix is made a row when none starts with it, so that two callers take turns), call
-        ``change(rows)``, and write what it returns: each name's new cursor, ``done``, stream and owner
-        (None clears it: whoever held the claim is fenced, and the next claim takes it), a row made
-        where there is none. Returns what was read. What ``Parallel`` reshards a group with."""
+        ``change(rows)``, and write what it returns: each name's new cursor, ``done`` (the whole exact
+        progress above it: events committed above the old cursor that it leaves out count as not
+        handled), stream and owner (None clears it: whoever held the claim is fenced, and the next
+        claim takes it), a row made where there is none; None for a name deletes its row. Returns what
+        was read. What ``Parallel`` reshards a group with, and the operator's tools move and delete
+        cursors with (``rjet.parallel.admin``)."""
         b = self.backend
         lock = " FOR UPDATE" if b.kind == "postgresql" else ""  # SQLite: BEGIN IMMEDIATE holds the file
 
@@ -240,6 +245,10 @@ class SqlCursorStore:
                 merged = _merged(cursor, done or "", {int(r[0]) for r in committed})
                 read[name] = CursorRecord(_text(cursor), stream, owner, merged)
             for name, record in change(dict(read)).items():
+                if record is None:
+                    await b.execute(conn, "DELETE FROM rjet_cursors WHERE name = ?", (name,))
+                    await b.execute(conn, "DELETE FROM rjet_done WHERE name = ?", (name,))
+                    continue
                 value = int(record.cursor) if record.cursor else None
                 params = (value, record.done or "", record.stream, record.owner, name)
                 if not await b.execute(
@@ -249,7 +258,9 @@ class SqlCursorStore:
                         conn, "INSERT INTO rjet_cursors (cursor, done, stream, owner, name) VALUES (?, ?, ?, ?, ?)",
                         params,
                     )  # fmt: skip
-                await b.execute(conn, "DELETE FROM rjet_done WHERE name = ? AND seq <= ?", (name, value or 0))
+                # What was committed above the old cursor was read into the rows: the record's done is
+                # the whole of it that stays (a cursor moved back forgets what was done above it).
+                await b.execute(conn, "DELETE FROM rjet_done WHERE name = ?", (name,))
             return read
 
         read: dict[str, CursorRecord] = await self._run("rewrite cursors", work)
