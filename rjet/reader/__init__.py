@@ -24,7 +24,8 @@
 
 The jobs, one module each, over one shared :class:`~rjet.reader._state.ReadState`:
 
-- ``_client.py``: :class:`StreamClient`, the client loop (open, ``recv``/``next_or_skip``/``take``, close);
+- ``_client.py``: :class:`StreamClient`, the client loop (open, ``next_or_skip``/``take``, close);
+- ``_base.py``: what it shares with :class:`rjet.testing.MemoryStreamClient` (``recv``, iteration, ``async with``);
 - ``_session.py``: the consumer's session: create, pull flow control, statuses, watchdog, recovery;
 - ``_scan.py``: the intake: frames into the buffer, one by one or in bulk off the fast lane;
 - ``_gaps.py``: gap verification (removed events, held frames of filtered readers, a to_head tail);

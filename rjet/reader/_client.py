@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 import nats.js.errors
@@ -19,13 +18,14 @@ import nats.js.errors
 from rjet._nats.client import connection
 from rjet._nats.frames import SEQ
 from rjet._tasks import cancel_and_wait
-from rjet.errors import ConfigError, DecodeError, EventsRemoved, HeadReached, RjetError, Stopped, StreamRecreated
+from rjet.errors import ConfigError, DecodeError, EventsRemoved, HeadReached, RjetError, Stopped
 from rjet.event import Event
+from rjet.reader._base import ClientBase
 from rjet.reader._config import ReadConfig
 from rjet.reader._decode import MAKE, PERCENT, Decode, decoder
 from rjet.reader._gaps import GapCheck
 from rjet.reader._scan import Intake
-from rjet.reader._session import Sessions, check_cursor, identity
+from rjet.reader._session import Sessions, identity, start_after
 from rjet.reader._state import ReadState
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["StreamClient"]
 
 
-class StreamClient:
+class StreamClient(ClientBase):
     """Delivers a stream's events in stream order; open one with :meth:`open` or :meth:`rjet.Stream.stream`.
 
     ``await client.recv()`` returns the next :class:`rjet.Event`; ``async for`` iterates (and ends
@@ -111,14 +111,7 @@ class StreamClient:
         info = await sessions.stream_info()
         state = info.state
         self.stream_id = sessions.identity = identity(info)
-        if from_head:
-            st.last = state.last_seq
-        else:
-            if expect_id and after and expect_id != self.stream_id:
-                raise StreamRecreated(self.stream, after, expect_id, self.stream_id)
-            check_cursor(self.stream, state, after)
-            # No cursor: from the first event still there (those before it are not a gap).
-            st.last = after if after or state.first_seq <= 1 else state.first_seq - 1
+        st.last = start_after(self.stream, self.stream_id, state, after, from_head=from_head, expect_id=expect_id)
         self._gap_check.start_at(st.last)
         st.head = state.last_seq
         st.error = None
@@ -156,17 +149,6 @@ class StreamClient:
 
     # ----------------------------------------------------------------- the hot path
 
-    async def recv(self) -> Event:
-        """The next event in stream order; waits for one.
-
-        Raises :class:`rjet.HeadReached` (``to_head``), :class:`rjet.Stopped` after :meth:`close`,
-        or the stream error that ended the client.
-        """
-        while True:
-            item = await self.next_or_skip()
-            if type(item) is Event:
-                return item
-
     async def next_or_skip(self) -> Event | int | EventsRemoved:  # noqa: C901 (the hot path, kept in one piece)
         """The next event (whose foreign ID passed the key filter); or, before it would wait, the
         sequence of the last event the key filter passed over, so the caller's cursor can move past
@@ -178,7 +160,7 @@ class StreamClient:
         st, gaps = self._state, self._gap_check
         marks = st.marks
         if marks and marks[0][0] <= st.returned:
-            self._pass_marks()
+            self.skipped_passed = st.pass_marks(self.skipped_passed)
         try:
             buf, ranges = st.buf, gaps.ranges
             while True:
@@ -244,7 +226,7 @@ class StreamClient:
             return []
         marks = st.marks
         if marks and marks[0][0] <= st.returned:
-            self._pass_marks()
+            self.skipped_passed = st.pass_marks(self.skipped_passed)
         s, low, decode = st.session, self._low, self._decode
         verified = self._gap_check.verified
         until = min(verified, st.head) if st.to_head else verified
@@ -280,19 +262,8 @@ class StreamClient:
             buf.popleft()
             out.append(event)
         if out:
-            last = int(out[-1].id)
-            if marks:
-                st.returned = last
-            if st.skipped_at <= last:
-                st.skipped_at = 0
+            st.handed(int(out[-1].id))
         return out
-
-    def _pass_marks(self) -> None:
-        """Count the runs of passed-over events up to the position last handed to the caller."""
-        st = self._state
-        marks, upto = st.marks, st.returned
-        while marks and marks[0][0] <= upto:
-            self.skipped_passed = marks.popleft()[1]
 
     # ----------------------------------------------------------------- what it knows
 
@@ -312,16 +283,6 @@ class StreamClient:
         """Bytes of event bodies held here, not yet returned by ``recv`` (see ``ReadConfig.max_buffered_bytes``)."""
         return self._state.buffered_bytes
 
-    @property
-    def last_sequence(self) -> int:
-        """The highest stream sequence this client has taken from the server (delivered or buffered)."""
-        return self._state.last
-
-    @property
-    def head(self) -> int:
-        """The stream's last sequence when the client opened."""
-        return self._state.head
-
     # ----------------------------------------------------------------- lifecycle
 
     async def close(self) -> None:
@@ -339,23 +300,3 @@ class StreamClient:
         await cancel_and_wait(t for t in (*self._sessions.tasks(), *self._gap_check.tasks()) if t is not me)
         st.wake()
         await self._sessions.close()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Event:
-        try:
-            while True:
-                item = await self.next_or_skip()
-                if type(item) is Event:
-                    return item
-        except HeadReached:
-            raise StopAsyncIteration from None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()

@@ -51,7 +51,10 @@ if TYPE_CHECKING:
     from rjet.reader._gaps import GapCheck
     from rjet.reader._state import ReadState
 
-__all__ = ["FINAL_ERRORS", "Requests", "Session", "Sessions", "check_cursor", "identity", "stream_info"]
+__all__ = [
+    "FINAL_ERRORS", "Bounds", "Requests", "Session", "Sessions", "check_cursor", "identity", "start_after",
+    "stream_info",
+]  # fmt: skip
 
 log = logging.getLogger("rjet.stream")
 
@@ -79,12 +82,38 @@ async def stream_info(js: JetStreamContext, stream: str) -> api.StreamInfo:
         raise StreamNotFound(stream, "JetStream is not enabled on the server") from None
 
 
-def check_cursor(stream: str, state: api.StreamState, after: int) -> None:
+class Bounds(Protocol):
+    """A stream's first and last sequence, as JetStream reports them (its ``StreamState``; a
+    :class:`rjet.testing.MemoryStream`)."""
+
+    @property
+    def first_seq(self) -> int: ...
+
+    @property
+    def last_seq(self) -> int: ...
+
+
+def check_cursor(stream: str, state: Bounds, after: int) -> None:
     """:class:`CursorAhead` or :class:`CursorExpired` when the stream cannot go on right after ``after``."""
     if after > state.last_seq:
         raise CursorAhead(stream, after, state.last_seq)
     if after and after + 1 < state.first_seq:
         raise CursorExpired(stream, after, state.first_seq)
+
+
+def start_after(
+    stream: str, stream_id: str, state: Bounds, after: int, *, from_head: bool, expect_id: str | None
+) -> int:
+    """The sequence a reader opening after ``after`` starts past (its ``last``), or the error that
+    stops it: :class:`StreamRecreated` when ``after`` was recorded in stream ``expect_id``, not this
+    one, ``stream_id``; as :func:`check_cursor`."""
+    if from_head:
+        return state.last_seq
+    if expect_id and after and expect_id != stream_id:
+        raise StreamRecreated(stream, after, expect_id, stream_id)
+    check_cursor(stream, state, after)
+    # No cursor: from the first event still there (those before it are not a gap).
+    return after if after or state.first_seq <= 1 else state.first_seq - 1
 
 
 class Requests:

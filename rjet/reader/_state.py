@@ -70,6 +70,22 @@ class ReadState:
         """Bytes of bodies in buf."""
         return self.in_bytes - self.buf[0][HELD_BEFORE] if self.buf else 0
 
+    def handed(self, seq: int) -> None:
+        """The caller got the events up to ``seq``: a position passed over before it is no place for
+        its cursor any more."""
+        if self.marks:
+            self.returned = seq
+        if self.skipped_at <= seq:
+            self.skipped_at = 0
+
+    def pass_marks(self, passed: int) -> int:
+        """Drop the runs of passed-over events up to the position last handed to the caller (it moved
+        past them) and return the client's ``skipped_passed`` after them (``passed`` when none)."""
+        marks, upto = self.marks, self.returned
+        while marks and marks[0][0] <= upto:
+            passed = marks.popleft()[1]
+        return passed
+
     def wake(self) -> None:
         """Wake the client loop if it waits."""
         waiter = self.waiter

@@ -31,12 +31,13 @@
 """
 
 from rjet.testing._clock import FakeClock
-from rjet.testing._conformance import ConformingStream, StreamFactory, check_stream
+from rjet.testing._conformance import ConformingClient, ConformingStream, StreamFactory, check_stream
 from rjet.testing._cursor_store import check_cursor_store
 from rjet.testing._helpers import KeyOrder, wait_until
 from rjet.testing._memory import MemoryDeadLetterStream, MemoryStream, MemoryStreamClient
 
 __all__ = [
+    "ConformingClient",
     "ConformingStream",
     "FakeClock",
     "KeyOrder",

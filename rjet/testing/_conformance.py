@@ -19,7 +19,7 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Protocol
 
 from rjet.consumer import Batch, Consumer
@@ -28,11 +28,28 @@ from rjet.deadletter import DeadLetter, DeadLetterSink
 from rjet.errors import EventsRemoved, HeadReached, RjetError, Tempted
 from rjet.event import Event
 from rjet.fate import Fate
-from rjet.reader import ReadConfig, StreamClient
+from rjet.reader import ReadConfig
 from rjet.retry import RetryPolicy
-from rjet.run import Spec, run, run_forever
+from rjet.run import Spec, StreamClientLike, run, run_forever
 
-__all__ = ["ConformingStream", "StreamFactory", "check_stream"]
+__all__ = ["ConformingClient", "ConformingStream", "StreamFactory", "check_stream"]
+
+
+class ConformingClient(StreamClientLike, Protocol):
+    """A reader of a :class:`ConformingStream`: what ``run`` reads through (:class:`rjet.StreamClientLike`),
+    with the figures :func:`check_stream` compares too, and ``async for``. :class:`rjet.StreamClient`
+    and :class:`rjet.testing.MemoryStreamClient` are ones."""
+
+    @property
+    def head(self) -> int: ...
+
+    @property
+    def last_sequence(self) -> int: ...
+
+    @property
+    def num_pending(self) -> int: ...
+
+    def __aiter__(self) -> AsyncIterator[Event]: ...
 
 
 class ConformingStream(Protocol):
@@ -59,7 +76,7 @@ class ConformingStream(Protocol):
         to_head: bool = False,
         stream_id: str | None = None,
         key_filter: Callable[[str], bool] | None = None,
-    ) -> StreamClient: ...
+    ) -> ConformingClient: ...
 
     async def remove_through(self, seq: int) -> None: ...
 
@@ -115,7 +132,7 @@ async def _try(log: _Transcript, what: str, op: Awaitable[object]) -> object:
     return result
 
 
-async def _open(log: _Transcript, what: str, op: Awaitable[StreamClient]) -> StreamClient | None:
+async def _open(log: _Transcript, what: str, op: Awaitable[ConformingClient]) -> ConformingClient | None:
     try:
         client = await op
     except RjetError as e:
@@ -125,7 +142,7 @@ async def _open(log: _Transcript, what: str, op: Awaitable[StreamClient]) -> Str
     return client
 
 
-async def _read(log: _Transcript, client: StreamClient, n: int | None = None, *, wait: float = 5.0) -> None:
+async def _read(log: _Transcript, client: ConformingClient, n: int | None = None, *, wait: float = 5.0) -> None:
     """Log what ``next_or_skip`` returns, ``n`` items or until it raises (or waits ``wait`` seconds)."""
     count = 0
     while n is None or count < n:
@@ -146,7 +163,7 @@ async def _read(log: _Transcript, client: StreamClient, n: int | None = None, *,
             log(f"  passed over other keys through {item}")
 
 
-async def _settle(log: _Transcript, client: StreamClient, seq: int) -> None:
+async def _settle(log: _Transcript, client: ConformingClient, seq: int) -> None:
     """Wait until the reader fetched through ``seq`` (a real one gets its events over the network)."""
     for _ in range(1000):  # 5 seconds at most
         if client.last_sequence >= seq:

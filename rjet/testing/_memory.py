@@ -10,9 +10,9 @@ real stream on a nats-server):
   and creation time), which :meth:`MemoryStream.recreate` changes.
 - Inserts: the same checks, in the same order, with the same errors as ``Stream.insert`` and
   ``insert_many`` (the same functions do them), against a max payload of 1 MiB (nats-server's default).
-- Readers: :class:`MemoryStreamClient` is a :class:`rjet.StreamClient`, so ``run`` treats it as the
-  real one (key-filtered positions move the cursor, concurrent consumers take runs of events, dead
-  letters name the stream). It keeps the real reader's pull accounting (``ReadConfig.batch`` and
+- Readers: :class:`MemoryStreamClient` has the real :class:`rjet.StreamClient`'s interface, so ``run``
+  treats it as the real one (key-filtered positions move the cursor, concurrent consumers take runs
+  of events, dead letters name the stream). It keeps the real reader's pull accounting (``ReadConfig.batch`` and
   ``max_buffered``: what a reader fetched ahead before a removal is still delivered), as if the
   server answered every pull request at once; it raises the real reader's errors at the same points
   with the same fields and messages.
@@ -32,8 +32,6 @@ from typing import TYPE_CHECKING, Final
 from rjet._nats.frames import encode_header_block, encode_headers
 from rjet.errors import (
     ConfigError,
-    CursorAhead,
-    CursorExpired,
     EventsRemoved,
     HeadReached,
     InvalidEvent,
@@ -42,6 +40,9 @@ from rjet.errors import (
 )
 from rjet.event import Event
 from rjet.reader import ReadConfig, StreamClient
+from rjet.reader._base import ClientBase
+from rjet.reader._session import start_after
+from rjet.reader._state import ReadState
 from rjet.stream import _NAME_RE, _as_bytes, parse_cursor
 
 if TYPE_CHECKING:
@@ -268,15 +269,20 @@ class MemoryStream:
         return f"MemoryStream({self.name!r}, first_seq={self._first}, last_seq={self._last})"
 
 
-class MemoryStreamClient(StreamClient):
+class MemoryStreamClient(ClientBase):
     """A reader of a :class:`MemoryStream`; open it with :meth:`MemoryStream.stream`.
 
-    The same interface as :class:`rjet.StreamClient` (``recv``, ``async for``, ``async with``,
-    ``next_or_skip``, ``take``, ``close``, ``num_pending``, ``last_sequence``, ``head``, ``stream_id``),
-    and the same pull accounting, with every pull request answered at once.
+    The interface of :class:`rjet.StreamClient` (``recv``, ``async for``, ``async with``,
+    ``next_or_skip``, ``take``, ``close``, ``num_pending``, ``last_sequence``, ``head``, ``stream_id``,
+    ``key_filter``; what ``run`` needs is :class:`rjet.StreamClientLike`), and the same pull
+    accounting, with every pull request answered at once. It is no subclass of the real client: it
+    shares the real reader's code where the logic is the same (``recv`` and iteration, where a reader
+    starts, the bookkeeping of passed-over events in its :class:`~rjet.reader._state.ReadState`) and
+    has its own where the real one talks to a server. ``isinstance(client, rjet.StreamClient)`` holds
+    (it is registered as one), for code that checks.
     """
 
-    def __init__(  # StreamClient.__init__ is not called: no connection here
+    def __init__(
         self,
         ms: MemoryStream,
         *,
@@ -292,36 +298,21 @@ class MemoryStreamClient(StreamClient):
         cfg = ms.read
         self._cfg = cfg
         self._low = max(1, cfg.batch // 2)
-        self._to_head = to_head
         self._skip_removed = cfg.on_removed == "skip"
         self._key_filter = key_filter
+        # The real reader's state (where it is, passed-over events, how reading ended); its frame
+        # buffer stays empty: the events fetched wait in _q.
+        st = self._state = ReadState(to_head=to_head)
         self._q: deque[Event] = deque()  # fetched, not yet returned
         self._gaps: deque[EventsRemoved] = deque()
         self._pending = 0  # events asked for and not yet delivered (the server's side of a pull)
-        self._error: BaseException | None = None
-        self._closed = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._skipped = 0
-        self._marks: deque[tuple[int, int]] = deque()
-        self._returned = 0
         self.recoveries = 0
         self.skipped = 0
         self.skipped_passed = 0
         self.removed = 0
-        if from_head:
-            self._last = ms.last_seq
-        else:
-            if stream_id and after and stream_id != self.stream_id:
-                raise StreamRecreated(self.stream, after, stream_id, self.stream_id)
-            if after > ms.last_seq:
-                raise CursorAhead(self.stream, after, ms.last_seq)
-            if after and after + 1 < ms.first_seq:
-                raise CursorExpired(self.stream, after, ms.first_seq)
-            self._last = after
-            if not after and ms.first_seq > 1:
-                self._last = ms.first_seq - 1  # no cursor: from the first event still there
-        self._head = ms.last_seq
-        self._caught_up = ms._count_after(self._last) == 0  # noqa: SLF001
+        st.last = start_after(self.stream, self.stream_id, ms, after, from_head=from_head, expect_id=stream_id)
+        st.head = ms.last_seq
+        st.caught_up = ms._count_after(st.last) == 0  # noqa: SLF001
         ms._clients.add(self)  # noqa: SLF001
         self._refill()
 
@@ -330,7 +321,7 @@ class MemoryStreamClient(StreamClient):
     def _request(self) -> None:
         """A pull request, as the real reader sends one: for what fits, in ``batch``-sized asks."""
         room = self._cfg.max_buffered - len(self._q) - self._pending
-        if not self._closed and room >= self._low:
+        if not self._state.closed and room >= self._low:
             self._pending += min(room, self._cfg.batch)
 
     def _refill(self) -> None:
@@ -342,80 +333,76 @@ class MemoryStreamClient(StreamClient):
         self._deliver()
 
     def _deliver(self) -> None:
-        ms = self._ms
-        while self._pending > 0 and not self._closed and self._error is None:
-            event = ms._next_after(self._last)  # noqa: SLF001
+        ms, st = self._ms, self._state
+        while self._pending > 0 and not st.closed and st.error is None:
+            event = ms._next_after(st.last)  # noqa: SLF001
             if event is None:
                 return
             self._pending -= 1
-            sseq, prev = int(event.id), self._last
+            sseq, prev = int(event.id), st.last
             if sseq != prev + 1 and not self._removed(EventsRemoved(self.stream, prev + 1, sseq - 1)):
                 return  # the event after the hole is dropped; the error follows what is buffered
-            self._last = sseq
+            st.last = sseq
             if sseq >= ms.last_seq:
-                self._caught_up = True
+                st.caught_up = True
             if self._key_filter is not None:
                 try:
                     wanted = self._key_filter(event.foreign_id)
                 except Exception as e:  # a broken key filter ends the reader
-                    return self._fail(e)
+                    return st.fail(e)
                 if not wanted:
-                    self._skipped = sseq
+                    st.skipped_at = sseq
                     self.skipped += 1
                     self._mark(prev)
                     if not self._q:
-                        self._wake()
+                        st.wake()
                     if self._pending <= self._low:
                         self._request()
                     continue
             self._q.append(event)
-            self._wake()
+            st.wake()
             if self._pending <= self._low:
                 self._request()
 
     def _removed(self, gap: EventsRemoved) -> bool:
         if not self._skip_removed:
-            self._fail(gap)
+            self._state.fail(gap)
             return False
         log.warning("stream %r: skipping events %d..%d, removed before they were read (on_removed='skip')",
                     self.stream, gap.first, gap.last)  # fmt: skip
         self.removed += gap.last - gap.first + 1
         self._gaps.append(gap)
-        self._wake()
+        self._state.wake()
         return True
 
     def _fail(self, err: BaseException) -> None:
-        if self._error is None:
-            self._error = err
-        self._wake()
+        self._state.fail(err)
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _mark(self, prev: int) -> None:
+        """As the real reader's intake notes passed-over events (``Intake.mark``)."""
+        st = self._state
+        if st.marks and st.marks[-1][0] == prev and prev > st.returned:
+            st.marks[-1] = (st.last, self.skipped)
+        else:
+            st.marks.append((st.last, self.skipped))
 
     # ----------------------------------------------------------------- what the caller sees
 
-    async def next_or_skip(self) -> Event | int | EventsRemoved:  # noqa: C901 (as StreamClient.next_or_skip)
+    async def next_or_skip(self) -> Event | int | EventsRemoved:
         """As :meth:`rjet.StreamClient.next_or_skip`: the next event, or the position of the last
         event the key filter passed over (before it would wait), or a removed range (``on_removed="skip"``)."""
-        marks = self._marks
-        if marks and marks[0][0] <= self._returned:
-            self._pass_marks()
-        buf = self._q
-        gaps = self._gaps
+        st = self._state
+        self.skipped_passed = st.pass_marks(self.skipped_passed)
+        buf, gaps = self._q, self._gaps
         while True:
             if buf:
                 event = buf[0]
                 sseq = int(event.id)
                 if gaps and sseq > gaps[0].last:
                     return gaps.popleft()
-                if not (self._to_head and sseq > self._head):
+                if not (st.to_head and sseq > st.head):
                     buf.popleft()
-                    if marks:
-                        self._returned = sseq
-                    if self._skipped <= sseq:
-                        self._skipped = 0
+                    st.handed(sseq)
                     if self._pending <= self._low and self._cfg.max_buffered - len(buf) - self._pending >= self._low:
                         self._refill()
                     return event
@@ -423,64 +410,45 @@ class MemoryStreamClient(StreamClient):
                 self._refill()
             if gaps:
                 return gaps.popleft()
-            if self._skipped:
-                sseq, self._skipped = self._skipped, 0
-                self._returned = sseq
+            if st.skipped_at:
+                sseq, st.skipped_at = st.skipped_at, 0
+                st.returned = sseq
                 return sseq
             if buf:
-                raise HeadReached(self.stream, self._head)
-            if self._error is not None:
-                raise self._error
-            if self._closed:
+                raise HeadReached(self.stream, st.head)
+            if st.error is not None:
+                raise st.error
+            if st.closed:
                 raise Stopped(f"stream {self.stream!r}: the stream client is closed")
-            if self._to_head and (self._caught_up or self._last >= self._head):
-                raise HeadReached(self.stream, self._head)
-            self._waiter = asyncio.get_running_loop().create_future()
+            if st.to_head and (st.caught_up or st.last >= st.head):
+                raise HeadReached(self.stream, st.head)
+            st.waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                await st.waiter
             finally:
-                self._waiter = None
+                st.waiter = None
 
     def take(self, limit: int) -> list[Event]:
         """As :meth:`rjet.StreamClient.take`: the events :meth:`next_or_skip` would return now, without
         waiting, stopping where it would do more than hand one over."""
-        buf = self._q
+        st, buf = self._state, self._q
         if not buf or self._gaps:
             return []
-        marks = self._marks
-        if marks and marks[0][0] <= self._returned:
-            self._pass_marks()
+        self.skipped_passed = st.pass_marks(self.skipped_passed)
         low, cfg = self._low, self._cfg
-        until = self._head if self._to_head else None
-        due = self._closed or self._pending <= low
+        until = st.head if st.to_head else None
+        due = st.closed or self._pending <= low
         out: list[Event] = []
         while buf and len(out) < limit:
             event = buf[0]
             if until is not None and int(event.id) > until:
                 break
-            if due and (self._closed or cfg.max_buffered - len(buf) - self._pending >= low):
+            if due and (st.closed or cfg.max_buffered - len(buf) - self._pending >= low):
                 break  # a pull is due: next_or_skip sends it
-            buf.popleft()
-            out.append(event)
+            out.append(buf.popleft())
         if out:
-            last = int(out[-1].id)
-            if marks:
-                self._returned = last
-            if self._skipped <= last:
-                self._skipped = 0
+            st.handed(int(out[-1].id))
         return out
-
-    def _pass_marks(self) -> None:
-        marks, upto = self._marks, self._returned
-        while marks and marks[0][0] <= upto:
-            self.skipped_passed = marks.popleft()[1]
-
-    def _mark(self, prev: int) -> None:
-        marks = self._marks
-        if marks and marks[-1][0] == prev and prev > self._returned:
-            marks[-1] = (self._last, self.skipped)
-        else:
-            marks.append((self._last, self.skipped))
 
     @property
     def key_filter(self) -> Callable[[str], bool] | None:
@@ -490,39 +458,33 @@ class MemoryStreamClient(StreamClient):
     @property
     def num_pending(self) -> int:
         """Events not yet returned: fetched, or still in the stream after what was fetched."""
-        return self._ms._count_after(self._last) + len(self._q)  # noqa: SLF001
+        return self._ms._count_after(self._state.last) + len(self._q)  # noqa: SLF001
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes of metadata fetched and not yet returned."""
         return sum(len(e.metadata) for e in self._q)
 
-    @property
-    def last_sequence(self) -> int:
-        """The highest stream sequence this reader has fetched (delivered or buffered)."""
-        return self._last
-
-    @property
-    def head(self) -> int:
-        """The stream's last sequence when the reader opened."""
-        return self._head
-
     async def close(self) -> None:
         """Stop reading; what was fetched and not returned is dropped (the next reader reads it again).
         Safe to call twice."""
-        if self._closed:
+        st = self._state
+        if st.closed:
             return
-        self._closed = True
+        st.closed = True
         self._q.clear()
-        self._skipped = 0
-        self._marks.clear()
+        st.skipped_at = 0
+        st.marks.clear()
         self._gaps.clear()
         self._pending = 0
         self._ms._clients.discard(self)  # noqa: SLF001
-        self._wake()
+        st.wake()
 
     def __repr__(self) -> str:
-        return f"MemoryStreamClient({self.stream!r}, last_sequence={self._last}, head={self._head})"
+        return f"MemoryStreamClient({self.stream!r}, last_sequence={self.last_sequence}, head={self.head})"
+
+
+StreamClient.register(MemoryStreamClient)
 
 
 class MemoryDeadLetterStream:
