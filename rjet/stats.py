@@ -24,14 +24,29 @@ from typing import TYPE_CHECKING, Final, Protocol
 if TYPE_CHECKING:
     from rjet.event import Event
 
-__all__ = ["LATENCY_BUCKETS", "ConsumerStats", "StatsSnapshot"]
+__all__ = ["LATENCY_BUCKETS", "ConsumerStats", "ReaderCounts", "StatsSnapshot"]
 
 LATENCY_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 """Upper bounds (seconds) of the handler latency histogram; one more bucket holds the rest."""
 
 
-class _Pending(Protocol):
-    num_pending: int
+class ReaderCounts(Protocol):
+    """What :meth:`ConsumerStats.track` reads from a run's stream client (:class:`rjet.StreamClient`
+    and :class:`rjet.testing.MemoryStreamClient` declare it).
+
+    ``num_pending``: events not yet handed over (the lag); ``skipped_passed``: events of other keys
+    the key filter passed over and the caller moved past; ``removed``: sequences skipped as removed
+    under ``ReadConfig(on_removed="skip")``.
+    """
+
+    @property
+    def num_pending(self) -> int: ...
+
+    @property
+    def skipped_passed(self) -> int: ...
+
+    @property
+    def removed(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,7 +136,7 @@ class ConsumerStats:
         self.handler_sum = 0.0
         self.handler_count = 0
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self._client: _Pending | None = None
+        self._client: ReaderCounts | None = None
         self.in_flight = 0
         self.key_queue_max = 0
         self.already_done = 0
@@ -135,14 +150,15 @@ class ConsumerStats:
 
     def snapshot(self) -> StatsSnapshot:
         """The statistics now."""
-        lag = self._client.num_pending if self._client is not None else 0
+        client = self._client
+        lag = client.num_pending if client is not None else 0
         last = self.last_event.timestamp if self.last_event is not None else None
         lag_s = max(0.0, time.time() - last.timestamp()) if lag and last is not None else 0.0
         return StatsSnapshot(
             name=self.name,
             handled=self.handled,
             filtered=self.filtered,
-            skipped=self.skipped + _skipped(self._client),
+            skipped=self.skipped + (client.skipped_passed if client is not None else 0),
             errors=self.errors,
             dead_lettered=self.dead_lettered,
             runs=self.runs,
@@ -153,26 +169,18 @@ class ConsumerStats:
             handler_seconds_sum=self.handler_sum,
             handler_seconds_count=self.handler_count,
             handler_buckets=tuple(self.buckets),
-            removed=self.removed + getattr(self._client, "removed", 0),
+            removed=self.removed + (client.removed if client is not None else 0),
             in_flight=self.in_flight,
             key_queue_max=self.key_queue_max,
             already_done=self.already_done,
             progress_stalls=self.progress_stalls,
         )
 
-    def track(self, client: object) -> None:
-        """Read lag (``num_pending``) and the reader's own counts (``skipped``, ``removed``) from
-        ``client`` from now on; what an earlier client counted stays counted."""
-        # Skips counted by a finished client stay counted.
+    def track(self, client: ReaderCounts | None) -> None:
+        """Read the lag and the reader's own counts from ``client`` from now on (None: a reader that
+        keeps none); what an earlier client counted stays counted."""
         old = self._client
         if old is not None:
-            self.skipped += _skipped(old)
-            self.removed += getattr(old, "removed", 0)
-        self._client = client if hasattr(client, "num_pending") else None
-
-
-def _skipped(client: object) -> int:
-    """The events a reader's key filter passed over that its caller moved past (``StreamClient``
-    counts those apart from the ones it read ahead); a reader of another kind, all it says it skipped."""
-    passed = getattr(client, "skipped_passed", None)
-    return int(passed) if passed is not None else int(getattr(client, "skipped", 0))
+            self.skipped += old.skipped_passed
+            self.removed += old.removed
+        self._client = client

@@ -8,6 +8,8 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
+from rjet.stats import ReaderCounts
+from rjet.testing import MemoryStream, MemoryStreamClient
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
@@ -130,3 +132,39 @@ async def test_stats_without_a_name_take_the_consumers(stream: rjet.Stream) -> N
         )
     assert stats.snapshot().name == "c"
     assert stats.snapshot().handled == 1
+
+
+# The readers run keeps statistics from declare the counters the statistics read: renaming one of them
+# (in a reader, or in ReaderCounts) is a type error here, not a figure that silently stays 0.
+COUNTED: tuple[type[ReaderCounts], ...] = (rjet.StreamClient, MemoryStreamClient)
+
+
+async def test_the_reader_s_own_counts_reach_the_snapshot_and_outlive_its_run() -> None:
+    ms = MemoryStream("orders", read=rjet.ReadConfig(batch=2, max_buffered=4, on_removed="skip"))
+    await ms.insert_many([(f"k{i % 4}", 1, b"") for i in range(40)])
+    stats = rjet.ConsumerStats("c")
+    lags: list[int] = []
+
+    async def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        lags.append(stats.snapshot().lag_events)
+        if event.id == "2":  # removed ahead of the reader, which has fetched up to 4 at the most
+            await ms.remove_through(20)
+
+    consumer = rjet.Consumer("c", handle, key_filter=lambda fid: fid != "k3")  # k3: events 4, 8, ...
+    store = rjet.MemCursorStore()
+    with pytest.raises(rjet.HeadReached):
+        await rjet.run(rjet.Spec(ms.stream, store, consumer, to_head=True), stats=stats)
+    snap = stats.snapshot()
+    gone = 20 - 7  # 8..20: the reader held 3, 5, 6 and 7 then (max_buffered 4; 4 passed over)
+    assert snap.removed == gone
+    assert snap.skipped == 1 + 5  # k3's 4, and 24, 28, 32, 36, 40 after the removed range
+    assert snap.handled == len(lags) == 40 - gone - snap.skipped
+    assert lags[0] > 0  # the reader's lag while the handler ran
+    assert lags[-1] == snap.lag_events == 0
+
+    # A second run's reader replaces the first: what the first counted stays counted.
+    await ms.insert_many([("k3", 1, b""), ("k1", 1, b"")])
+    with pytest.raises(rjet.HeadReached):
+        await rjet.run(rjet.Spec(ms.stream, store, consumer, to_head=True), stats=stats)
+    again = stats.snapshot()
+    assert (again.handled, again.skipped, again.removed) == (snap.handled + 1, snap.skipped + 1, gone)

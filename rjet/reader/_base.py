@@ -22,9 +22,21 @@ __all__ = ["ClientBase"]
 
 class ClientBase(abc.ABC):
     """``recv``, async iteration (ending at the head of a ``to_head`` read), ``async with`` (closing),
-    and where the reader is (from its :class:`~rjet.reader._state.ReadState`)."""
+    and where the reader is (from its :class:`~rjet.reader._state.ReadState`).
+
+    It declares the counters ``run`` keeps statistics from (:class:`rjet.stats.ReaderCounts`):
+    ``num_pending``, and ``skipped``, ``skipped_passed`` and ``removed`` (see :class:`rjet.StreamClient`).
+    """
 
     _state: ReadState
+    skipped: int
+    skipped_passed: int
+    removed: int
+
+    @property
+    @abc.abstractmethod
+    def num_pending(self) -> int:
+        """Events not yet handed over: buffered, or still in the stream (a lag figure)."""
 
     @abc.abstractmethod
     async def next_or_skip(self) -> Event | int | EventsRemoved:
