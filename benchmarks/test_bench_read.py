@@ -8,6 +8,10 @@
 When ``ReadConfig`` has ``fast_lane`` (rjet's own frame parser on the connection), the read is also
 measured with ``fast_lane=False`` on a connection of its own.
 
+``traced``: the same events inserted under an OpenTelemetry span context, so that each message
+carries a ``traceparent`` header before rjet's (as ``insert`` writes it), read with tracing off in the
+reader (no tracer provider); its rate beside the untraced read's (#27).
+
 The baselines only count messages (no metadata parse, no decoding), so the ratios are conservative.
 Target (issue, 1): rjet >= 5x the ``fetch`` baseline (aim 8x).
 """
@@ -27,7 +31,7 @@ from nats.js import JetStreamContext, api
 import rjet
 from rjet.server import EmbeddedServer
 
-from ._support import ROUNDS, Arun, ratio, record, target
+from ._support import FILL_CHUNK, ROUNDS, Arun, EventTuple, ratio, record, target, unique_name
 
 pytestmark = pytest.mark.benchmark(group="read")
 
@@ -102,14 +106,53 @@ async def _read_all(stream: rjet.Stream) -> tuple[int, str]:
     return got, last
 
 
-def test_rjet_ordered_read(benchmark: Any, filled: rjet.Stream, arun: Arun[Any], figures: dict[str, float]) -> None:
-    n = _count(filled, arun)
-    got, last = benchmark.pedantic(lambda: arun(_read_all(filled)), rounds=ROUNDS, warmup_rounds=1)
+@pytest.fixture(scope="module")
+def filled_traced(js: JetStreamContext, arun: Arun[Any], events: list[EventTuple]) -> rjet.Stream:
+    """The pre-filled stream's events again, each message with a W3C ``traceparent`` header.
+
+    Inserted under a remote span context, which ``insert_many`` propagates without a tracer; the
+    reader has no tracer provider either, so tracing is off where the read is timed."""
+    trace = pytest.importorskip("opentelemetry.trace")
+    parent = trace.SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=trace.TraceFlags(1))
+
+    async def fill() -> rjet.Stream:
+        stream = await rjet.Stream.create(js, unique_name("bench_traced"))
+        with trace.use_span(trace.NonRecordingSpan(parent)):
+            for start in range(0, len(events), FILL_CHUNK):
+                await stream.insert_many(events[start : start + FILL_CHUNK])
+        return stream
+
+    stream: rjet.Stream = arun(fill())
+
+    async def first() -> rjet.Event:
+        async with await stream.stream("") as client:
+            return await client.recv()
+
+    assert arun(first()).trace is not None, "the traced events carry no trace context"
+    return stream
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["untraced", "traced"])
+def test_rjet_ordered_read(
+    benchmark: Any,
+    filled: rjet.Stream,
+    arun: Arun[Any],
+    figures: dict[str, float],
+    traced: bool,
+    request: pytest.FixtureRequest,
+) -> None:
+    stream: rjet.Stream = request.getfixturevalue("filled_traced") if traced else filled
+    n = _count(stream, arun)
+    got, last = benchmark.pedantic(lambda: arun(_read_all(stream)), rounds=ROUNDS, warmup_rounds=1)
     assert (got, last) == (n, str(n))
-    rate = record(benchmark, events=n, figures=figures, key="read_rjet", batch=filled.read.batch)
+    key = "read_rjet_traced" if traced else "read_rjet"
+    rate = record(benchmark, events=n, figures=figures, key=key, batch=stream.read.batch, traced=traced)
     ratio(benchmark, figures, rate, "read_natspy_ordered_push", "natspy_ordered_push")
     r = ratio(benchmark, figures, rate, "read_natspy_fetch", "natspy_fetch")
-    target(benchmark, ">= 5x nats-py fetch(1000) (aim 8x)", None if r is None else r >= 5)
+    if traced:
+        ratio(benchmark, figures, rate, "read_rjet", "untraced")
+    else:
+        target(benchmark, ">= 5x nats-py fetch(1000) (aim 8x)", None if r is None else r >= 5)
 
 
 @pytest.fixture(scope="module")

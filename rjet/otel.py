@@ -18,8 +18,9 @@ OpenTelemetry's messaging semantic conventions:
 
 Tracing is on when ``opentelemetry`` is importable and a real tracer provider is configured (the
 API's default proxy and its no-op provider mean off), or one is given with :func:`use_tracer_provider`.
-Off, the read path does nothing it did not do before: the reader looks for a trace header only in a
-message that carries headers other than rjet's usual layout (``insert`` writes trace headers first).
+Off, the read path does nothing it did not do before for an event without a trace context; one with
+it (``insert`` writes it before rjet's headers) stays in the reader's bulk scan, which keeps its
+header block for :attr:`rjet.Event.trace`.
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ class Stream:
         self, foreign_id: str, type: int, data: bytes, msg_id: str | None, trace: dict[str, str] | None
     ) -> tuple[int, bool]:
         headers = encode_headers(foreign_id, type, msg_id)
-        if trace:  # first: rjet's readers take a message with them off their bulk scan, which skips them
+        if trace:  # first: the layout rjet's readers take in bulk (rjet/_nats/frames.py's frame_pattern)
             headers = {**trace, **headers}
         data = _as_bytes(data)
         # Headers count against max_payload too; a frame over it makes the server close the connection.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -31,8 +32,9 @@ def test_headers_in_another_order_are_found_too() -> None:
     assert rjet_headers(b"NATS/1.0\r\nother: 1\r\n\r\n") == (None, None)
 
 
-def _frame(sid: int, prefix: bytes, tail: bytes, fid: str, typ: int, body: bytes) -> bytes:
+def _frame(sid: int, prefix: bytes, tail: bytes, fid: str, typ: int, body: bytes, trace: bytes = b"") -> bytes:
     block = encode_header_block(fid, typ)
+    block = block[:10] + trace + block[10:]  # after NATS/1.0, as insert writes a trace context
     return b"HMSG s.x %d %s%s %d %d\r\n%s%s\r\n" % (sid, prefix, tail, len(block), len(block) + len(body), block, body)
 
 
@@ -46,6 +48,24 @@ def test_the_frame_pattern_takes_its_consumers_frames_and_their_fields() -> None
     assert int(m[3]) - int(m[2]) == 2  # the body's size
     assert frame_pattern(8, prefix).match(wire) is None  # another subscription's
     assert frame_pattern(7, b"$JS.ACK.orders.C2.").match(wire) is None  # an earlier consumer's
+
+
+@pytest.mark.parametrize(
+    "trace",
+    [b"traceparent: 00-1-2-01\r\n", b"traceparent: 00-1-2-01\r\ntracestate: v=1, w=2\r\n", b"traceparent:\r\n"],
+    ids=["traceparent", "and tracestate", "empty"],
+)
+def test_the_traced_pattern_takes_a_trace_context_before_rjets_headers(trace: bytes) -> None:
+    prefix = b"$JS.ACK.orders.C1."
+    wire = _frame(7, prefix, b"1.42.7.1700000000000000000.3", "user-9", 2, b"{}", trace)
+    for plain in (False, True):
+        assert frame_pattern(7, prefix, plain=plain).match(wire) is None  # the other layout
+        m = frame_pattern(7, prefix, plain=plain, traced=True).match(wire)
+        assert m is not None
+        assert (m[1], m[4], m[5]) == (b"1.42.7.1700000000000000000.3", b"2", b"user-9")  # the same groups
+        assert int(m[3]) - int(m[2]) == 2
+    untraced = _frame(7, prefix, b"1.42.7.1700000000000000000.3", "user-9", 2, b"{}")
+    assert frame_pattern(7, prefix, traced=True).match(untraced) is None
 
 
 def test_the_plain_pattern_leaves_percent_encoded_foreign_ids_to_the_full_one() -> None:

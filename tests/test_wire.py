@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from nats.protocol.parser import Parser
 
 import rjet
+from rjet._nats.frames import TYPE_RAW
 from rjet._nats.parser import FastParser, fast_lanes
 from rjet.parallel._shard import key_filter, shard_of
 from rjet.reader import StreamClient
@@ -127,7 +128,10 @@ async def test_the_reader_takes_both_reply_subject_forms(stream: rjet.Stream) ->
 
 @dataclasses.dataclass(frozen=True)
 class _Frame:
-    kind: str  # "event", "msg_id_first" (other header layout), "heartbeat"
+    # "event", "msg_id_first" (other header layout), "heartbeat"; a trace context before rjet's headers
+    # ("traced", "traced_state" with a tracestate, "traced_odd" with blanks in the values and a
+    # tracestate after them)
+    kind: str
     fid: bytes
     typ: int
     payload: bytes
@@ -142,7 +146,9 @@ _fids = st.one_of(
 _frames = st.lists(
     st.builds(
         _Frame,
-        kind=st.sampled_from(["event"] * 8 + ["msg_id_first", "heartbeat"]),
+        kind=st.sampled_from(
+            ["event"] * 6 + ["traced"] * 3 + ["traced_state", "traced_odd", "msg_id_first", "heartbeat"]
+        ),
         fid=_fids,
         typ=st.integers(-5, 2**40),
         payload=st.one_of(st.binary(max_size=60), st.just(b"HMSG fake 1 $JS.ACK.x 10 20\r\nNATS/1.0\r\n")),
@@ -176,9 +182,26 @@ def _wire_bytes(client: StreamClient, frames: list[_Frame], v2: bool) -> bytes:
         cseq += 2 if f.gap else 1
         head = b"%s.%s.1.%d.%d.%d.%d" % (stream, consumer, sseq, cseq, 1_700_000_000_000_000_000 + i, len(frames) - i)
         reply = b"$JS.ACK.hub.ACCOUNTHASH." + head + b".tok" if v2 else b"$JS.ACK." + head
-        hdr = b"NATS/1.0\r\nreflex_type: %d\r\nrjet_foreign_id: %s\r\n\r\n" % (f.typ, f.fid)
+        rjet_lines = b"reflex_type: %d\r\nrjet_foreign_id: %s\r\n" % (f.typ, f.fid)
+        hdr = b"NATS/1.0\r\n%s\r\n" % rjet_lines
         if f.kind == "msg_id_first":
-            hdr = b"NATS/1.0\r\nNats-Msg-Id: m%d\r\nreflex_type: %d\r\nrjet_foreign_id: %s\r\n\r\n" % (i, f.typ, f.fid)
+            hdr = b"NATS/1.0\r\nNats-Msg-Id: m%d\r\n%s\r\n" % (i, rjet_lines)
+        elif f.kind == "traced":
+            hdr = b"NATS/1.0\r\ntraceparent: 00-%032x-%016x-01\r\n%s\r\n" % (i + 1, sseq, rjet_lines)
+        elif f.kind == "traced_state":
+            hdr = b"NATS/1.0\r\ntraceparent: 00-%032x-%016x-01\r\ntracestate: v=%d\r\n%s\r\n" % (
+                i + 1,
+                sseq,
+                i,
+                rjet_lines,
+            )
+        elif f.kind == "traced_odd":
+            hdr = b"NATS/1.0\r\ntraceparent:  00-%032x-%016x-01 \r\n%stracestate: a=1, b=%d\r\n\r\n" % (
+                i + 1,
+                sseq,
+                rjet_lines,
+                i,
+            )
         size = len(hdr) + len(f.payload)
         out.append(b"HMSG %s.events %d %s %d %d\r\n%s%s\r\n" % (stream, sid, reply, len(hdr), size, hdr, f.payload))
     return b"".join(out)
@@ -189,7 +212,7 @@ def _outcome(client: StreamClient) -> tuple[object, ...]:
     for frame in client._state.buf:
         try:
             e = client._decode(*frame)
-            events.append((e.id, e.type, e.foreign_id, e.timestamp, e.metadata))
+            events.append((e.id, e.type, e.foreign_id, e.timestamp, e.metadata, e.trace))
         except rjet.DecodeError as err:
             events.append(str(err))
     return (
@@ -239,12 +262,52 @@ def test_the_bulk_scanner_agrees_with_the_frame_handler(
     which: int,
     v2: bool,
 ) -> None:
-    """Whatever arrives (other header layouts, percent-encoded or undecodable keys, heartbeats, fake
-    frames inside payloads, a consumer-sequence gap) in whatever socket reads, taking frames in bulk
-    buffers, passes over and recovers exactly as handing them over one at a time does."""
+    """Whatever arrives (other header layouts, trace contexts, percent-encoded or undecodable keys,
+    heartbeats, fake frames inside payloads, a consumer-sequence gap) in whatever socket reads, taking
+    frames in bulk buffers, passes over and recovers exactly as handing them over one at a time does."""
     loop, stream = loop_stream
     bulk = loop.run_until_complete(_feed(stream, frames, cuts, which, v2, bulk=True))
     assert bulk == loop.run_until_complete(_feed(stream, frames, cuts, which, v2, bulk=False))
+
+
+@pytest.mark.fast_paths
+@pytest.mark.parametrize("which", [0, 2], ids=["all", "shard 0 of 3"])
+def test_frames_with_a_trace_context_are_taken_in_bulk(
+    loop_stream: tuple[asyncio.AbstractEventLoop, rjet.Stream], which: int
+) -> None:
+    """insert writes a trace context before rjet's headers: the scan takes such frames too (their
+    type and foreign ID cut out, the header block kept for the trace), switching layouts as they come."""
+    loop, stream = loop_stream
+    kinds = ["event", "traced", "traced", "traced_state", "event", "event", "traced_odd", "traced", "event"]
+    frames = [_Frame(k, f"user-{i}".encode(), i, b"x", 1, gap=False) for i, k in enumerate(kinds)]
+
+    async def feed() -> list[tuple[bool, rjet.Event]]:
+        client = await stream.stream(key_filter=_filters[which])
+        try:
+            sid = client._sessions.sid
+            parser = FastParser(client._sessions._nc)
+            parser.lanes[sid] = client._intake.on_frame
+            parser.scanners[sid] = client._intake.scan
+            await parser.parse(_wire_bytes(client, frames, False))
+            return [(f[TYPE_RAW] is not None, client._decode(*f)) for f in client._state.buf]
+        finally:
+            await client.close()
+
+    got = loop.run_until_complete(feed())
+    keep = _filters[which] or (lambda fid: True)
+    kept = [i for i in range(len(kinds)) if keep(f"user-{i}")]
+    assert [e.foreign_id for _, e in got] == [f"user-{i}" for i in kept]
+    # The consumer's first frame makes the patterns; every frame after it is taken in bulk.
+    assert [bulk for bulk, _ in got] == [i != 0 for i in kept]
+
+    def trace(i: int) -> dict[str, str] | None:  # as _wire_bytes writes it (sequence i + 1)
+        parent = {"traceparent": f"00-{i + 1:032x}-{i + 1:016x}-01"}
+        states = {"traced_state": f"v={i}", "traced_odd": f"a=1, b={i}"}
+        return (
+            None if kinds[i] == "event" else parent | ({"tracestate": states[kinds[i]]} if kinds[i] in states else {})
+        )
+
+    assert [e.trace for _, e in got] == [trace(i) for i in kept]
 
 
 @pytest.mark.parametrize("cuts", [[], [300]], ids=["one read", "two reads"])

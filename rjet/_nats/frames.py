@@ -246,17 +246,24 @@ HELD_BEFORE: Final = 8
 # (delivered.sseq.cseq.ts.pending[.token]), 2 header size, 3 total size, 4 type (an integer),
 # 5 foreign ID (printable ASCII: plain or percent-encoded; only plain for ``plain=True``). Up to 18
 # digits: any of them is an int64 (a longer type goes to decode_type, which checks the range).
-_FRAME_TAIL: Final = (
-    rb"([^ ]+) (\d+) (\d+)\r\nNATS/1\.0\r\n"
-    + TYPE_HEADER.encode()
-    + rb": (-?\d{1,18})\r\n"
-    + FOREIGN_ID_HEADER.encode()
-)
+# Possessive quantifiers (++): what follows each one is a character it cannot take, so they match
+# what the greedy ones would, and a frame of another layout fails at once instead of backtracking
+# through the control line (0.24 us against 0.50 for a traced frame; 4% off a match that succeeds).
+_FRAME_TAIL: Final = rb"([^ ]++) (\d++) (\d++)\r\nNATS/1\.0\r\n"
+_RJET_LINES: Final = (
+    TYPE_HEADER.encode() + rb": (-?\d{1,18})\r\n" + FOREIGN_ID_HEADER.encode()
+)  # fmt: skip
+# The trace context insert writes before rjet's headers (rjet/otel.py): a traceparent line, then maybe
+# a tracestate line. The values are not captured: decoding reads them from the header block, as it
+# reads any other message's (rjet/_nats/frames.py's trace_headers).
+_TRACE_LINES: Final = rb"traceparent:[^\r\n]*+\r\n(?:tracestate:[^\r\n]*+\r\n)?"
 
 
-def frame_pattern(sid: int, reply_prefix: bytes, *, plain: bool = False) -> re.Pattern[bytes]:
+def frame_pattern(sid: int, reply_prefix: bytes, *, plain: bool = False, traced: bool = False) -> re.Pattern[bytes]:
     """Matches a frame of subscription ``sid`` whose reply subject starts with ``reply_prefix``
-    (``$JS.ACK.[<domain>.<account>.]<stream>.<consumer>.``)."""
+    (``$JS.ACK.[<domain>.<account>.]<stream>.<consumer>.``); with ``traced``, one whose headers
+    start with the trace context (the groups are the same)."""
     # Literals and single-character negations only, few groups: ~0.3 us a frame.
-    fid = rb": ([!-$&-~]+)\r\n" if plain else rb": ([!-~]+)\r\n"
-    return re.compile(b"HMSG [^ ]+ %d %s" % (sid, re.escape(reply_prefix)) + _FRAME_TAIL + fid)
+    fid = rb": ([!-$&-~]++)\r\n" if plain else rb": ([!-~]++)\r\n"
+    head = b"HMSG [^ ]++ %d %s" % (sid, re.escape(reply_prefix)) + _FRAME_TAIL
+    return re.compile(head + (_TRACE_LINES if traced else b"") + _RJET_LINES + fid)

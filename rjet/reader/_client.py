@@ -245,8 +245,15 @@ class StreamClient(ClientBase):
                     s.blind = True  # as next_or_skip notes it (no room to ask for more)
             sseq = frame[0]
             typ_value, fid_value = frame[6], frame[7]
-            if typ_value is not None and fid_value is not None and frame[5] is None and PERCENT not in fid_value:
-                # As decode does for a frame the scan took (a call per event was a tenth of this loop).
+            if (
+                typ_value is not None
+                and fid_value is not None
+                and frame[5] is None
+                and frame[3] is None
+                and PERCENT not in fid_value
+            ):
+                # As decode does for a frame the scan took without a trace context (a call per event
+                # was a tenth of this loop).
                 event = new(Event)
                 set_id(event, str(sseq))
                 set_type(event, int(typ_value))

@@ -1,8 +1,9 @@
 """A buffered frame into an :class:`rjet.Event`: the one decoding every read path shares.
 
 A frame (``rjet/_nats/frames.py``'s ``Frame``) is either one the bulk scan took (its type and foreign
-ID header values already cut out: digits and printable ASCII) or one handed over whole (its subject and
-raw header block). Both decode as Go rjet does (docs/interop.md).
+ID header values already cut out: digits and printable ASCII; its header block only where it carries
+a trace context) or one handed over whole (its subject and raw header block). Both decode as Go rjet
+does (docs/interop.md), and give the same :attr:`rjet.Event.trace`.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def decoder(stream: str) -> Decode:
         fid_value_: bytes | None,
         _held: int,
     ) -> Event:
-        traced = False
+        traced = hdr is not None  # the scan keeps a frame's header block only when it has a traceparent
         if typ_value is not None and fid_value_ is not None:  # taken by the scan: digits, printable ASCII
             typ = int(typ_value)
             if fid is None:
@@ -71,7 +72,6 @@ def decoder(stream: str) -> Decode:
         else:
             typ = 0
             if hdr is not None:
-                # insert writes trace headers first, which keeps a traced message off the bulk scan.
                 traced = _TRACEPARENT in hdr
                 typ_raw, fid_raw = rjet_headers(hdr)
                 if typ_raw is not None:

@@ -107,8 +107,11 @@ class Intake:
             # Up to and with the consumer token: 4 tokens of the 9-token form, 6 of the 11/12-token one.
             tokens = reply.split(b".")  # parse_ack took it: 9, 11 or 12 of them
             s.prefix = b".".join(tokens[: 4 if len(tokens) == 9 else 6]) + b"."
-            s.pattern = frame_pattern(self._sessions.sid, s.prefix)
-            s.plain = frame_pattern(self._sessions.sid, s.prefix, plain=True)
+            sid = self._sessions.sid
+            s.pattern = frame_pattern(sid, s.prefix)
+            s.plain = frame_pattern(sid, s.prefix, plain=True)
+            s.traced_pattern = frame_pattern(sid, s.prefix, traced=True)
+            s.traced_plain = frame_pattern(sid, s.prefix, plain=True, traced=True)
         if sseq > st.last:
             prev = st.last
             gaps = self._gaps
@@ -183,19 +186,38 @@ class Intake:
 
         The same as :meth:`on_frame` per frame: :meth:`_take_runs` takes the frames the key filter
         keeps, :meth:`_pass_run` each run of those it passes over. A sequence jump sends the frames
-        concerned through :meth:`on_frame` one by one, which finds the gap. A frame the pattern does
-        not fit (other headers, a status) ends the call and goes to :meth:`on_frame` too.
+        concerned through :meth:`on_frame` one by one, which finds the gap. Two layouts are taken:
+        rjet's headers first, and a trace context before them (as ``insert`` writes it with tracing
+        on); the scan goes on with the one the last frame had, and switches where the other fits. A
+        frame neither fits (other headers, a status) ends the call and goes to :meth:`on_frame` too.
         """
         st = self._state
         s = st.session
-        if s is None or (pattern := s.pattern) is None or (plain := s.plain) is None or st.error is not None:
+        if (
+            s is None
+            or (pattern := s.pattern) is None
+            or (plain := s.plain) is None
+            or (traced_pattern := s.traced_pattern) is None
+            or (traced_plain := s.traced_plain) is None
+            or st.error is not None
+        ):
             return pos
         frames0, held0, passed0 = s.frames, st.in_bytes, self._passed_bytes
         gap: _Gap | None = None
         end = pos
+        layouts = ((pattern.match, plain.match), (traced_pattern.match, traced_plain.match))
+        match = pattern.match
         view = memoryview(buf)  # one copy per body, not two (bytes(buf[a:b]) copies twice)
         try:
-            end = self._take_runs(s, pattern.match, plain.match, buf, view, pos, size)
+            while True:
+                traced = s.traced
+                match, plain_match = layouts[traced]
+                end = self._take_runs(s, match, plain_match, traced, buf, view, end, size)
+                # Stopped at a frame of the other layout; or at one the scan does not take, or one not
+                # all here, which the other pattern does not match either (they differ in the first header).
+                if end == size or layouts[not traced][0](buf, end) is None:
+                    break
+                s.traced = not traced
         except _Gap as e:
             gap = e
         finally:
@@ -207,7 +229,7 @@ class Intake:
             stats["in_msgs"] += s.frames - frames0
             stats["in_bytes"] += st.in_bytes - held0 + self._passed_bytes - passed0
         if gap is not None:
-            return self._one_by_one(s, buf, gap.start, gap.end)  # on_lane_frame counts these
+            return self._one_by_one(match, s.prefix, buf, gap.start, gap.end)  # on_lane_frame counts these
         if end != pos:
             st.wake()
             if s.pending <= self._low:
@@ -215,11 +237,22 @@ class Intake:
         return end
 
     def _take_runs(
-        self, s: Session, match: _Match, plain: _Match, buf: bytearray, view: memoryview, pos: int, size: int
+        self,
+        s: Session,
+        match: _Match,
+        plain: _Match,
+        traced: bool,
+        buf: bytearray,
+        view: memoryview,
+        pos: int,
+        size: int,
     ) -> int:
-        """Takes the consumer's frames that the key filter keeps from ``buf[pos:size]`` into the
-        buffer, and hands each run of those it passes over to :meth:`_pass_run`; returns where it
-        stopped. Raises :class:`_Gap` at a sequence jump."""
+        """Takes the consumer's frames of one layout (the patterns': ``traced`` or not) that the key
+        filter keeps from ``buf[pos:size]`` into the buffer, and hands each run of those it passes
+        over to :meth:`_pass_run`; returns where it stopped. Raises :class:`_Gap` at a sequence jump.
+
+        A traced frame is buffered with its header block, which decoding reads the trace context
+        from (as it does for a frame :meth:`on_frame` buffers); the others with None there."""
         st, gaps, stream = self._state, self._gaps, self._stream
         key_filter, filtered = self.key_filter, gaps.filtered
         mine, n = self._shard or (-1, 0)
@@ -271,8 +304,10 @@ class Intake:
                     gaps.prev_pending = pending
                     s.blind = s.pending <= 0
                 st.last = sseq
-                data = view[body + int(m[2]) : stop].tobytes()
-                append((sseq, int(tail[3]), b"", None, data, None, m[4], m[5], held))
+                start = body + int(m[2])
+                data = view[start:stop].tobytes()
+                hdr = view[body:start].tobytes() if traced else None
+                append((sseq, int(tail[3]), b"", hdr, data, None, m[4], m[5], held))
                 held += len(data)
                 pos = stop + 2
                 tail = None
@@ -364,10 +399,9 @@ class Intake:
             return pos, run_bytes, None, None, 0, 0, 0, 0
         return pos, run_bytes, m, tail, body, stop, cseq, sseq
 
-    def _one_by_one(self, s: Session, buf: bytearray, pos: int, end: int) -> int:
-        """Hands the frames in ``buf[pos:end]`` (all matched by the session's pattern) to :meth:`on_frame`."""
-        pattern, prefix = s.pattern, s.prefix
-        while pattern is not None and pos < end and (m := pattern.match(buf, pos)) is not None:
+    def _one_by_one(self, match: _Match, prefix: bytes, buf: bytearray, pos: int, end: int) -> int:
+        """Hands the frames in ``buf[pos:end]`` (all matched by ``match``) to :meth:`on_frame`."""
+        while pos < end and (m := match(buf, pos)) is not None:
             body = m.end(3) + 2
             hlen = int(m[2])
             stop = body + int(m[3])

@@ -183,6 +183,9 @@ class Session:
         "plain",
         "prefix",
         "requests",
+        "traced",
+        "traced_pattern",
+        "traced_plain",
     )
 
     def __init__(self, name: bytes, deliver: bytes, next_subject: str) -> None:
@@ -200,6 +203,10 @@ class Session:
         self.prefix = b""  # its reply subjects up to and with the consumer's token
         self.pattern: re.Pattern[bytes] | None = None  # its frames
         self.plain: re.Pattern[bytes] | None = None  # those of them with a plain foreign ID
+        # The same two for frames with a trace context before rjet's headers (insert with tracing).
+        self.traced_pattern: re.Pattern[bytes] | None = None
+        self.traced_plain: re.Pattern[bytes] | None = None
+        self.traced = False  # the layout the scan met last: it tries that one first
 
 
 class _Counted(Protocol):
