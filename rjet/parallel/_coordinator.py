@@ -7,8 +7,9 @@ shards.
 - :func:`watch_record`: a run stops when the record comes to name another ``n`` (taken over while
   this run looked gone).
 - :class:`Coordinator`: an elastic member's loop (its lease, its view of the members, the
-  assignment) and its moves (:meth:`Coordinator.rebalance`): take a shard once it is free, let one go
-  when it moves (``rjet/parallel/_elastic.py`` says why this hands over without loss or overlap).
+  assignment; it deletes the leases of members long gone) and its moves
+  (:meth:`Coordinator.rebalance`): take a shard once it is free, let one go when it moves
+  (``rjet/parallel/_elastic.py`` says why this hands over without loss or overlap).
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ class Coordinator:
                 self.letting_go = frozenset(range(self.n)) - frozenset(mine)
                 last_view, last_owner, last_members = frozenset(mine), owner, frozenset(whole)
                 self.supervisor.wake()
+                await self.membership.prune()  # the leases of members long gone: views stop listing them
             await asyncio.sleep(self.interval)
 
     def _log_assignment(

@@ -17,12 +17,20 @@ goes to starts a worker only once no other group's heartbeat on the shard is fre
 died stops refreshing both, so the others take its shards at their first view after the TTL (within
 one heartbeat of it) and the start of a worker; a shard that moves between live members is taken
 once two views in a row agree.
+
+The lease a member that died (or a stopped member with a stable id that did not come back) left
+behind is deleted by the live members (:meth:`Membership.prune`, at each view) once it is long
+expired: older, by the wall time it holds, than :func:`lease_removal_age` of its TTL, and unchanged
+for a TTL by the member's own clock; by a compare-and-swap on the revision seen, so a lease written
+again meanwhile (its member came back) stays. Until then the views show it as expired, with when it
+goes (``rjet group prune`` removes it at once).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import secrets
 import socket
@@ -37,6 +45,7 @@ from rjet.cursors import kv_keys
 from rjet.errors import CursorStoreError, PermissionDenied
 from rjet.parallel._heartbeats import live_heartbeats
 from rjet.parallel._keys import (
+    DEFAULT_TTL,
     KV_ERRORS,
     Lease,
     get,
@@ -55,7 +64,17 @@ __all__ = [
     "assign",
     "busy_shards",
     "default_member_id",
+    "lease_removal_age",
 ]
+
+log = logging.getLogger("rjet.parallel")
+
+
+def lease_removal_age(ttl: float | None) -> float:
+    """How old (by the wall time it holds) an expired lease of TTL ``ttl`` is when the group's live
+    members delete it: a minute, or ten TTLs when longer, as for long-dead heartbeats
+    (``rjet/parallel/_heartbeats.py``); long enough for an operator to see in the views who died."""
+    return max(60.0, 10 * (ttl or DEFAULT_TTL))
 
 
 def default_member_id() -> str:
@@ -154,6 +173,7 @@ class Membership:
         self._key = lease_key(name, member)
         self._since = time.time()
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (revision, monotonic time it was first seen)
+        self._long_expired: dict[str, tuple[int, Lease]] = {}  # key -> (revision, lease), by the last view
 
     async def beat(self) -> None:
         """Write this member's lease now."""
@@ -174,8 +194,9 @@ class Membership:
             entries = {k: await get(self.kv, k) for k in keys}
         except KV_ERRORS as e:
             raise kv_error(f"cannot read the members of {self.name!r}", e) from e
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         out = []
+        self._long_expired = {}
         for key, got in entries.items():
             if got is None:
                 self._seen.pop(key, None)
@@ -189,6 +210,8 @@ class Membership:
                 continue  # not a lease rjet wrote
             ago = now - last[1]
             live = key == self._key or ago < self.ttl
+            if not live and lease.time is not None and wall - lease.time > lease_removal_age(lease.ttl):
+                self._long_expired[key] = (rev, lease)
             out.append(Member(lease.member, lease.host, lease.pid, lease.max_shards, lease.since, ago, live, lease.n))
         for key in set(self._seen) - set(entries):
             del self._seen[key]
@@ -202,6 +225,25 @@ class Membership:
         caps[self.member] = self.max_shards
         whole = assign(caps, n, caps)
         return whole[self.member], whole
+
+    async def prune(self) -> tuple[str, ...]:
+        """Delete the leases the last :meth:`members` found long expired, each by a compare-and-swap
+        on the revision it read: one written again since stays. Returns the members whose leases
+        went. Never raises: a delete that fails (refused, the server away) is tried at the next view."""
+        gone = []
+        for key, (rev, lease) in self._long_expired.items():
+            try:
+                await guard_kv(self.kv, self.kv.delete(key, last=rev), key)
+            except (*KV_ERRORS, PermissionDenied) as e:  # written again meanwhile, refused, unreachable
+                log.debug("parallel %r: member %s: the lease of %s stays: %r", self.name, self.member, lease.member, e)
+                continue
+            gone.append(lease.member)
+            log.info(
+                "parallel %r: member %s deleted the expired lease of member %s (%s pid %d, written %.0fs ago)",
+                self.name, self.member, lease.member, lease.host, lease.pid, time.time() - (lease.time or 0.0),
+            )  # fmt: skip
+        self._long_expired = {}
+        return tuple(gone)
 
     async def leave(self) -> None:
         """Delete this member's lease (a graceful stop of a member without a stable id). Never raises."""
