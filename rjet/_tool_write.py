@@ -14,7 +14,14 @@ A tool's write keeps the promises a runner's writes keep:
   running consumer's next write fails and its :class:`rjet.CursorConflict` names the tool; a write
   whose answer was lost is settled by reading the record back (our owner and cursor: applied).
 
-:mod:`rjet.parallel.admin` (``set_cursor``, ``reset_group``) is the public face of these writes.
+The same writes to an SQL store's rows (a group run with ``Parallel(..., cursors=URL)``, a consumer
+of an :class:`rjet.sql.SqlCursorStore`) go through :meth:`rjet.sql.SqlCursorStore.rewrite`: one
+transaction that holds the rows it reads, checks them again and writes the tool's owner into them, so a
+running consumer's next transaction or flush finds the claim gone and its :class:`rjet.CursorConflict`
+names the tool.
+
+:mod:`rjet.parallel.admin` (``set_cursor``, ``reset_group``, ``delete_group``) is the public face of
+these writes.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
 import nats.errors
@@ -31,13 +38,15 @@ from nats.nuid import NUID
 
 from rjet._nats.denials import guard_kv
 from rjet.cursors import CursorRecord, encode_key
-from rjet.errors import CursorError, CursorStoreError, StreamNotFound
+from rjet.errors import CursorError, CursorStoreError, RjetError, StreamNotFound
 from rjet.reader import stream_identity as _identity
 from rjet.stream import Stream
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
+
+    from rjet.sql import SqlCursorStore
 
 _STORE_ERRORS: Final = (nats.errors.Error, TimeoutError, OSError)
 _NUID: Final = NUID()
@@ -156,7 +165,7 @@ Build = Callable[[CursorRecord | None], Awaitable[CursorRecord]]
 def set_to(
     js: JetStreamContext,
     name: str,
-    namespace: str,
+    where: str,
     value: str,
     stream: str | None,
     *,
@@ -165,7 +174,8 @@ def set_to(
     notes: list[str],
 ) -> Build:
     """What ``rjet cursor --set value`` writes: ``value`` is a stream sequence, ``first``, ``last`` or
-    ``beginning``; ``stream`` the stream named by the caller (else the one the record names).
+    ``beginning``; ``stream`` the stream named by the caller (else the one the record names);
+    ``where`` the option that names its store (``--namespace NS``, ``--cursors URL``), for messages.
     ``notes`` gets what the caller should be told (the last build's)."""
 
     async def build(old: CursorRecord | None) -> CursorRecord:
@@ -187,7 +197,7 @@ def set_to(
                 " means nothing without one"
             )
         now = await stream_now(js, target, f"cursor {name!r} not moved")
-        over = f"`rjet cursor {name} --namespace {namespace} --set beginning --stream {now.name}`"
+        over = f"`rjet cursor {name} {where} --set beginning --stream {now.name}`"
         notes.append(check_stream(name, recorded, now, named=stream is not None, over=over))
         if value == "first":
             n = max(now.first_seq - 1, 0)
@@ -240,4 +250,85 @@ async def write_record(
     raise Refused(
         f"cursor {name!r} in bucket {bucket!r} changed {tries} times in a row while it was written: is a"
         " consumer running it? Stop it and try again; nothing written"
+    )
+
+
+class _Moved(RjetError):
+    """The row changed between the read a tool built its write on and the transaction (retried)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"cursor {name!r} changed while it was written")
+        self.name = name
+
+
+def _none_if_empty(record: CursorRecord | None) -> CursorRecord | None:
+    """An empty row (no cursor, stream, owner or done: a claim's fresh row, or the one
+    :meth:`rjet.sql.SqlCursorStore.rewrite` makes to hold the name) is no record."""
+    return None if record == CursorRecord() else record
+
+
+async def write_sql(
+    store: SqlCursorStore, changes: Mapping[str, Callable[[CursorRecord | None], CursorRecord | None]]
+) -> dict[str, CursorRecord | None]:
+    """Replace each row ``name`` of ``changes`` with ``changes[name](old)`` (``old``: the row as read
+    in the transaction, None when none; a None result deletes the row), all in one transaction that
+    holds the rows; a change may raise (nothing is written). A transaction whose answer was lost is
+    settled by reading the rows back: what was written (its owner names this write) means applied.
+    Returns the rows as they were."""
+    names = sorted(changes)
+    before: dict[str, CursorRecord | None] = {}
+    after: dict[str, CursorRecord | None] = {}
+
+    def change(rows: dict[str, CursorRecord]) -> dict[str, CursorRecord | None]:
+        before.clear()
+        after.clear()
+        for name in names:
+            before[name] = _none_if_empty(rows.get(name))
+            after[name] = changes[name](before[name])
+        return dict(after)
+
+    try:
+        await store.rewrite(names, change)
+    except CursorStoreError:
+        if not after:
+            raise
+        back = {name: await store.peek_record(name) for name in names}
+        if any(not _same(back[name], after[name]) for name in names):
+            raise
+    return before
+
+
+def _same(stored: CursorRecord | None, written: CursorRecord | None) -> bool:
+    if stored is None or written is None:
+        return stored is written
+    return (stored.cursor, stored.stream, stored.owner) == (written.cursor, written.stream, written.owner)
+
+
+async def write_sql_record(
+    store: SqlCursorStore, name: str, build: Build, *, tries: int = 10
+) -> tuple[CursorRecord | None, CursorRecord]:
+    """:func:`write_record` for a row of an SQL store: ``await build(old)`` is written in a
+    transaction that finds the row naming the stream ``build`` was checked against (else it is read,
+    built and written again: another writer named another stream meanwhile). A running consumer's
+    progress does not count as a change: the tool's row replaces it, and fences the consumer.
+    Returns (old, new)."""
+    for _ in range(tries):
+        seen = _none_if_empty(await store.peek_record(name))
+        new = await build(seen)
+
+        def checked(
+            old: CursorRecord | None, seen: CursorRecord | None = seen, new: CursorRecord = new
+        ) -> CursorRecord:
+            if (old.stream if old else None) != (seen.stream if seen else None):
+                raise _Moved(name)
+            return new
+
+        try:
+            before = await write_sql(store, {name: checked})
+        except _Moved:
+            continue
+        return before[name], new
+    raise Refused(
+        f"cursor {name!r} in {store.backend.kind} cursor store at {store.backend.where} named another stream"
+        f" {tries} times in a row while it was written: is another tool moving it? Nothing written"
     )

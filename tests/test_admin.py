@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from nats.js import JetStreamContext
@@ -15,8 +17,10 @@ from test_cli import rjet_cmd
 
 import rjet
 from rjet.parallel import admin
+from rjet.parallel._elastic import Membership
 from rjet.parallel._keys import Heartbeat, Lease, generation_key, heartbeat_key, lease_key
 from rjet.server import EmbeddedServer
+from rjet.testing import wait_until
 
 
 async def _group_with_a_killed_member(js: JetStreamContext, ns: str, stream: str) -> None:
@@ -136,15 +140,16 @@ async def test_delete_lists_every_key_of_the_group_and_purges_them_when_executed
     async with await rjet.JetStreamCursorStore.create(js, ns) as other:
         await other.set_cursor("billing_1_of_3", "1")  # an old n: deleted too
         await other.set_cursor("other_1_of_2", "1")  # another group: left alone
-    keys = await admin.delete_group(store, "billing")
-    assert set(keys) == {
+    plan = await admin.delete_group(store, "billing")
+    assert set(plan.keys) == {
         "billing_1_of_2", "billing_2_of_2", "billing_1_of_3", generation_key("billing"), lease_key("billing", "a"),
         lease_key("billing", "b"), heartbeat_key("billing", 0, 2, "run-a"), heartbeat_key("billing", 1, 2, "run-b"),
     }  # fmt: skip
+    assert (plan.rows, plan.executed) == ((), False)
     with pytest.raises(admin.GroupRunning):
         await admin.delete_group(store, "billing", execute=True)
     await store.kv.delete(heartbeat_key("billing", 0, 2, "run-a"))
-    assert len(await admin.delete_group(store, "billing", execute=True)) == len(keys) - 1
+    assert len((await admin.delete_group(store, "billing", execute=True)).keys) == len(plan.keys) - 1
     with pytest.raises(admin.GroupNotFound, match="no Parallel group 'billing'"):
         await admin.describe_group(store, "billing")
     assert [g.name for g in await admin.list_groups(store)] == ["other"]
@@ -173,3 +178,100 @@ async def test_set_cursor_checks_the_stream_and_writes_by_compare_and_swap(
     with pytest.raises(admin.NamespaceNotFound, match=r"cursor namespace 'nope_x' not found \(no KV bucket"):
         await admin.open_namespace(js, "nope_x")
     assert ns in await admin.namespaces(js)
+
+
+# ----------------------------------------------------------------- expired leases go by themselves (#28)
+
+
+async def test_a_live_member_deletes_leases_long_expired_and_never_one_written_again(
+    js: JetStreamContext, name: str
+) -> None:
+    ns = f"ns_{name}"[:60]
+    async with await rjet.JetStreamCursorStore.create(js, ns):
+        pass
+    kv = await js.key_value(f"rjet_cursors_{ns}")
+    then = time.time() - 120
+    await kv.put(lease_key("g", "dead"), Lease("dead", "h", 1, None, then, then, 1.0, 1).encode())  # gone 119 s
+    await kv.put(lease_key("g", "recent"), Lease("recent", "h", 2, None, then, then, 30.0, 1).encode())  # 300 s
+    await kv.put(lease_key("g", "back"), Lease("back", "h", 3, None, then, then, 1.0, 1).encode())
+    member = Membership(kv, "g", "live", ttl=0.3, max_shards=None, static=False, n=1)
+    await member.beat()
+    await member.members()
+    assert await member.prune() == ()  # just seen: unchanged for less than a TTL by this member's clock
+    await asyncio.sleep(0.4)
+    await member.members()
+    now = time.time()  # "back" comes back between the view and the deletion: its lease stays
+    await kv.put(lease_key("g", "back"), Lease("back", "h", 3, None, now, now, 1.0, 1).encode())
+    assert await member.prune() == ("dead",)
+    store = await admin.open_namespace(js, ns)
+    assert [m.member for m in await admin.members(store, "g")] == ["back", "live", "recent"]
+    assert await member.prune() == ()  # each view's finds are deleted once
+
+
+async def test_the_views_say_when_the_live_members_delete_an_expired_lease(
+    server: EmbeddedServer, js: JetStreamContext, stream: rjet.Stream, name: str
+) -> None:
+    await stream.insert_many([("k", 1, b"")] * 4)
+    ns = f"ns_{name}"[:60]
+    await _group_with_a_killed_member(js, ns, name)  # b: TTL 5 s, written 30 s ago; a live
+    store = await admin.open_namespace(js, ns)
+    [b] = [m for m in await admin.members(store, "billing") if m.member == "b"]
+    assert b.state == "expired"
+    assert b.removed_in is not None
+    assert 15 < b.removed_in <= 30  # deleted once 60 s old (lease_removal_age(5.0))
+    assert admin.lease_removal_age(5.0) == 60.0
+    assert admin.lease_removal_age(30.0) == 300.0
+    [listed] = await admin.list_groups(store)
+    assert [m.removed_in is not None for m in listed.members] == [False, True]
+
+    status = rjet_cmd("status", name, "--namespace", ns, "-s", server.url).stdout
+    said = " ".join(status.split())
+    deleted = r"its live members delete the leases \(b's in \d+(\.\d)?s; rjet group prune billing --namespace \S+"
+    assert re.search(rf"expired: b \(host-b pid 22, \d+s ago\): gone .*; {deleted} --execute: at once\)", said), status
+    rows = [json.loads(line) for line in rjet_cmd("status", name, "--namespace", ns, "--json", "-s", server.url)
+            .stdout.splitlines()]  # fmt: skip
+    [row] = [r for r in rows if r.get("member") == "b"]
+    assert 0 < row["removed_in"] <= 30
+    described = json.loads(
+        rjet_cmd("group", "describe", "billing", "--namespace", ns, "--stream", name, "--json", "-s", server.url).stdout
+    )
+    assert {m["member"]: m["removed_in"] is not None for m in described["members"]} == {"a": False, "b": True}
+
+    # With no live member left, nobody deletes it: the views say so (prune).
+    await store.kv.delete(lease_key("billing", "a"))
+    [b] = [m for m in await admin.members(store, "billing") if m.member == "b"]
+    assert b.removed_in is None
+    text = " ".join(
+        rjet_cmd("group", "describe", "billing", "--namespace", ns, "--stream", name, "-s", server.url).stdout.split()
+    )
+    assert "rjet group prune billing --namespace" in text
+    assert "--execute removes their leases" in text
+    assert "its live members" not in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_a_running_elastic_member_deletes_the_lease_a_killed_member_left(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, js: JetStreamContext, tmp_path: Path
+) -> None:
+    from test_elastic import _member, _running
+
+    await stream.insert_many([("k", 1, b"")] * 10)
+    async with await rjet.JetStreamCursorStore.create(js, name):
+        pass
+    kv = await js.key_value(f"rjet_cursors_{name}")
+    then = time.time() - 120
+    await kv.put(lease_key(name, "killed"), Lease("killed", "h", 1, None, then, then, 1.0, 1).encode())
+    live = _member(server, name, 1, tmp_path, member_id="alive")
+    task = asyncio.create_task(live.run_async())
+    try:
+        await wait_until(lambda: _running(live) == [0], 30, "the live member running its shard")
+        store = await admin.open_namespace(js, name)
+
+        async def gone() -> bool:
+            return [m.member for m in await admin.members(store, name)] == ["alive"]
+
+        await wait_until(gone, 20, "the killed member's lease deleted")  # was: kept until rjet group prune
+    finally:
+        live.stop()
+        await task

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 import rjet
 from rjet.cli._common import CliError, Connection, connection_options, run
 from rjet.parallel import admin
 from rjet.sql import SqlCursorStore
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
 
 
 def _check_set(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -23,7 +28,7 @@ def _check_set(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @click.option(
     "--cursors",
     metavar="URL",
-    help="Read it from this SQL database instead (sqlite:///PATH, postgresql://...; no --namespace).",
+    help="The SQL database that keeps it instead (sqlite:///PATH, postgresql://...; no --namespace).",
 )
 @click.option(
     "--set",
@@ -70,27 +75,39 @@ def cursor(
     rjet.StreamRecreated. Refused: a stream that does not exist, SEQ past its
     last sequence, SEQ before its first retained event (unless --skip-removed),
     and a cursor recorded in another stream (or in an earlier stream of the same
-    name, unless --stream names it).
+    name, unless --stream names it). With --cursors URL the same, on its row in
+    that database (the streams are still read from the server).
     """
-    if cursors is not None:
-        if namespace is not None or value is not None:
-            raise click.UsageError("--cursors URL reads a cursor: without --namespace, without --set")
-        click.echo(run(_sql_cursor(name, cursors)))
-        return
-    if namespace is None:
+    if cursors is not None and namespace is not None:
+        raise click.UsageError("--cursors URL names the cursor's store: without --namespace")
+    if cursors is None and namespace is None:
         raise click.UsageError("Missing option '--namespace' (or --cursors URL).")
     if value in ("first", "last") and not stream:
         raise click.UsageError(f"--set {value} needs --stream")
     if skip_removed and value is None:
         raise click.UsageError("--skip-removed goes with --set")
-    click.echo(run(_cursor(conn, name, namespace, value, stream, skip_removed)))
+    if cursors is not None and value is None:
+        click.echo(run(_sql_cursor(name, cursors)))
+        return
+    click.echo(run(_cursor(conn, name, namespace, value, stream, skip_removed, cursors)))
 
 
 async def _cursor(
-    conn: Connection, name: str, namespace: str, value: str | None, stream: str | None, skip_removed: bool
+    conn: Connection,
+    name: str,
+    namespace: str | None,
+    value: str | None,
+    stream: str | None,
+    skip_removed: bool,
+    url: str | None = None,
 ) -> str:
     async with conn.connect() as nc:
         js = nc.jetstream()
+        if url is not None:
+            assert value is not None
+            async with await SqlCursorStore.open(url) as sql:
+                return await _set(sql, name, value, stream, skip_removed, js)
+        assert namespace is not None
         if value is None:  # reading never creates: an unknown namespace or cursor is an error
             async with await rjet.JetStreamCursorStore.bind(js, namespace) as store:
                 record = await store.peek_record(name)
@@ -100,18 +117,29 @@ async def _cursor(
                 click.echo(f"{name}: {_done_count(record)} event(s) above it done already (exact progress)", err=True)
             return record.cursor or "(none: from the beginning)"
         async with await rjet.JetStreamCursorStore.create(js, namespace) as store:
-            try:
-                change = await admin.set_cursor(store, name, value, stream=stream, skip_removed=skip_removed)
-            except admin.NeedsStream as e:
-                raise click.UsageError(str(e)) from None
-            old, new = (change.old.cursor if change.old is not None else ""), change.new.cursor
-            dropped = (
-                f" (dropped the {_done_count(change.old)} event(s) recorded as done above {old})"
-                if change.old and change.old.done
-                else ""
-            )
-            said = "".join(f" ({note})" for note in change.notes)
-            return f"{name}: {old or '(none)'} -> {new or '(none: from the beginning)'}{dropped}{said}"
+            return await _set(store, name, value, stream, skip_removed, js)
+
+
+async def _set(
+    store: rjet.JetStreamCursorStore | SqlCursorStore,
+    name: str,
+    value: str,
+    stream: str | None,
+    skip_removed: bool,
+    js: JetStreamContext,
+) -> str:
+    try:
+        change = await admin.set_cursor(store, name, value, stream=stream, skip_removed=skip_removed, js=js)
+    except admin.NeedsStream as e:
+        raise click.UsageError(str(e)) from None
+    old, new = (change.old.cursor if change.old is not None else ""), change.new.cursor
+    dropped = (
+        f" (dropped the {_done_count(change.old)} event(s) recorded as done above {old})"
+        if change.old and change.old.done
+        else ""
+    )
+    said = "".join(f" ({note})" for note in change.notes)
+    return f"{name}: {old or '(none)'} -> {new or '(none: from the beginning)'}{dropped}{said}"
 
 
 async def _sql_cursor(name: str, url: str) -> str:

@@ -43,7 +43,8 @@ _json = click.option("--json", "as_json", is_flag=True, help="JSON instead of a 
 _cursors = click.option(
     "--cursors",
     metavar="URL",
-    help="The SQL database that keeps the shard cursors (a group run with --cursors URL) instead of the bucket.",
+    help="The SQL database that keeps the shard cursors of a group run with --cursors URL"
+    " (sqlite:///PATH, postgresql://...).",
 )
 
 
@@ -53,22 +54,28 @@ _cursors = click.option(
 @_cursors
 @connection_options
 def list_groups(conn: Connection, namespace: str, as_json: bool, cursors: str | None) -> None:
-    """The groups with cursors in NAMESPACE: shard count, generations, members, whether they run."""
+    """The groups in NAMESPACE: shard count, old generations, whether they run, where their
+    shard cursors are (bucket or sql), members.
+
+    A group run with --cursors URL is listed from its group record; its old
+    generations are read from that database with --cursors URL.
+    """
     found = run(_list(conn, namespace, cursors))
     if as_json:
         for g in found:
             click.echo(json.dumps(_group_json(g)))
         return
+    limit = width()
     if not found:
-        click.echo(f"no Parallel group in namespace {namespace!r}")
+        _echo(wrap(f"no Parallel group in namespace {namespace!r}", limit))
         return
-    rows = [
-        [g.name, str(g.n or "?"), ",".join(map(str, g.old_generations)) or "-", "yes" if g.running else "no",
-         _members(g)]
-        for g in found
-    ]  # fmt: skip
-    headers = ("group", "n", "old n", "running", "members")
-    _echo(table(headers, rows, width(), right=(False, True, False, False, False), details=1), bold=1)
+    rows = [[g.name, str(g.n or "?"), _old(g), "yes" if g.running else "no", g.cursors, _members(g)] for g in found]
+    headers = ("group", "n", "old n", "running", "cursors", "members")
+    _echo(table(headers, rows, limit, right=(False, True, False, False, False, False), details=1), bold=1)
+    unread = [g.name for g in found if not g.cursors_read]
+    if unread:
+        said = f"shard cursors in an SQL database ({', '.join(unread)}): add --cursors URL to read them"
+        _echo(wrap(said, limit, hang=0))
 
 
 @group.command("describe")
@@ -91,6 +98,7 @@ def describe_group(
     head = f"group {g.name} in {g.namespace}: n={g.n or '?'}, lag {total} event(s)" + (
         f"; old generations n={','.join(map(str, g.old_generations))}" if g.old_generations else ""
     )
+    head += "; shard cursors in the SQL database" if g.cursors == "sql" else ""
     _echo(wrap(head, limit))
     rows = [
         [s.name, str(s.cursor), str(s.done_above or "-"), "?" if s.lag_events is None else f"{s.lag_events:,}",
@@ -102,7 +110,7 @@ def describe_group(
     for m in g.members:
         if m.state != "expired":
             _echo(wrap(member_line(m.member, m.host, m.pid, m.state, age(m.age), age(m.ttl), m.shards), limit))
-    expired = [(m.member, m.host, m.pid, age(m.age)) for m in g.members if m.state == "expired"]
+    expired = [(m.member, m.host, m.pid, age(m.age), due(m.removed_in)) for m in g.members if m.state == "expired"]
     if expired:
         _echo(wrap(expired_line(g.name, g.namespace, expired), limit))
 
@@ -124,6 +132,7 @@ def describe_group(
 )
 @click.option("--execute", is_flag=True, help="Write the new cursors (without it: show them, a dry run).")
 @_json
+@_cursors
 @connection_options
 def reset_group(
     conn: Connection,
@@ -138,6 +147,7 @@ def reset_group(
     skip_removed: bool,
     execute: bool,
     as_json: bool,
+    cursors: str | None,
 ) -> None:
     """Move every shard cursor of group NAME at once; a dry run unless --execute.
 
@@ -147,7 +157,8 @@ def reset_group(
     rjet.StreamRecreated). Refused: a position past the stream's last sequence, one before its first
     retained event (unless --skip-removed; --shift-by stops there when the cursor was not before it
     already), shard cursors recorded in another stream, and --shift-by of cursors recorded in an
-    earlier stream of the same name.
+    earlier stream of the same name. A group run with --cursors URL: give the same --cursors URL
+    (its rows are written in one transaction).
     """
     given = (to_earliest, to_latest, to_seq is not None, to_datetime is not None, shift_by is not None)
     if sum(given) != 1:
@@ -161,7 +172,7 @@ def reset_group(
         if when.tzinfo is None:
             raise click.UsageError(f"--to-datetime {to_datetime!r}: give a time zone (Z or +01:00)")
     target = admin.ResetTarget(to_earliest, to_latest, to_seq, when, shift_by)
-    plan = run(_reset(conn, name, namespace, stream, target, execute, skip_removed))
+    plan = run(_reset(conn, name, namespace, stream, target, execute, skip_removed, cursors))
     for note in plan.notes:
         click.echo(f"rjet: {note}", err=True)
     if as_json:
@@ -196,16 +207,22 @@ def prune_group(conn: Connection, name: str, namespace: str, execute: bool) -> N
 @click.argument("name")
 @_namespace
 @click.option("--execute", is_flag=True, help="Delete (without it: list what would go, a dry run).")
+@_cursors
 @connection_options
-def delete_group(conn: Connection, name: str, namespace: str, execute: bool) -> None:
-    """Delete group NAME's cursors (every shard count), generation record, heartbeats and member leases.
+def delete_group(conn: Connection, name: str, namespace: str, execute: bool, cursors: str | None) -> None:
+    """Delete group NAME's cursors (every shard count), group record, heartbeats and member leases.
 
     Refused while any shard of the group runs. The next run of the group starts from the beginning.
+    A group run with --cursors URL: give the same --cursors URL; its rows there (shard cursors and
+    reshard mark) go too, in one transaction.
     """
-    keys = run(_delete(conn, name, namespace, execute))
-    for key in keys:
+    plan = run(_delete(conn, name, namespace, execute, cursors))
+    for key in plan.keys:
         click.echo(key)
-    click.echo(f"{len(keys)} key(s) " + ("deleted" if execute else "would be deleted (a dry run: add --execute)"))
+    for row in plan.rows:
+        click.echo(f"{row} (row in the SQL database)")
+    what = f"{len(plan.keys)} key(s)" + (f" and {len(plan.rows)} row(s)" if plan.rows else "")
+    click.echo(f"{what} " + ("deleted" if execute else "would be deleted (a dry run: add --execute)"))
 
 
 # ----------------------------------------------------------------- the views
@@ -235,15 +252,19 @@ async def _reset(
     target: admin.ResetTarget,
     execute: bool,
     skip_removed: bool,
+    url: str | None,
 ) -> admin.ResetPlan:
-    async with conn.connect() as nc:
+    async with conn.connect() as nc, contextlib.AsyncExitStack() as stack:
         js = nc.jetstream()
         try:  # the stream is checked before the namespace, as the reset's own check words it
             await admin.stream_state(js, stream)
         except StreamNotFound as e:
             raise StreamNotFound(stream, f"group {name!r} not reset") from e
         store = await admin.open_namespace(js, namespace)
-        return await admin.reset_group(store, name, stream, target, execute=execute, skip_removed=skip_removed)
+        cursors = await stack.enter_async_context(await SqlCursorStore.open(url)) if url else None
+        return await admin.reset_group(
+            store, name, stream, target, execute=execute, skip_removed=skip_removed, cursors=cursors
+        )
 
 
 async def _prune(conn: Connection, name: str, namespace: str, execute: bool) -> tuple[str, ...]:
@@ -252,10 +273,25 @@ async def _prune(conn: Connection, name: str, namespace: str, execute: bool) -> 
         return await admin.prune_group(store, name, execute=execute)
 
 
-async def _delete(conn: Connection, name: str, namespace: str, execute: bool) -> tuple[str, ...]:
-    async with conn.connect() as nc:
+async def _delete(conn: Connection, name: str, namespace: str, execute: bool, url: str | None) -> admin.DeletePlan:
+    async with conn.connect() as nc, contextlib.AsyncExitStack() as stack:
         store = await admin.open_namespace(nc.jetstream(), namespace)
-        return await admin.delete_group(store, name, execute=execute)
+        cursors = await stack.enter_async_context(await SqlCursorStore.open(url)) if url else None
+        return await admin.delete_group(store, name, execute=execute, cursors=cursors)
+
+
+def _old(g: admin.GroupInfo) -> str:
+    """The old generations column of ``group list``: "?" when the group's cursors were not read."""
+    if not g.cursors_read:
+        return "?"
+    return ",".join(map(str, g.old_generations)) or "-"
+
+
+def due(removed_in: float | None) -> str | None:
+    """When the group's live members delete an expired lease, as the views say it (None: they do not)."""
+    if removed_in is None:
+        return None
+    return "now" if removed_in < 1 else age(removed_in)
 
 
 def _members(g: admin.GroupInfo) -> str:
@@ -279,10 +315,14 @@ def running_on(runners: tuple[admin.RunnerInfo, ...]) -> str:
 
 
 def _group_json(g: admin.GroupInfo) -> dict[str, Any]:
+    """A group as ``group list --json`` and ``group describe --json`` give it: what was not read
+    (the shard cursors of an SQL group without --cursors) is null."""
     now = time.time()
+    known = g.cursors_read
     shards = [
-        {"name": s.name, "m": s.m + 1, "n": s.n, "cursor": s.cursor, "done_above": s.done_above,
-         "lag_events": s.lag_events, "running_on": [r.where for r in s.running_on],
+        {"name": s.name, "m": s.m + 1, "n": s.n, "cursor": s.cursor if known else None,
+         "done_above": s.done_above if known else None, "lag_events": s.lag_events,
+         "running_on": [r.where for r in s.running_on],
          "runners": [{"host": r.host, "pid": r.pid, "group": r.run_id, "heartbeat_seconds_ago": round(r.age, 1),
                       "stale": not r.live, "member": r.member} for r in s.runners]}
         for s in g.shards
@@ -290,7 +330,7 @@ def _group_json(g: admin.GroupInfo) -> dict[str, Any]:
     members = [
         {"member": m.member, "host": m.host, "pid": m.pid, "max_shards": m.max_shards, "since": m.since,
          "seen_ago": m.age, "live": m.live, "state": m.state, "shards": list(m.shards), "ttl": m.ttl, "n": m.n,
-         "at": now}
+         "at": now, "removed_in": m.removed_in}
         for m in g.members
     ]  # fmt: skip
     return {
@@ -299,7 +339,10 @@ def _group_json(g: admin.GroupInfo) -> dict[str, Any]:
         "n": g.n,
         "lag_events": g.lag_events,
         "running": g.running,
-        "old_generations": list(g.old_generations),
+        "cursors": g.cursors,
+        "cursors_read": known,
+        "streams": list(g.streams),
+        "old_generations": list(g.old_generations) if known else None,
         "shards": shards,
         "members": members,
     }

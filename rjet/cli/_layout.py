@@ -122,11 +122,13 @@ def member_line(member: str, host: str, pid: int, state: str, age: str, ttl: str
     return f"member {member} on {host} pid {pid}, lease renewed {age} ago; {runs}"
 
 
-def expired_line(group: str, namespace: str, expired: Sequence[tuple[str, str, int, str]]) -> str:
-    """The expired leases of ``group``'s members ((member, host, pid, age)) in one line, and how to
-    remove them."""
-    who = ", ".join(f"{member} ({host} pid {pid}, {age} ago)" for member, host, pid, age in expired)
-    return (
-        f"expired: {who}: gone (killed, or stopped and not back), ignored by the group;"
-        f" rjet group prune {group} --namespace {namespace} --execute removes their leases"
-    )
+def expired_line(group: str, namespace: str, expired: Sequence[tuple[str, str, int, str, str | None]]) -> str:
+    """The expired leases of ``group``'s members ((member, host, pid, age, when the group's live
+    members delete it: None when it has none)) in one line, and how to remove them."""
+    who = ", ".join(f"{member} ({host} pid {pid}, {age} ago)" for member, host, pid, age, _ in expired)
+    prune = f"rjet group prune {group} --namespace {namespace} --execute"
+    when = [f"{member}'s {'now' if due == 'now' else 'in ' + due}" for member, _, _, _, due in expired if due]
+    gone = f"expired: {who}: gone (killed, or stopped and not back), ignored by the group"
+    if not when:
+        return f"{gone}; {prune} removes their leases"
+    return f"{gone}; its live members delete the leases ({', '.join(when)}; {prune}: at once)"

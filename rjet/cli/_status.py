@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import re
 import time
@@ -18,6 +19,7 @@ from rich.live import Live
 from rich.text import Text
 
 from rjet.cli._common import Connection, age, connection_options, iso, run, stdout_console
+from rjet.cli._group import due
 from rjet.cli._layout import expired_line, member_line, table, width, wrap
 from rjet.parallel import admin
 from rjet.sql import SqlCursorStore
@@ -137,6 +139,7 @@ def _row(c: admin.ConsumerInfo) -> Row:
 class MemberRow:
     """One member of an elastic group, from its lease, and the shards it runs (their heartbeats)."""
 
+    stream: str | None  # the stream its group reads; None: not known (no shard cursor read)
     namespace: str
     group: str
     member: str
@@ -147,10 +150,16 @@ class MemberRow:
     shards: tuple[str, ...]
     state: str  # live, stopped (gracefully, with a stable id: its shards wait for it) or expired
     ttl: float  # the lease's
+    removed_in: float | None  # an expired lease: seconds until the group's live members delete it
+    cursors: str  # where the group's shard cursors are: bucket or sql
+    cursors_read: bool  # False: in an SQL database this look did not read (no --cursors)
 
 
-def _member_row(namespace: str, m: admin.MemberInfo) -> MemberRow:
-    return MemberRow(namespace, m.group, m.member, m.host, m.pid, round(m.age, 1), m.live, m.shards, m.state, m.ttl)
+def _member_row(stream: str | None, g: admin.GroupInfo, m: admin.MemberInfo) -> MemberRow:
+    return MemberRow(
+        stream, g.namespace, m.group, m.member, m.host, m.pid, round(m.age, 1), m.live, m.shards, m.state, m.ttl,
+        None if m.removed_in is None else round(m.removed_in, 1), g.cursors, g.cursors_read,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -166,6 +175,7 @@ class View:
     rows: tuple[Row, ...]  # the cursors recorded in this stream
     unknown: tuple[Row, ...]  # the cursors whose record names no stream: they may count in any
     members: tuple[MemberRow, ...]  # of the elastic groups with a cursor among rows or unknown
+    elsewhere: tuple[MemberRow, ...] = ()  # of the elastic groups whose stream is not known (no cursor read)
 
 
 async def _look(
@@ -179,17 +189,29 @@ async def _look(
     nss = tuple(namespaces) or tuple(await admin.namespaces(js))
     rows: list[Row] = []
     members: list[MemberRow] = []
+    elsewhere: list[MemberRow] = []
     for ns in nss:
         store = await admin.open_namespace(js, ns)
         found = [_row(c) for c in await admin.consumers(store, state, pattern=pattern, cursors=cursors)]
         rows += found
-        members += [_member_row(ns, m) for m in await admin.members(store) if _shard_of(m.group, found)]
+        for g in await admin.list_groups(store, cursors=cursors):
+            if _shard_of(g.name, found):
+                members += [_member_row(state.name, g, m) for m in g.members]
+            elif not g.streams and _named(g, pattern):  # no cursor read says which stream it reads
+                elsewhere += [_member_row(None, g, m) for m in g.members]
     placed = tuple(r for r in rows if r.recorded_in is not None)
     unknown = tuple(r for r in rows if r.recorded_in is None)
     return View(
         state.name, state.events, state.first_seq, state.last_seq, state.last_stored, nss, placed, unknown,
-        tuple(members),
+        tuple(members), tuple(elsewhere),
     )  # fmt: skip
+
+
+def _named(g: admin.GroupInfo, pattern: str | None) -> bool:
+    """Whether --name GLOB takes group ``g``: its name or the name of one of its shards matches."""
+    if pattern is None:
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for name in (g.name, *(s.name for s in g.shards)))
 
 
 def _shard_of(group: str, rows: list[Row]) -> bool:
@@ -259,8 +281,9 @@ def _json_lines(view: View) -> list[str]:
     stream ("stream" null, no lag), then one per elastic group member."""
     lines = [json.dumps({"stream": view.stream, "last_seq": view.last_seq, **dataclasses.asdict(r)}) for r in view.rows]
     lines += [json.dumps({"stream": None, "last_seq": None, **dataclasses.asdict(r)}) for r in view.unknown]
-    # Lines of their own kind: they have "member", not "cursor".
-    lines += [json.dumps({"stream": view.stream, **dataclasses.asdict(m)}) for m in view.members]
+    # Lines of their own kind: they have "member", not "cursor"; "stream" null for a group whose stream
+    # is not known.
+    lines += [json.dumps(dataclasses.asdict(m)) for m in view.members + view.elsewhere]
     return lines
 
 
@@ -274,7 +297,7 @@ def _document(view: View) -> dict[str, Any]:
         "last_seq": view.last_seq,
         "consumers": [dataclasses.asdict(r) for r in view.rows],
         "no_stream": [dataclasses.asdict(r) for r in view.unknown],
-        "members": [dataclasses.asdict(m) for m in view.members],
+        "members": [dataclasses.asdict(m) for m in view.members + view.elsewhere],
     }
 
 
@@ -312,6 +335,10 @@ def _render(view: View, *, watching: float | None = None, columns: int | None = 
         _table(out, f"namespace {ns}:", table(_HEADERS, cells, limit, right=_RIGHT, details=2))
     for line in _member_lines(view.members, limit):
         _lines(out, [line])
+    if view.elsewhere:
+        _lines(out, [""])
+        for line in _member_lines(view.elsewhere, limit):
+            _lines(out, [line])
     if view.unknown:
         _lines(out, [""])
         said = (
@@ -365,13 +392,21 @@ def _member_lines(members: tuple[MemberRow, ...], limit: int) -> list[str]:
         expired = [m for m in ms if m.state == "expired"]
         counts = f"{len(current)} member(s)" if current else "no member"
         counts += f", {len(expired)} expired lease(s)" if expired else ""
-        out += wrap(f"elastic group {group} (namespace {ns}): {counts}", limit)
+        head = f"elastic group {group} (namespace {ns}): {counts}"
+        if ms[0].stream is None:
+            head += (
+                f"; stream unknown: its shard cursors are in an SQL database (rjet status STREAM --namespace {ns}"
+                " --cursors URL)"
+                if not ms[0].cursors_read
+                else "; stream unknown: no shard cursor yet"
+            )
+        out += wrap(head, limit)
         for m in current:
             line = member_line(m.member, m.host, m.pid, m.state, age(m.lease_seconds_ago), age(m.ttl), m.shards)
             out += wrap(line, limit, indent=2)
         if expired:
-            line = expired_line(group, ns, [(m.member, m.host, m.pid, age(m.lease_seconds_ago)) for m in expired])
-            out += wrap(line, limit, indent=2)
+            gone = [(m.member, m.host, m.pid, age(m.lease_seconds_ago), due(m.removed_in)) for m in expired]
+            out += wrap(expired_line(group, ns, gone), limit, indent=2)
     return out
 
 

@@ -11,11 +11,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from rjet._progress import decode_done
-from rjet.cursors import CursorRecord, kv_keys
+from rjet.cursors import CursorRecord, decode_key, kv_keys
 from rjet.errors import ConfigError
 from rjet.parallel._errors import GroupNotFound
 from rjet.parallel._keys import (
     DEFAULT_TTL,
+    GENERATION,
     PREFIX,
     Heartbeat,
     Lease,
@@ -77,12 +78,14 @@ class MemberInfo:
     stopped: bool
     shards: tuple[str, ...]
     ttl: float = DEFAULT_TTL  # the lease's own TTL: how long it counts as live after it was written
+    removed_in: float | None = None  # an expired lease: seconds until the group's live members delete it
 
     @property
     def state(self) -> str:
         """``live``; ``stopped`` (a member with a stable id that stopped gracefully: the group keeps its
         shards for it until its lease expires); or ``expired`` (gone: the group ignores the lease,
-        which stays stored until the member comes back or ``rjet group prune`` removes it)."""
+        which stays stored until the group's live members delete it, ``removed_in`` seconds from
+        now, the member comes back, or ``rjet group prune`` removes it)."""
         if not self.live:
             return "expired"
         return "stopped" if self.stopped else "live"
@@ -111,7 +114,10 @@ class ShardInfo:
 @dataclasses.dataclass(frozen=True, slots=True)
 class GroupInfo:
     """A group in a namespace: its current ``n`` (the group record's, else the only one with cursors;
-    None when unknown), its shards, the other shard counts that left cursors, its members."""
+    None when unknown), its shards, the other shard counts that left cursors, its members; where its
+    shard cursors are (``cursors``: ``bucket`` or ``sql``, a group run with ``Parallel(...,
+    cursors=URL)``) and whether they were read (an SQL group looked at without its database was not:
+    its shards' cursors, lag and old generations are unknown); the streams its cursors name."""
 
     name: str
     namespace: str
@@ -119,6 +125,9 @@ class GroupInfo:
     shards: tuple[ShardInfo, ...]
     old_generations: tuple[int, ...]
     members: tuple[MemberInfo, ...]
+    cursors: str = "bucket"
+    cursors_read: bool = True
+    streams: tuple[str, ...] = ()  # names of the streams its shard cursors' records name
 
     @property
     def lag_events(self) -> int | None:
@@ -281,8 +290,10 @@ class Snapshot:
         return out
 
     def group_names(self) -> list[str]:
+        """The groups with shard cursors, member leases or a group record."""
         leases = {name for key in self.values if (name := lease_group(key)) is not None}
-        return sorted(set(self.generations()) | leases)
+        records = {name for key in self.values if (name := _record_group(key)) is not None}
+        return sorted(set(self.generations()) | leases | records)
 
     def group(self, name: str, last_seq: int | None) -> GroupInfo:
         generations = self.generations().get(name, {})
@@ -322,6 +333,16 @@ async def snapshot(store: JetStreamCursorStore, *, cursors: bool = True) -> Snap
     got = await asyncio.gather(*(get(kv, k) for k in keys))
     values = {k: v[0] for k, v in zip(keys, got, strict=True) if v is not None}
     return Snapshot(store.namespace, values, time.time())
+
+
+def _record_group(key: str) -> str | None:
+    """The group name of a group record's key; None for any other key."""
+    if not key.startswith(GENERATION):
+        return None
+    try:
+        return decode_key(key[len(GENERATION) :])
+    except ValueError:
+        return None
 
 
 def expired(key: str, value: bytes, now: float, group: str) -> bool:

@@ -9,9 +9,16 @@ than the TTL its writer stored, 10 s for one that stored none; wall clocks of wr
 compared), a shard *runs* while one of its heartbeats is live, and a member *runs* the shards whose
 live heartbeats name it. Reading never writes: running consumers and groups are not disturbed.
 
+A group run with ``Parallel(..., cursors=URL)`` keeps its shard cursors in that SQL database (its
+group record says ``cursors: sql``; heartbeats, leases and the record stay in the bucket): the
+functions take its :class:`rjet.sql.SqlCursorStore` as ``cursors=`` and read its rows there (reset
+and delete them too, with the bucket's checks and owners); without it such a group is listed with
+its cursors unknown, and refused where they are needed.
+
 ::
 
     from rjet.parallel import admin
+    from rjet.sql import SqlCursorStore
 
     store = await admin.open_namespace(js, "shop")  # admin.NamespaceNotFound when it has no bucket
     for group in await admin.list_groups(store):
@@ -22,13 +29,17 @@ live heartbeats name it. Reading never writes: running consumers and groups are 
         print(shard.name, shard.cursor, shard.lag_events, [r.where for r in shard.running_on])
     plan = await admin.reset_group(store, "billing", "orders", admin.ResetTarget(shift=-1000))  # a dry run
     print([(move.name, move.old, move.new) for move in plan.moves])
+    async with await SqlCursorStore.open("sqlite:///app.db") as sql:  # a group run with cursors=URL
+        print((await admin.delete_group(store, "payments", cursors=sql)).rows)  # a dry run
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -48,11 +59,14 @@ from rjet._tool_write import (
     stream_now,
     tool_owner,
     write_record,
+    write_sql,
+    write_sql_record,
 )
 from rjet.cursors import CursorRecord, JetStreamCursorStore, decode_key, encode_key
 from rjet.errors import ConfigError
+from rjet.parallel._elastic import lease_removal_age
 from rjet.parallel._errors import GroupNotFound, GroupRunning, NamespaceNotFound
-from rjet.parallel._keys import DEFAULT_TTL, PREFIX, get, is_group_record
+from rjet.parallel._keys import DEFAULT_TTL, PREFIX, generation_key, get, is_group_record, parse_shard_cursor
 from rjet.parallel._snapshot import (
     ConsumerInfo,
     CursorChange,
@@ -63,6 +77,7 @@ from rjet.parallel._snapshot import (
     ResetTarget,
     RunnerInfo,
     ShardInfo,
+    Snapshot,
     StreamState,
     done_count,
     expired,
@@ -75,14 +90,15 @@ from rjet.stream import Stream
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
+    from rjet._tool_write import StreamNow
     from rjet.sql import SqlCursorStore
 
 __all__ = [
-    "DEFAULT_TTL", "ConsumerInfo", "CursorChange", "CursorMove", "GroupInfo", "GroupNotFound", "GroupRunning",
-    "MemberInfo", "NamespaceNotFound", "NeedsStream", "Refused", "ResetPlan", "ResetTarget", "RunnerInfo",
-    "ShardInfo", "StreamState", "consumers", "delete_group", "describe_group", "done_count", "heartbeats",
-    "list_groups", "members", "namespaces", "open_namespace", "prune_group", "reset_group", "sequence_at", "set_cursor",
-    "stream_state",
+    "DEFAULT_TTL", "ConsumerInfo", "CursorChange", "CursorMove", "DeletePlan", "GroupInfo", "GroupNotFound",
+    "GroupRunning", "MemberInfo", "NamespaceNotFound", "NeedsStream", "Refused", "ResetPlan", "ResetTarget",
+    "RunnerInfo", "ShardInfo", "StreamState", "consumers", "delete_group", "describe_group", "done_count", "heartbeats",
+    "lease_removal_age", "list_groups", "members", "namespaces", "open_namespace", "prune_group", "reset_group",
+    "sequence_at", "set_cursor", "stream_state",
 ]  # fmt: skip
 
 _BUCKET_PREFIX: Final = "rjet_cursors_"
@@ -141,15 +157,80 @@ async def heartbeats(store: JetStreamCursorStore) -> dict[str, tuple[RunnerInfo,
 async def members(store: JetStreamCursorStore, group: str | None = None) -> list[MemberInfo]:
     """The elastic members of ``group`` (of every group when None), live or not, with the shards they run."""
     snap = await snapshot(store, cursors=False)
-    return snap.members(snap.runners(), group)
+    return _removal(snap.members(snap.runners(), group))
+
+
+def _removal(found: list[MemberInfo]) -> list[MemberInfo]:
+    """``found`` with, for each expired lease of a group that has a live member, when that member
+    deletes it (:func:`lease_removal_age`; the members of a group with none delete nothing)."""
+    live = {m.group for m in found if m.state == "live"}
+    return [
+        dataclasses.replace(m, removed_in=max(0.0, lease_removal_age(m.ttl) - m.age))
+        if m.state == "expired" and m.group in live
+        else m
+        for m in found
+    ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Read:
+    """One read of a namespace's bucket and, when given, of an SQL store's cursors: ``snap`` holds the
+    bucket's values with each SQL group's shard cursors as the database has them (none without it)."""
+
+    snap: Snapshot
+    sql: frozenset[str]  # the groups whose shard cursors are in the SQL database
+    with_sql: bool  # whether the database was read
+    bucket: Snapshot  # the bucket as read, every cursor in it
+
+
+async def _read(store: JetStreamCursorStore, cursors: SqlCursorStore | None) -> _Read:
+    """A group's shard cursors are where its record says (``cursors: sql``: a group run with
+    ``Parallel(..., cursors=URL)``); a group without a record, in the database when it has cursors
+    there and ``cursors`` is given. Cursors of a group in the other store (left from before it moved)
+    are not its cursors, and left out."""
+    snap = await snapshot(store)
+    sql = {name for name in snap.group_names() if in_sql(snap, name)}
+    rows: dict[str, CursorRecord] = {}
+    if cursors is not None:
+        for row, record in (await cursors.records()).items():
+            parsed = parse_shard_cursor(encode_key(row))
+            if parsed is not None and (parsed[0] in sql or generation_key(parsed[0]) not in snap.values):
+                rows[row] = record
+        sql |= {parsed[0] for row in rows if (parsed := parse_shard_cursor(encode_key(row))) is not None}
+    values = {k: v for k, v in snap.values.items() if (parsed := parse_shard_cursor(k)) is None or parsed[0] not in sql}
+    values.update({encode_key(row): record.encode() for row, record in rows.items()})
+    return _Read(Snapshot(snap.namespace, values, snap.now), frozenset(sql), cursors is not None, snap)
+
+
+def _info(read: _Read, name: str, last_seq: int | None) -> GroupInfo:
+    group = read.snap.group(name, last_seq)
+    in_db = name in read.sql
+    generations = read.snap.generations().get(name, {})
+    keys = list(generations.get(group.n or 0, {}).values()) or [k for g in generations.values() for k in g.values()]
+    recorded = {CursorRecord.decode(read.snap.values[k]).stream for k in keys}
+    return dataclasses.replace(
+        group,
+        members=tuple(_removal(list(group.members))),
+        cursors="sql" if in_db else "bucket",
+        cursors_read=read.with_sql or not in_db,
+        streams=tuple(sorted({stream_name(s) for s in recorded if s})),
+    )
+
+
+def _sql_hint(store: JetStreamCursorStore, name: str) -> GroupNotFound:
+    return GroupNotFound(
+        f"group {name!r} keeps its shard cursors in an SQL database, not in namespace {store.namespace!r}:"
+        " give its URL (--cursors URL; admin: cursors=SqlCursorStore)"
+    )
 
 
 async def list_groups(store: JetStreamCursorStore, *, cursors: SqlCursorStore | None = None) -> list[GroupInfo]:
-    """Every group with shard cursors or member leases in the namespace (without lag), by name.
-    ``cursors``: the SQL store of groups that keep their shard cursors there (``Parallel(...,
-    cursors=URL)``), read instead of the bucket's cursors (so for every other view below)."""
-    snap = await sql_snapshot(store, cursors)
-    return [snap.group(name, None) for name in snap.group_names()]
+    """Every group with shard cursors, a group record or member leases in the namespace (without
+    lag), by name. A group whose record says that its shard cursors are in an SQL database
+    (``Parallel(..., cursors=URL)``) is listed with ``cursors`` ``sql``; its cursors are read from
+    ``cursors``, that database's store, when given (``cursors_read``: else they are unknown)."""
+    read = await _read(store, cursors)
+    return [_info(read, name, None) for name in read.snap.group_names()]
 
 
 async def describe_group(
@@ -162,13 +243,10 @@ async def describe_group(
     """Group ``name``: its shards (with their lag in ``stream``, when given), heartbeats and members;
     :class:`GroupNotFound` when the namespace has nothing of it, or when its shard cursors are in an
     SQL database and ``cursors`` is not that database's store."""
-    snap = await sql_snapshot(store, cursors)
-    if cursors is None and in_sql(snap, name):
-        raise GroupNotFound(
-            f"group {name!r} keeps its shard cursors in an SQL database, not in namespace {store.namespace!r}:"
-            " give its URL (--cursors URL; admin: cursors=SqlCursorStore)"
-        )
-    return snap.group(name, None if stream is None else stream.last_seq)
+    read = await _read(store, cursors)
+    if cursors is None and name in read.sql:
+        raise _sql_hint(store, name)
+    return _info(read, name, None if stream is None else stream.last_seq)
 
 
 async def consumers(
@@ -261,6 +339,17 @@ def _refuse_if_running(group: GroupInfo, what: str) -> None:
         raise GroupRunning(f"group {group.name!r} is running ({where}): stop it everywhere before you {what} it")
 
 
+def _where(read: _Read, store: JetStreamCursorStore, name: str, cursors: SqlCursorStore | None, what: str) -> None:
+    """Refuse to change group ``name`` anywhere but where its shard cursors are."""
+    if cursors is None and name in read.sql:
+        raise _sql_hint(store, name)
+    if cursors is not None and name not in read.sql:
+        raise Refused(
+            f"group {name!r} keeps its shard cursors in namespace {store.namespace!r}, not in the SQL database:"
+            f" {what} it without --cursors (admin: cursors=None); nothing written"
+        )
+
+
 async def reset_group(
     store: JetStreamCursorStore,
     name: str,
@@ -269,19 +358,25 @@ async def reset_group(
     *,
     execute: bool = False,
     skip_removed: bool = False,
+    cursors: SqlCursorStore | None = None,
 ) -> ResetPlan:
     """Move every shard cursor of group ``name``'s current ``n`` to ``target`` in ``stream``; with
-    ``execute`` only (else a dry run that checks the same).
+    ``execute`` only (else a dry run that checks the same). ``cursors``: the SQL store of a group
+    that keeps its shard cursors there (``Parallel(..., cursors=URL)``; refused without it for such a
+    group, and with it for a group whose cursors are in the bucket).
 
     Checked as :func:`set_cursor` is: the stream must exist, a position past its last sequence is
     refused, one before its first retained event only with ``skip_removed``, a cursor recorded in
     another stream is refused (:class:`Refused`). ``execute`` is refused while a shard of the group
-    runs (:class:`GroupRunning`) and writes each record by compare-and-swap, with ``stream``'s
-    identity and an owner naming ``rjet group reset``; exact progress above the old cursors is dropped.
+    runs (:class:`GroupRunning`) and writes each record with ``stream``'s identity and an owner naming
+    ``rjet group reset``: by compare-and-swap in the bucket, in one transaction in SQL; exact progress
+    above the old cursors is dropped.
     """
     js = kv_names(store.kv).js
     now = await stream_now(js, stream, f"group {name!r} not reset")
-    group = (await snapshot(store)).group(name, now.last_seq)
+    read = await _read(store, cursors)
+    group = _info(read, name, now.last_seq)
+    _where(read, store, name, cursors, "reset")
     if not group.shards:
         raise GroupNotFound(f"group {name!r}: no current shard count recorded; nothing to reset")
     if execute:
@@ -293,12 +388,17 @@ async def reset_group(
         start = target.seq
     elif target.when is not None:
         start = await sequence_at(js, stream, target.when, now.first_seq, now.last_seq)
-    over = f"`rjet group delete {name} --namespace {store.namespace} --execute`, then run it on {now.name!r}"
+    sql = " --cursors URL" if cursors is not None else ""
+    over = f"`rjet group delete {name} --namespace {store.namespace}{sql} --execute`, then run it on {now.name!r}"
     moves: list[CursorMove] = []
     notes: list[str] = []
     for s in group.shards:
-        record, _ = await read_record(store.kv, s.name, store.bucket)
-        recorded = record.stream if record else None
+        if cursors is not None:
+            stored = read.snap.values.get(encode_key(s.name))
+            recorded = CursorRecord.decode(stored).stream if stored is not None else None
+        else:
+            record, _ = await read_record(store.kv, s.name, store.bucket)
+            recorded = record.stream if record else None
         recreated = check_stream(s.name, recorded, now, named=True, over=over)
         note = ""
         if target.latest:
@@ -321,31 +421,82 @@ async def reset_group(
         moves.append(CursorMove(s.name, s.cursor, new))
     if execute:
         owner = tool_owner("rjet group reset")
-        for move in moves:
-            await write_record(store.kv, store.bucket, move.name, reset_to(move.name, move.new, now, owner, over))
+        if cursors is not None:
+            await write_sql(cursors, {move.name: _reset_row(move, now, owner, over) for move in moves})
+        else:
+            for move in moves:
+                await write_record(store.kv, store.bucket, move.name, reset_to(move.name, move.new, now, owner, over))
     return ResetPlan(name, now.name, tuple(moves), tuple(notes), execute)
 
 
-async def delete_group(store: JetStreamCursorStore, name: str, *, execute: bool = False) -> tuple[str, ...]:
+def _reset_row(
+    move: CursorMove, now: StreamNow, owner: str, over: str
+) -> Callable[[CursorRecord | None], CursorRecord]:
+    """What ``rjet group reset`` writes over an SQL row, its stream checked again in the transaction."""
+
+    def row(old: CursorRecord | None) -> CursorRecord:
+        check_stream(move.name, old.stream if old else None, now, named=True, over=over)
+        return CursorRecord(str(move.new) if move.new else "", now.identity, owner)
+
+    return row
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeletePlan:
+    """What :func:`delete_group` deleted (``executed``) or would delete: the bucket's ``keys`` (shard
+    cursors, group record, heartbeats, member leases) and the SQL database's ``rows`` (the shard
+    cursors of a group that keeps them there, and its reshard mark ``_rjet.gen.<name>``)."""
+
+    group: str
+    keys: tuple[str, ...]
+    rows: tuple[str, ...]
+    executed: bool
+
+
+async def delete_group(
+    store: JetStreamCursorStore, name: str, *, execute: bool = False, cursors: SqlCursorStore | None = None
+) -> DeletePlan:
     """The keys of group ``name``: its shard cursors (of every ``n``), group record, heartbeats and
-    member leases; purged with ``execute`` only (refused while a shard runs: :class:`GroupRunning`).
-    The next run of the group starts from the beginning."""
-    snap = await snapshot(store)
-    group = snap.group(name, None)
+    member leases; with ``cursors``, the SQL store of a group that keeps its shard cursors there, its
+    rows there too (refused without it for such a group, and with it for a group whose cursors are in
+    the bucket). Deleted with ``execute`` only (refused while a shard runs: :class:`GroupRunning`);
+    the rows in one transaction. The next run of the group starts from the beginning."""
+    read = await _read(store, cursors)
+    group = _info(read, name, None)
+    _where(read, store, name, cursors, "delete")
     if execute:
         _refuse_if_running(group, "delete")
-    cursors = [k for generation in snap.generations().get(name, {}).values() for k in generation.values()]
-    records = [k for k in snap.values if is_group_record(k, name)]
-    doomed = tuple(sorted(cursors) + sorted(records))
+    bucket = read.bucket  # the group's cursors in the bucket go too, those it left there before it moved included
+    keys = [k for generation in bucket.generations().get(name, {}).values() for k in generation.values()]
+    records = [k for k in bucket.values if is_group_record(k, name)]
+    doomed = tuple(sorted(keys) + sorted(records))
+    rows: tuple[str, ...] = ()
+    if cursors is not None:
+        found = await cursors.records(prefix=name + "_")
+        found.update(await cursors.records(prefix=generation_key(name)))
+        rows = tuple(sorted(r for r in found if r == generation_key(name) or _shard_of(r, name)))
     if execute:
+        if rows:
+            assert cursors is not None
+            await write_sql(cursors, dict.fromkeys(rows, _gone))
         await asyncio.gather(*(guard_kv(store.kv, store.kv.purge(k), k) for k in doomed))
-    return doomed
+    return DeletePlan(name, doomed, rows, execute)
+
+
+def _shard_of(row: str, name: str) -> bool:
+    parsed = parse_shard_cursor(encode_key(row))
+    return parsed is not None and parsed[0] == name
+
+
+def _gone(old: CursorRecord | None) -> None:
+    return None
 
 
 async def prune_group(store: JetStreamCursorStore, name: str, *, execute: bool = False) -> tuple[str, ...]:
     """The keys of group ``name``'s expired member leases and stale heartbeats: what members that
     stopped without a clean shutdown (killed, their host lost) or with a stable id left behind. The
-    group ignores them; views list them until they go. Deleted with ``execute`` only, each after
+    group ignores them; views list them until they go (an elastic group's live members delete the
+    leases once long expired: :func:`lease_removal_age`). Deleted with ``execute`` only, each after
     reading it again: one written again since (its member came back) is live and stays. Cursors and
     the group record are never touched; a running group need not stop."""
     snap = await snapshot(store)
@@ -370,24 +521,39 @@ async def prune_group(store: JetStreamCursorStore, name: str, *, execute: bool =
 
 
 async def set_cursor(
-    store: JetStreamCursorStore, name: str, to: str, *, stream: str | None = None, skip_removed: bool = False
+    store: JetStreamCursorStore | SqlCursorStore,
+    name: str,
+    to: str,
+    *,
+    stream: str | None = None,
+    skip_removed: bool = False,
+    js: JetStreamContext | None = None,
 ) -> CursorChange:
     """Move consumer ``name``'s cursor ``to`` a stream sequence (digits), ``first`` (before the
     stream's first retained event), ``last`` (after its last) or ``beginning`` (no cursor).
 
-    ``stream`` is the stream it counts in (needed for ``first`` and ``last``, and for a sequence when
-    the record names none: :class:`NeedsStream`), else the one its record names. Refused with
-    :class:`Refused`, nothing written: a stream that does not exist, a sequence past its last, one
-    before its first retained event (unless ``skip_removed``), a cursor recorded in another stream.
-    The write is a compare-and-swap with an owner naming ``rjet cursor --set``: a consumer still
-    running stops with :class:`rjet.CursorConflict` naming it.
+    ``store``: the namespace's bucket, or an :class:`rjet.sql.SqlCursorStore` (then ``js``, where the
+    streams are, is needed). ``stream`` is the stream it counts in (needed for ``first`` and
+    ``last``, and for a sequence when the record names none: :class:`NeedsStream`), else the one its
+    record names. Refused with :class:`Refused`, nothing written: a stream that does not exist, a
+    sequence past its last, one before its first retained event (unless ``skip_removed``), a cursor
+    recorded in another stream. The write has an owner naming ``rjet cursor --set`` (a
+    compare-and-swap in the bucket; in SQL, a transaction that holds the row and finds the stream it
+    was checked against): a consumer still running stops with :class:`rjet.CursorConflict` naming it.
     """
     if to not in ("first", "last", "beginning") and not (to.isascii() and to.isdigit()):
         raise ConfigError(f"set_cursor: give a stream sequence, 'first', 'last' or 'beginning', not {to!r}")
     notes: list[str] = []
     owner = tool_owner("rjet cursor --set")
-    build = set_to(
-        kv_names(store.kv).js, name, store.namespace, to, stream, skip_removed=skip_removed, owner=owner, notes=notes
-    )
-    old, new = await write_record(store.kv, store.bucket, name, build)
+    if isinstance(store, JetStreamCursorStore):
+        where = f"--namespace {store.namespace}"
+        build = set_to(
+            kv_names(store.kv).js, name, where, to, stream, skip_removed=skip_removed, owner=owner, notes=notes
+        )
+        old, new = await write_record(store.kv, store.bucket, name, build)
+    else:
+        if js is None:
+            raise ConfigError("set_cursor: a cursor in an SQL store needs js, the JetStream context of its stream")
+        build = set_to(js, name, "--cursors URL", to, stream, skip_removed=skip_removed, owner=owner, notes=notes)
+        old, new = await write_sql_record(store, name, build)
     return CursorChange(name, old, new, tuple(notes))
