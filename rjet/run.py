@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Final, NoReturn, Protocol, cast
 
 from rjet._keyed import KeyedRun
+from rjet._progress import Progress, decode_done
 from rjet.consumer import Consumer
 from rjet.cursors import (
     Claim,
@@ -32,6 +33,7 @@ from rjet.errors import (
     DecodeError,
     EventsRemoved,
     HeadReached,
+    InvalidCursor,
     Stopped,
     StreamRecreated,
     Tempted,
@@ -216,6 +218,10 @@ async def _run(  # noqa: C901 (the run loop)
             # The stop request itself, read before each handler call: the guard sets `halt` only once
             # it has run, and a sync handler's run loop yields only between events.
             stopping = stop.is_set if stop is not None else halted
+            # Events an earlier concurrent run of this name handled above the cursor (exact progress):
+            # passed over as done, not handled twice (a transactional store committed their effects),
+            # and kept in the stored progress until the cursor passes them.
+            restored = _Restored.of(claim, name)
             next_yield = clock() + _YIELD_EVERY
             while True:
                 # With buffered events and a sync handler nothing below awaits for real, so give the
@@ -230,7 +236,9 @@ async def _run(  # noqa: C901 (the run loop)
                         raise
                     await _bury(dead_letter, record_for(name, stream_name, str(e.seq), None, e, 1), e, stats)
                     stats.cursor = str(e.seq)
-                    await set_cursor(stats.cursor)
+                    if restored is not None:
+                        restored.progress.passed(e.seq)
+                    await set_cursor(stats.cursor if restored is None else restored)
                     continue
                 except Stopped:
                     if halted():  # the guard closed the client
@@ -240,7 +248,9 @@ async def _run(  # noqa: C901 (the run loop)
                 if type(event) is not Event:
                     if type(event) is int:  # the reader passed over other keys' events up to here
                         stats.cursor = str(event)
-                        await set_cursor(stats.cursor)
+                        if restored is not None:
+                            restored.progress.passed(event)
+                        await set_cursor(stats.cursor if restored is None else restored)
                     elif dead_letter is not None:  # a range skipped under ReadConfig(on_removed="skip")
                         assert isinstance(event, EventsRemoved)
                         await _record_removed(dead_letter, name, stream_name, event, stats)
@@ -250,6 +260,14 @@ async def _run(  # noqa: C901 (the run loop)
                     if wait > 0:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(halt.wait(), wait)
+                if restored is not None:
+                    if int(event.id) > restored.last:
+                        restored = None  # every restored event is behind: nothing of it left to store
+                    elif not restored.progress.read(int(event.id)):
+                        stats.already_done += 1
+                        stats.cursor = event.id
+                        await set_cursor(restored)
+                        continue
                 if halted() or stopping():
                     claim.check()
                     raise Stopped(f"consumer {name!r}: stopped on request")
@@ -273,7 +291,11 @@ async def _run(  # noqa: C901 (the run loop)
                     )
                 if timing:
                     stats.observe(time.perf_counter() - t0)
-                await set_cursor(event.id)
+                if restored is None:
+                    await set_cursor(event.id)
+                else:
+                    restored.progress.done(int(event.id))
+                    await set_cursor(restored)
                 stats.cursor = event.id
                 if handled:
                     stats.handled += 1
@@ -292,6 +314,35 @@ async def _run(  # noqa: C901 (the run loop)
                 rerun.held = False  # its record is gone on purpose: the next run claims afresh
         finally:
             claim.check()  # a lost claim is why the run ended, whatever else it saw on the way
+
+
+class _Restored:
+    """The exact progress an earlier concurrent run of a name left above its cursor, as a sequential
+    run of the name goes through it (a :class:`rjet.cursors.ProgressSource` for the claim)."""
+
+    __slots__ = ("last", "progress")
+
+    def __init__(self, progress: Progress, last: int) -> None:
+        self.progress = progress
+        self.last = last
+
+    @classmethod
+    def of(cls, claim: Claim, name: str) -> _Restored | None:
+        """The claim's restored progress, or None when nothing is done above its cursor."""
+        if not claim.done:
+            return None
+        base = int(claim.cursor or 0)
+        try:
+            done = decode_done(base, claim.done)
+        except ValueError as e:
+            raise InvalidCursor(
+                f"{claim.cursor} (done {claim.done!r}: {e})", f"consumer {name!r}: its stored exact progress"
+            ) from None
+        return cls(Progress(base, done), max(done, default=base)) if done else None
+
+    def snapshot(self) -> tuple[str, str]:
+        cursor, done = self.progress.snapshot()
+        return ("" if cursor == "0" else cursor), done
 
 
 async def _keyed(
