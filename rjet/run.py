@@ -354,7 +354,7 @@ async def _keyed(
     stop: asyncio.Event | None,
     failed: asyncio.Event,
 ) -> NoReturn:
-    """The run of a concurrent consumer (``rjet/_keyed.py``)."""
+    """The run of a concurrent consumer (``rjet/_keyed/``)."""
     consumer, name = spec.consumer, spec.consumer.name
     dead_letter = consumer.dead_letter
     stream_name = client.stream

@@ -15,7 +15,7 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
-import rjet._keyed
+import rjet._keyed._run
 from rjet._progress import decode_done
 from rjet.testing import KeyOrder, wait_until
 
@@ -270,7 +270,7 @@ async def test_a_hot_key_fills_the_queue_and_slows_reading_instead_of_growing_me
 async def test_a_full_done_set_pauses_reading_and_loses_nothing(
     js: JetStreamContext, stream: rjet.Stream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(rjet._keyed, "PROGRESS_LIMIT", 40)
+    monkeypatch.setattr(rjet._keyed._run, "PROGRESS_LIMIT", 40)
     # The stuck key's later events wait behind event 1 too: the done set above it has holes.
     await stream.insert_many([("stuck" if i % 2 == 0 else f"k{i}", 1, b"") for i in range(2001)])
     handler = Checked(fail={"1": 5})

@@ -20,7 +20,7 @@ import pytest
 from nats.js import JetStreamContext
 
 import rjet
-import rjet._keyed
+import rjet._keyed._run
 from rjet._progress import decode_done
 from rjet.parallel import Parallel
 from rjet.server import EmbeddedServer
@@ -379,7 +379,7 @@ async def test_full_batches_go_at_once(stream: rjet.Stream, k: int) -> None:
 async def test_a_restart_at_the_progress_bound_goes_on(
     js: JetStreamContext, stream: rjet.Stream, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    monkeypatch.setattr(rjet._keyed, "PROGRESS_LIMIT", 300)
+    monkeypatch.setattr(rjet._keyed._run, "PROGRESS_LIMIT", 300)
     # One stuck event, then events with gaps in the done set (type 2 is filtered out: passed over,
     # never done).
     n = 6000
