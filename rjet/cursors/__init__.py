@@ -9,11 +9,14 @@ and ``Parallel`` use only these protocols. Two stores implement the whole contra
 ::
 
     rjet/cursors/
-        _protocol.py         CursorStore, ClaimingCursorStore, Claim, Capabilities, runner_id
-        _record.py           CursorRecord (what a cursor's key holds), cursor names as KV keys
-        _memory.py           MemCursorStore
-        _jetstream.py        JetStreamCursorStore
-        _jetstream_claim.py  its claims
+        _protocol.py           CursorStore, ClaimingCursorStore, Claim, Capabilities, runner_id
+        _record.py             CursorRecord (what a cursor's key holds), cursor names as KV keys
+        _memory.py             MemCursorStore
+        _bucket.py             the cursor bucket: opening or creating it, what makes it unusable
+        _jetstream.py          JetStreamCursorStore
+        _jetstream_claim.py    its claims
+        _jetstream_records.py  its reads and writes of the bucket, and what a failed one means
+        _jetstream_batch.py    a flush of many cursors as one atomic batch
 """
 
 from rjet.cursors._jetstream import JetStreamCursorStore, kv_keys

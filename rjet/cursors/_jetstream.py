@@ -1,4 +1,9 @@
-"""JetStreamCursorStore: cursors in a JetStream KV bucket, buffered, fenced by claims."""
+"""JetStreamCursorStore: cursors in a JetStream KV bucket, buffered, fenced by claims.
+
+Its parts: ``_jetstream_claim.py`` (a runner's claim on one cursor), ``_jetstream_records.py`` (the
+bucket's records: guarded requests, and what a missing record or a failed request means),
+``_jetstream_batch.py`` (a flush of many cursors as one atomic batch).
+"""
 
 from __future__ import annotations
 
@@ -7,30 +12,19 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
-import nats.errors
 import nats.js.errors
-from nats.nuid import NUID
 
-from rjet._nats.client import api_timeout, connection, fast_paths, hpub, kv_names, send_raw
-from rjet._nats.denials import denials
-from rjet._nats.publish import ack_seq
-from rjet.cursors._bucket import _BUCKET_PREFIX, allow_atomic, bucket_match, check_bucket_config, kv_keys, open_bucket
+from rjet._nats.client import fast_paths
+from rjet.cursors._bucket import _BUCKET_PREFIX, allow_atomic, kv_keys, open_bucket
+from rjet.cursors._jetstream_batch import MAX_BATCH, write_batch
 from rjet.cursors._jetstream_claim import JetStreamClaim, pair
+from rjet.cursors._jetstream_records import GONE_ERRORS, STORE_ERRORS, Records
 from rjet.cursors._protocol import Capabilities, ProgressSource, runner_id
 from rjet.cursors._record import RESERVED_PREFIX, CursorRecord, decode_key, encode_key
-from rjet.errors import (
-    ConfigError,
-    CursorBucketGone,
-    CursorBucketUnusable,
-    CursorConflict,
-    CursorStoreError,
-    PermissionDenied,
-    RjetError,
-)
+from rjet.errors import ConfigError, CursorBucketGone, CursorConflict, CursorStoreError, PermissionDenied, RjetError
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -41,16 +35,7 @@ __all__ = ["JetStreamCursorStore", "kv_keys"]
 log = logging.getLogger("rjet.cursors")
 
 _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_-]+$")
-_STORE_ERRORS: Final = (nats.errors.Error, TimeoutError, OSError)
-# What a write or read gets when the bucket's stream does not exist.
-_GONE_ERRORS: Final = (
-    nats.errors.NoRespondersError,
-    nats.js.errors.NoStreamResponseError,
-    nats.js.errors.NotFoundError,
-)
 _CLAIM_TRIES: Final = 50  # compare-and-swap rounds a claim tries against a running writer
-_MAX_BATCH: Final = 1000  # the server's default limit on the messages of one atomic batch
-_NUID: Final = NUID()
 
 
 class JetStreamCursorStore:
@@ -89,23 +74,20 @@ class JetStreamCursorStore:
         self.flush_interval = flush_interval
         self.claim_lease = claim_lease
         self._kv = kv
+        # The bucket's records, and the cursor this store last read or wrote of each (with the
+        # identity of the stream it counts in).
+        self._records = Records(kv, namespace, _BUCKET_PREFIX + namespace)
         self._claims: dict[str, JetStreamClaim] = {}  # name -> the claim this store holds on it now
         # name -> cursor to write, under this store's claim on the name (or, with none, a plain put).
         # A new claim drops what an older one left, so a cursor is never written under a claim it
         # was not set under.
         self._dirty: dict[str, str | ProgressSource] = {}
-        self._written: dict[str, str] = {}  # name -> the cursor this store last read or wrote
-        self._counts_in: dict[str, str] = {}  # name -> the identity of the stream that cursor counts in
         self._lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()  # some claim of this store was lost
         self._closed = False
         self._atomic = False  # the bucket takes atomic batches: a flush of many cursors is one request
         self._owner = runner_id()  # for writes without a claim (rjet cursor --set)
-        self._names = kv_names(kv)
-        self._nc = connection(self._names.js)
-        self._guard = denials(self._nc).guard
-        self._match = bucket_match(self.bucket)
         self.flushes = 0
         self.settled = 0  # writes whose failure or lost answer a read-back showed to be this store's own
 
@@ -154,7 +136,7 @@ class JetStreamCursorStore:
         store = cls(kv, namespace, flush_interval=flush_interval)
         # Atomic batches are sent as raw frames: a fast path (rjet/_nats/client.py).
         atomic = bool(info.config.allow_atomic) or (created and await allow_atomic(js, info.config))
-        store._atomic = atomic and fast_paths(store._nc)
+        store._atomic = atomic and fast_paths(store._records.nc)
         return store
 
     @property
@@ -201,7 +183,7 @@ class JetStreamCursorStore:
         self, name: str, *, plain: bool, owner: str | None = None, after: str | None = None
     ) -> JetStreamClaim:
         self._check_open()
-        key = encode_key(name)
+        key, records = encode_key(name), self._records
         async with self._lock:
             if name in self._dirty:
                 await self._flush_locked([name], raise_for=set())  # what an earlier claim left unwritten
@@ -210,24 +192,24 @@ class JetStreamCursorStore:
                 if attempt:  # a runner that writes every few ms wins every race without a pause
                     await asyncio.sleep(random.uniform(0, 0.002 * min(attempt, 10)))
                 since = time.monotonic()
-                entry = await self._read_entry(name, key)
+                entry = await records.read_entry(name, key)
                 record = CursorRecord.decode(entry[0]) if entry is not None else CursorRecord()
                 base = entry[1] if entry is not None else 0
                 if after is not None:
                     self._check_still_mine(name, after, record if entry is not None and entry[0] is not None else None)
                 mine = CursorRecord(record.cursor, record.stream, owner, record.done)
                 try:
-                    rev = await self._shielded(self._kv.update(key, mine.encode(), last=base))
+                    rev = await records.shielded(self._kv.update(key, mine.encode(), last=base))
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue  # another runner wrote it between our read and write: read again
-                except _GONE_ERRORS as e:
-                    raise await self._gone(name, e, last=record) from None
-                except _STORE_ERRORS as e:
+                except GONE_ERRORS as e:
+                    raise await records.gone(name, e, last=record) from None
+                except STORE_ERRORS as e:
                     # Applied or not? A newer revision carrying our identity says it was.
-                    back = await self._read(name, key)
+                    back = await records.read(name, key)
                     if back is None or back[1] == base:
                         if back is None and after is None:
-                            raise self._store_error(f"cannot claim cursor {name!r}", e) from e
+                            raise records.error(f"cannot claim cursor {name!r}", e) from e
                         continue  # not applied (or the record vanished): read again
                     if CursorRecord.decode(back[0]).owner != owner:
                         continue  # another writer's: read again
@@ -249,9 +231,9 @@ class JetStreamCursorStore:
                 claim.plain = plain
                 self._claims[name] = claim
                 self._dirty.pop(name, None)  # set under the older claim meanwhile: not ours to write
-                self._written[name] = record.cursor
+                records.written[name] = record.cursor
                 if record.stream:
-                    self._counts_in[name] = record.stream
+                    records.counts_in[name] = record.stream
                 return claim
         raise CursorConflict(
             name,
@@ -263,7 +245,7 @@ class JetStreamCursorStore:
     def _check_still_mine(self, name: str, me: str, stored: CursorRecord | None) -> None:
         """Raise unless ``stored`` (None: no record) is the record of runner ``me``, who held the claim."""
         if stored is None:
-            raise self._vanished(name, "the bucket was deleted and created again, or the key deleted", None)
+            raise self._records.vanished(name, "the bucket was deleted and created again, or the key deleted", None)
         if stored.owner != me:
             raise CursorConflict(
                 name,
@@ -275,8 +257,8 @@ class JetStreamCursorStore:
     async def _forget(self, claim: JetStreamClaim) -> bool:
         """Delete the record ``claim`` created, unless anyone wrote it since (then it stays)."""
         try:
-            await self._guard(self._match, self._kv.delete(encode_key(claim.name), last=claim.rev))
-        except (*_STORE_ERRORS, PermissionDenied) as e:
+            await self._records.guarded(self._kv.delete(encode_key(claim.name), last=claim.rev))
+        except (*STORE_ERRORS, PermissionDenied) as e:
             log.debug("cursor bucket %r: left the new record of %r (%r)", self.bucket, claim.name, e)
             return False
         return True
@@ -299,9 +281,9 @@ class JetStreamCursorStore:
             if claim.lost is not None:
                 return False
             since = time.monotonic()
-            entry = await self._read(name, key)
+            entry = await self._records.read(name, key)
             if entry is None:
-                claim.lose(await self._gone(name))
+                claim.lose(await self._records.gone(name))
                 return False
             owner = CursorRecord.decode(entry[0]).owner
             if owner != claim.owner:
@@ -326,22 +308,22 @@ class JetStreamCursorStore:
 
     async def peek_record(self, name: str) -> CursorRecord | None:
         """The stored record for ``name`` without claiming it (None when none)."""
-        entry = await self._read(name, encode_key(name))
+        entry = await self._records.read(name, encode_key(name))
         return CursorRecord.decode(entry[0]) if entry is not None else None
 
     async def cursors(self) -> dict[str, str]:
         """Every stored cursor, by name, without claiming any."""
         try:
             keys = await kv_keys(self._kv)
-        except _STORE_ERRORS as e:
-            raise self._store_error("cannot list cursors", e) from e
+        except STORE_ERRORS as e:
+            raise self._records.error("cannot list cursors", e) from e
         names = [decode_key(k) for k in keys if not k.startswith(RESERVED_PREFIX)]
         records = await asyncio.gather(*(self.peek_record(n) for n in names))
         return {n: r.cursor for n, r in zip(names, records, strict=True) if r is not None}  # None: deleted
 
     def last_written(self, name: str) -> str | None:
         """The cursor this store last read from or wrote to the bucket for ``name`` (None: neither)."""
-        return self._written.get(name)
+        return self._records.written.get(name)
 
     # ----------------------------------------------------------------- writes
 
@@ -381,7 +363,11 @@ class JetStreamCursorStore:
         if not batch:
             return
         try:
-            if self._atomic and 1 < len(batch) <= _MAX_BATCH and await self._write_batch(batch):
+            if (
+                self._atomic
+                and 1 < len(batch) <= MAX_BATCH
+                and await write_batch(self._records, batch, owner=self._owner, wrote=self._wrote)
+            ):
                 self.flushes += 1
                 return
             # One compare-and-swap per cursor, pipelined (also what finds the cursor that made an
@@ -405,12 +391,12 @@ class JetStreamCursorStore:
             if first is None and (raise_for is None or name in raise_for):
                 first = err
         if first is not None:
-            raise first if isinstance(first, RjetError) else self._store_error("cannot write cursors", first)
+            raise first if isinstance(first, RjetError) else self._records.error("cannot write cursors", first)
 
     async def _write(self, name: str, claim: JetStreamClaim | None, pair: tuple[str, str | None]) -> None:
         """One cursor's write: a compare-and-swap under ``claim`` (a plain put without one), settled by
         reading the record back when it failed or its answer was lost."""
-        key = encode_key(name)
+        key, records = encode_key(name), self._records
         owner = claim.owner if claim is not None else self._owner
         cursor, done = pair
         record = CursorRecord(cursor, claim.stream if claim is not None else None, owner, done)
@@ -419,23 +405,23 @@ class JetStreamCursorStore:
             since = time.monotonic()
             try:
                 if claim is None:
-                    rev = await self._shielded(self._kv.put(key, value))
+                    rev = await records.shielded(self._kv.put(key, value))
                 else:
-                    rev = await self._shielded(self._kv.update(key, value, last=claim.rev))
-            except _GONE_ERRORS as e:
-                raise await self._gone(name, e) from None
+                    rev = await records.shielded(self._kv.update(key, value, last=claim.rev))
+            except GONE_ERRORS as e:
+                raise await records.gone(name, e) from None
             except nats.js.errors.KeyWrongLastSequenceError as e:
                 error: BaseException = e
-            except _STORE_ERRORS as e:
+            except STORE_ERRORS as e:
                 error = e  # the write may or may not have been applied
             else:
                 self._wrote(name, claim, rev, cursor, since)
                 return
             if claim is None:
-                raise self._store_error(f"cannot write cursor {name!r}", error)
-            back = await self._read(name, key)
+                raise records.error(f"cannot write cursor {name!r}", error)
+            back = await records.read(name, key)
             if back is None:
-                raise await self._gone(name)
+                raise await records.gone(name)
             stored = CursorRecord.decode(back[0])
             if stored.owner != claim.owner:
                 raise CursorConflict(
@@ -450,12 +436,12 @@ class JetStreamCursorStore:
             if stored == record:
                 self._wrote(name, claim, back[1], cursor, since)
                 return
-        raise self._store_error(f"cannot write cursor {name!r}", error)
+        raise records.error(f"cannot write cursor {name!r}", error)
 
     def _wrote(self, name: str, claim: JetStreamClaim | None, rev: int, cursor: str, since: float) -> None:
-        self._written[name] = cursor
+        self._records.written[name] = cursor
         if claim is not None and claim.stream:
-            self._counts_in[name] = claim.stream
+            self._records.counts_in[name] = claim.stream
         if claim is None:
             # A write without a claim becomes this store's claim: its later writes compare-and-swap.
             record = CursorRecord(cursor, None, self._owner)
@@ -470,72 +456,6 @@ class JetStreamCursorStore:
         answer that waited out a pause of this process proves nothing about the pause."""
         if self.claim_lease is not None:
             claim.expires = max(claim.expires, since + self.claim_lease)
-
-    async def _write_batch(self, batch: dict[str, tuple[JetStreamClaim | None, tuple[str, str | None]]]) -> bool:
-        """Write every cursor of ``batch`` as one atomic JetStream batch: one request, one ack, each
-        message a compare-and-swap on its key. False (nothing known to be written) when the server
-        refused it or its answer was lost; the caller then writes them one by one, which settles
-        each by reading it back.
-        """
-        nc, pre = self._nc, self._names.prefix
-        batch_id = _NUID.next().decode()
-        items = []
-        for name, (claim, (cursor, done)) in batch.items():
-            owner = claim.owner if claim is not None else self._owner
-            stream = claim.stream if claim is not None else None
-            items.append((name, claim, encode_key(name), cursor, CursorRecord(cursor, stream, owner, done).encode()))
-        last = len(items)
-
-        def headers(i: int, claim: JetStreamClaim | None) -> dict[str, str]:
-            h = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
-            if claim is not None:
-                h["Nats-Expected-Last-Subject-Sequence"] = str(claim.rev)
-            return h
-
-        async def send() -> bytes:
-            # All but the last go out as raw frames in one piece (no per-message publish call); the
-            # last commits the batch and carries the only reply.
-            frames = []
-            for i, (_, claim, key, _, value) in enumerate(items[:-1], 1):
-                hdr = "".join(f"{k}: {v}\r\n" for k, v in headers(i, claim).items())
-                frames.append(hpub(f"{pre}{key}".encode(), b"", f"NATS/1.0\r\n{hdr}\r\n".encode(), value))
-            await send_raw(nc, frames, sum(len(item[4]) for item in items[:-1]))
-            _, claim, key, _, value = items[-1]
-            commit = {**headers(last, claim), "Nats-Batch-Commit": "1"}
-            timeout = api_timeout(self._names.js)
-            reply = await nc.request(f"{pre}{key}", value, timeout=timeout, headers=commit)
-            return reply.data
-
-        since = time.monotonic()
-        task = asyncio.ensure_future(send())
-
-        def record(t: asyncio.Future[bytes]) -> None:
-            if t.cancelled() or t.exception() is not None:
-                return
-            seq = ack_seq(t.result())
-            if seq is None:
-                return
-            # An atomic batch is stored contiguously, in order: revisions seq-n+1 .. seq.
-            for rev, (name, claim, _, cursor, _) in enumerate(items, seq - last + 1):
-                self._wrote(name, claim, rev, cursor, since)
-
-        task.add_done_callback(record)
-        try:
-            ack = await self._guard(self._match, asyncio.shield(task))
-        except PermissionDenied:
-            return False  # written one by one, each refusal then ends its own claim
-        except _GONE_ERRORS as e:
-            raise await self._gone(items[0][0], e) from None
-        except _STORE_ERRORS as e:
-            log.debug("cursor bucket %r: atomic batch of %d failed (%r); writing one by one", self.bucket, last, e)
-            return False
-        return ack_seq(ack) is not None
-
-    async def _shielded(self, write: Awaitable[int]) -> int:
-        # If the caller is cancelled mid-write, the write still completes; the revision it returns is
-        # not recorded, but the next write settles that by reading its own record back. A refused
-        # write (PermissionDenied) is known not to be applied.
-        return await self._guard(self._match, asyncio.shield(asyncio.ensure_future(write)))
 
     async def _flush_later(self) -> None:
         try:
@@ -553,70 +473,11 @@ class JetStreamCursorStore:
         """Return once any claim of this store is lost (``run`` waits on its own claim instead)."""
         await self._lost.wait()
 
-    # ----------------------------------------------------------------- errors
-
-    async def _read(self, name: str, key: str) -> tuple[bytes, int] | None:
-        """(value, revision) of ``key``; None when it is missing or deleted."""
-        entry = await self._read_entry(name, key)
-        return entry if entry is not None and entry[0] is not None else None  # type: ignore[return-value]
-
-    async def _read_entry(self, name: str, key: str) -> tuple[bytes | None, int] | None:
-        """(value, revision) of ``key``: value None for a delete marker (whose revision a create must
-        name); None when there is nothing."""
-        try:
-            entry = await self._guard(self._match, self._kv.get(key))
-        except nats.js.errors.KeyNotFoundError as e:
-            marker = getattr(getattr(e, "entry", None), "revision", None)
-            return (None, marker) if marker else None
-        except _STORE_ERRORS as e:
-            raise self._store_error(f"cannot read cursor {name!r}", e) from e
-        assert entry.revision is not None
-        return entry.value or b"", entry.revision
-
-    async def _gone(
-        self, name: str, cause: BaseException | None = None, last: CursorRecord | None = None
-    ) -> CursorStoreError:
-        """The error for a cursor whose key is missing: the bucket is gone, unusable, or was emptied.
-        ``last``: the record this runner last knew, when not its claim's."""
-        try:
-            info = await self._guard(self._match, self._names.js.stream_info(self._names.stream))
-        except nats.js.errors.NotFoundError:
-            return self._vanished(name, "the bucket is gone (deleted while in use)", last)
-        except _STORE_ERRORS as e:
-            return self._store_error(f"cannot read cursor {name!r}", cause or e)
-        try:
-            check_bucket_config(self.bucket, info.config)
-        except CursorBucketUnusable as e:
-            return e
-        if cause is not None:
-            return self._store_error(f"cannot write cursor {name!r}", cause)
-        return self._vanished(name, "the bucket was deleted and created again, or the key deleted", last)
-
-    def _vanished(self, name: str, how: str, last: CursorRecord | None) -> CursorBucketGone:
-        """A claimed cursor's record is gone: no other runner was seen, and starting over from the
-        beginning would hand the handler every event again without a word, so the runner stops and
-        says where it was."""
-        cursor = self._written.get(name) or (last.cursor if last is not None else "")
-        stream = self._counts_in.get(name) or (last.stream if last is not None else None)
-        where = f" (its last cursor here: {cursor})" if cursor else ""
-        return CursorBucketGone(
-            f"cursor bucket {self.bucket!r}: cursor {name!r}{where} vanished while this runner held it: {how};"
-            " no other runner was seen; this runner stops rather than start over from the stream's beginning",
-            name=name,
-            bucket=self.bucket,
-            namespace=self.namespace,
-            cursor=cursor,
-            stream=stream,
-        )
+    # ----------------------------------------------------------------- closing
 
     def _check_open(self) -> None:
         if self._closed:
             raise CursorStoreError(f"cursor bucket {self.bucket!r}: the store is closed")
-
-    def _store_error(self, what: str, err: BaseException) -> CursorStoreError:
-        if isinstance(err, nats.errors.NoRespondersError | nats.js.errors.ServiceUnavailableError):
-            return CursorStoreError(f"cursor bucket {self.bucket!r}: {what}: JetStream does not answer ({err!r})")
-        return CursorStoreError(f"cursor bucket {self.bucket!r}: {what}: {err!r}")
 
     async def close(self) -> None:
         """Flush and stop the background flusher. Safe to call twice."""
