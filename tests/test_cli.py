@@ -486,7 +486,7 @@ async def test_reading_commands_never_create_a_namespace_and_name_what_is_missin
 
 
 def test_the_demo_checker_sees_order_violations_duplicates_and_misrouted_events(tmp_path: Path) -> None:
-    from rjet.cli._demo import Checker
+    from rjet.cli._demo_check import Checker
     from rjet.parallel import shard_of
 
     a, b = [f"k{i}" for i in range(100) if shard_of(f"k{i}", 2) == 0][:2]
