@@ -16,7 +16,7 @@ from sql_fixtures import PASSWORD, PostgresServer, SqlDb, free_port, postgres_se
 
 import rjet
 from rjet.sql import SqlCursorStore
-from rjet.sql._backends import backend_for
+from rjet.sql._backends import IDLE_IN_TRANSACTION_TIMEOUT, backend_for
 from rjet.testing import KeyOrder, check_cursor_store
 
 __all__ = ["postgres_server", "sql_db"]  # the fixtures, imported for pytest
@@ -250,3 +250,52 @@ async def test_the_tables_are_versioned(sql_db: SqlDb) -> None:
 
 async def test_the_store_keeps_the_cursor_store_contract(sql_db: SqlDb) -> None:
     await check_cursor_store(lambda: SqlCursorStore.open(sql_db.url, flush_interval=0.05))
+
+
+@pytest.mark.parametrize("sql_db", ["postgresql"], indirect=True)
+async def test_postgresql_sessions_end_a_transaction_left_idle_unless_the_user_set_how(sql_db: SqlDb) -> None:
+    """rjet's connections end a session that sits idle inside a transaction after
+    IDLE_IN_TRANSACTION_TIMEOUT (a frozen runner cannot hold the cursor's row for ever: see
+    tests/faults/test_sql_faults.py), unless the URL, the role, the database or the server sets a
+    timeout of its own."""
+    show = "SHOW idle_in_transaction_session_timeout"
+    async with await SqlCursorStore.open(sql_db.url) as store, store._connection("look") as conn:
+        assert await store.backend.fetchall(conn, show) == [(IDLE_IN_TRANSACTION_TIMEOUT,)] == [("30s",)]
+    url = sql_db.url + "?options=-c%20idle_in_transaction_session_timeout%3D7s"
+    async with await SqlCursorStore.open(url) as store, store._connection("look") as conn:
+        assert await store.backend.fetchall(conn, show) == [("7s",)]
+    database = sql_db.url.rsplit("/", 1)[1]
+    sql_db.query(f"ALTER DATABASE {database} SET idle_in_transaction_session_timeout = '1min'")
+    async with await SqlCursorStore.open(sql_db.url) as store, store._connection("look") as conn:
+        assert await store.backend.fetchall(conn, show) == [("1min",)]
+
+
+@pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
+async def test_a_begin_that_fails_lets_no_statement_of_the_handlers_commit_on_its_own(sql_db: SqlDb) -> None:
+    """SQLite's BEGIN IMMEDIATE is queued ahead of the handler's statements instead of waited for (the
+    fast path; RJET_FAST_PATHS=0 waits): when it fails (the file's write lock held elsewhere past
+    busy_timeout), the connection is closed before they run, so that none of them commits on its own,
+    and the transaction fails with the BEGIN's error, the claim kept; the next one runs on a new
+    connection."""
+    async with await _store(sql_db) as store:
+        claim = await store.claim("c")
+        async with store._connection("shorten the wait") as conn:  # the pool's one connection
+            await store.backend.execute(conn, "PRAGMA busy_timeout=50")
+        insert = _insert(1)
+
+        async def later(tx: Any) -> None:  # once the file is free again: run on its own, it would commit
+            await asyncio.sleep(2.0)
+            await insert(tx)
+
+        with contextlib.closing(sqlite3.connect(sql_db.path or "", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            transaction = asyncio.create_task(claim.transact([1], later, sequential=True))
+            await asyncio.sleep(1.0)  # the BEGIN gave up after 50 ms
+            other.execute("ROLLBACK")
+            with pytest.raises(rjet.CursorStoreError, match="cannot begin a transaction: database is locked"):
+                await transaction
+        assert sql_db.effects() == []
+        assert claim.lost is None
+        await claim.transact([1], _insert(1), sequential=True)
+        assert [seq for seq, _ in sql_db.effects()] == [1]
+        assert await store.peek("c") == "1"

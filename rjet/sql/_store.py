@@ -14,7 +14,7 @@ from typing import Any, Final, Self
 from rjet._progress import decode_done, encode_done
 from rjet.cursors import RESERVED_PREFIX, Capabilities, CursorRecord, ProgressSource, runner_id
 from rjet.errors import ConfigError, CursorBucketGone, CursorConflict, CursorStoreError, RjetError
-from rjet.sql._backends import Backend, backend_for, store_error
+from rjet.sql._backends import Backend, Progress, backend_for, store_error
 from rjet.sql._schema import migrate
 
 __all__ = ["SqlClaim", "SqlCursorStore"]
@@ -104,7 +104,13 @@ class SqlCursorStore:
         if self._closed:
             raise CursorStoreError(f"{self.backend.kind} cursor store at {self.backend.where}: the store is closed")
         async with self._slots:
-            conn = self._idle.pop() if self._idle else None
+            conn = None
+            while self._idle and conn is None:
+                conn = self._idle.pop()
+                if not self.backend.usable(conn):  # the server ended it (a restart): not one failed run each
+                    with contextlib.suppress(Exception):
+                        await self.backend.close(conn)
+                    conn = None
             if conn is None:
                 try:
                     conn = await self.backend.connect()
@@ -332,16 +338,27 @@ class SqlCursorStore:
 
     async def _why_not_mine(self, claim: SqlClaim) -> RjetError:
         """Why ``claim``'s row is not its own any more: another owner, or no row."""
+        return (await self._why_fenced(claim))[0]
+
+    async def _why_fenced(self, claim: SqlClaim, handled: int | None = None) -> tuple[RjetError, bool]:
+        """Why a write of ``claim``'s found its row not its own, and whether that loses the claim: another
+        owner or no row (lost); or, ``handled`` given and the row still its own, its cursor at or past
+        that event already (not lost: nothing committed)."""
         rows = await self._run(f"read cursor {claim.name!r}", lambda c: self.backend.fetchall(c, _ROW, (claim.name,)))
         if not rows:
-            return self._vanished(claim.name, claim.written, claim.stream)
+            return self._vanished(claim.name, claim.written, claim.stream), True
         b = self.backend
+        if handled is not None and rows[0][3] == claim.owner:
+            return CursorStoreError(
+                f"{b.kind} cursor store at {b.where}: cursor {claim.name!r} is at {rows[0][0]}, at or past"
+                f" event {handled}: it was handled already; nothing committed"
+            ), False
         return CursorConflict(
             claim.name,
             f"another runner claimed it in {b.kind} cursor store at {b.where} (owner"
             f" {rows[0][3] or 'unknown: a write without a claim'}): two runners share this consumer name;"
             " this one stops",
-        )
+        ), True
 
     def _start_flusher(self) -> None:
         if self._flusher is None and not self._closed:
@@ -464,74 +481,40 @@ class SqlClaim:
         claim holds the cursor. A handler error rolls everything back; a lost claim commits nothing."""
         self.check()
         store, b = self._store, self._store.backend
-        async with store._connection(f"handle events {seqs[0]}..{seqs[-1]}") as conn:  # noqa: SLF001
+        progress = Progress(self.name, self.owner, self.stream, tuple(seqs), sequential)
+        async with store._connection(f"handle events {progress.span}") as conn:  # noqa: SLF001
             try:
-                await b.begin(conn)
+                begun = await b.begin_handler(conn)
             except store._errors as e:  # noqa: SLF001
                 raise store_error(b, "cannot begin a transaction", e) from e
             try:
-                await call(conn)
-                if not b.in_transaction(conn):
+                try:
+                    await call(conn)
+                except Exception:
+                    await b.started(begun)  # a BEGIN that failed is why the handler's statements did
+                    raise
+                await b.started(begun)
+                try:
+                    outcome = await b.finish(conn, progress)
+                except CursorStoreError as e:
+                    self.lose(e)
+                    raise
+                if outcome == "ended":
                     raise ConfigError(
                         f"consumer {self.name!r}: the handler committed or rolled back tx itself; rjet commits it"
                         " (with the event's progress) when the handler returns, and rolls it back when it raises"
                     )
-                try:
-                    held = await self._record(conn, seqs, sequential)
-                except store._errors as e:  # noqa: SLF001
-                    raise self._failed(store_error(b, f"cannot record events {seqs[0]}..{seqs[-1]} as done", e)) from e
-                if not held:
-                    await b.rollback(conn)
-                    err = await store._why_not_mine(self)  # noqa: SLF001
-                    self.lose(err)
+                if outcome == "fenced":
+                    err, lost = await store._why_fenced(self, max(seqs) if sequential else None)  # noqa: SLF001
+                    if lost:
+                        self.lose(err)
                     raise err
-                try:
-                    await b.commit(conn)
-                except store._errors as e:  # noqa: SLF001
-                    # Applied or not: the next claim reads the database's answer.
-                    raise self._failed(
-                        store_error(b, f"the commit of events {seqs[0]}..{seqs[-1]} may or may not be applied", e)
-                    ) from e
                 if sequential and int(store._written.get(self.name) or 0) < max(seqs):  # noqa: SLF001
                     store._written[self.name] = str(max(seqs))  # noqa: SLF001
             except BaseException:
                 with contextlib.suppress(Exception):
                     await b.rollback(conn)
                 raise
-
-    async def _record(self, conn: Any, seqs: Sequence[int], sequential: bool) -> bool:
-        b = self._store.backend
-        if sequential:
-            last = max(seqs)
-            n = await b.execute(
-                conn,
-                "UPDATE rjet_cursors SET cursor = ?, done = '', stream = COALESCE(?, stream)"
-                " WHERE name = ? AND owner = ? AND (cursor IS NULL OR cursor < ?)",
-                (last, self.stream, self.name, self.owner, last),
-            )
-            if n:
-                return True
-            rows = await b.fetchall(conn, _ROW, (self.name,))
-            if rows and rows[0][3] == self.owner:  # held, and the cursor is at or past the event already
-                raise CursorStoreError(
-                    f"{b.kind} cursor store at {b.where}: cursor {self.name!r} is at {rows[0][0]}, at or past"
-                    f" event {last}: it was handled already; nothing committed"
-                )
-            return False
-        else:
-            await b.executemany(
-                conn,
-                "INSERT INTO rjet_done (name, seq) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                [(self.name, s) for s in seqs],
-            )
-        rows = await b.fetchall(
-            conn, "SELECT 1 FROM rjet_cursors WHERE name = ? AND owner = ?" + b.lock_clause(), (self.name, self.owner)
-        )
-        return bool(rows)
-
-    def _failed(self, err: CursorStoreError) -> CursorStoreError:
-        self.lose(err)
-        return err
 
     async def wait_lost(self) -> None:
         await self._lost.wait()

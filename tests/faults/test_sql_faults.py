@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import pytest
 from sql_fixtures import PASSWORD, PostgresServer, SqlDb, postgres_server, sql_db
 
 import rjet
+import rjet.sql._backends
 from rjet.server import EmbeddedServer
 from rjet.sql import SqlCursorStore
 from rjet.testing import KeyOrder
@@ -142,6 +145,49 @@ async def test_postgresql_restarted_mid_run(
     print(f"K={concurrency}: {count} events, 2 server restarts, {len(failures)} failures logged")
 
 
+@pytest.mark.timeout(120)
+async def test_a_postgresql_restart_between_events_costs_no_failure(
+    nats_stream: rjet.Stream, own_postgres: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server restarted (``pg_ctl -m immediate``) while a consumer with K=8, its pool full of
+    idle connections, waits for the next events: each of those connections is seen ended and
+    dropped before it is handed out, so the next events are handled without a single failure
+    (before: one failed transaction per pooled connection, each finding its own dead: 9 of 9 here)."""
+    caplog.set_level(logging.INFO)
+    db = SqlDb("postgresql", own_postgres.create_database())
+    db.create_effects()
+    effect = db.sql("INSERT INTO effects (seq, fid) VALUES (?, ?)")
+
+    async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await tx.execute(effect, (event.id_int, event.foreign_id))
+
+    counter = Counter(db)
+    async with await SqlCursorStore.open(db.url, flush_interval=0.05) as store:
+        spec = rjet.Spec(nats_stream.stream, store, rjet.Consumer("c", handle, transactional=True, concurrency=8))
+        task = asyncio.create_task(rjet.run_forever(spec, retry_delay=0.05, max_backoff=0.5))
+        try:
+            for part in (1, 2):
+                await insert(nats_stream, 1000, keys=100)
+                while await counter.count() < 1000 * part or await store.peek("c") != str(1000 * part):
+                    assert not task.done(), task
+                    await asyncio.sleep(0.01)
+                if part == 1:
+                    pooled = len(store._idle)
+                    assert pooled >= 4, f"only {pooled} pooled connections: the test shows nothing"
+                    await counter.close()
+                    counter = Counter(db)
+                    await asyncio.to_thread(own_postgres.stop, "immediate")
+                    await asyncio.to_thread(own_postgres.start)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await counter.close()
+    check_exactly_once(db, 2000)
+    failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not failures, f"{len(failures)} failures after the restart, {pooled} connections pooled: {failures}"
+
+
 # ----------------------------------------------------------------- the zombie
 
 
@@ -223,9 +269,66 @@ async def test_a_paused_runner_commits_nothing_after_a_takeover(
     print(f"first committed {before} rows before the takeover, 0 after; paused at {sorted(paused)}")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sql_db", ["postgresql"], indirect=True)
+async def test_a_runner_frozen_holding_the_cursor_row_delays_a_takeover_by_the_idle_timeout_at_most(
+    nats_stream: rjet.Stream, sql_db: SqlDb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first runner's handler reads the cursor's row ``FOR SHARE`` and then waits for ever, its
+    transaction open (as a process SIGSTOPped there would leave it). Its session ends after rjet's
+    ``idle_in_transaction_session_timeout`` (1 s here instead of 30), which releases the row: the
+    second runner's claim, waiting for it, goes through, and it runs to the head. Woken, the first
+    commits nothing more."""
+    monkeypatch.setattr(rjet.sql._backends, "IDLE_IN_TRANSACTION_TIMEOUT", "1s")
+    count, pause_at = 100, 30
+    await insert(nats_stream, count, keys=10)
+    sql_db.create_effects()
+    effect = sql_db.sql("INSERT INTO effects (seq, fid, who) VALUES (?, ?, ?)")
+    frozen, resume = asyncio.Event(), asyncio.Event()
+
+    async def first_handler(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await tx.execute(effect, (event.id_int, event.foreign_id, "first"))
+        if event.id_int == pause_at:
+            await tx.execute("SELECT 1 FROM rjet_cursors WHERE name = 'c' FOR SHARE")
+            frozen.set()
+            await resume.wait()
+
+    async def second_handler(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await tx.execute(effect, (event.id_int, event.foreign_id, "second"))
+
+    async with (
+        await SqlCursorStore.open(sql_db.url, flush_interval=0.05) as one,
+        await SqlCursorStore.open(sql_db.url, flush_interval=0.05) as two,
+    ):
+        first = asyncio.create_task(
+            rjet.run(rjet.Spec(nats_stream.stream, one, rjet.Consumer("c", first_handler, transactional=True)))
+        )
+        await asyncio.wait_for(frozen.wait(), 20)
+        started = time.monotonic()
+        takeover = rjet.Consumer("c", second_handler, transactional=True)
+        second = rjet.Spec(nats_stream.stream, two, takeover, to_head=True)
+        with pytest.raises(rjet.HeadReached):
+            await asyncio.wait_for(rjet.run(second), 20)  # for ever without the timeout
+        took = time.monotonic() - started
+        resume.set()
+        with pytest.raises((rjet.CursorStoreError, rjet.CursorConflict)) as ended:
+            await asyncio.wait_for(first, 10)
+        # Its session ended before its commit was sent: nothing committed, and it says so.
+        why = f"{ended.value} (after: {ended.value.__context__})"
+        assert "may or may not" not in why
+    rows = check_exactly_once(sql_db, count)
+    assert [seq for seq, _ in rows][: pause_at - 1] == list(range(1, pause_at))
+    assert int(sql_db.query("SELECT count(*) FROM effects WHERE who = 'first'")[0][0]) == pause_at - 1
+    print(f"the takeover went through {took:.1f} s after the first froze holding the row; then: {why}")
+
+
 # ----------------------------------------------------------------- worker processes SIGKILLed
 
 KILLS = 20  # at random points of the run, spread over it by the table's row count
+# Events of the K=1 and K=8 rows: the issue's proof asks for 20,000 on 1,000 keys, CI runs 5,000 for
+# time (RJET_PROOF_EVENTS=20000 runs the full proof; the batch row runs 20,000 either way).
+PROOF_EVENTS = int(os.environ.get("RJET_PROOF_EVENTS", "5000"))
+_MORE = max(0, PROOF_EVENTS - 5000)  # events above CI's count: more time for them
 EARLY_KILLS = 3  # and more in the first 0.6 s of a start (imports, the store's open) or just after it
 
 
@@ -242,10 +345,10 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(150 + _MORE // 50)
 @pytest.mark.parametrize(
     ("concurrency", "batch", "count"),
-    [(1, 0, 5000), (8, 0, 5000), (8, 50, 20_000)],
+    [(1, 0, PROOF_EVENTS), (8, 0, PROOF_EVENTS), (8, 50, max(PROOF_EVENTS, 20_000))],
     ids=["K1", "K8", "K8-batch50"],
 )
 @pytest.mark.parametrize("sql_db", ["sqlite", "postgresql"], indirect=True)
@@ -292,7 +395,7 @@ async def test_worker_sigkilled_at_random_points(
             assert proc.returncode == -9, f"the worker exited by itself ({proc.returncode})"
         proc = await _spawn(server.url, name, sql_db, concurrency, batch)
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), 90)
+            out, _ = await asyncio.wait_for(proc.communicate(), 90 + _MORE // 100)
         finally:
             await _kill(proc)
         assert proc.returncode == 0
