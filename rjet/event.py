@@ -60,8 +60,10 @@ class Event:
     # The datetime, once built (or given); not an __init__ field, so dataclasses.replace leaves it out.
     _timestamp: datetime | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
     # The W3C trace headers the message carried; left unset (not even None) by the reader's fast path,
-    # so that an event without them costs nothing: read it through ``trace``.
-    _trace: dict[str, str] | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
+    # so that an event without them costs nothing: read it through ``trace``. The reader sets the raw
+    # header block instead, read on first use: with tracing off nothing reads it (reading costs more
+    # than the rest of decoding the event).
+    _trace: dict[str, str] | bytes | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     def __init__(
         self,
@@ -98,9 +100,15 @@ class Event:
         when it carried none. A carrier for OpenTelemetry: ``opentelemetry.propagate.extract(event.trace)``
         gives the inserting span's context, to link to by hand (``run`` makes the handler's span its child)."""
         try:
-            return self._trace
+            trace = self._trace
         except AttributeError:  # the reader's fast path leaves it unset
             return None
+        if isinstance(trace, bytes):
+            from rjet._nats.frames import trace_headers  # (it imports this module)
+
+            trace = trace_headers(trace)
+            object.__setattr__(self, "_trace", trace)
+        return trace
 
     def __getstate__(self) -> list[object]:
         return [self.id, self.type, self.foreign_id, self.timestamp_us, self.metadata, self._timestamp, self.trace]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final, TypeAlias
 
-from rjet._nats.frames import decode_type, foreign_id_of, rjet_headers, trace_headers
+from rjet._nats.frames import decode_type, foreign_id_of, rjet_headers
 from rjet.event import Event
 
 __all__ = ["MAKE", "PERCENT", "Decode", "decoder", "fid_value", "foreign_id"]
@@ -92,7 +92,7 @@ def decoder(stream: str) -> Decode:
         _set_ts(event, None)  # the datetime is built when a handler asks for it
         _set_data(event, data)
         if traced:
-            _set_trace(event, trace_headers(hdr))  # type: ignore[arg-type]  # traced: hdr is bytes
+            _set_trace(event, hdr)  # read into Event.trace on first use
         return event
 
     return decode
