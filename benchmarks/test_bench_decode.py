@@ -286,6 +286,8 @@ def test_rjet_scan_and_decode(
         session.cseq, session.prefix = cseq0, prefix
         session.pattern = _frames.frame_pattern(client._sessions.sid, prefix)
         session.plain = _frames.frame_pattern(client._sessions.sid, prefix, plain=True)
+        session.traced_pattern = _frames.frame_pattern(client._sessions.sid, prefix, traced=True)
+        session.traced_plain = _frames.frame_pattern(client._sessions.sid, prefix, plain=True, traced=True)
 
     def run() -> None:
         assert client._intake.scan(wire, 0, len(wire)) == len(wire)
