@@ -62,11 +62,13 @@ class SqlCursorStore:
             await rjet.run(rjet.Spec(stream.stream, cursors, consumer))
 
     URLs: ``sqlite:///PATH`` (the standard library's sqlite3 through aiosqlite; WAL,
-    ``synchronous=FULL``), ``postgresql://user:pw@host/db`` (psycopg 3, ``pip install 'rjet[postgres]'``).
+    ``synchronous=FULL``), ``postgresql://user:pw@host/db`` (psycopg 3, ``pip install 'rjet[postgres]'``;
+    ``idle_in_transaction_session_timeout`` 30 s unless set: ``rjet/sql/_backends.py``).
     The tables (``rjet_schema``, ``rjet_cursors``, ``rjet_done``; see ``rjet/sql/_schema.py``) are
     created when absent and migrated from older versions. ``pool_size`` bounds the connections
-    (one per transaction in flight: at least a consumer's ``concurrency``). ``set_cursor`` through a
-    claim is buffered and written every ``flush_interval`` seconds and on :meth:`close`.
+    (one per transaction in flight: at least a consumer's ``concurrency``); a pooled one the server
+    ended meanwhile is dropped, not handed out. ``set_cursor`` through a claim is buffered and
+    written every ``flush_interval`` seconds and on :meth:`close`.
     """
 
     capabilities: Final = Capabilities(fencing=True, exact_progress=True, transactional=True)
