@@ -44,8 +44,9 @@ def test_the_frame_pattern_takes_its_consumers_frames_and_their_fields() -> None
     m = frame_pattern(7, prefix).match(wire)
     assert m is not None
     assert m[1] == b"1.42.7.1700000000000000000.3"  # delivered.sseq.cseq.ts.pending
-    assert (m[4], m[5]) == (b"2", b"user-9")
-    assert int(m[3]) - int(m[2]) == 2  # the body's size
+    assert (m[2], m[3]) == (b"1700000000000000000", b"3")  # stored time, pending
+    assert (m[6], m[7]) == (b"2", b"user-9")
+    assert int(m[5]) - int(m[4]) == 2  # the body's size
     assert frame_pattern(8, prefix).match(wire) is None  # another subscription's
     assert frame_pattern(7, b"$JS.ACK.orders.C2.").match(wire) is None  # an earlier consumer's
 
@@ -62,10 +63,26 @@ def test_the_traced_pattern_takes_a_trace_context_before_rjets_headers(trace: by
         assert frame_pattern(7, prefix, plain=plain).match(wire) is None  # the other layout
         m = frame_pattern(7, prefix, plain=plain, traced=True).match(wire)
         assert m is not None
-        assert (m[1], m[4], m[5]) == (b"1.42.7.1700000000000000000.3", b"2", b"user-9")  # the same groups
-        assert int(m[3]) - int(m[2]) == 2
+        assert (m[1], m[6], m[7]) == (b"1.42.7.1700000000000000000.3", b"2", b"user-9")  # the same groups
+        assert int(m[5]) - int(m[4]) == 2
     untraced = _frame(7, prefix, b"1.42.7.1700000000000000000.3", "user-9", 2, b"{}")
     assert frame_pattern(7, prefix, traced=True).match(untraced) is None
+
+
+@pytest.mark.parametrize(
+    ("tail", "fits"),
+    [
+        (b"1.42.7.1700000000000000000.3.rand0m", True),  # the 12-token v2 form's last token
+        (b"1.42.7.1700000000000000000", False),  # a token short
+        (b"1.42.x.1700000000000000000.3", False),  # not a number: left to the frame handler
+    ],
+)
+def test_the_frame_pattern_takes_only_reply_tails_of_numbers(tail: bytes, fits: bool) -> None:
+    prefix = b"$JS.ACK.orders.C1."
+    m = frame_pattern(7, prefix).match(_frame(7, prefix, tail, "user-9", 2, b"{}"))
+    assert (m is not None) == fits
+    if m is not None:
+        assert (m[1], m[2], m[3]) == (tail, b"1700000000000000000", b"3")
 
 
 def test_the_plain_pattern_leaves_percent_encoded_foreign_ids_to_the_full_one() -> None:
@@ -74,4 +91,4 @@ def test_the_plain_pattern_leaves_percent_encoded_foreign_ids_to_the_full_one() 
     assert frame_pattern(1, prefix, plain=True).match(wire) is None
     m = frame_pattern(1, prefix).match(wire)
     assert m is not None
-    assert m[5] == b"a%20b"
+    assert m[7] == b"a%20b"

@@ -137,6 +137,9 @@ class _Frame:
     payload: bytes
     sseq_step: int
     gap: bool  # the consumer sequence jumps before this frame (a message lost in transit)
+    # The server's count of messages left after it: None for the frames still to come; 0 where the
+    # reader caught up, maybe before more frames (the stream grew meanwhile)
+    pending: int | None = None
 
 
 _fids = st.one_of(
@@ -154,6 +157,7 @@ _frames = st.lists(
         payload=st.one_of(st.binary(max_size=60), st.just(b"HMSG fake 1 $JS.ACK.x 10 20\r\nNATS/1.0\r\n")),
         sseq_step=st.integers(1, 3),
         gap=st.sampled_from([False] * 6 + [True]),
+        pending=st.sampled_from([None] * 6 + [0, 1]),
     ),
     max_size=40,
 )
@@ -180,7 +184,8 @@ def _wire_bytes(client: StreamClient, frames: list[_Frame], v2: bool) -> bytes:
             continue
         sseq += f.sseq_step
         cseq += 2 if f.gap else 1
-        head = b"%s.%s.1.%d.%d.%d.%d" % (stream, consumer, sseq, cseq, 1_700_000_000_000_000_000 + i, len(frames) - i)
+        pending = len(frames) - i if f.pending is None else f.pending
+        head = b"%s.%s.1.%d.%d.%d.%d" % (stream, consumer, sseq, cseq, 1_700_000_000_000_000_000 + i, pending)
         reply = b"$JS.ACK.hub.ACCOUNTHASH." + head + b".tok" if v2 else b"$JS.ACK." + head
         rjet_lines = b"reflex_type: %d\r\nrjet_foreign_id: %s\r\n" % (f.typ, f.fid)
         hdr = b"NATS/1.0\r\n%s\r\n" % rjet_lines
@@ -308,6 +313,33 @@ def test_frames_with_a_trace_context_are_taken_in_bulk(
         )
 
     assert [e.trace for _, e in got] == [trace(i) for i in kept]
+
+
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "one by one"])
+def test_a_frame_that_says_nothing_is_left_marks_the_reader_caught_up(
+    loop_stream: tuple[asyncio.AbstractEventLoop, rjet.Stream], bulk: bool
+) -> None:
+    """Whichever frame of a run says so, not only the last: more may follow it (the stream grew)."""
+    loop, stream = loop_stream
+    frames = [_Frame("event", b"k", 1, b"x", 1, gap=False, pending=p) for p in (7, 0, 5)]
+
+    async def feed() -> tuple[bool, int, int]:
+        client = await stream.stream()
+        try:
+            sid = client._sessions.sid
+            parser = FastParser(client._sessions._nc)
+            parser.lanes[sid] = client._intake.on_frame
+            if bulk:
+                parser.scanners[sid] = client._intake.scan
+            data = _wire_bytes(client, frames, False)
+            # (The empty stream's consumer may have said so already; nothing interleaves with one parse.)
+            client._state.caught_up = False
+            await parser.parse(data)
+            return client._state.caught_up, client._state.server_pending, len(client._state.buf)
+        finally:
+            await client.close()
+
+    assert loop.run_until_complete(feed()) == (True, 5, 3)
 
 
 @pytest.mark.parametrize("cuts", [[], [300]], ids=["one read", "two reads"])

@@ -25,7 +25,7 @@ from rjet.reader._config import ReadConfig
 from rjet.reader._decode import MAKE, PERCENT, Decode, decoder
 from rjet.reader._gaps import GapCheck
 from rjet.reader._scan import Intake
-from rjet.reader._session import Sessions, identity, start_after
+from rjet.reader._session import Session, Sessions, identity, start_after
 from rjet.reader._state import ReadState
 
 if TYPE_CHECKING:
@@ -177,14 +177,8 @@ class StreamClient(ClientBase):
                             st.returned = sseq
                         if st.skipped_at <= sseq:
                             st.skipped_at = 0
-                        if (s := st.session) is None or s.pending <= self._low:
-                            if s is not None and self._cfg.max_buffered - len(buf) - s.pending < self._low:
-                                # No room to ask for more (a consumer that reads slower than the
-                                # server sends): what Sessions.pull would conclude, without its coroutine.
-                                if s.pending <= 0:
-                                    s.blind = True
-                            else:
-                                await self._sessions.pull()
+                        if ((s := st.session) is None or s.pending <= self._low) and self._pull_due(s):
+                            await self._sessions.pull()
                         return self._decode(*frame)
                 if (s := st.session) is None or s.pending <= self._low:
                     await self._sessions.pull()
@@ -212,6 +206,37 @@ class StreamClient(ClientBase):
         except DecodeError:
             st.skipped_at = 0  # the caller moves its cursor to the bad event, or stops
             raise
+
+    def _pull_due(self, s: Session | None) -> bool:
+        """Whether a pull request is due as an event is handed over and the consumer ``s`` owes few
+        messages: not when the buffer leaves no room to ask for more (a consumer that reads slower
+        than the server sends), which is what Sessions.pull would conclude, without its coroutine."""
+        if s is not None and self._cfg.max_buffered - len(self._state.buf) - s.pending < self._low:
+            if s.pending <= 0:
+                s.blind = True
+            return False
+        return True
+
+    async def __anext__(self) -> Event:
+        # next_or_skip's usual case, without its coroutine (one less an event): the next frame is
+        # buffered and verified, and no marks or removed ranges wait. Anything else goes there.
+        st, gaps = self._state, self._gap_check
+        buf = st.buf
+        if buf and not st.marks and not gaps.ranges:
+            frame = buf[0]
+            sseq = frame[0]
+            if sseq <= gaps.verified and not (st.to_head and sseq > st.head):
+                buf.popleft()
+                if st.skipped_at <= sseq:
+                    st.skipped_at = 0
+                if ((s := st.session) is None or s.pending <= self._low) and self._pull_due(s):
+                    await self._sessions.pull()
+                try:
+                    return self._decode(*frame)
+                except DecodeError:
+                    st.skipped_at = 0  # as next_or_skip: the caller moves its cursor to the bad event, or stops
+                    raise
+        return await super().__anext__()
 
     def take(self, limit: int) -> list[Event]:
         """Up to ``limit`` events that :meth:`next_or_skip` would return now, one call after the other,

@@ -184,9 +184,10 @@ class Intake:
         """Takes the current consumer's complete frames from ``buf[pos:size]`` in one go, as long as
         they are laid out as ``insert`` writes them; returns where it stopped.
 
-        The same as :meth:`on_frame` per frame: :meth:`_take_runs` takes the frames the key filter
-        keeps, :meth:`_pass_run` each run of those it passes over. A sequence jump sends the frames
-        concerned through :meth:`on_frame` one by one, which finds the gap. Two layouts are taken:
+        The same as :meth:`on_frame` per frame: :meth:`_take_all` takes runs of frames where there is
+        neither a key filter nor a subject filter; else :meth:`_take_runs` takes the frames the key
+        filter keeps, :meth:`_pass_run` each run of those it passes over. A sequence jump sends the
+        frames concerned through :meth:`on_frame` one by one, which finds the gap. Two layouts are taken:
         rjet's headers first, and a trace context before them (as ``insert`` writes it with tracing
         on); the scan goes on with the one the last frame had, and switches where the other fits. A
         frame neither fits (other headers, a status) ends the call and goes to :meth:`on_frame` too.
@@ -207,12 +208,16 @@ class Intake:
         end = pos
         layouts = ((pattern.match, plain.match), (traced_pattern.match, traced_plain.match))
         match = pattern.match
+        every = self.key_filter is None and not self._gaps.filtered
         view = memoryview(buf)  # one copy per body, not two (bytes(buf[a:b]) copies twice)
         try:
             while True:
                 traced = s.traced
                 match, plain_match = layouts[traced]
-                end = self._take_runs(s, match, plain_match, traced, buf, view, end, size)
+                if every:
+                    end = self._take_all(s, match, traced, buf, view, end, size)
+                else:
+                    end = self._take_runs(s, match, plain_match, traced, buf, view, end, size)
                 # Stopped at a frame of the other layout; or at one the scan does not take, or one not
                 # all here, which the other pattern does not match either (they differ in the first header).
                 if end == size or layouts[not traced][0](buf, end) is None:
@@ -235,6 +240,60 @@ class Intake:
             if s.pending <= self._low:
                 self._sessions.kick()
         return end
+
+    def _take_all(
+        self, s: Session, match: _Match, traced: bool, buf: bytearray, view: memoryview, pos: int, size: int
+    ) -> int:
+        """Takes the consumer's frames of one layout from ``buf[pos:size]`` into the buffer when every
+        event is wanted and sequences do not jump (no key filter, no subject filter); returns where
+        it stopped. Raises :class:`_Gap` at a sequence jump, with the frames buffered taken back.
+
+        The sequences are checked once for the run, at its last frame, as :meth:`_pass_run` checks a
+        run it passes over: every frame matched is this consumer's and both sequences only grow, so
+        the run is gapless exactly when its last frame's are the count further on. So a frame costs
+        a match, its sizes, its body, stored time and pending count (``pending == 0`` marks the
+        reader caught up at whichever frame says it), and no reply subject split.
+        """
+        st = self._state
+        queue = st.buf
+        append = queue.append
+        held = st.in_bytes
+        last = sseq = st.last
+        start = pos
+        m = None  # the last frame taken
+        zero = False
+        while (found := match(buf, pos)) is not None and (
+            stop := (body := found.end(5) + 2) + int(found[5])
+        ) + 2 <= size:
+            m = found
+            sseq += 1
+            hdr_end = body + int(m[4])
+            data = view[hdr_end:stop].tobytes()
+            hdr = view[body:hdr_end].tobytes() if traced else None
+            append((sseq, int(m[2]), b"", hdr, data, None, m[6], m[7], held))
+            held += len(data)
+            if m[3] == b"0":
+                zero = True
+            pos = stop + 2
+        if m is None:
+            return pos
+        run = sseq - last
+        tail = m[1].split(b".")
+        if int(tail[2]) != s.cseq + run or int(tail[1]) != sseq:
+            # A consumer-sequence jump (lost in transit) or a stream sequence jump (events removed):
+            # on_frame, frame by frame, finds where and which.
+            for _ in range(run):
+                queue.pop()
+            raise _Gap(start, pos)
+        s.cseq += run
+        s.pending -= run
+        s.frames += run
+        st.last = sseq
+        st.server_pending = int(m[3])
+        if zero:
+            st.caught_up = True
+        st.in_bytes = held
+        return pos
 
     def _take_runs(
         self,
@@ -265,16 +324,16 @@ class Intake:
                 m = plain(buf, pos) if n else None  # a shard worker hashes a plain foreign ID as it is
                 hashed = m is not None
                 m = m or match(buf, pos)
-                if m is None or (stop := (body := m.end(3) + 2) + int(m[3])) + 2 > size:
+                if m is None or (stop := (body := m.end(5) + 2) + int(m[5])) + 2 > size:
                     return pos  # no frame of the pattern's, or not all here yet
                 if key_filter is not None:
                     try:
-                        wanted = hash_bytes(m[5]) % n == mine if hashed else key_filter(fid_value(m[5], stream, 0))
+                        wanted = hash_bytes(m[7]) % n == mine if hashed else key_filter(fid_value(m[7], stream, 0))
                     except Exception:  # DecodeError, a broken filter: on_frame handles it
                         return pos
                     if not wanted:
                         # Its size as _pass_run counts: headers included for a hashed one.
-                        nbytes = stop - body if hashed else stop - body - int(m[2])
+                        nbytes = stop - body if hashed else stop - body - int(m[4])
                         pos, nbytes, m, tail, body, stop, cseq, sseq = self._pass_run(
                             s, match, plain, buf, pos, stop + 2, size, m, nbytes
                         )
@@ -283,8 +342,6 @@ class Intake:
                             return pos
                 if tail is None:
                     tail = m[1].split(b".")
-                    if len(tail) < 5:
-                        return pos
                     cseq, sseq = int(tail[2]), int(tail[1])
                     # A consumer-sequence jump (lost in transit) or, without subject filters, a stream
                     # sequence jump (events removed): on_frame, frame by frame, finds which.
@@ -304,10 +361,10 @@ class Intake:
                     gaps.prev_pending = pending
                     s.blind = s.pending <= 0
                 st.last = sseq
-                start = body + int(m[2])
+                start = body + int(m[4])
                 data = view[start:stop].tobytes()
                 hdr = view[body:start].tobytes() if traced else None
-                append((sseq, int(tail[3]), b"", hdr, data, None, m[4], m[5], held))
+                append((sseq, int(tail[3]), b"", hdr, data, None, m[6], m[7], held))
                 held += len(data)
                 pos = stop + 2
                 tail = None
@@ -353,9 +410,9 @@ class Intake:
                 # A shard worker's loop: another shard's event (with a plain foreign ID, which is
                 # hashed as it is) costs a match and a hash.
                 while (m := plain(buf, pos)) is not None:
-                    total = int(m[3])
-                    nxt = m.end(3) + total + 4
-                    if nxt > size or hash_bytes(m[5]) % n == mine:
+                    total = int(m[5])
+                    nxt = m.end(5) + total + 4
+                    if nxt > size or hash_bytes(m[7]) % n == mine:
                         wanted = nxt <= size  # ours, unless not all here yet
                         break
                     run += 1
@@ -363,20 +420,20 @@ class Intake:
                     last = m
                     pos = nxt
             m = m or match(buf, pos)  # a percent-encoded foreign ID (the filter decides), or none
-            if m is None or (stop := (body := m.end(3) + 2) + int(m[3])) + 2 > size:
+            if m is None or (stop := (body := m.end(5) + 2) + int(m[5])) + 2 > size:
                 break  # no frame of the pattern's, or not all here yet
             if not wanted:
                 try:
-                    wanted = key_filter(fid_value(m[5], stream, 0))
+                    wanted = key_filter(fid_value(m[7], stream, 0))
                 except Exception:  # DecodeError, a broken filter: on_frame handles it
                     break
                 if not wanted:
                     run += 1
-                    run_bytes += stop - body - int(m[2])
+                    run_bytes += stop - body - int(m[4])
                     last = m
                     pos = stop + 2
                     continue
-            tail = t if len(t := m[1].split(b".")) >= 5 else None
+            tail = m[1].split(b".")
             break
         ltail = last[1].split(b".")
         ref, more, end = (tail, 1, stop + 2) if tail is not None else (ltail, 0, pos)
@@ -402,9 +459,9 @@ class Intake:
     def _one_by_one(self, match: _Match, prefix: bytes, buf: bytearray, pos: int, end: int) -> int:
         """Hands the frames in ``buf[pos:end]`` (all matched by ``match``) to :meth:`on_frame`."""
         while pos < end and (m := match(buf, pos)) is not None:
-            body = m.end(3) + 2
-            hlen = int(m[2])
-            stop = body + int(m[3])
+            body = m.end(5) + 2
+            hlen = int(m[4])
+            stop = body + int(m[5])
             self.on_lane_frame(b"", prefix + m[1], bytes(buf[body : body + hlen]), bytes(buf[body + hlen : stop]))
             pos = stop + 2
         return pos
