@@ -40,8 +40,7 @@ from rjet.errors import (
     is_expected,
 )
 from rjet.event import Event
-from rjet.reader._base import ClientBase
-from rjet.stats import ConsumerStats
+from rjet.stats import ConsumerStats, ReaderCounts
 from rjet.stream import parse_cursor
 
 __all__ = ["Spec", "StreamClientLike", "StreamFunc", "run", "run_forever"]
@@ -192,7 +191,7 @@ async def _run(  # noqa: C901 (the run loop)
             claim.stream = client.stream_id  # every cursor written from now on names this stream
         if (traced := spec.consumer.traced(client.stream)) is not spec.consumer:  # OpenTelemetry spans
             spec = dataclasses.replace(spec, consumer=traced)
-        stats.track(client if isinstance(client, ClientBase) else None)  # a reader of your own keeps no counts
+        stats.track(client if isinstance(client, ReaderCounts) else None)  # declared counts, or none
         # A claim that is lost (another runner took it, its key vanished) or a stop request ends the
         # run now, not when the next event arrives: closing the client ends recv(); and no handler
         # call starts once either happened.

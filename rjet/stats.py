@@ -19,7 +19,7 @@ import bisect
 import dataclasses
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from rjet.event import Event
@@ -30,9 +30,11 @@ LATENCY_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0
 """Upper bounds (seconds) of the handler latency histogram; one more bucket holds the rest."""
 
 
+@runtime_checkable
 class ReaderCounts(Protocol):
     """What :meth:`ConsumerStats.track` reads from a run's stream client (:class:`rjet.StreamClient`
-    and :class:`rjet.testing.MemoryStreamClient` declare it).
+    and :class:`rjet.testing.MemoryStreamClient` declare it; a stream client of your own that has
+    these three is read too).
 
     ``num_pending``: events not yet handed over (the lag); ``skipped_passed``: events of other keys
     the key filter passed over and the caller moved past; ``removed``: sequences skipped as removed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from nats.js import JetStreamContext
@@ -168,3 +169,56 @@ async def test_the_reader_s_own_counts_reach_the_snapshot_and_outlive_its_run() 
         await rjet.run(rjet.Spec(ms.stream, store, consumer, to_head=True), stats=stats)
     again = stats.snapshot()
     assert (again.handled, again.skipped, again.removed) == (snap.handled + 1, snap.skipped + 1, gone)
+
+
+class _OwnClient:
+    """A stream client of a user's own: recv and close, plus the three counts of ReaderCounts."""
+
+    stream, stream_id, key_filter = "own", None, None
+
+    def __init__(self, events: list[rjet.Event]) -> None:
+        self._events = events
+        self.skipped_passed, self.removed = 2, 5
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._events)
+
+    async def recv(self) -> rjet.Event:
+        if not self._events:
+            raise rjet.HeadReached("own", 3)
+        return self._events.pop(0)
+
+    async def next_or_skip(self) -> rjet.Event | int | rjet.EventsRemoved:
+        return await self.recv()
+
+    def take(self, limit: int) -> list[rjet.Event]:
+        return []
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_client_of_your_own_that_declares_the_counts_is_read() -> None:
+    ms = MemoryStream()
+    await ms.insert_many([("k", 1, b"")] * 3)
+    async with await ms.stream("", to_head=True) as client:
+        events = [e async for e in client]
+    own = _OwnClient(events)
+    assert isinstance(own, ReaderCounts)
+
+    async def stream(
+        after: str = "",
+        *,
+        from_head: bool = False,
+        to_head: bool = False,
+        key_filter: Callable[[str], bool] | None = None,
+        stream_id: str | None = None,
+    ) -> _OwnClient:
+        return own
+
+    stats = rjet.ConsumerStats("c")
+    with pytest.raises(rjet.HeadReached):
+        await rjet.run(rjet.Spec(stream, rjet.MemCursorStore(), rjet.Consumer("c", lambda f, e: None)), stats=stats)
+    snap = stats.snapshot()
+    assert (snap.handled, snap.skipped, snap.removed) == (3, 2, 5)
