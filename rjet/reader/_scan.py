@@ -271,7 +271,7 @@ class Intake:
             data = view[hdr_end:stop].tobytes()
             hdr = view[body:hdr_end].tobytes() if traced else None
             append((sseq, int(m[2]), b"", hdr, data, None, m[6], m[7], held))
-            held += len(data)
+            held += stop - hdr_end
             if m[3] == b"0":
                 zero = True
             pos = stop + 2
