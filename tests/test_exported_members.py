@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 
-@pytest.mark.parametrize("module", ["rjet", "rjet.parallel", "rjet.reader", "rjet.testing"])
+@pytest.mark.parametrize("module", ["rjet", "rjet.parallel", "rjet.reader", "rjet.testing", "rjet.wire"])
 def test_all_is_sorted_and_complete(module: str) -> None:
     mod = importlib.import_module(module)
     names = mod.__all__

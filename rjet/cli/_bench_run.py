@@ -17,7 +17,7 @@ from typing import Any
 from nats.js import api
 
 import rjet
-from rjet.parallel._shard import key_filter, shard_of
+from rjet.parallel import shard_of
 
 __all__ = ["Figure", "run_bench"]
 
@@ -158,7 +158,7 @@ async def run_bench(
         fids = {fid for fid, _, _ in items}
         empty = min(set(range(4 * len(fids))) - {shard_of(fid, 4 * len(fids)) for fid in fids})
         (skip, skip_cpu), (handle, handle_cpu) = await _best_both(
-            rounds, lambda: run_with(key_filter(empty, 4 * len(fids))), lambda: run_with(None)
+            rounds, lambda: run_with(rjet.ShardFilter(empty, 4 * len(fids))), lambda: run_with(None)
         )
         figures.append(
             Figure("shard scan: pass over an event, worker CPU", "us/event", skip_cpu / events * 1e6,

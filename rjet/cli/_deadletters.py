@@ -16,10 +16,9 @@ import click
 import nats.js.errors
 
 import rjet
-from rjet._nats.denials import guard_api
-from rjet._nats.frames import decode_type, foreign_id_of, rjet_headers
 from rjet.cli._common import CliError, Connection, age, connection_options, data_text, iso, one_line, run
 from rjet.deadletter import DeadLetterStream, StoredDeadLetter
+from rjet.wire import decode_type, foreign_id_of, guard_api, rjet_headers
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext

@@ -25,8 +25,6 @@ import nats.js.errors
 from rich.console import Console
 
 import rjet
-from rjet._nats.denials import guard_api
-from rjet._tasks import cancel_and_wait
 from rjet.cli._common import CliError, Connection, embedded_connection_options, run, show_progress, stderr_console
 from rjet.cli._demo_check import GROUP, Checker, DemoHandler, Tally, on_start
 from rjet.cli._demo_view import display, print_summary, say
@@ -34,6 +32,7 @@ from rjet.fate import NEVER, RandomFate
 from rjet.parallel import Parallel, Summary
 from rjet.partitions import DEFAULT_PARTITIONS, Partitions
 from rjet.server import EmbeddedServer
+from rjet.wire import guard_api
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -42,6 +41,7 @@ if TYPE_CHECKING:
 _BATCH: Final = 250
 _TICK: Final = 0.1
 _STALL: Final = 30.0  # seconds without progress before the demo gives up
+_AGAIN: Final = 0.05  # seconds between cancellations of an inserter that goes on
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -144,7 +144,7 @@ class Demo:
             group.stop(force=True)
             raise
         finally:
-            await cancel_and_wait([inserter])  # it may swallow one cancellation (rjet/_tasks.py)
+            await _cancel(inserter)
             if not task.done():
                 await asyncio.wait({task}, timeout=1.5)
             if not task.done():
@@ -239,6 +239,16 @@ class Demo:
             if not (s.cursor.isdigit() and int(s.cursor) >= target):
                 return False
         return True
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` until it has ended. On Python 3.11 an insert may swallow a cancellation that
+    arrives as its ack does (``asyncio.wait_for``, CPython gh-86296; why ``rjet/_tasks.py`` exists),
+    and the inserter would go on inserting while the demo waits for it. Its failure, if any, is the
+    caller's to retrieve."""
+    while task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=_AGAIN)
 
 
 async def _delete(js: JetStreamContext, name: str) -> None:

@@ -19,7 +19,6 @@ import click
 from rich.progress import MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 import rjet
-from rjet._nats.frames import check_type, encode_header_block
 from rjet.cli._common import (
     EXIT_USAGE,
     CliError,
@@ -30,6 +29,7 @@ from rjet.cli._common import (
     show_progress,
     stderr_console,
 )
+from rjet.wire import check_type, encode_header_block
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext, api
@@ -125,7 +125,7 @@ class _Count(_OneLineType):
 
 
 class _EventType(_OneLineType):
-    """An event type, as ``insert`` takes it (:func:`rjet._nats.frames.check_type`)."""
+    """An event type, as ``insert`` takes it (:func:`rjet.wire.check_type`)."""
 
     name = "integer"
 

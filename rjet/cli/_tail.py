@@ -20,10 +20,10 @@ import nats.js.errors
 from nats.js import api
 
 import rjet
-from rjet._nats.denials import guard_api
 from rjet.cli._common import Connection, connection_options, data_text, iso, run
 from rjet.parallel.admin import sequence_at
 from rjet.stream import parse_cursor
+from rjet.wire import guard_api
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
