@@ -247,10 +247,15 @@ HELD_BEFORE: Final = 8
 # two the bulk scan reads from every frame), 4 header size, 5 total size, 6 type (an integer), 7
 # foreign ID (printable ASCII: plain or percent-encoded; only plain for ``plain=True``). Up to 18
 # digits: any of them is an int64 (a longer type goes to decode_type, which checks the range).
+# With ``plain=True`` (a shard worker's loop over other shards' events, which splits the tail of the
+# few it keeps) the tail is any token and groups 2 and 3 are empty: taking the tail apart in the
+# pattern costs ~90 ns a match, a tenth of what passing over an event costs.
 # Possessive quantifiers (++): what follows each one is a character it cannot take, so they match
 # what the greedy ones would, and a frame of another layout fails at once instead of backtracking
 # through the control line (0.24 us against 0.50 for a traced frame; 4% off a match that succeeds).
-_FRAME_TAIL: Final = rb"(\d++\.\d++\.\d++\.(\d++)\.(\d++)(?:\.[^ ]++)?) (\d++) (\d++)\r\nNATS/1\.0\r\n"
+_REPLY_TAIL: Final = rb"(\d++\.\d++\.\d++\.(\d++)\.(\d++)(?:\.[^ ]++)?)"
+_ANY_TAIL: Final = rb"([^ ]++)()()"
+_SIZES: Final = rb" (\d++) (\d++)\r\nNATS/1\.0\r\n"
 _RJET_LINES: Final = (
     TYPE_HEADER.encode() + rb": (-?\d{1,18})\r\n" + FOREIGN_ID_HEADER.encode()
 )  # fmt: skip
@@ -266,5 +271,5 @@ def frame_pattern(sid: int, reply_prefix: bytes, *, plain: bool = False, traced:
     start with the trace context (the groups are the same)."""
     # Literals and single-character negations only, few groups: ~0.3 us a frame.
     fid = rb": ([!-$&-~]++)\r\n" if plain else rb": ([!-~]++)\r\n"
-    head = b"HMSG [^ ]++ %d %s" % (sid, re.escape(reply_prefix)) + _FRAME_TAIL
+    head = b"HMSG [^ ]++ %d %s" % (sid, re.escape(reply_prefix)) + (_ANY_TAIL if plain else _REPLY_TAIL) + _SIZES
     return re.compile(head + (_TRACE_LINES if traced else b"") + _RJET_LINES + fid)

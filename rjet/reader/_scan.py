@@ -342,6 +342,8 @@ class Intake:
                             return pos
                 if tail is None:
                     tail = m[1].split(b".")
+                    if len(tail) < 5:  # (the plain pattern takes any tail)
+                        return pos
                     cseq, sseq = int(tail[2]), int(tail[1])
                     # A consumer-sequence jump (lost in transit) or, without subject filters, a stream
                     # sequence jump (events removed): on_frame, frame by frame, finds which.
@@ -433,7 +435,7 @@ class Intake:
                     last = m
                     pos = stop + 2
                     continue
-            tail = m[1].split(b".")
+            tail = t if len(t := m[1].split(b".")) >= 5 else None
             break
         ltail = last[1].split(b".")
         ref, more, end = (tail, 1, stop + 2) if tail is not None else (ltail, 0, pos)
