@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from rjet.errors import InvalidEvent
 
@@ -38,7 +38,7 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _US: Final = timedelta(microseconds=1)
 
 
-@dataclasses.dataclass(frozen=True, slots=True, init=False)
+@dataclasses.dataclass(frozen=True, init=False)
 class Event:
     """One reflex event read from a stream.
 
@@ -51,19 +51,23 @@ class Event:
     (7, True, 2026)
     """
 
+    # Two slots are no fields (so dataclasses.fields, asdict, astuple, replace, == and hash see the
+    # five fields only, whatever state the slots are in): ``_timestamp``, the datetime once built (or
+    # given); ``_trace``, the W3C trace headers the message carried, left unset (not even None) by the
+    # reader's fast path, so that an event without them costs nothing (read it through ``trace``), or
+    # the raw header block, parsed on first use: with tracing off nothing reads it (parsing costs more
+    # than the rest of decoding the event).
+    __slots__ = ("_timestamp", "_trace", "foreign_id", "id", "metadata", "timestamp_us", "type")
+
     id: str
     type: int
     foreign_id: str
     timestamp_us: int
     """The stored time in microseconds since the Unix epoch (what ``timestamp`` holds, as an int)."""
-    metadata: bytes = b""
-    # The datetime, once built (or given); not an __init__ field, so dataclasses.replace leaves it out.
-    _timestamp: datetime | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
-    # The W3C trace headers the message carried; left unset (not even None) by the reader's fast path,
-    # so that an event without them costs nothing: read it through ``trace``. The reader sets the raw
-    # header block instead, read on first use: with tracing off nothing reads it (reading costs more
-    # than the rest of decoding the event).
-    _trace: dict[str, str] | bytes | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
+    metadata: bytes
+    if TYPE_CHECKING:  # slots only: no dataclass fields at run time
+        _timestamp: datetime | None
+        _trace: dict[str, str] | bytes | None
 
     def __init__(
         self,

@@ -114,3 +114,27 @@ async def test_events_read_are_ordinary_frozen_events(stream: rjet.Stream) -> No
     assert dataclasses.replace(event, type=5).timestamp == event.timestamp
     with pytest.raises(dataclasses.FrozenInstanceError):
         event.type = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("traced", [False, True])
+async def test_dataclass_helpers_see_the_five_fields_of_an_event_read(stream: rjet.Stream, traced: bool) -> None:
+    import dataclasses
+
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    if traced:  # a current context: insert writes its traceparent, and the event keeps the raw block
+        with trace.use_span(NonRecordingSpan(SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(1)))):
+            await stream.insert("k", 3, b"m")
+    else:
+        await stream.insert("k", 3, b"m")
+    async with await stream.stream(to_head=True) as client:
+        [event] = [e async for e in client]
+    fields = {"id": "1", "type": 3, "foreign_id": "k", "timestamp_us": event.timestamp_us, "metadata": b"m"}
+    assert dataclasses.asdict(event) == fields
+    assert dataclasses.astuple(event) == tuple(fields.values())
+    assert [f.name for f in dataclasses.fields(event)] == list(fields)
+    assert pickle.loads(pickle.dumps(event)).trace == event.trace
+    assert (event.trace is not None) is traced
+    with pytest.raises(AttributeError):
+        event.__dict__  # noqa: B018 (slots only)
