@@ -82,6 +82,10 @@ class SqlCursorStore:
         self.flush_interval = flush_interval
         self._errors = backend.errors()
         self._idle: list[Any] = []
+        # Connections being closed after a failure, each by a task of the store's own, which close()
+        # waits for: the closing goes on when the caller is cancelled (again and again, as the keyed
+        # scheduler's workers are), where it would leave the connection open with work queued.
+        self._closing: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(pool_size)
         self._claims: dict[str, SqlClaim] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -126,8 +130,14 @@ class SqlCursorStore:
                 if ok and not self._closed:
                     self._idle.append(conn)
                 else:
-                    with contextlib.suppress(Exception):
-                        await self.backend.close(conn)
+                    closing = asyncio.ensure_future(self._close_quietly(conn))
+                    self._closing.add(closing)
+                    closing.add_done_callback(self._closing.discard)
+                    await asyncio.shield(closing)
+
+    async def _close_quietly(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await self.backend.close(conn)
 
     async def _run(self, what: str, work: Callable[[Any], Awaitable[Any]]) -> Any:
         """``work(conn)`` in a transaction of its own; driver errors as :class:`rjet.CursorStoreError`."""
@@ -391,8 +401,9 @@ class SqlCursorStore:
                 await asyncio.wait([self._flusher])
             idle, self._idle = self._idle, []
             for conn in idle:
-                with contextlib.suppress(Exception):
-                    await self.backend.close(conn)
+                await self._close_quietly(conn)
+            if self._closing:
+                await asyncio.wait(self._closing)
 
     async def __aenter__(self) -> Self:
         return self
