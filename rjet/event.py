@@ -156,6 +156,31 @@ class Event:
 _STATE: Final = ("id", "type", "foreign_id", "timestamp_us", "metadata", "_timestamp", "_trace")
 
 
+class EventSlots:
+    """An :class:`Event`'s slots without the frozen dataclass around them, for the reader's hot path.
+
+    The reader fills one with plain attribute stores, then makes it an Event by assigning its
+    ``__class__`` (``slots.__class__ = Event``), which Python allows between classes with the same
+    ``__slots__``: the result is an Event like any other (==, hash, pickling, ``dataclasses``). A
+    frozen Event's slots can only be set through their descriptors, one call a slot: building one
+    so costs 0.15-0.18 us more (Python 3.11 and 3.13), about 5% of what reading an event costs.
+    """
+
+    __slots__ = Event.__slots__
+
+    id: str
+    type: int
+    foreign_id: str
+    timestamp_us: int
+    metadata: bytes
+    _timestamp: datetime | None
+    _trace: dict[str, str] | bytes | None
+
+
+# The layouts must stay the same for the class assignment: this raises at import if they drift apart.
+object.__new__(EventSlots).__class__ = Event  # type: ignore[assignment]
+
+
 def timestamp_from_ns(ns: int) -> datetime:
     """A UTC datetime from nanoseconds since the epoch (microsecond precision, as datetime has)."""
     return _EPOCH + timedelta(microseconds=ns // 1000)

@@ -105,6 +105,7 @@ async def test_events_read_are_ordinary_frozen_events(stream: rjet.Stream) -> No
     async with await stream.stream(to_head=True) as client:
         [event] = [e async for e in client]
     assert event._timestamp is None  # no datetime is built until someone asks
+    assert type(event) is rjet.Event  # built as EventSlots, then made an Event
     copy = pickle.loads(pickle.dumps(event))
     assert event == rjet.Event("1", 3, "k", event.timestamp, b"m") == copy
     assert hash(event) == hash(rjet.Event("1", 3, "k", event.timestamp, b"m")) == hash(copy)
@@ -138,3 +139,32 @@ async def test_dataclass_helpers_see_the_five_fields_of_an_event_read(stream: rj
     assert (event.trace is not None) is traced
     with pytest.raises(AttributeError):
         event.__dict__  # noqa: B018 (slots only)
+
+
+async def test_events_a_run_takes_at_once_are_the_events_read_one_by_one(stream: rjet.Stream) -> None:
+    """StreamClient.take (a concurrent consumer's reader) builds events in a loop of its own."""
+    import dataclasses
+
+    await stream.insert_many([("k", 3, b"m"), ("k%2F1", 4, b"n"), ("j", 0, b"")])
+    async with await stream.stream(to_head=True) as client:
+        one_by_one = [e async for e in client]
+    async with await stream.stream(to_head=True) as client:
+        await client.recv()  # the rest are buffered by now
+        taken = [one_by_one[0], *client.take(10)]
+    assert taken == one_by_one
+    assert [type(e) for e in taken] == [rjet.Event] * 3
+    assert [dataclasses.astuple(e) for e in taken] == [dataclasses.astuple(e) for e in one_by_one]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        taken[1].type = 4  # type: ignore[misc]
+
+
+def test_event_slots_are_an_events_slots() -> None:
+    """The reader builds events as EventSlots and assigns their class: Python allows that only
+    between classes with the same slots (rjet.event checks it at import; so does this)."""
+    from rjet.event import EventSlots
+
+    assert EventSlots.__slots__ == rjet.Event.__slots__
+    built = object.__new__(EventSlots)
+    built.__class__ = rjet.Event  # type: ignore[assignment]
+    made: object = built
+    assert type(made) is rjet.Event

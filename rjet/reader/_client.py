@@ -19,10 +19,10 @@ from rjet._nats.client import connection
 from rjet._nats.frames import SEQ
 from rjet._tasks import cancel_and_wait
 from rjet.errors import ConfigError, DecodeError, EventsRemoved, HeadReached, RjetError, Stopped
-from rjet.event import Event
+from rjet.event import Event, EventSlots
 from rjet.reader._base import ClientBase
 from rjet.reader._config import ReadConfig
-from rjet.reader._decode import MAKE, PERCENT, Decode, decoder
+from rjet.reader._decode import PERCENT, Decode, decoder
 from rjet.reader._gaps import GapCheck
 from rjet.reader._scan import Intake
 from rjet.reader._session import Session, Sessions, identity, start_after
@@ -257,7 +257,7 @@ class StreamClient(ClientBase):
         until = min(verified, st.head) if st.to_head else verified
         # Nothing here changes the session: whether a pull may be due is known before the loop.
         due = s is None or s.pending <= low
-        new, set_id, set_type, set_fid, set_us, set_ts, set_data = MAKE
+        new = object.__new__
         out: list[Event] = []
         while buf and len(out) < limit:
             frame = buf[0]
@@ -279,13 +279,15 @@ class StreamClient(ClientBase):
             ):
                 # As decode does for a frame the scan took without a trace context (a call per event
                 # was a tenth of this loop).
-                event = new(Event)
-                set_id(event, str(sseq))
-                set_type(event, int(typ_value))
-                set_fid(event, fid_value.decode())
-                set_us(event, frame[1] // 1000)
-                set_ts(event, None)
-                set_data(event, frame[4])
+                slots = new(EventSlots)
+                slots.id = str(sseq)
+                slots.type = int(typ_value)
+                slots.foreign_id = fid_value.decode()
+                slots.timestamp_us = frame[1] // 1000
+                slots._timestamp = None  # noqa: SLF001 (EventSlots is an Event being built)
+                slots.metadata = frame[4]
+                slots.__class__ = Event  # type: ignore[assignment]
+                event: Event = slots  # type: ignore[assignment]
             else:
                 try:
                     event = decode(*frame)
