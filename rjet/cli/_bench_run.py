@@ -1,8 +1,11 @@
-"""The measurements behind ``rjet bench``: rjet's hot paths beside plain nats-py, same server, same data.
+"""The measurements behind ``rjet bench``: rjet's hot paths beside plain nats-py, same server, same
+data, in the order of the README's Performance table's sources (benchmarks/).
 
-Each figure is the best of ``rounds`` runs (on a shared machine the slow rounds measure the
-neighbours). The nats-py baselines use a connection of their own, since rjet's reader installs its
-parser fast lane on the connection it reads from.
+Each figure is the best of ``rounds`` runs, the paths it compares taken in turns (on a shared machine
+the slow rounds measure the neighbours). The nats-py baselines use a connection of their own, since
+rjet's reader installs its parser fast lane on the connection it reads from. The rows live in
+``_bench_read`` (ordered read, traced read, shard scan), ``_bench_cursors`` and ``_bench_memory``;
+the insert and concurrency rows here.
 """
 
 from __future__ import annotations
@@ -11,74 +14,29 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from nats.js import api
-
 import rjet
-from rjet.parallel import shard_of
+from rjet.cli._bench_cursors import cursor_figures
+from rjet.cli._bench_figure import Bench, Figure, best, best_both
+from rjet.cli._bench_memory import large_events_figure, long_read_figure
+from rjet.cli._bench_read import read_figures, shard_figures
 
-__all__ = ["Figure", "run_bench"]
+__all__ = ["Figure", "Measured", "run_bench"]
+
+LONG_READ_ROW = "worker memory, long read"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Figure:
-    """One comparison: rjet's figure, the baseline's, their ratio, and the target from the issue.
+class Measured:
+    """One run of ``rjet bench``: its figures, the rows it left out and why, the server it measured
+    against, and how long it took."""
 
-    ``target`` says the target in words; the bounds below are what :attr:`meets` checks (a figure
-    with none has no target: ``meets`` is None).
-    """
-
-    path: str
-    unit: str
-    rjet: float
-    baseline_name: str
-    baseline: float | None
-    target: str
-    min_ratio: float | None = None
-    max_ratio: float | None = None
-    min_value: float | None = None
-    max_value: float | None = None
-
-    @property
-    def ratio(self) -> float | None:
-        """rjet / baseline (for costs, baseline / rjet is not used: costs are compared as stated)."""
-        return self.rjet / self.baseline if self.baseline else None
-
-    @property
-    def meets(self) -> bool | None:
-        """Whether the figure meets its target; None when it has none (or its ratio is unknown)."""
-        bounds = (self.min_ratio, self.max_ratio, self.min_value, self.max_value)
-        if all(b is None for b in bounds):
-            return None
-        ratio = self.ratio
-        if ratio is None and (self.min_ratio is not None or self.max_ratio is not None):
-            return None
-        checks = [
-            self.min_ratio is None or (ratio is not None and ratio >= self.min_ratio),
-            self.max_ratio is None or (ratio is not None and ratio <= self.max_ratio),
-            self.min_value is None or self.rjet >= self.min_value,
-            self.max_value is None or self.rjet <= self.max_value,
-        ]
-        return all(checks)
-
-
-async def _best(rounds: int, fn: Callable[[], Awaitable[Any]]) -> float:
-    [(wall, _)] = await _best_both(rounds, fn)
-    return wall
-
-
-async def _best_both(rounds: int, *fns: Callable[[], Awaitable[Any]]) -> list[tuple[float, float]]:
-    """(best wall seconds, best CPU seconds of this process) of each of ``fns`` over ``rounds`` runs,
-    taken in turns so that both see the same neighbours on a shared machine."""
-    best = [(float("inf"), float("inf")) for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t, c = time.perf_counter(), time.process_time()
-            await fn()
-            best[i] = (min(best[i][0], time.perf_counter() - t), min(best[i][1], time.process_time() - c))
-    return best
+    figures: list[Figure]
+    not_measured: list[str]
+    server_version: str
+    seconds: float
 
 
 async def run_bench(
@@ -87,128 +45,74 @@ async def run_bench(
     *,
     events: int = 100_000,
     rounds: int = 5,
+    full: bool = False,
     progress: Callable[[str], None] = print,
-) -> list[Figure]:
-    """Measure every path against ``servers``; ``progress`` hears what runs now."""
+) -> Measured:
+    """Measure every path against ``servers`` (with ``full``, the long memory read too); ``progress``
+    hears what runs now."""
+    began = time.perf_counter()
     options = options or {}
     nc = await rjet.connect(servers, **options)
     base_nc = await rjet.connect(servers, **options)  # a plain nats-py connection: rjet never reads on it
-    js, base_js = nc.jetstream(timeout=30), base_nc.jetstream(timeout=30)
-    tag = f"{int(time.time() * 1000) % 10**9}"
-    names: list[str] = []
+    items = [(f"user-{i % 1000}", 1 + i % 5, b'{"amount": 1234, "note": "bench"}') for i in range(events)]
+    b = Bench(servers, options, nc, nc.jetstream(timeout=30), base_nc, base_nc.jetstream(timeout=30), events,
+              rounds, items, f"{int(time.time() * 1000) % 10**9}")  # fmt: skip
+    not_measured: list[str] = []
     try:
-        items = [(f"user-{i % 1000}", 1 + i % 5, b'{"amount": 1234, "note": "bench"}') for i in range(events)]
-        figures = []
-
         progress("insert")
-        counter = iter(range(10**6))
-
-        async def rjet_insert() -> None:
-            name = f"rjet_bench_ins_{tag}_{next(counter)}"
-            names.append(name)
-            stream = await rjet.Stream.create(js, name)
-            for i in range(0, events, 10_000):
-                await stream.insert_many(items[i : i + 10_000])
-
-        async def base_insert() -> None:
-            name = f"rjet_bench_ins_{tag}_{next(counter)}"
-            names.append(name)
-            await base_js.add_stream(name=name, subjects=[f"{name}.>"])
-            for fid, typ, data in items:
-                await base_js.publish_async(
-                    f"{name}.events", data, headers={"reflex_type": str(typ), "rjet_foreign_id": fid}
-                )
-            await base_js.publish_async_completed()
-
-        ours, theirs = await _best(rounds, rjet_insert), await _best(rounds, base_insert)
-        figures.append(
-            Figure("insert_many", "events/s", events / ours, "publish_async", events / theirs, ">= 2x", min_ratio=2)
-        )
-
-        progress("read")
-        source = rjet.Stream(js, names[0])
-
-        async def rjet_read() -> None:
-            async with await source.stream(to_head=True) as client:
-                async for _ in client:
-                    pass
-
-        async def base_read() -> None:
-            sub = await base_js.pull_subscribe(
-                f"{names[0]}.>", stream=names[0], config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE)
-            )
-            got = 0
-            while got < events:
-                got += len(await sub.fetch(1000, timeout=10))
-            await sub.unsubscribe()
-
-        ours, theirs = await _best(rounds, rjet_read), await _best(rounds, base_read)
-        figures.append(
-            Figure("ordered read", "events/s", events / ours, "fetch(1000)", events / theirs, ">= 5x", min_ratio=5)
-        )
-
+        figures = [await _insert(b)]
+        source = rjet.Stream(b.js, b.made[0])  # the events the first round inserted
+        progress("ordered read")
+        figures += await read_figures(b, source)
         progress("shard scan")
-
-        async def run_with(key_filter: Callable[[str], bool] | None) -> None:
-            consumer = rjet.Consumer("bench", lambda f, e: None, key_filter=key_filter)
-            with contextlib.suppress(rjet.HeadReached):
-                await rjet.run(rjet.Spec(source.stream, rjet.MemCursorStore(), consumer, to_head=True))
-
-        # A worker's own filter for a shard that owns none of the events: every event is passed over.
-        fids = {fid for fid, _, _ in items}
-        empty = min(set(range(4 * len(fids))) - {shard_of(fid, 4 * len(fids)) for fid in fids})
-        (skip, skip_cpu), (handle, handle_cpu) = await _best_both(
-            rounds, lambda: run_with(rjet.ShardFilter(empty, 4 * len(fids))), lambda: run_with(None)
-        )
-        figures.append(
-            Figure("shard scan: pass over an event, worker CPU", "us/event", skip_cpu / events * 1e6,
-                   "handle an event", handle_cpu / events * 1e6, "<= 4 us", max_value=4)
-        )  # fmt: skip
-        figures.append(
-            Figure("shard scan: pass over an event, wall", "us/event", skip / events * 1e6, "handle an event",
-                   handle / events * 1e6, "- (includes the server's work)")
-        )  # fmt: skip
-
+        figures += await shard_figures(b, source)
         progress("cursors")
-        async with await rjet.JetStreamCursorStore.create(js, f"bench_{tag}") as store:
-            await store.get_cursor("c")
-            mem = rjet.MemCursorStore()
-
-            async def set_many(target: rjet.CursorStore) -> None:
-                for i in range(200_000):
-                    await target.set_cursor("c", str(i))
-
-            ours, theirs = await _best(rounds, lambda: set_many(store)), await _best(rounds, lambda: set_many(mem))
-            figures.append(
-                Figure("set_cursor (buffered)", "calls/s", 200_000 / ours, "MemCursorStore", 200_000 / theirs,
-                       ">= 1M/s", min_value=1e6)
-            )  # fmt: skip
-
-            async def run_store(target: rjet.CursorStore) -> None:
-                consumer = rjet.Consumer(f"c{time.time_ns()}", lambda f, e: None)
-                with contextlib.suppress(rjet.HeadReached):
-                    await rjet.run(rjet.Spec(source.stream, target, consumer, to_head=True))
-
-            ours = await _best(rounds, lambda: run_store(store))
-            theirs = await _best(rounds, lambda: run_store(rjet.MemCursorStore()))
-            figures.append(
-                Figure("run with JetStream cursors", "events/s", events / ours, "run with MemCursorStore",
-                       events / theirs, ">= 0.9x", min_ratio=0.9)
-            )  # fmt: skip
-        await js.delete_key_value(store.bucket)  # after the store's last flush on closing
-
+        figures += await cursor_figures(b, source)
         progress("concurrency")
-        figures.append(await _concurrency(source, events, rounds))
-        return figures
+        figures.append(await _concurrency(b, source))
+        # The worker process connects with the servers and options as data: a TLS context is not.
+        if "tls" in options:
+            not_measured.append("worker memory: not over TLS (the worker process takes no TLS context)")
+        else:
+            progress("worker memory, large events")
+            figures.append(await large_events_figure(b))
+            if full:
+                progress(f"worker memory, a long read of {10 * events:,} events")
+                figures.append(await long_read_figure(b))
+        if full is False:
+            not_measured.append(f"{LONG_READ_ROW}: with --full ({10 * events:,} events)")
+        v = nc.connected_server_version
+        version = f"{v.major}.{v.minor}.{v.patch}" + (f"-{v.dev}" if v.dev else "")
+        return Measured(figures, not_measured, version, time.perf_counter() - began)
     finally:
-        for name in names:
+        for name in b.made:
             with contextlib.suppress(Exception):  # best-effort clean-up of what the bench created
-                await base_js.delete_stream(name)
+                await b.base_js.delete_stream(name)
         await nc.close()
         await base_nc.close()
 
 
-async def _concurrency(source: rjet.Stream, events: int, rounds: int) -> Figure:
+async def _insert(b: Bench) -> Figure:
+    async def rjet_insert() -> None:
+        stream = await rjet.Stream.create(b.js, b.name("ins"))
+        for i in range(0, b.events, 10_000):
+            await stream.insert_many(b.items[i : i + 10_000])
+
+    async def base_insert() -> None:
+        name = b.name("ins")
+        await b.base_js.add_stream(name=name, subjects=[f"{name}.>"])
+        for fid, typ, data in b.items:
+            await b.base_js.publish_async(
+                f"{name}.events", data, headers={"reflex_type": str(typ), "rjet_foreign_id": fid}
+            )
+        await b.base_js.publish_async_completed()
+
+    (ours, _), (theirs, _) = await best_both(b.rounds, rjet_insert, base_insert)
+    return Figure("insert_many", "events/s", b.events / ours, "publish_async + completed, same headers",
+                  b.events / theirs, ">= 2x", min_ratio=2)  # fmt: skip
+
+
+async def _concurrency(b: Bench, source: rjet.Stream) -> Figure:
     """A 1 ms async handler with concurrency=256 against one at a time, over 1,000 foreign IDs."""
 
     async def run_sleeping(k: int, upto: int) -> None:
@@ -220,18 +124,8 @@ async def _concurrency(source: rjet.Stream, events: int, rounds: int) -> Figure:
         with contextlib.suppress(rjet.HeadReached):
             await rjet.run(rjet.Spec(source.stream, rjet.MemCursorStore(), consumer, to_head=True))
 
-    few = min(events, 500)  # one at a time does ~900 events/s: a few hundred tell its rate
-    sequential = await _best(1, lambda: run_sleeping(1, few)) - await _best(1, lambda: run_sleeping(1, 0))
-    concurrent = await _best(rounds, lambda: run_sleeping(256, events))
-    return Figure(
-        "1 ms async handler, concurrency=256", "events/s", events / concurrent, "concurrency=1", few / sequential,
-        ">= 100x", min_ratio=100,
-    )  # fmt: skip
-
-
-if __name__ == "__main__":  # pragma: no cover - manual use
-    from rjet.server import EmbeddedServer
-
-    with EmbeddedServer() as srv:
-        for f in asyncio.run(run_bench([srv.url], events=20_000, rounds=1)):
-            print(f, f.ratio)
+    few = min(b.events, 500)  # one at a time does ~900 events/s: a few hundred tell its rate
+    sequential = await best(1, lambda: run_sleeping(1, few)) - await best(1, lambda: run_sleeping(1, 0))
+    concurrent = await best(b.rounds, lambda: run_sleeping(256, b.events))
+    return Figure("1 ms async handler, concurrency=256", "events/s", b.events / concurrent, "concurrency=1",
+                  few / sequential, ">= 100x", min_ratio=100)  # fmt: skip
