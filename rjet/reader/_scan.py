@@ -38,7 +38,7 @@ __all__ = ["Intake"]
 
 _STATUS = "Status"
 _DESCRIPTION = "Description"
-_Match = Callable[[bytearray, int], "re.Match[bytes] | None"]  # a frame pattern's bound match
+_Match = Callable[[bytes, int], "re.Match[bytes] | None"]  # a frame pattern's bound match
 
 
 class _Gap(Exception):
@@ -180,7 +180,7 @@ class Intake:
 
     # ----------------------------------------------------------------- in bulk
 
-    def scan(self, buf: bytearray, pos: int, size: int) -> int:
+    def scan(self, buf: bytes | bytearray, pos: int, size: int) -> int:
         """Takes the current consumer's complete frames from ``buf[pos:size]`` in one go, as long as
         they are laid out as ``insert`` writes them; returns where it stopped.
 
@@ -191,6 +191,8 @@ class Intake:
         rjet's headers first, and a trace context before them (as ``insert`` writes it with tracing
         on); the scan goes on with the one the last frame had, and switches where the other fits. A
         frame neither fits (other headers, a status) ends the call and goes to :meth:`on_frame` too.
+
+        The parser hands over its buffer as ``bytes``, so bodies are slices of it (a bytearray is copied).
         """
         st = self._state
         s = st.session
@@ -209,15 +211,15 @@ class Intake:
         layouts = ((pattern.match, plain.match), (traced_pattern.match, traced_plain.match))
         match = pattern.match
         every = self.key_filter is None and not self._gaps.filtered
-        view = memoryview(buf)  # one copy per body, not two (bytes(buf[a:b]) copies twice)
+        buf = bytes(buf)  # (the same object when it is bytes)
         try:
             while True:
                 traced = s.traced
                 match, plain_match = layouts[traced]
                 if every:
-                    end = self._take_all(s, match, traced, buf, view, end, size)
+                    end = self._take_all(s, match, traced, buf, end, size)
                 else:
-                    end = self._take_runs(s, match, plain_match, traced, buf, view, end, size)
+                    end = self._take_runs(s, match, plain_match, traced, buf, end, size)
                 # Stopped at a frame of the other layout; or at one the scan does not take, or one not
                 # all here, which the other pattern does not match either (they differ in the first header).
                 if end == size or layouts[not traced][0](buf, end) is None:
@@ -225,8 +227,6 @@ class Intake:
                 s.traced = not traced
         except _Gap as e:
             gap = e
-        finally:
-            view.release()  # the parser resizes buf next
         if s.frames != frames0:
             # nats-py's statistics, kept as it would: messages, and their body bytes; for frames passed
             # over in the shard loop their headers too (their size would cost a shard worker 13% per frame).
@@ -241,9 +241,7 @@ class Intake:
                 self._sessions.kick()
         return end
 
-    def _take_all(
-        self, s: Session, match: _Match, traced: bool, buf: bytearray, view: memoryview, pos: int, size: int
-    ) -> int:
+    def _take_all(self, s: Session, match: _Match, traced: bool, buf: bytes, pos: int, size: int) -> int:
         """Takes the consumer's frames of one layout from ``buf[pos:size]`` into the buffer when every
         event is wanted and sequences do not jump (no key filter, no subject filter); returns where
         it stopped. Raises :class:`_Gap` at a sequence jump, with the frames buffered taken back.
@@ -251,8 +249,8 @@ class Intake:
         The sequences are checked once for the run, at its last frame, as :meth:`_pass_run` checks a
         run it passes over: every frame matched is this consumer's and both sequences only grow, so
         the run is gapless exactly when its last frame's are the count further on. So a frame costs
-        a match, its sizes, its body, stored time and pending count (``pending == 0`` marks the
-        reader caught up at whichever frame says it), and no reply subject split.
+        a match, its groups (one call), its sizes, its body, stored time and pending count (``pending ==
+        0`` marks the reader caught up at whichever frame says it), and no reply subject split.
         """
         st = self._state
         queue = st.buf
@@ -262,17 +260,16 @@ class Intake:
         start = pos
         m = None  # the last frame taken
         zero = False
-        while (found := match(buf, pos)) is not None and (
-            stop := (body := found.end(5) + 2) + int(found[5])
-        ) + 2 <= size:
+        while (found := match(buf, pos)) is not None:
+            _, ts, pending, hlen, total, typ, fid = found.groups()
+            if (stop := (body := found.end(5) + 2) + int(total)) + 2 > size:
+                break  # not all here yet
             m = found
             sseq += 1
-            hdr_end = body + int(m[4])
-            data = view[hdr_end:stop].tobytes()
-            hdr = view[body:hdr_end].tobytes() if traced else None
-            append((sseq, int(m[2]), b"", hdr, data, None, m[6], m[7], held))
+            hdr_end = body + int(hlen)
+            append((sseq, int(ts), b"", buf[body:hdr_end] if traced else None, buf[hdr_end:stop], None, typ, fid, held))
             held += stop - hdr_end
-            if m[3] == b"0":
+            if pending == b"0":
                 zero = True
             pos = stop + 2
         if m is None:
@@ -301,8 +298,7 @@ class Intake:
         match: _Match,
         plain: _Match,
         traced: bool,
-        buf: bytearray,
-        view: memoryview,
+        buf: bytes,
         pos: int,
         size: int,
     ) -> int:
@@ -364,9 +360,8 @@ class Intake:
                     s.blind = s.pending <= 0
                 st.last = sseq
                 start = body + int(m[4])
-                data = view[start:stop].tobytes()
-                hdr = view[body:start].tobytes() if traced else None
-                append((sseq, int(tail[3]), b"", hdr, data, None, m[6], m[7], held))
+                data = buf[start:stop]
+                append((sseq, int(tail[3]), b"", buf[body:start] if traced else None, data, None, m[6], m[7], held))
                 held += len(data)
                 pos = stop + 2
                 tail = None
@@ -379,7 +374,7 @@ class Intake:
         s: Session,
         match: _Match,
         plain: _Match,
-        buf: bytearray,
+        buf: bytes,
         start: int,
         pos: int,
         size: int,
@@ -458,12 +453,12 @@ class Intake:
             return pos, run_bytes, None, None, 0, 0, 0, 0
         return pos, run_bytes, m, tail, body, stop, cseq, sseq
 
-    def _one_by_one(self, match: _Match, prefix: bytes, buf: bytearray, pos: int, end: int) -> int:
+    def _one_by_one(self, match: _Match, prefix: bytes, buf: bytes, pos: int, end: int) -> int:
         """Hands the frames in ``buf[pos:end]`` (all matched by ``match``) to :meth:`on_frame`."""
         while pos < end and (m := match(buf, pos)) is not None:
             body = m.end(5) + 2
             hlen = int(m[4])
             stop = body + int(m[5])
-            self.on_lane_frame(b"", prefix + m[1], bytes(buf[body : body + hlen]), bytes(buf[body + hlen : stop]))
+            self.on_lane_frame(b"", prefix + m[1], buf[body : body + hlen], buf[body + hlen : stop])
             pos = stop + 2
         return pos
