@@ -22,7 +22,7 @@ from rjet.errors import ConfigError, DecodeError, EventsRemoved, HeadReached, Rj
 from rjet.event import Event, EventSlots
 from rjet.reader._base import ClientBase
 from rjet.reader._config import ReadConfig
-from rjet.reader._decode import PERCENT, Decode, decoder
+from rjet.reader._decode import PERCENT, TYPES, Decode, decoder
 from rjet.reader._gaps import GapCheck
 from rjet.reader._scan import Intake
 from rjet.reader._session import Session, Sessions, identity, start_after
@@ -281,7 +281,8 @@ class StreamClient(ClientBase):
                 # was a tenth of this loop).
                 slots = new(EventSlots)
                 slots.id = str(sseq)
-                slots.type = int(typ_value)
+                typ = TYPES.get(typ_value)
+                slots.type = int(typ_value) if typ is None else typ
                 slots.foreign_id = fid_value.decode()
                 slots.timestamp_us = frame[1] // 1000
                 slots._timestamp = None  # noqa: SLF001 (EventSlots is an Event being built)

@@ -14,7 +14,7 @@ from typing import Final, TypeAlias
 from rjet._nats.frames import decode_type, foreign_id_of, rjet_headers
 from rjet.event import Event, EventSlots
 
-__all__ = ["PERCENT", "Decode", "decoder", "fid_value", "foreign_id"]
+__all__ = ["PERCENT", "TYPES", "Decode", "decoder", "fid_value", "foreign_id"]
 
 PERCENT: Final = ord("%")  # `int in bytes` is a memchr; `b"%" in bytes` costs ~8 times as much
 
@@ -24,6 +24,8 @@ _new = object.__new__
 # cost 0.15-0.18 us more an event than this. The trace slot is left unset (Event.trace reads it as
 # None) but for a message that carried a trace header.
 _TRACEPARENT: Final = b"traceparent:"
+# The values of small event types (the usual ones): a lookup costs half of int() (24 against 47 ns).
+TYPES: Final = {b"%d" % t: t for t in range(256)}
 
 Decode: TypeAlias = Callable[
     [int, int, bytes, "bytes | None", bytes, "str | None", "bytes | None", "bytes | None", int], Event
@@ -62,7 +64,9 @@ def decoder(stream: str) -> Decode:
     ) -> Event:
         traced = hdr is not None  # the scan keeps a frame's header block only when it has a traceparent
         if typ_value is not None and fid_value_ is not None:  # taken by the scan: digits, printable ASCII
-            typ = int(typ_value)
+            typ = TYPES.get(typ_value)
+            if typ is None:
+                typ = int(typ_value)
             if fid is None:
                 fid = fid_value_.decode() if PERCENT not in fid_value_ else fid_value(fid_value_, stream, sseq)
         else:
