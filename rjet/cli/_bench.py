@@ -34,7 +34,7 @@ def _as_json(measured: Measured, events: int, rounds: int, now: datetime.datetim
     return json.dumps(
         {"date": now.isoformat(timespec="seconds"), "machine": machine(measured.server_version),
          "events": events, "rounds": rounds, "seconds": round(measured.seconds, 1), "rows": rows,
-         "not_measured": measured.not_measured},
+         "not_measured": measured.not_measured, "failed": measured.failed},
         indent=2,
     )  # fmt: skip
 
@@ -55,7 +55,8 @@ def bench(
     Without --server it starts an embedded nats-server. Each figure is the best of --rounds runs, the
     paths compared taken in turns; the nats-py baselines use their own connection, on the same server
     and the same data. Each has a verdict against its target (ok, MISSED, or - for none), and a last
-    line says which were missed. The README's Performance table is the --markdown output.
+    line says which were missed. The exit status is 1 when a row could not be measured (the reason is
+    printed). The README's Performance table is the --markdown output.
     """
     if as_json and as_markdown:
         raise click.UsageError("give --json or --markdown, not both")
@@ -89,6 +90,12 @@ def bench(
         out.print(last_line, highlight=False)
         for what in measured.not_measured:
             out.print(f"not measured: {what}", highlight=False)
+        for what in measured.failed:
+            out.print(f"[bold red]FAILED[/]: {what}", highlight=False)
         out.print(f"{measured.seconds:.0f} s", highlight=False)
+    for what in measured.failed if as_json or as_markdown else ():
+        click.echo(f"FAILED: {what}", err=True)
+    if measured.failed:
+        raise click.exceptions.Exit(1)  # a row went unmeasured: not a result to paste or to pass
     if check and not all_met:
         raise click.exceptions.Exit(1)

@@ -6,7 +6,8 @@ that what it measures is rjet's reader alone, without the command line's imports
 :func:`rjet.connect`, ``name``: the stream, ``every``, ``delay``: the handler's in seconds,
 ``max_bytes``: the reader's ``max_buffered_bytes``; stdin, so that no password shows in a process
 list) and prints one: the RSS in bytes after connecting (``start``), after every ``every`` events
-read (``samples``), the largest of those (``peak``), and the events read. A handler delay (a slow
+read (``samples``), the largest of those (``peak``), the events read, whether the read stalled
+(no event for ``STALL`` seconds: it was given up) and how often the connection was lost. A handler delay (a slow
 consumer) lets the reader's buffer fill as far as its bounds allow. The same as
 ``benchmarks/_memory_worker.py``, with the byte bound as an argument.
 """
@@ -22,6 +23,7 @@ import sys
 import rjet
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+STALL = 30.0  # seconds without an event read
 
 
 def rss() -> int:
@@ -33,7 +35,13 @@ def rss() -> int:
 async def main(
     servers: list[str], options: dict[str, object], name: str, every: int, delay: float, max_bytes: int
 ) -> dict[str, object]:
-    nc = await rjet.connect(servers, **options)
+    disconnects = 0
+
+    async def disconnected() -> None:
+        nonlocal disconnects
+        disconnects += 1
+
+    nc = await rjet.connect(servers, **options, disconnected_cb=disconnected)
     try:
         stream = rjet.Stream(nc.jetstream(), name, read=rjet.ReadConfig(max_buffered_bytes=max_bytes))
         start = rss()
@@ -52,9 +60,27 @@ async def main(
 
         consumer = rjet.Consumer("memory", count_slowly if delay else count)
         spec = rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer, to_head=True)
-        with contextlib.suppress(rjet.HeadReached):
-            await rjet.run(spec)
-        return {"start": start, "samples": samples, "events": seen, "peak": max((s for _, s in samples), default=start)}
+        reading = asyncio.ensure_future(rjet.run(spec))
+        stalled, last = False, -1
+        # A read that stops short of the head would leave the bench waiting for ever: a read that
+        # makes no progress for STALL seconds is given up and reported as such.
+        while not reading.done():
+            if seen == last:
+                stalled = True
+                reading.cancel()
+                break
+            last = seen
+            await asyncio.wait({reading}, timeout=STALL)
+        with contextlib.suppress(rjet.HeadReached, asyncio.CancelledError):
+            await reading
+        return {
+            "start": start,
+            "samples": samples,
+            "events": seen,
+            "peak": max((s for _, s in samples), default=start),
+            "stalled": stalled,
+            "disconnects": disconnects,
+        }
     finally:
         await nc.close()
 

@@ -97,4 +97,5 @@ def markdown(measured: Measured, events: int, rounds: int, command: str, *, now:
     lines += ["| " + " | ".join(_cells(f)) + " |" for f in measured.figures]
     summary, _ = _summary(measured.figures)
     lines += ["", summary + "." + "".join(f" Not measured: {what}." for what in measured.not_measured)]
+    lines += [f"FAILED: {what}." for what in measured.failed]
     return "\n".join(lines)

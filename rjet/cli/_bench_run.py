@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import rjet
 from rjet.cli._bench_cursors import cursor_figures
-from rjet.cli._bench_figure import Bench, Figure, best, best_both
+from rjet.cli._bench_figure import Bench, BenchError, Figure, best, best_both
 from rjet.cli._bench_memory import large_events_figure, long_read_figure
 from rjet.cli._bench_read import read_figures, shard_figures
 
@@ -30,11 +30,13 @@ LONG_READ_ROW = "worker memory, long read"
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Measured:
-    """One run of ``rjet bench``: its figures, the rows it left out and why, the server it measured
-    against, and how long it took."""
+    """One run of ``rjet bench``: its figures, the rows it left out and why (``failed``: the rows whose
+    measurement went wrong, each with what went wrong), the server it measured against, and how long
+    it took."""
 
     figures: list[Figure]
     not_measured: list[str]
+    failed: list[str]
     server_version: str
     seconds: float
 
@@ -58,6 +60,7 @@ async def run_bench(
     b = Bench(servers, options, nc, nc.jetstream(timeout=30), base_nc, base_nc.jetstream(timeout=30), events,
               rounds, items, f"{int(time.time() * 1000) % 10**9}")  # fmt: skip
     not_measured: list[str] = []
+    failed: list[str] = []
     try:
         progress("insert")
         figures = [await _insert(b)]
@@ -74,22 +77,33 @@ async def run_bench(
         if "tls" in options:
             not_measured.append("worker memory: not over TLS (the worker process takes no TLS context)")
         else:
+            # A read that went wrong in the worker costs its row, not the figures measured before it.
             progress("worker memory, large events")
-            figures.append(await large_events_figure(b))
+            with _failing(failed):
+                figures.append(await large_events_figure(b))
             if full:
                 progress(f"worker memory, a long read of {10 * events:,} events")
-                figures.append(await long_read_figure(b))
+                with _failing(failed):
+                    figures.append(await long_read_figure(b))
         if full is False:
             not_measured.append(f"{LONG_READ_ROW}: with --full ({10 * events:,} events)")
         v = nc.connected_server_version
         version = f"{v.major}.{v.minor}.{v.patch}" + (f"-{v.dev}" if v.dev else "")
-        return Measured(figures, not_measured, version, time.perf_counter() - began)
+        return Measured(figures, not_measured, failed, version, time.perf_counter() - began)
     finally:
         for name in b.made:
             with contextlib.suppress(Exception):  # best-effort clean-up of what the bench created
                 await b.base_js.delete_stream(name)
         await nc.close()
         await base_nc.close()
+
+
+@contextlib.contextmanager
+def _failing(failed: list[str]) -> Iterator[None]:
+    try:
+        yield
+    except BenchError as e:
+        failed.append(str(e))
 
 
 async def _insert(b: Bench) -> Figure:
