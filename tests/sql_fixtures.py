@@ -224,8 +224,14 @@ class SqlDb:
     """A database of one test: its URL, and plain (blocking) access for setting up and checking."""
 
     kind: str  # "sqlite" or "postgresql"
-    url: str
+    url: str  # the store's (PostgreSQL in pipeline mode: with ?pipeline=on)
     path: Path | None = None  # SQLite's file
+    pipeline: bool = False
+
+    @property
+    def plain_url(self) -> str:
+        """``url`` as libpq takes it (without rjet's pipeline parameter)."""
+        return self.url.split("?pipeline=")[0]
 
     def sql(self, statement: str) -> str:
         """``statement`` with the driver's placeholders (``?`` for sqlite3, ``%s`` for psycopg)."""
@@ -239,7 +245,7 @@ class SqlDb:
                 return [tuple(r) for r in db.execute(statement, tuple(params)).fetchall()]
         import psycopg
 
-        with psycopg.connect(self.url, connect_timeout=10) as conn:
+        with psycopg.connect(self.plain_url, connect_timeout=10) as conn:
             cursor = conn.execute(self.sql(statement).encode(), tuple(params))
             return [tuple(r) for r in cursor.fetchall()] if cursor.description else []
 
@@ -268,17 +274,19 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql-pipeline"])
 def sql_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlDb]:
-    """A fresh database: a SQLite file, or a new database on the session's PostgreSQL server."""
+    """A fresh database: a SQLite file, or a new database on the session's PostgreSQL server (the
+    store in psycopg's pipeline mode with ``postgresql-pipeline``)."""
     if request.param == "sqlite":
         path = tmp_path / "app.db"
         yield SqlDb("sqlite", f"sqlite:///{path}", path)
         return
     server: PostgresServer = request.getfixturevalue("postgres_server")
     url = server.create_database()
+    pipeline = request.param == "postgresql-pipeline"
     try:
-        yield SqlDb("postgresql", url)
+        yield SqlDb("postgresql", url + "?pipeline=on" if pipeline else url, pipeline=pipeline)
     finally:
         with contextlib.suppress(Exception):
             server.drop_database(url)

@@ -143,13 +143,22 @@ async def test_transactional_needs_a_store_that_can_and_a_handler_that_leaves_tx
         rjet.Consumer("c", lambda f, e: None, transactional=True)
     with pytest.raises(rjet.ConfigError, match="a transactional handler is async"):
         rjet.Consumer("c", lambda f, e, tx: None, transactional=True)  # type: ignore[arg-type]
+    insert = _insert(1)
+
+    async def commit_statement(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await tx.execute("COMMIT")  # no sync in pipeline mode: rjet's statement sees its transaction over
+
+    async def rollback_statement(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await insert(tx)
+        await tx.execute("ROLLBACK")
+
     async with await _store(sql_db) as store:
-        with pytest.raises(rjet.ConfigError, match="committed or rolled back tx itself"):
-            await rjet.run(rjet.Spec(stream.stream, store, consumer))
-        with pytest.raises(rjet.ConfigError, match="committed or rolled back tx itself"):
-            await rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("d", rolls_back, transactional=True)))
-        assert await store.peek("c") == ""
-        assert await store.peek("d") == ""
+        for name, fn in [("c", handle), ("d", rolls_back), ("e", commit_statement), ("f", rollback_statement)]:
+            consumer = rjet.Consumer(name, fn, transactional=True)
+            with pytest.raises(rjet.ConfigError, match="committed or rolled back tx itself"):
+                await rjet.run(rjet.Spec(stream.stream, store, consumer))
+            assert await store.peek(name) == ""
+    assert sql_db.effects() == []
 
 
 @pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
@@ -299,3 +308,157 @@ async def test_a_begin_that_fails_lets_no_statement_of_the_handlers_commit_on_it
         await claim.transact([1], _insert(1), sequential=True)
         assert [seq for seq, _ in sql_db.effects()] == [1]
         assert await store.peek("c") == "1"
+
+
+async def test_a_handlers_error_rolls_back_and_keeps_the_connection(stream: rjet.Stream, sql_db: SqlDb) -> None:
+    """A handler that wrote and then raised: nothing of it commits, and the retry runs on the same
+    pooled connection (rolled back, not closed: no reconnect per retry)."""
+    await stream.insert_many([("k", 1, b"")] * 3)
+    effect = _effect(sql_db)
+    seen: list[Any] = []
+
+    async def flaky(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        seen.append(tx)
+        await effect(tx, event)
+        if len(seen) <= 3:
+            raise RuntimeError("after its write")
+
+    async with await _store(sql_db) as store:
+        consumer = rjet.Consumer("c", flaky, transactional=True, retry=rjet.RetryPolicy(backoff=0.01))
+        await asyncio.wait_for(rjet.run_forever(rjet.Spec(stream.stream, store, consumer, to_head=True)), 30)
+        assert await store.peek("c") == "3"
+    assert [seq for seq, _ in sql_db.effects()] == [1, 2, 3]
+    assert len(seen) == 6
+    assert all(tx is seen[0] for tx in seen)
+
+
+@pytest.mark.parametrize("sql_db", ["postgresql", "postgresql-pipeline"], indirect=True)
+async def test_what_a_handler_sees_of_its_statements_in_pipeline_mode(sql_db: SqlDb) -> None:
+    """With ?pipeline=on a statement's result comes with the commit's sync: ``rowcount`` read right
+    after ``execute`` is -1 (psycopg's "not known"), never a count; ``fetch*`` waits for the rows
+    (seeing the transaction's own writes), and so does the end of an ``async with tx.pipeline()``
+    block, after which ``rowcount`` is right. Without pipeline mode every result is there at once."""
+    sql_db.create_effects()
+    sql_db.query("INSERT INTO effects (seq, fid) VALUES (1, 'a'), (2, 'b')")
+    counts: dict[str, int] = {}
+
+    async def call(tx: Any) -> None:
+        update = await tx.execute("UPDATE effects SET who = 'x' WHERE seq <= 2")
+        counts["at once"] = update.rowcount
+        await tx.execute("INSERT INTO effects (seq, fid) VALUES (3, 'c')")
+        row = await (await tx.execute("SELECT count(*) FROM effects")).fetchone()
+        counts["read"] = row[0]
+        counts["update after the read"] = update.rowcount
+        async with tx.pipeline():
+            update = await tx.execute("UPDATE effects SET who = 'y' WHERE seq >= 2")
+        counts["after a pipeline block"] = update.rowcount
+
+    async with await _store(sql_db) as store:
+        assert store.backend.pipeline is sql_db.pipeline  # type: ignore[attr-defined]
+        claim = await store.claim("c")
+        await claim.transact([1], call, sequential=True)
+        assert await store.peek("c") == "1"
+    expected = {"at once": 2, "read": 3, "update after the read": 2, "after a pipeline block": 2}
+    if sql_db.pipeline:
+        expected["at once"] = -1
+    assert counts == expected
+    assert sql_db.query("SELECT seq, who FROM effects ORDER BY seq") == [(1, "x"), (2, "y"), (3, "y")]
+
+
+@pytest.mark.parametrize("sql_db", ["postgresql-pipeline"], indirect=True)
+async def test_pipeline_mode_syncs_a_transaction_once(sql_db: SqlDb, tmp_path: Path) -> None:
+    """In pipeline mode a handler's transaction (BEGIN, its insert, the progress, COMMIT) is sent
+    with one Sync: one round trip, read from libpq's trace of the protocol."""
+    async with await _store(sql_db) as store:
+        claim = await store.claim("c")
+        await claim.transact([1], _insert(1), sequential=True)  # the pool's connection, made
+        trace = tmp_path / "trace"
+        async with store._connection("trace") as conn:
+            pass
+        with trace.open("w") as out:
+            conn.pgconn.trace(out.fileno())
+            conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            try:
+                await claim.transact([2], _insert(2), sequential=True)
+            finally:
+                conn.pgconn.untrace()  # flushes libpq's copy of the file
+        assert await store.peek("c") == "2"
+    sent = [line.split("\t")[2].split()[0] for line in trace.read_text().splitlines() if line.startswith("F\t")]
+    assert sent.count("Sync") == 1, sent
+    assert sent.count("Execute") == 5, sent  # BEGIN, rjet's mark, the insert, the progress, COMMIT
+
+
+def test_the_pipeline_parameter_is_checked_and_not_passed_to_libpq() -> None:
+    on = backend_for("postgresql://u:secret@h:5/db?sslmode=disable&pipeline=on&application_name=a")
+    assert on.pipeline  # type: ignore[attr-defined]
+    assert on.url == "postgresql://u:secret@h:5/db?sslmode=disable&application_name=a"  # type: ignore[attr-defined]
+    off = backend_for("postgresql://h/db?pipeline=off")
+    assert not off.pipeline  # type: ignore[attr-defined]
+    assert off.url == "postgresql://h/db"  # type: ignore[attr-defined]
+    assert not backend_for("postgresql://h/db").pipeline  # type: ignore[attr-defined]
+    with pytest.raises(rjet.ConfigError, match="pipeline parameter is on or off, not 'yes'") as caught:
+        backend_for("postgresql://u:secret@h/db?pipeline=yes")
+    assert "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("sql_db", ["postgresql-pipeline"], indirect=True)
+async def test_pipeline_mode_survives_its_prepared_statements_deallocated(sql_db: SqlDb) -> None:
+    """rjet's progress statements are prepared once per connection: rjet's own ROLLBACKs are not
+    seen by psycopg (which answers one with DEALLOCATE ALL once it prepared statements of its own), and
+    a handler that deallocates them anyway fails its transaction, nothing committed; the next
+    transaction on that connection prepares them again."""
+    async with await _store(sql_db) as store:
+        claim = await store.claim("c")
+        for seq in range(1, 8):  # psycopg prepares the insert at its 5th run
+            await claim.transact([seq], _insert_param(seq), sequential=True)
+        for seq in (8, 9):  # the first ROLLBACK psycopg sees after that, it answers with DEALLOCATE ALL
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                await claim.transact([seq], _failing(_insert_param(seq)), sequential=True)
+            await claim.transact([seq], _insert_param(seq), sequential=True)
+        deallocates = _insert_param(10)
+
+        async def deallocating(tx: Any) -> None:
+            await deallocates(tx)
+            await tx.execute("DEALLOCATE ALL")
+
+        with pytest.raises(rjet.CursorStoreError, match=r'events 10\.\.10 as done \(nothing committed.*"rjet_move"'):
+            await claim.transact([10], deallocating, sequential=True)
+        claim = await store.claim("c")
+        await claim.transact([10], _insert(10), sequential=True)
+        assert await store.peek("c") == "10"
+        assert len(store._idle) == 1  # one connection all along
+    assert [seq for seq, _ in sql_db.effects()] == list(range(1, 11))
+
+
+def _insert_param(seq: int) -> Any:
+    async def insert(tx: Any) -> None:
+        await tx.execute("INSERT INTO effects (seq, fid) VALUES (%s, 'k')", (seq,))
+
+    return insert
+
+
+def _failing(call: Any) -> Any:
+    async def fails(tx: Any) -> None:
+        await call(tx)
+        await tx.execute("INSERT INTO nosuch (x) VALUES (1)")  # its error comes with the sync
+
+    return fails
+
+
+async def test_a_handler_that_writes_nothing_or_only_reads_commits_its_progress(
+    stream: rjet.Stream, sql_db: SqlDb
+) -> None:
+    """Nothing sent by the handler (pipeline mode: rjet's BEGIN still unsent), or only a read whose rows
+    it fetched (pipeline mode: every answer read, and no sync yet): the event is done all the same."""
+    await stream.insert_many([("k", 1, b"")] * 4)
+
+    async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        if event.id_int % 2 == 0:
+            cursor = await tx.execute("SELECT count(*) FROM effects")
+            assert (await cursor.fetchone())[0] == 0
+
+    async with await _store(sql_db) as store:
+        consumer = rjet.Consumer("c", handle, transactional=True)
+        with pytest.raises(rjet.HeadReached):
+            await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
+        assert await store.peek("c") == "4"

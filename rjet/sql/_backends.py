@@ -23,12 +23,14 @@ A handler's transaction costs as few trips as each driver allows (:meth:`Backend
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import queue
 import select
 import urllib.parse
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
@@ -73,6 +75,30 @@ _PG_DONE: Final = (
     " SELECT 1 / count(*) /* rjet: 0 rows, the claim is not this runner's: nothing commits */ FROM held;"
     " COMMIT"
 )
+# Pipeline mode: no simple-query message with two statements (each statement is a message of the
+# extended protocol), so the claim's statement fails with an error of its own, which the server turns
+# into skipping the rest of the pipeline up to the sync, the COMMIT queued after it included; its
+# message (a text cast to int) says why: the claim is not this runner's (or its cursor is past the
+# events), or the transaction rjet began is over (the handler ran COMMIT or ROLLBACK through tx, and
+# the statement would otherwise commit on its own at the sync). BEGIN marks its transaction (_PG_MARK).
+# Both statements are prepared once per connection (_PG_PREPARE), so the server plans neither again.
+_FENCED: Final = "rjet: fenced, the claim is not held"
+_ENDED: Final = "rjet: the handler ended the transaction"
+_PG_MARK: Final = "SELECT set_config('rjet.tx', 'on', true)"
+_PG_CHECK: Final = (
+    f"SELECT CAST(CASE WHEN current_setting('rjet.tx', true) IS DISTINCT FROM 'on' THEN '{_ENDED}'"
+    f" WHEN count(*) = 0 THEN '{_FENCED}' ELSE '1' END AS int)"
+)
+_PG_PREPARE: Final = (
+    "PREPARE rjet_move (bigint, text, text, text) AS WITH moved AS (UPDATE rjet_cursors SET cursor = $1,"
+    " done = '', stream = COALESCE($2, stream) WHERE name = $3 AND owner = $4 AND (cursor IS NULL OR cursor < $1)"
+    f" RETURNING 1) {_PG_CHECK} FROM moved;"
+    " PREPARE rjet_done (text, text, bigint[]) AS WITH held AS (SELECT 1 FROM rjet_cursors WHERE name = $1"
+    " AND owner = $2 FOR SHARE), done AS (INSERT INTO rjet_done (name, seq) SELECT $1, unnest($3)"
+    f" ON CONFLICT DO NOTHING) {_PG_CHECK} FROM held"
+)
+_NOT_PREPARED: Final = "26000"  # SQLSTATE invalid_sql_statement_name (a DEALLOCATE or DISCARD since)
+_SWITCH: Final = {"on": True, "off": False}
 _IDLE_TIMEOUT_ENDED: Final = "25P03"  # SQLSTATE idle_in_transaction_session_timeout
 _PG_IDLE: Final = (
     "SELECT set_config('idle_in_transaction_session_timeout', %s, false)"
@@ -115,18 +141,31 @@ class Backend(Protocol):
 
     async def rollback(self, conn: Any) -> None: ...
 
-    async def begin_handler(self, conn: Any) -> asyncio.Future[None] | None:
-        """Begin the transaction a handler writes in. SQLite queues the ``BEGIN`` and returns its
-        future (await it with :meth:`started` before the outcome counts); None: begun already."""
+    async def begin_handler(self, conn: Any) -> Any:
+        """Begin the transaction a handler writes in; returns what :meth:`started`, :meth:`finish`
+        and :meth:`abandon` take of it (SQLite: the future of a queued ``BEGIN``; PostgreSQL in
+        pipeline mode: the pipeline; else None)."""
         ...
 
-    async def started(self, begun: asyncio.Future[None] | None) -> None:
+    async def started(self, begun: Any) -> None:
         """Wait for :meth:`begin_handler`'s ``BEGIN``; its failure as :class:`rjet.CursorStoreError`."""
         ...
 
-    async def finish(self, conn: Any, progress: Progress) -> Outcome:
+    async def finish(self, conn: Any, begun: Any, progress: Progress) -> Outcome:
         """Record ``progress`` in the open transaction and commit it if the claim holds, else roll it
-        back; failures as :class:`rjet.CursorStoreError` (one that may have committed says so)."""
+        back; failures as :class:`rjet.CursorStoreError` (one that may have committed says so). In
+        PostgreSQL's pipeline mode an error of the handler's own statements arrives here, raised as it
+        is, nothing committed."""
+        ...
+
+    async def abandon(self, conn: Any, begun: Any) -> bool:
+        """Roll back the handler's transaction after a failure; whether ``conn`` came out of it idle
+        and sound, fit to be pooled again (never raises: False when in doubt)."""
+        ...
+
+    async def plain(self, conn: Any) -> bool:
+        """Ready a pooled connection for rjet's own statements (PostgreSQL: out of pipeline mode, where
+        a handler's transaction left it); False: it failed doing so, and is to be closed."""
         ...
 
     async def execute(self, conn: Any, sql: str, params: Params = ()) -> int: ...
@@ -248,14 +287,14 @@ class _Sqlite:
         conn._tx.put_nowait((begun, functools.partial(_begin_or_close, conn)))  # noqa: SLF001
         return begun
 
-    async def started(self, begun: asyncio.Future[None] | None) -> None:
+    async def started(self, begun: Any) -> None:
         if begun is not None:
             try:
                 await begun
             except self.errors() as e:
                 raise store_error(self, "cannot begin a transaction", e) from e
 
-    async def finish(self, conn: Any, progress: Progress) -> Outcome:
+    async def finish(self, conn: Any, begun: Any, progress: Progress) -> Outcome:
         p = progress
         if self.fast:
             outcome, err = await conn._execute(_finish_on_thread, conn, p)  # noqa: SLF001
@@ -267,6 +306,16 @@ class _Sqlite:
             raise store_error(self, f"the commit of events {p.span} may or may not be applied", err) from err
         done: Outcome = outcome
         return done
+
+    async def plain(self, conn: Any) -> bool:
+        return True
+
+    async def abandon(self, conn: Any, begun: Any) -> bool:
+        try:
+            await self.rollback(conn)  # fails on a connection its failed BEGIN closed
+        except Exception:
+            return False
+        return True
 
     async def _finish_awaited(
         self, conn: Any, p: Progress
@@ -324,22 +373,104 @@ def _readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
+class _Piped:
+    """A connection held in psycopg's pipeline mode from one handler's transaction to the next (each
+    ends with a sync), left when the connection serves anything else (:meth:`Backend.plain`)."""
+
+    __slots__ = ("context", "pipeline")
+
+    def __init__(self, context: contextlib.AbstractAsyncContextManager[Any], pipeline: Any) -> None:
+        self.context = context
+        self.pipeline = pipeline
+
+    async def leave(self) -> None:
+        """Sync (a round trip) and leave pipeline mode; the first error of what was queued is raised."""
+        await self.context.__aexit__(None, None, None)
+
+
+def _queue(pipeline: Any, send: Callable[..., None], *args: object) -> None:
+    """Send a statement in psycopg's ``pipeline`` as psycopg sends its own commands (``BEGIN``,
+    ``COMMIT``), its result checked for an error only: into libpq's buffer at once (libpq writes it out
+    at the next flush: no I/O here), behind what psycopg still holds back, if anything."""
+    if pipeline.command_queue:
+        pipeline.command_queue.append(functools.partial(send, *args))
+    else:
+        send(*args)  # libpq sees a statement under way (a handler's commit() must find one)
+    pipeline.result_queue.append(None)
+
+
+async def _settle(conn: Any, piped: _Piped) -> None:
+    """Sync and read every answer still due, their errors ignored (the first was seen already): psycopg
+    raises the first error of what it reads at once, and may leave later answers of the same sync
+    unread, which the next sync reads first. Raises only when the connection broke."""
+    import psycopg
+
+    for _ in range(4):
+        try:
+            await piped.pipeline.sync()
+        except psycopg.Error:
+            if conn.closed or conn.broken:
+                raise
+            continue
+        if not piped.pipeline.result_queue:
+            return
+    raise psycopg.OperationalError("rjet: the pipeline did not settle")
+
+
+def _progress_params(p: Progress) -> tuple[str, list[object]]:
+    """The prepared statement (_PG_PREPARE) that records ``p``, and its parameters."""
+    if p.sequential:
+        return "rjet_move", [max(p.seqs), p.stream, p.name, p.owner]
+    return "rjet_done", [p.name, p.owner, list(p.seqs)]
+
+
+def _text(value: object) -> bytes | None:
+    """A parameter of :func:`_progress_params` in PostgreSQL's text format."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return ("{" + ",".join(map(str, value)) + "}").encode()
+    return str(value).encode()
+
+
 class _Postgres:
     """PostgreSQL: autocommit connections on which rjet sends ``BEGIN`` and ``COMMIT`` itself (the
     handler's ``tx`` is inside that transaction), ``idle_in_transaction_session_timeout``
     (:data:`IDLE_IN_TRANSACTION_TIMEOUT`) unless one is set; a handler's progress is written, and the
-    claim's row locked, by the one statement that also checks the claim, sent with the ``COMMIT``."""
+    claim's row locked, by the one statement that also checks the claim, sent with the ``COMMIT``.
+
+    With ``?pipeline=on`` in the URL a handler's transaction runs in psycopg's pipeline mode: ``BEGIN``,
+    the handler's statements, the progress and ``COMMIT`` are sent without waiting for an answer and
+    synced once, a single round trip (the handler's ``fetch*`` calls wait for theirs)."""
 
     kind = "postgresql"
 
     def __init__(self, url: str) -> None:
-        self.url = url
         parts = urllib.parse.urlsplit(url)
         try:
             port = parts.port
         except ValueError as e:  # never the URL itself in the message: it may carry a password
             raise ConfigError(f"rjet.sql: bad PostgreSQL URL {url.split('@')[-1]!r}: {e}") from None
         self.where = f"{parts.hostname or 'localhost'}:{port or 5432}{parts.path or '/'}"
+        self.pipeline = False
+        kept = []
+        for item in parts.query.split("&") if parts.query else ():
+            key, _, value = item.partition("=")
+            if urllib.parse.unquote_plus(key) != "pipeline":
+                kept.append(item)  # libpq's own parameters, passed on as written
+            elif (flag := urllib.parse.unquote_plus(value)) in _SWITCH:
+                self.pipeline = _SWITCH[flag]
+            else:
+                raise ConfigError(
+                    f"rjet.sql: the PostgreSQL URL's pipeline parameter is on or off, not {flag!r}"
+                    f" ({url.split('@')[-1]!r})"
+                )
+        self.url = urllib.parse.urlunsplit(parts._replace(query="&".join(kept)))
+        # Pipeline mode queues rjet's own statements straight into psycopg's pipeline (its command and
+        # result queues: no cursor, no I/O of their own); RJET_FAST_PATHS=0 goes through conn.execute.
+        self.fast = os.environ.get("RJET_FAST_PATHS", "1") != "0"
+        self._prepared: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._pipes: dict[Any, _Piped] = {}  # connections in pipeline mode (none without ?pipeline=on)
 
     async def connect(self) -> Any:
         try:
@@ -379,17 +510,34 @@ class _Postgres:
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             await conn.execute("ROLLBACK")
 
-    async def begin_handler(self, conn: Any) -> asyncio.Future[None] | None:
-        await self.begin(conn)
+    async def begin_handler(self, conn: Any) -> _Piped | None:
+        if not self.pipeline:
+            await self.begin(conn)
+            return None
+        piped = self._pipes.get(conn)
+        if piped is None:
+            if conn not in self._prepared:  # once per connection, a round trip
+                await conn.execute(_PG_PREPARE)
+                self._prepared.add(conn)
+            context = conn.pipeline()
+            piped = self._pipes[conn] = _Piped(context, await context.__aenter__())
+        if self.fast:  # queued, sent with the handler's first statement (or the sync)
+            _queue(piped.pipeline, conn.pgconn.send_query_params, b"BEGIN", None)
+            _queue(piped.pipeline, conn.pgconn.send_query_params, _PG_MARK.encode(), None)
+        else:  # never prepared by psycopg: its rollback() would deallocate rjet's statements with them
+            await conn.execute("BEGIN", prepare=False)
+            await conn.execute(_PG_MARK, prepare=False)
+        return piped
+
+    async def started(self, begun: Any) -> None:
         return None
 
-    async def started(self, begun: asyncio.Future[None] | None) -> None:
-        return None
-
-    async def finish(self, conn: Any, progress: Progress) -> Outcome:
+    async def finish(self, conn: Any, begun: Any, progress: Progress) -> Outcome:
         import psycopg
 
         p = progress
+        if isinstance(begun, _Piped):
+            return await self._finish_piped(conn, begun, p)
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
             return "ended"
         params: tuple[object, ...]
@@ -405,12 +553,89 @@ class _Postgres:
             await self.rollback(conn)
             return "fenced"
         except psycopg.Error as e:
-            # No answer (the connection lost): the COMMIT may have been applied. The session ended for
-            # sitting idle in its transaction (25P03) never read this message: nothing was.
-            if (conn.closed or conn.broken) and e.sqlstate != _IDLE_TIMEOUT_ENDED:
-                raise store_error(self, f"the commit of events {p.span} may or may not be applied", e) from e
-            raise store_error(self, f"cannot record events {p.span} as done (nothing committed)", e) from e
+            raise self._unanswered(conn, p, e) from e
         return "committed"
+
+    async def _finish_piped(self, conn: Any, piped: _Piped, p: Progress) -> Outcome:
+        import psycopg
+
+        # No look at the transaction's status here: in pipeline mode libpq learns it at a sync only.
+        # Whether the handler ended rjet's transaction is for the progress statement to tell (_ENDED).
+        name, params = _progress_params(p)
+        try:
+            # Queued behind the handler's statements; after an error the server skips the rest until
+            # the sync, this COMMIT included, and the transaction is left failed (rolled back below).
+            if self.fast:
+                _queue(piped.pipeline, conn.pgconn.send_query_prepared, name.encode(), [_text(v) for v in params])
+                _queue(piped.pipeline, conn.pgconn.send_query_params, b"COMMIT", None)
+            else:  # bound on the client: EXECUTE takes no server-side parameters
+                placeholders = ", ".join(["%s"] * len(params))
+                await psycopg.AsyncClientCursor(conn).execute(f"EXECUTE {name} ({placeholders})", params, prepare=False)
+                await conn.execute("COMMIT", prepare=False)
+            await piped.pipeline.sync()
+        except psycopg.Error as e:
+            if not conn.closed and not conn.broken:
+                await _settle(conn, piped)
+            if conn.closed or conn.broken:
+                raise self._unanswered(conn, p, e) from e
+            message = str(e)
+            if _FENCED in message or _ENDED in message:
+                await self._rollback_piped(conn, piped)
+                return "fenced" if _FENCED in message else "ended"
+            if e.sqlstate == _NOT_PREPARED and name in message:
+                self._prepared.discard(conn)  # prepared again by the next transaction
+                raise store_error(
+                    self,
+                    f"cannot record events {p.span} as done (nothing committed; rjet's statements are prepared"
+                    " again for the next transaction: a DEALLOCATE, a DISCARD or a rollback() through tx"
+                    " deallocated them)",
+                    e,
+                ) from e
+            raise  # the first statement that failed: the handler's (its error as if it had raised it)
+        return "committed"
+
+    def _unanswered(self, conn: Any, p: Progress, e: BaseException) -> CursorStoreError:
+        """The error of a progress statement that failed, saying whether its COMMIT may have been applied."""
+        # No answer (the connection lost): the COMMIT may have been applied. The session ended for
+        # sitting idle in its transaction (25P03) never read this message: nothing was.
+        if (conn.closed or conn.broken) and getattr(e, "sqlstate", None) != _IDLE_TIMEOUT_ENDED:
+            return store_error(self, f"the commit of events {p.span} may or may not be applied", e)
+        return store_error(self, f"cannot record events {p.span} as done (nothing committed)", e)
+
+    async def abandon(self, conn: Any, begun: Any) -> bool:
+        import psycopg
+
+        try:
+            if conn.closed or conn.broken:
+                return False
+            piped = self._pipes.get(conn)
+            if piped is None:
+                await self.rollback(conn)
+            else:
+                _queue(piped.pipeline, conn.pgconn.send_query_params, b"ROLLBACK", None)
+                await _settle(conn, piped)  # the handler's statements' errors: reported already
+                await self._rollback_piped(conn, piped)  # where that ROLLBACK came after an error: skipped
+            return not conn.broken and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        except Exception:
+            return False
+
+    async def _rollback_piped(self, conn: Any, piped: _Piped) -> None:
+        """``ROLLBACK`` where psycopg does not see it: seeing one, psycopg deallocates every prepared
+        statement of the session (``DEALLOCATE ALL``), rjet's own (_PG_PREPARE) with its."""
+        import psycopg
+
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:  # known: right after a sync
+            _queue(piped.pipeline, conn.pgconn.send_query_params, b"ROLLBACK", None)
+            await piped.pipeline.sync()
+
+    async def plain(self, conn: Any) -> bool:
+        piped = self._pipes.pop(conn, None)
+        if piped is not None:
+            try:
+                await piped.leave()
+            except Exception:
+                return False
+        return True
 
     async def execute(self, conn: Any, sql: str, params: Params = ()) -> int:
         cursor = await conn.execute(sql.replace("?", "%s"), tuple(params))
@@ -425,6 +650,10 @@ class _Postgres:
         return [tuple(row) for row in await cursor.fetchall()]
 
     async def close(self, conn: Any) -> None:
+        piped = self._pipes.pop(conn, None)
+        if piped is not None:
+            with contextlib.suppress(Exception):  # a connection that broke cannot sync: closed all the same
+                await piped.leave()
         await conn.close()
 
     def errors(self) -> tuple[type[BaseException], ...]:

@@ -105,15 +105,17 @@ class SqlCursorStore:
     # ----------------------------------------------------------------- connections
 
     @contextlib.asynccontextmanager
-    async def _connection(self, what: str) -> AsyncIterator[Any]:
-        """A pooled connection; one that failed is closed, not pooled again."""
+    async def _connection(self, what: str, *, handler: bool = False) -> AsyncIterator[Any]:
+        """A pooled connection (for a handler's transaction, or else for rjet's own statements); one
+        that failed is closed, not pooled again."""
         if self._closed:
             raise CursorStoreError(f"{self.backend.kind} cursor store at {self.backend.where}: the store is closed")
         async with self._slots:
             conn = None
             while self._idle and conn is None:
                 conn = self._idle.pop()
-                if not self.backend.usable(conn):  # the server ended it (a restart): not one failed run each
+                # The server ended it (a restart): not one failed run each.
+                if not self.backend.usable(conn) or not (handler or await self.backend.plain(conn)):
                     with contextlib.suppress(Exception):
                         await self.backend.close(conn)
                     conn = None
@@ -495,39 +497,53 @@ class SqlClaim:
         self.check()
         store, b = self._store, self._store.backend
         progress = Progress(self.name, self.owner, self.stream, tuple(seqs), sequential)
-        async with store._connection(f"handle events {progress.span}") as conn:  # noqa: SLF001
+        failure: Exception | None = None
+        async with store._connection(f"handle events {progress.span}", handler=True) as conn:  # noqa: SLF001
+            begun: Any = None
             try:
-                begun = await b.begin_handler(conn)
-            except store._errors as e:  # noqa: SLF001
-                raise store_error(b, "cannot begin a transaction", e) from e
-            try:
+                try:
+                    begun = await b.begin_handler(conn)
+                except store._errors as e:  # noqa: SLF001
+                    raise store_error(b, "cannot begin a transaction", e) from e
                 try:
                     await call(conn)
                 except Exception:
                     await b.started(begun)  # a BEGIN that failed is why the handler's statements did
                     raise
                 await b.started(begun)
-                try:
-                    outcome = await b.finish(conn, progress)
-                except CursorStoreError as e:
-                    self.lose(e)
+                await self._finish(conn, begun, progress)
+            except Exception as e:
+                # Rolled back; the connection stays pooled when that left it sound (a handler's error
+                # is not the connection's: a retry need not connect again).
+                if not await b.abandon(conn, begun):
                     raise
-                if outcome == "ended":
-                    raise ConfigError(
-                        f"consumer {self.name!r}: the handler committed or rolled back tx itself; rjet commits it"
-                        " (with the event's progress) when the handler returns, and rolls it back when it raises"
-                    )
-                if outcome == "fenced":
-                    err, lost = await store._why_fenced(self, max(seqs) if sequential else None)  # noqa: SLF001
-                    if lost:
-                        self.lose(err)
-                    raise err
-                if sequential and int(store._written.get(self.name) or 0) < max(seqs):  # noqa: SLF001
-                    store._written[self.name] = str(max(seqs))  # noqa: SLF001
+                failure = e
             except BaseException:
                 with contextlib.suppress(Exception):
-                    await b.rollback(conn)
+                    await b.abandon(conn, begun)
                 raise
+        if failure is not None:
+            raise failure
+
+    async def _finish(self, conn: Any, begun: Any, progress: Progress) -> None:
+        store, b, seqs = self._store, self._store.backend, progress.seqs
+        try:
+            outcome = await b.finish(conn, begun, progress)
+        except CursorStoreError as e:
+            self.lose(e)
+            raise
+        if outcome == "ended":
+            raise ConfigError(
+                f"consumer {self.name!r}: the handler committed or rolled back tx itself; rjet commits it"
+                " (with the event's progress) when the handler returns, and rolls it back when it raises"
+            )
+        if outcome == "fenced":
+            err, lost = await store._why_fenced(self, max(seqs) if progress.sequential else None)  # noqa: SLF001
+            if lost:
+                self.lose(err)
+            raise err
+        if progress.sequential and int(store._written.get(self.name) or 0) < max(seqs):  # noqa: SLF001
+            store._written[self.name] = str(max(seqs))  # noqa: SLF001
 
     async def wait_lost(self) -> None:
         await self._lost.wait()

@@ -60,7 +60,7 @@ class Counter:
                 self._sqlite = sqlite3.connect(self.db.path or "", timeout=30)
             return int(self._sqlite.execute("SELECT count(*) FROM effects").fetchone()[0])
         if self._pg is None:
-            self._pg = await psycopg.AsyncConnection.connect(self.db.url, autocommit=True)
+            self._pg = await psycopg.AsyncConnection.connect(self.db.plain_url, autocommit=True)
         cursor = await self._pg.execute("SELECT count(*) FROM effects")
         row = await cursor.fetchone()
         assert row is not None
@@ -102,8 +102,13 @@ async def insert(stream: rjet.Stream, count: int, keys: int) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("concurrency", [1, 8])
+@pytest.mark.parametrize("pipeline", [False, True], ids=["", "pipeline"])
 async def test_postgresql_restarted_mid_run(
-    nats_stream: rjet.Stream, own_postgres: PostgresServer, concurrency: int, caplog: pytest.LogCaptureFixture
+    nats_stream: rjet.Stream,
+    own_postgres: PostgresServer,
+    concurrency: int,
+    pipeline: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The server stopped as by a crash (``pg_ctl -m immediate``) twice under run_forever, and
     started again: the run goes on, each event once, each key's rows in stream order; what it logs
@@ -111,7 +116,8 @@ async def test_postgresql_restarted_mid_run(
     caplog.set_level(logging.INFO)
     count = 4000
     await insert(nats_stream, count, keys=100)
-    db = SqlDb("postgresql", own_postgres.create_database())
+    url = own_postgres.create_database()
+    db = SqlDb("postgresql", url + "?pipeline=on" if pipeline else url, pipeline=pipeline)
     db.create_effects()
     effect = db.sql("INSERT INTO effects (seq, fid) VALUES (?, ?)")
 
@@ -195,7 +201,7 @@ async def test_a_postgresql_restart_between_events_costs_no_failure(
 @pytest.mark.parametrize(
     ("concurrency", "holds_row"), [(1, False), (8, False), (1, True)], ids=["K1", "K8", "K1-holding-the-row"]
 )
-@pytest.mark.parametrize("sql_db", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("sql_db", ["postgresql", "postgresql-pipeline"], indirect=True)
 async def test_a_paused_runner_commits_nothing_after_a_takeover(
     nats_stream: rjet.Stream, sql_db: SqlDb, concurrency: int, holds_row: bool
 ) -> None:
@@ -351,7 +357,7 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
     [(1, 0, PROOF_EVENTS), (8, 0, PROOF_EVENTS), (8, 50, max(PROOF_EVENTS, 20_000))],
     ids=["K1", "K8", "K8-batch50"],
 )
-@pytest.mark.parametrize("sql_db", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("sql_db", ["sqlite", "postgresql", "postgresql-pipeline"], indirect=True)
 async def test_worker_sigkilled_at_random_points(
     server: EmbeddedServer,
     nats_stream: rjet.Stream,

@@ -76,7 +76,7 @@ def _in_group(pgid: int, pids: set[int]) -> set[int]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("sql_db", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("sql_db", ["postgresql", "postgresql-pipeline"], indirect=True)
 async def test_a_member_paused_past_its_lease_commits_nothing_after_the_takeover(
     server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, sql_db: SqlDb
 ) -> None:
