@@ -1,5 +1,6 @@
 """The measurements behind ``rjet bench``: rjet's hot paths beside plain nats-py, same server, same
-data, in the order of the README's Performance table's sources (benchmarks/).
+data; the rows of the README's Performance table (its ``--markdown`` output), measured as the pytest
+benchmarks in benchmarks/ measure them (that directory is not installed: the command's own code is).
 
 Each figure is the best of ``rounds`` runs, the paths it compares taken in turns (on a shared machine
 the slow rounds measure the neighbours). The nats-py baselines use a connection of their own, since
