@@ -5,6 +5,8 @@ figures are not judged here (``rjet bench --check`` judges them), only that ever
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import io
 import json
 import re
@@ -15,8 +17,8 @@ from rich.console import Console
 from test_cli import rjet_cmd
 
 from rjet.cli._bench import report
-from rjet.cli._bench_report import COLUMNS
-from rjet.cli._bench_run import Figure
+from rjet.cli._bench_report import COLUMNS, markdown
+from rjet.cli._bench_run import Figure, Measured
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SMALL = ("--events", "2000", "--rounds", "1", "--full")
@@ -104,3 +106,26 @@ def test_json_and_markdown_are_one_or_the_other() -> None:
     proc = rjet_cmd("bench", "--json", "--markdown")
     assert proc.returncode == 2, proc.stderr
     assert "give --json or --markdown, not both" in proc.stderr
+
+
+def test_a_check_the_measurement_made_is_a_target_too() -> None:
+    flush = Figure("flush", "ms", 3.0, "100 puts", 16.0, "one round trip per batch", condition=True)
+    assert flush.meets is True  # no bounds: the condition alone is the target
+    assert dataclasses.replace(flush, condition=False).meets is False
+    assert dataclasses.replace(flush, condition=None).meets is None
+    assert dataclasses.replace(flush, condition=True, max_ratio=0.1).meets is False  # both are checked
+
+
+def test_markdown_names_rows_left_out_and_rows_that_failed() -> None:
+    figures = [Figure("insert_many", "events/s", 300.0, "publish_async", 100.0, ">= 2x", min_ratio=2)]
+    measured = Measured(
+        figures, ["worker memory, long read: with --full"], ["rjet bench, worker memory: stopped"], "2.15.1", 12.0
+    )
+    text = markdown(measured, 2000, 1, "rjet bench --markdown", now=datetime.datetime(2026, 12, 7, 17, 4))
+    assert text.startswith("`rjet bench --markdown`, 2026-12-07 17:04 UTC, 12 s: "), text
+    assert "nats-server 2.15.1; 2,000 events over 1,000 foreign IDs" in text
+    assert "| insert_many | 300 events/s | publish_async: 100 events/s | 3.00x | >= 2x | ok |" in text.splitlines()
+    assert text.splitlines()[-2:] == [
+        "targets: all 1 met. Not measured: worker memory, long read: with --full.",
+        "FAILED: rjet bench, worker memory: stopped.",
+    ]
