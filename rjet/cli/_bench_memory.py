@@ -45,7 +45,12 @@ async def _read_in_worker(
         sys.executable, str(_WORKER), env=env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(json.dumps(given).encode()), 600)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(json.dumps(given).encode()), 600)
+    except TimeoutError:  # its own watchdog gives a stalled read up long before: a worker that hangs
+        proc.kill()
+        await proc.wait()
+        raise BenchError("worker memory", "the worker process ran for 600 s and was killed") from None
     if proc.returncode != 0:
         last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise BenchError("worker memory", f"the worker process exited with {proc.returncode}: {last[0]}")
