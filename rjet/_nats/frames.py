@@ -254,12 +254,14 @@ HELD_BEFORE: Final = 8
 # what the greedy ones would, and a frame of another layout fails at once instead of backtracking
 # through the control line (0.24 us against 0.50 for a traced frame; 4% off a match that succeeds).
 # The 12-token form's last token is an alternative, not an optional group: `(?:...)?` over more than
-# one character makes the engine keep a repeat context, 15-20 ns a match (3.11 and 3.13).
-_REPLY_TAIL: Final = rb"(\d++\.\d++\.\d++\.(\d++)\.(\d++)(?:\.[^ ]++|))"
+# one character makes the engine keep a repeat context, 15-20 ns a match (3.11 and 3.13). Digits are
+# [0-9], the same as a bytes pattern's \d, which the engine tests by category, char by char: 6% fewer
+# instructions a match (callgrind, 3.13).
+_REPLY_TAIL: Final = rb"([0-9]++\.[0-9]++\.[0-9]++\.([0-9]++)\.([0-9]++)(?:\.[^ ]++|))"
 _ANY_TAIL: Final = rb"([^ ]++)()()"
-_SIZES: Final = rb" (\d++) (\d++)\r\nNATS/1\.0\r\n"
+_SIZES: Final = rb" ([0-9]++) ([0-9]++)\r\nNATS/1\.0\r\n"
 _RJET_LINES: Final = (
-    TYPE_HEADER.encode() + rb": (-?\d{1,18})\r\n" + FOREIGN_ID_HEADER.encode()
+    TYPE_HEADER.encode() + rb": (-?[0-9]{1,18})\r\n" + FOREIGN_ID_HEADER.encode()
 )  # fmt: skip
 # The trace context insert writes before rjet's headers (rjet/otel.py): a traceparent line, then maybe
 # a tracestate line. The values are not captured: decoding reads them from the header block, as it
