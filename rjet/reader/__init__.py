@@ -17,7 +17,9 @@
   the client recovers, which is always the same move: a new consumer from ``last + 1``.
 - Pull requests carry idle heartbeats; no traffic for three heartbeats while a pull is open (server
   restart, consumer deleted or reaped, connection cut), a 409/503 status (but the two that end a
-  request with ``max_bytes``: full, or the next message too large), or a gap all trigger recovery.
+  request with ``max_bytes``: full, or the next message too large), a gap, or a reconnect (what
+  the server sent on the lost connection is gone, and a consumer that has sent everything shows no
+  gap while its pull request's heartbeats go on) all trigger recovery.
   Recovery re-checks the stream first, so events that expired meanwhile raise :class:`rjet.CursorExpired`
   instead of being skipped, and a stream created again raises :class:`rjet.StreamRecreated`.
 - Events removed ahead of the reader raise :class:`rjet.EventsRemoved` (or are skipped on purpose).

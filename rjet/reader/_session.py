@@ -6,8 +6,9 @@
 - :class:`Sessions` keeps one going: it subscribes the reader's inbox, creates the consumer (AckPolicy
   NONE, memory storage, from right after the last sequence taken), sends pull requests within the
   read buffer's bounds, handles the server's statuses, watches for silence (the watchdog: three
-  missed heartbeats with a pull open), and recreates the consumer when it is lost (recovery), after
-  checking the stream is the same one and still holds what comes next.
+  missed heartbeats with a pull open) and for a reconnect (frames in flight lost), and recreates the
+  consumer when it is lost (recovery), after checking the stream is the same one and still holds
+  what comes next.
 
 A new consumer gets a new :class:`Session`, swapped in whole once the server has made the consumer; a
 frame of an earlier one (its name, its deliver subject) matches nothing in it and is ignored.
@@ -182,14 +183,16 @@ class Session:
         "pending",
         "plain",
         "prefix",
+        "reconnects",
         "requests",
         "traced",
         "traced_pattern",
         "traced_plain",
     )
 
-    def __init__(self, name: bytes, deliver: bytes, next_subject: str) -> None:
+    def __init__(self, name: bytes, deliver: bytes, next_subject: str, reconnects: int) -> None:
         self.name = name  # the consumer's name, in the reply subject of each of its deliveries
+        self.reconnects = reconnects  # the connection's reconnects when the consumer was made
         self.deliver = deliver  # the reply subject of its pull requests: its messages and statuses come there
         self.next_subject = next_subject  # where its pull requests go
         self.cseq = 0  # its consumer sequence: messages it has sent
@@ -312,7 +315,10 @@ class Sessions:
         st.server_pending = info.num_pending or 0
         self._activity = self._loop.time()
         next_subject = f"{self._api}.CONSUMER.MSG.NEXT.{self._stream}.{info.name}"
-        st.session = Session(info.name.encode(), deliver, next_subject)
+        st.session = Session(info.name.encode(), deliver, next_subject, self._reconnects())
+
+    def _reconnects(self) -> int:
+        return int(self._nc.stats["reconnects"])
 
     def watch(self) -> None:
         """Start the watchdog."""
@@ -442,7 +448,13 @@ class Sessions:
                 self._activity = now
             if self._recovery is not None or s is None:
                 continue
-            if s.pending > 0 and now - self._activity > 3 * hb:
+            if s.reconnects != self._reconnects():
+                # What the server had sent on the lost connection is lost, and nothing says so: its
+                # pull request lives on (its heartbeats keep the watchdog quiet), and the consumer,
+                # having sent everything, sends nothing more that could show a gap. A reader at the
+                # head would wait for ever (a slow consumer cut by the server, say).
+                self.recover("the connection was re-established: what the consumer sent before may be lost")
+            elif s.pending > 0 and now - self._activity > 3 * hb:
                 self.recover(f"no message or heartbeat for {3 * hb:g}s")
             elif s.pending == 0:
                 await self.pull()

@@ -95,3 +95,43 @@ async def test_a_cluster_node_killed_mid_stream(cluster: list[EmbeddedServer]) -
     finally:
         with contextlib.suppress(OSError):
             await nc.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_reader_at_the_head_gets_what_a_lost_connection_took(
+    own_server: EmbeddedServer, proxy: CuttingProxy
+) -> None:
+    """The server sends every event, the connection dies before they arrive (as when it cuts a slow
+    consumer, its buffer full), the client reconnects: the consumer has nothing left to send and its
+    pull request's heartbeats go on, so no gap and no silence shows. The reader still gets them all."""
+    direct = await rjet.connect(own_server.url)
+    cut_conn = await rjet.connect(proxy.url, reconnect_time_wait=0.05)
+    try:
+        total = 60  # fewer than a pull request asks for: the request stays open, sending heartbeats
+        producer = await rjet.Stream.create(direct.jetstream(), "lost_in_flight")
+        await producer.insert_many([(f"k{i % 13}", 1, str(i).encode()) for i in range(total)])
+        # What the server sends after the first pull request is dropped for 0.2 s (well within the
+        # watchdog's three heartbeats: the heartbeats after it arrive), then the connection is cut.
+        proxy.lose_answer_to(b"CONSUMER.MSG.NEXT", outage=0.2)
+        config = rjet.ReadConfig(batch=100, max_buffered=400, heartbeat=0.5, expires=5.0)
+        reader = rjet.Stream(cut_conn.jetstream(), "lost_in_flight", read=config)
+        got: list[int] = []
+        async with await reader.stream(to_head=True) as client:
+
+            async def cut_after_the_outage() -> None:
+                await asyncio.sleep(0.5)  # the first pull request went out as the reader opened
+                assert proxy.lost_answers == 1
+                proxy.cut()
+
+            cutting = asyncio.create_task(cut_after_the_outage())
+            with contextlib.suppress(rjet.HeadReached):
+                while True:
+                    got.append((await asyncio.wait_for(client.recv(), 10)).id_int)
+            await cutting
+            assert client.recoveries >= 1
+        assert proxy.cuts == 1
+        assert got == list(range(1, total + 1))
+    finally:
+        await direct.close()
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await cut_conn.close()
