@@ -9,20 +9,22 @@ A handler's transaction costs as few trips as each driver allows (:meth:`Backend
 :meth:`Backend.finish`), the claim still checked inside it:
 
 - SQLite: ``BEGIN IMMEDIATE`` is queued on the connection's thread ahead of the handler's statements
-  instead of being waited for, and the progress, the fence check and ``COMMIT`` run in one call on
-  that thread: 2 trips where the handler writes once (was 4). This reaches into aiosqlite (its
-  queue ``_tx`` and ``_execute``, looked for on each connection); where they are missing, or with
-  ``RJET_FAST_PATHS=0``, the same statements are awaited one by one.
+  with no answer to wait for (it notes its outcome, read once a later call came back), and the
+  progress, the fence check and ``COMMIT`` run in one call on that thread: 2 trips where the handler
+  writes once (was 4). This reaches into aiosqlite (its queue ``_tx`` and ``_execute``, looked for on
+  each connection); where they are missing, or with ``RJET_FAST_PATHS=0``, the same statements are
+  awaited one by one.
 - PostgreSQL: ``BEGIN``, the handler's statements, and one message holding the progress, the fence
   check and ``COMMIT`` (a single statement that fails when the claim is not this runner's, so that
   the ``COMMIT`` after it never runs): 3 round trips where the handler writes once (was 4, and 5 with
   ``rjet_done`` rows). The claim's row stays locked from that statement to the commit, inside the
   server: a frozen client can no longer hold it.
+- PostgreSQL with ``?pipeline=on`` (:class:`_Postgres`): the whole transaction in one round trip,
+  through psycopg's pipeline mode.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import os
@@ -143,11 +145,11 @@ class Backend(Protocol):
 
     async def begin_handler(self, conn: Any) -> Any:
         """Begin the transaction a handler writes in; returns what :meth:`started`, :meth:`finish`
-        and :meth:`abandon` take of it (SQLite: the future of a queued ``BEGIN``; PostgreSQL in
-        pipeline mode: the pipeline; else None)."""
+        and :meth:`abandon` take of it (SQLite: what the queued ``BEGIN`` notes of itself; PostgreSQL
+        in pipeline mode: the pipeline; else None)."""
         ...
 
-    async def started(self, begun: Any) -> None:
+    async def started(self, conn: Any, begun: Any) -> None:
         """Wait for :meth:`begin_handler`'s ``BEGIN``; its failure as :class:`rjet.CursorStoreError`."""
         ...
 
@@ -181,22 +183,35 @@ class Backend(Protocol):
         ...
 
 
-def _retrieved(future: asyncio.Future[None]) -> None:
-    """Marks a BEGIN's failure seen where nothing awaits it any more (a cancelled handler)."""
-    if not future.cancelled():
-        future.exception()
+class _Begun:
+    """The ``BEGIN IMMEDIATE`` queued on a SQLite connection's thread ahead of the handler's statements,
+    with no future to answer (an answer is one more wake-up of the event loop per transaction): it
+    notes here when it ran, and how it failed. The thread runs its queue in order, so it has run once
+    any later call came back."""
+
+    __slots__ = ("error", "ran")
+
+    def __init__(self) -> None:
+        self.ran = False
+        self.error: BaseException | None = None
 
 
-def _begin_or_close(conn: Any) -> None:
+def _begin_or_close(conn: Any, begun: _Begun) -> None:
     """On the connection's thread, ahead of the handler's statements: ``BEGIN IMMEDIATE``, or close
     the ``sqlite3`` connection when it fails, so that none of those statements runs outside a
     transaction (each fails on the closed connection; the store discards it)."""
     db = conn._conn  # noqa: SLF001
     try:
         db.execute("BEGIN IMMEDIATE")
-    except BaseException:
+    except BaseException as e:
+        begun.error = e
         db.close()
-        raise
+    finally:
+        begun.ran = True
+
+
+def _nothing() -> None:
+    return None
 
 
 def _finish_on_thread(conn: Any, p: Progress) -> tuple[Outcome | Literal["record", "commit"], BaseException | None]:
@@ -278,21 +293,22 @@ class _Sqlite:
         elif conn.in_transaction:
             await conn.execute("ROLLBACK")
 
-    async def begin_handler(self, conn: Any) -> asyncio.Future[None] | None:
+    async def begin_handler(self, conn: Any) -> _Begun | None:
         if not self.fast:
             await self.begin(conn)
             return None
-        begun: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        begun.add_done_callback(_retrieved)
-        conn._tx.put_nowait((begun, functools.partial(_begin_or_close, conn)))  # noqa: SLF001
+        begun = _Begun()
+        conn._tx.put_nowait((None, functools.partial(_begin_or_close, conn, begun)))  # noqa: SLF001
         return begun
 
-    async def started(self, begun: Any) -> None:
-        if begun is not None:
-            try:
-                await begun
-            except self.errors() as e:
-                raise store_error(self, "cannot begin a transaction", e) from e
+    async def started(self, conn: Any, begun: Any) -> None:
+        if isinstance(begun, _Begun):
+            if not begun.ran:  # the handler sent nothing yet: a trip behind the BEGIN
+                await conn._execute(_nothing)  # noqa: SLF001
+            if isinstance(begun.error, self.errors()):
+                raise store_error(self, "cannot begin a transaction", begun.error) from begun.error
+            if begun.error is not None:
+                raise begun.error
 
     async def finish(self, conn: Any, begun: Any, progress: Progress) -> Outcome:
         p = progress
@@ -529,7 +545,7 @@ class _Postgres:
             await conn.execute(_PG_MARK, prepare=False)
         return piped
 
-    async def started(self, begun: Any) -> None:
+    async def started(self, conn: Any, begun: Any) -> None:
         return None
 
     async def finish(self, conn: Any, begun: Any, progress: Progress) -> Outcome:

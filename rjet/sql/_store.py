@@ -508,9 +508,9 @@ class SqlClaim:
                 try:
                     await call(conn)
                 except Exception:
-                    await b.started(begun)  # a BEGIN that failed is why the handler's statements did
+                    await b.started(conn, begun)  # a BEGIN that failed is why the handler's statements did
                     raise
-                await b.started(begun)
+                await b.started(conn, begun)
                 await self._finish(conn, begun, progress)
             except Exception as e:
                 # Rolled back; the connection stays pooled when that left it sound (a handler's error
