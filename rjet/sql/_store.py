@@ -63,7 +63,10 @@ class SqlCursorStore:
 
     URLs: ``sqlite:///PATH`` (the standard library's sqlite3 through aiosqlite; WAL,
     ``synchronous=FULL``), ``postgresql://user:pw@host/db`` (psycopg 3, ``pip install 'rjet[postgres]'``;
-    ``idle_in_transaction_session_timeout`` 30 s unless set: ``rjet/sql/_backends.py``).
+    ``idle_in_transaction_session_timeout`` 30 s unless set: ``rjet/sql/_backends.py``; with
+    ``?pipeline=on`` a handler's transaction takes one round trip in psycopg's pipeline mode, where
+    ``rowcount`` right after ``execute`` is -1 and a statement's error comes later: the README's
+    "Exactly-once effects").
     The tables (``rjet_schema``, ``rjet_cursors``, ``rjet_done``; see ``rjet/sql/_schema.py``) are
     created when absent and migrated from older versions. ``pool_size`` bounds the connections
     (one per transaction in flight: at least a consumer's ``concurrency``); a pooled one the server
