@@ -462,3 +462,27 @@ async def test_a_handler_that_writes_nothing_or_only_reads_commits_its_progress(
         with pytest.raises(rjet.HeadReached):
             await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
         assert await store.peek("c") == "4"
+
+
+@pytest.mark.parametrize("sql_db", ["postgresql-pipeline"], indirect=True)
+async def test_a_session_lost_before_the_sync_answered_is_reported_as_maybe_applied(sql_db: SqlDb) -> None:
+    """Pipeline mode: the server's session ends while the transaction's statements are on their way
+    (here: one of them ends it), so the sync is never answered: the commit is reported as one that
+    may or may not be applied, the claim is lost, and the next claim reads what the database holds
+    (here: nothing was, so the event is handled again, once)."""
+    async with await _store(sql_db) as store:
+        claim = await store.claim("c")
+
+        async def ends_its_session(tx: Any) -> None:
+            await _insert(1)(tx)
+            await tx.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        with pytest.raises(rjet.CursorStoreError, match=r"the commit of events 1\.\.1 may or may not be applied"):
+            await claim.transact([1], ends_its_session, sequential=True)
+        assert claim.lost is not None
+        assert store._idle == []  # the broken connection is not pooled
+        claim = await store.claim("c")
+        assert claim.cursor == ""  # the database's answer: not applied
+        await claim.transact([1], _insert(1), sequential=True)
+        assert await store.peek("c") == "1"
+    assert [seq for seq, _ in sql_db.effects()] == [1]
