@@ -282,7 +282,7 @@ def test_rjet_scan_and_decode(
     def setup() -> None:
         client._state.buf.clear()
         client._state.last = 0
-        session = client._state.session = Session(consumer, b"", "")
+        session = client._state.session = Session(consumer, b"", "", reconnects=0)
         session.cseq, session.prefix = cseq0, prefix
         session.pattern = _frames.frame_pattern(client._sessions.sid, prefix)
         session.plain = _frames.frame_pattern(client._sessions.sid, prefix, plain=True)
