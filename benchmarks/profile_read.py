@@ -5,11 +5,19 @@
     python benchmarks/profile_read.py [events] [top]
     python benchmarks/profile_read.py [events] --sample    # for py-spy, see below
     python benchmarks/profile_read.py [events] --traced    # events with a W3C trace context (#27)
+    python benchmarks/profile_read.py [events] --replay    # the client's CPU without I/O (#28)
 
 Starts an embedded nats-server, fills a stream (not profiled), reads it once to warm up, then
 profiles one full ``stream.stream("", to_head=True)`` read. With ``--traced`` the events are inserted
 under a remote span context, so each message carries a ``traceparent`` header as ``insert`` writes it
 with tracing on; the read has no tracer (needs the ``otel`` extra).
+
+``--replay`` times the client alone: prepared frames of a real client's consumer (as the server lays
+them out) go through a ``FastParser`` in 32 KiB reads (as nats-py reads) and are handed over with
+``__anext__``, no server traffic and no waiting; it prints the process CPU an event of each part, the
+fastest of 8 rounds. What it does per frame is deterministic, so ``valgrind --tool=callgrind`` counts
+the same instructions each time (run it with ``PYTHONHASHSEED=0``): a measure of the client's work that
+the other engineers' load on this machine does not move.
 
 cProfile adds a cost to every call and inflates small per-event functions. For a sampling view,
 ``--sample`` prints the process ID after the fill, waits 3 s, and reads 4 times without cProfile::
@@ -30,11 +38,13 @@ import time
 import nats
 
 import rjet
+from rjet._nats.parser import FastParser
 from rjet.server import EmbeddedServer
 
 SAMPLE = "--sample" in sys.argv
 TRACED = "--traced" in sys.argv
-_ARGS = [a for a in sys.argv[1:] if a not in ("--sample", "--traced")]
+REPLAY = "--replay" in sys.argv
+_ARGS = [a for a in sys.argv[1:] if a not in ("--sample", "--traced", "--replay")]
 EVENTS = int(_ARGS[0]) if _ARGS else 100_000
 TOP = int(_ARGS[1]) if len(_ARGS) > 1 else 15
 
@@ -55,9 +65,63 @@ async def fill(stream: rjet.Stream) -> None:
         )
 
 
+def wire(client: rjet.StreamClient, first: int, n: int) -> bytes:
+    """Frames ``first`` to ``first + n - 1`` of ``client``'s consumer, laid out as the server sends them."""
+    s = client._state.session
+    assert s is not None
+    sid = client._sessions.sid
+    trace = b"traceparent: 00-%032x-%016x-01\r\n" % (0x1234, 0x5678) if TRACED else b""
+    prefix = b"$JS.ACK.%s.%s.1." % (client.stream.encode(), s.name)
+    out = []
+    for i in range(first, first + n):
+        hdr = b"NATS/1.0\r\n%sreflex_type: %d\r\nrjet_foreign_id: user-%d\r\n\r\n" % (trace, 1 + i % 5, i % 1000)
+        body = b'{"seq": %d, "amount": 1234, "currency": "EUR"}' % i
+        # delivered.sseq.cseq.stored time.pending: the last frame says 0 are left
+        reply = prefix + b"%d.%d.%d.%d" % (i, i, 1_733_590_000_123_456_789 + 1000 * i, first + n - 1 - i)
+        size = len(hdr) + len(body)
+        out.append(b"HMSG profile.user-%d %d %s %d %d\r\n%s%s\r\n" % (i % 1000, sid, reply, len(hdr), size, hdr, body))
+    return b"".join(out)
+
+
+async def replay(stream: rjet.Stream, rounds: int = 8) -> None:
+    """The client's CPU an event without I/O: see the module docstring."""
+    client = await stream.stream("")  # the stream is empty: the server sends nothing
+    try:
+        parser = FastParser(client._sessions._nc)
+        parser.lanes[client._sessions.sid] = client._intake.on_lane_frame
+        parser.scanners[client._sessions.sid] = client._intake.scan
+        st, hand = client._state, client.__anext__
+        scan, handed, first = [], [], 1
+        for _ in range(rounds + 1):  # the first warms up
+            data = wire(client, first, EVENTS)
+            first += EVENTS
+            assert st.session is not None
+            st.session.pending = 2 * EVENTS  # owed enough: no pull request is due
+            t = time.process_time()
+            for at in range(0, len(data), 32768):
+                await parser.parse(data[at : at + 32768])
+            t1 = time.process_time()
+            assert len(st.buf) == EVENTS
+            for _ in range(EVENTS):
+                await hand()
+            t2 = time.process_time()
+            scan.append((t1 - t) * 1e6 / EVENTS)
+            handed.append((t2 - t1) * 1e6 / EVENTS)
+        both = min(a + b for a, b in zip(scan[1:], handed[1:], strict=True))
+        print(
+            f"CPU us an event, fastest of {rounds}: parse and scan {min(scan[1:]):.3f}, handing over"
+            f" {min(handed[1:]):.3f}, both {both:.3f}"
+        )
+    finally:
+        await client.close()
+
+
 async def main(url: str) -> None:
     nc = await nats.connect(url)
     try:
+        if REPLAY:
+            await replay(await rjet.Stream.create(nc.jetstream(), "profile"))
+            return
         stream = await rjet.Stream.create(nc.jetstream(), "profile")
         if TRACED:
             from opentelemetry import trace
