@@ -106,6 +106,7 @@ async def test_events_read_are_ordinary_frozen_events(stream: rjet.Stream) -> No
         [event] = [e async for e in client]
     assert event._timestamp is None  # no datetime is built until someone asks
     assert type(event) is rjet.Event  # built as EventSlots, then made an Event
+    assert type(event.metadata) is bytes  # sliced from the parser's buffer as bytes, not a bytearray
     copy = pickle.loads(pickle.dumps(event))
     assert event == rjet.Event("1", 3, "k", event.timestamp, b"m") == copy
     assert hash(event) == hash(rjet.Event("1", 3, "k", event.timestamp, b"m")) == hash(copy)
