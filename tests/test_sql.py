@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -386,6 +387,9 @@ async def test_pipeline_mode_syncs_a_transaction_once(sql_db: SqlDb, tmp_path: P
     sent = [line.split("\t")[2].split()[0] for line in trace.read_text().splitlines() if line.startswith("F\t")]
     assert sent.count("Sync") == 1, sent
     assert sent.count("Execute") == 5, sent  # BEGIN, rjet's mark, the insert, the progress, COMMIT
+    # The fast path queues into psycopg's private pipeline queues; a psycopg without them would quietly
+    # get the public path (as RJET_FAST_PATHS=0 does): this psycopg must still have them.
+    assert store.backend.fast == (os.environ.get("RJET_FAST_PATHS", "1") != "0")  # type: ignore[attr-defined]
 
 
 def test_the_pipeline_parameter_is_checked_and_not_passed_to_libpq() -> None:

@@ -25,6 +25,7 @@ A handler's transaction costs as few trips as each driver allows (:meth:`Backend
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -404,6 +405,14 @@ class _Piped:
         await self.context.__aexit__(None, None, None)
 
 
+def _psycopg_queues(pipeline: Any) -> bool:
+    """Whether ``pipeline`` has the command and result queues :func:`_queue` writes to (psycopg 3.2,
+    3.3)."""
+    return isinstance(getattr(pipeline, "command_queue", None), collections.deque) and isinstance(
+        getattr(pipeline, "result_queue", None), collections.deque
+    )
+
+
 def _queue(pipeline: Any, send: Callable[..., None], *args: object) -> None:
     """Send a statement in psycopg's ``pipeline`` as psycopg sends its own commands (``BEGIN``,
     ``COMMIT``), its result checked for an error only: into libpq's buffer at once (libpq writes it out
@@ -428,7 +437,7 @@ async def _settle(conn: Any, piped: _Piped) -> None:
             if conn.closed or conn.broken:
                 raise
             continue
-        if not piped.pipeline.result_queue:
+        if not getattr(piped.pipeline, "result_queue", None):
             return
     raise psycopg.OperationalError("rjet: the pipeline did not settle")
 
@@ -537,6 +546,9 @@ class _Postgres:
                 self._prepared.add(conn)
             context = conn.pipeline()
             piped = self._pipes[conn] = _Piped(context, await context.__aenter__())
+            # The fast path writes to psycopg's own (private) queues: a psycopg that keeps them under
+            # other names gets the public path (conn.execute), decided before anything is queued.
+            self.fast = self.fast and _psycopg_queues(piped.pipeline)
         if self.fast:  # queued, sent with the handler's first statement (or the sync)
             _queue(piped.pipeline, conn.pgconn.send_query_params, b"BEGIN", None)
             _queue(piped.pipeline, conn.pgconn.send_query_params, _PG_MARK.encode(), None)
