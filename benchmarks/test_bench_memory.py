@@ -1,7 +1,7 @@
 """Memory: a worker's resident memory over a long read, and with large events.
 
-A child process (``_memory_worker.py``) runs ``rjet.run`` to the head of a stream and samples its
-RSS (/proc/self/statm).
+A child process (``rjet bench``'s memory worker, ``rjet/cli/_bench_memory_worker.py``) runs
+``rjet.run`` to the head of a stream and samples its RSS (/proc/self/statm).
 
 - ``test_worker_rss`` (opt-in: ``RJET_BENCH_MEMORY=1``): ``RJET_BENCH_MEMORY_EVENTS`` (default
   1,000,000) small events with a no-op handler, sampled every 100k events. Filling the stream takes
@@ -63,16 +63,23 @@ def large(js: JetStreamContext, arun: Arun[Any]) -> Iterator[rjet.Stream]:
 
 
 def read_in_child(benchmark: Any, url: str, stream: str, every: int, delay: float = 0.0) -> dict[str, Any]:
-    worker = Path(__file__).with_name("_memory_worker.py")
-    args = [sys.executable, str(worker), url, stream, str(every), str(delay)]
+    """``rjet bench``'s memory worker (``rjet/cli/_bench_memory_worker.py``: what it is given comes on
+    stdin) reading ``stream`` to its head with the reader's default bounds."""
+    worker = Path(rjet.__file__).parent / "cli" / "_bench_memory_worker.py"
+    given = {"servers": [url], "options": {}, "name": stream, "every": every, "delay": delay,
+             "max_bytes": rjet.ReadConfig().max_buffered_bytes}  # fmt: skip
 
     # The child imports the same rjet as this process (a checkout may shadow the installed one).
     root = str(Path(rjet.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
     def read() -> dict[str, Any]:
-        out = subprocess.run(args, capture_output=True, check=True, timeout=300, env=env)
+        out = subprocess.run(
+            [sys.executable, str(worker)], input=json.dumps(given).encode(), capture_output=True, check=True,
+            timeout=300, env=env,
+        )  # fmt: skip
         result: dict[str, Any] = json.loads(out.stdout)
+        assert not result["stalled"], result
         return result
 
     result: dict[str, Any] = benchmark.pedantic(read, rounds=1)
