@@ -22,11 +22,12 @@ Handler: TypeAlias = Callable[[Fate, Event], Awaitable[None] | None]
 BatchHandler: TypeAlias = Callable[[Fate, list[Event]], Awaitable[None] | None]
 """``fn(fate, events)``: the handler of a consumer with a :class:`Batch`."""
 
-TransactionalHandler: TypeAlias = Callable[[Fate, Event, Any], Awaitable[None]]
-"""``async fn(fate, event, tx)``: the handler of a ``Consumer(..., transactional=True)``."""
+TransactionalHandler: TypeAlias = Callable[[Fate, Event, Any], Awaitable[None] | None]
+"""``[async] fn(fate, event, tx)``: the handler of a ``Consumer(..., transactional=True)`` (sync only
+where the store's capabilities say ``sync_transactional``: SQLite)."""
 
-TransactionalBatchHandler: TypeAlias = Callable[[Fate, list[Event], Any], Awaitable[None]]
-"""``async fn(fate, events, tx)``: the handler of a transactional consumer with a :class:`Batch`."""
+TransactionalBatchHandler: TypeAlias = Callable[[Fate, list[Event], Any], Awaitable[None] | None]
+"""``[async] fn(fate, events, tx)``: the handler of a transactional consumer with a :class:`Batch`."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,11 +87,14 @@ class Consumer:
     - ``fate``: what ``fn`` receives to inject errors on purpose (default :data:`rjet.fate.NEVER`).
     - ``dead_letter``: a :class:`rjet.DeadLetter` policy: after that many failed attempts an event
       is recorded and skipped instead of blocking the consumer (off by default: retry forever).
-    - ``transactional``: ``fn(fate, event, tx)`` (``fn(fate, events, tx)`` with a batch), async: ``tx``
-      is the database connection of a store whose claims are transactional (:class:`rjet.sql.SqlCursorStore`)
+    - ``transactional``: ``fn(fate, event, tx)`` (``fn(fate, events, tx)`` with a batch): ``tx`` is the
+      database connection of a store whose claims are transactional (:class:`rjet.sql.SqlCursorStore`)
       inside an open transaction; rjet records the event as done in it and commits, so the handler's
       writes and the consumer's progress commit together (exactly-once effects). Any other store is a
-      :class:`rjet.ConfigError` when ``run`` starts.
+      :class:`rjet.ConfigError` when ``run`` starts. An async ``fn`` awaits ``tx`` (aiosqlite,
+      psycopg); a sync one (SQLite only: a store whose capabilities say ``sync_transactional``, else
+      a ``ConfigError`` at start) gets the ``sqlite3.Connection`` and runs with the whole transaction
+      on the connection's own thread, not the event loop's: it must not touch the loop.
     - ``concurrency``: up to this many handler calls in flight at once, with every event of one
       foreign ID handled one at a time, in stream order (default 1: one event at a time). The cursor
       stays the low watermark and the events done above it are stored with it (exact progress), so
@@ -146,11 +150,6 @@ class Consumer:
         if not callable(fn):
             raise ConfigError(f"consumer {name!r}: handler {fn!r} is not callable")
         check_handler(fn, batch=batch is not None, owner=f"consumer {name!r}", transactional=transactional)
-        if transactional and not inspect.iscoroutinefunction(fn):
-            raise ConfigError(
-                f"consumer {name!r}: a transactional handler is async: async def fn(fate, event, tx) (its tx,"
-                " an aiosqlite or psycopg connection, is awaited)"
-            )
         self.transactional = transactional
         self.name = name
         # A transactional fn takes tx too: run binds it (in_transactions) before anything calls it.
@@ -189,12 +188,13 @@ class Consumer:
         self._async = inspect.iscoroutinefunction(fn)
 
     def in_transactions(
-        self, transact: Callable[[list[int], Callable[[Any], Awaitable[object]], bool], Awaitable[None]]
+        self, transact: Callable[[list[int], Callable[[Any], object], bool], Awaitable[None]]
     ) -> Consumer:
         """This consumer with its transactional handler bound: each call runs ``fn(fate, event, tx)``
         (or ``fn(fate, events, tx)``) inside ``transact(seqs, call, sequential)``, which begins the
         transaction, records the events as done in it and commits (what ``run`` does with a store
-        whose claims are transactional)."""
+        whose claims are transactional: the claim's ``transact``, or ``transact_sync`` for a sync
+        ``fn``). The bound handler is async either way."""
         fn: Any = self.fn
         sequential = self.sequential
         if self.batch is not None:

@@ -173,11 +173,21 @@ async def _run(  # noqa: C901 (the run loop)
             f"consumer {name!r} is transactional, and its cursor store ({type(store).__name__}) cannot commit a"
             " handler's writes with the event's progress: use rjet.sql.SqlCursorStore"
         )
+    if spec.consumer.transactional and not spec.consumer.is_async and not capabilities(store).sync_transactional:
+        raise ConfigError(
+            f"consumer {name!r}: its transactional handler is sync, and its cursor store ({type(store).__name__})"
+            " runs transactions on the event loop only (PostgreSQL: tx is a psycopg AsyncConnection): make it"
+            " async def fn(fate, event, tx) and await tx"
+        )
     claim = await _claim(store, name, rerun)
     opened = False  # a run that could not open its stream leaves no new record behind
     if spec.consumer.transactional:
-        # The handler's own writes and the event's progress commit in one transaction of the claim's.
-        transact = cast("TransactionalClaim", claim).transact
+        # The handler's own writes and the event's progress commit in one transaction of the claim's;
+        # a sync handler's whole transaction runs on the store's thread (SQLite's connection's).
+        tclaim = cast("TransactionalClaim", claim)
+        transact = cast(
+            "Callable[..., Awaitable[None]]", tclaim.transact if spec.consumer.is_async else tclaim.transact_sync
+        )
         spec = dataclasses.replace(
             spec, consumer=spec.consumer.in_transactions(lambda seqs, call, seq: transact(seqs, call, sequential=seq))
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +45,23 @@ def recorder(db: SqlDb) -> Any:
     return handle
 
 
-def group(server: EmbeddedServer, name: str, n: int, db: SqlDb, **options: Any) -> Parallel:
+def sync_recorder(db: SqlDb) -> Any:
+    """:func:`recorder` as a sync handler (SQLite: run on the connection's thread, tx a sqlite3.Connection)."""
+    statement = db.sql("INSERT INTO effects (seq, fid, who) VALUES (?, ?, ?)")
+
+    def handle(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+        tx.execute(statement, (event.id_int, event.foreign_id, f"{os.environ['RJET_TEST_SHARD']}:{os.getpid()}"))
+
+    return handle
+
+
+def group(server: EmbeddedServer, name: str, n: int, db: SqlDb, fn: Any = None, **options: Any) -> Parallel:
     options.setdefault("flush_interval", 0.1)
     options.setdefault("restart_delay", 0.2)
     options.setdefault("heartbeat_interval", 0.5)
     options.setdefault("heartbeat_ttl", 3.0)
     return Parallel(
-        name, n, recorder(db), servers=server.url, stream=name, namespace=name,
+        name, n, fn or recorder(db), servers=server.url, stream=name, namespace=name,
         cursors=db.url, transactional=True, on_start=remember_shard, **options,
     )  # fmt: skip
 
@@ -88,8 +99,9 @@ def test_the_database_url_and_the_handler_are_checked_when_the_group_is_built(tm
     with pytest.raises(rjet.ConfigError, match=r"cannot be called as fn\(fate, event, tx\)"):
         Parallel("p", 2, plain, transactional=True, cursors=f"sqlite:///{tmp_path}/a.db", **ok)
     sync: Any = lambda f, e, tx: None  # noqa: E731
-    with pytest.raises(rjet.ConfigError, match="a transactional handler is async"):
-        Parallel("p", 2, sync, transactional=True, cursors=f"sqlite:///{tmp_path}/a.db", **ok)
+    with pytest.raises(rjet.ConfigError, match="a sync transactional handler runs on SQLite only"):
+        Parallel("p", 2, sync, transactional=True, cursors="postgresql://u:secret@h/db", **ok)
+    Parallel("p", 2, sync, transactional=True, cursors=f"sqlite:///{tmp_path}/a.db", **ok)  # run on its thread
     p = Parallel("p", 2, tx_handler, transactional=True, cursors=f"sqlite:///{tmp_path}/a.db", **ok)
     assert (p.options.target.cursors, p.options.consumer.transactional) == (f"sqlite:///{tmp_path}/a.db", True)
     assert p.options.consumer.consumer("p_1_of_2", tx_handler).transactional
@@ -185,6 +197,18 @@ async def test_a_group_with_sql_cursors_handles_each_event_once_and_resumes(
     again = await group(server, name, 2, db).run_async(to_head=True)
     assert again.handled == len(more)
     check_rows(db, events | more)
+
+
+@pytest.mark.timeout(120)
+async def test_a_group_with_a_sync_handler_on_sqlite_handles_each_event_once(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    db = sqlite_db(tmp_path)
+    events = await insert(stream, 300)
+    summary = await group(server, name, 2, db, sync_recorder(db), concurrency=4).run_async(to_head=True)
+    assert summary.handled == len(events)
+    for _, fid, who in check_rows(db, events):
+        assert int(who.split(":")[0]) == shard_of(fid, 2)
 
 
 @pytest.mark.slow

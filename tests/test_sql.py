@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +39,53 @@ def _effect(db: SqlDb) -> Any:
     return effect
 
 
+# Handlers both ways where the store runs both: async everywhere, sync on SQLite (run with the whole
+# transaction on the connection's thread; PostgreSQL refuses them: test_a_sync_handler_...).
+SHAPES = pytest.mark.parametrize(
+    ("sql_db", "sync"),
+    [("sqlite", False), ("sqlite", True), ("postgresql", False), ("postgresql-pipeline", False)],
+    ids=["sqlite", "sqlite-sync", "postgresql", "postgresql-pipeline"],
+    indirect=["sql_db"],
+)
+
+
+def _sync_effect(event: rjet.Event, tx: sqlite3.Connection) -> None:
+    tx.execute("INSERT INTO effects (seq, fid) VALUES (?, ?)", (event.id_int, event.foreign_id))
+
+
 @pytest.mark.parametrize(
     ("concurrency", "batch"), [(1, None), (8, None), (1, rjet.Batch(10, max_wait=0.01)), (4, rjet.Batch(10, 0.01))]
 )
+@SHAPES
 async def test_each_event_is_applied_exactly_once_with_its_progress(
-    stream: rjet.Stream, sql_db: SqlDb, concurrency: int, batch: rjet.Batch | None
+    stream: rjet.Stream, sql_db: SqlDb, sync: bool, concurrency: int, batch: rjet.Batch | None
 ) -> None:
     await stream.insert_many([(f"k{i % 13}", 1, b"") for i in range(300)])
     failed: set[int] = set()
     effect = _effect(sql_db)
 
-    async def one(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
-        await effect(tx, event)
+    def fail_once(event: rjet.Event) -> None:
         if event.id_int % 37 == 0 and event.id_int not in failed:  # wrote, then failed: rolled back
             failed.add(event.id_int)
             raise RuntimeError("after its write")
+
+    async def one(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await effect(tx, event)
+        fail_once(event)
 
     async def many(fate: rjet.Fate, events: list[rjet.Event], tx: Any) -> None:
         for event in events:
             await one(fate, event, tx)
 
-    fn = many if batch else one
+    def sync_one(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+        _sync_effect(event, tx)
+        fail_once(event)
+
+    def sync_many(fate: rjet.Fate, events: list[rjet.Event], tx: sqlite3.Connection) -> None:
+        for event in events:
+            sync_one(fate, event, tx)
+
+    fn: Any = (sync_many if batch else sync_one) if sync else (many if batch else one)
     async with await _store(sql_db) as store:
         consumer = rjet.Consumer(
             "c", fn, transactional=True, concurrency=concurrency, batch=batch, retry=rjet.RetryPolicy(backoff=0.01)
@@ -102,18 +129,21 @@ async def test_a_restart_resumes_after_what_was_committed(stream: rjet.Stream, s
     assert sorted(seq for seq, _ in rows) == sorted(list(range(1, 401)) * 2)  # once per consumer
 
 
-async def test_a_runner_that_lost_its_claim_commits_nothing(stream: rjet.Stream, sql_db: SqlDb) -> None:
+@SHAPES
+async def test_a_runner_that_lost_its_claim_commits_nothing(stream: rjet.Stream, sql_db: SqlDb, sync: bool) -> None:
     """The fence is checked inside the transaction: once another runner claimed the cursor (a member
     paused past its lease, say), the old runner's transactions commit nothing, and its run stops."""
     await stream.insert_many([("k", 1, b"")] * 20)
     async with await _store(sql_db) as first, await _store(sql_db) as second:
         for sequential in (True, False):
             old = await first.claim("c")
+            transact = old.transact_sync if sync else old.transact
+            insert = _sync_insert if sync else _insert
             seq = len(sql_db.effects()) + 1
-            await old.transact([seq], _insert(seq), sequential=True)
+            await transact([seq], insert(seq), sequential=True)
             await second.claim("c")  # taken over between two transactions
             with pytest.raises(rjet.CursorConflict, match="another runner claimed it"):
-                await old.transact([seq + 1], _insert(seq + 1), sequential=sequential)
+                await transact([seq + 1], insert(seq + 1), sequential=sequential)
             assert old.lost is not None
             assert [s for s, _ in sql_db.effects()] == list(range(1, seq + 1))
             assert await second.peek("c") == str(seq)
@@ -122,6 +152,13 @@ async def test_a_runner_that_lost_its_claim_commits_nothing(stream: rjet.Stream,
 def _insert(seq: int) -> Any:
     async def insert(tx: Any) -> None:
         await tx.execute(f"INSERT INTO effects (seq, fid) VALUES ({seq}, 'k')")
+
+    return insert
+
+
+def _sync_insert(seq: int) -> Any:
+    def insert(tx: sqlite3.Connection) -> None:
+        tx.execute(f"INSERT INTO effects (seq, fid) VALUES ({seq}, 'k')")
 
     return insert
 
@@ -142,8 +179,6 @@ async def test_transactional_needs_a_store_that_can_and_a_handler_that_leaves_tx
         await rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer))
     with pytest.raises(rjet.ConfigError, match=r"cannot be called as fn\(fate, event, tx\)"):
         rjet.Consumer("c", lambda f, e: None, transactional=True)
-    with pytest.raises(rjet.ConfigError, match="a transactional handler is async"):
-        rjet.Consumer("c", lambda f, e, tx: None, transactional=True)  # type: ignore[arg-type]
     insert = _insert(1)
 
     async def commit_statement(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
@@ -280,13 +315,17 @@ async def test_postgresql_sessions_end_a_transaction_left_idle_unless_the_user_s
         assert await store.backend.fetchall(conn, show) == [("1min",)]
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
 @pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
-async def test_a_begin_that_fails_lets_no_statement_of_the_handlers_commit_on_its_own(sql_db: SqlDb) -> None:
+async def test_a_begin_that_fails_lets_no_statement_of_the_handlers_commit_on_its_own(
+    sql_db: SqlDb, sync: bool
+) -> None:
     """SQLite's BEGIN IMMEDIATE is queued ahead of the handler's statements instead of waited for (the
     fast path; RJET_FAST_PATHS=0 waits): when it fails (the file's write lock held elsewhere past
     busy_timeout), the connection is closed before they run, so that none of them commits on its own,
     and the transaction fails with the BEGIN's error, the claim kept; the next one runs on a new
-    connection."""
+    connection. ``sync``: a sync handler's transaction, in one call on the thread, calls no handler
+    after a failed BEGIN."""
     async with await _store(sql_db) as store:
         claim = await store.claim("c")
         async with store._connection("shorten the wait") as conn:  # the pool's one connection
@@ -297,21 +336,40 @@ async def test_a_begin_that_fails_lets_no_statement_of_the_handlers_commit_on_it
             await asyncio.sleep(2.0)
             await insert(tx)
 
+        called: list[int] = []
+
+        def sync_later(tx: sqlite3.Connection) -> None:
+            called.append(1)
+            _sync_insert(1)(tx)
+
         with contextlib.closing(sqlite3.connect(sql_db.path or "", isolation_level=None)) as other:
             other.execute("BEGIN IMMEDIATE")
-            transaction = asyncio.create_task(claim.transact([1], later, sequential=True))
+            call = (
+                claim.transact_sync([1], sync_later, sequential=True)
+                if sync
+                else claim.transact([1], later, sequential=True)
+            )
+            transaction = asyncio.create_task(call)
             await asyncio.sleep(1.0)  # the BEGIN gave up after 50 ms
             other.execute("ROLLBACK")
             with pytest.raises(rjet.CursorStoreError, match="cannot begin a transaction: database is locked"):
                 await transaction
         assert sql_db.effects() == []
+        assert called == []
         assert claim.lost is None
-        await claim.transact([1], _insert(1), sequential=True)
+        await (
+            claim.transact_sync([1], _sync_insert(1), sequential=True)
+            if sync
+            else claim.transact([1], _insert(1), sequential=True)
+        )
         assert [seq for seq, _ in sql_db.effects()] == [1]
         assert await store.peek("c") == "1"
 
 
-async def test_a_handlers_error_rolls_back_and_keeps_the_connection(stream: rjet.Stream, sql_db: SqlDb) -> None:
+@SHAPES
+async def test_a_handlers_error_rolls_back_and_keeps_the_connection(
+    stream: rjet.Stream, sql_db: SqlDb, sync: bool
+) -> None:
     """A handler that wrote and then raised: nothing of it commits, and the retry runs on the same
     pooled connection (rolled back, not closed: no reconnect per retry)."""
     await stream.insert_many([("k", 1, b"")] * 3)
@@ -324,8 +382,15 @@ async def test_a_handlers_error_rolls_back_and_keeps_the_connection(stream: rjet
         if len(seen) <= 3:
             raise RuntimeError("after its write")
 
+    def sync_flaky(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+        seen.append(tx)
+        _sync_effect(event, tx)
+        if len(seen) <= 3:
+            raise RuntimeError("after its write")
+
     async with await _store(sql_db) as store:
-        consumer = rjet.Consumer("c", flaky, transactional=True, retry=rjet.RetryPolicy(backoff=0.01))
+        fn: Any = sync_flaky if sync else flaky
+        consumer = rjet.Consumer("c", fn, transactional=True, retry=rjet.RetryPolicy(backoff=0.01))
         await asyncio.wait_for(rjet.run_forever(rjet.Spec(stream.stream, store, consumer, to_head=True)), 30)
         assert await store.peek("c") == "3"
     assert [seq for seq, _ in sql_db.effects()] == [1, 2, 3]
@@ -490,3 +555,128 @@ async def test_a_session_lost_before_the_sync_answered_is_reported_as_maybe_appl
         await claim.transact([1], _insert(1), sequential=True)
         assert await store.peek("c") == "1"
     assert [seq for seq, _ in sql_db.effects()] == [1]
+
+
+@pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
+async def test_a_sync_handler_runs_its_whole_transaction_on_the_connections_thread(
+    stream: rjet.Stream, sql_db: SqlDb
+) -> None:
+    """SQLite, ``def fn(fate, event, tx)``: ``tx`` is the ``sqlite3.Connection`` itself, inside rjet's
+    open transaction; BEGIN IMMEDIATE, the handler's insert, the progress and COMMIT run on one
+    thread, never the event loop's, the handler between BEGIN and the progress."""
+    await stream.insert_many([("k", 1, b"")] * 3)
+    loop_thread = threading.get_ident()
+    seen: list[tuple[type, bool, int]] = []
+    statements: list[tuple[int, str]] = []
+
+    def handle(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+        if not seen:
+            tx.set_trace_callback(lambda sql: statements.append((threading.get_ident(), sql.split()[0])))
+        seen.append((type(tx), tx.in_transaction, threading.get_ident()))
+        _sync_effect(event, tx)
+
+    async with await _store(sql_db) as store:
+        assert store.capabilities.sync_transactional
+        consumer = rjet.Consumer("c", handle, transactional=True)
+        with pytest.raises(rjet.HeadReached):
+            await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
+        assert await store.peek("c") == "3"
+    assert [seq for seq, _ in sql_db.effects()] == [1, 2, 3]
+    assert [(t, in_tx) for t, in_tx, _ in seen] == [(sqlite3.Connection, True)] * 3
+    assert loop_thread not in {thread for _, _, thread in seen}
+    # The first call set the trace after its BEGIN: its insert, its progress, its COMMIT; then the
+    # next two transactions whole, each on its handler's thread (the connection's own; without the
+    # fast path one of asyncio's pool). After them: the run's last cursor flush.
+    transactions = [statements[:3], statements[3:7], statements[7:11]]
+    whole = ["BEGIN", "INSERT", "UPDATE", "COMMIT"]
+    assert [[sql for _, sql in t] for t in transactions] == [whole[1:], whole, whole]
+    for t, (_, _, thread) in zip(transactions, seen, strict=True):
+        assert {th for th, _ in t} == {thread}
+
+
+@pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
+async def test_a_sync_handler_that_ends_tx_itself_or_returns_an_awaitable_is_refused(
+    stream: rjet.Stream, sql_db: SqlDb
+) -> None:
+    await stream.insert_many([("k", 1, b"")])
+
+    def commits(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+        _sync_effect(event, tx)
+        tx.commit()
+
+    def rolls_back(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+        _sync_effect(event, tx)
+        tx.execute("ROLLBACK")
+
+    class AsyncCallable:  # not a coroutine function: taken for a sync handler
+        async def __call__(self, fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+            await tx.execute("INSERT INTO effects (seq, fid) VALUES (1, 'k')")
+
+    async with await _store(sql_db) as store:
+        for name, fn in [("c", commits), ("d", rolls_back)]:
+            with pytest.raises(rjet.ConfigError, match="committed or rolled back tx itself"):
+                await rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer(name, fn, transactional=True)))
+            assert await store.peek(name) == ""
+        with pytest.raises(rjet.ConfigError, match="returned an awaitable, so it was taken for a sync one"):
+            await rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("e", AsyncCallable(), transactional=True)))
+        assert await store.peek("e") == ""
+    assert [seq for seq, _ in sql_db.effects()] == [1]  # the one that committed it itself
+
+
+@pytest.mark.parametrize("sql_db", ["postgresql", "postgresql-pipeline"], indirect=True)
+async def test_a_sync_handler_on_postgresql_is_a_config_error_at_start(stream: rjet.Stream, sql_db: SqlDb) -> None:
+    """PostgreSQL's tx is a psycopg AsyncConnection: a sync transactional handler is refused when the
+    run starts, before it claims anything, in one line that says what to do."""
+    await stream.insert_many([("k", 1, b"")])
+
+    def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        raise AssertionError("never called")
+
+    async with await _store(sql_db) as store:
+        assert not store.capabilities.sync_transactional
+        with pytest.raises(rjet.ConfigError, match=r"transactional handler is sync.*make it async def fn") as e:
+            await rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("c", handle, transactional=True)))
+        assert "\n" not in str(e.value)
+        assert await store.records() == {}  # nothing claimed
+    with pytest.raises(rjet.ConfigError, match="cannot commit a handler's writes"):  # no transactions at all
+        await rjet.run(rjet.Spec(stream.stream, rjet.MemCursorStore(), rjet.Consumer("c", handle, transactional=True)))
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+@pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
+async def test_a_stop_lets_a_sync_handlers_transaction_commit_and_starts_no_other(
+    stream: rjet.Stream, sql_db: SqlDb, concurrency: int
+) -> None:
+    """The stop request comes from a handler on its thread (through the loop); the transactions in
+    flight commit, with their progress, and no handler call starts after it was set (K=1: exactly
+    the events before it; K=4: the calls in flight then at most). The next run goes on from there."""
+    await stream.insert_many([(f"k{i % 5}", 1, b"") for i in range(40)])
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    calls: list[int] = []
+    stopped_after: list[int] = []
+
+    def stop_now() -> None:
+        stopped_after.append(len(calls))
+        stop.set()
+
+    def handle(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+        calls.append(event.id_int)
+        _sync_effect(event, tx)
+        if event.id_int == 10:
+            loop.call_soon_threadsafe(stop_now)
+
+    async with await _store(sql_db) as store:
+        consumer = rjet.Consumer("c", handle, transactional=True, concurrency=concurrency)
+        with pytest.raises(rjet.Stopped):
+            await asyncio.wait_for(rjet.run(rjet.Spec(stream.stream, store, consumer), stop=stop), 30)
+        if concurrency == 1:
+            assert calls == list(range(1, 11))
+            assert stopped_after == [10]
+        else:
+            assert len(calls) <= stopped_after[0] + concurrency - 1, (calls, stopped_after)
+        assert sorted(seq for seq, _ in sql_db.effects()) == sorted(calls)  # each call's transaction committed
+        await store.flush()
+        with pytest.raises(rjet.HeadReached):
+            await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
+    assert sorted(seq for seq, _ in sql_db.effects()) == list(range(1, 41))

@@ -99,11 +99,15 @@ class Capabilities:
       events done above the cursor (``Claim.done``), so a concurrent consumer resumes exactly.
     - ``transactional``: a handler's own writes and the event's progress commit in one transaction
       (a transactional consumer's ``tx``).
+    - ``sync_transactional``: transactional, and a sync handler too: its claims'
+      :meth:`TransactionalClaim.transact_sync` runs the whole transaction, the handler inside it, on
+      a thread of the store's (SQLite's connection thread), ``tx`` a blocking connection.
     """
 
     fencing: bool = False
     exact_progress: bool = False
     transactional: bool = False
+    sync_transactional: bool = False
 
 
 class Claim(Protocol):
@@ -163,6 +167,12 @@ class TransactionalClaim(Claim, Protocol):
         """Run ``call(tx)`` in a transaction that records ``seqs`` as done (``sequential``: the last
         one as the cursor) and commits only while the claim is held; raises what ``call`` raises
         (rolled back), or the claim's loss (nothing committed)."""
+        ...
+
+    async def transact_sync(self, seqs: Sequence[int], call: Callable[[Any], object], *, sequential: bool) -> None:
+        """:meth:`transact` for a sync ``call(tx)``, run with the whole transaction in one call on a
+        thread of the store's, never the event loop's (only where the store's capabilities say
+        ``sync_transactional``)."""
         ...
 
 

@@ -95,7 +95,7 @@ class Parallel:
     - each shard's :class:`rjet.Consumer` (:class:`ConsumerOptions`): ``types``, ``filter``, ``fate``,
       ``dead_letters``, ``dead_letter_attempts``, ``concurrency``, ``batch``, ``on_error``, ``retry``,
       ``max_waiting``, ``max_waiting_bytes``, ``transactional`` (with ``cursors``: the handler is
-      ``async fn(fate, event, tx)``, its writes committed with the shard's progress);
+      ``[async] fn(fate, event, tx)``, its writes committed with the shard's progress; sync on SQLite only);
     - each worker process (:class:`WorkerOptions`): ``read``, ``lag``, ``flush_interval``,
       ``retry_delay``, ``max_backoff``, ``handler_timing``, ``on_start``, ``loop``;
     - supervision (:class:`SupervisionOptions`): ``restart_delay``, ``max_restart_delay``,
@@ -200,11 +200,14 @@ class Parallel:
         )  # fmt: skip
         # The handler's shape, checked here as each worker's Consumer would check it.
         check_handler(fn, batch=batch is not None, owner=f"Parallel {name!r}", transactional=transactional)
-        if transactional and not inspect.iscoroutinefunction(fn):
-            raise ConfigError(
-                f"Parallel {name!r}: a transactional handler is async: async def fn(fate, event, tx) (its tx,"
-                " an aiosqlite or psycopg connection, is awaited)"
-            )
+        if transactional and not inspect.iscoroutinefunction(fn) and cursors is not None:
+            from rjet.sql._backends import backend_for  # rjet.sql imports no part of rjet.parallel
+
+            if not backend_for(cursors).sync_transactions:
+                raise ConfigError(
+                    f"Parallel {name!r}: a sync transactional handler runs on SQLite only (its tx, a psycopg"
+                    " AsyncConnection here, is awaited): async def fn(fate, event, tx)"
+                )
         chosen = tuple(range(n)) if self.options.target.shards is None else tuple(self.options.target.shards)
         if not chosen or len(set(chosen)) != len(chosen):
             raise ConfigError(f"Parallel {name!r}: shards must be distinct shard indexes, not {chosen!r}")

@@ -21,16 +21,24 @@ A handler's transaction costs as few trips as each driver allows (:meth:`Backend
   server: a frozen client can no longer hold it.
 - PostgreSQL with ``?pipeline=on`` (:class:`_Postgres`): the whole transaction in one round trip,
   through psycopg's pipeline mode.
+- SQLite, a sync handler (:meth:`Backend.transact_sync`): ``BEGIN IMMEDIATE``, the handler (its ``tx``
+  the ``sqlite3.Connection`` itself), the progress, the fence check and ``COMMIT`` (or ``ROLLBACK``)
+  in one call on the connection's thread: 1 trip. With ``RJET_FAST_PATHS=0`` (or an aiosqlite without
+  ``_tx``/``_execute``) that call runs in ``asyncio.to_thread`` instead, on the same connection,
+  which the store holds alone meanwhile (its own thread idle): one trip still, through a thread pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import functools
+import inspect
 import os
 import queue
 import select
+import sqlite3
 import urllib.parse
 import weakref
 from collections.abc import Callable, Sequence
@@ -39,7 +47,7 @@ from typing import Any, Final, Literal, Protocol
 
 from rjet.errors import ConfigError, CursorStoreError
 
-__all__ = ["IDLE_IN_TRANSACTION_TIMEOUT", "Backend", "Outcome", "Progress", "backend_for"]
+__all__ = ["IDLE_IN_TRANSACTION_TIMEOUT", "Backend", "Outcome", "Progress", "Step", "backend_for"]
 
 Params = Sequence[object]
 
@@ -47,6 +55,10 @@ Outcome = Literal["committed", "fenced", "ended"]
 """How :meth:`Backend.finish` left a handler's transaction: committed with its progress; rolled back
 because the claim's row is not this runner's (or its cursor is at or past the events already); or
 untouched, because the handler committed or rolled it back itself."""
+
+Step = Literal["begin", "handler", "record", "commit"]
+"""Where a sync handler's transaction (:meth:`Backend.transact_sync`) failed, rolled back: its
+``BEGIN``, the handler, the progress (nothing committed), or the ``COMMIT`` itself (applied or not)."""
 
 IDLE_IN_TRANSACTION_TIMEOUT: Final = "30s"
 """PostgreSQL's ``idle_in_transaction_session_timeout`` on rjet's connections, unless the server, the
@@ -131,6 +143,7 @@ class Backend(Protocol):
 
     kind: str  # "sqlite" or "postgresql"
     where: str  # for messages: the file, or host/database (never a password)
+    sync_transactions: bool  # whether transact_sync runs a sync handler (a thread of the connection's)
 
     async def connect(self) -> Any: ...
 
@@ -164,6 +177,16 @@ class Backend(Protocol):
     async def abandon(self, conn: Any, begun: Any) -> bool:
         """Roll back the handler's transaction after a failure; whether ``conn`` came out of it idle
         and sound, fit to be pooled again (never raises: False when in doubt)."""
+        ...
+
+    async def transact_sync(
+        self, conn: Any, call: Callable[[Any], object], progress: Progress
+    ) -> tuple[Outcome | Step, BaseException | None, bool]:
+        """A sync handler's whole transaction in one call on a thread, never the event loop's:
+        ``BEGIN``, ``call(tx)``, ``progress`` recorded and the claim checked, ``COMMIT`` (or a
+        ``ROLLBACK`` after any failure, in the same call). Returns the outcome, or the step that
+        failed with its error, and whether ``conn`` came out idle and sound (fit to be pooled
+        again). Only where :attr:`sync_transactions` says so."""
         ...
 
     async def plain(self, conn: Any) -> bool:
@@ -218,10 +241,15 @@ def _nothing() -> None:
 def _finish_on_thread(conn: Any, p: Progress) -> tuple[Outcome | Literal["record", "commit"], BaseException | None]:
     """:meth:`_Sqlite.finish` in one call on the connection's thread; a failure comes back with the
     step it happened in (the record: nothing committed; the commit: applied or not)."""
-    db = conn._conn  # noqa: SLF001
-    if not db.in_transaction:
-        return "ended", None
+    return _finish_db(conn._conn, p)  # noqa: SLF001
+
+
+def _finish_db(
+    db: sqlite3.Connection, p: Progress
+) -> tuple[Outcome | Literal["record", "commit"], BaseException | None]:
     try:
+        if not db.in_transaction:
+            return "ended", None
         if p.sequential:
             last = max(p.seqs)
             held = db.execute(_MOVE, (last, p.stream, p.name, p.owner, last)).rowcount > 0
@@ -247,6 +275,55 @@ def _rollback_on_thread(conn: Any) -> None:
         db.execute("ROLLBACK")
 
 
+class _Job:
+    """A sync handler's transaction handed to a thread. ``dropped``: its caller was cancelled before
+    the thread took it up, which then starts nothing (a run that ended calls no handler after)."""
+
+    __slots__ = ("call", "db", "dropped", "progress")
+
+    def __init__(self, db: sqlite3.Connection, call: Callable[[Any], object], progress: Progress) -> None:
+        self.db = db
+        self.call = call
+        self.progress = progress
+        self.dropped = False
+
+
+def _idle(db: sqlite3.Connection) -> bool:
+    """Roll back whatever transaction ``db`` is in; whether it is left idle and open."""
+    try:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        return not db.in_transaction
+    except Exception:
+        return False
+
+
+def _transact_on_thread(job: _Job) -> tuple[Outcome | Step | Literal["dropped"], BaseException | None, bool]:
+    """:meth:`_Sqlite.transact_sync`'s one call, on the thread that owns the connection now."""
+    if job.dropped:
+        return "dropped", None, True
+    db = job.db
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except Exception as e:
+        return "begin", e, _idle(db)
+    try:
+        if inspect.isawaitable(returned := job.call(db)):  # an async callable not made with async def
+            if inspect.iscoroutine(returned):
+                returned.close()
+            raise ConfigError(
+                f"consumer {job.progress.name!r}: its transactional handler returned an awaitable, so it was"
+                " taken for a sync one (run on the connection's thread, where nothing is awaited): make it an"
+                " async def function"
+            )
+    except BaseException as e:  # the handler's, raised where it was awaited; KeyboardInterrupt included
+        return "handler", e, _idle(db)
+    outcome, err = _finish_db(db, job.progress)
+    if err is not None:
+        return outcome, err, _idle(db)
+    return outcome, None, True
+
+
 def _aiosqlite_queues(conn: Any) -> bool:
     """Whether ``conn`` has the aiosqlite internals the SQLite fast path uses (see the module's doc)."""
     tx = getattr(conn, "_tx", None)
@@ -259,16 +336,32 @@ class _Sqlite:
     the write lock from its start (no deadlock on a read lock upgraded late)."""
 
     kind = "sqlite"
+    sync_transactions = True
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.where = path
         self.fast = os.environ.get("RJET_FAST_PATHS", "1") != "0"
+        # Each aiosqlite connection's sqlite3.Connection, taken from the factory that made it (public
+        # API, where aiosqlite's own attribute is private): the sync handler's tx.
+        self._dbs: weakref.WeakKeyDictionary[Any, sqlite3.Connection] = weakref.WeakKeyDictionary()
 
     async def connect(self) -> Any:
         import aiosqlite
 
-        conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=30.0)
+        made: list[sqlite3.Connection] = []
+
+        def factory(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            db = sqlite3.Connection(*args, **kwargs)
+            made.append(db)
+            return db
+
+        # check_same_thread off: without the fast path a sync handler's transaction runs on a thread
+        # of asyncio's pool, the connection held by that transaction alone (its own thread idle).
+        conn = await aiosqlite.connect(
+            self.path, isolation_level=None, timeout=30.0, factory=factory, check_same_thread=False
+        )
+        self._dbs[conn] = made[0]
         try:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA synchronous=FULL")
@@ -333,6 +426,24 @@ class _Sqlite:
         except Exception:
             return False
         return True
+
+    async def transact_sync(
+        self, conn: Any, call: Callable[[Any], object], progress: Progress
+    ) -> tuple[Outcome | Step, BaseException | None, bool]:
+        job = _Job(self._dbs[conn], call, progress)
+        try:
+            if self.fast:  # one trip to the connection's own thread, and one wake-up of the loop
+                result = await conn._execute(_transact_on_thread, job)  # noqa: SLF001
+            else:
+                result = await asyncio.to_thread(_transact_on_thread, job)
+        except BaseException:
+            job.dropped = True  # not taken up yet: never started (once started, it ends on its own)
+            raise
+        step, err, sound = result
+        if step == "dropped":  # not reached: only a cancelled caller drops its job
+            raise RuntimeError("rjet: a sync handler's transaction was dropped")
+        done: Outcome | Step = step
+        return done, err, sound
 
     async def _finish_awaited(
         self, conn: Any, p: Progress
@@ -469,6 +580,7 @@ class _Postgres:
     synced once, a single round trip (the handler's ``fetch*`` calls wait for theirs)."""
 
     kind = "postgresql"
+    sync_transactions = False  # tx is an AsyncConnection: a handler awaits it on the event loop
 
     def __init__(self, url: str) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -646,6 +758,14 @@ class _Postgres:
             return not conn.broken and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         except Exception:
             return False
+
+    async def transact_sync(
+        self, conn: Any, call: Callable[[Any], object], progress: Progress
+    ) -> tuple[Outcome | Step, BaseException | None, bool]:
+        raise ConfigError(
+            f"postgresql cursor store at {self.where}: a transactional handler is async here (tx is a psycopg"
+            " AsyncConnection): async def fn(fate, event, tx)"
+        )
 
     async def _rollback_piped(self, conn: Any, piped: _Piped) -> None:
         """``ROLLBACK`` where psycopg does not see it: seeing one, psycopg deallocates every prepared

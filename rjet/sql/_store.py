@@ -9,12 +9,12 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 from rjet._progress import decode_done, encode_done
 from rjet.cursors import RESERVED_PREFIX, Capabilities, CursorRecord, ProgressSource, runner_id
 from rjet.errors import ConfigError, CursorBucketGone, CursorConflict, CursorStoreError, RjetError
-from rjet.sql._backends import Backend, Progress, backend_for, store_error
+from rjet.sql._backends import Backend, Outcome, Progress, backend_for, store_error
 from rjet.sql._schema import migrate
 
 __all__ = ["SqlClaim", "SqlCursorStore"]
@@ -74,14 +74,16 @@ class SqlCursorStore:
     written every ``flush_interval`` seconds and on :meth:`close`.
     """
 
-    capabilities: Final = Capabilities(fencing=True, exact_progress=True, transactional=True)
-
     def __init__(self, backend: Backend, *, flush_interval: float = 1.0, pool_size: int = 16) -> None:
         if flush_interval < 0:
             raise ConfigError(f"flush_interval must be >= 0, not {flush_interval}")
         if type(pool_size) is not int or pool_size < 1:
             raise ConfigError(f"pool_size must be an int >= 1, not {pool_size!r}")
         self.backend = backend
+        # SQLite runs a sync handler's transaction on its connection's thread; PostgreSQL's tx is awaited.
+        self.capabilities: Final = Capabilities(
+            fencing=True, exact_progress=True, transactional=True, sync_transactional=backend.sync_transactions
+        )
         self.flush_interval = flush_interval
         self._errors = backend.errors()
         self._idle: list[Any] = []
@@ -528,13 +530,50 @@ class SqlClaim:
         if failure is not None:
             raise failure
 
+    async def transact_sync(self, seqs: Sequence[int], call: Callable[[Any], object], *, sequential: bool) -> None:
+        """:meth:`transact` for a sync ``call(tx)`` (SQLite: ``tx`` the ``sqlite3.Connection``): the
+        whole transaction, ``BEGIN IMMEDIATE`` to ``COMMIT``, in one call on the connection's own
+        thread, never the event loop's (``store.capabilities.sync_transactional``)."""
+        self.check()
+        store, b = self._store, self._store.backend
+        progress = Progress(self.name, self.owner, self.stream, tuple(seqs), sequential)
+        async with store._connection(f"handle events {progress.span}", handler=True) as conn:  # noqa: SLF001
+            step, err, sound = await b.transact_sync(conn, call, progress)
+            if err is not None and not sound:  # raised here: the store closes the connection, not pooled
+                raise self._failed(step, err, progress)
+        if err is not None:  # rolled back, the connection pooled again (a retry need not connect)
+            raise self._failed(step, err, progress)
+        await self._settle(cast("Outcome", step), progress)
+
+    def _failed(self, step: str, err: BaseException, progress: Progress) -> BaseException:
+        """What a sync handler's transaction that failed at ``step`` raises (the claim lost where the
+        progress could not be recorded or committed, as in :meth:`_finish`)."""
+        b, span = self._store.backend, progress.span
+        if step == "handler":
+            return err
+        if step == "begin":
+            return store_error(b, "cannot begin a transaction", err)
+        e = store_error(
+            b,
+            f"the commit of events {span} may or may not be applied" if step == "commit"
+            else f"cannot record events {span} as done",
+            err,
+        )  # fmt: skip
+        self.lose(e)
+        return e
+
     async def _finish(self, conn: Any, begun: Any, progress: Progress) -> None:
-        store, b, seqs = self._store, self._store.backend, progress.seqs
+        b = self._store.backend
         try:
             outcome = await b.finish(conn, begun, progress)
         except CursorStoreError as e:
             self.lose(e)
             raise
+        await self._settle(outcome, progress)
+
+    async def _settle(self, outcome: Outcome, progress: Progress) -> None:
+        """What a handler's transaction that ended as ``outcome`` means for the run."""
+        store, seqs = self._store, progress.seqs
         if outcome == "ended":
             raise ConfigError(
                 f"consumer {self.name!r}: the handler committed or rolled back tx itself; rjet commits it"

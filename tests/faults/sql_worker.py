@@ -1,13 +1,16 @@
 """The worker process of test_sql_faults.py: a transactional consumer that inserts one row per event
 into ``effects`` through ``tx``, up to the stream's head, then prints ``head``.
 
-``python sql_worker.py NATS_URL STREAM DATABASE_URL CONCURRENCY BATCH`` (``BATCH`` 0: none).
-It prints ``ready`` once its store is open; the test SIGKILLs it at random points and starts it again.
+``python sql_worker.py NATS_URL STREAM DATABASE_URL CONCURRENCY BATCH SHAPE`` (``BATCH`` 0: none;
+``SHAPE`` ``async``, or ``sync``: a sync handler, SQLite only, its transaction on the connection's
+thread). It prints ``ready`` once its store is open; the test SIGKILLs it at random points and
+starts it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import sys
 from typing import Any
 
@@ -15,7 +18,7 @@ import rjet
 from rjet.sql import SqlCursorStore
 
 
-async def main(nats_url: str, stream_name: str, db_url: str, concurrency: int, batch: int) -> None:
+async def main(nats_url: str, stream_name: str, db_url: str, concurrency: int, batch: int, sync: bool) -> None:
     nc = await rjet.connect(nats_url)
     try:
         stream = rjet.Stream(nc.jetstream(), stream_name)
@@ -34,10 +37,17 @@ async def main(nats_url: str, stream_name: str, db_url: str, concurrency: int, b
                 async with tx.cursor() as cursor:
                     await cursor.executemany(insert, rows)
 
+        def sync_one(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+            tx.execute(insert, (event.id_int, event.foreign_id))
+
+        def sync_many(fate: rjet.Fate, events: list[rjet.Event], tx: sqlite3.Connection) -> None:
+            tx.executemany(insert, [(e.id_int, e.foreign_id) for e in events])
+
+        fn: Any = (sync_many if batch else sync_one) if sync else (many if batch else one)
         async with await SqlCursorStore.open(db_url, flush_interval=0.05) as store:
             consumer = rjet.Consumer(
                 "c",
-                many if batch else one,
+                fn,
                 transactional=True,
                 concurrency=concurrency,
                 batch=rjet.Batch(batch, max_wait=0.005) if batch else None,
@@ -52,5 +62,5 @@ async def main(nats_url: str, stream_name: str, db_url: str, concurrency: int, b
 
 
 if __name__ == "__main__":
-    url, name, db, k, b = sys.argv[1:6]
-    asyncio.run(main(url, name, db, int(k), int(b)))
+    url, name, db, k, b, shape = sys.argv[1:7]
+    asyncio.run(main(url, name, db, int(k), int(b), shape == "sync"))

@@ -338,10 +338,12 @@ _MORE = max(0, PROOF_EVENTS - 5000)  # events above CI's count: more time for th
 EARLY_KILLS = 3  # and more in the first 0.6 s of a start (imports, the store's open) or just after it
 
 
-async def _spawn(nats_url: str, stream: str, db: SqlDb, concurrency: int, batch: int) -> asyncio.subprocess.Process:
+async def _spawn(
+    nats_url: str, stream: str, db: SqlDb, concurrency: int, batch: int, sync: bool = False
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, str(WORKER), nats_url, stream, db.url, str(concurrency), str(batch),
-        stdout=asyncio.subprocess.PIPE,
+        "sync" if sync else "async", stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
 
 
@@ -357,18 +359,25 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
     [(1, 0, PROOF_EVENTS), (8, 0, PROOF_EVENTS), (8, 50, max(PROOF_EVENTS, 20_000))],
     ids=["K1", "K8", "K8-batch50"],
 )
-@pytest.mark.parametrize("sql_db", ["sqlite", "postgresql", "postgresql-pipeline"], indirect=True)
+@pytest.mark.parametrize(
+    ("sql_db", "sync"),
+    [("sqlite", False), ("sqlite", True), ("postgresql", False), ("postgresql-pipeline", False)],
+    ids=["sqlite", "sqlite-sync", "postgresql", "postgresql-pipeline"],
+    indirect=["sql_db"],
+)
 async def test_worker_sigkilled_at_random_points(
     server: EmbeddedServer,
     nats_stream: rjet.Stream,
     name: str,
     sql_db: SqlDb,
+    sync: bool,
     concurrency: int,
     batch: int,
     count: int,
 ) -> None:
     """A worker process over ``count`` events on 1,000 keys, SIGKILLed at 23 random points and
-    started again until it reaches the head: each event exactly once, each key's rows in order."""
+    started again until it reaches the head: each event exactly once, each key's rows in order.
+    ``sync``: a sync handler (SQLite), each transaction whole on the connection's thread."""
     await insert(nats_stream, count, keys=1000)
     sql_db.create_effects()
     rng = random.Random()
@@ -382,7 +391,7 @@ async def test_worker_sigkilled_at_random_points(
             start = await counter.count()
             left = count - start
             target = start + min(left - 1, rng.randint(1, count // 15))
-            proc = await _spawn(server.url, name, sql_db, concurrency, batch)
+            proc = await _spawn(server.url, name, sql_db, concurrency, batch, sync)
             try:
                 if attempt in early or left < 2:  # before its store is open, or just after: in the claim
                     assert proc.stdout is not None
@@ -399,7 +408,7 @@ async def test_worker_sigkilled_at_random_points(
             finally:
                 await _kill(proc)
             assert proc.returncode == -9, f"the worker exited by itself ({proc.returncode})"
-        proc = await _spawn(server.url, name, sql_db, concurrency, batch)
+        proc = await _spawn(server.url, name, sql_db, concurrency, batch, sync)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), 90 + _MORE // 100)
         finally:
@@ -413,4 +422,5 @@ async def test_worker_sigkilled_at_random_points(
     assert len(at) == KILLS + EARLY_KILLS >= 20
     async with await SqlCursorStore.open(sql_db.url) as store:
         assert await store.peek("c") == str(count)
-    print(f"{sql_db.kind} K={concurrency} batch={batch}: {count} events, {len(at)} SIGKILLs at rows {' '.join(at)}")
+    shape = "sync" if sync else "async"
+    print(f"{sql_db.kind} {shape} K={concurrency} batch={batch}: {count} events, {len(at)} SIGKILLs at rows", *at)
