@@ -8,13 +8,21 @@ Every handler inserts one row per event into the user's table ``effects`` (consu
   same database through a connection of its own, in autocommit (one transaction per row, the same
   durability settings: for SQLite the store's own WAL, ``synchronous=FULL``), with the cursor in a
   ``JetStreamCursorStore`` (at-least-once), their rounds interleaved. Target: >= 0.8x.
+- ``sync handlers`` (SQLite only): a sync transactional handler (``def fn(fate, event, tx)``, ``tx``
+  the ``sqlite3.Connection``, the whole transaction in one call on the connection's thread) against
+  the same sync handler writing the same row in autocommit through a plain ``sqlite3`` connection of
+  its own (the store's WAL and ``synchronous=FULL``; the handler runs on the event loop's thread, as a
+  sync handler of a one-at-a-time consumer does) with JetStream cursors, and against the async
+  at-least-once baseline of the row above; the three interleaved round by round. Target: >= 0.8x the
+  sync one.
 - ``Batch(100) vs one transaction per event``: a transactional batch handler (one ``executemany`` of
   its rows; one transaction per batch) against the transactional one-per-event row above (same run).
   Target: >= 10x.
 - ``concurrency``: a transactional handler whose write takes 1 ms more (an ``await
   asyncio.sleep(0.001)`` inside the transaction, as a database 1 ms away would), K=1 and K=16.
   Target (PostgreSQL): K=16 >= 8x K=1. On SQLite, which serialises writers, the same rows say what K
-  gives there (no target).
+  gives there (no target), for async handlers and for sync ones (``time.sleep(0.001)`` on the
+  connection's thread).
 
 Each row runs on SQLite, on PostgreSQL, and on PostgreSQL with the store in psycopg's pipeline mode
 (``postgresql-pipeline``: the store's URL with ``?pipeline=on``, a transaction in one round trip;
@@ -33,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -265,6 +274,72 @@ def test_transactional_vs_at_least_once(
     )
 
 
+@pytest.mark.benchmark(group="sql: sync handlers (SQLite), exactly-once vs at-least-once, one row per event")
+def test_sync_transactional_vs_at_least_once(
+    benchmark: Any,
+    arun: Arun[Any],
+    streams: Callable[[int], rjet.Stream],
+    db: Db,
+    js_cursors: rjet.JetStreamCursorStore,
+    figures: dict[str, float],
+) -> None:
+    """Rounds interleaved (sync at-least-once, async at-least-once, sync transactional, ...), as in
+    the row above. pytest-benchmark times the transactional rounds; each at-least-once round is timed
+    around its own run and recorded beside them."""
+    if db.kind != "sqlite":
+        pytest.skip("sync transactional handlers run on SQLite only (PostgreSQL's tx is an AsyncConnection)")
+    stream = streams(N_ONE)
+    insert, conn = db.insert, db.conn
+    plain = sqlite3.connect(db.url.removeprefix("sqlite:///"), isolation_level=None, timeout=30.0)
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=30000"):  # the store's own
+        plain.execute(f"PRAGMA {pragma}")
+    sync_base: list[float] = []
+    async_base: list[float] = []
+
+    def at_least_once() -> None:
+        sync_name, async_name = unique_name("bench_sql_alo_sync"), unique_name("bench_sql_alo")
+
+        def alo_sync(fate: rjet.Fate, event: rjet.Event) -> None:  # autocommit: a transaction per row
+            plain.execute(insert, (sync_name, event.id_int, event.foreign_id))
+
+        async def alo(fate: rjet.Fate, event: rjet.Event) -> None:
+            await conn.execute(insert, (async_name, event.id_int, event.foreign_id))
+
+        for name, fn, times in ((sync_name, alo_sync, sync_base), (async_name, alo, async_base)):
+            started = time.perf_counter()
+            arun(_to_head(stream, js_cursors, rjet.Consumer(name, fn)))
+            times.append(time.perf_counter() - started)
+            arun(js_cursors.flush())
+            arun(_check(stream, db, js_cursors, name))
+
+    def make(name: str) -> rjet.Consumer:
+        def eo(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+            tx.execute(insert, (name, event.id_int, event.foreign_id))
+
+        return rjet.Consumer(name, eo, transactional=True)
+
+    try:
+        _consume(benchmark, arun, stream, db, make, rounds=ROUNDS_ONE, between=at_least_once)
+    finally:
+        plain.close()
+    rate = record(benchmark, events=N_ONE, figures=figures, key=f"sql_{db.kind}_sync_transactional", database=db.kind)
+    ratios: dict[str, float] = {}
+    for label, times in (("at_least_once_sync", sync_base), ("at_least_once_async", async_base)):
+        base = N_ONE / min(times)
+        benchmark.extra_info[f"{label}_events_per_s"] = round(base)
+        benchmark.extra_info[f"{label}_us_per_event"] = round(min(times) / N_ONE * 1e6, 3)
+        benchmark.extra_info[f"{label}_rounds_s"] = [round(t, 3) for t in times]
+        if rate:
+            ratios[label] = rate / base
+            benchmark.extra_info[f"ratio_vs_{label}"] = round(ratios[label], 2)
+    value = ratios.get("at_least_once_sync")
+    target(
+        benchmark,
+        f"{db.kind}: sync transactional >= 0.8x the sync handler's autocommit row (plain sqlite3, JetStream cursors)",
+        None if value is None else value >= 0.8,
+    )
+
+
 # ------------------------------------------------------------------------------------- batches
 
 
@@ -295,14 +370,20 @@ def test_batch_transactions(
 
 @pytest.mark.benchmark(group="sql: transactional, a write 1 ms away, K=1 vs K=16")
 @pytest.mark.parametrize("k", [1, 16])
+@pytest.mark.parametrize("shape", ["async", "sync"])
 def test_concurrency(
     benchmark: Any,
     arun: Arun[Any],
     streams: Callable[[int], rjet.Stream],
     db: Db,
     figures: dict[str, float],
+    shape: str,
     k: int,
 ) -> None:
+    """``sync``: the same with a sync handler (SQLite only), ``time.sleep(0.001)`` on the connection's
+    thread inside the transaction."""
+    if shape == "sync" and db.kind != "sqlite":
+        pytest.skip("sync transactional handlers run on SQLite only (PostgreSQL's tx is an AsyncConnection)")
     stream = streams(N_CONC)
 
     def make(name: str) -> rjet.Consumer:
@@ -310,12 +391,17 @@ def test_concurrency(
             await tx.execute(db.insert, (name, event.id_int, event.foreign_id))
             await asyncio.sleep(0.001)
 
-        return rjet.Consumer(name, eo, transactional=True, concurrency=k)
+        def eo_sync(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+            tx.execute(db.insert, (name, event.id_int, event.foreign_id))
+            time.sleep(0.001)
+
+        return rjet.Consumer(name, eo_sync if shape == "sync" else eo, transactional=True, concurrency=k)
 
     # K=1 sleeps (and fsyncs): one round tells its rate; K=16 the fastest of ROUNDS.
     _consume(benchmark, arun, stream, db, make, rounds=1 if k == 1 else ROUNDS)
-    rate = record(benchmark, events=N_CONC, figures=figures, key=f"sql_{db.kind}_k{k}", database=db.kind, k=k)
+    key = f"sql_{db.kind}{'_sync' if shape == 'sync' else ''}"
+    rate = record(benchmark, events=N_CONC, figures=figures, key=f"{key}_k{k}", database=db.kind, k=k, shape=shape)
     if k > 1:
-        value = ratio(benchmark, figures, rate, f"sql_{db.kind}_k1", "k1")
+        value = ratio(benchmark, figures, rate, f"{key}_k1", "k1")
         if db.kind != "sqlite":
             target(benchmark, f"{db.kind}: K=16 >= 8x K=1, a write 1 ms away", None if value is None else value >= 8)
