@@ -25,16 +25,19 @@ from rjet.testing import wait_until
 
 async def _group_with_a_killed_member(js: JetStreamContext, ns: str, stream: str) -> None:
     """Group billing, n=2, elastic: member a runs shard 1 (live lease and heartbeat); member b was
-    SIGKILLed 30 s ago (TTL 5 s): its lease and its heartbeat on shard 2 stayed behind, stale."""
+    SIGKILLed 30 s ago (TTL 5 s): its lease and its heartbeat on shard 2 stayed behind, stale.
+
+    a's TTL is 300 s: a stays live while the tests run the command line (a few processes, each a
+    second or more on a loaded machine), which a 5 s TTL did not always outlast."""
     async with await rjet.JetStreamCursorStore.create(js, ns) as store:
         await store.set_cursor("billing_1_of_2", "3")
         await store.set_cursor("billing_2_of_2", "2")
     kv = await js.key_value(f"rjet_cursors_{ns}")
     now, then = time.time(), time.time() - 30
     await kv.put(generation_key("billing"), json.dumps({"n": 2, "seed": "", "fresh_from": 0}).encode())
-    await kv.put(lease_key("billing", "a"), Lease("a", "host-a", 11, None, now - 60, now, 5.0, 2).encode())
+    await kv.put(lease_key("billing", "a"), Lease("a", "host-a", 11, None, now - 60, now, 300.0, 2).encode())
     await kv.put(lease_key("billing", "b"), Lease("b", "host-b", 22, None, then - 60, then, 5.0, 2).encode())
-    await kv.put(heartbeat_key("billing", 0, 2, "run-a"), Heartbeat("run-a", "host-a", 11, 2, now, 5.0, "a").encode())
+    await kv.put(heartbeat_key("billing", 0, 2, "run-a"), Heartbeat("run-a", "host-a", 11, 2, now, 300.0, "a").encode())
     await kv.put(heartbeat_key("billing", 1, 2, "run-b"), Heartbeat("run-b", "host-b", 22, 2, then, 5.0, "b").encode())
     _ = stream
 
