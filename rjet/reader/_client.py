@@ -257,7 +257,6 @@ class StreamClient(ClientBase):
         until = min(verified, st.head) if st.to_head else verified
         # Nothing here changes the session: whether a pull may be due is known before the loop.
         due = s is None or s.pending <= low
-        new = object.__new__
         out: list[Event] = []
         while buf and len(out) < limit:
             frame = buf[0]
@@ -279,12 +278,12 @@ class StreamClient(ClientBase):
             ):
                 # As decode does for a frame the scan took without a trace context (a call per event
                 # was a tenth of this loop).
-                slots = new(EventSlots)
+                slots = EventSlots()
                 slots.id = str(sseq)
                 typ = TYPES.get(typ_value)
                 slots.type = int(typ_value) if typ is None else typ
                 slots.foreign_id = fid_value.decode()
-                slots.timestamp_us = frame[1] // 1000
+                slots.timestamp_us = frame[1]
                 slots._timestamp = None  # noqa: SLF001 (EventSlots is an Event being built)
                 slots.metadata = frame[4]
                 slots.__class__ = Event  # type: ignore[assignment]

@@ -144,7 +144,7 @@ class Intake:
                     if s.pending <= self._low:
                         self._sessions.kick()
                     return
-            st.buf.append((sseq, ts, subject, hdr, data, fid, None, None, st.in_bytes))
+            st.buf.append((sseq, ts // 1000, subject, hdr, data, fid, None, None, st.in_bytes))
             st.in_bytes += len(data)
             st.wake()
         if s.pending <= self._low:
@@ -361,7 +361,8 @@ class Intake:
                 st.last = sseq
                 start = body + int(m[4])
                 data = buf[start:stop]
-                append((sseq, int(tail[3]), b"", buf[body:start] if traced else None, data, None, m[6], m[7], held))
+                ts = int(tail[3]) // 1000
+                append((sseq, ts, b"", buf[body:start] if traced else None, data, None, m[6], m[7], held))
                 held += len(data)
                 pos = stop + 2
                 tail = None
