@@ -62,7 +62,9 @@ class SqlCursorStore:
             await rjet.run(rjet.Spec(stream.stream, cursors, consumer))
 
     URLs: ``sqlite:///PATH`` (the standard library's sqlite3 through aiosqlite; WAL,
-    ``synchronous=FULL``), ``postgresql://user:pw@host/db`` (psycopg 3, ``pip install 'rjet[postgres]'``;
+    ``synchronous=FULL``; a handler may also be a plain ``def fn(fate, event, tx)`` there, ``tx`` the
+    ``sqlite3.Connection``, its whole transaction run on the connection's thread, not the loop's),
+    ``postgresql://user:pw@host/db`` (psycopg 3, ``pip install 'rjet[postgres]'``;
     ``idle_in_transaction_session_timeout`` 30 s unless set: ``rjet/sql/_backends.py``; with
     ``?pipeline=on`` a handler's transaction takes one round trip in psycopg's pipeline mode, where
     ``rowcount`` right after ``execute`` is -1 and a statement's error comes later: the README's
@@ -113,9 +115,22 @@ class SqlCursorStore:
     async def _connection(self, what: str, *, handler: bool = False) -> AsyncIterator[Any]:
         """A pooled connection (for a handler's transaction, or else for rjet's own statements); one
         that failed is closed, not pooled again."""
+        conn = await self._take(what, handler=handler)
+        ok = False
+        try:
+            yield conn
+            ok = True
+        finally:
+            await self._give(conn, ok=ok)
+
+    async def _take(self, what: str | Progress, *, handler: bool = False) -> Any:
+        """:meth:`_connection`'s connection, held until :meth:`_give` (a handler's transaction takes
+        it this way: no context manager to make per transaction). ``what`` (a handler's
+        :class:`Progress`: its message made only when needed) names it in errors."""
         if self._closed:
             raise CursorStoreError(f"{self.backend.kind} cursor store at {self.backend.where}: the store is closed")
-        async with self._slots:
+        await self._slots.acquire()
+        try:
             conn = None
             while self._idle and conn is None:
                 conn = self._idle.pop()
@@ -128,19 +143,25 @@ class SqlCursorStore:
                 try:
                     conn = await self.backend.connect()
                 except self._errors as e:
-                    raise store_error(self.backend, f"cannot {what}", e) from e
-            ok = False
-            try:
-                yield conn
-                ok = True
-            finally:
-                if ok and not self._closed:
-                    self._idle.append(conn)
-                else:
-                    closing = asyncio.ensure_future(self._close_quietly(conn))
-                    self._closing.add(closing)
-                    closing.add_done_callback(self._closing.discard)
-                    await asyncio.shield(closing)
+                    doing = f"handle events {what.span}" if isinstance(what, Progress) else what
+                    raise store_error(self.backend, f"cannot {doing}", e) from e
+        except BaseException:
+            self._slots.release()
+            raise
+        return conn
+
+    async def _give(self, conn: Any, *, ok: bool) -> None:
+        """Pool ``conn`` again (``ok``), or close it: one that failed is not pooled again."""
+        try:
+            if ok and not self._closed:
+                self._idle.append(conn)
+            else:
+                closing = asyncio.ensure_future(self._close_quietly(conn))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+                await asyncio.shield(closing)
+        finally:
+            self._slots.release()
 
     async def _close_quietly(self, conn: Any) -> None:
         with contextlib.suppress(Exception):
@@ -503,7 +524,9 @@ class SqlClaim:
         store, b = self._store, self._store.backend
         progress = Progress(self.name, self.owner, self.stream, tuple(seqs), sequential)
         failure: Exception | None = None
-        async with store._connection(f"handle events {progress.span}", handler=True) as conn:  # noqa: SLF001
+        conn = await store._take(progress, handler=True)  # noqa: SLF001
+        ok = False
+        try:
             begun: Any = None
             try:
                 try:
@@ -527,6 +550,9 @@ class SqlClaim:
                 with contextlib.suppress(Exception):
                     await b.abandon(conn, begun)
                 raise
+            ok = True
+        finally:
+            await store._give(conn, ok=ok)  # noqa: SLF001
         if failure is not None:
             raise failure
 
@@ -537,11 +563,14 @@ class SqlClaim:
         self.check()
         store, b = self._store, self._store.backend
         progress = Progress(self.name, self.owner, self.stream, tuple(seqs), sequential)
-        async with store._connection(f"handle events {progress.span}", handler=True) as conn:  # noqa: SLF001
+        conn = await store._take(progress, handler=True)  # noqa: SLF001
+        ok = False
+        try:
             step, err, sound = await b.transact_sync(conn, call, progress)
-            if err is not None and not sound:  # raised here: the store closes the connection, not pooled
-                raise self._failed(step, err, progress)
-        if err is not None:  # rolled back, the connection pooled again (a retry need not connect)
+            ok = err is None or sound  # else the store closes the connection, not pooled
+        finally:
+            await store._give(conn, ok=ok)  # noqa: SLF001
+        if err is not None:  # rolled back; pooled again where that left it sound (a retry need not connect)
             raise self._failed(step, err, progress)
         await self._settle(cast("Outcome", step), progress)
 
