@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from test_cli import rjet_cmd
 
@@ -278,3 +279,36 @@ async def test_a_running_elastic_member_deletes_the_lease_a_killed_member_left(
     finally:
         live.stop()
         await task
+
+
+def _stable(c: admin.ConsumerInfo) -> tuple[object, ...]:
+    """What a second read at a later moment gives again: all but idle times and ages."""
+    return (c.name, c.cursor, c.lag_events, c.note, c.recorded_in, [(r.member, r.live) for r in c.runners])
+
+
+def _group(g: admin.GroupInfo) -> tuple[object, ...]:
+    return (g.name, g.n, g.running, g.cursors, [(m.member, m.live, m.shards) for m in g.members])
+
+
+async def test_overview_gives_consumers_and_list_groups_from_one_read_of_the_bucket(
+    nc: Client, js: JetStreamContext, stream: rjet.Stream, name: str
+) -> None:
+    await stream.insert_many([("k", 1, b"")] * 4)
+    ns = f"ns_{name}"[:60]
+    await _group_with_a_killed_member(js, ns, name)
+    store = await admin.open_namespace(js, ns)
+    state = await admin.stream_state(js, name)
+
+    sent = nc.stats["out_msgs"]
+    seen = await admin.overview(store, state)
+    one_read = nc.stats["out_msgs"] - sent
+    sent = nc.stats["out_msgs"]
+    consumers, groups = await admin.consumers(store, state), await admin.list_groups(store)
+    two_reads = nc.stats["out_msgs"] - sent
+
+    assert [_stable(c) for c in seen.consumers] == [_stable(c) for c in consumers]
+    assert [_group(g) for g in seen.groups] == [_group(g) for g in groups] != []
+    assert [c.name for c in seen.consumers] == ["billing_1_of_2", "billing_2_of_2"]
+    # The bucket holds 7 keys: a read is one listing and 7 gets; the consumers' idle and lag
+    # lookups are the same in both. overview reads the bucket once less.
+    assert two_reads - one_read == 8, (one_read, two_reads)

@@ -192,9 +192,10 @@ async def _look(
     elsewhere: list[MemberRow] = []
     for ns in nss:
         store = await admin.open_namespace(js, ns)
-        found = [_row(c) for c in await admin.consumers(store, state, pattern=pattern, cursors=cursors)]
+        seen = await admin.overview(store, state, pattern=pattern, cursors=cursors)  # one read of each store
+        found = [_row(c) for c in seen.consumers]
         rows += found
-        for g in await admin.list_groups(store, cursors=cursors):
+        for g in seen.groups:
             if _shard_of(g.name, found):
                 members += [_member_row(state.name, g, m) for m in g.members]
             elif not g.streams and _named(g, pattern):  # no cursor read says which stream it reads

@@ -4,10 +4,11 @@ remove what its dead members left (prune), move one cursor. ``rjet group``, ``rj
 ``rjet cursor`` are views over these functions.
 
 Every function reads the namespace's bucket once (one listing, then its values) and derives what it
-returns from that one read, so the views agree: a heartbeat or lease is live by one rule (younger
-than the TTL its writer stored, 10 s for one that stored none; wall clocks of writer and reader are
-compared), a shard *runs* while one of its heartbeats is live, and a member *runs* the shards whose
-live heartbeats name it. Reading never writes: running consumers and groups are not disturbed.
+returns from that one read (:func:`overview`: the consumers and the groups from one), so the views
+agree: a heartbeat or lease is live by one rule (younger than the TTL its writer stored, 10 s for
+one that stored none; wall clocks of writer and reader are compared), a shard *runs* while one of
+its heartbeats is live, and a member *runs* the shards whose live heartbeats name it. Reading never
+writes: running consumers and groups are not disturbed.
 
 A group run with ``Parallel(..., cursors=URL)`` keeps its shard cursors in that SQL database (its
 group record says ``cursors: sql``; heartbeats, leases and the record stay in the bucket): the
@@ -95,10 +96,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TTL", "ConsumerInfo", "CursorChange", "CursorMove", "DeletePlan", "GroupInfo", "GroupNotFound",
-    "GroupRunning", "MemberInfo", "NamespaceNotFound", "NeedsStream", "Refused", "ResetPlan", "ResetTarget",
-    "RunnerInfo", "ShardInfo", "StreamState", "consumers", "delete_group", "describe_group", "done_count", "heartbeats",
-    "lease_removal_age", "list_groups", "members", "namespaces", "open_namespace", "prune_group", "reset_group",
-    "sequence_at", "set_cursor", "stream_state",
+    "GroupRunning", "MemberInfo", "NamespaceNotFound", "NeedsStream", "Overview", "Refused", "ResetPlan",
+    "ResetTarget", "RunnerInfo", "ShardInfo", "StreamState", "consumers", "delete_group", "describe_group",
+    "done_count", "heartbeats", "lease_removal_age", "list_groups", "members", "namespaces", "open_namespace",
+    "overview", "prune_group", "reset_group", "sequence_at", "set_cursor", "stream_state",
 ]  # fmt: skip
 
 _BUCKET_PREFIX: Final = "rjet_cursors_"
@@ -181,6 +182,16 @@ class _Read:
     sql: frozenset[str]  # the groups whose shard cursors are in the SQL database
     with_sql: bool  # whether the database was read
     bucket: Snapshot  # the bucket as read, every cursor in it
+    db: dict[str, CursorRecord]  # every cursor of the database, as read (none without it)
+
+    def cursor_view(self) -> Snapshot:
+        """What :func:`consumers` lists: the bucket's cursors, or with a database the database's
+        cursors beside the bucket's rjet records (``rjet.parallel._sql.sql_snapshot``)."""
+        if not self.with_sql:
+            return self.bucket
+        values = {k: v for k, v in self.bucket.values.items() if k.startswith(PREFIX)}
+        values.update({encode_key(name): record.encode() for name, record in self.db.items()})
+        return Snapshot(self.bucket.namespace, values, self.bucket.now)
 
 
 async def _read(store: JetStreamCursorStore, cursors: SqlCursorStore | None) -> _Read:
@@ -191,15 +202,16 @@ async def _read(store: JetStreamCursorStore, cursors: SqlCursorStore | None) -> 
     snap = await snapshot(store)
     sql = {name for name in snap.group_names() if in_sql(snap, name)}
     rows: dict[str, CursorRecord] = {}
+    db = {} if cursors is None else await cursors.records()
     if cursors is not None:
-        for row, record in (await cursors.records()).items():
+        for row, record in db.items():
             parsed = parse_shard_cursor(encode_key(row))
             if parsed is not None and (parsed[0] in sql or generation_key(parsed[0]) not in snap.values):
                 rows[row] = record
         sql |= {parsed[0] for row in rows if (parsed := parse_shard_cursor(encode_key(row))) is not None}
     values = {k: v for k, v in snap.values.items() if (parsed := parse_shard_cursor(k)) is None or parsed[0] not in sql}
     values.update({encode_key(row): record.encode() for row, record in rows.items()})
-    return _Read(Snapshot(snap.namespace, values, snap.now), frozenset(sql), cursors is not None, snap)
+    return _Read(Snapshot(snap.namespace, values, snap.now), frozenset(sql), cursors is not None, snap, db)
 
 
 def _info(read: _Read, name: str, last_seq: int | None) -> GroupInfo:
@@ -262,7 +274,42 @@ async def consumers(
     in another stream is left out: its lag here would be fake; one recorded in an earlier stream of
     the same name (deleted and created again) is kept, without lag, with a note that says so. With
     ``cursors`` (an SQL store), its cursors instead of the bucket's (their idle time unknown: None)."""
-    snap = await sql_snapshot(store, cursors)
+    return await _consumers(await sql_snapshot(store, cursors), store, stream, pattern, with_sql=cursors is not None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Overview:
+    """What :func:`overview` read: :func:`consumers` and :func:`list_groups` of one namespace."""
+
+    consumers: tuple[ConsumerInfo, ...]
+    groups: tuple[GroupInfo, ...]
+
+
+async def overview(
+    store: JetStreamCursorStore,
+    stream: StreamState,
+    *,
+    pattern: str | None = None,
+    cursors: SqlCursorStore | None = None,
+) -> Overview:
+    """:func:`consumers` and :func:`list_groups` from one read of the bucket (and of ``cursors``,
+    the SQL store, when given), as ``rjet status`` shows them: half the reads of calling both, and
+    the groups' members and the consumers' runners from the same moment.
+
+    Example::
+
+        seen = await admin.overview(store, await admin.stream_state(js, "billing"))
+        for c in seen.consumers:
+            print(c.name, c.cursor, c.lag_events)
+    """
+    read = await _read(store, cursors)
+    found = await _consumers(read.cursor_view(), store, stream, pattern, with_sql=cursors is not None)
+    return Overview(tuple(found), tuple(_info(read, name, None) for name in read.snap.group_names()))
+
+
+async def _consumers(
+    snap: Snapshot, store: JetStreamCursorStore, stream: StreamState, pattern: str | None, *, with_sql: bool
+) -> list[ConsumerInfo]:
     runners = snap.runners()
     js = kv_names(store.kv).js
     bucket = store.bucket
@@ -273,7 +320,7 @@ async def consumers(
             return None  # not a cursor: someone else's key
         cursor = int(value or 0)
         written = None
-        if cursors is None:
+        if not with_sql:
             written = await _stored_at(js, "KV_" + bucket, subject=f"$KV.{bucket}.{encode_key(name)}")
         idle = None if written is None else snap.now - written
         shard = runners.get(name, ())
