@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -183,11 +184,13 @@ async def _run(  # noqa: C901 (the run loop)
     opened = False  # a run that could not open its stream leaves no new record behind
     if spec.consumer.transactional:
         # The handler's own writes and the event's progress commit in one transaction of the claim's;
-        # a sync handler's whole transaction runs on the store's thread (SQLite's connection's).
+        # a sync handler's whole transaction in one call: on this thread at concurrency 1 (as any sync
+        # handler of a one-at-a-time consumer runs), else on the store's (SQLite's connection's).
         tclaim = cast("TransactionalClaim", claim)
-        transact = cast(
-            "Callable[..., Awaitable[None]]", tclaim.transact if spec.consumer.is_async else tclaim.transact_sync
-        )
+        if spec.consumer.is_async:
+            transact: Callable[..., Awaitable[None]] = tclaim.transact
+        else:
+            transact = functools.partial(tclaim.transact_sync, inline=spec.consumer.concurrency == 1)
         spec = dataclasses.replace(
             spec, consumer=spec.consumer.in_transactions(lambda seqs, call, seq: transact(seqs, call, sequential=seq))
         )

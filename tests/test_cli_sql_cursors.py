@@ -8,21 +8,24 @@ SQLite and PostgreSQL (tests/sql_fixtures.py), the command line as a process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import sqlite3
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
 from sql_fixtures import PASSWORD, SqlDb, postgres_server, sql_db
-from test_cli import rjet_cmd
+from test_cli import _one_line_error, rjet_cmd
 from test_cli_columns import _fits, _in_a_pipe
 
 import rjet
 from rjet._progress import encode_done
-from rjet.parallel import admin
+from rjet.parallel import admin, shard_name
 from rjet.parallel._keys import Heartbeat, Lease, generation_key, heartbeat_key, lease_key
 from rjet.reader import stream_identity as _identity
 from rjet.server import EmbeddedServer
@@ -326,3 +329,37 @@ async def test_group_list_status_and_describe_show_a_group_with_sql_cursors_with
     text = _in_a_pipe(["status", name, "--namespace", ns, "--name", "fresh*", "-s", srv])
     assert "elastic group fresh" in text
     assert "elastic group g " not in text
+
+
+@pytest.mark.timeout(120)
+async def test_worker_transactional_takes_a_sync_handler_on_sqlite_and_refuses_it_on_postgresql(
+    server: EmbeddedServer, js: JetStreamContext, name: str, tmp_path: Path
+) -> None:
+    """``rjet worker --transactional`` with ``def handle(fate, event, tx)``: on SQLite each event's row
+    committed with its shard's cursor, once; on PostgreSQL (whose tx is awaited) a one-line error
+    before anything starts."""
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([(f"k{i % 7}", 1, b"") for i in range(60)])
+    path = tmp_path / "effects.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE effects (seq INTEGER PRIMARY KEY, fid TEXT)")
+    (tmp_path / "sync_handler.py").write_text(
+        "def handle(fate, event, tx):\n"
+        "    tx.execute('INSERT INTO effects (seq, fid) VALUES (?, ?)', (event.id_int, event.foreign_id))\n"
+    )
+    run = ("worker", name, "sync_handler:handle", "--group", name, "-n", "2", "--to-head", "-q")
+    common = ("--namespace", name, "-s", server.url, "--transactional")
+    done = await asyncio.to_thread(rjet_cmd, *run, *common, "--cursors", f"sqlite:///{path}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert [seq for (seq,) in db.execute("SELECT seq FROM effects ORDER BY seq")] == list(range(1, 61))
+    async with await SqlCursorStore.open(f"sqlite:///{path}") as store:  # each shard at the head
+        assert [await store.peek(shard_name(name, m, 2)) for m in range(2)] == ["60", "60"]
+
+    url = f"postgresql://rjet:{PASSWORD}@127.0.0.1:1/nowhere"  # refused before it would connect
+    refused = await asyncio.to_thread(rjet_cmd, *run, *common, "--cursors", url, cwd=tmp_path)
+    assert refused.returncode == 1
+    line = _one_line_error(refused)
+    assert "a sync transactional handler runs on SQLite only" in line
+    assert "async def fn(fate, event, tx)" in line
+    assert PASSWORD not in line

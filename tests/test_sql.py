@@ -9,9 +9,11 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import psycopg
 import pytest
 from sql_fixtures import PASSWORD, PostgresServer, SqlDb, free_port, postgres_server, sql_db
@@ -557,13 +559,16 @@ async def test_a_session_lost_before_the_sync_answered_is_reported_as_maybe_appl
     assert [seq for seq, _ in sql_db.effects()] == [1]
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 @pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
-async def test_a_sync_handler_runs_its_whole_transaction_on_the_connections_thread(
-    stream: rjet.Stream, sql_db: SqlDb
+async def test_a_sync_handler_runs_its_whole_transaction_in_one_call_on_one_thread(
+    stream: rjet.Stream, sql_db: SqlDb, concurrency: int
 ) -> None:
     """SQLite, ``def fn(fate, event, tx)``: ``tx`` is the ``sqlite3.Connection`` itself, inside rjet's
     open transaction; BEGIN IMMEDIATE, the handler's insert, the progress and COMMIT run on one
-    thread, never the event loop's, the handler between BEGIN and the progress."""
+    thread, the handler between BEGIN and the progress. K=1: the event loop's (as any sync handler
+    of a one-at-a-time consumer), its BEGIN waiting for no lock; K>1: the connection's, never the
+    loop's."""
     await stream.insert_many([("k", 1, b"")] * 3)
     loop_thread = threading.get_ident()
     seen: list[tuple[type, bool, int]] = []
@@ -571,27 +576,125 @@ async def test_a_sync_handler_runs_its_whole_transaction_on_the_connections_thre
 
     def handle(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
         if not seen:
-            tx.set_trace_callback(lambda sql: statements.append((threading.get_ident(), sql.split()[0])))
+            tx.set_trace_callback(lambda sql: statements.append((threading.get_ident(), sql)))
         seen.append((type(tx), tx.in_transaction, threading.get_ident()))
         _sync_effect(event, tx)
 
     async with await _store(sql_db) as store:
         assert store.capabilities.sync_transactional
-        consumer = rjet.Consumer("c", handle, transactional=True)
+        consumer = rjet.Consumer("c", handle, transactional=True, concurrency=concurrency)
         with pytest.raises(rjet.HeadReached):
             await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
+        await store.flush()
         assert await store.peek("c") == "3"
     assert [seq for seq, _ in sql_db.effects()] == [1, 2, 3]
     assert [(t, in_tx) for t, in_tx, _ in seen] == [(sqlite3.Connection, True)] * 3
-    assert loop_thread not in {thread for _, _, thread in seen}
+    threads = {thread for _, _, thread in seen}
+    assert threads == {loop_thread} if concurrency == 1 else loop_thread not in threads
     # The first call set the trace after its BEGIN: its insert, its progress, its COMMIT; then the
-    # next two transactions whole, each on its handler's thread (the connection's own; without the
-    # fast path one of asyncio's pool). After them: the run's last cursor flush.
-    transactions = [statements[:3], statements[3:7], statements[7:11]]
-    whole = ["BEGIN", "INSERT", "UPDATE", "COMMIT"]
-    assert [[sql for _, sql in t] for t in transactions] == [whole[1:], whole, whole]
+    # next two transactions whole, each on its handler's thread (K>1: the connection's own; without
+    # the fast path one of asyncio's pool). After them: the run's last cursor flush.
+    if concurrency == 1:  # the cursor moved; BEGIN between a busy timeout of 0 and the store's own
+        whole = ["PRAGMA busy_timeout=0", "BEGIN IMMEDIATE", "PRAGMA busy_timeout=30000", "INSERT", "UPDATE", "COMMIT"]
+    else:  # the claim checked, one rjet_done row
+        whole = ["BEGIN IMMEDIATE", "INSERT", "SELECT", "INSERT", "COMMIT"]
+    first = whole[whole.index("INSERT") :]
+    size = [len(first), len(whole), len(whole)]
+    transactions = [
+        statements[: size[0]],
+        statements[size[0] : size[0] + size[1]],
+        statements[sum(size[:2]) : sum(size)],
+    ]
+    assert [[sql if sql.startswith(("BEGIN", "PRAGMA")) else sql.split()[0] for _, sql in t] for t in transactions] == [
+        first,
+        whole,
+        whole,
+    ]
     for t, (_, _, thread) in zip(transactions, seen, strict=True):
         assert {th for th, _ in t} == {thread}
+
+
+@pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
+async def test_a_sync_handler_at_k1_waits_for_a_write_lock_off_the_loop(stream: rjet.Stream, sql_db: SqlDb) -> None:
+    """K=1 runs a sync handler's transaction on the loop's thread, but its BEGIN IMMEDIATE waits for no
+    lock: where a transaction on this very loop holds the file's write lock (here an aiosqlite one,
+    as an async consumer's would), waiting for it on the loop would wait for ever (30 s, then fail).
+    The transaction goes to the connection's thread instead, which waits there while the loop goes
+    on; once the lock is free the next ones run on the loop's thread again."""
+    loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+    threads: list[int] = []
+    stop = asyncio.Event()
+
+    def handle(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+        threads.append(threading.get_ident())
+        _sync_effect(event, tx)
+        if len(threads) == 3:
+            loop.call_soon_threadsafe(stop.set)
+
+    async with await _store(sql_db) as store:
+        assert sql_db.path is not None
+        consumer = rjet.Consumer("c", handle, transactional=True)
+        run = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, consumer), stop=stop))
+        await _claimed(store, "c")
+        async with aiosqlite.connect(sql_db.path, isolation_level=None) as holder:
+            await holder.execute("BEGIN IMMEDIATE")
+            await holder.execute("INSERT INTO effects (seq, fid) VALUES (0, 'holder')")
+            await stream.insert_many([("k", 1, b"")] * 3)
+            t0 = loop.time()
+            await asyncio.sleep(0.5)  # the loop runs meanwhile: it is not blocked on the lock
+            assert loop.time() - t0 < 2.0
+            assert threads == []
+            assert not run.done()
+            await holder.execute("COMMIT")
+        with pytest.raises(rjet.Stopped):
+            await asyncio.wait_for(run, 30)
+        assert await store.peek("c") == "3"
+    assert [seq for seq, _ in sql_db.effects()] == [0, 1, 2, 3]
+    assert threads[0] != loop_thread
+    assert threads[1:] == [loop_thread, loop_thread]
+
+
+@pytest.mark.fast_paths
+@pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
+async def test_a_sync_handler_at_k1_runs_after_what_is_queued_on_its_connection(
+    stream: rjet.Stream, sql_db: SqlDb
+) -> None:
+    """A pooled connection with work still queued on its aiosqlite thread (rjet awaits all it sends
+    before pooling one; an async handler's call left unawaited would not be) takes the K=1
+    transaction on that thread, after the work, never at the same time on the loop's."""
+    loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+    order: list[tuple[str, int]] = []
+    stop = asyncio.Event()
+
+    def handle(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+        order.append(("handler", threading.get_ident()))
+        _sync_effect(event, tx)
+        loop.call_soon_threadsafe(stop.set)
+
+    async with await _store(sql_db) as store:
+        consumer = rjet.Consumer("c", handle, transactional=True)
+        run = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, consumer), stop=stop))
+        await _claimed(store, "c")
+        assert store._idle
+        for conn in store._idle:  # the handler's transaction takes one of them
+            conn._tx.put_nowait((None, lambda: time.sleep(0.3)))  # taken up at once: the next one waits
+            conn._tx.put_nowait((None, lambda: order.append(("queued", threading.get_ident()))))
+        await stream.insert_many([("k", 1, b"")])
+        with pytest.raises(rjet.Stopped):
+            await asyncio.wait_for(run, 30)
+        assert await store.peek("c") == "1"
+    assert order[-1][0] == "handler"
+    assert order[-1][1] != loop_thread
+    assert ("queued", order[-1][1]) in order[:-1]  # its connection's thread, once the queue was done
+
+
+async def _claimed(store: SqlCursorStore, name: str) -> None:
+    """Once a run holds ``name``'s claim (the claim takes the file's write lock and a connection)."""
+    for _ in range(1000):
+        if name in await store.records():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{name!r} never claimed")
 
 
 @pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
@@ -647,9 +750,10 @@ async def test_a_sync_handler_on_postgresql_is_a_config_error_at_start(stream: r
 async def test_a_stop_lets_a_sync_handlers_transaction_commit_and_starts_no_other(
     stream: rjet.Stream, sql_db: SqlDb, concurrency: int
 ) -> None:
-    """The stop request comes from a handler on its thread (through the loop); the transactions in
-    flight commit, with their progress, and no handler call starts after it was set (K=1: exactly
-    the events before it; K=4: the calls in flight then at most). The next run goes on from there."""
+    """The stop request comes from a handler (through the loop, from whichever thread runs it); the
+    transactions in flight commit, with their progress, and no handler call starts after it was set
+    (K=1: exactly the events before it, however many the loop handled before it ran the callback, as
+    with any sync handler; K=4: the calls in flight then at most). The next run goes on from there."""
     await stream.insert_many([(f"k{i % 5}", 1, b"") for i in range(40)])
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -670,9 +774,9 @@ async def test_a_stop_lets_a_sync_handlers_transaction_commit_and_starts_no_othe
         consumer = rjet.Consumer("c", handle, transactional=True, concurrency=concurrency)
         with pytest.raises(rjet.Stopped):
             await asyncio.wait_for(rjet.run(rjet.Spec(stream.stream, store, consumer), stop=stop), 30)
-        if concurrency == 1:
-            assert calls == list(range(1, 11))
-            assert stopped_after == [10]
+        if concurrency == 1:  # on the loop's thread: the stop is set once the loop runs its callback
+            assert stopped_after[0] >= 10
+            assert calls == list(range(1, stopped_after[0] + 1))
         else:
             assert len(calls) <= stopped_after[0] + concurrency - 1, (calls, stopped_after)
         assert sorted(seq for seq, _ in sql_db.effects()) == sorted(calls)  # each call's transaction committed

@@ -89,15 +89,14 @@ class ImportedAsyncHandler(ImportedHandler):
 
 def imported(spec: str, *, transactional: bool = False) -> Any:
     """The handler ``spec`` names, as it travels to worker processes (imported here to check it);
-    ``transactional``: ``async def function(fate, event, tx)``, passed on as a coroutine function."""
+    ``transactional``: ``[async] def function(fate, event, tx)``, an async one passed on as a
+    coroutine function (a sync one runs on SQLite only: ``Parallel`` refuses it on PostgreSQL)."""
     fn = load_handler(spec)
     try:
         check_handler(fn, owner=spec, transactional=transactional)  # here, not in every worker (which retries forever)
     except ConfigError as e:
         raise CliError(str(e)) from None
-    if transactional:
-        if not inspect.iscoroutinefunction(fn):
-            raise CliError(f"handler {spec!r}: --transactional needs async def function(fate, event, tx)")
+    if transactional and inspect.iscoroutinefunction(fn):
         return ImportedAsyncHandler(spec).__call__
     return ImportedAsyncHandler(spec) if inspect.iscoroutinefunction(fn) else ImportedHandler(spec)
 

@@ -100,8 +100,9 @@ class Capabilities:
     - ``transactional``: a handler's own writes and the event's progress commit in one transaction
       (a transactional consumer's ``tx``).
     - ``sync_transactional``: transactional, and a sync handler too: its claims'
-      :meth:`TransactionalClaim.transact_sync` runs the whole transaction, the handler inside it, on
-      a thread of the store's (SQLite's connection thread), ``tx`` a blocking connection.
+      :meth:`TransactionalClaim.transact_sync` runs the whole transaction, the handler inside it, in
+      one call, ``tx`` a blocking connection: on the calling thread at concurrency 1 (``inline``), else
+      on a thread of the store's (SQLite's connection thread).
     """
 
     fencing: bool = False
@@ -169,10 +170,14 @@ class TransactionalClaim(Claim, Protocol):
         (rolled back), or the claim's loss (nothing committed)."""
         ...
 
-    async def transact_sync(self, seqs: Sequence[int], call: Callable[[Any], object], *, sequential: bool) -> None:
-        """:meth:`transact` for a sync ``call(tx)``, run with the whole transaction in one call on a
-        thread of the store's, never the event loop's (only where the store's capabilities say
-        ``sync_transactional``)."""
+    async def transact_sync(
+        self, seqs: Sequence[int], call: Callable[[Any], object], *, sequential: bool, inline: bool = False
+    ) -> None:
+        """:meth:`transact` for a sync ``call(tx)``, run with the whole transaction in one call (only
+        where the store's capabilities say ``sync_transactional``). ``inline``: the caller has this
+        one transaction in flight (concurrency 1), so the call may run on the calling thread, the
+        event loop's, as rjet runs any sync handler of a one-at-a-time consumer; else on a thread of
+        the store's, never the event loop's."""
         ...
 
 

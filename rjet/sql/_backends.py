@@ -23,9 +23,17 @@ A handler's transaction costs as few trips as each driver allows (:meth:`Backend
   through psycopg's pipeline mode.
 - SQLite, a sync handler (:meth:`Backend.transact_sync`): ``BEGIN IMMEDIATE``, the handler (its ``tx``
   the ``sqlite3.Connection`` itself), the progress, the fence check and ``COMMIT`` (or ``ROLLBACK``)
-  in one call on the connection's thread: 1 trip. With ``RJET_FAST_PATHS=0`` (or an aiosqlite without
-  ``_tx``/``_execute``) that call runs in ``asyncio.to_thread`` instead, on the same connection,
-  which the store holds alone meanwhile (its own thread idle): one trip still, through a thread pool.
+  in one call. At concurrency 1 (``inline``) that call runs on the calling thread, the event loop's,
+  as rjet calls any sync handler of a one-at-a-time consumer: no trip at all, the loop waiting for
+  the commit's fsync as it waits for such a handler's own. The connection is the store's alone
+  meanwhile and its aiosqlite thread idle (nothing queued there: checked where the fast path can
+  see the queue, else by rjet awaiting every statement it sends before it pools a connection). Its
+  ``BEGIN IMMEDIATE`` waits for no lock: where another connection holds the file's write lock (a
+  transaction of another consumer's, which may be waiting for this very loop) the call goes to a
+  thread as at concurrency > 1, which waits there. At concurrency > 1: on the connection's thread, 1
+  trip; with ``RJET_FAST_PATHS=0`` (or an aiosqlite without ``_tx``/``_execute``) in
+  ``asyncio.to_thread`` instead, on the same connection (its own thread idle): one trip still,
+  through a thread pool.
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ _MOVE: Final = (
     " WHERE name = ? AND owner = ? AND (cursor IS NULL OR cursor < ?)"
 )
 _HELD: Final = "SELECT 1 FROM rjet_cursors WHERE name = ? AND owner = ?"
+_WAIT: Final = "PRAGMA busy_timeout=30000"  # every SQLite connection's: a locked file waited for 30 s
+_NO_WAIT: Final = "PRAGMA busy_timeout=0"
 _DONE: Final = "INSERT INTO rjet_done (name, seq) VALUES (?, ?) ON CONFLICT DO NOTHING"
 
 # PostgreSQL: the same, each one statement that divides by zero when the claim does not hold (or the
@@ -180,13 +190,14 @@ class Backend(Protocol):
         ...
 
     async def transact_sync(
-        self, conn: Any, call: Callable[[Any], object], progress: Progress
+        self, conn: Any, call: Callable[[Any], object], progress: Progress, *, inline: bool
     ) -> tuple[Outcome | Step, BaseException | None, bool]:
-        """A sync handler's whole transaction in one call on a thread, never the event loop's:
-        ``BEGIN``, ``call(tx)``, ``progress`` recorded and the claim checked, ``COMMIT`` (or a
-        ``ROLLBACK`` after any failure, in the same call). Returns the outcome, or the step that
-        failed with its error, and whether ``conn`` came out idle and sound (fit to be pooled
-        again). Only where :attr:`sync_transactions` says so."""
+        """A sync handler's whole transaction in one call: ``BEGIN``, ``call(tx)``, ``progress``
+        recorded and the claim checked, ``COMMIT`` (or a ``ROLLBACK`` after any failure, in the same
+        call); on the calling thread where ``inline`` (the consumer's one transaction in flight) and
+        the connection allows it, else on a thread, never the event loop's. Returns the outcome, or
+        the step that failed with its error, and whether ``conn`` came out idle and sound (fit to be
+        pooled again). Only where :attr:`sync_transactions` says so."""
         ...
 
     async def plain(self, conn: Any) -> bool:
@@ -307,14 +318,41 @@ def _transact_on_thread(job: _Job) -> tuple[Outcome | Step | Literal["dropped"],
         db.execute("BEGIN IMMEDIATE")
     except Exception as e:
         return "begin", e, _idle(db)
+    return _handle_and_finish(job)
+
+
+def _transact_inline(job: _Job) -> tuple[Outcome | Step, BaseException | None, bool] | None:
+    """:meth:`_Sqlite.transact_sync`'s one call on the calling thread (the event loop's), or None
+    where the file's write lock is held elsewhere: its ``BEGIN IMMEDIATE`` waits for no lock, since
+    the holder may be a transaction waiting for this very loop (then nothing began; the caller
+    sends the call to a thread, which waits for the lock there)."""
+    db = job.db
+    try:
+        db.execute(_NO_WAIT)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        finally:
+            db.execute(_WAIT)  # the handler's statements and rjet's wait as on every connection
+    except sqlite3.OperationalError as e:
+        if e.sqlite_errorcode == sqlite3.SQLITE_BUSY and not db.in_transaction:
+            return None
+        return "begin", e, _idle(db)
+    except Exception as e:
+        return "begin", e, _idle(db)
+    return _handle_and_finish(job)
+
+
+def _handle_and_finish(job: _Job) -> tuple[Outcome | Step, BaseException | None, bool]:
+    """The handler and the progress of a transaction begun on ``job.db``; anything that failed rolled back."""
+    db = job.db
     try:
         if inspect.isawaitable(returned := job.call(db)):  # an async callable not made with async def
             if inspect.iscoroutine(returned):
                 returned.close()
             raise ConfigError(
                 f"consumer {job.progress.name!r}: its transactional handler returned an awaitable, so it was"
-                " taken for a sync one (run on the connection's thread, where nothing is awaited): make it an"
-                " async def function"
+                " taken for a sync one (its whole transaction runs in one call, where nothing is awaited):"
+                " make it an async def function"
             )
     except BaseException as e:  # the handler's, raised where it was awaited; KeyboardInterrupt included
         return "handler", e, _idle(db)
@@ -365,7 +403,7 @@ class _Sqlite:
         try:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA synchronous=FULL")
-            await conn.execute("PRAGMA busy_timeout=30000")
+            await conn.execute(_WAIT)
         except BaseException:
             await conn.close()
             raise
@@ -428,9 +466,15 @@ class _Sqlite:
         return True
 
     async def transact_sync(
-        self, conn: Any, call: Callable[[Any], object], progress: Progress
+        self, conn: Any, call: Callable[[Any], object], progress: Progress, *, inline: bool
     ) -> tuple[Outcome | Step, BaseException | None, bool]:
         job = _Job(self._dbs[conn], call, progress)
+        # Inline only with the connection's thread idle: nothing of an earlier use queued there (rjet
+        # awaits all it sends before pooling a connection; a handler's call left unawaited would be).
+        if inline and not (self.fast and not conn._tx.empty()):  # noqa: SLF001
+            done_inline = _transact_inline(job)
+            if done_inline is not None:
+                return done_inline
         try:
             if self.fast:  # one trip to the connection's own thread, and one wake-up of the loop
                 result = await conn._execute(_transact_on_thread, job)  # noqa: SLF001
@@ -760,7 +804,7 @@ class _Postgres:
             return False
 
     async def transact_sync(
-        self, conn: Any, call: Callable[[Any], object], progress: Progress
+        self, conn: Any, call: Callable[[Any], object], progress: Progress, *, inline: bool
     ) -> tuple[Outcome | Step, BaseException | None, bool]:
         raise ConfigError(
             f"postgresql cursor store at {self.where}: a transactional handler is async here (tx is a psycopg"

@@ -556,17 +556,20 @@ class SqlClaim:
         if failure is not None:
             raise failure
 
-    async def transact_sync(self, seqs: Sequence[int], call: Callable[[Any], object], *, sequential: bool) -> None:
+    async def transact_sync(
+        self, seqs: Sequence[int], call: Callable[[Any], object], *, sequential: bool, inline: bool = False
+    ) -> None:
         """:meth:`transact` for a sync ``call(tx)`` (SQLite: ``tx`` the ``sqlite3.Connection``): the
-        whole transaction, ``BEGIN IMMEDIATE`` to ``COMMIT``, in one call on the connection's own
-        thread, never the event loop's (``store.capabilities.sync_transactional``)."""
+        whole transaction, ``BEGIN IMMEDIATE`` to ``COMMIT``, in one call (``store.capabilities.
+        sync_transactional``); ``inline`` (one transaction in flight: concurrency 1) on the calling
+        thread, the event loop's, else on the connection's own thread."""
         self.check()
         store, b = self._store, self._store.backend
         progress = Progress(self.name, self.owner, self.stream, tuple(seqs), sequential)
         conn = await store._take(progress, handler=True)  # noqa: SLF001
         ok = False
         try:
-            step, err, sound = await b.transact_sync(conn, call, progress)
+            step, err, sound = await b.transact_sync(conn, call, progress, inline=inline)
             ok = err is None or sound  # else the store closes the connection, not pooled
         finally:
             await store._give(conn, ok=ok)  # noqa: SLF001
