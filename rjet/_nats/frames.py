@@ -245,9 +245,10 @@ HELD_BEFORE: Final = 8
 # One HMSG frame of a stream client's consumer whose headers start as ``insert`` writes them, after
 # "HMSG <subject> <sid> <reply prefix>" (see frame_pattern): groups 1 the reply's tail
 # (delivered.sseq.cseq.ts.pending[.token], numbers), 2 its stored time in microseconds and 3 its
-# pending count (the two the bulk scan reads from every frame), 4 header size, 5 total size, 6 type (an integer), 7
-# foreign ID (printable ASCII: plain or percent-encoded; only plain for ``plain=True``). Up to 18
-# digits: any of them is an int64 (a longer type goes to decode_type, which checks the range).
+# pending count (the two the bulk scan reads from every frame), 4 header size, 5 total size, 6 type
+# (an integer), 7 foreign ID (printable ASCII: plain or percent-encoded; only plain for
+# ``plain=True``). Up to 18 digits: any of them is an int64 (a longer type goes to decode_type, which
+# checks the range).
 # With ``plain=True`` (a shard worker's loop over other shards' events, which splits the tail of the
 # few it keeps) the tail is any token and groups 2 and 3 are empty: taking the tail apart in the
 # pattern costs ~90 ns a match, a tenth of what passing over an event costs.
