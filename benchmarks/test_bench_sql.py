@@ -9,7 +9,7 @@ Every handler inserts one row per event into the user's table ``effects`` (consu
   durability settings: for SQLite the store's own WAL, ``synchronous=FULL``), with the cursor in a
   ``JetStreamCursorStore`` (at-least-once), their rounds interleaved. Target: >= 0.8x.
 - ``sync handlers`` (SQLite only): a sync transactional handler (``def fn(fate, event, tx)``, ``tx``
-  the ``sqlite3.Connection``, the whole transaction in one call on the connection's thread) against
+  the ``sqlite3.Connection``, the whole transaction in one call on the event loop's thread at K=1) against
   the same sync handler writing the same row in autocommit through a plain ``sqlite3`` connection of
   its own (the store's WAL and ``synchronous=FULL``; the handler runs on the event loop's thread, as a
   sync handler of a one-at-a-time consumer does) with JetStream cursors, and against the async
@@ -21,8 +21,8 @@ Every handler inserts one row per event into the user's table ``effects`` (consu
 - ``concurrency``: a transactional handler whose write takes 1 ms more (an ``await
   asyncio.sleep(0.001)`` inside the transaction, as a database 1 ms away would), K=1 and K=16.
   Target (PostgreSQL): K=16 >= 8x K=1. On SQLite, which serialises writers, the same rows say what K
-  gives there (no target), for async handlers and for sync ones (``time.sleep(0.001)`` on the
-  connection's thread).
+  gives there (no target), for async handlers and for sync ones (``time.sleep(0.001)`` inside the
+  transaction: on the loop's thread at K=1, on the connection's at K=16).
 
 Each row runs on SQLite, on PostgreSQL, and on PostgreSQL with the store in psycopg's pipeline mode
 (``postgresql-pipeline``: the store's URL with ``?pipeline=on``, a transaction in one round trip;
@@ -380,8 +380,8 @@ def test_concurrency(
     shape: str,
     k: int,
 ) -> None:
-    """``sync``: the same with a sync handler (SQLite only), ``time.sleep(0.001)`` on the connection's
-    thread inside the transaction."""
+    """``sync``: the same with a sync handler (SQLite only), ``time.sleep(0.001)`` inside the
+    transaction (K=1: on the event loop's thread; K=16: on the connections' threads)."""
     if shape == "sync" and db.kind != "sqlite":
         pytest.skip("sync transactional handlers run on SQLite only (PostgreSQL's tx is an AsyncConnection)")
     stream = streams(N_CONC)
