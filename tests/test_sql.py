@@ -594,8 +594,8 @@ async def test_a_sync_handler_runs_its_whole_transaction_in_one_call_on_one_thre
     # The first call set the trace after its BEGIN: its insert, its progress, its COMMIT; then the
     # next two transactions whole, each on its handler's thread (K>1: the connection's own; without
     # the fast path one of asyncio's pool). After them: the run's last cursor flush.
-    if concurrency == 1:  # the cursor moved; BEGIN between a busy timeout of 0 and the store's own
-        whole = ["PRAGMA busy_timeout=0", "BEGIN IMMEDIATE", "PRAGMA busy_timeout=30000", "INSERT", "UPDATE", "COMMIT"]
+    if concurrency == 1:  # the cursor moved (on a connection that waits for no lock: no PRAGMA)
+        whole = ["BEGIN IMMEDIATE", "INSERT", "UPDATE", "COMMIT"]
     else:  # the claim checked, one rjet_done row
         whole = ["BEGIN IMMEDIATE", "INSERT", "SELECT", "INSERT", "COMMIT"]
     first = whole[whole.index("INSERT") :]
@@ -656,18 +656,19 @@ async def test_a_sync_handler_at_k1_waits_for_a_write_lock_off_the_loop(stream: 
 
 @pytest.mark.fast_paths
 @pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
-async def test_a_sync_handler_at_k1_runs_after_what_is_queued_on_its_connection(
+async def test_a_sync_handler_at_k1_runs_on_a_connection_of_its_own_not_a_pooled_one(
     stream: rjet.Stream, sql_db: SqlDb
 ) -> None:
-    """A pooled connection with work still queued on its aiosqlite thread (rjet awaits all it sends
-    before pooling one; an async handler's call left unawaited would not be) takes the K=1
-    transaction on that thread, after the work, never at the same time on the loop's."""
+    """The K=1 transaction runs on the loop's thread with a connection outside the pool: work still
+    queued on a pooled connection's aiosqlite thread (rjet awaits all it sends before pooling one; an
+    async handler's call left unawaited would not be) neither runs beside it on that connection nor
+    holds it up."""
     loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
-    order: list[tuple[str, int]] = []
+    order: list[tuple[int, object, float]] = []
     stop = asyncio.Event()
 
     def handle(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
-        order.append(("handler", threading.get_ident()))
+        order.append((threading.get_ident(), tx, loop.time()))
         _sync_effect(event, tx)
         loop.call_soon_threadsafe(stop.set)
 
@@ -676,16 +677,20 @@ async def test_a_sync_handler_at_k1_runs_after_what_is_queued_on_its_connection(
         run = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, consumer), stop=stop))
         await _claimed(store, "c")
         assert store._idle
-        for conn in store._idle:  # the handler's transaction takes one of them
-            conn._tx.put_nowait((None, lambda: time.sleep(0.3)))  # taken up at once: the next one waits
-            conn._tx.put_nowait((None, lambda: order.append(("queued", threading.get_ident()))))
+        backend: Any = store.backend
+        pooled = {backend._dbs[conn] for conn in store._idle}
+        for conn in store._idle:
+            conn._tx.put_nowait((None, lambda: time.sleep(1.0)))  # each pooled connection busy for 1 s
+        started = loop.time()
         await stream.insert_many([("k", 1, b"")])
         with pytest.raises(rjet.Stopped):
             await asyncio.wait_for(run, 30)
         assert await store.peek("c") == "1"
-    assert order[-1][0] == "handler"
-    assert order[-1][1] != loop_thread
-    assert ("queued", order[-1][1]) in order[:-1]  # its connection's thread, once the queue was done
+        [(thread, tx, called)] = order
+        assert thread == loop_thread
+        assert tx not in pooled
+        assert called - started < 1.0  # not after the pooled connections' queued work (the flush is)
+    assert [seq for seq, _ in sql_db.effects()] == [1]
 
 
 async def _claimed(store: SqlCursorStore, name: str) -> None:

@@ -25,11 +25,11 @@ A handler's transaction costs as few trips as each driver allows (:meth:`Backend
   the ``sqlite3.Connection`` itself), the progress, the fence check and ``COMMIT`` (or ``ROLLBACK``)
   in one call. At concurrency 1 (``inline``) that call runs on the calling thread, the event loop's,
   as rjet calls any sync handler of a one-at-a-time consumer: no trip at all, the loop waiting for
-  the commit's fsync as it waits for such a handler's own. The connection is the store's alone
-  meanwhile and its aiosqlite thread idle (nothing queued there: checked where the fast path can
-  see the queue, else by rjet awaiting every statement it sends before it pools a connection). Its
-  ``BEGIN IMMEDIATE`` waits for no lock: where another connection holds the file's write lock (a
-  transaction of another consumer's, which may be waiting for this very loop) the call goes to a
+  the commit's fsync as it waits for such a handler's own. It runs on a plain ``sqlite3``
+  connection of the backend's own, outside the pool (one serves the whole loop: a transaction on
+  it never gives the loop back before its end), whose busy timeout is 0: where another connection
+  holds the file's write lock (a transaction of another consumer's, which may be waiting for this
+  very loop) its ``BEGIN IMMEDIATE`` fails at once and the call goes to a pooled connection's
   thread as at concurrency > 1, which waits there. At concurrency > 1: on the connection's thread, 1
   trip; with ``RJET_FAST_PATHS=0`` (or an aiosqlite without ``_tx``/``_execute``) in
   ``asyncio.to_thread`` instead, on the same connection (its own thread idle): one trip still,
@@ -81,7 +81,6 @@ _MOVE: Final = (
 )
 _HELD: Final = "SELECT 1 FROM rjet_cursors WHERE name = ? AND owner = ?"
 _WAIT: Final = "PRAGMA busy_timeout=30000"  # every SQLite connection's: a locked file waited for 30 s
-_NO_WAIT: Final = "PRAGMA busy_timeout=0"
 _DONE: Final = "INSERT INTO rjet_done (name, seq) VALUES (?, ?) ON CONFLICT DO NOTHING"
 
 # PostgreSQL: the same, each one statement that divides by zero when the claim does not hold (or the
@@ -190,14 +189,26 @@ class Backend(Protocol):
         ...
 
     async def transact_sync(
-        self, conn: Any, call: Callable[[Any], object], progress: Progress, *, inline: bool
+        self, conn: Any, call: Callable[[Any], object], progress: Progress
     ) -> tuple[Outcome | Step, BaseException | None, bool]:
-        """A sync handler's whole transaction in one call: ``BEGIN``, ``call(tx)``, ``progress``
-        recorded and the claim checked, ``COMMIT`` (or a ``ROLLBACK`` after any failure, in the same
-        call); on the calling thread where ``inline`` (the consumer's one transaction in flight) and
-        the connection allows it, else on a thread, never the event loop's. Returns the outcome, or
-        the step that failed with its error, and whether ``conn`` came out idle and sound (fit to be
-        pooled again). Only where :attr:`sync_transactions` says so."""
+        """A sync handler's whole transaction in one call on a thread, never the event loop's:
+        ``BEGIN``, ``call(tx)``, ``progress`` recorded and the claim checked, ``COMMIT`` (or a
+        ``ROLLBACK`` after any failure, in the same call). Returns the outcome, or the step that failed
+        with its error, and whether ``conn`` came out idle and sound (fit to be pooled again). Only
+        where :attr:`sync_transactions` says so."""
+        ...
+
+    def transact_inline(
+        self, call: Callable[[Any], object], progress: Progress
+    ) -> tuple[Outcome | Step, BaseException | None, bool] | None:
+        """:meth:`transact_sync` on the calling thread (the consumer's one transaction in flight, so
+        the loop may wait for it as for any sync handler of a one-at-a-time consumer), with a
+        connection of the backend's own for it; None where it would have to wait for a lock held
+        elsewhere (nothing began: the caller goes to :meth:`transact_sync`)."""
+        ...
+
+    def close_inline(self) -> None:
+        """Close :meth:`transact_inline`'s connection, if open (a later call opens another)."""
         ...
 
     async def plain(self, conn: Any) -> bool:
@@ -322,17 +333,11 @@ def _transact_on_thread(job: _Job) -> tuple[Outcome | Step | Literal["dropped"],
 
 
 def _transact_inline(job: _Job) -> tuple[Outcome | Step, BaseException | None, bool] | None:
-    """:meth:`_Sqlite.transact_sync`'s one call on the calling thread (the event loop's), or None
-    where the file's write lock is held elsewhere: its ``BEGIN IMMEDIATE`` waits for no lock, since
-    the holder may be a transaction waiting for this very loop (then nothing began; the caller
-    sends the call to a thread, which waits for the lock there)."""
+    """:meth:`_Sqlite.transact_inline`'s transaction on the calling thread, or None where the file's
+    write lock is held elsewhere (``job.db`` waits for no lock; nothing began)."""
     db = job.db
     try:
-        db.execute(_NO_WAIT)
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        finally:
-            db.execute(_WAIT)  # the handler's statements and rjet's wait as on every connection
+        db.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as e:
         if e.sqlite_errorcode == sqlite3.SQLITE_BUSY and not db.in_transaction:
             return None
@@ -383,6 +388,7 @@ class _Sqlite:
         # Each aiosqlite connection's sqlite3.Connection, taken from the factory that made it (public
         # API, where aiosqlite's own attribute is private): the sync handler's tx.
         self._dbs: weakref.WeakKeyDictionary[Any, sqlite3.Connection] = weakref.WeakKeyDictionary()
+        self._inline: sqlite3.Connection | None = None  # transact_inline's, opened at its first call
 
     async def connect(self) -> Any:
         import aiosqlite
@@ -465,16 +471,46 @@ class _Sqlite:
             return False
         return True
 
+    def transact_inline(
+        self, call: Callable[[Any], object], progress: Progress
+    ) -> tuple[Outcome | Step, BaseException | None, bool] | None:
+        # A connection of the calling thread's own, outside the pool: an inline transaction runs from
+        # BEGIN to COMMIT without giving the loop back, so one serves every consumer of this store on
+        # the loop, never two transactions at once. Its busy timeout is 0, so that BEGIN IMMEDIATE
+        # never waits on the loop for a lock another transaction of this loop may hold; the write lock
+        # taken, nothing after it waits in WAL mode (readers never block the writer, the commit's
+        # checkpoint is passive). No PRAGMA per transaction to switch it: 15-20 us of CPU each time.
+        db = self._inline
+        if db is None:
+            try:
+                db = self._inline = self._open_inline()
+            except sqlite3.Error as e:
+                return "begin", e, False
+        done = _transact_inline(_Job(db, call, progress))
+        if done is not None and not done[2]:
+            self.close_inline()
+        return done
+
+    def _open_inline(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=0.0, check_same_thread=False)  # no wait
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def close_inline(self) -> None:
+        db, self._inline = self._inline, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
     async def transact_sync(
-        self, conn: Any, call: Callable[[Any], object], progress: Progress, *, inline: bool
+        self, conn: Any, call: Callable[[Any], object], progress: Progress
     ) -> tuple[Outcome | Step, BaseException | None, bool]:
         job = _Job(self._dbs[conn], call, progress)
-        # Inline only with the connection's thread idle: nothing of an earlier use queued there (rjet
-        # awaits all it sends before pooling a connection; a handler's call left unawaited would be).
-        if inline and not (self.fast and not conn._tx.empty()):  # noqa: SLF001
-            done_inline = _transact_inline(job)
-            if done_inline is not None:
-                return done_inline
         try:
             if self.fast:  # one trip to the connection's own thread, and one wake-up of the loop
                 result = await conn._execute(_transact_on_thread, job)  # noqa: SLF001
@@ -804,9 +840,20 @@ class _Postgres:
             return False
 
     async def transact_sync(
-        self, conn: Any, call: Callable[[Any], object], progress: Progress, *, inline: bool
+        self, conn: Any, call: Callable[[Any], object], progress: Progress
     ) -> tuple[Outcome | Step, BaseException | None, bool]:
-        raise ConfigError(
+        raise self._no_sync()
+
+    def transact_inline(
+        self, call: Callable[[Any], object], progress: Progress
+    ) -> tuple[Outcome | Step, BaseException | None, bool] | None:
+        raise self._no_sync()
+
+    def close_inline(self) -> None:
+        pass
+
+    def _no_sync(self) -> ConfigError:
+        return ConfigError(
             f"postgresql cursor store at {self.where}: a transactional handler is async here (tx is a psycopg"
             " AsyncConnection): async def fn(fate, event, tx)"
         )

@@ -128,7 +128,7 @@ class SqlCursorStore:
         it this way: no context manager to make per transaction). ``what`` (a handler's
         :class:`Progress`: its message made only when needed) names it in errors."""
         if self._closed:
-            raise CursorStoreError(f"{self.backend.kind} cursor store at {self.backend.where}: the store is closed")
+            raise self._closed_error()
         await self._slots.acquire()
         try:
             conn = None
@@ -416,6 +416,10 @@ class SqlCursorStore:
         finally:
             self._flusher = None
 
+    def _closed_error(self) -> CursorStoreError:
+        """What a store that was closed raises when asked to do anything."""
+        return CursorStoreError(f"{self.backend.kind} cursor store at {self.backend.where}: the store is closed")
+
     async def close(self) -> None:
         """Flush, stop the flusher and close every connection. Safe to call twice."""
         if self._closed:
@@ -424,6 +428,7 @@ class SqlCursorStore:
             await self.flush()
         finally:
             self._closed = True
+            self.backend.close_inline()
             if self._flusher is not None:
                 self._flusher.cancel()
                 await asyncio.wait([self._flusher])
@@ -566,13 +571,21 @@ class SqlClaim:
         self.check()
         store, b = self._store, self._store.backend
         progress = Progress(self.name, self.owner, self.stream, tuple(seqs), sequential)
-        conn = await store._take(progress, handler=True)  # noqa: SLF001
-        ok = False
-        try:
-            step, err, sound = await b.transact_sync(conn, call, progress, inline=inline)
-            ok = err is None or sound  # else the store closes the connection, not pooled
-        finally:
-            await store._give(conn, ok=ok)  # noqa: SLF001
+        done = None
+        if inline:
+            if store._closed:  # noqa: SLF001
+                raise store._closed_error()  # noqa: SLF001
+            done = b.transact_inline(call, progress)  # None: a lock held elsewhere, waited for on a thread
+        if done is not None:
+            step, err, _ = done
+        else:
+            conn = await store._take(progress, handler=True)  # noqa: SLF001
+            ok = False
+            try:
+                step, err, sound = await b.transact_sync(conn, call, progress)
+                ok = err is None or sound  # else the store closes the connection, not pooled
+            finally:
+                await store._give(conn, ok=ok)  # noqa: SLF001
         if err is not None:  # rolled back; pooled again where that left it sound (a retry need not connect)
             raise self._failed(step, err, progress)
         await self._settle(cast("Outcome", step), progress)
