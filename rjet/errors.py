@@ -190,12 +190,16 @@ class InvalidCursor(CursorError, ValueError):
         self.cursor = cursor
 
 
-def _go_on(consumer: str | None, namespace: str | None, where: str) -> str:
+def _go_on(consumer: str | None, namespace: str | None, where: str, cursors: str | None = None) -> str:
     """What to do about a cursor that cannot go on by itself, in library terms: move it on purpose,
     ``where`` (the command line renders the same move as an ``rjet cursor`` hint from the fields)."""
     whose = ""
     if consumer is not None:
-        whose = f" of consumer {consumer!r}" + (f" (cursor namespace {namespace!r})" if namespace else "")
+        whose = f" of consumer {consumer!r}"
+        if namespace:
+            whose += f" (cursor namespace {namespace!r})"
+        elif cursors:
+            whose += f" (cursors in {cursors})"
     return f"move the cursor{whose} on purpose to go on: {where}"
 
 
@@ -207,9 +211,11 @@ class CursorExpired(CursorError):
     purpose to just before the first retained event; what :func:`rjet.parallel.admin.set_cursor`
     and ``rjet cursor --set`` take), and ``consumer`` and ``namespace``, the consumer and its cursor
     namespace where the raiser knew them (:meth:`named` fills them in; ``namespace`` stays None for
-    a store without one). The message says it in words; the ``rjet`` command line renders the move
-    as a hint, ``rjet cursor NAME --namespace NS --set first --stream STREAM``. ``hint``: more
-    advice from the raiser, added to the message.
+    a store without one), or ``cursors``, the URL of the SQL store that keeps the cursor, its
+    password left out (:attr:`rjet.sql.SqlCursorStore.cursors_url`). The message says it in words;
+    the ``rjet`` command line renders the move as a hint, ``rjet cursor NAME --namespace NS --set
+    first --stream STREAM`` (``--cursors URL`` for an SQL store). ``hint``: more advice from the
+    raiser, added to the message.
     """
 
     def __init__(
@@ -221,12 +227,12 @@ class CursorExpired(CursorError):
         *,
         consumer: str | None = None,
         namespace: str | None = None,
+        cursors: str | None = None,
     ) -> None:
-        where = f"to the first retained event, sequence {first_seq}"
+        go_on = _go_on(consumer, namespace, f"to the first retained event, sequence {first_seq}", cursors)
         super().__init__(
             f"stream {stream!r}: cursor {cursor} has expired: the stream's first retained sequence is"
-            f" {first_seq}, so events {cursor + 1}..{first_seq - 1} are gone; {_go_on(consumer, namespace, where)}"
-            + (f" ({hint})" if hint else "")
+            f" {first_seq}, so events {cursor + 1}..{first_seq - 1} are gone; {go_on}" + (f" ({hint})" if hint else "")
         )
         self.stream = stream
         self.cursor = cursor
@@ -234,11 +240,15 @@ class CursorExpired(CursorError):
         self.hint = hint
         self.consumer = consumer
         self.namespace = namespace
+        self.cursors = cursors
         self.move = "first"
 
-    def named(self, consumer: str, namespace: str | None) -> CursorExpired:
-        """This error again, naming ``consumer`` (and its cursor ``namespace``)."""
-        return CursorExpired(self.stream, self.cursor, self.first_seq, consumer=consumer, namespace=namespace)
+    def named(self, consumer: str, namespace: str | None, cursors: str | None = None) -> CursorExpired:
+        """This error again, naming ``consumer`` (and its cursor ``namespace``, or the URL ``cursors``
+        of the SQL store that keeps its cursor)."""
+        return CursorExpired(
+            self.stream, self.cursor, self.first_seq, consumer=consumer, namespace=namespace, cursors=cursors
+        )
 
 
 class EventsRemoved(CursorExpired):
@@ -265,8 +275,9 @@ class EventsRemoved(CursorExpired):
         hint: str = "",
         consumer: str | None = None,
         namespace: str | None = None,
+        cursors: str | None = None,
     ) -> None:
-        where = f"to sequence {last}, past the removed events"
+        go_on = _go_on(consumer, namespace, f"to sequence {last}, past the removed events", cursors)
         CursorError.__init__(
             self,
             f"stream {stream!r}: events {first}..{last} were removed (retention limits, a purge or a delete)"
@@ -276,7 +287,7 @@ class EventsRemoved(CursorExpired):
                 if certain
                 else ", while events for its subject filter were waiting (some may have been other subjects')"
             )
-            + f"; every event before {first} was delivered, none after {last}; {_go_on(consumer, namespace, where)}"
+            + f"; every event before {first} was delivered, none after {last}; {go_on}"
             + (f" ({hint})" if hint else ""),
         )
         self.stream = stream
@@ -288,12 +299,20 @@ class EventsRemoved(CursorExpired):
         self.hint = hint
         self.consumer = consumer
         self.namespace = namespace
+        self.cursors = cursors
         self.move = str(last)
 
-    def named(self, consumer: str, namespace: str | None) -> EventsRemoved:
-        """This error again, naming ``consumer`` (and its cursor ``namespace``)."""
+    def named(self, consumer: str, namespace: str | None, cursors: str | None = None) -> EventsRemoved:
+        """This error again, naming ``consumer`` (and its cursor ``namespace``, or the URL ``cursors``
+        of the SQL store that keeps its cursor)."""
         return EventsRemoved(
-            self.stream, self.first, self.last, certain=self.certain, consumer=consumer, namespace=namespace
+            self.stream,
+            self.first,
+            self.last,
+            certain=self.certain,
+            consumer=consumer,
+            namespace=namespace,
+            cursors=cursors,
         )
 
 
@@ -315,12 +334,13 @@ class StreamRecreated(CursorError):
         *,
         consumer: str | None = None,
         namespace: str | None = None,
+        cursors: str | None = None,
     ) -> None:
         where = "to the beginning (no cursor: the new stream from its first event)"
         super().__init__(
             f"stream {stream!r}: cursor {cursor} was recorded in stream {recorded}, but the stream now is"
             f" {current} (deleted and created again): its sequences are not the old ones;"
-            f" {_go_on(consumer, namespace, where)}" + (f" ({hint})" if hint else "")
+            f" {_go_on(consumer, namespace, where, cursors)}" + (f" ({hint})" if hint else "")
         )
         self.stream = stream
         self.cursor = cursor
@@ -329,12 +349,20 @@ class StreamRecreated(CursorError):
         self.hint = hint
         self.consumer = consumer
         self.namespace = namespace
+        self.cursors = cursors
         self.move = "beginning"
 
-    def named(self, consumer: str, namespace: str | None) -> StreamRecreated:
-        """This error again, naming ``consumer`` (and its cursor ``namespace``)."""
+    def named(self, consumer: str, namespace: str | None, cursors: str | None = None) -> StreamRecreated:
+        """This error again, naming ``consumer`` (and its cursor ``namespace``, or the URL ``cursors``
+        of the SQL store that keeps its cursor)."""
         return StreamRecreated(
-            self.stream, self.cursor, self.recorded, self.current, consumer=consumer, namespace=namespace
+            self.stream,
+            self.cursor,
+            self.recorded,
+            self.current,
+            consumer=consumer,
+            namespace=namespace,
+            cursors=cursors,
         )
 
 
@@ -346,23 +374,34 @@ class CursorAhead(CursorError):
     """
 
     def __init__(
-        self, stream: str, cursor: int, last_seq: int, *, consumer: str | None = None, namespace: str | None = None
+        self,
+        stream: str,
+        cursor: int,
+        last_seq: int,
+        *,
+        consumer: str | None = None,
+        namespace: str | None = None,
+        cursors: str | None = None,
     ) -> None:
         where = "to the beginning (no cursor: the stream from its first event)"
         super().__init__(
             f"stream {stream!r}: cursor {cursor} is past the stream's last sequence {last_seq};"
-            f" was the stream recreated? M{_go_on(consumer, namespace, where)[1:]}"
+            f" was the stream recreated? M{_go_on(consumer, namespace, where, cursors)[1:]}"
         )
         self.stream = stream
         self.cursor = cursor
         self.last_seq = last_seq
         self.consumer = consumer
         self.namespace = namespace
+        self.cursors = cursors
         self.move = "beginning"
 
-    def named(self, consumer: str, namespace: str | None) -> CursorAhead:
-        """This error again, naming ``consumer`` (and its cursor ``namespace``)."""
-        return CursorAhead(self.stream, self.cursor, self.last_seq, consumer=consumer, namespace=namespace)
+    def named(self, consumer: str, namespace: str | None, cursors: str | None = None) -> CursorAhead:
+        """This error again, naming ``consumer`` (and its cursor ``namespace``, or the URL ``cursors``
+        of the SQL store that keeps its cursor)."""
+        return CursorAhead(
+            self.stream, self.cursor, self.last_seq, consumer=consumer, namespace=namespace, cursors=cursors
+        )
 
 
 class CursorConflict(CursorError):

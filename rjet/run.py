@@ -441,9 +441,10 @@ async def _open(spec: Spec, claim: Claim, cursor: str, name: str, store: CursorS
 
 def _with_hint(err: CursorExpired | StreamRecreated | CursorAhead, name: str, store: CursorStore) -> CursorError:
     """``err`` again, naming this consumer and, where its store names one (the optional ``namespace``
-    of :class:`rjet.cursors.CursorStore`), its cursor namespace: the data a hint is made of."""
-    namespace = getattr(store, "namespace", None)
-    return err.named(name, namespace if isinstance(namespace, str) else None)
+    or ``cursors_url`` of :class:`rjet.cursors.CursorStore`), its cursor namespace or the URL of
+    its SQL store: the data a hint is made of."""
+    namespace, url = getattr(store, "namespace", None), getattr(store, "cursors_url", None)
+    return err.named(name, namespace if isinstance(namespace, str) else None, url if isinstance(url, str) else None)
 
 
 async def _retry_or_bury(

@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import json
 import re
+import shlex
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,12 @@ from typing import Any
 import pytest
 from nats.js import JetStreamContext
 from sql_fixtures import PASSWORD, SqlDb, postgres_server, sql_db
-from test_cli import _one_line_error, rjet_cmd
+from test_cli import _env, _one_line_error, rjet_cmd
 from test_cli_columns import _fits, _in_a_pipe
 
 import rjet
 from rjet._progress import encode_done
+from rjet.cli._common import cursor_hint
 from rjet.parallel import admin, shard_name
 from rjet.parallel._keys import Heartbeat, Lease, generation_key, heartbeat_key, lease_key
 from rjet.reader import stream_identity as _identity
@@ -363,3 +366,42 @@ async def test_worker_transactional_takes_a_sync_handler_on_sqlite_and_refuses_i
     assert "a sync transactional handler runs on SQLite only" in line
     assert "async def fn(fate, event, tx)" in line
     assert PASSWORD not in line
+
+
+async def test_a_cursor_error_of_a_consumer_with_sql_cursors_hints_the_command_that_moves_it(
+    server: EmbeddedServer, js: JetStreamContext, name: str, sql_db: SqlDb
+) -> None:
+    """A consumer whose cursor is in SQL stops on expired events with the ``rjet cursor`` command that
+    moves it: ``--cursors`` and the store's URL without its password (psycopg reads PGPASSWORD), a
+    SQLite path absolute; that command, run as hinted, lets the consumer go on."""
+    stream = await rjet.Stream.create(js, name)
+    await stream.insert_many([("k", 1, b"")] * 5)
+    await js.purge_stream(name, keep=1)  # events 1..4 removed
+    async with await SqlCursorStore.open(sql_db.url) as store:
+        assert store.cursors_url is not None
+        assert PASSWORD not in store.cursors_url
+        await store.set_cursor("billing", "2")
+        with pytest.raises(rjet.CursorExpired) as expired:
+            await rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("billing", lambda f, e: None)))
+    err = expired.value
+    assert (err.consumer, err.namespace, err.cursors) == ("billing", None, store.cursors_url)
+    assert f"(cursors in {store.cursors_url})" in str(err)
+    hint = cursor_hint(err)
+    assert hint == f"rjet cursor billing --cursors {shlex.quote(store.cursors_url)} --set first --stream {name}"
+    if sql_db.kind == "sqlite":
+        assert store.cursors_url == f"sqlite:///{sql_db.path}"
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "rjet", *shlex.split(hint)[1:], "-s", server.url],
+        capture_output=True, text=True, timeout=60, env={**_env(), "PGPASSWORD": PASSWORD},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    async with await SqlCursorStore.open(sql_db.url) as store:
+        assert await store.peek("billing") == "4"
+        handled: list[int] = []
+        with pytest.raises(rjet.HeadReached):
+            await rjet.run(
+                rjet.Spec(stream.stream, store, rjet.Consumer("billing", lambda f, e: handled.append(e.id_int)),
+                          to_head=True)
+            )  # fmt: skip
+    assert handled == [5]

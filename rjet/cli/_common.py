@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -80,8 +81,9 @@ def cursor_hint(err: BaseException) -> str | None:
     """The ``rjet cursor`` command line that makes the move a cursor error names, or None.
 
     Rendered from the error's fields (its ``move``, ``stream``, ``consumer`` or ``name``,
-    ``namespace``); NAME, NS, SEQ and STREAM stand for what the raiser did not know. None for other
-    errors, and for a consumer whose store has no namespace (``rjet cursor`` cannot address it).
+    ``namespace``, or ``cursors``: an SQL store's URL); NAME, NS, SEQ and STREAM stand for what the
+    raiser did not know. None for other errors, and for a consumer whose store has neither a
+    namespace nor a URL (``rjet cursor`` cannot address it).
     """
     if isinstance(err, rjet.CursorBucketGone):
         if not err.name:
@@ -92,12 +94,16 @@ def cursor_hint(err: BaseException) -> str | None:
         consumer, stream = err.consumer, err.stream
     else:
         return None
-    namespace = err.namespace
-    if consumer is not None and not namespace:
-        return None
+    namespace, url = err.namespace, getattr(err, "cursors", None)
+    if namespace or not url:
+        if consumer is not None and not namespace:
+            return None
+        store = f"--namespace {namespace or 'NS'}"
+    else:
+        store = f"--cursors {shlex.quote(url)}"
     move = err.move or "SEQ"
     where = "" if move == "beginning" else f" --stream {stream or 'STREAM'}"
-    return f"rjet cursor {consumer or 'NAME'} --namespace {namespace or 'NS'} --set {move}{where}"
+    return f"rjet cursor {consumer or 'NAME'} {store} --set {move}{where}"
 
 
 def error_hints(err: BaseException) -> tuple[str, ...]:

@@ -52,10 +52,11 @@ class CursorStore(Protocol):
     also a :class:`ClaimingCursorStore` is used through its claims instead).
 
     Optional: stores that the ``rjet`` command line can address name their namespace, a ``str``
-    attribute ``namespace`` (:class:`rjet.JetStreamCursorStore`'s, ``rjet cursor --namespace``).
-    ``run`` puts it, with the consumer's name, in the cursor errors it raises
-    (:class:`rjet.CursorExpired` and the others' ``namespace``), from which the command line
-    renders its ``rjet cursor`` hint; a store without one leaves it None.
+    attribute ``namespace`` (:class:`rjet.JetStreamCursorStore`'s, ``rjet cursor --namespace``), or
+    their URL, a ``str`` attribute ``cursors_url`` (:class:`rjet.sql.SqlCursorStore`'s, without its
+    password: ``rjet cursor --cursors``). ``run`` puts it, with the consumer's name, in the cursor
+    errors it raises (:class:`rjet.CursorExpired` and the others' ``namespace`` and ``cursors``),
+    from which the command line renders its ``rjet cursor`` hint; a store without one leaves it None.
     """
 
     async def get_cursor(self, name: str) -> str:

@@ -55,7 +55,7 @@ from typing import Any, Final, Literal, Protocol
 
 from rjet.errors import ConfigError, CursorStoreError
 
-__all__ = ["IDLE_IN_TRANSACTION_TIMEOUT", "Backend", "Outcome", "Progress", "Step", "backend_for"]
+__all__ = ["IDLE_IN_TRANSACTION_TIMEOUT", "Backend", "Outcome", "Progress", "Step", "backend_for", "url_for_tools"]
 
 Params = Sequence[object]
 
@@ -919,6 +919,21 @@ def backend_for(url: str) -> Backend:
     raise ConfigError(
         f"rjet.sql: unsupported database URL {url.split('@')[-1]!r}: use sqlite:///PATH or postgresql://..."
     )
+
+
+def url_for_tools(url: str) -> str:
+    """``url`` as the command line's ``--cursors`` may take it back in a hint: without its password
+    (psycopg finds one in ``PGPASSWORD`` or ``~/.pgpass``), a SQLite path made absolute."""
+    scheme, _, rest = url.partition("://")
+    if scheme == "sqlite":
+        path = rest[1:] if rest.startswith("/") else rest
+        return f"sqlite:///{os.path.abspath(path)}" if not os.path.isabs(path) else f"sqlite:///{path}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}@{netloc}" if user else netloc))
 
 
 def store_error(backend: Backend, what: str, err: BaseException) -> CursorStoreError:

@@ -14,7 +14,7 @@ from typing import Any, Final, Self, cast
 from rjet._progress import decode_done, encode_done
 from rjet.cursors import RESERVED_PREFIX, Capabilities, CursorRecord, ProgressSource, runner_id
 from rjet.errors import ConfigError, CursorBucketGone, CursorConflict, CursorStoreError, RjetError
-from rjet.sql._backends import Backend, Outcome, Progress, backend_for, store_error
+from rjet.sql._backends import Backend, Outcome, Progress, backend_for, store_error, url_for_tools
 from rjet.sql._schema import migrate
 
 __all__ = ["SqlClaim", "SqlCursorStore"]
@@ -62,8 +62,9 @@ class SqlCursorStore:
             await rjet.run(rjet.Spec(stream.stream, cursors, consumer))
 
     URLs: ``sqlite:///PATH`` (the standard library's sqlite3 through aiosqlite; WAL,
-    ``synchronous=FULL``; a handler may also be a plain ``def fn(fate, event, tx)`` there, ``tx`` the
-    ``sqlite3.Connection``, its whole transaction run on the connection's thread, not the loop's),
+    ``synchronous=FULL``; a handler may also be a plain ``def fn(fate, event, tx)`` there, ``tx`` a
+    ``sqlite3.Connection``, its whole transaction run in one call: at concurrency 1 on the event
+    loop's thread, as any sync handler, else on the connection's own thread),
     ``postgresql://user:pw@host/db`` (psycopg 3, ``pip install 'rjet[postgres]'``;
     ``idle_in_transaction_session_timeout`` 30 s unless set: ``rjet/sql/_backends.py``; with
     ``?pipeline=on`` a handler's transaction takes one round trip in psycopg's pipeline mode, where
@@ -87,6 +88,9 @@ class SqlCursorStore:
             fencing=True, exact_progress=True, transactional=True, sync_transactional=backend.sync_transactions
         )
         self.flush_interval = flush_interval
+        self.cursors_url: str | None = None
+        """The store's URL without its password (a SQLite path absolute), as ``rjet cursor --cursors``
+        takes it: ``run`` puts it in the cursor errors it raises, for the command line's hint."""
         self._errors = backend.errors()
         self._idle: list[Any] = []
         # Connections being closed after a failure, each by a task of the store's own, which close()
@@ -105,6 +109,7 @@ class SqlCursorStore:
     async def open(cls, url: str, *, flush_interval: float = 1.0, pool_size: int = 16) -> Self:
         """Connect to ``url`` and create (or migrate) the tables; errors name the database."""
         store = cls(backend_for(url), flush_interval=flush_interval, pool_size=pool_size)
+        store.cursors_url = url_for_tools(url)
         async with store._connection("open the database") as conn:
             await migrate(store.backend, conn)
         return store
