@@ -98,13 +98,19 @@ def wire(client: rjet.StreamClient, first: int, n: int) -> bytes:
     return b"".join(out)
 
 
+def _parser(client: rjet.StreamClient) -> FastParser:
+    """A parser that hands ``client``'s frames over as its connection's own does."""
+    parser = FastParser(client._sessions._nc)
+    parser.lanes[client._sessions.sid] = client._intake.on_lane_frame
+    parser.scanners[client._sessions.sid] = client._intake.scan
+    return parser
+
+
 async def replay(stream: rjet.Stream, rounds: int = 8) -> None:
     """The client's CPU an event without I/O: see the module docstring."""
     client = await stream.stream("")  # the stream is empty: the server sends nothing
     try:
-        parser = FastParser(client._sessions._nc)
-        parser.lanes[client._sessions.sid] = client._intake.on_lane_frame
-        parser.scanners[client._sessions.sid] = client._intake.scan
+        parser = _parser(client)
         st, hand = client._state, client.__anext__
         scan, handed, first = [], [], 1
         for _ in range(rounds + 1):  # the first warms up
@@ -144,9 +150,7 @@ async def counted(stream: rjet.Stream, rounds: int = 3) -> None:
     """The work of --replay, for callgrind: see the module docstring."""
     client = await stream.stream("")  # the stream is empty: the server sends nothing
     try:
-        parser = FastParser(client._sessions._nc)
-        parser.lanes[client._sessions.sid] = client._intake.on_lane_frame
-        parser.scanners[client._sessions.sid] = client._intake.scan
+        parser = _parser(client)
         st, hand = client._state, client.__anext__
         data = [wire(client, 1 + i * EVENTS, EVENTS) for i in range(rounds + 1)]
 
