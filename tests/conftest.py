@@ -18,8 +18,8 @@ from rjet.server import EmbeddedServer
 _names = itertools.count(1)
 
 
-# Whole files of process, fault and benchmark tests: `pytest -m "not slow"` is the quick loop (about a
-# minute); plain `pytest` (the README's, and CI's) runs everything.
+# Whole files of process, fault and benchmark tests: `pytest -m "not slow"` is the quick loop (about
+# four minutes on 2 cores); `pytest -n 2` (the README's, and CI's) runs everything.
 _SLOW_FILES = (
     "faults/", "test_parallel.py", "test_cli.py", "test_benchmarks.py", "test_deploy.py", "test_kill.py",
     "test_elastic.py::test_a", "test_elastic.py::test_three",
