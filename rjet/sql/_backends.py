@@ -795,7 +795,14 @@ class _Postgres:
             await piped.pipeline.sync()
         except psycopg.Error as e:
             if not conn.closed and not conn.broken:
-                await _settle(conn, piped)
+                # Raises only where the connection broke meanwhile: a session ended by the server
+                # answers the sync with its error (57P01) and closes the socket after it, which the
+                # settling then reads. Either order is the same unanswered commit, told below.
+                try:
+                    await _settle(conn, piped)
+                except psycopg.Error:
+                    if not (conn.closed or conn.broken):
+                        raise
             if conn.closed or conn.broken:
                 raise self._unanswered(conn, p, e) from e
             message = str(e)
