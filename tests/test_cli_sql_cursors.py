@@ -28,6 +28,7 @@ from test_cli_columns import _fits, _in_a_pipe
 import rjet
 from rjet._progress import encode_done
 from rjet.cli._common import cursor_hint
+from rjet.cursors._bucket import kv_keys
 from rjet.parallel import admin, shard_name
 from rjet.parallel._keys import Heartbeat, Lease, generation_key, heartbeat_key, lease_key
 from rjet.reader import stream_identity as _identity
@@ -176,7 +177,7 @@ async def test_group_reset_and_delete_change_the_rows_of_a_group_with_sql_cursor
         assert "keeps its shard cursors in an SQL database" in err
         assert "--cursors URL" in err
     store = await admin.open_namespace(js, ns)
-    assert [k for k in await store.kv.keys() if not k.startswith("_rjet.")] == []
+    assert [k for k in await kv_keys(store.kv) if not k.startswith("_rjet.")] == []
 
     # A dry run shows the moves and writes nothing.
     code, out, err = group("reset", "g", "--stream", name, "--shift-by", "-100", "--cursors", url)

@@ -19,6 +19,7 @@ from test_cli import rjet_cmd
 from test_parallel import insert, remember_shard
 
 import rjet
+from rjet.cursors._bucket import kv_keys
 from rjet.parallel import Parallel, admin, shard_name, shard_of
 from rjet.parallel._sql import Handled, prepare
 from rjet.server import EmbeddedServer
@@ -180,7 +181,7 @@ async def test_a_group_with_sql_cursors_handles_each_event_once_and_resumes(
     assert [s.cursor for s in summary.shards] == [str(max(events))] * 2
     # The bucket keeps the group record and no cursor.
     kv = await js.key_value(f"rjet_cursors_{name}")
-    assert [k for k in await kv.keys() if not k.startswith("_rjet.")] == []
+    assert [k for k in await kv_keys(kv) if not k.startswith("_rjet.")] == []
     ns = await admin.open_namespace(js, name)
     async with await SqlCursorStore.open(db.url) as store:  # the views read the cursors from the database
         info = await admin.describe_group(ns, name, cursors=store)
