@@ -233,8 +233,9 @@ async def test_group_reset_and_delete_change_the_rows_of_a_group_with_sql_cursor
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await runner.close()
-    assert 31 in handled
-    assert [seq for seq, _ in sql_db.effects()] == [26, 27, 28, 29, 30]  # 31 not committed: fenced
+    # 31 never committed: fenced, whether the runner called its handler first or saw the reset first
+    # (its claim's own write of the cursor meets the tool's owner; on a loaded machine that comes first).
+    assert [seq for seq, _ in sql_db.effects()] == [26, 27, 28, 29, 30]
     rows = await _rows(url, "g_")
     for shard in ("g_1_of_2", "g_2_of_2"):
         assert (rows[shard].cursor, rows[shard].stream, rows[shard].done) == ("10", identity, None)
