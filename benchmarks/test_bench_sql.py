@@ -223,6 +223,19 @@ def _sql_store(db: Db) -> SqlCursorStore:
 # ------------------------------------------------------------------- exactly-once vs at-least-once
 
 
+def _versus(benchmark: Any, label: str, times: list[float], rate: float | None) -> float | None:
+    """Record the interleaved baseline rounds ``times`` (of N_ONE events) as ``label``'s figures, and
+    the transactional ``rate`` against its fastest round: the ratio, or None without a rate."""
+    base = N_ONE / min(times)
+    benchmark.extra_info[f"{label}_events_per_s"] = round(base)
+    benchmark.extra_info[f"{label}_us_per_event"] = round(min(times) / N_ONE * 1e6, 3)
+    benchmark.extra_info[f"{label}_rounds_s"] = [round(t, 3) for t in times]
+    if not rate:
+        return None
+    benchmark.extra_info[f"ratio_vs_{label}"] = round(rate / base, 2)
+    return rate / base
+
+
 @pytest.mark.benchmark(group="sql: exactly-once (transactional) vs at-least-once, one row per event")
 def test_transactional_vs_at_least_once(
     benchmark: Any,
@@ -260,13 +273,7 @@ def test_transactional_vs_at_least_once(
 
     _consume(benchmark, arun, stream, db, make, rounds=ROUNDS_ONE, between=at_least_once)
     rate = record(benchmark, events=N_ONE, figures=figures, key=f"sql_{db.kind}_transactional", database=db.kind)
-    base = N_ONE / min(baseline)
-    benchmark.extra_info["at_least_once_events_per_s"] = round(base)
-    benchmark.extra_info["at_least_once_us_per_event"] = round(min(baseline) / N_ONE * 1e6, 3)
-    benchmark.extra_info["at_least_once_rounds_s"] = [round(t, 3) for t in baseline]
-    value = rate / base if rate else None
-    if value is not None:
-        benchmark.extra_info["ratio_vs_at_least_once"] = round(value, 2)
+    value = _versus(benchmark, "at_least_once", baseline, rate)
     target(
         benchmark,
         f"{db.kind}: transactional >= 0.8x at-least-once (the same row in autocommit, JetStream cursors)",
@@ -323,16 +330,8 @@ def test_sync_transactional_vs_at_least_once(
     finally:
         plain.close()
     rate = record(benchmark, events=N_ONE, figures=figures, key=f"sql_{db.kind}_sync_transactional", database=db.kind)
-    ratios: dict[str, float] = {}
-    for label, times in (("at_least_once_sync", sync_base), ("at_least_once_async", async_base)):
-        base = N_ONE / min(times)
-        benchmark.extra_info[f"{label}_events_per_s"] = round(base)
-        benchmark.extra_info[f"{label}_us_per_event"] = round(min(times) / N_ONE * 1e6, 3)
-        benchmark.extra_info[f"{label}_rounds_s"] = [round(t, 3) for t in times]
-        if rate:
-            ratios[label] = rate / base
-            benchmark.extra_info[f"ratio_vs_{label}"] = round(ratios[label], 2)
-    value = ratios.get("at_least_once_sync")
+    value = _versus(benchmark, "at_least_once_sync", sync_base, rate)
+    _versus(benchmark, "at_least_once_async", async_base, rate)
     target(
         benchmark,
         f"{db.kind}: sync transactional >= 0.8x the sync handler's autocommit row (plain sqlite3, JetStream cursors)",
