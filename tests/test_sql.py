@@ -145,10 +145,17 @@ async def test_a_runner_that_lost_its_claim_commits_nothing(stream: rjet.Stream,
             await transact([seq], insert(seq), sequential=True)
             await second.claim("c")  # taken over between two transactions
             with pytest.raises(rjet.CursorConflict, match="another runner claimed it"):
-                await transact([seq + 1], insert(seq + 1), sequential=sequential)
+                await _read_out(old, transact([seq + 1], insert(seq + 1), sequential=sequential))
             assert old.lost is not None
             assert [s for s, _ in sql_db.effects()] == list(range(1, seq + 1))
             assert await second.peek("c") == str(seq)
+
+
+async def _read_out(claim: Any, transaction: Any) -> None:
+    """Await ``transaction``, then its outcome: a one-at-a-time transaction's commit may be queued
+    (SQLite), read by the claim's next flush."""
+    await transaction
+    await claim.flush()
 
 
 def _insert(seq: int) -> Any:
@@ -197,6 +204,59 @@ async def test_transactional_needs_a_store_that_can_and_a_handler_that_leaves_tx
                 await rjet.run(rjet.Spec(stream.stream, store, consumer))
             assert await store.peek(name) == ""
     assert sql_db.effects() == []
+
+
+async def test_nothing_commits_or_is_written_past_a_transaction_that_did_not_commit(
+    stream: rjet.Stream, sql_db: SqlDb
+) -> None:
+    """A one-at-a-time consumer's commit may be queued (SQLite) and the next event's handler start
+    before its outcome is read: when it did not commit (here the handler committed tx itself, at
+    event 5), the next transaction rolls back, no flush writes the cursor past it (one runs while
+    event 6's handler sleeps), and the run ends with its error."""
+    await stream.insert_many([(f"k{i}", 1, b"") for i in range(8)])
+    effect = _effect(sql_db)
+    called: list[int] = []
+
+    async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        called.append(event.id_int)
+        await effect(tx, event)
+        if event.id_int == 5:
+            await tx.commit()
+        if event.id_int == 6:
+            await asyncio.sleep(0.3)
+
+    async with await _store(sql_db, flush_interval=0.01) as store:
+        consumer = rjet.Consumer("c", handle, transactional=True)
+        with pytest.raises(rjet.ConfigError, match="committed or rolled back tx itself"):
+            await asyncio.wait_for(rjet.run(rjet.Spec(stream.stream, store, consumer)), 30)
+        assert await store.peek("c") == "4"
+    assert [seq for seq, _ in sql_db.effects()] == [1, 2, 3, 4, 5]  # 5 by the handler's own commit
+    assert called in ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6])  # 6: started before 5's outcome was read
+
+
+async def test_after_a_takeover_while_handlers_run_nothing_more_commits(stream: rjet.Stream, sql_db: SqlDb) -> None:
+    """Another runner claims the cursor while event 5's handler runs (on PostgreSQL at once; SQLite
+    lets it in between two transactions, once the lock is free): the old runner's transactions from
+    then on commit nothing, whether their handler started before or after the last commit's outcome
+    was read, and what did commit is exactly the events up to the cursor the new runner took."""
+    await stream.insert_many([(f"k{i}", 1, b"") for i in range(8)])
+    effect = _effect(sql_db)
+    async with await _store(sql_db, flush_interval=0.05) as store, await _store(sql_db) as other:
+        takeover: list[asyncio.Task[Any]] = []
+
+        async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+            await effect(tx, event)
+            if event.id_int == 5:
+                takeover.append(asyncio.create_task(other.claim("c")))
+                await asyncio.sleep(0.05)
+
+        consumer = rjet.Consumer("c", handle, transactional=True)
+        with pytest.raises(rjet.CursorConflict, match="another runner claimed it"):
+            await asyncio.wait_for(rjet.run(rjet.Spec(stream.stream, store, consumer)), 30)
+        taken = int((await takeover[0]).cursor)
+        assert 4 <= taken <= 8
+        assert await other.peek("c") == str(taken)
+    assert [seq for seq, _ in sql_db.effects()] == list(range(1, taken + 1))
 
 
 @pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
@@ -364,6 +424,7 @@ async def test_a_begin_that_fails_lets_no_statement_of_the_handlers_commit_on_it
             if sync
             else claim.transact([1], _insert(1), sequential=True)
         )
+        await claim.flush()
         assert [seq for seq, _ in sql_db.effects()] == [1]
         assert await store.peek("c") == "1"
 

@@ -168,7 +168,12 @@ class TransactionalClaim(Claim, Protocol):
     ) -> None:
         """Run ``call(tx)`` in a transaction that records ``seqs`` as done (``sequential``: the last
         one as the cursor) and commits only while the claim is held; raises what ``call`` raises
-        (rolled back), or the claim's loss (nothing committed)."""
+        (rolled back), or the claim's loss (nothing committed).
+
+        A ``sequential`` transaction (one in flight at a time) may return once its commit is queued,
+        before it is known to have committed; its outcome is then read by the next ``transact``
+        before that one commits (a failure rolls that one back too), by :meth:`flush`, which writes
+        no cursor past it, and by :meth:`release`: a failure raised there loses the claim."""
         ...
 
     async def transact_sync(

@@ -11,9 +11,12 @@ A handler's transaction costs as few trips as each driver allows (:meth:`Backend
 - SQLite: ``BEGIN IMMEDIATE`` is queued on the connection's thread ahead of the handler's statements
   with no answer to wait for (it notes its outcome, read once a later call came back), and the
   progress, the fence check and ``COMMIT`` run in one call on that thread: 2 trips where the handler
-  writes once (was 4). This reaches into aiosqlite (its queue ``_tx`` and ``_execute``, looked for on
-  each connection); where they are missing, or with ``RJET_FAST_PATHS=0``, the same statements are
-  awaited one by one.
+  writes once (was 4). One at a time (:meth:`Backend.finish_soon`), that call is queued and not
+  waited for either: the next event's ``BEGIN`` and statements go to the thread behind it, so a
+  transaction costs the handler's trip alone, and the commit's outcome is read with the next
+  transaction's before that one commits. This reaches into aiosqlite (its queue ``_tx`` and
+  ``_execute``, looked for on each connection); where they are missing, or with
+  ``RJET_FAST_PATHS=0``, the same statements are awaited one by one.
 - PostgreSQL: ``BEGIN``, the handler's statements, and one message holding the progress, the fence
   check and ``COMMIT`` (a single statement that fails when the claim is not this runner's, so that
   the ``COMMIT`` after it never runs): 3 round trips where the handler writes once (was 4, and 5 with
@@ -51,7 +54,7 @@ import urllib.parse
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, cast
 
 from rjet.errors import ConfigError, CursorStoreError
 
@@ -183,6 +186,14 @@ class Backend(Protocol):
         is, nothing committed."""
         ...
 
+    def finish_soon(self, conn: Any, begun: Any, progress: Progress) -> asyncio.Future[Outcome] | None:
+        """:meth:`finish`, queued on ``conn`` and not waited for, where the connection runs what it
+        is given in order on a thread of its own (SQLite's fast path): statements queued on it later
+        run after the commit, whatever its outcome (a failure rolled back there), so ``conn`` may go
+        back to the pool at once. The future has :meth:`finish`'s outcome or error. None where it
+        cannot: the caller awaits :meth:`finish`."""
+        ...
+
     async def abandon(self, conn: Any, begun: Any) -> bool:
         """Roll back the handler's transaction after a failure; whether ``conn`` came out of it idle
         and sound, fit to be pooled again (never raises: False when in doubt)."""
@@ -289,6 +300,17 @@ def _finish_db(
     except Exception as e:
         return "commit", e
     return "committed", None
+
+
+def _finish_queued(backend: _Sqlite, conn: Any, p: Progress) -> Outcome:
+    """:meth:`_Sqlite.finish_soon`'s call on the connection's thread: a failure rolled back there,
+    since the connection was pooled again before anyone read it (a ``ROLLBACK`` that fails too
+    leaves it for the next statement on it to find)."""
+    db = conn._conn  # noqa: SLF001
+    outcome, err = _finish_db(db, p)
+    if err is not None:
+        _idle(db)
+    return backend._outcome(p, outcome, err)  # noqa: SLF001
 
 
 def _rollback_on_thread(conn: Any) -> None:
@@ -454,12 +476,27 @@ class _Sqlite:
             outcome, err = await conn._execute(_finish_on_thread, conn, p)  # noqa: SLF001
         else:
             outcome, err = await self._finish_awaited(conn, p)
-        if outcome == "record":
-            raise store_error(self, f"cannot record events {p.span} as done", err) from err
-        if outcome == "commit":
-            raise store_error(self, f"the commit of events {p.span} may or may not be applied", err) from err
-        done: Outcome = outcome
-        return done
+        return self._outcome(p, outcome, err)
+
+    def _outcome(
+        self, p: Progress, outcome: Outcome | Literal["record", "commit"], err: BaseException | None
+    ) -> Outcome:
+        """:meth:`finish`'s outcome, or the failure of its step (``err``) as :class:`rjet.CursorStoreError`."""
+        if outcome == "record" or outcome == "commit":
+            what = (
+                f"cannot record events {p.span} as done" if outcome == "record"
+                else f"the commit of events {p.span} may or may not be applied"
+            )  # fmt: skip
+            raise store_error(self, what, cast("BaseException", err)) from err
+        return outcome
+
+    def finish_soon(self, conn: Any, begun: Any, progress: Progress) -> asyncio.Future[Outcome] | None:
+        if not self.fast:
+            return None
+        # As aiosqlite's own _execute does, without the coroutine that would wait for it.
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        conn._tx.put_nowait((future, functools.partial(_finish_queued, self, conn, progress)))  # noqa: SLF001
+        return future
 
     async def plain(self, conn: Any) -> bool:
         return True
@@ -751,6 +788,9 @@ class _Postgres:
 
     async def started(self, conn: Any, begun: Any) -> None:
         return None
+
+    def finish_soon(self, conn: Any, begun: Any, progress: Progress) -> asyncio.Future[Outcome] | None:
+        return None  # an AsyncConnection answers one caller at a time
 
     async def finish(self, conn: Any, begun: Any, progress: Progress) -> Outcome:
         import psycopg

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self, cast
 
@@ -452,6 +453,14 @@ class SqlCursorStore:
         await self.close()
 
 
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """A transaction whose commit was queued (:meth:`Backend.finish_soon`), and what it records."""
+
+    future: asyncio.Future[Outcome]
+    progress: Progress
+
+
 class SqlClaim:
     """A runner's hold on one cursor of a :class:`SqlCursorStore` (a :class:`rjet.cursors.Claim`)."""
 
@@ -471,6 +480,9 @@ class SqlClaim:
         self._lost = asyncio.Event()
         self._pending: str | ProgressSource | None = None
         self._lock = asyncio.Lock()
+        # A one-at-a-time consumer's last transaction: its commit queued on a connection, its outcome
+        # not read yet (read by the next transaction, a flush or the release: see transact).
+        self._queued: _Queued | None = None
 
     @property
     def dirty(self) -> bool:
@@ -495,7 +507,11 @@ class SqlClaim:
         """Write what is buffered: never moving the cursor back, fenced by the claim."""
         async with self._lock:
             pending, self._pending = self._pending, None
-            if pending is None or self.lost is not None:
+            if self.lost is not None:
+                return
+            if (queued := self._queued) is not None:  # set when pending was, or later: it covers pending
+                await self._confirm(queued)  # nothing is written past a transaction that did not commit
+            if pending is None:
                 return
             cursor, done = (pending, "") if isinstance(pending, str) else pending.snapshot()
             seq = int(cursor) if cursor else 0
@@ -534,6 +550,7 @@ class SqlClaim:
         store, b = self._store, self._store.backend
         progress = Progress(self.name, self.owner, self.stream, tuple(seqs), sequential)
         failure: Exception | None = None
+        queued = self._queued  # the last transaction's commit, not confirmed yet
         conn = await store._take(progress, handler=True)  # noqa: SLF001
         ok = False
         try:
@@ -549,11 +566,24 @@ class SqlClaim:
                     await b.started(conn, begun)  # a BEGIN that failed is why the handler's statements did
                     raise
                 await b.started(conn, begun)
-                await self._finish(conn, begun, progress)
+                if queued is not None:  # it ran before this BEGIN: its failure rolls this one back
+                    q, queued = queued, None
+                    await self._confirm(q)
+                # One at a time: the commit is queued, and the next event's handler starts while it
+                # runs (its BEGIN, queued on the same connection, or waiting on the file's write lock
+                # on another, comes after it); the next transaction reads its outcome before its own
+                # commit, and rolls back after a failure, so nothing commits past one that did not.
+                if sequential and (future := b.finish_soon(conn, begun, progress)) is not None:
+                    self._queued = _Queued(future, progress)
+                else:
+                    await self._finish(conn, begun, progress)
             except Exception as e:
                 # Rolled back; the connection stays pooled when that left it sound (a handler's error
                 # is not the connection's: a retry need not connect again).
-                if not await b.abandon(conn, begun):
+                sound = await b.abandon(conn, begun)
+                if queued is not None:  # the last transaction's failure comes first (it ran first)
+                    await self._confirm(queued)
+                if not sound:
                     raise
                 failure = e
             except BaseException:
@@ -621,6 +651,19 @@ class SqlClaim:
             raise
         await self._settle(outcome, progress)
 
+    async def _confirm(self, queued: _Queued) -> None:
+        """Read the outcome of a transaction whose commit was queued (:meth:`transact`): anything but
+        a commit loses the claim (the run cannot go on past that event, and no flush writes past it)
+        and is raised."""
+        try:
+            outcome = queued.future.result() if queued.future.done() else await asyncio.shield(queued.future)
+            await self._settle(outcome, queued.progress)
+        except RjetError as e:
+            self.lose(e)
+            raise
+        if self._queued is queued:
+            self._queued = None
+
     async def _settle(self, outcome: Outcome, progress: Progress) -> None:
         """What a handler's transaction that ended as ``outcome`` means for the run."""
         store, seqs = self._store, progress.seqs
@@ -651,6 +694,13 @@ class SqlClaim:
 
     async def release(self, *, forget_new: bool = False) -> None:
         try:
+            if (queued := self._queued) is not None:
+                lost = self.lost
+                try:
+                    await self._confirm(queued)
+                except RjetError:
+                    if lost is None:  # found now: raised as a flush's failure is (after a loss: safe)
+                        raise
             if self.lost is None:
                 await self.flush()
                 if forget_new and not self.written:  # the row this claim made, still empty: not left behind
