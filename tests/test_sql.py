@@ -260,6 +260,35 @@ async def test_after_a_takeover_while_handlers_run_nothing_more_commits(stream: 
 
 
 @pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_concurrent_sqlite_transactions_take_turns_instead_of_waiting_for_the_lock(
+    stream: rjet.Stream, sql_db: SqlDb, sync: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite lets one transaction write at a time: at concurrency 8 a store's handler transactions
+    take turns, each beginning once the last one ended, so none waits on the file's write lock (here
+    none could: every connection's busy_timeout is 0, and a BEGIN that found the lock held would fail
+    with "database is locked")."""
+    monkeypatch.setattr(rjet.sql._backends, "_WAIT", "PRAGMA busy_timeout=0")
+    await stream.insert_many([(f"k{i % 16}", 1, b"") for i in range(200)])
+    effect = _effect(sql_db)
+
+    async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await effect(tx, event)
+        await asyncio.sleep(0.001)  # the transaction held open a while: the others would find the lock taken
+
+    def handle_sync(fate: rjet.Fate, event: rjet.Event, tx: sqlite3.Connection) -> None:
+        _sync_effect(event, tx)
+        time.sleep(0.001)
+
+    async with await _store(sql_db, flush_interval=3600) as store:
+        consumer = rjet.Consumer("c", handle_sync if sync else handle, transactional=True, concurrency=8)
+        with pytest.raises(rjet.HeadReached):
+            await asyncio.wait_for(rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True)), 60)
+        assert await store.peek("c") == "200"
+    assert sorted(seq for seq, _ in sql_db.effects()) == list(range(1, 201))
+
+
+@pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
 async def test_bad_sqlite_files_are_one_line_errors(sql_db: SqlDb, tmp_path: Path) -> None:
     with pytest.raises(rjet.ConfigError, match="unsupported database URL"):
         await SqlCursorStore.open("mysql://x/y")

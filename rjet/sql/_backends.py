@@ -156,6 +156,9 @@ class Backend(Protocol):
     kind: str  # "sqlite" or "postgresql"
     where: str  # for messages: the file, or host/database (never a password)
     sync_transactions: bool  # whether transact_sync runs a sync handler (a thread of the connection's)
+    # Whether one transaction at a time may write (SQLite): a store's concurrent handler transactions
+    # then take turns in its own queue, not in the driver's busy handler, which sleeps and polls.
+    one_writer: bool
 
     async def connect(self) -> Any: ...
 
@@ -402,6 +405,7 @@ class _Sqlite:
 
     kind = "sqlite"
     sync_transactions = True
+    one_writer = True
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -698,6 +702,7 @@ class _Postgres:
 
     kind = "postgresql"
     sync_transactions = False  # tx is an AsyncConnection: a handler awaits it on the event loop
+    one_writer = False
 
     def __init__(self, url: str) -> None:
         parts = urllib.parse.urlsplit(url)
