@@ -205,7 +205,7 @@ async def test_a_flush_cancelled_mid_write_does_not_fence_the_store_itself(js: J
 
 async def test_reserved_keys_are_not_cursors(js: JetStreamContext, name: str) -> None:
     async with await jet(js, name) as store:
-        await store._kv.put("_rjet.heartbeat.x", b"{}")
+        await (await js.key_value(store.bucket)).put("_rjet.heartbeat.x", b"{}")
         await store.set_cursor("_rjet.looks-reserved", "3")
         await store.flush()
         assert await store.cursors() == {"_rjet.looks-reserved": "3"}
@@ -216,7 +216,7 @@ async def test_deleted_cursors_are_not_listed(js: JetStreamContext, name: str) -
         await store.set_cursor("gone", "3")
         await store.set_cursor("kept", "4")
         await store.flush()
-        await store._kv.delete("gone")
+        await (await js.key_value(store.bucket)).delete("gone")
         assert await store.cursors() == {"kept": "4"}
         assert await store.peek("gone") == ""
 

@@ -216,7 +216,7 @@ async def test_a_write_applied_but_not_acknowledged_is_settled_by_reading_back(j
         await claim.flush()
         # Our next write reaches the bucket but its answer never arrives: the claim's revision is stale.
         applied = CursorRecord("6", claim.stream, claim.owner)
-        await store._kv.update(encode_key("c"), applied.encode(), last=claim.rev)
+        await (await js.key_value(store.bucket)).update(encode_key("c"), applied.encode(), last=claim.rev)
         await claim.set_cursor("7")
         await claim.flush()  # was: CursorConflict "two runners share this consumer name"
         assert await store.peek("c") == "7"

@@ -539,7 +539,7 @@ async def test_reshard_2_to_3_seeds_from_the_lowest_old_cursor(
 
 async def test_reshard_uses_the_best_bound_over_old_generations(js: JetStreamContext, name: str) -> None:
     store = await rjet.JetStreamCursorStore.create(js, name)
-    kv = store._kv
+    kv = await js.key_value(store.bucket)  # the bucket as another writer sees it
     # n=2 ran long ago; n=4 ran later, one of its shards never flushed; n=5 ran last.
     for m, c in enumerate(["100", "90"]):
         await kv.put(shard_name(name, m, 2), c.encode())
@@ -565,8 +565,9 @@ async def test_reshard_uses_the_best_bound_over_old_generations(js: JetStreamCon
 
 async def test_reshard_of_a_generation_with_no_cursors_starts_at_the_beginning(js: JetStreamContext, name: str) -> None:
     store = await rjet.JetStreamCursorStore.create(js, name)
-    assert await prepare(store._kv, name, 2, group="g", ttl=5.0) is None  # first run: nothing to seed
-    report = await prepare(store._kv, name, 3, group="g", ttl=5.0)
+    kv = await js.key_value(store.bucket)  # the bucket as another writer sees it
+    assert await prepare(kv, name, 2, group="g", ttl=5.0) is None  # first run: nothing to seed
+    report = await prepare(kv, name, 3, group="g", ttl=5.0)
     assert report is not None
     assert (report.seed, report.source_n) == ("", None)
     assert [await store.peek(shard_name(name, m, 3)) for m in range(3)] == ["", "", ""]
@@ -574,7 +575,7 @@ async def test_reshard_of_a_generation_with_no_cursors_starts_at_the_beginning(j
 
 async def test_groups_of_different_n_starting_at_once_exactly_one_goes_ahead(js: JetStreamContext, name: str) -> None:
     store = await rjet.JetStreamCursorStore.create(js, name)
-    kv = store._kv
+    kv = await js.key_value(store.bucket)  # the bucket as another writer sees it
     await kv.put(shard_name(name, 0, 1), b"5")
     a = Heartbeats(kv, name, 2, [0, 1], "a", interval=1.0)
     b = Heartbeats(kv, name, 3, [0, 1, 2], "b", interval=1.0)
@@ -594,7 +595,7 @@ async def test_groups_of_different_n_starting_at_once_exactly_one_goes_ahead(js:
 
 async def test_groups_of_the_same_n_starting_at_once_agree(js: JetStreamContext, name: str) -> None:
     store = await rjet.JetStreamCursorStore.create(js, name)
-    kv = store._kv
+    kv = await js.key_value(store.bucket)  # the bucket as another writer sees it
     await kv.put(shard_name(name, 0, 1), b"42")
     results = await asyncio.gather(*(prepare(kv, name, 4, group=g, ttl=5.0) for g in "abc"))
     assert sum(r is not None for r in results) == 1
