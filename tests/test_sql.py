@@ -288,6 +288,41 @@ async def test_concurrent_sqlite_transactions_take_turns_instead_of_waiting_for_
     assert sorted(seq for seq, _ in sql_db.effects()) == list(range(1, 201))
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_a_stop_lets_the_transactions_in_flight_commit_and_starts_no_handler_call(
+    stream: rjet.Stream, sql_db: SqlDb, concurrency: int
+) -> None:
+    """An async handler sets the stop at event 10: every call made commits (at K=1 on SQLite the
+    last one's commit was queued, and the run's end reads it), and no call starts after the stop
+    (K=1: none after event 10; K=4: at most the 3 others in flight then, on SQLite some of them
+    waiting for their turn). The next run goes on from there, each event once."""
+    await stream.insert_many([(f"k{i % 5}", 1, b"") for i in range(40)])
+    effect = _effect(sql_db)
+    stop = asyncio.Event()
+    calls: list[int] = []
+    stopped_after: list[int] = []
+
+    async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        calls.append(event.id_int)
+        await effect(tx, event)
+        if event.id_int == 10:
+            stopped_after.append(len(calls))
+            stop.set()
+
+    async with await _store(sql_db) as store:
+        consumer = rjet.Consumer("c", handle, transactional=True, concurrency=concurrency)
+        with pytest.raises(rjet.Stopped):
+            await asyncio.wait_for(rjet.run(rjet.Spec(stream.stream, store, consumer), stop=stop), 30)
+        if concurrency == 1:
+            assert calls == list(range(1, 11))
+        else:
+            assert len(calls) <= stopped_after[0] + concurrency - 1, (calls, stopped_after)
+        assert sorted(seq for seq, _ in sql_db.effects()) == sorted(calls)  # each call's transaction committed
+        with pytest.raises(rjet.HeadReached):
+            await rjet.run(rjet.Spec(stream.stream, store, consumer, to_head=True))
+    assert sorted(seq for seq, _ in sql_db.effects()) == list(range(1, 41))
+
+
 @pytest.mark.parametrize("sql_db", ["sqlite"], indirect=True)
 async def test_bad_sqlite_files_are_one_line_errors(sql_db: SqlDb, tmp_path: Path) -> None:
     with pytest.raises(rjet.ConfigError, match="unsupported database URL"):
