@@ -188,25 +188,38 @@ class Consumer:
         self._async = inspect.iscoroutinefunction(fn)
 
     def in_transactions(
-        self, transact: Callable[[list[int], Callable[[Any], object], bool], Awaitable[None]]
+        self,
+        transact: Callable[[list[int], Callable[[Any], object], bool], Awaitable[None]],
+        *,
+        starting: Callable[[], None],
     ) -> Consumer:
         """This consumer with its transactional handler bound: each call runs ``fn(fate, event, tx)``
         (or ``fn(fate, events, tx)``) inside ``transact(seqs, call, sequential)``, which begins the
         transaction, records the events as done in it and commits (what ``run`` does with a store
         whose claims are transactional: the claim's ``transact``, or ``transact_sync`` for a sync
-        ``fn``). The bound handler is async either way."""
+        ``fn``). ``starting()`` runs inside the transaction right before ``fn``, on whichever thread
+        runs it: it raises to keep ``fn`` from starting (the run is ending), which rolls the
+        transaction back. The bound handler is async either way."""
         fn: Any = self.fn
         sequential = self.sequential
         if self.batch is not None:
 
+            def enter_batch(tx: Any, fate: Fate, events: list[Event]) -> object:
+                starting()
+                return fn(fate, events, tx)
+
             async def call_batch(fate: Fate, events: list[Event]) -> None:
-                await transact([e.id_int for e in events], lambda tx: fn(fate, events, tx), sequential)
+                await transact([e.id_int for e in events], lambda tx: enter_batch(tx, fate, events), sequential)
 
             bound: Any = call_batch
         else:
 
+            def enter(tx: Any, fate: Fate, event: Event) -> object:
+                starting()
+                return fn(fate, event, tx)
+
             async def call_one(fate: Fate, event: Event) -> None:
-                await transact([event.id_int], lambda tx: fn(fate, event, tx), sequential)
+                await transact([event.id_int], lambda tx: enter(tx, fate, event), sequential)
 
             bound = call_one
         clone = copy.copy(self)

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Final, NoReturn, Protocol, cast
 
-from rjet._keyed import KeyedRun
+from rjet._keyed import Abort, KeyedRun
 from rjet._progress import Progress, decode_done
 from rjet.consumer import Consumer
 from rjet.cursors import (
@@ -182,6 +182,11 @@ async def _run(  # noqa: C901 (the run loop)
         )
     claim = await _claim(store, name, rerun)
     opened = False  # a run that could not open its stream leaves no new record behind
+    # A claim that is lost (another runner took it, its key vanished) or a stop request ends the
+    # run now, not when the next event arrives: closing the client ends recv(); and no handler
+    # call starts once either happened.
+    halt = asyncio.Event()
+    failed = asyncio.Event()  # a concurrent run's workers failed: stop reading now
     if spec.consumer.transactional:
         # The handler's own writes and the event's progress commit in one transaction of the claim's;
         # a sync handler's whole transaction in one call: on this thread at concurrency 1 (as any sync
@@ -191,8 +196,19 @@ async def _run(  # noqa: C901 (the run loop)
             transact: Callable[..., Awaitable[None]] = tclaim.transact
         else:
             transact = functools.partial(tclaim.transact_sync, inline=spec.consumer.concurrency == 1)
+
+        def starting() -> None:
+            # Looked at inside the transaction, right before the handler: a call that waited (for a
+            # pooled connection, SQLite's turn or write lock) does not start once the run is ending.
+            # Plain reads: a sync handler's transaction may run on a thread of the store's.
+            if halt.is_set() or failed.is_set() or claim.lost is not None or (stop is not None and stop.is_set()):
+                raise Abort
+
         spec = dataclasses.replace(
-            spec, consumer=spec.consumer.in_transactions(lambda seqs, call, seq: transact(seqs, call, sequential=seq))
+            spec,
+            consumer=spec.consumer.in_transactions(
+                lambda seqs, call, seq: transact(seqs, call, sequential=seq), starting=starting
+            ),
         )
     try:
         cursor = claim.cursor
@@ -205,11 +221,6 @@ async def _run(  # noqa: C901 (the run loop)
         if (traced := spec.consumer.traced(client.stream)) is not spec.consumer:  # OpenTelemetry spans
             spec = dataclasses.replace(spec, consumer=traced)
         stats.track(client if isinstance(client, ReaderCounts) else None)  # declared counts, or none
-        # A claim that is lost (another runner took it, its key vanished) or a stop request ends the
-        # run now, not when the next event arrives: closing the client ends recv(); and no handler
-        # call starts once either happened.
-        halt = asyncio.Event()
-        failed = asyncio.Event()  # a concurrent run's workers failed: stop reading now
         waits: list[Callable[[], Awaitable[object]]] = [claim.wait_lost, failed.wait, *([stop.wait] if stop else [])]
         guard = asyncio.create_task(_close_when(waits, client, halt))
         try:
@@ -288,6 +299,9 @@ async def _run(  # noqa: C901 (the run loop)
                 t0 = time.perf_counter() if timing else 0.0
                 try:
                     handled = await consume(event)
+                except Abort:  # a transactional call that waited found the run ending: not started
+                    claim.check()
+                    raise Stopped(f"consumer {name!r}: stopped on request") from None
                 except Exception as e:
                     stats.errors += 1
                     if dead_letter is None or isinstance(e, Tempted):
@@ -476,6 +490,8 @@ async def _retry_or_bury(
         attempt += 1
         try:
             return await consume(event)
+        except Abort:  # a transactional call that waited found the run ending: not started
+            raise Stopped(f"consumer {name!r}: stopped on request while event {event.id} was retried") from None
         except Tempted:
             raise
         except Exception as e:

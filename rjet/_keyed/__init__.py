@@ -42,6 +42,7 @@ The parts, one module each, owned by :class:`KeyedRun`:
 - ``_calls.py``: ``Calls``: one handler call, on the loop or in a thread of the run's pool.
 """
 
+from rjet._keyed._failures import Abort
 from rjet._keyed._run import KeyedRun
 
-__all__ = ["KeyedRun"]
+__all__ = ["Abort", "KeyedRun"]

@@ -370,6 +370,8 @@ class KeyedRun:
                         try:
                             await fn(fate, event)  # type: ignore[arg-type, misc]
                             error = None
+                        except Abort:  # not started after all (a transactional call that waited): see _worker
+                            raise
                         except Exception as e:
                             error = e
                     else:
