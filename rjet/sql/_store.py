@@ -334,6 +334,10 @@ class SqlCursorStore:
         b = self.backend
         lock = " FOR UPDATE" if b.kind == "postgresql" else ""
 
+        async def committed_above(conn: Any, cursor: int | None) -> set[int]:
+            rows = await b.fetchall(conn, "SELECT seq FROM rjet_done WHERE name = ? AND seq > ?", (name, cursor or 0))
+            return {int(r[0]) for r in rows}
+
         async def work(conn: Any) -> tuple[int | None, str, str | None, set[int]]:
             rows = await b.fetchall(conn, _ROW + lock, (name,))
             if after is not None:
@@ -352,19 +356,25 @@ class SqlCursorStore:
             else:
                 cursor, done, stream = None, "", None
                 await b.execute(conn, "INSERT INTO rjet_cursors (name, owner) VALUES (?, ?)", (name, me))
-            committed = await b.fetchall(
-                conn, "SELECT seq FROM rjet_done WHERE name = ? AND seq > ?", (name, cursor or 0)
-            )
-            return cursor, done, stream, {int(r[0]) for r in committed}
+            return cursor, done, stream, await committed_above(conn, cursor)
+
+        async def read_back(conn: Any) -> tuple[int | None, str, str | None, set[int]] | None:
+            rows = await b.fetchall(conn, _ROW + lock, (name,))
+            if not rows or rows[0][3] != me:
+                return None
+            cursor = rows[0][0]
+            return cursor, rows[0][1] or "", rows[0][2], await committed_above(conn, cursor)
 
         try:
             cursor, done, stream, committed = await self._run(f"claim cursor {name!r}", work)
         except CursorStoreError:
-            # Applied or not? The row says: ours when it carries this runner's identity.
-            rows = await self._run(f"read cursor {name!r}", lambda c: b.fetchall(c, _ROW, (name,)))
-            if not rows or rows[0][3] != me:
+            # Applied or not? The row says: ours when it carries this runner's identity (written by
+            # this attempt, or by an earlier run of the same runner). Read as the claim reads it: the
+            # events committed above the cursor (rjet_done) are done too, or they would run again.
+            state = await self._run(f"read cursor {name!r}", read_back)
+            if state is None:
                 raise
-            cursor, done, stream, committed = rows[0][0], rows[0][1] or "", rows[0][2], set()
+            cursor, done, stream, committed = state
         base = cursor or 0
         merged = (set(decode_done(base, done)) | committed) if (done or committed) else set()
         claim = SqlClaim(self, name, me, _text(cursor), encode_done(base, merged) or None, stream)

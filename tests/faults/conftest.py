@@ -49,12 +49,26 @@ def cluster() -> Iterator[list[EmbeddedServer]]:
         return
 
 
+class _Pair:
+    """One proxied connection: the client's side and the server's."""
+
+    def __init__(self, client: asyncio.StreamWriter, server: asyncio.StreamWriter) -> None:
+        self.client, self.server = client, server
+        self.muted = False
+
+    def cut(self) -> None:
+        self.client.transport.abort()
+        self.server.transport.abort()
+
+
 class CuttingProxy:
     """Forwards 127.0.0.1:<port> to a server; :meth:`cut` drops every open connection at once.
 
     :meth:`lose_answer_to` makes a lost answer on purpose: the next client frame that contains a
     marker reaches the server (which applies it), and nothing the server sends comes back for a
     while (so that a read-back fails too), as when a leader steps down after applying a write.
+    :meth:`cut_at` cuts the one connection that sends a marker, with the frame delivered or not:
+    either way the client never hears the answer, as when a network drops mid-request.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -67,6 +81,8 @@ class CuttingProxy:
         self._marker: bytes | None = None
         self._outage = 0.0
         self._mute_until = 0.0
+        self._cut_at: tuple[bytes, bool] | None = None
+        self.cut_at_marker = {True: 0, False: 0}  # connections cut at the marker, by whether it was delivered
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -81,12 +97,30 @@ class CuttingProxy:
         ``outage`` seconds."""
         self._marker, self._outage = marker, outage
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool) -> None:
+    def cut_at(self, marker: bytes, *, deliver: bool) -> None:
+        """Cut the connection that next sends a frame containing ``marker``: after the server had
+        that frame and time to act on it (``deliver``), or before it reached the server. Nothing the
+        server sends on that connection from then on reaches the client."""
+        self._cut_at = (marker, deliver)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool, pair: _Pair
+    ) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
-                if not upstream and loop.time() < self._mute_until:
+                if not upstream and (pair.muted or loop.time() < self._mute_until):
                     continue  # the answer is lost
+                if upstream and self._cut_at is not None and self._cut_at[0] in data:
+                    deliver = self._cut_at[1]
+                    self._cut_at, pair.muted = None, True
+                    if deliver:
+                        writer.write(data)
+                        await writer.drain()
+                        await asyncio.sleep(0.3)  # the server acts on it; its answer is dropped
+                    self.cut_at_marker[deliver] += 1
+                    pair.cut()
+                    break
                 writer.write(data)
                 await writer.drain()
                 if upstream and self._marker is not None and self._marker in data:
@@ -101,8 +135,9 @@ class CuttingProxy:
             writer.close()
             return
         self._writers |= {writer, up_writer}
+        pair = _Pair(writer, up_writer)
         try:
-            await asyncio.gather(self._pipe(reader, up_writer, True), self._pipe(up_reader, writer, False))
+            await asyncio.gather(self._pipe(reader, up_writer, True, pair), self._pipe(up_reader, writer, False, pair))
         finally:
             self._writers -= {writer, up_writer}
 

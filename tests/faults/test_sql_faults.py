@@ -22,10 +22,13 @@ import pytest
 from sql_fixtures import PASSWORD, PostgresServer, SqlDb, postgres_server, sql_db
 
 import rjet
+import rjet._progress
 import rjet.sql._backends
 from rjet.server import EmbeddedServer
 from rjet.sql import SqlCursorStore
 from rjet.testing import KeyOrder
+
+from .conftest import CuttingProxy
 
 __all__ = ["postgres_server", "sql_db"]  # the fixtures, imported for pytest
 
@@ -198,6 +201,115 @@ async def test_a_postgresql_restart_between_events_costs_no_failure(
     check_exactly_once(db, 2000)
     failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not failures, f"{len(failures)} failures after the restart, {pooled} connections pooled: {failures}"
+
+
+# ----------------------------------------------------------------- a commit whose answer is lost
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("concurrency", [1, 8])
+@pytest.mark.parametrize("pipeline", [False, True], ids=["", "pipeline"])
+async def test_a_commit_whose_answer_is_lost_is_settled_by_reading_back(
+    nats_stream: rjet.Stream,
+    postgres_server: PostgresServer,
+    concurrency: int,
+    pipeline: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The store reaches PostgreSQL through a proxy that cuts the connection that next sends a
+    ``COMMIT``, six times: three after the server had it (applied) and three before (not applied);
+    the client hears neither. A cut lands on a handler's transaction (its row and its progress) or,
+    armed again at once, on the claim of the run after a cut, whose answer is then read back. Each
+    ends its run with a CursorStoreError; run_forever's next claim reads the database's answer:
+    each event once, each key's rows in stream order, the cursor at the head, and the runner never
+    blamed another (no CursorConflict: none ran).
+
+    Before the read-back of a claim took the events committed above the cursor (``rjet_done``,
+    where K>1 records them), K=8 handled 50-200 events twice here."""
+    caplog.set_level(logging.INFO)
+    count = 1200
+    await insert(nats_stream, count, keys=50)
+    direct = postgres_server.create_database()
+    proxy = CuttingProxy(postgres_server.port)
+    await proxy.start()
+    url = postgres_server.url(direct.rsplit("/", 1)[1], port=proxy.port)
+    db = SqlDb("postgresql", direct + "?pipeline=on" if pipeline else direct, pipeline=pipeline)
+    db.create_effects()
+    effect = db.sql("INSERT INTO effects (seq, fid) VALUES (?, ?)")
+
+    async def handle(fate: rjet.Fate, event: rjet.Event, tx: Any) -> None:
+        await tx.execute(effect, (event.id_int, event.foreign_id))
+        await asyncio.sleep(0.001)
+
+    counter = Counter(db)
+    cuts = [True, False] * 3  # delivered or not, in turns
+    try:
+        async with await SqlCursorStore.open(url + "?pipeline=on" if pipeline else url, flush_interval=0.05) as store:
+            consumer = rjet.Consumer("c", handle, transactional=True, concurrency=concurrency)
+            spec = rjet.Spec(nats_stream.stream, store, consumer, to_head=True)
+            task = asyncio.create_task(rjet.run_forever(spec, retry_delay=0.05, max_backoff=0.2))
+            try:
+                for i, deliver in enumerate(cuts):
+                    while await counter.count() < (i + 1) * count // 8:
+                        assert not task.done(), task
+                        await asyncio.sleep(0.005)
+                    done = sum(proxy.cut_at_marker.values())
+                    proxy.cut_at(b"COMMIT", deliver=deliver)
+                    while sum(proxy.cut_at_marker.values()) == done:
+                        assert not task.done(), task
+                        await asyncio.sleep(0.005)
+                await asyncio.wait_for(task, 60)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            assert await store.peek("c") == str(count)
+    finally:
+        await counter.close()
+        await proxy.close()
+    assert proxy.cut_at_marker == {True: 3, False: 3}
+    check_exactly_once(db, count)
+    failures = [
+        f"{r.getMessage()}: {r.exc_info[1]!r}" if r.exc_info else r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING
+    ]
+    unsure = [f for f in failures if "may or may not be applied" in f]
+    assert unsure, f"no commit was left unanswered: {failures}"
+    blamed = [f for f in failures if "another runner" in f or "CursorConflict" in f]
+    assert not blamed, f"the runner blamed another runner after its own lost answers: {blamed}"
+    print(f"K={concurrency}: {len(failures)} failures logged, {len(unsure)} commits unanswered")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("deliver", [True, False], ids=["applied", "not-applied"])
+async def test_a_claim_whose_answer_is_lost_reads_back_the_events_done_above_the_cursor(
+    postgres_server: PostgresServer, deliver: bool
+) -> None:
+    """Events 5 and 7 committed above the cursor (``rjet_done``, as K>1 transactions record them);
+    the same runner claims again and its claim's ``COMMIT`` is cut (delivered or not): the claim it
+    reads back holds the cursor and those two events as done, as the claim itself would."""
+    direct = postgres_server.create_database()
+    proxy = CuttingProxy(postgres_server.port)
+    await proxy.start()
+    try:
+        url = postgres_server.url(direct.rsplit("/", 1)[1], port=proxy.port)
+        async with await SqlCursorStore.open(url) as store:
+            claim = await store.claim("c", owner="me")
+            claim.stream = "s"
+
+            async def nothing(tx: Any) -> None:
+                pass
+
+            await claim.transact([5, 7], nothing, sequential=False)
+            proxy.cut_at(b"COMMIT", deliver=deliver)
+            again = await store.claim("c", owner="me", after="me")
+            assert proxy.cut_at_marker[deliver] == 1, "the claim's COMMIT was not cut"
+            assert again.cursor == ""
+            assert again.done is not None
+            assert sorted(rjet._progress.decode_done(0, again.done)) == [5, 7]
+    finally:
+        await proxy.close()
 
 
 # ----------------------------------------------------------------- the zombie
