@@ -207,12 +207,13 @@ async def test_a_postgresql_restart_between_events_costs_no_failure(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("concurrency", [1, 8])
+@pytest.mark.parametrize(("concurrency", "batch"), [(1, 0), (8, 0), (8, 20)], ids=["K1", "K8", "K8-batch20"])
 @pytest.mark.parametrize("pipeline", [False, True], ids=["", "pipeline"])
 async def test_a_commit_whose_answer_is_lost_is_settled_by_reading_back(
     nats_stream: rjet.Stream,
     postgres_server: PostgresServer,
     concurrency: int,
+    batch: int,
     pipeline: bool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -222,7 +223,7 @@ async def test_a_commit_whose_answer_is_lost_is_settled_by_reading_back(
     armed again at once, on the claim of the run after a cut, whose answer is then read back. Each
     ends its run with a CursorStoreError; run_forever's next claim reads the database's answer:
     each event once, each key's rows in stream order, the cursor at the head, and the runner never
-    blamed another (no CursorConflict: none ran).
+    blamed another (no CursorConflict: none ran). One event a transaction, or batches of 20.
 
     Before the read-back of a claim took the events committed above the cursor (``rjet_done``,
     where K>1 records them), K=8 handled 50-200 events twice here."""
@@ -241,11 +242,21 @@ async def test_a_commit_whose_answer_is_lost_is_settled_by_reading_back(
         await tx.execute(effect, (event.id_int, event.foreign_id))
         await asyncio.sleep(0.001)
 
+    async def handle_batch(fate: rjet.Fate, events: list[rjet.Event], tx: Any) -> None:
+        for event in events:
+            await tx.execute(effect, (event.id_int, event.foreign_id))
+        await asyncio.sleep(0.001)
+
     counter = Counter(db)
     cuts = [True, False] * 3  # delivered or not, in turns
     try:
         async with await SqlCursorStore.open(url + "?pipeline=on" if pipeline else url, flush_interval=0.05) as store:
-            consumer = rjet.Consumer("c", handle, transactional=True, concurrency=concurrency)
+            if batch:
+                consumer = rjet.Consumer(
+                    "c", handle_batch, transactional=True, concurrency=concurrency, batch=rjet.Batch(batch, 0.005)
+                )
+            else:
+                consumer = rjet.Consumer("c", handle, transactional=True, concurrency=concurrency)
             spec = rjet.Spec(nats_stream.stream, store, consumer, to_head=True)
             task = asyncio.create_task(rjet.run_forever(spec, retry_delay=0.05, max_backoff=0.2))
             try:
@@ -278,7 +289,7 @@ async def test_a_commit_whose_answer_is_lost_is_settled_by_reading_back(
     assert unsure, f"no commit was left unanswered: {failures}"
     blamed = [f for f in failures if "another runner" in f or "CursorConflict" in f]
     assert not blamed, f"the runner blamed another runner after its own lost answers: {blamed}"
-    print(f"K={concurrency}: {len(failures)} failures logged, {len(unsure)} commits unanswered")
+    print(f"K={concurrency} batch={batch}: {len(failures)} failures logged, {len(unsure)} commits unanswered")
 
 
 @pytest.mark.timeout(60)
