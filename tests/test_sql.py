@@ -19,6 +19,7 @@ import pytest
 from sql_fixtures import PASSWORD, PostgresServer, SqlDb, free_port, postgres_server, sql_db
 
 import rjet
+import rjet._progress
 from rjet.sql import SqlCursorStore
 from rjet.sql._backends import IDLE_IN_TRANSACTION_TIMEOUT, backend_for
 from rjet.testing import KeyOrder, check_cursor_store
@@ -149,6 +150,33 @@ async def test_a_runner_that_lost_its_claim_commits_nothing(stream: rjet.Stream,
             assert old.lost is not None
             assert [s for s, _ in sql_db.effects()] == list(range(1, seq + 1))
             assert await second.peek("c") == str(seq)
+
+
+@SHAPES
+async def test_an_event_recorded_as_done_already_is_not_committed_again(sql_db: SqlDb, sync: bool) -> None:
+    """Events recorded one by one (concurrency > 1, batches) are recorded once, whatever the run
+    believes: a transaction of an event done already, in ``rjet_done`` or at or below the cursor,
+    rolls back with its effects. The run ends with a CursorStoreError naming the events (the claim
+    lost, so that the next claim reads the database's progress), not a CursorConflict: no other
+    runner was seen. Before, such a transaction committed its effects a second time."""
+    sql_db.create_effects()
+    async with await _store(sql_db) as store:
+        claim = await store.claim("c")
+        transact = claim.transact_sync if sync else claim.transact
+        insert = _sync_insert if sync else _insert
+        await transact([5, 7], insert(5), sequential=False)
+        with pytest.raises(rjet.CursorStoreError, match=r"events 7 were recorded as done already") as e:
+            await transact([7, 9], insert(9), sequential=False)
+        assert not isinstance(e.value, rjet.CursorConflict)
+        assert claim.lost is e.value
+        again = await store.claim("c")
+        assert again.done is not None and sorted(rjet._progress.decode_done(0, again.done)) == [5, 7]
+        await again.set_cursor("10")
+        await again.flush()
+        transact = again.transact_sync if sync else again.transact
+        with pytest.raises(rjet.CursorStoreError, match=r"\(at 10\): events 8 were recorded as done already"):
+            await transact([8, 11], insert(8), sequential=False)
+    assert [s for s, _ in sql_db.effects()] == [5]
 
 
 async def _read_out(claim: Any, transaction: Any) -> None:

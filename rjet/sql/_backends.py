@@ -82,7 +82,11 @@ _MOVE: Final = (
     "UPDATE rjet_cursors SET cursor = ?, done = '', stream = COALESCE(?, stream)"
     " WHERE name = ? AND owner = ? AND (cursor IS NULL OR cursor < ?)"
 )
-_HELD: Final = "SELECT 1 FROM rjet_cursors WHERE name = ? AND owner = ?"
+# Events recorded one by one (concurrency > 1, batches): the claim holds and none of them is done
+# already, at or below the cursor, or recorded before (_DONE's rows count every one inserted). An event
+# recorded twice would commit its effects twice: the transaction is rolled back instead (fenced), and
+# the store's read-back says which it was.
+_HELD: Final = "SELECT 1 FROM rjet_cursors WHERE name = ? AND owner = ? AND (cursor IS NULL OR cursor < ?)"
 _WAIT: Final = "PRAGMA busy_timeout=30000"  # every SQLite connection's: a locked file waited for 30 s
 _DONE: Final = "INSERT INTO rjet_done (name, seq) VALUES (?, ?) ON CONFLICT DO NOTHING"
 
@@ -97,9 +101,10 @@ _PG_MOVE: Final = (
     " COMMIT"
 )
 _PG_DONE: Final = (
-    "WITH held AS (SELECT 1 FROM rjet_cursors WHERE name = %s AND owner = %s FOR SHARE),"
-    " done AS (INSERT INTO rjet_done (name, seq) SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING)"
-    " SELECT 1 / count(*) /* rjet: 0 rows, the claim is not this runner's: nothing commits */ FROM held;"
+    "WITH held AS (SELECT 1 FROM rjet_cursors WHERE name = %s AND owner = %s AND (cursor IS NULL OR cursor < %s)"
+    " FOR SHARE), done AS (INSERT INTO rjet_done (name, seq) SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING"
+    " RETURNING 1) SELECT 1 / (count(*) * CASE WHEN (SELECT count(*) FROM done) = %s THEN 1 ELSE 0 END)"
+    " /* rjet: 0, the claim is not this runner's or an event is done already: nothing commits */ FROM held;"
     " COMMIT"
 )
 # Pipeline mode: no simple-query message with two statements (each statement is a message of the
@@ -109,20 +114,21 @@ _PG_DONE: Final = (
 # events), or the transaction rjet began is over (the handler ran COMMIT or ROLLBACK through tx, and
 # the statement would otherwise commit on its own at the sync). BEGIN marks its transaction (_PG_MARK).
 # Both statements are prepared once per connection (_PG_PREPARE), so the server plans neither again.
-_FENCED: Final = "rjet: fenced, the claim is not held"
+_FENCED: Final = "rjet: fenced, the claim is not held or an event is done already"
 _ENDED: Final = "rjet: the handler ended the transaction"
 _PG_MARK: Final = "SELECT set_config('rjet.tx', 'on', true)"
 _PG_CHECK: Final = (
     f"SELECT CAST(CASE WHEN current_setting('rjet.tx', true) IS DISTINCT FROM 'on' THEN '{_ENDED}'"
-    f" WHEN count(*) = 0 THEN '{_FENCED}' ELSE '1' END AS int)"
+    f" WHEN count(*) = 0{{}} THEN '{_FENCED}' ELSE '1' END AS int)"
 )
 _PG_PREPARE: Final = (
     "PREPARE rjet_move (bigint, text, text, text) AS WITH moved AS (UPDATE rjet_cursors SET cursor = $1,"
     " done = '', stream = COALESCE($2, stream) WHERE name = $3 AND owner = $4 AND (cursor IS NULL OR cursor < $1)"
-    f" RETURNING 1) {_PG_CHECK} FROM moved;"
+    f" RETURNING 1) {_PG_CHECK.format('')} FROM moved;"
     " PREPARE rjet_done (text, text, bigint[]) AS WITH held AS (SELECT 1 FROM rjet_cursors WHERE name = $1"
-    " AND owner = $2 FOR SHARE), done AS (INSERT INTO rjet_done (name, seq) SELECT $1, unnest($3)"
-    f" ON CONFLICT DO NOTHING) {_PG_CHECK} FROM held"
+    " AND owner = $2 AND (cursor IS NULL OR cursor < (SELECT min(s) FROM unnest($3) AS s)) FOR SHARE),"
+    " done AS (INSERT INTO rjet_done (name, seq) SELECT $1, unnest($3) ON CONFLICT DO NOTHING RETURNING 1)"
+    f" {_PG_CHECK.format(' OR (SELECT count(*) FROM done) < cardinality($3)')} FROM held"
 )
 _NOT_PREPARED: Final = "26000"  # SQLSTATE invalid_sql_statement_name (a DEALLOCATE or DISCARD since)
 _SWITCH: Final = {"on": True, "off": False}
@@ -232,7 +238,9 @@ class Backend(Protocol):
 
     async def execute(self, conn: Any, sql: str, params: Params = ()) -> int: ...
 
-    async def executemany(self, conn: Any, sql: str, rows: Sequence[Params]) -> None: ...
+    async def executemany(self, conn: Any, sql: str, rows: Sequence[Params]) -> int:
+        """Run ``sql`` once for each of ``rows``; the rows changed, in all."""
+        ...
 
     async def fetchall(self, conn: Any, sql: str, params: Params = ()) -> list[tuple[Any, ...]]: ...
 
@@ -290,9 +298,9 @@ def _finish_db(
             last = max(p.seqs)
             held = db.execute(_MOVE, (last, p.stream, p.name, p.owner, last)).rowcount > 0
         else:
-            held = db.execute(_HELD, (p.name, p.owner)).fetchone() is not None
+            held = db.execute(_HELD, (p.name, p.owner, min(p.seqs))).fetchone() is not None
             if held:
-                db.executemany(_DONE, [(p.name, s) for s in p.seqs])
+                held = db.executemany(_DONE, [(p.name, s) for s in p.seqs]).rowcount == len(p.seqs)
         if not held:
             db.execute("ROLLBACK")
             return "fenced", None
@@ -577,9 +585,9 @@ class _Sqlite:
                 last = max(p.seqs)
                 held = await self.execute(conn, _MOVE, (last, p.stream, p.name, p.owner, last)) > 0
             else:
-                held = bool(await self.fetchall(conn, _HELD, (p.name, p.owner)))
+                held = bool(await self.fetchall(conn, _HELD, (p.name, p.owner, min(p.seqs))))
                 if held:
-                    await self.executemany(conn, _DONE, [(p.name, s) for s in p.seqs])
+                    held = await self.executemany(conn, _DONE, [(p.name, s) for s in p.seqs]) == len(p.seqs)
             if not held:
                 await self.rollback(conn)
                 return "fenced", None
@@ -597,8 +605,9 @@ class _Sqlite:
         cursor = await conn.execute(sql, tuple(params))
         return int(cursor.rowcount)
 
-    async def executemany(self, conn: Any, sql: str, rows: Sequence[Params]) -> None:
-        await conn.executemany(sql, [tuple(r) for r in rows])
+    async def executemany(self, conn: Any, sql: str, rows: Sequence[Params]) -> int:
+        cursor = await conn.executemany(sql, [tuple(r) for r in rows])
+        return int(cursor.rowcount)
 
     async def fetchall(self, conn: Any, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         async with conn.execute(sql, tuple(params)) as cursor:
@@ -810,7 +819,7 @@ class _Postgres:
             last = max(p.seqs)
             sql, params = _PG_MOVE, (last, p.stream, p.name, p.owner, last)
         else:
-            sql, params = _PG_DONE, (p.name, p.owner, p.name, list(p.seqs))
+            sql, params = _PG_DONE, (p.name, p.owner, min(p.seqs), p.name, list(p.seqs), len(p.seqs))
         try:
             # Bound on the client: several statements in one message take no server-side parameters.
             await psycopg.AsyncClientCursor(conn).execute(sql, params)
@@ -932,9 +941,10 @@ class _Postgres:
         cursor = await conn.execute(sql.replace("?", "%s"), tuple(params))
         return int(cursor.rowcount)
 
-    async def executemany(self, conn: Any, sql: str, rows: Sequence[Params]) -> None:
+    async def executemany(self, conn: Any, sql: str, rows: Sequence[Params]) -> int:
         async with conn.cursor() as cursor:
             await cursor.executemany(sql.replace("?", "%s"), [tuple(r) for r in rows])
+            return int(cursor.rowcount)
 
     async def fetchall(self, conn: Any, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         cursor = await conn.execute(sql.replace("?", "%s"), tuple(params))

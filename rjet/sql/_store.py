@@ -402,19 +402,47 @@ class SqlCursorStore:
         """Why ``claim``'s row is not its own any more: another owner, or no row."""
         return (await self._why_fenced(claim))[0]
 
-    async def _why_fenced(self, claim: SqlClaim, handled: int | None = None) -> tuple[RjetError, bool]:
+    async def _why_fenced(
+        self, claim: SqlClaim, handled: int | None = None, recorded: Sequence[int] = ()
+    ) -> tuple[RjetError, bool]:
         """Why a write of ``claim``'s found its row not its own, and whether that loses the claim: another
-        owner or no row (lost); or, ``handled`` given and the row still its own, its cursor at or past
-        that event already (not lost: nothing committed)."""
-        rows = await self._run(f"read cursor {claim.name!r}", lambda c: self.backend.fetchall(c, _ROW, (claim.name,)))
+        owner or no row (lost); or, the row still its own, ``handled`` (a one-at-a-time transaction's
+        event) at or below its cursor already (not lost: nothing committed), or one of ``recorded`` (a
+        transaction's events recorded one by one) done already (lost: the database's progress is ahead
+        of the run's, which the next claim reads)."""
+        b = self.backend
+
+        async def read(conn: Any) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            rows = await b.fetchall(conn, _ROW, (claim.name,))
+            if not recorded or not rows or rows[0][3] != claim.owner:
+                return rows, []
+            marks = ", ".join("?" * len(recorded))
+            done = await b.fetchall(
+                conn, f"SELECT seq FROM rjet_done WHERE name = ? AND seq IN ({marks})", (claim.name, *recorded)
+            )
+            return rows, done
+
+        rows, done = await self._run(f"read cursor {claim.name!r}", read)
         if not rows:
             return self._vanished(claim.name, claim.written, claim.stream), True
-        b = self.backend
         if handled is not None and rows[0][3] == claim.owner:
             return CursorStoreError(
                 f"{b.kind} cursor store at {b.where}: cursor {claim.name!r} is at {rows[0][0]}, at or past"
                 f" event {handled}: it was handled already; nothing committed"
             ), False
+        if recorded and rows[0][3] == claim.owner:
+            cursor = rows[0][0] or 0
+            already = sorted({s for s in recorded if s <= cursor} | {int(r[0]) for r in done})
+            what = (
+                f"events {', '.join(map(str, already[:5]))}{', ...' if len(already) > 5 else ''} were recorded as"
+                " done already (the database's progress is ahead of this run's)"
+                if already
+                else "the transaction was refused"
+            )
+            return CursorStoreError(
+                f"{b.kind} cursor store at {b.where}: cursor {claim.name!r} (at {cursor}): {what}; nothing"
+                " committed, and this run ends so that the next one reads the database's progress"
+            ), True
         return CursorConflict(
             claim.name,
             f"another runner claimed it in {b.kind} cursor store at {b.where} (owner"
@@ -710,7 +738,10 @@ class SqlClaim:
                 " (with the event's progress) when the handler returns, and rolls it back when it raises"
             )
         if outcome == "fenced":
-            err, lost = await store._why_fenced(self, max(seqs) if progress.sequential else None)  # noqa: SLF001
+            if progress.sequential:
+                err, lost = await store._why_fenced(self, max(seqs))  # noqa: SLF001
+            else:
+                err, lost = await store._why_fenced(self, recorded=seqs)  # noqa: SLF001
             if lost:
                 self.lose(err)
             raise err
