@@ -416,9 +416,10 @@ class SqlCursorStore:
             rows = await b.fetchall(conn, _ROW, (claim.name,))
             if not recorded or not rows or rows[0][3] != claim.owner:
                 return rows, []
-            marks = ", ".join("?" * len(recorded))
             done = await b.fetchall(
-                conn, f"SELECT seq FROM rjet_done WHERE name = ? AND seq IN ({marks})", (claim.name, *recorded)
+                conn,
+                "SELECT seq FROM rjet_done WHERE name = ? AND seq >= ? AND seq <= ?",
+                (claim.name, min(recorded), max(recorded)),
             )
             return rows, done
 
@@ -432,7 +433,7 @@ class SqlCursorStore:
             ), False
         if recorded and rows[0][3] == claim.owner:
             cursor = rows[0][0] or 0
-            already = sorted({s for s in recorded if s <= cursor} | {int(r[0]) for r in done})
+            already = sorted({s for s in recorded if s <= cursor} | ({int(r[0]) for r in done} & set(recorded)))
             what = (
                 f"events {', '.join(map(str, already[:5]))}{', ...' if len(already) > 5 else ''} were recorded as"
                 " done already (the database's progress is ahead of this run's)"
