@@ -323,6 +323,49 @@ async def test_a_claim_whose_answer_is_lost_reads_back_the_events_done_above_the
         await proxy.close()
 
 
+@pytest.mark.timeout(150)
+async def test_a_group_on_postgresql_goes_on_through_lost_commit_answers(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, postgres_server: PostgresServer
+) -> None:
+    """A ``Parallel`` group (n=2, K=4, transactional) whose workers reach PostgreSQL through a proxy
+    that cuts the connection sending a ``COMMIT``, six times (applied or not, in turns), wherever
+    it lands: a worker's transaction, claim or flush. The workers go on by themselves (none is
+    fenced, none restarted for a conflict), and the rows hold each event once, per key in order."""
+    from test_parallel import insert as insert_events
+    from test_parallel_sql import check_rows, group
+
+    direct = postgres_server.create_database()
+    proxy = CuttingProxy(postgres_server.port)
+    await proxy.start()
+    try:
+        via = SqlDb("postgresql", postgres_server.url(direct.rsplit("/", 1)[1], port=proxy.port))
+        db = SqlDb("postgresql", direct)
+        db.create_effects()
+        events = await insert_events(stream, 1600)
+        task = asyncio.create_task(group(server, name, 2, via, concurrency=4).run_async(to_head=True))
+        counter = Counter(db)
+        try:
+            for i, deliver in enumerate([True, False] * 3):
+                while await counter.count() < (i + 1) * len(events) // 8:
+                    assert not task.done(), task
+                    await asyncio.sleep(0.01)
+                done = sum(proxy.cut_at_marker.values())
+                proxy.cut_at(b"COMMIT", deliver=deliver)
+                while sum(proxy.cut_at_marker.values()) == done:
+                    assert not task.done(), task
+                    await asyncio.sleep(0.005)
+            summary = await asyncio.wait_for(task, 120)
+        finally:
+            task.cancel()
+            await counter.close()
+    finally:
+        await proxy.close()
+    assert proxy.cut_at_marker == {True: 3, False: 3}
+    check_rows(db, events)
+    assert [(s.state, s.cursor) for s in summary.shards] == [("done", str(max(events)))] * 2
+    print(f"worker restarts by shard: {[s.restarts for s in summary.shards]}")
+
+
 # ----------------------------------------------------------------- the zombie
 
 
