@@ -118,6 +118,35 @@ async def test_without_a_dead_letter_policy_an_undecodable_event_stops_the_run(
     assert store.cursors == {}
 
 
+async def test_at_concurrency_8_an_undecodable_event_stops_the_run_after_every_event_before_it(
+    js: JetStreamContext, stream: rjet.Stream
+) -> None:
+    """As above with ``concurrency=8``, one key's call stuck while the reader meets the bad event:
+    the run ends with the DecodeError once every event before it was handled, the stuck key's queue
+    included, and the cursor stays right before it."""
+    await stream.insert_many([(f"k{i % 8}", 1, b"") for i in range(60)])
+    await js.publish(f"{stream.name}.events", b"", headers={"reflex_type": "x"})  # sequence 61
+    await stream.insert_many([(f"k{i % 8}", 1, b"") for i in range(20)])
+    seen: list[int] = []
+    stuck, release = asyncio.Event(), asyncio.Event()
+
+    async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        seen.append(event.id_int)
+        if event.id_int == 10:
+            stuck.set()
+            await release.wait()
+
+    store = rjet.MemCursorStore()
+    task = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, rjet.Consumer("c", fn, concurrency=8))))
+    await asyncio.wait_for(stuck.wait(), 10)
+    await asyncio.sleep(0.3)  # the reader meets sequence 61 while event 10's call is stuck
+    release.set()
+    with pytest.raises(rjet.DecodeError, match="sequence 61"):
+        await asyncio.wait_for(task, 10)
+    assert sorted(seen) == list(range(1, 61))
+    assert store.cursors == {"c": "60"}
+
+
 async def test_backoff_between_attempts(stream: rjet.Stream) -> None:
     await stream.insert("k", 1)
     times: list[float] = []

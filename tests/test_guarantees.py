@@ -62,6 +62,48 @@ async def test_retention_ahead_of_a_running_reader_is_an_error_not_a_skip(js: Je
     assert f"move the cursor of consumer 'c' on purpose to go on: to sequence {err.last}" in str(err)
 
 
+@pytest.mark.parametrize("batch", [None, rjet.Batch(10, 0.01)], ids=["K8", "K8-batch10"])
+async def test_retention_ahead_of_a_concurrent_reader_is_an_error_after_every_event_before_it(
+    js: JetStreamContext, name: str, batch: rjet.Batch | None
+) -> None:
+    """As above with ``concurrency=8``: one key's call is stuck at event 50 while the other keys go
+    on, and events of the stuck key queue up behind it. The hole ends the run only once every event
+    read before it was handled (the stuck key's queue included), so that moving the cursor past the
+    hole, as the error says, skips nothing but the hole."""
+    stream = await rjet.Stream.create(js, name, max_msgs=200)
+    await stream.insert_many([(f"k{i % 8}", 1, b"") for i in range(100)])
+    seen: list[int] = []
+    release = asyncio.Event()
+
+    async def fn(fate: rjet.Fate, event: rjet.Event) -> None:
+        seen.append(event.id_int)
+        if event.id_int == 50:
+            await release.wait()
+
+    async def fn_batch(fate: rjet.Fate, events: list[rjet.Event]) -> None:
+        for event in events:
+            await fn(fate, event)
+
+    store = rjet.MemCursorStore()
+    consumer = (
+        rjet.Consumer("c", fn_batch, concurrency=8, batch=batch) if batch else rjet.Consumer("c", fn, concurrency=8)
+    )
+    task = asyncio.create_task(rjet.run(rjet.Spec(stream.stream, store, consumer)))
+    await wait_until(lambda: 50 in seen, what="the handler to reach event 50")
+    for _ in range(10):
+        await stream.insert_many([(f"k{i % 8}", 1, b"") for i in range(1000)])
+    await asyncio.sleep(0.5)  # the reader meets the hole while event 50's call is still stuck
+    release.set()
+    with pytest.raises(rjet.EventsRemoved) as caught:
+        await asyncio.wait_for(task, 20)
+    err = caught.value
+    assert 50 < err.first <= err.last < 10_100
+    unhandled = sorted(set(range(1, err.first)) - set(seen))
+    assert sorted(seen) == list(range(1, err.first)), f"unhandled before the hole: {unhandled[:10]}"
+    assert int(store.cursors["c"]) == err.first - 1
+    assert err.move == str(err.last)
+
+
 async def test_a_purge_mid_run_is_an_error_with_the_missing_range(js: JetStreamContext, name: str) -> None:
     stream = await rjet.Stream.create(js, name)
     await stream.insert_many([("k", 1, b"")] * 20_000)

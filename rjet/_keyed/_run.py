@@ -155,9 +155,6 @@ class KeyedRun:
             try:
                 await self._read()
             except HeadReached as e:
-                if self._batches is not None:
-                    self._batches.draining = True
-                self._wake_all()  # part-full batches go now: nothing more comes
                 await self._drain()  # to_head: every event read is handled before the run ends
                 if self._failure is None and not self._gated():
                     self._fail(e)
@@ -167,6 +164,11 @@ class KeyedRun:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                # The reader ended on an error at some point of the stream (events removed ahead of
+                # it, an undecodable event, the consumer lost): the events read before that point
+                # are handled first, as a one-at-a-time consumer handles them, so that the run ends
+                # with everything before it done (and moving the cursor past a hole skips the hole).
+                await self._drain()
                 self._fail(e)
             # Graceful from here: calls in flight finish and are recorded; nothing new starts.
             self._close()
@@ -307,7 +309,11 @@ class KeyedRun:
                 await asyncio.wait_for(self._halt.wait(), wait)
 
     async def _drain(self) -> None:
-        """Return once every event read is done, or the run ends (stopped, claim lost, failed)."""
+        """Return once every event read is done, or the run ends (stopped, claim lost, failed): the
+        reader has stopped, so part-full batches go now."""
+        if self._batches is not None:
+            self._batches.draining = True
+        self._wake_all()
         while self._queues and not self._gated():
             self._emptied = self._loop.create_future()
             await self._emptied
