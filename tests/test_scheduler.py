@@ -113,6 +113,58 @@ async def test_a_parallel_group_run_to_head_stops_on_request(
     assert calls() < 1000
 
 
+def _stuck_at(seq: int, directory: Path) -> Callable[[rjet.Fate, rjet.Event], None]:
+    """A sync handler that appends ``<seq>`` to its process's file, and hangs at event ``seq``."""
+
+    def handle(fate: rjet.Fate, event: rjet.Event) -> None:
+        with open(directory / f"calls-{os.getpid()}.log", "a") as f:
+            f.write(f"{event.id}\n")
+        if event.id_int == seq:
+            time.sleep(120)
+
+    return handle
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_a_handler_that_outlives_stop_timeout_is_killed_and_its_event_handled_again(
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+) -> None:
+    """A stop while one handler hangs: after ``stop_timeout`` (1 s here) the group kills the workers
+    still running and raises Stopped naming the timeout, well before the handler would have ended;
+    no worker is left; the next run handles the killed call's event again (its cursor was never
+    moved past it) and loses nothing."""
+    await stream.insert_many([(f"k{i % 20}", 1, b"") for i in range(200)])
+
+    def group(fn: Callable[[rjet.Fate, rjet.Event], None]) -> Parallel:
+        return Parallel(
+            name, 2, fn, servers=server.url, stream=name, namespace=name, stop_timeout=1.0, flush_interval=0.1
+        )
+
+    def calls(directory: Path = tmp_path) -> list[int]:
+        return [int(line) for p in directory.glob("calls-*.log") for line in p.read_text().split()]
+
+    first = group(_stuck_at(50, tmp_path))
+    task = asyncio.create_task(first.run_async())
+    await wait_until(lambda: 50 in calls(), 30, what="the handler to hang at event 50")
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    first.stop()
+    with pytest.raises(rjet.Stopped, match=r"not stopped within 1(\.0)?s"):
+        await asyncio.wait_for(task, 20)
+    took = time.monotonic() - t0
+    assert 1.0 <= took < 5.0, took
+    for pid in await asyncio.to_thread(lambda: {int(p.name[6:-4]) for p in tmp_path.glob("calls-*.log")}):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    again = tmp_path / "again"
+    again.mkdir()
+    summary = await group(_stuck_at(0, again)).run_async(to_head=True)
+    assert 50 in calls(again), "the killed call's event was not handled again"
+    assert set(calls()) | set(calls(again)) == set(range(1, 201))
+    assert [s.state for s in summary.shards] == ["done", "done"]
+
+
 # ------------------------------------------------------------------ 2. no call starts after a stop
 
 
