@@ -267,6 +267,22 @@ async def test_a_hot_key_fills_the_queue_and_slows_reading_instead_of_growing_me
     assert snap.in_flight == 0
 
 
+async def test_a_hot_key_of_large_events_is_bounded_by_max_waiting_bytes(stream: rjet.Stream) -> None:
+    """``max_waiting_bytes`` bounds what is read but not started, in bytes, where ``max_waiting``
+    (in events) would let 2,000 events of 64 KB (128 MB) pile up behind a slow hot key: 1 MiB
+    holds 16 of them, and the reader stops at the first past the bound."""
+    body = b"x" * 65_536
+    for _ in range(3):
+        await stream.insert_many([("hot", 1, body)] * 100)
+    await stream.insert("cold", 1, body)
+    stats = rjet.ConsumerStats("c")
+    handler = Checked(latency=0.004)
+    consumer = rjet.Consumer("c", handler, concurrency=8, max_waiting=2000, max_waiting_bytes=1 << 20)
+    await run_to_head(rjet.Spec(stream.stream, rjet.MemCursorStore(), consumer, to_head=True), stats)
+    handler.order.check(range(1, 302))
+    assert 8 <= stats.key_queue_max <= 17, stats.key_queue_max
+
+
 async def test_a_full_done_set_pauses_reading_and_loses_nothing(
     js: JetStreamContext, stream: rjet.Stream, monkeypatch: pytest.MonkeyPatch
 ) -> None:

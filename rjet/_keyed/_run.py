@@ -205,6 +205,7 @@ class KeyedRun:
         clock = time.monotonic
         next_yield = clock() + _YIELD_EVERY
         unchecked = 0  # events read since the done set's size was last looked at
+        largest = 0  # the most bytes an event read so far costs (0: none read yet)
         while True:
             if halted() or gated():
                 return
@@ -222,7 +223,14 @@ class KeyedRun:
                 next_yield = clock() + _YIELD_EVERY
             # A run of the events ready now in one call, where the client can (a coroutine per
             # event was a quarter of this reader's cost); one at a time through recv() otherwise.
-            events: Sequence[Event] = take(min(_TAKE, max_waiting - self._waiting)) if take else ()
+            # As many as fit the bytes left if each is as large as the largest so far (and one more,
+            # which passes the bound and pauses reading; one alone before any was read): a run of
+            # large events would overshoot it.
+            if take:
+                room = (max_bytes - self._waiting_bytes) // largest + 1 if largest else 1
+                events: Sequence[Event] = take(min(_TAKE, max_waiting - self._waiting, room))
+            else:
+                events = ()
             if events:
                 unchecked += len(events) - 1
             else:
@@ -268,7 +276,10 @@ class KeyedRun:
                         if len(queue) > stats.key_queue_max:
                             stats.key_queue_max = len(queue)
                 self._waiting += 1
-                self._waiting_bytes += len(event.metadata) + len(key) + _EVENT_OVERHEAD
+                cost = len(event.metadata) + len(key) + _EVENT_OVERHEAD
+                self._waiting_bytes += cost
+                if cost > largest:
+                    largest = cost
 
     async def _pause(self, full: bool) -> None:
         """Wait for room: once a quarter of the queue was taken (``full``), or progress moved (the
