@@ -284,12 +284,13 @@ def _rows(directory: Path) -> list[tuple[int, str, int, float]]:
 
 
 def _start_member(
-    server: EmbeddedServer, name: str, n: int, directory: Path, member: str, *, quiet: bool = True
+    server: EmbeddedServer, name: str, n: int, directory: Path, member: str, *, quiet: bool = True, concurrency: int = 1
 ) -> subprocess.Popen[str]:
     args = [
         sys.executable, "-m", "rjet", "worker", name, "elastic_handler:handle", "--group", name, "-n", str(n),
         "--namespace", name, "--elastic", "--member-id", member, "--heartbeat-interval", "0.2", "--heartbeat-ttl",
-        "1.0", "--flush-interval", "0.2", *(["-q"] if quiet else []), "-s", server.url,
+        "1.0", "--flush-interval", "0.2", "--concurrency", str(concurrency), *(["-q"] if quiet else []),
+        "-s", server.url,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(directory) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # Its own process group: the test kills or stops the member and its worker processes together,
@@ -361,12 +362,12 @@ async def test_rjet_worker_logs_each_assignment_change_in_one_line(
 
 
 async def _two_members_handling(
-    server: EmbeddedServer, stream: rjet.Stream, name: str, directory: Path, n: int, count: int
+    server: EmbeddedServer, stream: rjet.Stream, name: str, directory: Path, n: int, count: int, concurrency: int = 1
 ) -> tuple[dict[int, str], subprocess.Popen[str], subprocess.Popen[str], set[int]]:
     """``count`` events, and members a and b (processes) handling them: (events, a, b, a's workers)."""
     (directory / "elastic_handler.py").write_text(textwrap.dedent(_HANDLER.format(dir=str(directory))))
     events = await insert(stream, count, keys=200)
-    a, b = _start_member(server, name, n, directory, "a"), _start_member(server, name, n, directory, "b")
+    a, b = (_start_member(server, name, n, directory, m, concurrency=concurrency) for m in "ab")
     try:
         await wait_until(lambda: len(_rows(directory)) > count // 8, 60, "both members handling")
         a_workers = _group_pids(a.pid, {pid for _, _, pid, _ in _rows(directory)})
@@ -405,11 +406,12 @@ async def test_a_killed_member_s_shards_resume_on_the_others_within_the_ttl(
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("concurrency", [1, 8])
 async def test_a_member_paused_past_its_ttl_is_fenced_and_does_not_handle_again_what_was_taken_over(
-    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path
+    server: EmbeddedServer, stream: rjet.Stream, name: str, tmp_path: Path, concurrency: int
 ) -> None:
     n = 4
-    events, a, b, a_workers = await _two_members_handling(server, stream, name, tmp_path, n, 30_000)
+    events, a, b, a_workers = await _two_members_handling(server, stream, name, tmp_path, n, 30_000, concurrency)
     try:
         os.killpg(a.pid, signal.SIGSTOP)  # a and its workers freeze, buffered events and all
         stopped_at = time.time()

@@ -14,16 +14,22 @@ from rjet.event import Event
 
 if TYPE_CHECKING:
     from rjet.consumer import Consumer
+    from rjet.cursors import Claim
     from rjet.fate import Fate
     from rjet.stats import ConsumerStats
 
 __all__ = ["Calls"]
 
 
+class _Unconfirmed(Exception):
+    """A pool thread found the claim not seen held for a lease (the process was frozen, say, between
+    the worker's look at it and the thread's start): the call did not start."""
+
+
 class Calls:
     """One run's handler calls. ``pool`` (None for an async handler) has a thread per worker."""
 
-    __slots__ = ("_consumer", "_gated", "_loop", "_stats", "pool")
+    __slots__ = ("_consumer", "_gated", "_lease", "_loop", "_stats", "pool")
 
     def __init__(
         self,
@@ -31,11 +37,13 @@ class Calls:
         *,
         stats: ConsumerStats,
         gated: Callable[[], bool],
+        lease: Claim,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._consumer = consumer
         self._stats = stats
         self._gated = gated  # the run is ending: a thread of the pool looks right before it calls
+        self._lease = lease  # and whether the claim was seen held within a lease (its expires)
         self._loop = loop
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         if not consumer.is_async:
@@ -56,6 +64,11 @@ class Calls:
                     await result
         except Abort:
             raise
+        except _Unconfirmed:
+            # As the worker does before a call: read the claim back (raises where it is lost, and
+            # the run ends), then call.
+            await self._lease.confirm()
+            return await self.call(events)
         except Exception as e:
             return e
         if stats.timing:
@@ -66,6 +79,8 @@ class Calls:
         """A sync handler's call, in a thread of the pool: not started when the run ended meanwhile."""
         if self._gated():
             raise Abort
+        if time.monotonic() >= self._lease.expires:
+            raise _Unconfirmed
         fn: Callable[[Fate, Any], object] = self._consumer.fn
         return fn(self._consumer.fate, arg)
 

@@ -121,7 +121,7 @@ class KeyedRun:
             wake_one=self._wake_one,
             loop=loop,
         )
-        self._calls = Calls(consumer, stats=stats, gated=self._gated, loop=loop)
+        self._calls = Calls(consumer, stats=stats, gated=self._gated, lease=lease, loop=loop)
 
     async def _set_cursor(self, progress: Progress) -> None:
         if self._exact:
@@ -514,7 +514,8 @@ class KeyedRun:
         """The run ends because of ``error`` (the first one wins)."""
         if self._failure is None:
             self._failure = error
-        else:
+        elif error is not self._failure and repr(error) != repr(self._failure):
+            # (Not the same error again: every worker whose call finds the claim lost raises it.)
             log.error("consumer %r: also failed while stopping: %r", self._name, error)
         self._failed.set()  # the run's guard closes the stream client: the reader stops at once
         self._close()
