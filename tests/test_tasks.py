@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import sys
 
 import pytest
+from nats.aio.client import Client
 
+from rjet._nats.denials import denials
 from rjet._tasks import cancel_and_wait
 
 
@@ -54,3 +58,32 @@ async def test_a_task_that_failed_before_is_stopped_without_raising() -> None:
     await cancel_and_wait([failed, asleep])
     assert isinstance(failed.exception(), ValueError)
     assert asleep.cancelled()
+
+
+async def test_a_guarded_request_that_fails_after_its_caller_was_cancelled_is_not_left_unretrieved(
+    nc: Client,
+) -> None:
+    """A request awaited under the permission guard (every JetStream call of rjet's) that swallows
+    the cancellation of its caller, as nats-py's requests can on 3.11 (above), then fails (its
+    connection closing): its error is retrieved, not reported as "Task exception was never
+    retrieved" when the task is collected."""
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    loop.set_exception_handler(lambda _, context: reported.append(str(context.get("message"))))
+
+    async def request() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+        raise ConnectionError("nats: connection closed")
+
+    caller = asyncio.create_task(denials(nc).guard(lambda subject: None, request()))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(0.01)
+    del caller
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert reported == []

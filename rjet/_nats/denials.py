@@ -22,7 +22,7 @@ import asyncio
 import re
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from rjet._nats.client import (
     api_prefix,
@@ -107,6 +107,14 @@ class Denials:
                 denied.exception()  # retrieved: no "exception was never retrieved" warning
             if not task.done():
                 task.cancel()
+            # Its outcome is read however this ends (the caller cancelled while the request was
+            # failing, say, as a connection closes): never "Task exception was never retrieved".
+            task.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def denials(nc: Client) -> Denials:
