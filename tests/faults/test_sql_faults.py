@@ -206,6 +206,20 @@ async def test_a_postgresql_restart_between_events_costs_no_failure(
 # ----------------------------------------------------------------- a commit whose answer is lost
 
 
+async def cut_commits(proxy: CuttingProxy, counter: Counter, task: asyncio.Task[Any], count: int) -> None:
+    """Six cuts at the next ``COMMIT`` (delivered or not, in turns), one after each eighth of
+    ``count`` rows committed (or at once, where the rows are there already)."""
+    for i, deliver in enumerate([True, False] * 3):
+        while await counter.count() < (i + 1) * count // 8:
+            assert not task.done(), task
+            await asyncio.sleep(0.005)
+        done = sum(proxy.cut_at_marker.values())
+        proxy.cut_at(b"COMMIT", deliver=deliver)
+        while sum(proxy.cut_at_marker.values()) == done:
+            assert not task.done(), task
+            await asyncio.sleep(0.005)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("concurrency", "batch"), [(1, 0), (8, 0), (8, 20)], ids=["K1", "K8", "K8-batch20"])
 @pytest.mark.parametrize("pipeline", [False, True], ids=["", "pipeline"])
@@ -248,7 +262,6 @@ async def test_a_commit_whose_answer_is_lost_is_settled_by_reading_back(
         await asyncio.sleep(0.001)
 
     counter = Counter(db)
-    cuts = [True, False] * 3  # delivered or not, in turns
     try:
         async with await SqlCursorStore.open(url + "?pipeline=on" if pipeline else url, flush_interval=0.05) as store:
             if batch:
@@ -260,15 +273,7 @@ async def test_a_commit_whose_answer_is_lost_is_settled_by_reading_back(
             spec = rjet.Spec(nats_stream.stream, store, consumer, to_head=True)
             task = asyncio.create_task(rjet.run_forever(spec, retry_delay=0.05, max_backoff=0.2))
             try:
-                for i, deliver in enumerate(cuts):
-                    while await counter.count() < (i + 1) * count // 8:
-                        assert not task.done(), task
-                        await asyncio.sleep(0.005)
-                    done = sum(proxy.cut_at_marker.values())
-                    proxy.cut_at(b"COMMIT", deliver=deliver)
-                    while sum(proxy.cut_at_marker.values()) == done:
-                        assert not task.done(), task
-                        await asyncio.sleep(0.005)
+                await cut_commits(proxy, counter, task, count)
                 await asyncio.wait_for(task, 60)
             finally:
                 task.cancel()
@@ -345,15 +350,7 @@ async def test_a_group_on_postgresql_goes_on_through_lost_commit_answers(
         task = asyncio.create_task(group(server, name, 2, via, concurrency=4).run_async(to_head=True))
         counter = Counter(db)
         try:
-            for i, deliver in enumerate([True, False] * 3):
-                while await counter.count() < (i + 1) * len(events) // 8:
-                    assert not task.done(), task
-                    await asyncio.sleep(0.01)
-                done = sum(proxy.cut_at_marker.values())
-                proxy.cut_at(b"COMMIT", deliver=deliver)
-                while sum(proxy.cut_at_marker.values()) == done:
-                    assert not task.done(), task
-                    await asyncio.sleep(0.005)
+            await cut_commits(proxy, counter, task, len(events))
             summary = await asyncio.wait_for(task, 120)
         finally:
             task.cancel()
