@@ -40,6 +40,12 @@ def _like(prefix: str) -> str:
     return prefix.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
 
 
+async def _committed_above(b: Backend, conn: Any, name: str, cursor: int | None) -> set[int]:
+    """The events of cursor ``name`` that handler transactions committed above ``cursor`` (rjet_done)."""
+    rows = await b.fetchall(conn, "SELECT seq FROM rjet_done WHERE name = ? AND seq > ?", (name, cursor or 0))
+    return {int(r[0]) for r in rows}
+
+
 def _merged(cursor: int | None, done: str, committed: set[int]) -> str | None:
     """The done set of a row (its ``done`` text) with the ``rjet_done`` rows above its cursor, encoded."""
     base = cursor or 0
@@ -297,10 +303,7 @@ class SqlCursorStore:
             for name, cursor, done, stream, owner in rows:
                 if not name.startswith(tuple(prefixes)):  # SQLite's LIKE ignores case
                     continue
-                committed = await b.fetchall(
-                    conn, "SELECT seq FROM rjet_done WHERE name = ? AND seq > ?", (name, cursor or 0)
-                )
-                merged = _merged(cursor, done or "", {int(r[0]) for r in committed})
+                merged = _merged(cursor, done or "", await _committed_above(b, conn, name, cursor))
                 read[name] = CursorRecord(_text(cursor), stream, owner, merged)
             for name, record in change(dict(read)).items():
                 if record is None:
@@ -334,10 +337,6 @@ class SqlCursorStore:
         b = self.backend
         lock = " FOR UPDATE" if b.kind == "postgresql" else ""
 
-        async def committed_above(conn: Any, cursor: int | None) -> set[int]:
-            rows = await b.fetchall(conn, "SELECT seq FROM rjet_done WHERE name = ? AND seq > ?", (name, cursor or 0))
-            return {int(r[0]) for r in rows}
-
         async def work(conn: Any) -> tuple[int | None, str, str | None, set[int]]:
             rows = await b.fetchall(conn, _ROW + lock, (name,))
             if after is not None:
@@ -356,14 +355,14 @@ class SqlCursorStore:
             else:
                 cursor, done, stream = None, "", None
                 await b.execute(conn, "INSERT INTO rjet_cursors (name, owner) VALUES (?, ?)", (name, me))
-            return cursor, done, stream, await committed_above(conn, cursor)
+            return cursor, done, stream, await _committed_above(b, conn, name, cursor)
 
         async def read_back(conn: Any) -> tuple[int | None, str, str | None, set[int]] | None:
             rows = await b.fetchall(conn, _ROW + lock, (name,))
             if not rows or rows[0][3] != me:
                 return None
             cursor = rows[0][0]
-            return cursor, rows[0][1] or "", rows[0][2], await committed_above(conn, cursor)
+            return cursor, rows[0][1] or "", rows[0][2], await _committed_above(b, conn, name, cursor)
 
         try:
             cursor, done, stream, committed = await self._run(f"claim cursor {name!r}", work)
